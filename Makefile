@@ -1,0 +1,66 @@
+# The recipe's entry points. Every target depends on the pinned virtual environment,
+# so `make repro` and `make test` work on a fresh clone with nothing else typed.
+
+PYTHON_BASE ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+DVC := $(VENV)/bin/dvc
+STAMP := $(VENV)/.installed
+# dvc.yaml runs `python stages/...`: the venv's python, wherever dvc is called from.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export PYTHONPATH := $(CURDIR)
+export MLFLOW_DISABLE_TELEMETRY := true
+export RAY_AUTH_MODE := disabled
+export RAY_USAGE_STATS_ENABLED := 0
+export HF_DATASETS_OFFLINE := 1
+export HF_HUB_OFFLINE := 1
+UI_PORT ?= 5000
+
+STAGES := mix pretrain midtrain sft
+.PHONY: setup lock params repro test bench-model ui $(STAGES)
+
+setup: $(STAMP)
+
+# One pip command with every version pinned (torch included, so pip takes the CPU
+# wheel instead of a multi-GB CUDA build), then the project itself in editable mode.
+$(STAMP): requirements.lock pyproject.toml
+	$(PYTHON_BASE) -m venv $(VENV)
+	$(VENV)/bin/pip install --disable-pip-version-check -r requirements.lock
+	$(VENV)/bin/pip install --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+# Regenerate the full pin set from the direct pins in requirements.txt.
+lock: $(STAMP)
+	$(VENV)/bin/pip install --disable-pip-version-check -r requirements.txt
+	$(VENV)/bin/pip freeze --all --exclude-editable | grep -v '^pip==' \
+	  | sed -e 's/^torch==\(.*\)+cpu$$/torch==\1/' > requirements.lock
+
+# params.yaml is conf/ composed with its defaults: what `dvc repro` runs.
+params: $(STAMP)
+	$(PY) -m pipeline.recipe params -o params.yaml
+
+# The whole recipe under one MLflow parent run; DVC skips stages whose inputs are unchanged.
+repro: $(STAMP)
+	@$(call recipe_run,)
+
+# One stage and whatever it needs upstream, e.g. `make pretrain`.
+$(STAGES): $(STAMP)
+	@$(call recipe_run,$@)
+
+define recipe_run
+run_id=$$($(PY) -m pipeline.tracking start --name recipe$(if $(1),:$(1))) || exit 1; \
+MOBILEMOE_PARENT_RUN_ID=$$run_id $(DVC) repro $(1); status=$$?; \
+$(PY) -m pipeline.tracking end $$run_id --status $$([ $$status -eq 0 ] && echo FINISHED || echo FAILED); \
+exit $$status
+endef
+
+test: $(STAMP)
+	$(PY) -m pytest tests -q
+
+bench-model: $(STAMP)
+	$(PY) bench/bench_model.py
+
+# The MLflow UI over the embedded store, on loopback only.
+ui: $(STAMP)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui \
+	  --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(UI_PORT)

@@ -1,0 +1,82 @@
+"""Forward+backward time of the MoE layer, side by side with its comparisons.
+
+Prints, for each shape, the grouped-GEMM MoE layer against (a) a dense SwiGLU with the
+same *active* parameters per token and (b) the reference Python loop over experts, as
+ratios measured in one run with interleaved repetitions (machines are noisy; only
+ratios mean anything). Not a test: run `make bench-model`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from pipeline.model import MoE, MoEConfig
+from pipeline.model.layers import SwiGLU
+
+SHAPES = {
+    # name: (d_model, MoEConfig kwargs, tokens)
+    "tiny": (128, dict(num_experts=16, top_k=4, expert_ffn_dim=64, num_shared_experts=1,
+                       shared_ffn_dim=256), 4096),
+    "mobilemoe_s_layer": (768, dict(num_experts=60, top_k=4, expert_ffn_dim=384,
+                                    num_shared_experts=1, shared_ffn_dim=1536), 1024),
+}
+
+
+def fwd_bwd(module: torch.nn.Module, x: torch.Tensor) -> None:
+    out = module(x)
+    out = out[0] if isinstance(out, tuple) else out
+    out.backward(torch.ones_like(out) * 1e-3)  # materialised: grouped_mm's backward needs strides
+
+
+def timed(fn, reps: int) -> list[float]:
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def bench_shape(name: str, reps: int) -> dict[str, float]:
+    d_model, moe_kwargs, tokens = SHAPES[name]
+    cfg = MoEConfig(score_func="sigmoid", route_scale=2.5, **moe_kwargs)
+    torch.manual_seed(0)
+    moe = MoE(d_model, cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, 0, 0.02)
+    reference = MoE(d_model, cfg)
+    reference.load_state_dict(moe.state_dict())
+    reference.dispatch = "loop"
+    active_ffn = cfg.top_k * cfg.expert_ffn_dim + cfg.num_shared_experts * cfg.shared_ffn_dim
+    dense = SwiGLU(d_model, active_ffn)
+    x = torch.randn(1, tokens, d_model, requires_grad=True)
+    candidates = {"moe_grouped": moe, "dense_same_active": dense, "moe_reference_loop": reference}
+    for module in candidates.values():  # warm-up
+        fwd_bwd(module, x)
+    samples: dict[str, list[float]] = {k: [] for k in candidates}
+    for _ in range(reps):  # interleave so drift hits every candidate alike
+        for key, module in candidates.items():
+            samples[key] += timed(lambda m=module: fwd_bwd(m, x), 1)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, reps {args.reps} (median)")
+    for name in args.shapes:
+        t = bench_shape(name, args.reps)
+        print(f"{name}: grouped {t['moe_grouped'] * 1e3:.1f} ms | dense(same active) "
+              f"{t['dense_same_active'] * 1e3:.1f} ms | reference loop {t['moe_reference_loop'] * 1e3:.1f} ms")
+        print(f"  grouped / dense(same active) = {t['moe_grouped'] / t['dense_same_active']:.2f}x")
+        print(f"  reference loop / grouped     = {t['moe_reference_loop'] / t['moe_grouped']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""MobileMoE recipe: the importable library. Importing it has no side effects."""

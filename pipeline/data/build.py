@@ -1,0 +1,122 @@
+"""The data stage's single entry point: tokenizer + pretrain/midtrain/sft mixtures.
+
+Everything is validated before any work (configs, mixture kinds, availability of every
+non-optional source), and the outputs are built in a temporary sibling directory that
+replaces ``out_dir`` only once complete, so a failed build leaves an earlier
+``out_dir`` untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.configbase import ConfigError, require
+from pipeline.data.document import DataError
+from pipeline.data.mixing import MixtureConfig, build_mixture, collect, load_split, train_tokenizer_on_mixture
+from pipeline.data.sources import check_available
+from pipeline.data.tokenizer import MIN_VOCAB
+
+log = logging.getLogger(__name__)
+
+EXPECTED_KIND = {"pretrain": "text", "midtrain": "text", "sft": "chat"}
+
+
+def validate_all(mixtures: dict[str, MixtureConfig], vocab_size: int) -> None:
+    """Raise ConfigError/DataError naming the problem; cheap (no materialisation)."""
+    require(isinstance(vocab_size, int) and MIN_VOCAB <= vocab_size < 2**32, "vocab_size",
+            f"must be an integer in [{MIN_VOCAB}, 2**32)")
+    for role, cfg in mixtures.items():
+        require(isinstance(cfg, MixtureConfig), role, "must be a MixtureConfig")
+        require(cfg.kind == EXPECTED_KIND[role], f"{role}.kind",
+                f"must be {EXPECTED_KIND[role]!r} for the {role} mixture, got {cfg.kind!r}")
+        for i, src in enumerate(cfg.active_sources):
+            if src.optional:
+                continue  # skipped (with a recorded warning) when unavailable
+            try:
+                check_available(src)
+            except DataError as err:
+                raise DataError(f"{role}.sources[{cfg.sources.index(src)}]: {err}") from None
+
+
+def unigram_stats(train: np.ndarray, val: np.ndarray, val_mask: np.ndarray, vocab_size: int) -> dict:
+    """Entropy of the val target-token distribution, and the cross-entropy of val under
+    an add-one-smoothed unigram model of train: a model must beat the latter."""
+    targets = val[val_mask.astype(bool)]
+    counts = np.bincount(targets, minlength=vocab_size).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    entropy = float(-(p * np.log(p)).sum())
+    q = (np.bincount(train, minlength=vocab_size).astype(np.float64) + 1.0)
+    q /= q.sum()
+    xent = float(-(counts * np.log(q)).sum() / counts.sum())
+    return {"val_unigram_entropy_nats": entropy, "val_unigram_entropy_bits": entropy / math.log(2),
+            "val_unigram_xent_from_train_nats": xent, "val_unigram_xent_from_train_bits": xent / math.log(2)}
+
+
+def build_all(pretrain: MixtureConfig, midtrain: MixtureConfig, sft: MixtureConfig, vocab_size: int,
+              out_dir: str | Path, tokenizer_max_bytes: int = 4_000_000) -> dict:
+    """Build tokenizer/ pretrain/ midtrain/ sft/ and metrics.json under ``out_dir``."""
+    t0 = time.perf_counter()
+    mixtures = {"pretrain": pretrain, "midtrain": midtrain, "sft": sft}
+    validate_all(mixtures, vocab_size)
+    require(isinstance(tokenizer_max_bytes, int) and tokenizer_max_bytes > 0, "tokenizer_max_bytes",
+            "must be a positive integer")
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.building-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        metrics = _build_into(tmp, mixtures, vocab_size, tokenizer_max_bytes)
+        metrics["seconds"] = round(time.perf_counter() - t0, 2)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        _replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("data built in %.1fs -> %s", metrics["seconds"], out_dir)
+    return metrics
+
+
+def _build_into(tmp: Path, mixtures: dict[str, MixtureConfig], vocab_size: int, max_bytes: int) -> dict:
+    cache: dict = {}
+    collected = {role: collect(cfg, cache) for role, cfg in mixtures.items()}
+    # The tokenizer sees only the pre-training mixture's train split.
+    tokenizer = train_tokenizer_on_mixture(collected["pretrain"], vocab_size, max_bytes)
+    tokenizer.save(tmp / "tokenizer" / "tokenizer.json")
+    metrics: dict = {"vocab_size": tokenizer.vocab_size, "mixtures": {}}
+    token_cache: dict = {}
+    for role, cfg in mixtures.items():
+        manifest = build_mixture(cfg, tokenizer, tmp / role, collected[role], token_cache)
+        metrics["mixtures"][role] = {
+            split: {k: manifest["totals"][split][k] for k in ("tokens", "target_tokens", "bytes", "documents")}
+            for split in ("train", "val")}
+        metrics["mixtures"][role]["skipped_sources"] = [s["name"] for s in manifest["skipped_sources"]]
+    train, _ = load_split(tmp / "pretrain", "train")
+    val, val_mask = load_split(tmp / "pretrain", "val")
+    metrics["pretrain"] = unigram_stats(np.asarray(train), np.asarray(val), np.asarray(val_mask), tokenizer.vocab_size)
+    tot = metrics["mixtures"]["pretrain"]["val"]
+    metrics["pretrain"]["val_target_tokens_per_byte"] = tot["target_tokens"] / max(tot["bytes"], 1)
+    return metrics
+
+
+def _replace(tmp: Path, out_dir: Path) -> None:
+    """Swap ``tmp`` into ``out_dir``; the old tree is removed only after the swap."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+__all__ = ["build_all", "validate_all", "unigram_stats", "ConfigError", "DataError"]

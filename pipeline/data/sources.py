@@ -1,0 +1,173 @@
+"""Source configs and the registry of source kinds.
+
+A mixture is a list of :class:`SourceConfig`; each names a *kind* (bible, fortunes,
+python_code, hf, ...). A kind declares its options (validated at config time), its
+licence, a cheap availability check, and an iterator of :class:`Document`. Chat kinds
+(the SFT tasks) live in the same registry and yield documents whose ``meta`` carries
+the conversation; ``produces`` tells a mixture which kinds it may use.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+from pipeline.configbase import require
+from pipeline.data.document import DataError, Document
+
+__all__ = [
+    "DataError", "Document", "SourceConfig", "Kind", "Opt", "KINDS", "kind_of",
+    "check_available", "iter_documents", "materialise", "licence_of",
+]
+
+_REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Opt:
+    """One kind-specific option: accepted types, default (or required), extra check."""
+
+    types: tuple[type, ...]
+    default: Any = _REQUIRED
+    check: Callable[[Any], bool] | None = None
+    why: str = ""
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str
+    produces: str  # "text" or "chat"
+    licence: str | None  # None: taken from the required option "licence"
+    options: Mapping[str, Opt]
+    iterate: Callable[[dict, "SourceConfig"], Iterator[Document]]
+    check: Callable[[dict], None] = lambda options: None
+
+
+def _registry() -> dict[str, Kind]:
+    # Imported lazily: adapter modules import Kind/Opt from here at their top.
+    from pipeline.data import generated, hf, packaged, sft_tasks, stdlib
+
+    kinds: list[Kind] = [
+        *packaged.KINDS, *stdlib.KINDS, *generated.KINDS, *hf.KINDS, *sft_tasks.KINDS,
+    ]
+    return {k.name: k for k in kinds}
+
+
+_KINDS: dict[str, Kind] | None = None
+
+
+def KINDS() -> dict[str, Kind]:  # noqa: N802 - reads like the constant it caches
+    global _KINDS
+    if _KINDS is None:
+        _KINDS = _registry()
+    return _KINDS
+
+
+def kind_of(name: str) -> Kind:
+    return KINDS()[name]
+
+
+def _plain(value: Any) -> Any:
+    """Deep-convert mappings/sequences (e.g. OmegaConf containers) to dict/list."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return [_plain(v) for v in value]
+    return value
+
+
+@dataclass
+class SourceConfig:
+    """One entry of a mixture.
+
+    ``optional`` sources that are unavailable are skipped by the mixer with a warning
+    that is also recorded in the manifest; a non-optional unavailable source fails the
+    build before any work is done.
+    """
+
+    name: str
+    kind: str
+    weight: float = 1.0
+    domain: str = "web"
+    max_docs: int | None = None
+    optional: bool = False
+    options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        where = f" (source {self.name!r})"
+        require(isinstance(self.name, str) and bool(self.name), "name", "must be a non-empty string")
+        kinds = KINDS()
+        require(self.kind in kinds, "kind",
+                f"unknown source kind {self.kind!r}{where} (known: {', '.join(sorted(kinds))})")
+        require(isinstance(self.weight, (int, float)) and not isinstance(self.weight, bool)
+                and math.isfinite(self.weight), "weight", f"must be a finite number{where}")
+        require(self.weight >= 0, "weight", f"must be >= 0, got {self.weight}{where}")
+        require(isinstance(self.domain, str) and bool(self.domain), "domain", f"must be a non-empty string{where}")
+        require(self.max_docs is None or (isinstance(self.max_docs, int) and self.max_docs > 0),
+                "max_docs", f"must be a positive integer or null{where}")
+        require(isinstance(self.optional, bool), "optional", f"must be true or false{where}")
+        require(isinstance(self.options, Mapping), "options", f"must be a mapping{where}")
+        self.options = _plain(self.options)
+        self._validate_options(kinds[self.kind], where)
+
+    def _validate_options(self, kind: Kind, where: str) -> None:
+        for key in self.options:
+            require(key in kind.options, f"options.{key}",
+                    f"unknown option for kind {kind.name!r}{where} "
+                    f"(known: {', '.join(sorted(kind.options)) or 'none'})")
+        for key, opt in kind.options.items():
+            if key not in self.options:
+                require(opt.default is not _REQUIRED, f"options.{key}",
+                        f"required for kind {kind.name!r}{where}")
+                continue
+            value = self.options[key]
+            ok_type = isinstance(value, opt.types) and not (
+                isinstance(value, bool) and bool not in opt.types)
+            names = "/".join("null" if t is type(None) else t.__name__ for t in opt.types)
+            require(ok_type, f"options.{key}", f"must be {names}, got {value!r}{where}")
+            if opt.check is not None and value is not None:
+                require(opt.check(value), f"options.{key}", f"{opt.why or 'invalid value'}{where}")
+
+    @property
+    def produces(self) -> str:
+        return kind_of(self.kind).produces
+
+    def resolved_options(self) -> dict:
+        """Options with every default filled in (what the adapter actually receives)."""
+        kind = kind_of(self.kind)
+        return {k: self.options.get(k, opt.default) for k, opt in kind.options.items()}
+
+    def cache_key(self) -> str:
+        return json.dumps([self.kind, self.domain, self.max_docs, self.resolved_options()],
+                          sort_keys=True, default=str)
+
+
+def licence_of(cfg: SourceConfig) -> str:
+    kind = kind_of(cfg.kind)
+    return kind.licence if kind.licence is not None else str(cfg.resolved_options()["licence"])
+
+
+def check_available(cfg: SourceConfig) -> None:
+    """Cheap check (no materialisation) that the source's data can be read."""
+    try:
+        kind_of(cfg.kind).check(cfg.resolved_options())
+    except DataError as err:
+        raise DataError(f"source {cfg.name!r} ({cfg.kind}) unavailable: {err}") from None
+
+
+def iter_documents(cfg: SourceConfig) -> Iterator[Document]:
+    docs = kind_of(cfg.kind).iterate(cfg.resolved_options(), cfg)
+    return itertools.islice(docs, cfg.max_docs) if cfg.max_docs else docs
+
+
+def materialise(cfg: SourceConfig) -> list[Document]:
+    """All documents of a source (up to ``max_docs``); an empty source is an error."""
+    check_available(cfg)
+    docs = [d for d in iter_documents(cfg) if d.text.strip()]
+    if not docs:
+        raise DataError(f"source {cfg.name!r} yielded no documents")
+    return docs
+

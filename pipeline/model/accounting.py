@@ -1,0 +1,143 @@
+"""Parameter, FLOP and memory accounting from a config alone (no module is built).
+
+The counts mirror the modules in :mod:`pipeline.model` exactly; a test builds every
+named config on the meta device and checks ``param_counts(cfg).total`` against it.
+
+Conventions:
+- "active" parameters are those touched by one token: embeddings, attention, norms,
+  the router, the shared experts and ``top_k`` routed experts.
+- FLOPs count a multiply-add as 2 and include attention score/value products; the
+  embedding lookup is free, the output projection is not.
+- INT4 memory follows the recipe's 8da4w scheme: every matmul weight (and the tied
+  embedding) at 4 bits with one bf16 scale per group; router weights stay FP32 and
+  norms bf16 (they are never quantized).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.model.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    total: int
+    active: int
+    embedding: int  # input embedding (+ output head when untied)
+    router: int  # FP32 router weights, all layers
+    norms: int
+
+
+def _attention_params(cfg: ModelConfig) -> int:
+    q = cfg.d_model * cfg.n_heads * cfg.head_dim
+    kv = 2 * cfg.d_model * cfg.n_kv_heads * cfg.head_dim
+    o = cfg.n_heads * cfg.head_dim * cfg.d_model
+    return q + kv + o
+
+
+def _norm_params_per_layer(cfg: ModelConfig) -> int:
+    qk = 2 * cfg.head_dim if cfg.qk_norm else 0
+    return 2 * cfg.d_model + qk
+
+
+def _ffn_params(cfg: ModelConfig) -> tuple[int, int, int]:
+    """(total, active, router) feed-forward parameters of one layer."""
+    swiglu = 3 * cfg.d_model  # w1, w3: D->F and w2: F->D, per unit of hidden width
+    if cfg.moe is None:
+        dense = swiglu * cfg.ffn_dim
+        return dense, dense, 0
+    moe = cfg.moe
+    routed_one = swiglu * moe.expert_ffn_dim
+    shared = swiglu * moe.shared_ffn_dim * moe.num_shared_experts
+    router = cfg.d_model * moe.num_experts
+    total = moe.num_experts * routed_one + shared + router
+    active = moe.top_k * routed_one + shared + router
+    return total, active, router
+
+
+def param_counts(cfg: ModelConfig) -> ParamCounts:
+    embed = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
+    attn = _attention_params(cfg)
+    norms = cfg.n_layers * _norm_params_per_layer(cfg) + cfg.d_model  # + final norm
+    ffn_total, ffn_active, router = _ffn_params(cfg)
+    total = embed + norms + cfg.n_layers * (attn + ffn_total)
+    active = embed + norms + cfg.n_layers * (attn + ffn_active)
+    return ParamCounts(total=total, active=active, embedding=embed,
+                       router=cfg.n_layers * router, norms=norms)
+
+
+def _attended_positions(cfg: ModelConfig, context: int, causal_mean: bool) -> float:
+    """Key positions one query attends to, summed over layers.
+
+    ``causal_mean`` averages over the positions of a prefill of length ``context``;
+    otherwise this is the last (decode) position with ``context`` tokens cached.
+    """
+    total = 0.0
+    for layer in range(cfg.n_layers):
+        window = cfg.layer_window(layer)
+        if causal_mean:
+            # mean over i in 1..context of min(i, window)
+            if window is None or window >= context:
+                total += (context + 1) / 2
+            else:
+                total += (window * (window + 1) / 2 + (context - window) * window) / context
+        else:
+            total += context if window is None else min(context, window)
+    return total
+
+
+def flops_per_token(cfg: ModelConfig, context: int, phase: str = "prefill") -> float:
+    """Forward FLOPs per token for a prompt (``prefill``) or one new token (``decode``).
+
+    ``context`` is the prompt length for prefill and the cached length for decode.
+    """
+    if phase not in ("prefill", "decode"):
+        raise ValueError(f"phase: must be 'prefill' or 'decode', got {phase!r}")
+    counts = param_counts(cfg)
+    # Every active parameter is one multiply-add per token, except the input lookup:
+    # a tied embedding is used once, as the output head; an untied one has its own.
+    matmul_params = counts.active - counts.norms
+    if not cfg.tie_embeddings:
+        matmul_params -= cfg.vocab_size * cfg.d_model
+    positions = _attended_positions(cfg, context, causal_mean=(phase == "prefill"))
+    attention = 2 * 2 * cfg.n_heads * cfg.head_dim * positions  # QK^T and AV
+    return 2.0 * matmul_params + attention
+
+
+def int4_weight_bytes(cfg: ModelConfig, group_size: int = 32, scale_bytes: int = 2) -> int:
+    """Weight memory of the 8da4w export: INT4 groups with scales, FP32 router, bf16 norms."""
+    counts = param_counts(cfg)
+    quantized = counts.total - counts.router - counts.norms
+    int4 = quantized // 2 + (quantized // group_size) * scale_bytes
+    return int4 + 4 * counts.router + 2 * counts.norms
+
+
+def kv_cache_bytes_per_token(cfg: ModelConfig, dtype_bytes: int = 2) -> int:
+    """K and V bytes one cached token costs, summed over all layers (bf16 by default)."""
+    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * dtype_bytes
+
+
+def kv_cache_bytes(cfg: ModelConfig, context: int, dtype_bytes: int = 2) -> int:
+    """KV-cache bytes at ``context`` tokens; sliding-window layers keep only their window."""
+    per_layer_token = 2 * cfg.n_kv_heads * cfg.head_dim * dtype_bytes
+    cached = 0
+    for layer in range(cfg.n_layers):
+        window = cfg.layer_window(layer)
+        cached += context if window is None else min(context, window)
+    return per_layer_token * cached
+
+
+def summary(cfg: ModelConfig, context: int = 1024) -> dict[str, float]:
+    """The numbers a planner or report needs, in one flat dict."""
+    counts = param_counts(cfg)
+    return {
+        "params_total": counts.total,
+        "params_active": counts.active,
+        "params_embedding": counts.embedding,
+        "flops_per_token_prefill": flops_per_token(cfg, context, "prefill"),
+        "flops_per_token_decode": flops_per_token(cfg, context, "decode"),
+        "int4_weight_bytes": int4_weight_bytes(cfg),
+        "kv_cache_bytes_per_token": kv_cache_bytes_per_token(cfg),
+        "context": context,
+    }

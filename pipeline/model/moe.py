@@ -1,0 +1,180 @@
+"""Mixture-of-Experts feed-forward: sigmoid/softmax router, grouped experts, shared expert.
+
+Shape legend:
+  T  tokens in the batch (B * S)          D  model dim
+  E  routed experts                        K  experts chosen per token (top-k)
+  F  hidden width of one routed expert     N  routed slots = T * K
+
+Routing is dropless: every token reaches its K experts. Slots are sorted by expert so
+each expert's tokens are contiguous, and one grouped GEMM (``torch._grouped_mm``) runs
+all experts at once over the 3-D expert weights ``w1_EFD``, ``w3_EFD``, ``w2_EDF``. The
+3-D parameters are what QAT fake-quantizes and what export lowers; there is no list of
+per-expert modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.model.config import MoEConfig
+from pipeline.model.layers import SwiGLU
+
+
+@dataclass
+class RouterOutput:
+    gates_TK: torch.Tensor  # gate weight of each chosen expert (fp32)
+    experts_TK: torch.Tensor  # chosen expert ids (int64)
+    logits_TE: torch.Tensor  # raw router logits (fp32), for the z-loss
+    scores_TE: torch.Tensor  # unbiased scores (fp32), for the auxiliary loss
+
+
+class Router(nn.Module):
+    """Top-k router. The expert bias steers *selection* only; gates use unbiased scores."""
+
+    def __init__(self, d_model: int, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        # Kept in FP32 through training, QAT and export: routing decisions are the
+        # part of an MoE most sensitive to precision.
+        self.weight_ED = nn.Parameter(torch.empty(cfg.num_experts, d_model))
+        # Not trained by gradients; moved by the balancing hook (see balance.py).
+        self.register_buffer("expert_bias_E", torch.zeros(cfg.num_experts))
+        # Tokens routed to each expert since the last balancing update (not saved).
+        self.register_buffer("tokens_per_expert_E", torch.zeros(cfg.num_experts), persistent=False)
+
+    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+        logits_TE = F.linear(x_TD.float(), self.weight_ED.float())
+        if self.cfg.score_func == "sigmoid":
+            scores_TE = torch.sigmoid(logits_TE)
+        else:
+            scores_TE = torch.softmax(logits_TE, dim=-1)
+        select_TE = scores_TE + self.expert_bias_E.float()
+        experts_TK = torch.topk(select_TE, self.cfg.top_k, dim=-1, sorted=False).indices
+        gates_TK = scores_TE.gather(-1, experts_TK)
+        if self.cfg.route_norm:
+            gates_TK = gates_TK / (gates_TK.sum(-1, keepdim=True) + 1e-20)
+        gates_TK = gates_TK * self.cfg.route_scale
+        return RouterOutput(gates_TK, experts_TK, logits_TE, scores_TE)
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts as 3-D weights, run with one grouped GEMM per projection."""
+
+    def __init__(self, d_model: int, cfg: MoEConfig) -> None:
+        super().__init__()
+        E, F_, D = cfg.num_experts, cfg.expert_ffn_dim, d_model
+        self.w1_EFD = nn.Parameter(torch.empty(E, F_, D))  # gate projection
+        self.w3_EFD = nn.Parameter(torch.empty(E, F_, D))  # up projection
+        self.w2_EDF = nn.Parameter(torch.empty(E, D, F_))  # down projection
+
+    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The weights the forward uses. QAT overrides this to insert fake-quantization."""
+        return self.w1_EFD, self.w3_EFD, self.w2_EDF
+
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """``x_ND`` holds slots sorted by expert; ``counts_E`` how many each expert got."""
+        w1_EFD, w3_EFD, w2_EDF = self.expert_weights()
+        dtype = x_ND.dtype
+        offsets_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
+        h1_NF = torch._grouped_mm(x_ND, w1_EFD.to(dtype).transpose(-2, -1), offs=offsets_E)
+        h3_NF = torch._grouped_mm(x_ND, w3_EFD.to(dtype).transpose(-2, -1), offs=offsets_E)
+        h_NF = F.silu(h1_NF) * h3_NF
+        return torch._grouped_mm(h_NF, w2_EDF.to(dtype).transpose(-2, -1), offs=offsets_E)
+
+
+def gathered_experts(experts: GroupedExperts, x_TD: torch.Tensor, experts_TK: torch.Tensor,
+                     gates_TK: torch.Tensor) -> torch.Tensor:
+    """Gather each token's K expert matrices and apply them with einsum.
+
+    No data-dependent shapes, so ``torch.export`` traces it (the grouped GEMM's export
+    kernel is bf16/CUDA-only). It materialises T*K weight copies: right for batch-1
+    decode and short exported examples, wasteful for long prefill.
+    """
+    w1_EFD, w3_EFD, w2_EDF = experts.expert_weights()
+    dtype = x_TD.dtype
+    w1_TKFD, w3_TKFD = w1_EFD.to(dtype)[experts_TK], w3_EFD.to(dtype)[experts_TK]
+    w2_TKDF = w2_EDF.to(dtype)[experts_TK]
+    h_TKF = F.silu(torch.einsum("td,tkfd->tkf", x_TD, w1_TKFD)) * torch.einsum("td,tkfd->tkf", x_TD, w3_TKFD)
+    y_TKD = torch.einsum("tkf,tkdf->tkd", h_TKF, w2_TKDF)
+    return (y_TKD * gates_TK.to(dtype)[..., None]).sum(1)
+
+
+def reference_experts(experts: GroupedExperts, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """A plain Python loop over experts. For tests and benchmarks only: slow but obvious."""
+    w1_EFD, w3_EFD, w2_EDF = experts.expert_weights()
+    outputs = []
+    start = 0
+    for e, count in enumerate(counts_E.tolist()):
+        x_nD = x_ND[start:start + count]
+        h_nF = F.silu(x_nD @ w1_EFD[e].T) * (x_nD @ w3_EFD[e].T)
+        outputs.append(h_nF @ w2_EDF[e].T)
+        start += count
+    return torch.cat(outputs, dim=0)
+
+
+class MoE(nn.Module):
+    """Routed experts plus optional shared expert(s); returns (output, auxiliary loss)."""
+
+    def __init__(self, d_model: int, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.router = Router(d_model, cfg)
+        self.experts = GroupedExperts(d_model, cfg)
+        # Several shared experts are mathematically one wider SwiGLU; keep one module.
+        shared_width = cfg.num_shared_experts * cfg.shared_ffn_dim
+        self.shared = SwiGLU(d_model, shared_width) if shared_width > 0 else None
+        # "grouped": sorted dispatch + grouped GEMM (training and prefill);
+        # "gather": export-friendly (see gathered_experts); "loop": reference, tests only.
+        self.dispatch = "grouped"
+
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, S, D = x_BSD.shape
+        x_TD = x_BSD.reshape(B * S, D)
+        route = self.router(x_TD)
+
+        experts_N = route.experts_TK.reshape(-1)
+        # scatter_add rather than bincount: a static output shape keeps torch.export happy.
+        counts_E = torch.zeros(self.cfg.num_experts, dtype=torch.long,
+                               device=x_TD.device).scatter_add_(0, experts_N, torch.ones_like(experts_N))
+        if self.dispatch == "gather":
+            out_TD = gathered_experts(self.experts, x_TD, route.experts_TK, route.gates_TK)
+        else:
+            out_TD = self._sorted_dispatch(x_TD, route, counts_E)
+        if self.shared is not None:
+            out_TD = out_TD + self.shared(x_TD)
+
+        if self.training:
+            with torch.no_grad():
+                self.router.tokens_per_expert_E += counts_E.to(self.router.tokens_per_expert_E.dtype)
+        aux_loss = self._aux_loss(route, counts_E, B * S)
+        return out_TD.view(B, S, D), aux_loss
+
+    def _sorted_dispatch(self, x_TD: torch.Tensor, route: RouterOutput, counts_E: torch.Tensor) -> torch.Tensor:
+        """Sort slots by expert, run the experts on contiguous groups, scatter back."""
+        experts_N = route.experts_TK.reshape(-1)
+        order_N = torch.argsort(experts_N, stable=True)  # slots grouped by expert
+        token_N = order_N // self.cfg.top_k  # which token each sorted slot came from
+        x_ND = x_TD.index_select(0, token_N)
+        if self.dispatch == "loop":
+            y_ND = reference_experts(self.experts, x_ND, counts_E)
+        elif self.dispatch == "grouped":
+            y_ND = self.experts(x_ND, counts_E)
+        else:
+            raise ValueError(f"unknown MoE dispatch {self.dispatch!r}")
+        gate_N = route.gates_TK.reshape(-1).index_select(0, order_N).to(y_ND.dtype)
+        return torch.zeros_like(x_TD).index_add_(0, token_N, y_ND * gate_N[:, None])
+
+    def _aux_loss(self, route: RouterOutput, counts_E: torch.Tensor, n_tokens: int) -> torch.Tensor:
+        loss = route.logits_TE.new_zeros(())
+        if self.cfg.aux_loss_coef > 0:
+            # Switch-style balance: E * sum_e (fraction of slots to e) * (mean score of e).
+            frac_E = counts_E.float() / (n_tokens * self.cfg.top_k)
+            probs_TE = route.scores_TE / route.scores_TE.sum(-1, keepdim=True)
+            loss = loss + self.cfg.aux_loss_coef * self.cfg.num_experts * (frac_E * probs_TE.mean(0)).sum()
+        if self.cfg.z_loss_coef > 0:
+            loss = loss + self.cfg.z_loss_coef * torch.logsumexp(route.logits_TE, dim=-1).pow(2).mean()
+        return loss

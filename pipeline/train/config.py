@@ -1,0 +1,71 @@
+"""Configs of a training stage and of the Ray cluster it runs on.
+
+Pre-training, mid-training and SFT share one loop; they differ only by these values
+(data mixture, schedule, starting checkpoint, sequence length).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pipeline.configbase import require
+from pipeline.train.schedule import ScheduleConfig
+
+
+@dataclass
+class TrainStageConfig:
+    mixture: str  # directory of the stage's data mixture (an output of the mix stage)
+    tokenizer: str  # tokenizer.json written by the mix stage
+    out_dir: str  # this stage's declared output directory
+    init_checkpoint: str | None = None  # upstream stage's final model directory
+    seq_len: int = 256
+    batch_size: int = 16  # sequences per worker per micro-batch
+    grad_accum: int = 1
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(
+        kind="cosine", lr=1e-3, warmup_steps=10, total_steps=100, min_lr_ratio=0.1))
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    # Held-out chat prompts answered by the final model (SFT only; 0 disables).
+    sample_prompts: int = 0
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # YAML gives a list
+        for key in ("mixture", "tokenizer", "out_dir"):
+            require(bool(getattr(self, key)), key, "must be a non-empty path")
+        for key in ("seq_len", "batch_size", "grad_accum", "log_every", "eval_every",
+                    "eval_batches", "checkpoint_every", "keep_checkpoints"):
+            value = getattr(self, key)
+            require(isinstance(value, int) and value >= 1, key, f"must be an int >= 1, got {value!r}")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
+                f"must be two numbers in [0, 1), got {self.betas}")
+        require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        require(self.grad_clip > 0, "grad_clip", "must be > 0")
+        require(self.dtype in ("float32", "bfloat16"), "dtype",
+                f"must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        require(self.sample_prompts >= 0, "sample_prompts", "must be >= 0")
+
+    @property
+    def steps(self) -> int:
+        return self.schedule.total_steps
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: start Ray embedded; "auto" or ray://... joins a cluster
+    num_workers: int = 1
+    cpus_per_worker: int = 2
+    use_gpu: bool = False
+    storage_path: str = "checkpoints"  # Ray Train run storage (resume lives here)
+
+    def __post_init__(self) -> None:
+        require(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
+        require(self.cpus_per_worker >= 1, "cpus_per_worker", "must be >= 1")
+        require(bool(self.storage_path), "storage_path", "must be a non-empty path")

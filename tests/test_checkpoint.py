@@ -1,0 +1,283 @@
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from pipeline.train import checkpoint as ckpt_mod
+from pipeline.train.checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    latest_checkpoint,
+    load_checkpoint,
+    optimizer_param_names,
+    restore_optimizer,
+    restore_rng_state,
+    save_checkpoint,
+    validate_against,
+)
+
+V, D = 17, 8
+
+
+class TinyLM(torch.nn.Module):
+    """Embedding tied to the output head, plus a non-trained buffer like a router bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(V, D)
+        self.mlp = torch.nn.Linear(D, D)
+        self.norm = torch.nn.LayerNorm(D)
+        self.head = torch.nn.Linear(D, V, bias=False)
+        self.head.weight = self.embed.weight
+        self.register_buffer("expert_bias", torch.zeros(4))
+
+    def forward(self, ids):
+        return self.head(self.norm(torch.relu(self.mlp(self.embed(ids)))))
+
+
+def batch(seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, V, (2, 5), generator=g)
+
+
+def train_step(model, opt, ids):
+    logits = model(ids[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), ids[:, 1:].reshape(-1))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    model.expert_bias += 0.5  # buffers change too and must round-trip
+
+
+def make_optimizer(params):
+    return torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+
+
+def test_resume_matches_uninterrupted_training_with_tied_weights_and_reordered_params(tmp_path):
+    torch.manual_seed(0)
+    model = TinyLM()
+    opt = make_optimizer(model.parameters())
+    for s in range(3):
+        train_step(model, opt, batch(s))
+    path = save_checkpoint(tmp_path, 3, model.state_dict(), opt, {"tokens_seen": 30})
+    train_step(model, opt, batch(3))
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+
+    torch.manual_seed(123)  # a different init: everything must come from the checkpoint
+    resumed = TinyLM()
+    # Reversed order: restore must map optimizer state by name, not by position.
+    opt2 = make_optimizer(list(resumed.parameters())[::-1])
+    ck = load_checkpoint(latest_checkpoint(tmp_path))
+    assert ck.path == path and ck.step == 3 and ck.meta == {"tokens_seen": 30}
+    validate_against({k: tuple(v.shape) for k, v in resumed.state_dict().items()}, ck)
+    resumed.load_state_dict(ck.model_state)
+    assert resumed.head.weight is resumed.embed.weight
+    restore_optimizer(opt2, optimizer_param_names(resumed, opt2), ck)
+    assert opt2.param_groups[0]["betas"] == (0.9, 0.95)
+    train_step(resumed, opt2, batch(3))
+
+    got = resumed.state_dict()
+    assert set(got) == set(expected)
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), k
+    assert resumed.head.weight is resumed.embed.weight
+
+
+def test_tied_weight_is_stored_once_and_comes_back_under_both_names(tmp_path):
+    model = TinyLM()
+    path = save_checkpoint(tmp_path, 1, model.state_dict(), None, {})
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert ("embed.weight" in keys) != ("head.weight" in keys)
+    ck = load_checkpoint(path)
+    assert torch.equal(ck.model_state["head.weight"], model.embed.weight)
+    assert ck.optimizer_state is None
+
+
+def test_partially_overlapping_views_are_cloned(tmp_path):
+    base = torch.arange(12.0)
+    state = {"a": base, "b": base[:6].view(2, 3)}  # same storage, different view
+    ck = load_checkpoint(save_checkpoint(tmp_path, 0, state, None, {}))
+    assert torch.equal(ck.model_state["b"], torch.arange(6.0).view(2, 3))
+    assert torch.equal(ck.model_state["a"], base)
+
+
+def test_regrouped_optimizer_takes_hparams_by_parameter_name(tmp_path):
+    model = TinyLM()
+    decay = [p for n, p in model.named_parameters() if p.ndim == 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}])
+    train_step(model, opt, batch(0))
+    names = optimizer_param_names(model, opt)
+    path = save_checkpoint(tmp_path, 1, model.state_dict(), opt, {}, param_names=names)
+
+    opt2 = torch.optim.AdamW([{"params": no_decay[::-1], "weight_decay": 0.5}, {"params": decay, "weight_decay": 0.5}])
+    restore_optimizer(opt2, optimizer_param_names(model, opt2), load_checkpoint(path))
+    assert [g["weight_decay"] for g in opt2.param_groups] == [0.0, 0.1]
+    for p in model.parameters():
+        assert torch.equal(opt2.state[p]["exp_avg"], opt.state[p]["exp_avg"])
+
+    mixed = torch.optim.AdamW([{"params": [decay[0], no_decay[0]]}, {"params": decay[1:] + no_decay[1:]}])
+    with pytest.raises(CheckpointError, match="mixes parameters"):
+        restore_optimizer(mixed, optimizer_param_names(model, mixed), load_checkpoint(path))
+
+
+def test_restore_rejects_missing_parameter_names(tmp_path):
+    model = TinyLM()
+    opt = make_optimizer(model.parameters())
+    train_step(model, opt, batch(0))
+    ck = load_checkpoint(save_checkpoint(tmp_path, 1, model.state_dict(), opt, {}))
+    names = optimizer_param_names(model, opt)
+    names[0] = "renamed.weight"
+    with pytest.raises(CheckpointError, match="renamed.weight"):
+        restore_optimizer(make_optimizer(model.parameters()), names, ck)
+
+
+def test_unmatched_optimizer_params_need_explicit_names(tmp_path):
+    model = TinyLM()
+    opt = make_optimizer(model.parameters())
+    copied = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match="param_names"):
+        save_checkpoint(tmp_path, 1, copied, opt, {})
+    assert not any(tmp_path.iterdir() if tmp_path.exists() else [])
+
+
+def test_crash_during_write_leaves_previous_latest(tmp_path, monkeypatch):
+    model = TinyLM()
+    opt = make_optimizer(model.parameters())
+    first = save_checkpoint(tmp_path, 1, model.state_dict(), opt, {"n": 1})
+    real_save = ckpt_mod._save_tensors
+
+    def crash(path, tensors, header):
+        real_save(path, tensors, header)
+        if path.name == "optimizer.safetensors":
+            raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(ckpt_mod, "_save_tensors", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 2, model.state_dict(), opt, {"n": 2})
+    assert not (tmp_path / "step_2").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "step_1"]
+    assert json.loads((tmp_path / "latest.json").read_text())["step"] == 1
+    assert latest_checkpoint(tmp_path) == first
+
+
+def test_leftover_tmp_dir_and_stale_pointer_are_ignored(tmp_path):
+    model = TinyLM()
+    save_checkpoint(tmp_path, 1, model.state_dict(), None, {})
+    second = save_checkpoint(tmp_path, 2, model.state_dict(), None, {})
+    # A hard kill (no cleanup) leaves a complete-looking temp dir behind.
+    leftover = tmp_path / ".tmp-step_3-deadbeef"
+    leftover.mkdir()
+    for f in second.iterdir():
+        (leftover / f.name).write_bytes(f.read_bytes())
+    assert latest_checkpoint(tmp_path) == second
+    # Pointer lost or pointing at something deleted: newest complete step dir wins.
+    (tmp_path / "latest.json").write_text('{"dir": "step_99"}')
+    assert latest_checkpoint(tmp_path) == second
+    (tmp_path / "latest.json").write_text("{not json")
+    assert latest_checkpoint(tmp_path) == second
+    assert latest_checkpoint(tmp_path / "nothing_here") is None
+
+
+def test_prune_keeps_last_n_and_never_the_new_one(tmp_path):
+    state = TinyLM().state_dict()
+    for step in range(1, 6):
+        save_checkpoint(tmp_path, step, state, None, {}, keep_last=2)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_4", "step_5"]
+    # Saving an older step (re-run from an earlier point) keeps it and the newest other.
+    save_checkpoint(tmp_path, 3, state, None, {}, keep_last=2)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_3", "step_5"]
+    assert latest_checkpoint(tmp_path) == tmp_path / "step_3"
+    save_checkpoint(tmp_path, 3, state, None, {"again": True}, keep_last=1)
+    assert [p.name for p in tmp_path.glob("step_*")] == ["step_3"]
+    assert load_checkpoint(tmp_path / "step_3").meta == {"again": True}
+    assert not list(tmp_path.glob(".tmp-*"))
+    save_checkpoint(tmp_path, 7, state, None, {}, keep_last=None)
+    assert len(list(tmp_path.glob("step_*"))) == 2
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = TinyLM()
+    opt = make_optimizer(model.parameters())
+    train_step(model, opt, batch(0))
+    return save_checkpoint(tmp_path / "ck", 1, model.state_dict(), opt, {"step_hint": 1})
+
+
+def test_truncated_safetensors_is_reported(saved):
+    f = saved / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match=r"step_1.*model.safetensors.*truncated"):
+        load_checkpoint(saved)
+    assert latest_checkpoint(saved.parent) is None
+
+
+def test_garbage_safetensors_of_right_size_is_reported(saved):
+    f = saved / "optimizer.safetensors"
+    f.write_bytes(b"\xff" * f.stat().st_size)
+    with pytest.raises(CheckpointError, match=r"optimizer.safetensors: cannot read safetensors"):
+        load_checkpoint(saved)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda p: (p / "meta.json").unlink(), "missing meta.json"),
+        (lambda p: (p / "optimizer.safetensors").unlink(), "missing optimizer.safetensors"),
+        (lambda p: (p / "meta.json").write_text('{"step": 1}'), "lacks the required 'checkpoint'"),
+        (lambda p: (p / "meta.json").write_text('{"checkpoint": {"step": 1}}'), "checkpoint.format_version"),
+        (lambda p: (p / "meta.json").write_text("{trunc"), "unreadable meta.json"),
+    ],
+)
+def test_damaged_checkpoint_errors_name_path_and_problem(saved, damage, message):
+    damage(saved)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(saved)
+    assert str(saved) in str(err.value) and message in str(err.value)
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "step_5")
+
+
+def test_validate_against_lists_every_problem(saved):
+    ck = load_checkpoint(saved)
+    shapes = {k: tuple(v.shape) for k, v in ck.model_state.items()}
+    shapes.pop("norm.bias")
+    shapes["mlp.weight"] = (D, D + 1)
+    shapes["new.weight"] = (3,)
+    with pytest.raises(CheckpointError) as err:
+        validate_against(shapes, ck)
+    msg = str(err.value)
+    assert "missing keys ['new.weight']" in msg
+    assert "unexpected keys ['norm.bias']" in msg
+    assert "mlp.weight: checkpoint (8, 8) vs model (8, 9)" in msg
+
+
+def test_extra_tensors_and_rng_state_round_trip(tmp_path):
+    torch.manual_seed(7)
+    rng = capture_rng_state()
+    assert rng["rng/cpu"].dtype == torch.uint8
+    want = torch.rand(4)
+    extra = {**rng, "loader/position": torch.tensor([3, 9])}
+    ck = load_checkpoint(save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, None, {}, extra=extra))
+    assert torch.equal(ck.extra["loader/position"], torch.tensor([3, 9]))
+    torch.rand(100)
+    restore_rng_state(ck.extra)
+    assert torch.equal(torch.rand(4), want)
+
+
+def test_bad_meta_and_arguments_are_rejected_without_leaving_files(tmp_path):
+    state = {"w": torch.ones(2)}
+    with pytest.raises(CheckpointError, match="reserved"):
+        save_checkpoint(tmp_path, 1, state, None, {"checkpoint": 1})
+    with pytest.raises(CheckpointError, match="JSON"):
+        save_checkpoint(tmp_path, 1, state, None, {"obj": object()})
+    with pytest.raises(CheckpointError, match="keep_last"):
+        save_checkpoint(tmp_path, 1, state, None, {}, keep_last=0)
+    with pytest.raises(CheckpointError, match="step"):
+        save_checkpoint(tmp_path, -1, state, None, {})
+    assert [p.name for p in tmp_path.iterdir()] == []

@@ -1,0 +1,192 @@
+"""The whole chain on the micro preset through real Ray, DVC and MLflow, in a copy of the repo.
+
+One module-scoped run of `make repro` (mix -> pretrain -> midtrain -> SFT) feeds every
+test here; then DVC's no-op re-run, metrics, `dvc exp run -S` and an interrupted stage
+that resumes. Everything is queried through the tools themselves (MLflow client, dvc CLI).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.recipe import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+TRAIN_STAGES = ("pretrain", "midtrain", "sft")
+
+
+def _env(repo: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "MOBILEMOE_", "RAY_ADDRESS"))}
+    env.update(PYTHONPATH=str(repo), GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com",
+               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.com")
+    return env
+
+
+def sh(repo: Path, *cmd: str, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=repo, env=_env(repo), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A git+DVC copy of the project whose default experiment is the micro preset."""
+    dest = tmp_path_factory.mktemp("e2e") / "repo"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO_ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        src = REPO_ROOT / rel
+        if src.is_file() and not rel.startswith(("outputs/", "data/mix/")):
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)  # keeps mtimes, so make sees the venv as current
+    (dest / ".venv").symlink_to(REPO_ROOT / ".venv")
+    config = dest / "conf" / "config.yaml"
+    config.write_text(config.read_text().replace("  - experiment: null", "  - experiment: micro"))
+    sh(dest, "make", "params")
+    sh(dest, "git", "init", "-q")
+    sh(dest, "git", "add", "-A")
+    sh(dest, "git", "commit", "-qm", "e2e copy")
+    started = time.perf_counter()
+    proc = sh(dest, "make", "repro", timeout=900)
+    (dest / "repro.log").write_text(proc.stdout + proc.stderr)
+    print(f"make repro (micro) took {time.perf_counter() - started:.0f}s")
+    return dest
+
+
+@pytest.fixture(scope="module")
+def mlflow_client(repo):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+
+
+def _stage_runs(client) -> dict:
+    exp = client.get_experiment_by_name("mobilemoe")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert [p.info.run_name for p in parents] == ["recipe"], [p.info.run_name for p in parents]
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    return {r.info.run_name: r for r in children}
+
+
+def test_outputs_and_dvc_lock(repo):
+    lock = (repo / "dvc.lock").read_text()
+    for stage in ("mix", *TRAIN_STAGES):
+        assert f"  {stage}:" in lock
+    for stage in TRAIN_STAGES:
+        metrics = json.loads((repo / "outputs" / stage / "metrics.json").read_text())
+        assert metrics["step"] == 6 and metrics["val_loss"] > 0
+        assert (repo / "outputs" / stage / "model" / "latest.json").is_file()
+    samples = json.loads((repo / "outputs" / "sft" / "samples.json").read_text())
+    assert {s["task"] for s in samples} == {"define", "continue", "math", "reason"}
+
+
+def test_mlflow_parent_with_nested_stage_runs(repo, mlflow_client):
+    import mlflow
+
+    runs = _stage_runs(mlflow_client)
+    assert set(runs) == {"mix", *TRAIN_STAGES}
+    mix = runs["mix"]
+    assert {d.dataset.name for d in mix.inputs.dataset_inputs} == {"pretrain-mixture", "midtrain-mixture", "sft-mixture"}
+    for stage in TRAIN_STAGES:
+        run = runs[stage]
+        rid = run.info.run_id
+        assert run.info.status == "FINISHED"
+        assert re.fullmatch(r"[0-9a-f]{40}", run.data.tags["git_commit"])
+        assert run.data.params["model.d_model"] == "128"
+        assert run.data.params["stage.schedule.total_steps"] == "6"
+        history = mlflow_client.get_metric_history(rid, "train/loss")
+        assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]
+        for key in ("val/loss", "val/bpb", "train/lr", "train/tokens_per_s", "train/grad_norm",
+                    "moe/max_over_mean", "moe/dead_fraction"):
+            assert mlflow_client.get_metric_history(rid, key), key
+        assert run.data.metrics["final/val_loss"] > 0
+        artifacts = {a.path for a in mlflow_client.list_artifacts(rid)}
+        assert {"config.yaml", "checkpoint", "tokenizer", "metrics.json", "plots"} <= artifacts, artifacts
+        plots = {a.path for a in mlflow_client.list_artifacts(rid, "plots")}
+        assert f"plots/{stage}_loss.png" in plots
+        assert [d.dataset.name for d in run.inputs.dataset_inputs] == [f"{stage}-mixture"]
+        models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                             filter_string=f"source_run_id = '{rid}'", output_format="list")
+        assert [m.name for m in models] == [f"{stage}-model"]
+    # lineage: each stage is tagged with the DVC hash of the upstream outputs it read
+    lock = (repo / "dvc.lock").read_text()
+    pre_tag = runs["midtrain"].data.tags["dvc_input.outputs/pretrain/model"]
+    assert pre_tag in lock
+    assert runs["pretrain"].data.tags["dvc_input.data/mix"] in lock
+
+
+def test_logged_model_loads_and_predicts(repo, mlflow_client):
+    import mlflow
+    import torch
+
+    run = _stage_runs(mlflow_client)["sft"]
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                         filter_string=f"source_run_id = '{run.info.run_id}'", output_format="list")
+    program = mlflow.pytorch.load_model(models[0].model_uri)
+    logits = program(torch.zeros(1, 5, dtype=torch.long))
+    assert logits.shape == (1, 5, 4096)
+
+
+def test_second_repro_is_a_noop_and_metrics_show(repo):
+    started = time.perf_counter()
+    proc = sh(repo, ".venv/bin/dvc", "repro")
+    assert "Data and pipelines are up to date" in proc.stdout, proc.stdout
+    assert time.perf_counter() - started < 60
+    shown = sh(repo, ".venv/bin/dvc", "metrics", "show").stdout
+    for stage in TRAIN_STAGES:
+        assert f"outputs/{stage}/metrics.json" in shown
+    assert "val_loss" in shown
+
+
+def test_dvc_exp_run_with_hydra_override_reruns_only_what_changed(repo):
+    proc = sh(repo, ".venv/bin/dvc", "exp", "run", "-S", "stage.sft.schedule.total_steps=4", timeout=600)
+    out = proc.stdout
+    assert "Running stage 'sft'" in out
+    for stage in ("mix", "pretrain", "midtrain"):
+        assert f"Running stage '{stage}'" not in out
+    assert json.loads((repo / "outputs" / "sft" / "metrics.json").read_text())["step"] == 4
+    shown = sh(repo, ".venv/bin/dvc", "exp", "show", "--no-pager").stdout
+    assert "stage.sft.schedule.total_steps" in shown or "total_steps" in shown
+
+
+def test_interrupted_stage_resumes_from_its_last_checkpoint(repo):
+    args = [sys.executable, "stages/pretrain.py", "stage.pretrain.schedule.total_steps=40",
+            "stage.pretrain.checkpoint_every=4", "stage.pretrain.out_dir=outputs/resume_check",
+            "tracking.enabled=false"]
+    before = set((repo / "checkpoints").iterdir())
+    proc = subprocess.Popen(args, cwd=repo, env=_env(repo), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            new = [p for p in (repo / "checkpoints").iterdir() if p not in before]
+            if new and any(new[0].glob("checkpoint_*")):
+                break
+            assert proc.poll() is None, "stage ended before it could be interrupted"
+            time.sleep(0.5)
+        else:
+            pytest.fail("no checkpoint appeared")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    time.sleep(2)
+    finished = subprocess.run(args, cwd=repo, env=_env(repo), capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    metrics = json.loads((repo / "outputs" / "resume_check" / "metrics.json").read_text())
+    assert metrics["step"] == 40
+    assert metrics["resumes"] == 1
