@@ -15,6 +15,10 @@ export RAY_USAGE_STATS_ENABLED := 0
 export HF_DATASETS_OFFLINE := 1
 export HF_HUB_OFFLINE := 1
 UI_PORT ?= 5000
+# Machines that keep a local wheel of torch (the CPU build) there: let pip see it.
+ifneq ($(wildcard /opt/wheels),)
+export PIP_FIND_LINKS ?= /opt/wheels
+endif
 
 STAGES := mix pretrain midtrain sft
 .PHONY: setup lock params repro test bench-model ui $(STAGES)
@@ -40,11 +44,12 @@ params: $(STAMP)
 	$(PY) -m pipeline.recipe params -o params.yaml
 
 # The whole recipe under one MLflow parent run; DVC skips stages whose inputs are unchanged.
-repro: $(STAMP)
+# params.yaml is recomposed first, so an edit in conf/ is what runs.
+repro: params
 	@$(call recipe_run,)
 
 # One stage and whatever it needs upstream, e.g. `make pretrain`.
-$(STAGES): $(STAMP)
+$(STAGES): params
 	@$(call recipe_run,$@)
 
 define recipe_run

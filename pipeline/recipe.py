@@ -25,6 +25,13 @@ CONF_DIR = REPO_ROOT / "conf"
 TRAIN_STAGES = ("pretrain", "midtrain", "sft")
 
 
+def repo_path(path: str | Path) -> Path:
+    """A config path as an absolute path: relative paths are relative to the repo root,
+    wherever the stage was started from."""
+    p = Path(path)
+    return p if p.is_absolute() else REPO_ROOT / p
+
+
 @dataclass
 class DataConfig:
     out_dir: str  # the mix stage's output directory

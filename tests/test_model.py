@@ -267,3 +267,14 @@ def test_invalid_configs_are_rejected_naming_the_field(overrides, field):
     with pytest.raises(ConfigError) as err:
         from_dict(ModelConfig, data, "model")
     assert str(err.value).startswith(field + ":"), str(err.value)
+
+
+def test_router_stays_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    moe = MoE(32, small_moe())
+    torch.nn.init.normal_(moe.router.weight_ED)
+    x_TD = torch.randn(16, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        route = moe.router(x_TD)
+    assert route.logits_TE.dtype == torch.float32 and route.gates_TK.dtype == torch.float32
+    torch.testing.assert_close(route.logits_TE, x_TD @ moe.router.weight_ED.T, rtol=1e-6, atol=1e-6)

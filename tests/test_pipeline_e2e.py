@@ -165,7 +165,8 @@ def test_dvc_exp_run_with_hydra_override_reruns_only_what_changed(repo):
 
 
 def test_interrupted_stage_resumes_from_its_last_checkpoint(repo):
-    args = [sys.executable, "stages/pretrain.py", "stage.pretrain.schedule.total_steps=40",
+    # Two DDP workers (gloo), so resuming also covers the data-parallel path.
+    args = [sys.executable, "stages/pretrain.py", "ray=ddp2", "stage.pretrain.schedule.total_steps=40",
             "stage.pretrain.checkpoint_every=4", "stage.pretrain.out_dir=outputs/resume_check",
             "tracking.enabled=false"]
     before = set((repo / "checkpoints").iterdir())
@@ -190,3 +191,51 @@ def test_interrupted_stage_resumes_from_its_last_checkpoint(repo):
     metrics = json.loads((repo / "outputs" / "resume_check" / "metrics.json").read_text())
     assert metrics["step"] == 40
     assert metrics["resumes"] == 1
+
+
+def test_multirun_sweep_gives_each_point_its_own_run_and_outputs(repo, mlflow_client):
+    proc = sh(repo, sys.executable, "stages/pretrain.py", "-m", "stage.pretrain.schedule.lr=0.001,0.002",
+              "stage.pretrain.schedule.total_steps=3", timeout=600)
+    points = sorted((repo / "multirun").glob("*/*/pretrain/metrics.json"))
+    assert len(points) == 2, proc.stdout[-2000:]
+    exp = mlflow_client.get_experiment_by_name("mobilemoe")
+    sweep = mlflow_client.search_runs([exp.experiment_id], "tags.stage = 'pretrain' and params.`stage.schedule.total_steps` = '3'")
+    assert sorted(r.data.params["stage.schedule.lr"] for r in sweep) == ["0.001", "0.002"]
+
+
+def test_mlflow_ui_serves_the_runs(repo):
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**_env(repo), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen([str(repo / ".venv" / "bin" / "mlflow"), "server", "--backend-store-uri",
+                               f"sqlite:///{repo / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port),
+                               "--workers", "1"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    pytest.fail("mlflow server did not come up")
+                time.sleep(1)
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name"
+                                     "?experiment_name=mobilemoe")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            exp = json.loads(r.read())["experiment"]
+        body = json.dumps({"experiment_ids": [exp["experiment_id"]], "max_results": 100}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            names = {run["info"]["run_name"] for run in json.loads(r.read())["runs"]}
+        assert {"recipe", "mix", "pretrain", "midtrain", "sft"} <= names
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

@@ -94,12 +94,23 @@ def test_missing_upstream_output_stops_before_ray_and_keeps_outputs(tmp_path):
     assert sentinel.read_text() == "earlier output"
 
 
-def test_missing_init_checkpoint_is_named(tmp_path):
+def test_missing_init_checkpoint_is_named(tmp_path, micro_data):
     proc = run_stage("midtrain", f"stage.midtrain.init_checkpoint={tmp_path / 'no_model'}",
+                     f"stage.midtrain.mixture={micro_data / 'midtrain'}", f"model.vocab_size=512",
+                     f"stage.midtrain.tokenizer={micro_data / 'tokenizer' / 'tokenizer.json'}",
                      "tracking.enabled=false")
     assert proc.returncode != 0
-    # Either input can be missing first on a fresh checkout; both messages name the key.
-    assert "stage.midtrain.init_checkpoint" in proc.stderr or "stage.midtrain.mixture" in proc.stderr
+    assert f"no complete checkpoint under {tmp_path / 'no_model'} (stage.midtrain.init_checkpoint" in proc.stderr, \
+        proc.stderr[-2000:]
+
+
+def test_sequence_longer_than_the_split_is_caught_before_ray(micro_data):
+    proc = run_stage("sft", "stage.sft.init_checkpoint=null", f"stage.sft.mixture={micro_data / 'sft'}",
+                     f"stage.sft.tokenizer={micro_data / 'tokenizer' / 'tokenizer.json'}", "model.vocab_size=512",
+                     "model.max_seq_len=100000", "stage.sft.seq_len=90000", "tracking.enabled=false")
+    assert proc.returncode != 0
+    assert "fewer than one window of stage.sft.seq_len+1=90001" in proc.stderr, proc.stderr[-2000:]
+    assert "Started a local Ray instance" not in proc.stderr + proc.stdout
 
 
 def test_empty_source_stops_mix_before_ray_and_keeps_outputs(tmp_path):

@@ -5,12 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from pipeline.data.build import build_all
-from pipeline.data.mixing import MixtureConfig
 from pipeline.model import ModelConfig, MoEConfig
 from pipeline.train.batches import IGNORE_INDEX, TokenBatches
 from pipeline.train.callbacks import BalanceCallback, CheckpointCallback, MetricsCallback
@@ -19,31 +16,15 @@ from pipeline.train.config import TrainStageConfig
 from pipeline.train.loop import WorkerJob, run_loop
 from pipeline.train.schedule import ScheduleConfig
 
-VOCAB = 512
+from conftest import VOCAB
 
 
-def _mixture(kind: str, sources: list[dict]) -> MixtureConfig:
-    return MixtureConfig(sources=sources, total_tokens=15000, val_fraction=0.1, seed=0, kind=kind)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("mix") / "mix"
-    text = [{"name": "arithmetic", "kind": "arithmetic", "weight": 1.0, "domain": "math",
-             "options": {"n_docs": 300}},
-            {"name": "fortunes", "kind": "fortunes", "weight": 1.0, "domain": "literature", "max_docs": 300}]
-    chat = [{"name": "math", "kind": "math", "weight": 1.0, "domain": "math", "options": {"n_docs": 300}}]
-    build_all(_mixture("text", text), _mixture("text", text[:1]), _mixture("chat", chat), VOCAB, out,
-              tokenizer_max_bytes=200_000)
-    return out
-
-
-def _job(data_dir: Path, steps: int, mixture: str = "pretrain") -> WorkerJob:
+def _job(micro_data: Path, steps: int, mixture: str = "pretrain") -> WorkerJob:
     model = ModelConfig(name="t", vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
                         head_dim=8, max_seq_len=64,
                         moe=MoEConfig(num_experts=4, top_k=2, expert_ffn_dim=16, num_shared_experts=1,
                                       shared_ffn_dim=16, route_scale=2.5, bias_update_rate=0.01))
-    train = TrainStageConfig(mixture=str(data_dir / mixture), tokenizer=str(data_dir / "tokenizer" / "tokenizer.json"),
+    train = TrainStageConfig(mixture=str(micro_data / mixture), tokenizer=str(micro_data / "tokenizer" / "tokenizer.json"),
                              out_dir="unused", seq_len=32, batch_size=8,
                              schedule=ScheduleConfig(kind="cosine", lr=1e-2, warmup_steps=2, total_steps=steps),
                              log_every=1, eval_every=5, eval_batches=2, checkpoint_every=5)
@@ -65,11 +46,11 @@ class Reports:
 
 
 def _callbacks(job: WorkerJob, reports: Reports) -> list:
-    return [BalanceCallback(), MetricsCallback(1, None), CheckpointCallback(5, 2, {"model": job.model}, reports)]
+    return [BalanceCallback(), MetricsCallback(1, None), CheckpointCallback(5, {"model": job.model}, reports)]
 
 
-def test_batches_mask_prompt_tokens_and_resample_identically(data_dir):
-    sft = TokenBatches(data_dir / "sft", "train", seq_len=64, batch_size=4, seed=0)
+def test_batches_mask_prompt_tokens_and_resample_identically(micro_data):
+    sft = TokenBatches(micro_data / "sft", "train", seq_len=64, batch_size=4, seed=0)
     inputs, labels = sft.train_batch(step=3, micro=0, rank=0)
     again, labels_again = sft.train_batch(step=3, micro=0, rank=0)
     assert torch.equal(inputs, again) and torch.equal(labels, labels_again)
@@ -79,8 +60,8 @@ def test_batches_mask_prompt_tokens_and_resample_identically(data_dir):
     assert not torch.equal(inputs, other)
 
 
-def test_loop_learns_and_balances(data_dir, tmp_path):
-    job = _job(data_dir, steps=30)
+def test_loop_learns_and_balances(micro_data, tmp_path):
+    job = _job(micro_data, steps=30)
     reports = Reports(tmp_path)
     state = run_loop(job, rank=0, world=1, resume=None, callbacks=_callbacks(job, reports))
     losses = [v for _, v in state.history["train/loss"]]
@@ -90,12 +71,12 @@ def test_loop_learns_and_balances(data_dir, tmp_path):
     assert len(reports.roots) == 6  # steps 5, 10, ..., 30
 
 
-def test_resume_from_checkpoint_equals_uninterrupted(data_dir, tmp_path):
-    job = _job(data_dir, steps=10)
+def test_resume_from_checkpoint_equals_uninterrupted(micro_data, tmp_path):
+    job = _job(micro_data, steps=10)
     straight = run_loop(job, 0, 1, None, _callbacks(job, Reports(tmp_path / "a")))
 
     reports = Reports(tmp_path / "b")
-    first_half = _job(data_dir, steps=10)
+    first_half = _job(micro_data, steps=10)
     callbacks = _callbacks(first_half, reports)
 
     class Interrupt(Exception):
@@ -133,3 +114,36 @@ def test_stage_config_rejects_bad_values():
         from_dict(TrainStageConfig, {**base, "schedule": {"warmup_steps": 10, "total_steps": 5}}, "stage.pretrain")
     with pytest.raises(ConfigError, match=r"^stage.pretrain.dtype:"):
         from_dict(TrainStageConfig, {**base, "dtype": "fp8"}, "stage.pretrain")
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, micro_data: Path, out_dir: Path) -> None:
+    import torch.distributed as dist
+
+    from pipeline.train.checkpoint import save_checkpoint
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        job = _job(micro_data, steps=8)
+        job.train["grad_accum"] = 2
+        state = run_loop(job, rank, world, None, [BalanceCallback(), MetricsCallback(1, None)])
+        save_checkpoint(out_dir / f"rank{rank}", state.step, state.model.state_dict(), None,
+                        meta={"history": state.history}, keep_last=1)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_ranks_with_grad_accumulation_stay_in_lockstep(micro_data, tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), micro_data, tmp_path), nprocs=2, join=True)
+    r0 = load_checkpoint(latest_checkpoint(tmp_path / "rank0"))
+    r1 = load_checkpoint(latest_checkpoint(tmp_path / "rank1"))
+    assert r0.step == r1.step == 8
+    for name, tensor in r0.model_state.items():
+        # weights via DDP's gradient all-reduce, expert biases via all-reduced token counts
+        torch.testing.assert_close(tensor, r1.model_state[name], rtol=0, atol=0, msg=name)
+    biases = [t for n, t in r0.model_state.items() if n.endswith("expert_bias_E")]
+    assert biases and any(b.abs().sum() > 0 for b in biases)  # the balancer did move them
+    losses = [v for _, v in r0.meta["history"]["train/loss"]]
+    assert losses[-1] < losses[0]

@@ -14,7 +14,7 @@ from pipeline.data.build import build_all, validate_all
 from pipeline.data.document import DataError
 from pipeline.data.mixing import MixtureConfig
 from pipeline.data.sources import iter_documents
-from pipeline.recipe import REPO_ROOT, RecipeConfig
+from pipeline.recipe import RecipeConfig, repo_path
 
 MIXTURES = ("pretrain", "midtrain", "sft")
 
@@ -28,9 +28,8 @@ def run_mix_stage(recipe: RecipeConfig, raw: dict, sweep_dir: Path | None) -> di
     mixtures = {name: getattr(recipe.data, name) for name in MIXTURES}
     validate_all(mixtures, recipe.model.vocab_size)  # before Ray starts
     preflight_sources(mixtures)
-    out_dir = Path(recipe.data.out_dir)
-    out_dir = (sweep_dir / "mix") if sweep_dir else (out_dir if out_dir.is_absolute() else REPO_ROOT / out_dir)
-    params = {"data": raw["data"], "model": {"vocab_size": raw["model"]["vocab_size"]}, "seed": raw["seed"]}
+    out_dir = (sweep_dir / "mix") if sweep_dir else repo_path(recipe.data.out_dir)
+    params = {"data": raw["data"], "model": {"vocab_size": raw["model"]["vocab_size"]}}
     with tracking.stage_run(recipe.tracking, "mix", params=params) as run:
         init_ray(recipe.ray)
         build = ray.remote(num_cpus=1)(build_all)

@@ -47,7 +47,9 @@ class Router(nn.Module):
         self.register_buffer("tokens_per_expert_E", torch.zeros(cfg.num_experts), persistent=False)
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
-        logits_TE = F.linear(x_TD.float(), self.weight_ED.float())
+        # Autocast would run this matmul in bf16 despite the casts; keep it FP32.
+        with torch.autocast(x_TD.device.type, enabled=False):
+            logits_TE = F.linear(x_TD.float(), self.weight_ED.float())
         if self.cfg.score_func == "sigmoid":
             scores_TE = torch.sigmoid(logits_TE)
         else:

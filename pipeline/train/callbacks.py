@@ -1,7 +1,8 @@
 """Side effects of the training loop, as callbacks: balancing, metrics, checkpoints.
 
 Each callback sees the loop state after every optimizer step (``on_step_end``, with the
-step's metrics, validation included when it ran) and once at the start and the end.
+step's metrics, validation included when it ran), once at the start and the end, and
+``on_eval`` for an evaluation outside a step (the starting model's, at step 0).
 They run in list order, so the balancer's load statistics reach the metric logger.
 """
 
@@ -20,6 +21,9 @@ class Callback:
         pass
 
     def on_step_end(self, state, metrics: dict[str, float]) -> None:
+        pass
+
+    def on_eval(self, state, metrics: dict[str, float]) -> None:
         pass
 
     def on_train_end(self, state) -> None:
@@ -43,11 +47,16 @@ class MetricsCallback(Callback):
         self.log_every = log_every
         self.logger = logger  # a tracking.RemoteMetricLogger, or None when disabled
 
+    def on_eval(self, state, metrics: dict[str, float]) -> None:
+        self._record(state, metrics)
+
     def on_step_end(self, state, metrics: dict[str, float]) -> None:
-        if state.rank != 0:
-            return
         due = state.step % self.log_every == 0 or any(k.startswith("val/") for k in metrics)
-        if not due:
+        if due:
+            self._record(state, metrics)
+
+    def _record(self, state, metrics: dict[str, float]) -> None:
+        if state.rank != 0:
             return
         for key, value in metrics.items():
             state.history.setdefault(key, []).append([state.step, float(value)])
@@ -71,8 +80,8 @@ class CheckpointCallback(Callback):
     checkpoint.py) into a scratch directory and every rank reports to Ray Train, which
     persists it under the run's storage path. Resume reads it back from there."""
 
-    def __init__(self, every: int, keep: int, meta: dict, report: Callable = ray_report) -> None:
-        self.every, self.keep, self.meta, self.report = every, keep, meta, report
+    def __init__(self, every: int, meta: dict, report: Callable = ray_report) -> None:
+        self.every, self.meta, self.report = every, meta, report
         self.last_metrics: dict[str, float] = {}
 
     def on_step_end(self, state, metrics: dict[str, float]) -> None:

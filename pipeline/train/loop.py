@@ -69,39 +69,47 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def masked_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over positions with a label, and how many there were."""
+def summed_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over positions with a label, and how many there were."""
     n = int((labels_BS != IGNORE_INDEX).sum())
     loss = F.cross_entropy(logits_BSV.float().flatten(0, 1), labels_BS.flatten(),
                            ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss / max(n, 1), n
+    return loss, n
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum across data-parallel ranks (identity on one process)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, val: TokenBatches, n_batches: int, rank: int, world: int,
-             autocast: contextlib.AbstractContextManager) -> tuple[float, int]:
-    """Mean validation loss (nats/token) over the fixed batches, summed over ranks."""
+             device: torch.device, dtype: str) -> float:
+    """Mean validation loss (nats per target token) over the fixed batches, all ranks."""
     was_training = model.training
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64)
+    loss_sum, count = 0.0, 0
     for inputs_BS, labels_BS in val.eval_batches(n_batches, rank, world):
-        with autocast:
-            logits_BSV = model(inputs_BS)
-        loss, n = masked_loss(logits_BSV, labels_BS)
-        total += torch.tensor([loss.item() * n, n], dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total)
+        with _autocast(dtype, device):
+            logits_BSV = model(inputs_BS.to(device))
+        loss, n = summed_loss(logits_BSV, labels_BS.to(device))
+        loss_sum, count = loss_sum + loss.item(), count + n
+    loss_sum, count = all_reduce_sum([loss_sum, count], device)
     model.train(was_training)
-    return float(total[0] / total[1].clamp_min(1)), int(total[1])
+    return loss_sum / max(count, 1)
 
 
-def _autocast(dtype: str) -> contextlib.AbstractContextManager:
+def _autocast(dtype: str, device: torch.device) -> contextlib.AbstractContextManager:
     if dtype == "bfloat16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def run_loop(job: WorkerJob, rank: int, world: int, resume: Checkpoint | None, callbacks: list) -> LoopState:
+def run_loop(job: WorkerJob, rank: int, world: int, resume: Checkpoint | None, callbacks: list,
+             device: torch.device = torch.device("cpu")) -> LoopState:
     """Train from ``resume`` (or the job's initial checkpoint, or scratch) to the last step."""
     model_cfg = from_dict(ModelConfig, job.model, "model")
     train = from_dict(TrainStageConfig, job.train, f"stage.{job.stage}")
@@ -109,6 +117,7 @@ def run_loop(job: WorkerJob, rank: int, world: int, resume: Checkpoint | None, c
     model = Transformer(model_cfg)
     if job.init_checkpoint and resume is None:
         model.load_state_dict(load_checkpoint(job.init_checkpoint).model_state)
+    model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.schedule.lr,
                                   betas=train.betas)
     state = LoopState(step=0, tokens_seen=0, rank=rank, world=world, model=model,
@@ -127,9 +136,21 @@ def run_loop(job: WorkerJob, rank: int, world: int, resume: Checkpoint | None, c
     ddp = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
     data = TokenBatches(job.train["mixture"], "train", train.seq_len, train.batch_size, job.seed)
     val = TokenBatches(job.train["mixture"], "val", train.seq_len, train.batch_size, job.seed)
-    autocast = _autocast(train.dtype)
     for cb in callbacks:
         cb.on_train_start(state)
+
+    def eval_metrics() -> dict[str, float]:
+        val_loss = evaluate(model, val, train.eval_batches, rank, world, device, train.dtype)
+        metrics = {"val/loss": val_loss}
+        if job.bytes_per_token > 0:
+            metrics["val/bpb"] = val_loss / math.log(2) / job.bytes_per_token
+        return metrics
+
+    if state.step == 0 and job.init_checkpoint:
+        # The starting model's loss on this stage's validation data: what it improves on.
+        start = eval_metrics()
+        for cb in callbacks:
+            cb.on_eval(state, start)
 
     model.train()
     while state.step < train.steps:
@@ -137,36 +158,42 @@ def run_loop(job: WorkerJob, rank: int, world: int, resume: Checkpoint | None, c
         lr = lr_at(train.schedule, state.step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step_loss, step_aux, step_tokens = 0.0, 0.0, 0
-        for micro in range(train.grad_accum):
-            inputs_BS, labels_BS = data.train_batch(state.step, micro, rank)
+        batches = [data.train_batch(state.step, micro, rank) for micro in range(train.grad_accum)]
+        # Token-weighted mean over every target of the step, on all ranks: SFT batches
+        # carry different numbers of assistant tokens, so a mean of per-batch means
+        # would overweight short answers. DDP averages gradients over ranks, hence * world.
+        local_targets = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in batches)
+        (global_targets,) = all_reduce_sum([local_targets], device)
+        scale = world / max(global_targets, 1.0)
+        loss_sum, aux_sum = 0.0, 0.0
+        for micro, (inputs_BS, labels_BS) in enumerate(batches):
             last = micro == train.grad_accum - 1
             sync = contextlib.nullcontext() if (last or world == 1) else ddp.no_sync()
             with sync:
-                with autocast:
-                    logits_BSV, aux = ddp(inputs_BS, return_aux=True)
-                loss, n = masked_loss(logits_BSV, labels_BS)
-                (loss + aux).div(train.grad_accum).backward()
-            step_loss += loss.item() / train.grad_accum
-            step_aux += float(aux) / train.grad_accum
-            step_tokens += n
+                with _autocast(train.dtype, device):
+                    logits_BSV, aux = ddp(inputs_BS.to(device), return_aux=True)
+                loss, _ = summed_loss(logits_BSV, labels_BS.to(device))
+                (loss * scale + aux / train.grad_accum).backward()
+            loss_sum += loss.item()
+            aux_sum += float(aux) / train.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        state.tokens_seen += step_tokens * world
+        loss_sum, aux_sum = all_reduce_sum([loss_sum, aux_sum], device)
+        step_loss = loss_sum / max(global_targets, 1.0)
+        step_inputs = world * sum(inputs.numel() for inputs, _ in batches)
+        state.tokens_seen += step_inputs
         elapsed = time.perf_counter() - started
-        metrics = {"train/loss": step_loss, "train/aux_loss": step_aux, "train/lr": lr,
+        metrics = {"train/loss": step_loss, "train/aux_loss": aux_sum / world, "train/lr": lr,
                    "train/grad_norm": float(grad_norm),
-                   "train/tokens_per_s": step_tokens * world / max(elapsed, 1e-9),
+                   "train/tokens_per_s": step_inputs / max(elapsed, 1e-9),
+                   "train/target_tokens": global_targets,
                    "train/tokens_seen": float(state.tokens_seen)}
-        if not math.isfinite(step_loss):
+        if not math.isfinite(step_loss):  # all-reduced: every rank stops together
             raise FloatingPointError(f"stage {job.stage}: loss is {step_loss} at step {state.step}")
         if state.step % train.eval_every == 0 or state.step == train.steps:
-            val_loss, _ = evaluate(model, val, train.eval_batches, rank, world, autocast)
-            metrics["val/loss"] = val_loss
-            if job.bytes_per_token > 0:
-                metrics["val/bpb"] = val_loss / math.log(2) / job.bytes_per_token
+            metrics.update(eval_metrics())
         for cb in callbacks:
             cb.on_step_end(state, metrics)
     for cb in callbacks:

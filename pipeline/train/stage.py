@@ -8,12 +8,14 @@ Outputs (``stage.<name>.out_dir``):
   model/          final checkpoint root (latest.json + step_N/, weights without optimizer)
   metrics.json    final train/val loss, bits per byte, tokens, steps (DVC metrics)
   loss.csv        step, train_loss, val_loss (DVC plots)
-  samples.json    SFT only: answers to held-out prompts of each task type
+  samples.json    answers to held-out chat prompts of each task type (empty unless
+                  stage.<name>.sample_prompts > 0; SFT sets it)
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -22,12 +24,13 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline.configbase import ConfigError, from_dict
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.model import ModelConfig, Transformer
-from pipeline.recipe import REPO_ROOT, RecipeConfig
+from pipeline.recipe import RecipeConfig, repo_path
 from pipeline.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from pipeline.train.config import TrainStageConfig
 from pipeline.train.loop import WorkerJob
@@ -39,21 +42,16 @@ class StageInputError(RuntimeError):
     """An upstream output this stage needs is missing or does not fit."""
 
 
-def _abs(path: str) -> Path:
-    p = Path(path)
-    return p if p.is_absolute() else REPO_ROOT / p
-
-
 def check_inputs(stage: str, recipe: RecipeConfig) -> tuple[Path | None, dict]:
     """Fail fast, naming the missing piece. Returns (initial checkpoint dir, manifest)."""
     cfg: TrainStageConfig = getattr(recipe.stage, stage)
-    mixture = _abs(cfg.mixture)
+    mixture = repo_path(cfg.mixture)
     for name in ("manifest.json", "train_tokens.npy", "train_loss_mask.npy", "val_tokens.npy",
                  "val_loss_mask.npy"):
         if not (mixture / name).is_file():
             raise StageInputError(f"stage {stage}: missing upstream output {mixture / name} "
                                   f"(stage.{stage}.mixture; run the mix stage first: make mix)")
-    tokenizer = _abs(cfg.tokenizer)
+    tokenizer = repo_path(cfg.tokenizer)
     if not tokenizer.is_file():
         raise StageInputError(f"stage {stage}: missing tokenizer {tokenizer} (stage.{stage}.tokenizer)")
     n_vocab = Tokenizer.load(tokenizer).vocab_size
@@ -61,9 +59,17 @@ def check_inputs(stage: str, recipe: RecipeConfig) -> tuple[Path | None, dict]:
         raise StageInputError(f"stage {stage}: tokenizer has {n_vocab} tokens but model.vocab_size="
                               f"{recipe.model.vocab_size}")
     manifest = json.loads((mixture / "manifest.json").read_text())
+    for split in ("train", "val"):
+        n_tokens = len(np.load(mixture / f"{split}_tokens.npy", mmap_mode="r", allow_pickle=False))
+        if n_tokens < cfg.seq_len + 1:
+            raise StageInputError(f"stage {stage}: the {split} split of {mixture} has {n_tokens} tokens, "
+                                  f"fewer than one window of stage.{stage}.seq_len+1={cfg.seq_len + 1}")
+    if cfg.sample_prompts > 0 and not (mixture / "val_conversations.jsonl").is_file():
+        raise StageInputError(f"stage {stage}: stage.{stage}.sample_prompts > 0 needs held-out conversations "
+                              f"({mixture / 'val_conversations.jsonl'}), which only a chat mixture has")
     init = None
     if cfg.init_checkpoint:
-        root = _abs(cfg.init_checkpoint)
+        root = repo_path(cfg.init_checkpoint)
         init = latest_checkpoint(root)
         if init is None:
             raise StageInputError(f"stage {stage}: no complete checkpoint under {root} "
@@ -88,20 +94,25 @@ def run_training_stage(stage: str, recipe: RecipeConfig, raw: dict, sweep_dir: P
 
     cfg: TrainStageConfig = getattr(recipe.stage, stage)
     init, manifest = check_inputs(stage, recipe)
-    out_dir = (sweep_dir / stage) if sweep_dir else _abs(cfg.out_dir)
+    out_dir = (sweep_dir / stage) if sweep_dir else repo_path(cfg.out_dir)
     val_totals = manifest["totals"]["val"]
+    # Bits per byte only means something when the loss covers all the text's bytes.
+    bytes_per_token = (val_totals["bytes"] / max(val_totals["target_tokens"], 1)
+                       if manifest["kind"] == "text" else 0.0)
     job = WorkerJob(
         stage=stage, model=asdict(recipe.model), seed=recipe.seed,
-        train={**asdict(cfg), "mixture": str(_abs(cfg.mixture)), "tokenizer": str(_abs(cfg.tokenizer))},
+        train={**asdict(cfg), "mixture": str(repo_path(cfg.mixture)), "tokenizer": str(repo_path(cfg.tokenizer))},
         init_checkpoint=str(init) if init else None,
-        bytes_per_token=val_totals["bytes"] / max(val_totals["target_tokens"], 1),
+        bytes_per_token=bytes_per_token,
         extra_meta={"data_manifest_sha256": _sha256_json(manifest),
-                    "init_checkpoint": str(init) if init else None},
+                    "init_checkpoint": str(init) if init else None,
+                    "init_sha256": _sha256_file(init / "model.safetensors") if init else None,
+                    "code_sha256": code_fingerprint()},
     )
     params = {"model": raw["model"], "stage": raw["stage"][stage], "ray": raw["ray"], "seed": raw["seed"]}
     with tracking.stage_run(recipe.tracking, stage, params=params) as run:
         run.log_dataset(manifest, name=f"{stage}-mixture", context="training")
-        run.log_artifact(_abs(cfg.tokenizer), "tokenizer")
+        run.log_artifact(repo_path(cfg.tokenizer), "tokenizer")
         job.tracking_uri, job.run_id = run.tracking_uri, run.run_id
         ray_result = ray_job.fit(job, recipe.ray)
         try:
@@ -111,18 +122,18 @@ def run_training_stage(stage: str, recipe: RecipeConfig, raw: dict, sweep_dir: P
         metrics = final_metrics(final.meta)
         model = Transformer(from_dict(ModelConfig, final.meta["model"], "model"))
         model.load_state_dict(final.model_state)
-        samples = None
+        samples = []
         if cfg.sample_prompts > 0:
             from pipeline.train.samples import answer_heldout
 
-            samples = answer_heldout(model, Tokenizer.load(_abs(cfg.tokenizer)), _abs(cfg.mixture),
-                                     per_task=cfg.sample_prompts, max_len=cfg.seq_len)
+            samples = answer_heldout(model, Tokenizer.load(repo_path(cfg.tokenizer)), repo_path(cfg.mixture),
+                                     per_task=cfg.sample_prompts, max_len=recipe.model.max_seq_len)
         publish(out_dir, final, metrics, samples)
+        ray_job.discard_run(job, recipe.ray)
         run.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
         run.log_artifact(out_dir / "metrics.json")
         run.log_artifact(out_dir / "model", "checkpoint")
-        if samples is not None:
-            run.log_artifact(out_dir / "samples.json")
+        run.log_artifact(out_dir / "samples.json")
         run.log_figure_loss_curve(_curves(final.meta["history"]), f"{stage}_loss.png")
         # The logged model is a torch.export program; the grouped GEMM does not export
         # on CPU in fp32, so it is traced with the equivalent gather dispatch.
@@ -139,6 +150,9 @@ def final_metrics(meta: dict) -> dict:
            "train_loss": last.get("train/loss"), "val_loss": last.get("val/loss")}
     if "val/bpb" in last:
         out["val_bpb"] = last["val/bpb"]
+    val = history.get("val/loss", [])
+    if val and val[0][0] == 0:  # evaluated before the first step (started from a checkpoint)
+        out["val_loss_at_start"] = val[0][1]
     for key in ("moe/max_over_mean", "moe/dead_fraction"):
         if key in last:
             out[key.replace("/", "_")] = last[key]
@@ -151,7 +165,7 @@ def _curves(history: dict) -> dict[str, list[tuple[int, float]]]:
     return {k: [(int(s), float(v)) for s, v in history.get(k, [])] for k in ("train/loss", "val/loss")}
 
 
-def publish(out_dir: Path, final, metrics: dict, samples: list | None) -> None:
+def publish(out_dir: Path, final, metrics: dict, samples: list) -> None:
     """Write the stage's outputs into a scratch directory, then move each into place.
 
     Items are swapped one by one (rather than the whole directory) so files DVC keeps
@@ -164,8 +178,7 @@ def publish(out_dir: Path, final, metrics: dict, samples: list | None) -> None:
                         meta={k: v for k, v in final.meta.items() if k != "checkpoint"}, keep_last=1)
         (scratch / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         _write_loss_csv(scratch / "loss.csv", final.meta["history"])
-        if samples is not None:
-            (scratch / "samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False))
+        (scratch / "samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False))
         for item in sorted(scratch.iterdir()):
             _swap_into(item, out_dir / item.name)
     finally:
@@ -196,6 +209,22 @@ def _write_loss_csv(path: Path, history: dict) -> None:
 
 
 def _sha256_json(data: dict) -> str:
-    import hashlib
-
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def code_fingerprint() -> str:
+    """Hash of the library's source: a code change must not resume an old run."""
+    digest = hashlib.sha256()
+    root = Path(__file__).resolve().parents[1]
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
