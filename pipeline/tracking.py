@@ -194,13 +194,32 @@ def dvc_input_hashes(repo_root: Path, stage: str) -> dict[str, str]:
         for out in (entry or {}).get("outs") or []:
             if "md5" in out:
                 outs[_norm(out["path"])] = out["md5"]
+    try:
+        params = yaml.safe_load((repo_root / "params.yaml").read_text()) or {}
+    except FileNotFoundError:
+        params = {}
     hashes: dict[str, str] = {}
     for dep in stage_def.get("deps") or []:
-        path = _norm(dep if isinstance(dep, str) else next(iter(dep)))
+        path = _norm(_interpolate(dep if isinstance(dep, str) else next(iter(dep)), params))
         for out_path, md5 in outs.items():
             if path == out_path or path.startswith(out_path + "/"):
                 hashes[out_path] = md5
     return hashes
+
+
+def _interpolate(text: str, params: Mapping[str, Any]) -> str:
+    """Resolve DVC's ``${a.b.c}`` templating against params.yaml (unresolvable: unchanged)."""
+    import re
+
+    def lookup(match: "re.Match[str]") -> str:
+        node: Any = params
+        for key in match.group(1).strip().split("."):
+            if not isinstance(node, Mapping) or key not in node:
+                return match.group(0)
+            node = node[key]
+        return str(node)
+
+    return re.sub(r"\$\{([^}]+)\}", lookup, text)
 
 
 def _norm(path: str) -> str:

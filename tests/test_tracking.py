@@ -330,3 +330,14 @@ def test_cli_start_prints_only_the_run_id(uri, monkeypatch, capsys):
     assert tracking.main(["end", run_id, "--status", "FAILED"]) == 0
     run = client_for(uri).get_run(run_id)
     assert run.info.status == "FAILED" and run.data.tags["trigger"] == "make"
+
+
+def test_dvc_input_hashes_resolves_templated_deps(tmp_path):
+    (tmp_path / "params.yaml").write_text("data:\n  out_dir: data/mix\nstage:\n  sft:\n    init: outputs/mid/model\n")
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  sft:\n    cmd: x\n    deps:\n      - ${data.out_dir}/sft\n      - ${stage.sft.init}\n"
+        "      - ${not.a.param}\n")
+    (tmp_path / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n  mix:\n    cmd: y\n    outs:\n    - path: data/mix\n      md5: cccc.dir\n"
+        "  mid:\n    cmd: z\n    outs:\n    - path: outputs/mid/model\n      md5: dddd.dir\n")
+    assert dvc_input_hashes(tmp_path, "sft") == {"data/mix": "cccc.dir", "outputs/mid/model": "dddd.dir"}

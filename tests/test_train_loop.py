@@ -68,6 +68,9 @@ def test_loop_learns_and_balances(micro_data, tmp_path):
     assert losses[-1] < losses[0] - 1.0, losses
     assert "val/loss" in state.history and "val/bpb" in state.history
     assert "moe/max_over_mean" in state.history
+    load = torch.tensor(state.expert_load)  # (layers, experts) tokens routed over the stage
+    assert load.shape == (2, 4)
+    assert load.sum(1).tolist() == [30 * 8 * 32 * 2] * 2  # steps * batch * seq * top_k per layer
     assert len(reports.roots) == 6  # steps 5, 10, ..., 30
 
 

@@ -31,6 +31,7 @@ class ExpertBiasBalancer:
 
     def __init__(self, moe_layers: list[MoE]) -> None:
         self.routers = [moe.router for moe in moe_layers]
+        self.last_counts_LE: torch.Tensor | None = None  # all-reduced counts of the last step
 
     @torch.no_grad()
     def step(self) -> dict[str, float]:
@@ -41,6 +42,7 @@ class ExpertBiasBalancer:
         counts_LE = torch.stack([r.tokens_per_expert_E for r in self.routers])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(counts_LE)
+        self.last_counts_LE = counts_LE  # for load histograms
         stats = [load_stats(c) for c in counts_LE]
         for router, counts_E in zip(self.routers, counts_LE):
             rate = router.cfg.bias_update_rate
@@ -49,7 +51,3 @@ class ExpertBiasBalancer:
             router.tokens_per_expert_E.zero_()
         return {f"moe/{key}": sum(s[key] for s in stats) / len(stats) for key in stats[0]}
 
-    @torch.no_grad()
-    def histogram(self) -> torch.Tensor:
-        """Current (layers, experts) token counts, for logging a load histogram."""
-        return torch.stack([r.tokens_per_expert_E.clone() for r in self.routers])

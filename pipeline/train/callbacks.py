@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from pipeline.model import ExpertBiasBalancer
 from pipeline.train.checkpoint import capture_rng_state, optimizer_param_names, save_checkpoint
 
@@ -38,6 +40,10 @@ class BalanceCallback(Callback):
 
     def on_step_end(self, state, metrics: dict[str, float]) -> None:
         metrics.update(self.balancer.step())
+        counts_LE = self.balancer.last_counts_LE
+        if counts_LE is not None:  # the stage's load histogram, summed over steps
+            load = torch.tensor(state.expert_load) if state.expert_load else torch.zeros(counts_LE.shape)
+            state.expert_load = (load + counts_LE.cpu()).tolist()
 
 
 class MetricsCallback(Callback):
@@ -60,7 +66,7 @@ class MetricsCallback(Callback):
             return
         for key, value in metrics.items():
             state.history.setdefault(key, []).append([state.step, float(value)])
-        shown = " ".join(f"{k.split('/')[-1]}={metrics[k]:.4g}" for k in
+        shown = " ".join(f"{k.removeprefix('train/').replace('/', '_')}={metrics[k]:.4g}" for k in
                          ("train/loss", "val/loss", "val/bpb", "train/lr", "train/tokens_per_s",
                           "moe/max_over_mean") if k in metrics)
         print(f"step {state.step}: {shown}", flush=True)
@@ -104,7 +110,8 @@ class CheckpointCallback(Callback):
             save_checkpoint(
                 root, state.step, state.model.state_dict(), state.optimizer,
                 meta={**self.meta, "step": state.step, "tokens_seen": state.tokens_seen,
-                      "history": state.history, "resumed_at": state.resumed_at, "metrics": metrics},
+                      "history": state.history, "resumed_at": state.resumed_at,
+                      "expert_load": state.expert_load, "metrics": metrics},
                 keep_last=1,
                 param_names=optimizer_param_names(state.model, state.optimizer),
                 extra=capture_rng_state(),

@@ -58,6 +58,7 @@ class LoopState:
     optimizer: torch.optim.Optimizer
     history: dict[str, list[list[float]]]  # metric -> [[step, value], ...], rank 0 only
     resumed_at: list[int] = field(default_factory=list)  # steps this run was resumed from
+    expert_load: list[list[float]] = field(default_factory=list)  # tokens per (layer, expert)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -130,6 +131,7 @@ def run_loop(job: WorkerJob, rank: int, world: int, resume: Checkpoint | None, c
         state.tokens_seen = int(resume.meta["tokens_seen"])
         state.history = resume.meta.get("history", {})
         state.resumed_at = [*resume.meta.get("resumed_at", []), resume.step]
+        state.expert_load = resume.meta.get("expert_load", [])
 
     # Expert-bias updates come from all-reduced counts, so every rank applies the same
     # update; broadcasting buffers from rank 0 would instead clobber each rank's counts.

@@ -134,6 +134,8 @@ def run_training_stage(stage: str, recipe: RecipeConfig, raw: dict, sweep_dir: P
         run.log_artifact(out_dir / "metrics.json")
         run.log_artifact(out_dir / "model", "checkpoint")
         run.log_artifact(out_dir / "samples.json")
+        if final.meta.get("expert_load"):
+            run.log_dict({"tokens_per_layer_expert": final.meta["expert_load"]}, "moe_load_histogram.json")
         run.log_figure_loss_curve(_curves(final.meta["history"]), f"{stage}_loss.png")
         # The logged model is a torch.export program; the grouped GEMM does not export
         # on CPU in fp32, so it is traced with the equivalent gather dispatch.
