@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -150,3 +151,34 @@ def test_ddp_two_ranks_with_grad_accumulation_stay_in_lockstep(micro_data, tmp_p
     assert biases and any(b.abs().sum() > 0 for b in biases)  # the balancer did move them
     losses = [v for _, v in r0.meta["history"]["train/loss"]]
     assert losses[-1] < losses[0]
+
+
+def test_validation_is_split_by_domain_consistently(micro_data):
+    import json
+
+    from pipeline.data.mixing import load_split, load_val_domains
+    from pipeline.model import Transformer
+    from pipeline.train.loop import evaluate
+
+    domains, names = load_val_domains(micro_data / "pretrain")
+    tokens, _ = load_split(micro_data / "pretrain", "val")
+    assert names == ["literature", "math"] and len(domains) == len(tokens)
+    manifest = json.loads((micro_data / "pretrain" / "manifest.json").read_text())
+    for i, name in enumerate(names):  # every val token is labelled with its source's domain
+        expected = sum(s["tokens"]["val"] for s in manifest["sources"].values() if s["domain"] == name)
+        assert int((np.asarray(domains) == i).sum()) == expected
+
+    job = _job(micro_data, steps=5)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**{**job.model, "moe": MoEConfig(**job.model["moe"])}))
+    val = TokenBatches(micro_data / "pretrain", "val", seq_len=32, batch_size=8, seed=0)
+    losses = evaluate(model, val, 4, 0, 1, torch.device("cpu"), "float32")
+    assert set(losses) == {"all", "literature", "math"}
+    # the overall loss is the target-weighted mean of the per-domain losses
+    counts = {n: 0 for n in names}
+    for _, labels, dom in val.eval_batches(4, 0, 1):
+        for i, n in enumerate(names):
+            counts[n] += int(((labels != IGNORE_INDEX) & (dom == i)).sum())
+    weighted = sum(losses[n] * counts[n] for n in names) / sum(counts.values())
+    assert abs(weighted - losses["all"]) < 1e-9
+    assert losses["math"] != losses["literature"]

@@ -308,10 +308,19 @@ def build_mixture(cfg: MixtureConfig, tokenizer: Tokenizer, out_dir: str | Path,
         per_source[name] = stats
 
     files, totals = {}, {}
+    domains = sorted({d.domain for split in SPLITS for d, _ in chosen[split]})
     for split in SPLITS:
         order = _rng(cfg.seed, "shuffle", split).permutation(len(chosen[split]))
         items = [chosen[split][i] for i in order]
         files.update(_write_split(out_dir, split, [p for _, p in items]))
+        if split == "val":
+            # Which domain each val token came from, so validation loss can be split by
+            # domain (e.g. to see mid-training move the domains it emphasises).
+            ids = [np.full(len(p[0]), domains.index(d.domain), np.uint8) for d, p in items]
+            path = out_dir / "val_domains.npy"
+            np.save(path, np.concatenate(ids) if ids else np.zeros(0, np.uint8), allow_pickle=False)
+            files["val_domains.npy"] = {"sha256": _sha256(path), "dtype": "uint8",
+                                        "length": int(sum(len(i) for i in ids))}
         totals[split] = {
             "documents": len(items),
             "tokens": sum(s["tokens"][split] for s in per_source.values()),
@@ -332,6 +341,7 @@ def build_mixture(cfg: MixtureConfig, tokenizer: Tokenizer, out_dir: str | Path,
         "loss_mask": "mask[i] == 1: token i is a prediction target",
         "bits_per_byte": "loss_nats_per_target_token / ln(2) * target_tokens / bytes",
         "tokenizer": {"vocab_size": tokenizer.vocab_size, "sha256": fingerprint(tokenizer)},
+        "domains": domains,  # val_domains.npy holds indices into this list
         "sources": per_source, "skipped_sources": collected.skipped, "warnings": warnings,
         "totals": totals, "files": files,
     }
@@ -345,6 +355,16 @@ def _write_conversations(path: Path, docs: list[Document]) -> None:
             row = {"source": d.source, "task": d.meta.get("task"), "key": d.split_key(),
                    "messages": d.meta["messages"]}
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def load_val_domains(mixture_dir: str | Path) -> tuple[np.ndarray, list[str]]:
+    """Memory-mapped per-token domain ids of the val split, and the domain names."""
+    mixture_dir = Path(mixture_dir)
+    path = mixture_dir / "val_domains.npy"
+    if not path.is_file():
+        raise FileNotFoundError(f"mixture file not found: {path} (run the data stage first)")
+    names = json.loads((mixture_dir / "manifest.json").read_text())["domains"]
+    return np.load(path, mmap_mode="r", allow_pickle=False), names
 
 
 def load_split(mixture_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -363,4 +383,4 @@ def load_split(mixture_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndar
 
 
 __all__ = ["MixtureConfig", "Collected", "collect", "build_mixture", "tokenizer_corpus",
-           "train_tokenizer_on_mixture", "load_split", "ConfigError", "DataError"]
+           "train_tokenizer_on_mixture", "load_split", "load_val_domains", "ConfigError", "DataError"]

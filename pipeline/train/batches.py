@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.data.mixing import load_split
+from pipeline.data.mixing import load_split, load_val_domains
 
 IGNORE_INDEX = -100  # label of positions that carry no loss (cross_entropy's default)
 
@@ -23,6 +23,8 @@ IGNORE_INDEX = -100  # label of positions that carry no loss (cross_entropy's de
 class TokenBatches:
     def __init__(self, mixture_dir: str | Path, split: str, seq_len: int, batch_size: int, seed: int) -> None:
         self.tokens, self.loss_mask = load_split(mixture_dir, split)
+        # Per-token domain ids (val only): lets evaluation report a loss per domain.
+        self.domains, self.domain_names = load_val_domains(mixture_dir) if split == "val" else (None, [])
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.max_start = len(self.tokens) - (seq_len + 1)
         if self.max_start < 0:
@@ -43,8 +45,13 @@ class TokenBatches:
         return self._windows(starts)
 
     def eval_batches(self, n_batches: int, rank: int, world: int):
-        """This rank's share of ``n_batches`` fixed, evenly spaced validation batches."""
+        """This rank's share of ``n_batches`` fixed, evenly spaced validation batches, as
+        (inputs_BS, labels_BS, domains_BS) with the domain id of each label."""
         n_windows = n_batches * self.batch_size
         starts = np.linspace(0, self.max_start, n_windows).astype(np.int64)
         for b in range(rank, n_batches, world):
-            yield self._windows(starts[b * self.batch_size:(b + 1) * self.batch_size])
+            batch_starts = starts[b * self.batch_size:(b + 1) * self.batch_size]
+            inputs_BS, labels_BS = self._windows(batch_starts)
+            idx = batch_starts[:, None] + np.arange(1, self.seq_len + 1)[None, :]
+            domains_BS = torch.from_numpy(self.domains[idx].astype(np.int64))
+            yield inputs_BS, labels_BS, domains_BS

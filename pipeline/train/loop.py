@@ -88,19 +88,31 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, val: TokenBatches, n_batches: int, rank: int, world: int,
-             device: torch.device, dtype: str) -> float:
-    """Mean validation loss (nats per target token) over the fixed batches, all ranks."""
+             device: torch.device, dtype: str) -> dict[str, float]:
+    """Validation loss (nats per target token) over the fixed batches of all ranks:
+    ``{"all": mean, <domain>: mean over that domain's targets, ...}``."""
     was_training = model.training
     model.eval()
-    loss_sum, count = 0.0, 0
-    for inputs_BS, labels_BS in val.eval_batches(n_batches, rank, world):
+    n_domains = len(val.domain_names)
+    sums = torch.zeros(2 * (n_domains + 1), dtype=torch.float64)  # [loss, count] for all, then per domain
+    for inputs_BS, labels_BS, domains_BS in val.eval_batches(n_batches, rank, world):
         with _autocast(dtype, device):
             logits_BSV = model(inputs_BS.to(device))
-        loss, n = summed_loss(logits_BSV, labels_BS.to(device))
-        loss_sum, count = loss_sum + loss.item(), count + n
-    loss_sum, count = all_reduce_sum([loss_sum, count], device)
+        loss_BS = F.cross_entropy(logits_BSV.float().flatten(0, 1), labels_BS.to(device).flatten(),
+                                  ignore_index=IGNORE_INDEX, reduction="none").cpu().double()
+        target_BS = (labels_BS != IGNORE_INDEX).flatten()
+        sums[0] += loss_BS.sum()
+        sums[1] += target_BS.sum()
+        slot_BS = 2 * (domains_BS.flatten() + 1)
+        sums.index_add_(0, slot_BS[target_BS], loss_BS[target_BS])
+        sums.index_add_(0, slot_BS[target_BS] + 1, torch.ones(int(target_BS.sum()), dtype=torch.float64))
+    sums = torch.tensor(all_reduce_sum(sums.tolist(), device), dtype=torch.float64)
     model.train(was_training)
-    return loss_sum / max(count, 1)
+    means = {"all": float(sums[0] / sums[1].clamp_min(1))}
+    for i, name in enumerate(val.domain_names):
+        if sums[2 * i + 3] > 0:
+            means[name] = float(sums[2 * i + 2] / sums[2 * i + 3])
+    return means
 
 
 def _autocast(dtype: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -142,10 +154,11 @@ def run_loop(job: WorkerJob, rank: int, world: int, resume: Checkpoint | None, c
         cb.on_train_start(state)
 
     def eval_metrics() -> dict[str, float]:
-        val_loss = evaluate(model, val, train.eval_batches, rank, world, device, train.dtype)
-        metrics = {"val/loss": val_loss}
+        losses = evaluate(model, val, train.eval_batches, rank, world, device, train.dtype)
+        metrics = {"val/loss": losses.pop("all")}
+        metrics.update({f"val/loss_{domain}": value for domain, value in losses.items()})
         if job.bytes_per_token > 0:
-            metrics["val/bpb"] = val_loss / math.log(2) / job.bytes_per_token
+            metrics["val/bpb"] = metrics["val/loss"] / math.log(2) / job.bytes_per_token
         return metrics
 
     if state.step == 0 and job.init_checkpoint:

@@ -47,7 +47,7 @@ def check_inputs(stage: str, recipe: RecipeConfig) -> tuple[Path | None, dict]:
     cfg: TrainStageConfig = getattr(recipe.stage, stage)
     mixture = repo_path(cfg.mixture)
     for name in ("manifest.json", "train_tokens.npy", "train_loss_mask.npy", "val_tokens.npy",
-                 "val_loss_mask.npy"):
+                 "val_loss_mask.npy", "val_domains.npy"):
         if not (mixture / name).is_file():
             raise StageInputError(f"stage {stage}: missing upstream output {mixture / name} "
                                   f"(stage.{stage}.mixture; run the mix stage first: make mix)")
@@ -149,12 +149,15 @@ def final_metrics(meta: dict) -> dict:
     last = {k: v[-1][1] for k, v in history.items() if v}
     out = {"step": meta["step"], "tokens_seen": meta["tokens_seen"],
            "resumes": len(meta.get("resumed_at", [])),
-           "train_loss": last.get("train/loss"), "val_loss": last.get("val/loss")}
+           "train_loss": last.get("train/loss"), "val_loss": None}
     if "val/bpb" in last:
         out["val_bpb"] = last["val/bpb"]
-    val = history.get("val/loss", [])
-    if val and val[0][0] == 0:  # evaluated before the first step (started from a checkpoint)
-        out["val_loss_at_start"] = val[0][1]
+    # val_loss, and val_loss_<domain> for each domain of the stage's validation split
+    for key in sorted(k for k in history if k.startswith("val/loss")):
+        name = key.replace("/", "_")
+        out[name] = history[key][-1][1]
+        if history[key][0][0] == 0:  # evaluated before the first step (started from a checkpoint)
+            out[f"{name}_at_start"] = history[key][0][1]
     for key in ("moe/max_over_mean", "moe/dead_fraction"):
         if key in last:
             out[key.replace("/", "_")] = last[key]
