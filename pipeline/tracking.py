@@ -21,7 +21,6 @@ cheap and side-effect free (importing mlflow takes seconds).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from pipeline.configbase import require
+from pipeline.hashing import sha256_json
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -338,7 +338,7 @@ class StageRun:
         from mlflow.data.meta_dataset import MetaDataset
 
         text = json.dumps(manifest, sort_keys=True, default=str)
-        digest = hashlib.sha256(text.encode()).hexdigest()[:MAX_DATASET_DIGEST]
+        digest = sha256_json(manifest)[:MAX_DATASET_DIGEST]
         artifact = f"datasets/{sanitize_key(name)}.json"
         client = _client(self._uri)
         client.log_text(self._run_id, text, artifact)

@@ -31,6 +31,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from pipeline.configbase import ConfigError, from_dict, require
+from pipeline.hashing import sha256_file
 from pipeline.data.chat import render_many
 from pipeline.data.document import DataError, Document, text_hash, unit_hash
 from pipeline.data.sources import SourceConfig, check_available, licence_of, materialise
@@ -235,21 +236,13 @@ def _sample_train(lazy: _LazyTokens, target: float, max_repeat: float, rng) -> t
 
 # --- 5: write ------------------------------------------------------------------------------
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_split(out_dir: Path, split: str, pieces: list[tuple[np.ndarray, np.ndarray]]) -> dict:
     tokens = np.concatenate([p[0] for p in pieces]) if pieces else np.zeros(0, np.uint32)
     mask = np.concatenate([p[1] for p in pieces]) if pieces else np.zeros(0, np.uint8)
     files = {}
     for name, arr in ((f"{split}_tokens.npy", tokens), (f"{split}_loss_mask.npy", mask)):
         np.save(out_dir / name, arr, allow_pickle=False)
-        files[name] = {"sha256": _sha256(out_dir / name), "dtype": str(arr.dtype), "length": int(arr.size)}
+        files[name] = {"sha256": sha256_file(out_dir / name), "dtype": str(arr.dtype), "length": int(arr.size)}
     return files
 
 
@@ -319,7 +312,7 @@ def build_mixture(cfg: MixtureConfig, tokenizer: Tokenizer, out_dir: str | Path,
             ids = [np.full(len(p[0]), domains.index(d.domain), np.uint8) for d, p in items]
             path = out_dir / "val_domains.npy"
             np.save(path, np.concatenate(ids) if ids else np.zeros(0, np.uint8), allow_pickle=False)
-            files["val_domains.npy"] = {"sha256": _sha256(path), "dtype": "uint8",
+            files["val_domains.npy"] = {"sha256": sha256_file(path), "dtype": "uint8",
                                         "length": int(sum(len(i) for i in ids))}
         totals[split] = {
             "documents": len(items),

@@ -64,9 +64,8 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, 0.0, out_std)
             else:
                 nn.init.normal_(p, 0.0, std)
-        for module in self.modules():
-            if hasattr(module, "expert_bias_E"):
-                module.expert_bias_E.zero_()
+        for moe in self.moe_layers():
+            moe.router.expert_bias_E.zero_()
         if self.rope_cos.is_meta:
             return
         cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta,

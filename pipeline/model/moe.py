@@ -45,6 +45,12 @@ class Router(nn.Module):
         self.register_buffer("expert_bias_E", torch.zeros(cfg.num_experts))
         # Tokens routed to each expert since the last balancing update (not saved).
         self.register_buffer("tokens_per_expert_E", torch.zeros(cfg.num_experts), persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02) -> None:
+        nn.init.normal_(self.weight_ED, 0.0, std)
+        self.expert_bias_E.zero_()
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         # Autocast would run this matmul in bf16 despite the casts; keep it FP32.
@@ -72,6 +78,14 @@ class GroupedExperts(nn.Module):
         self.w1_EFD = nn.Parameter(torch.empty(E, F_, D))  # gate projection
         self.w3_EFD = nn.Parameter(torch.empty(E, F_, D))  # up projection
         self.w2_EDF = nn.Parameter(torch.empty(E, D, F_))  # down projection
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02) -> None:
+        # A usable default on its own; Transformer.reset_parameters re-initialises with
+        # its depth-scaled scheme.
+        for w in (self.w1_EFD, self.w3_EFD, self.w2_EDF):
+            nn.init.normal_(w, 0.0, std)
 
     def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The weights the forward uses. QAT overrides this to insert fake-quantization."""

@@ -13,13 +13,12 @@ only interrupted runs are ever resumed.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from pipeline.hashing import sha256_json
 from pipeline.recipe import repo_path
 from pipeline.train.callbacks import BalanceCallback, CheckpointCallback, MetricsCallback
 from pipeline.train.checkpoint import latest_checkpoint, load_checkpoint
@@ -67,8 +66,7 @@ def run_name(job: WorkerJob, cfg: RayConfig) -> str:
     world size matters because batches are drawn per rank."""
     key = {k: v for k, v in job.to_dict().items() if k not in ("run_id", "tracking_uri")}
     key["world"] = (cfg.num_workers, cfg.use_gpu)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return f"{job.stage}-{digest}"
+    return f"{job.stage}-{sha256_json(key)[:12]}"
 
 
 def discard_run(job: WorkerJob, cfg: RayConfig) -> None:

@@ -29,6 +29,7 @@ import torch
 
 from pipeline.configbase import ConfigError, from_dict
 from pipeline.data.tokenizer import Tokenizer
+from pipeline.hashing import sha256_file, sha256_json
 from pipeline.model import ModelConfig, Transformer
 from pipeline.recipe import RecipeConfig, repo_path
 from pipeline.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -104,9 +105,9 @@ def run_training_stage(stage: str, recipe: RecipeConfig, raw: dict, sweep_dir: P
         train={**asdict(cfg), "mixture": str(repo_path(cfg.mixture)), "tokenizer": str(repo_path(cfg.tokenizer))},
         init_checkpoint=str(init) if init else None,
         bytes_per_token=bytes_per_token,
-        extra_meta={"data_manifest_sha256": _sha256_json(manifest),
+        extra_meta={"data_manifest_sha256": sha256_json(manifest),
                     "init_checkpoint": str(init) if init else None,
-                    "init_sha256": _sha256_file(init / "model.safetensors") if init else None,
+                    "init_sha256": sha256_file(init / "model.safetensors") if init else None,
                     "code_sha256": code_fingerprint()},
     )
     params = {"model": raw["model"], "stage": raw["stage"][stage], "ray": raw["ray"], "seed": raw["seed"]}
@@ -211,18 +212,6 @@ def _write_loss_csv(path: Path, history: dict) -> None:
         writer.writerow(["step", "train_loss", "val_loss"])
         for step in sorted(set(train) | set(val)):
             writer.writerow([step, train.get(step, ""), val.get(step, "")])
-
-
-def _sha256_json(data: dict) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def code_fingerprint() -> str:
