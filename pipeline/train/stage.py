@@ -130,7 +130,6 @@ def run_training_stage(stage: str, recipe: RecipeConfig, raw: dict, sweep_dir: P
             samples = answer_heldout(model, Tokenizer.load(repo_path(cfg.tokenizer)), repo_path(cfg.mixture),
                                      per_task=cfg.sample_prompts, max_len=recipe.model.max_seq_len)
         publish(out_dir, final, metrics, samples)
-        ray_job.discard_run(job, recipe.ray)
         run.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
         run.log_artifact(out_dir / "metrics.json")
         run.log_artifact(out_dir / "model", "checkpoint")
@@ -142,6 +141,8 @@ def run_training_stage(stage: str, recipe: RecipeConfig, raw: dict, sweep_dir: P
         # on CPU in fp32, so it is traced with the equivalent gather dispatch.
         example = torch.zeros(1, min(16, cfg.seq_len), dtype=torch.long)
         run.log_model(model.eval().set_moe_dispatch("gather"), example, name=f"{stage}-model")
+    # Only now is the stage complete; until here a re-run resumes instead of retraining.
+    ray_job.discard_run(job, recipe.ray)
     return metrics
 
 
