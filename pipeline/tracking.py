@@ -209,8 +209,6 @@ def dvc_input_hashes(repo_root: Path, stage: str) -> dict[str, str]:
 
 def _interpolate(text: str, params: Mapping[str, Any]) -> str:
     """Resolve DVC's ``${a.b.c}`` templating against params.yaml (unresolvable: unchanged)."""
-    import re
-
     def lookup(match: "re.Match[str]") -> str:
         node: Any = params
         for key in match.group(1).strip().split("."):

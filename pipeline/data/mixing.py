@@ -310,10 +310,11 @@ def build_mixture(cfg: MixtureConfig, tokenizer: Tokenizer, out_dir: str | Path,
             # Which domain each val token came from, so validation loss can be split by
             # domain (e.g. to see mid-training move the domains it emphasises).
             ids = [np.full(len(p[0]), domains.index(d.domain), np.uint8) for d, p in items]
+            domain_ids = np.concatenate(ids) if ids else np.zeros(0, np.uint8)
             path = out_dir / "val_domains.npy"
-            np.save(path, np.concatenate(ids) if ids else np.zeros(0, np.uint8), allow_pickle=False)
+            np.save(path, domain_ids, allow_pickle=False)
             files["val_domains.npy"] = {"sha256": sha256_file(path), "dtype": "uint8",
-                                        "length": int(sum(len(i) for i in ids))}
+                                        "length": int(domain_ids.size)}
         totals[split] = {
             "documents": len(items),
             "tokens": sum(s["tokens"][split] for s in per_source.values()),

@@ -93,25 +93,24 @@ def evaluate(model: torch.nn.Module, val: TokenBatches, n_batches: int, rank: in
     ``{"all": mean, <domain>: mean over that domain's targets, ...}``."""
     was_training = model.training
     model.eval()
-    n_domains = len(val.domain_names)
-    sums = torch.zeros(2 * (n_domains + 1), dtype=torch.float64)  # [loss, count] for all, then per domain
+    # [loss sum, target count] per domain; the overall mean is derived from them.
+    sums_D2 = torch.zeros(len(val.domain_names), 2, dtype=torch.float64)
     for inputs_BS, labels_BS, domains_BS in val.eval_batches(n_batches, rank, world):
         with _autocast(dtype, device):
             logits_BSV = model(inputs_BS.to(device))
-        loss_BS = F.cross_entropy(logits_BSV.float().flatten(0, 1), labels_BS.to(device).flatten(),
-                                  ignore_index=IGNORE_INDEX, reduction="none").cpu().double()
-        target_BS = (labels_BS != IGNORE_INDEX).flatten()
-        sums[0] += loss_BS.sum()
-        sums[1] += target_BS.sum()
-        slot_BS = 2 * (domains_BS.flatten() + 1)
-        sums.index_add_(0, slot_BS[target_BS], loss_BS[target_BS])
-        sums.index_add_(0, slot_BS[target_BS] + 1, torch.ones(int(target_BS.sum()), dtype=torch.float64))
-    sums = torch.tensor(all_reduce_sum(sums.tolist(), device), dtype=torch.float64)
+        loss_N = F.cross_entropy(logits_BSV.float().flatten(0, 1), labels_BS.to(device).flatten(),
+                                 ignore_index=IGNORE_INDEX, reduction="none").cpu().double()
+        target_N = (labels_BS != IGNORE_INDEX).flatten()
+        domain_N = domains_BS.flatten()[target_N]
+        sums_D2[:, 0].index_add_(0, domain_N, loss_N[target_N])
+        sums_D2[:, 1].index_add_(0, domain_N, torch.ones_like(loss_N[target_N]))
+    sums_D2 = torch.tensor(all_reduce_sum(sums_D2.flatten().tolist(), device), dtype=torch.float64).view(-1, 2)
     model.train(was_training)
-    means = {"all": float(sums[0] / sums[1].clamp_min(1))}
-    for i, name in enumerate(val.domain_names):
-        if sums[2 * i + 3] > 0:
-            means[name] = float(sums[2 * i + 2] / sums[2 * i + 3])
+    total = sums_D2.sum(0)
+    means = {"all": float(total[0] / total[1].clamp_min(1))}
+    for name, (loss_sum, count) in zip(val.domain_names, sums_D2.tolist()):
+        if count > 0:
+            means[name] = loss_sum / count
     return means
 
 

@@ -24,10 +24,11 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pipeline.configbase import ConfigError, from_dict
+from pipeline.data.document import DataError
+from pipeline.data.mixing import load_split, load_val_domains
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.hashing import sha256_file, sha256_json
 from pipeline.model import ModelConfig, Transformer
@@ -47,11 +48,14 @@ def check_inputs(stage: str, recipe: RecipeConfig) -> tuple[Path | None, dict]:
     """Fail fast, naming the missing piece. Returns (initial checkpoint dir, manifest)."""
     cfg: TrainStageConfig = getattr(recipe.stage, stage)
     mixture = repo_path(cfg.mixture)
-    for name in ("manifest.json", "train_tokens.npy", "train_loss_mask.npy", "val_tokens.npy",
-                 "val_loss_mask.npy", "val_domains.npy"):
-        if not (mixture / name).is_file():
-            raise StageInputError(f"stage {stage}: missing upstream output {mixture / name} "
-                                  f"(stage.{stage}.mixture; run the mix stage first: make mix)")
+    if not (mixture / "manifest.json").is_file():
+        raise StageInputError(f"stage {stage}: missing upstream output {mixture / 'manifest.json'} "
+                              f"(stage.{stage}.mixture; run the mix stage first: make mix)")
+    try:  # the mixture module owns its file layout; its loaders name a missing file
+        splits = {split: load_split(mixture, split)[0] for split in ("train", "val")}
+        load_val_domains(mixture)
+    except (FileNotFoundError, DataError) as err:
+        raise StageInputError(f"stage {stage}: missing upstream output: {err} (stage.{stage}.mixture)") from None
     tokenizer = repo_path(cfg.tokenizer)
     if not tokenizer.is_file():
         raise StageInputError(f"stage {stage}: missing tokenizer {tokenizer} (stage.{stage}.tokenizer)")
@@ -60,8 +64,8 @@ def check_inputs(stage: str, recipe: RecipeConfig) -> tuple[Path | None, dict]:
         raise StageInputError(f"stage {stage}: tokenizer has {n_vocab} tokens but model.vocab_size="
                               f"{recipe.model.vocab_size}")
     manifest = json.loads((mixture / "manifest.json").read_text())
-    for split in ("train", "val"):
-        n_tokens = len(np.load(mixture / f"{split}_tokens.npy", mmap_mode="r", allow_pickle=False))
+    for split, tokens in splits.items():
+        n_tokens = len(tokens)
         if n_tokens < cfg.seq_len + 1:
             raise StageInputError(f"stage {stage}: the {split} split of {mixture} has {n_tokens} tokens, "
                                   f"fewer than one window of stage.{stage}.seq_len+1={cfg.seq_len + 1}")
