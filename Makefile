@@ -21,7 +21,7 @@ export PIP_FIND_LINKS ?= /opt/wheels
 endif
 
 STAGES := mix pretrain midtrain sft
-.PHONY: setup lock params repro test bench-model ui $(STAGES)
+.PHONY: setup lock params repro test bench-model bench-config ui $(STAGES)
 
 setup: $(STAMP)
 
@@ -64,6 +64,9 @@ test: $(STAMP)
 
 bench-model: $(STAMP)
 	$(PY) bench/bench_model.py
+
+bench-config: $(STAMP)
+	$(PY) bench/bench_config.py
 
 # The MLflow UI over the embedded store, on loopback only.
 ui: $(STAMP)

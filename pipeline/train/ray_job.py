@@ -84,7 +84,9 @@ def init_ray(cfg: RayConfig) -> None:
         ray.init(address=address)
     else:
         # Embedded: size the local cluster to the job so Ray does not oversubscribe.
-        ray.init(num_cpus=max(os.cpu_count() or 1, cfg.num_workers * cfg.cpus_per_worker),
+        # address="local" starts a new instance; None would join a cluster that some
+        # earlier `ray start` left running on this machine.
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cfg.num_workers * cfg.cpus_per_worker),
                  include_dashboard=False, log_to_driver=True)
 
 

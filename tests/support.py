@@ -1,0 +1,159 @@
+"""What tests share to stay deterministic: waiting on events, private ports and services.
+
+Rules this module enforces (see the flaky-suite issue): a test never asserts a timing;
+every wait waits on the event itself with a generous deadline and says what it waited
+for when it gives up; every process a test starts runs in its own session and is
+stopped by its process-group id even when the test fails; ports are picked free.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, TypeVar
+
+T = TypeVar("T")
+
+
+def wait_for(predicate: Callable[[], T], what: str, timeout: float = 300.0, interval: float = 0.2,
+             alive: subprocess.Popen | None = None) -> T:
+    """Poll ``predicate`` until it returns something truthy and return that.
+
+    ``what`` names the event in the failure message. When ``alive`` is given, a process
+    that exits first ends the wait at once (with its exit code) instead of at the deadline.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if alive is not None and alive.poll() is not None:
+            raise AssertionError(f"process {alive.pid} exited with {alive.returncode} while waiting for {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    """A port that was free on 127.0.0.1 a moment ago (callers retry if it is taken)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def process_group_gone(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """SIGTERM the process group of ``proc`` (started with ``start_new_session``), then
+    SIGKILL whatever is left after ``grace`` seconds, and reap ``proc``."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 60.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        try:  # the leader is gone; its children (Ray's raylet, a server's workers) too?
+            wait_for(lambda: process_group_gone(proc.pid), f"process group {proc.pid} to exit", timeout=wait)
+            break
+        except AssertionError:
+            continue
+    if proc.returncode is None:
+        proc.wait(timeout=60)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the whole process group at once (a crash, not a shutdown) and wait until
+    every member is gone, so nothing of it still writes when the test goes on."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=60)
+    wait_for(lambda: process_group_gone(proc.pid), f"killed process group {proc.pid} to exit", timeout=60)
+
+
+@contextmanager
+def started(args: list[str], **popen) -> Iterator[subprocess.Popen]:
+    """``subprocess.Popen`` in a new session, stopped by its group id on exit."""
+    proc = subprocess.Popen(args, start_new_session=True, **popen)
+    try:
+        yield proc
+    finally:
+        stop_group(proc)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@contextmanager
+def mlflow_server(mlflow_bin: Path, backend_uri: str, env: dict | None = None, cwd: Path | None = None,
+                  extra_args: tuple[str, ...] = ()) -> Iterator[str]:
+    """An ``mlflow server`` on a free loopback port; yields its URL, stops it by PID.
+
+    A port taken between :func:`free_port` and the server's bind makes the server exit;
+    that start is retried on another port (up to three times).
+    """
+    env = {**(env or os.environ), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+           "MLFLOW_DISABLE_TELEMETRY": "true"}
+    for _attempt in range(3):
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        log = tempfile.TemporaryFile()
+        with started([str(mlflow_bin), "server", "--backend-store-uri", backend_uri, "--host", "127.0.0.1",
+                      "--port", str(port), "--workers", "1", *extra_args],
+                     cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT) as server:
+            try:
+                wait_for(lambda: _healthy(f"{url}/health"), f"mlflow server on {url} to answer /health",
+                         timeout=180, interval=0.5, alive=server)
+            except AssertionError:
+                if server.poll() is not None:  # exited (port taken?): try another port
+                    continue
+                log.seek(0)
+                raise AssertionError(f"mlflow server on {url} never answered:\n{log.read()[-3000:].decode()}")
+            yield url
+            return
+    raise AssertionError("mlflow server exited at start on three free ports in a row")
+
+
+def ray_snapshot_checkpoints(run_dir: Path) -> list[str]:
+    """Checkpoints Ray Train has *registered* for a run (the ones a rerun resumes from).
+
+    A ``checkpoint_*`` directory appears in storage before Ray records it in the run's
+    checkpoint-manager snapshot; only recorded ones are handed back by
+    ``ray.train.get_checkpoint()``, so a test that interrupts a run waits for this list.
+    """
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        state = json.loads(snapshot.read_text())
+    except (OSError, ValueError):
+        return []  # absent, or caught mid-write
+    if isinstance(state, str):  # Ray stores the pydantic JSON as a JSON string
+        try:
+            state = json.loads(state)
+        except ValueError:
+            return []
+    return [str(r.get("checkpoint_dir_name")) for r in state.get("checkpoint_results", [])]
