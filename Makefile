@@ -21,7 +21,7 @@ export PIP_FIND_LINKS ?= /opt/wheels
 endif
 
 STAGES := mix pretrain midtrain sft
-.PHONY: setup lock params repro test bench-model bench-config ui $(STAGES)
+.PHONY: setup lock params repro test lint drill bench-model bench-config ui $(STAGES)
 
 setup: $(STAMP)
 
@@ -44,7 +44,8 @@ params: $(STAMP)
 	$(PY) -m pipeline.recipe params -o params.yaml
 
 # The whole recipe under one MLflow parent run; DVC skips stages whose inputs are unchanged.
-# params.yaml is recomposed first, so an edit in conf/ is what runs.
+# params.yaml is recomposed first, so an edit in conf/ is what runs, and the whole file is
+# validated before DVC touches anything (DVC_FLAGS go to dvc repro, e.g. DVC_FLAGS=-f).
 repro: params
 	@$(call recipe_run,)
 
@@ -52,15 +53,31 @@ repro: params
 $(STAGES): params
 	@$(call recipe_run,$@)
 
+# The parent run's owner is this recipe's shell ($$$$): if make is killed, the next start
+# closes the run as KILLED instead of leaving it RUNNING.
 define recipe_run
-run_id=$$($(PY) -m pipeline.tracking start --name recipe$(if $(1),:$(1))) || exit 1; \
-MOBILEMOE_PARENT_RUN_ID=$$run_id $(DVC) repro $(1); status=$$?; \
+$(PY) -m pipeline.runner.preflight params.yaml || exit 2; \
+run_id=$$($(PY) -m pipeline.tracking start --name recipe$(if $(1),:$(1)) --owner-pid $$$$) || exit 2; \
+MOBILEMOE_PARENT_RUN_ID=$$run_id $(DVC) repro $(DVC_FLAGS) $(1); status=$$?; \
 $(PY) -m pipeline.tracking end $$run_id --status $$([ $$status -eq 0 ] && echo FINISHED || echo FAILED); \
 exit $$status
 endef
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q
+
+# The layout as drawn (import-linter contracts in pyproject.toml) and ruff's lint and
+# format check; the test suite runs the same checks.
+lint: $(STAMP)
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# Kill a training stage at a random step (by hand and under dvc repro), corrupt its newest
+# checkpoint once, rerun, and check the result equals an uninterrupted run's. Works in a
+# scratch copy of the repo on the micro preset; DRILL_ARGS are passed on (--help lists them).
+drill: $(STAMP)
+	$(PY) -m tools.drill $(DRILL_ARGS)
 
 bench-model: $(STAMP)
 	$(PY) bench/bench_model.py

@@ -19,10 +19,12 @@ from pipeline.model.layers import SwiGLU
 
 SHAPES = {
     # name: (d_model, MoEConfig kwargs, tokens)
-    "tiny": (128, dict(num_experts=16, top_k=4, expert_ffn_dim=64, num_shared_experts=1,
-                       shared_ffn_dim=256), 4096),
-    "mobilemoe_s_layer": (768, dict(num_experts=60, top_k=4, expert_ffn_dim=384,
-                                    num_shared_experts=1, shared_ffn_dim=1536), 1024),
+    "tiny": (128, dict(num_experts=16, top_k=4, expert_ffn_dim=64, num_shared_experts=1, shared_ffn_dim=256), 4096),
+    "mobilemoe_s_layer": (
+        768,
+        dict(num_experts=60, top_k=4, expert_ffn_dim=384, num_shared_experts=1, shared_ffn_dim=1536),
+        1024,
+    ),
 }
 
 
@@ -72,8 +74,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, reps {args.reps} (median)")
     for name in args.shapes:
         t = bench_shape(name, args.reps)
-        print(f"{name}: grouped {t['moe_grouped'] * 1e3:.1f} ms | dense(same active) "
-              f"{t['dense_same_active'] * 1e3:.1f} ms | reference loop {t['moe_reference_loop'] * 1e3:.1f} ms")
+        print(
+            f"{name}: grouped {t['moe_grouped'] * 1e3:.1f} ms | dense(same active) "
+            f"{t['dense_same_active'] * 1e3:.1f} ms | reference loop {t['moe_reference_loop'] * 1e3:.1f} ms"
+        )
         print(f"  grouped / dense(same active) = {t['moe_grouped'] / t['dense_same_active']:.2f}x")
         print(f"  reference loop / grouped     = {t['moe_reference_loop'] / t['moe_grouped']:.2f}x")
 

@@ -3,16 +3,18 @@
 ``conf/`` is the one source of truth. ``params.yaml`` is its composed default (what
 ``dvc repro`` runs); ``python -m pipeline.recipe params`` regenerates it. Every stage
 validates the *whole* recipe config first, so an unknown key or a bad value anywhere
-fails in well under a second, naming the key, before Ray starts.
+fails in well under a second, naming the key, before Ray starts. Every check that needs
+only the config lives here (not in a stage), so ``make`` can run them all before DVC.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from pipeline.configbase import ConfigError, from_dict, require
 from pipeline.data.mixing import MixtureConfig
@@ -57,11 +59,24 @@ class RecipeConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        require(isinstance(self.seed, int), "seed", f"must be an integer, got {self.seed!r}")
+        from pipeline.data.build import EXPECTED_KIND
+        from pipeline.data.tokenizer import MIN_VOCAB
+
+        require(
+            MIN_VOCAB <= self.model.vocab_size < 2**32,
+            "model.vocab_size",
+            f"must be in [{MIN_VOCAB}, 2**32) for the byte-level tokenizer, got {self.model.vocab_size}",
+        )
+        for name, kind in EXPECTED_KIND.items():
+            got = getattr(self.data, name).kind
+            require(got == kind, f"data.{name}.kind", f"must be {kind!r} for the {name} mixture, got {got!r}")
         for name in TRAIN_STAGES:
             s: TrainStageConfig = getattr(self.stage, name)
-            require(s.seq_len <= self.model.max_seq_len, f"stage.{name}.seq_len",
-                    f"{s.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+            require(
+                s.seq_len <= self.model.max_seq_len,
+                f"stage.{name}.seq_len",
+                f"{s.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
+            )
 
 
 def to_container(cfg: Any) -> dict:
@@ -105,8 +120,10 @@ def load_params(path: str | Path) -> dict:
 def dump_params(data: dict) -> str:
     import yaml
 
-    header = ("# Generated from conf/ by `make params` (python -m pipeline.recipe params).\n"
-              "# Do not edit: change conf/ and regenerate; a test fails when they drift.\n")
+    header = (
+        "# Generated from conf/ by `make params` (python -m pipeline.recipe params).\n"
+        "# Do not edit: change conf/ and regenerate; a test fails when they drift.\n"
+    )
     return header + yaml.safe_dump(data, sort_keys=False)
 
 

@@ -1,8 +1,7 @@
 """Stage `mix`: materialise the sources, train the tokenizer, write the three mixtures."""
 
-
-from pipeline.cli import stage_main
-from pipeline.data.stage import run_mix_stage
+from pipeline.runner.cli import stage_main
+from pipeline.stages.mix import MIX
 
 if __name__ == "__main__":
-    stage_main("mix", run_mix_stage)
+    stage_main(MIX)

@@ -1,9 +1,7 @@
-"""Stage `pretrain`: pre-train the model from scratch on the broad mixture."""
+"""Stage `pretrain`: pre-train the model from scratch on the broad mixture (pipeline/stages/train.py)."""
 
-from functools import partial
-
-from pipeline.cli import stage_main
-from pipeline.train.stage import run_training_stage
+from pipeline.runner.cli import stage_main
+from pipeline.stages.train import PRETRAIN
 
 if __name__ == "__main__":
-    stage_main("pretrain", partial(run_training_stage, "pretrain"))
+    stage_main(PRETRAIN)

@@ -1,9 +1,7 @@
 """Stage `sft`: instruction-tune mid-training's final model on chat conversations."""
 
-from functools import partial
-
-from pipeline.cli import stage_main
-from pipeline.train.stage import run_training_stage
+from pipeline.runner.cli import stage_main
+from pipeline.stages.train import SFT
 
 if __name__ == "__main__":
-    stage_main("sft", partial(run_training_stage, "sft"))
+    stage_main(SFT)

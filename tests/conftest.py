@@ -20,10 +20,17 @@ def _mixture(kind: str, sources: list[dict]) -> MixtureConfig:
 def micro_data(tmp_path_factory) -> Path:
     """data/mix as the mix stage writes it, small enough to build in a few seconds."""
     out = tmp_path_factory.mktemp("mix") / "mix"
-    text = [{"name": "arithmetic", "kind": "arithmetic", "weight": 1.0, "domain": "math",
-             "options": {"n_docs": 300}},
-            {"name": "fortunes", "kind": "fortunes", "weight": 1.0, "domain": "literature", "max_docs": 300}]
+    text = [
+        {"name": "arithmetic", "kind": "arithmetic", "weight": 1.0, "domain": "math", "options": {"n_docs": 300}},
+        {"name": "fortunes", "kind": "fortunes", "weight": 1.0, "domain": "literature", "max_docs": 300},
+    ]
     chat = [{"name": "math", "kind": "math", "weight": 1.0, "domain": "math", "options": {"n_docs": 300}}]
-    build_all(_mixture("text", text), _mixture("text", text[:1]), _mixture("chat", chat), VOCAB, out,
-              tokenizer_max_bytes=200_000)
+    build_all(
+        _mixture("text", text),
+        _mixture("text", text[:1]),
+        _mixture("chat", chat),
+        VOCAB,
+        out,
+        tokenizer_max_bytes=200_000,
+    )
     return out

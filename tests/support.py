@@ -16,15 +16,21 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 
 
-def wait_for(predicate: Callable[[], T], what: str, timeout: float = 300.0, interval: float = 0.2,
-             alive: subprocess.Popen | None = None) -> T:
+def wait_for(
+    predicate: Callable[[], T],
+    what: str,
+    timeout: float = 300.0,
+    interval: float = 0.2,
+    alive: subprocess.Popen | None = None,
+) -> T:
     """Poll ``predicate`` until it returns something truthy and return that.
 
     ``what`` names the event in the failure message. When ``alive`` is given, a process
@@ -110,30 +116,55 @@ def _healthy(url: str) -> bool:
 
 
 @contextmanager
-def mlflow_server(mlflow_bin: Path, backend_uri: str, env: dict | None = None, cwd: Path | None = None,
-                  extra_args: tuple[str, ...] = ()) -> Iterator[str]:
+def mlflow_server(
+    mlflow_bin: Path,
+    backend_uri: str,
+    env: dict | None = None,
+    cwd: Path | None = None,
+    extra_args: tuple[str, ...] = (),
+) -> Iterator[str]:
     """An ``mlflow server`` on a free loopback port; yields its URL, stops it by PID.
 
     A port taken between :func:`free_port` and the server's bind makes the server exit;
     that start is retried on another port (up to three times).
     """
-    env = {**(env or os.environ), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-           "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env = {**(env or os.environ), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
     for _attempt in range(3):
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         log = tempfile.TemporaryFile()
-        with started([str(mlflow_bin), "server", "--backend-store-uri", backend_uri, "--host", "127.0.0.1",
-                      "--port", str(port), "--workers", "1", *extra_args],
-                     cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT) as server:
+        with started(
+            [
+                str(mlflow_bin),
+                "server",
+                "--backend-store-uri",
+                backend_uri,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+                *extra_args,
+            ],
+            cwd=cwd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        ) as server:
             try:
-                wait_for(lambda: _healthy(f"{url}/health"), f"mlflow server on {url} to answer /health",
-                         timeout=180, interval=0.5, alive=server)
+                wait_for(
+                    lambda health=f"{url}/health": _healthy(health),
+                    f"mlflow server on {url} to answer /health",
+                    timeout=180,
+                    interval=0.5,
+                    alive=server,
+                )
             except AssertionError:
                 if server.poll() is not None:  # exited (port taken?): try another port
                     continue
                 log.seek(0)
-                raise AssertionError(f"mlflow server on {url} never answered:\n{log.read()[-3000:].decode()}")
+                raise AssertionError(f"mlflow server on {url} never answered:\n{log.read()[-3000:].decode()}") from None
             yield url
             return
     raise AssertionError("mlflow server exited at start on three free ports in a row")

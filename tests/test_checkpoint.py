@@ -217,8 +217,35 @@ def test_truncated_safetensors_is_reported(saved):
 def test_garbage_safetensors_of_right_size_is_reported(saved):
     f = saved / "optimizer.safetensors"
     f.write_bytes(b"\xff" * f.stat().st_size)
-    with pytest.raises(CheckpointError, match=r"optimizer.safetensors: cannot read safetensors"):
+    with pytest.raises(CheckpointError, match=r"optimizer.safetensors does not match the sha256"):
         load_checkpoint(saved)
+    # Without the hash check the parser still refuses the bytes.
+    with pytest.raises(CheckpointError, match=r"optimizer.safetensors: cannot read safetensors"):
+        load_checkpoint(saved, verify=False)
+
+
+def test_one_flipped_byte_of_the_right_size_is_caught(saved):
+    f = saved / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 0x01  # inside the tensor data: safetensors alone would load it
+    f.write_bytes(bytes(data))
+    load_checkpoint(saved, verify=False)
+    with pytest.raises(CheckpointError, match=r"model.safetensors does not match the sha256 .*corrupt"):
+        load_checkpoint(saved)
+
+
+def test_non_finite_tensors_are_never_written(tmp_path):
+    for bad in (float("nan"), float("inf")):
+        state = {"ok": torch.ones(2), "layers.3.w": torch.tensor([1.0, bad])}
+        with pytest.raises(CheckpointError, match=r"model tensor 'layers.3.w' holds non-finite"):
+            save_checkpoint(tmp_path, 1, state, None, {})
+    model = TinyLM()
+    opt = make_optimizer(model.parameters())
+    train_step(model, opt, batch(0))
+    next(iter(opt.state.values()))["exp_avg"].view(-1)[0] = float("nan")
+    with pytest.raises(CheckpointError, match=r"optimizer tensor '0/exp_avg' holds non-finite"):
+        save_checkpoint(tmp_path, 1, model.state_dict(), opt, {})
+    assert [p.name for p in tmp_path.iterdir()] == []
 
 
 @pytest.mark.parametrize(
@@ -254,7 +281,7 @@ def test_validate_against_lists_every_problem(saved):
     msg = str(err.value)
     assert "missing keys ['new.weight']" in msg
     assert "unexpected keys ['norm.bias']" in msg
-    assert "mlp.weight: checkpoint (8, 8) vs model (8, 9)" in msg
+    assert "mlp.weight: checkpoint (8, 8) F32 vs model (8, 9) F32" in msg
 
 
 def test_extra_tensors_and_rng_state_round_trip(tmp_path):

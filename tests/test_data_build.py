@@ -16,17 +16,28 @@ from pipeline.data.tokenizer import Tokenizer  # noqa: E402
 
 
 def mix(kind, sources, total=15_000):
-    return from_dict(MixtureConfig, {"total_tokens": total, "val_fraction": 0.1, "seed": 0, "kind": kind,
-                                     "sources": sources})
+    return from_dict(
+        MixtureConfig, {"total_tokens": total, "val_fraction": 0.1, "seed": 0, "kind": kind, "sources": sources}
+    )
 
 
-PRE = [{"name": "bible", "kind": "bible", "weight": 0.4, "domain": "books", "max_docs": 40},
-       {"name": "code", "kind": "python_code", "weight": 0.3, "domain": "code", "max_docs": 150},
-       {"name": "math", "kind": "arithmetic", "weight": 0.3, "domain": "math", "options": {"n_docs": 800}},
-       {"name": "wn", "kind": "wordnet", "weight": 0.1, "domain": "knowledge", "optional": True,
-        "options": {"path": "/nonexistent/wordnet"}}]
-SFT = [{"name": "math", "kind": "math", "domain": "math", "options": {"n_docs": 300, "seed": 1}},
-       {"name": "define", "kind": "define", "domain": "knowledge", "max_docs": 150}]
+PRE = [
+    {"name": "bible", "kind": "bible", "weight": 0.4, "domain": "books", "max_docs": 40},
+    {"name": "code", "kind": "python_code", "weight": 0.3, "domain": "code", "max_docs": 150},
+    {"name": "math", "kind": "arithmetic", "weight": 0.3, "domain": "math", "options": {"n_docs": 800}},
+    {
+        "name": "wn",
+        "kind": "wordnet",
+        "weight": 0.1,
+        "domain": "knowledge",
+        "optional": True,
+        "options": {"path": "/nonexistent/wordnet"},
+    },
+]
+SFT = [
+    {"name": "math", "kind": "math", "domain": "math", "options": {"n_docs": 300, "seed": 1}},
+    {"name": "define", "kind": "define", "domain": "knowledge", "max_docs": 150},
+]
 
 
 def configs(pre=PRE):
@@ -50,14 +61,31 @@ def test_build_all_outputs_and_metrics(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["data"]  # no temp dirs left behind
 
 
+def test_rebuilding_from_the_same_inputs_gives_the_same_bytes(tmp_path):
+    # DVC hashes these files: anything that varies between runs (seconds, hosts) in
+    # them would make every downstream stage look changed.
+    digests = []
+    for name in ("a", "b"):
+        build_all(*configs(PRE[:3]), vocab_size=600, out_dir=tmp_path / name, tokenizer_max_bytes=200_000)
+        files = sorted(p for p in (tmp_path / name).rglob("*") if p.is_file())
+        digests.append({str(p.relative_to(tmp_path / name)): p.read_bytes() for p in files})
+    assert digests[0] == digests[1]
+    assert "seconds" not in json.loads((tmp_path / "a" / "metrics.json").read_text())
+
+
 def test_failed_build_leaves_previous_out_dir_untouched(tmp_path):
     out = tmp_path / "data"
     out.mkdir()
     (out / "marker.txt").write_text("old build")
     # Passes validation (the file exists) but fails while materialising: no 'text' field.
     (tmp_path / "bad.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
-    bad = PRE[:1] + [{"name": "bad", "kind": "hf", "options": {"path": "json", "licence": "CC0",
-                                                                 "data_files": str(tmp_path / "bad.jsonl")}}]
+    bad = PRE[:1] + [
+        {
+            "name": "bad",
+            "kind": "hf",
+            "options": {"path": "json", "licence": "CC0", "data_files": str(tmp_path / "bad.jsonl")},
+        }
+    ]
     with pytest.raises(DataError, match="'bad'"):
         build_all(*configs(bad), vocab_size=600, out_dir=out)
     assert sorted(p.name for p in out.iterdir()) == ["marker.txt"]

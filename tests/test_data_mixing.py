@@ -14,10 +14,16 @@ from pipeline.data.sources import DataError, SourceConfig  # noqa: E402
 
 
 def text_mix(**over):
-    d = {"total_tokens": 40_000, "val_fraction": 0.1, "seed": 3, "kind": "text", "sources": [
-        {"name": "fortunes", "kind": "fortunes", "weight": 0.7, "domain": "web", "max_docs": 1500},
-        {"name": "math", "kind": "arithmetic", "weight": 0.3, "domain": "math", "options": {"n_docs": 1500}},
-    ]}
+    d = {
+        "total_tokens": 40_000,
+        "val_fraction": 0.1,
+        "seed": 3,
+        "kind": "text",
+        "sources": [
+            {"name": "fortunes", "kind": "fortunes", "weight": 0.7, "domain": "web", "max_docs": 1500},
+            {"name": "math", "kind": "arithmetic", "weight": 0.3, "domain": "math", "options": {"n_docs": 1500}},
+        ],
+    }
     d.update(over)
     return from_dict(MixtureConfig, d, where="data.pretrain")
 
@@ -57,8 +63,10 @@ def test_weights_achieved_and_repetition_recorded(tok, tmp_path):
     for s in m["sources"].values():
         assert abs(s["weight_achieved"] - s["weight_requested"]) < 0.02
     # a tiny source must be repeated to reach its share, and that is recorded
-    sources = [{"name": "fortunes", "kind": "fortunes", "weight": 0.5, "max_docs": 3000},
-               {"name": "tiny", "kind": "arithmetic", "weight": 0.5, "options": {"n_docs": 300}}]
+    sources = [
+        {"name": "fortunes", "kind": "fortunes", "weight": 0.5, "max_docs": 3000},
+        {"name": "tiny", "kind": "arithmetic", "weight": 0.5, "options": {"n_docs": 300}},
+    ]
     m = build_mixture(text_mix(total_tokens=60_000, sources=sources), tok, tmp_path / "small")
     tiny = m["sources"]["tiny"]
     assert tiny["repetition"] > 1.5 and abs(tiny["weight_achieved"] - 0.5) < 0.03
@@ -72,11 +80,23 @@ def test_dedup_before_split_and_no_overlap(tok, tmp_path):
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in rows))
     other = texts[:50] + [f"another line {i} about dogs" for i in range(40)]
     (tmp_path / "e.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in other))
-    cfg = text_mix(total_tokens=8_000, val_fraction=0.3, sources=[
-        {"name": "dups", "kind": "hf", "options": {"path": "json", "data_files": str(tmp_path / "d.jsonl"),
-                                                   "licence": "CC0"}},
-        {"name": "again", "kind": "hf", "weight": 0.2, "options": {
-            "path": "json", "data_files": str(tmp_path / "e.jsonl"), "licence": "CC0"}}])
+    cfg = text_mix(
+        total_tokens=8_000,
+        val_fraction=0.3,
+        sources=[
+            {
+                "name": "dups",
+                "kind": "hf",
+                "options": {"path": "json", "data_files": str(tmp_path / "d.jsonl"), "licence": "CC0"},
+            },
+            {
+                "name": "again",
+                "kind": "hf",
+                "weight": 0.2,
+                "options": {"path": "json", "data_files": str(tmp_path / "e.jsonl"), "licence": "CC0"},
+            },
+        ],
+    )
     m = build_mixture(cfg, tok, tmp_path / "out")
     assert m["sources"]["dups"]["duplicates_removed"] == 150
     assert m["sources"]["again"]["duplicates_removed"] == 50  # all already seen in 'dups'
@@ -92,9 +112,18 @@ def test_split_is_stable_across_mixtures(tok, tmp_path):
 
 
 def test_chat_mixture_writes_mask_and_val_conversations(tok, tmp_path):
-    cfg = from_dict(MixtureConfig, {"total_tokens": 20_000, "val_fraction": 0.2, "kind": "chat", "sources": [
-        {"name": "math", "kind": "math", "options": {"n_docs": 400}},
-        {"name": "cont", "kind": "continue", "options": {"corpus": "fortunes"}, "max_docs": 300}]})
+    cfg = from_dict(
+        MixtureConfig,
+        {
+            "total_tokens": 20_000,
+            "val_fraction": 0.2,
+            "kind": "chat",
+            "sources": [
+                {"name": "math", "kind": "math", "options": {"n_docs": 400}},
+                {"name": "cont", "kind": "continue", "options": {"corpus": "fortunes"}, "max_docs": 300},
+            ],
+        },
+    )
     m = build_mixture(cfg, tok, tmp_path)
     tokens, mask = load_split(tmp_path, "train")
     tokens, mask = np.asarray(tokens), np.asarray(mask)
@@ -113,27 +142,43 @@ def test_load_split_missing_file(tmp_path):
         load_split(tmp_path, "train")
 
 
-@pytest.mark.parametrize("over, match", [
-    ({"sources": [{"name": "a", "kind": "bible", "weight": 0}]}, r"^data\.pretrain\.sources: weights sum to 0"),
-    ({"sources": [{"name": "a", "kind": "bible", "weight": -0.5}]}, r"^data\.pretrain\.sources\[0\]\.weight: must be >= 0"),
-    ({"sources": [{"name": "a", "kind": "bible"}, {"name": "a", "kind": "fortunes"}]},
-     r"^data\.pretrain\.sources\[1\]\.name: duplicate"),
-    ({"sources": [{"name": "a", "kind": "math"}]}, r"^data\.pretrain\.sources\[0\]\.kind: kind 'math' produces chat"),
-    ({"sources": [{"name": "a", "kind": "bible", "flavour": 1}]}, r"^data\.pretrain\.sources\[0\]\.flavour: unknown key"),
-    ({"val_fraction": 0.5}, r"^data\.pretrain\.val_fraction"),
-    ({"total_tokens": 0}, r"^data\.pretrain\.total_tokens"),
-    ({"kind": "audio"}, r"^data\.pretrain\.kind"),
-    ({"mixer": "x"}, r"^data\.pretrain\.mixer: unknown key"),
-])
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        ({"sources": [{"name": "a", "kind": "bible", "weight": 0}]}, r"^data\.pretrain\.sources: weights sum to 0"),
+        (
+            {"sources": [{"name": "a", "kind": "bible", "weight": -0.5}]},
+            r"^data\.pretrain\.sources\[0\]\.weight: must be >= 0",
+        ),
+        (
+            {"sources": [{"name": "a", "kind": "bible"}, {"name": "a", "kind": "fortunes"}]},
+            r"^data\.pretrain\.sources\[1\]\.name: duplicate",
+        ),
+        (
+            {"sources": [{"name": "a", "kind": "math"}]},
+            r"^data\.pretrain\.sources\[0\]\.kind: kind 'math' produces chat",
+        ),
+        (
+            {"sources": [{"name": "a", "kind": "bible", "flavour": 1}]},
+            r"^data\.pretrain\.sources\[0\]\.flavour: unknown key",
+        ),
+        ({"val_fraction": 0.5}, r"^data\.pretrain\.val_fraction"),
+        ({"total_tokens": 0}, r"^data\.pretrain\.total_tokens"),
+        ({"kind": "audio"}, r"^data\.pretrain\.kind"),
+        ({"mixer": "x"}, r"^data\.pretrain\.mixer: unknown key"),
+    ],
+)
 def test_bad_mixture_configs(over, match):
     with pytest.raises(ConfigError, match=match):
         text_mix(**over)
 
 
 def test_optional_unavailable_source_is_skipped_and_recorded(tok, tmp_path):
-    cfg = MixtureConfig(sources=text_mix().sources + [
-        SourceConfig(name="wn", kind="wordnet", optional=True, options={"path": str(tmp_path / "none")})],
-        total_tokens=40_000)
+    cfg = MixtureConfig(
+        sources=text_mix().sources
+        + [SourceConfig(name="wn", kind="wordnet", optional=True, options={"path": str(tmp_path / "none")})],
+        total_tokens=40_000,
+    )
     m = build_mixture(cfg, tok, tmp_path / "o")
     assert [s["name"] for s in m["skipped_sources"]] == ["wn"] and "wordnet-base" in m["warnings"][0]
     required = text_mix(sources=[{"name": "wn", "kind": "wordnet", "options": {"path": str(tmp_path / "none")}}])

@@ -5,8 +5,12 @@ import pytest
 from pipeline.data.chat import render, render_many, render_prompt, render_text
 from pipeline.data.tokenizer import SPECIAL_TOKENS, Tokenizer, fingerprint
 
-CORPUS = ["The quick brown fox jumps over the lazy dog.", "def add(a, b):\n    return a + b\n",
-          "In the beginning God created the heaven and the earth.", "12 + 30 = 42. The answer is 42."] * 40
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "def add(a, b):\n    return a + b\n",
+    "In the beginning God created the heaven and the earth.",
+    "12 + 30 = 42. The answer is 42.",
+] * 40
 
 
 @pytest.fixture(scope="module")
@@ -14,8 +18,17 @@ def tok():
     return Tokenizer.train(CORPUS, 400)
 
 
-@pytest.mark.parametrize("text", ["", "hello world", "  two  spaces\n\ttab\r\n", "naïve café 日本語 😀",
-                                  "\x00\x07 control", "<|end|> looks special <|bos|>"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "hello world",
+        "  two  spaces\n\ttab\r\n",
+        "naïve café 日本語 😀",
+        "\x00\x07 control",
+        "<|end|> looks special <|bos|>",
+    ],
+)
 def test_roundtrip(tok, text):
     assert tok.decode(tok.encode(text)) == text
 
@@ -43,11 +56,13 @@ def test_vocab_too_small_is_config_error():
         Tokenizer.train(CORPUS, 100)
 
 
-CONV = [{"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "What is 2+2?"},
-        {"role": "assistant", "content": "2 + 2 = 4."},
-        {"role": "user", "content": "And doubled?"},
-        {"role": "assistant", "content": "8, the <|end|> of it."}]
+CONV = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "2 + 2 = 4."},
+    {"role": "user", "content": "And doubled?"},
+    {"role": "assistant", "content": "8, the <|end|> of it."},
+]
 
 
 def test_loss_mask_is_exactly_assistant_content_and_end(tok):
@@ -74,18 +89,21 @@ def test_render_many_matches_render(tok):
 def test_render_prompt_and_text(tok):
     prompt = render_prompt(CONV[:4], tok)
     full, _ = render(CONV, tok)
-    assert prompt[-1] == tok.assistant_id and full[:len(prompt)] == prompt
+    assert prompt[-1] == tok.assistant_id and full[: len(prompt)] == prompt
     with pytest.raises(ValueError, match="last message must be from the user"):
         render_prompt(CONV[:3], tok)
     assert render_text(CONV[1:3]) == "<|user|>What is 2+2?<|end|><|assistant|>2 + 2 = 4.<|end|>"
 
 
-@pytest.mark.parametrize("messages, match", [
-    ([], "empty"),
-    ([{"role": "bot", "content": "x"}], r"messages\[0\]\.role: unknown role"),
-    ([{"role": "assistant", "content": "x"}], r"messages\[0\]\.role: expected 'user'"),
-    ([{"role": "user", "content": "x"}, {"role": "system", "content": "y"}], r"messages\[1\]\.role: 'system'"),
-])
+@pytest.mark.parametrize(
+    "messages, match",
+    [
+        ([], "empty"),
+        ([{"role": "bot", "content": "x"}], r"messages\[0\]\.role: unknown role"),
+        ([{"role": "assistant", "content": "x"}], r"messages\[0\]\.role: expected 'user'"),
+        ([{"role": "user", "content": "x"}, {"role": "system", "content": "y"}], r"messages\[1\]\.role: 'system'"),
+    ],
+)
 def test_bad_conversations(tok, messages, match):
     with pytest.raises(ValueError, match=match):
         render(messages, tok)

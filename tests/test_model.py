@@ -10,8 +10,7 @@ import torch
 import yaml
 
 from pipeline.configbase import ConfigError, from_dict
-from pipeline.model import (ExpertBiasBalancer, KVCache, ModelConfig, MoE, MoEConfig,
-                            Transformer, generate, param_counts)
+from pipeline.model import ExpertBiasBalancer, KVCache, ModelConfig, MoE, MoEConfig, Transformer, generate, param_counts
 from pipeline.model.layers import SwiGLU
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
@@ -23,22 +22,47 @@ def load_model_config(name: str) -> ModelConfig:
 
 
 def small_moe(**overrides) -> MoEConfig:
-    base = dict(num_experts=8, top_k=2, expert_ffn_dim=16, num_shared_experts=1,
-                shared_ffn_dim=16, score_func="sigmoid", route_norm=True, route_scale=2.5)
+    base = dict(
+        num_experts=8,
+        top_k=2,
+        expert_ffn_dim=16,
+        num_shared_experts=1,
+        shared_ffn_dim=16,
+        score_func="sigmoid",
+        route_norm=True,
+        route_scale=2.5,
+    )
     base.update(overrides)
     return MoEConfig(**base)
 
 
 def tiny_config(**overrides) -> ModelConfig:
-    base = dict(name="t", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                head_dim=8, max_seq_len=64, moe=small_moe())
+    base = dict(
+        name="t",
+        vocab_size=64,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=8,
+        max_seq_len=64,
+        moe=small_moe(),
+    )
     base.update(overrides)
     return ModelConfig(**base)
 
 
 def test_named_configs_include_the_family():
-    for name in ("tiny", "tiny_dense_active", "tiny_dense_total", "mobilemoe_s", "mobilemoe_m",
-                 "mobilemoe_l", "mobilellm_pro", "olmoe_1b7b"):
+    for name in (
+        "tiny",
+        "tiny_dense_active",
+        "tiny_dense_total",
+        "mobilemoe_s",
+        "mobilemoe_m",
+        "mobilemoe_l",
+        "mobilellm_pro",
+        "olmoe_1b7b",
+    ):
         assert name in NAMED
 
 
@@ -115,8 +139,7 @@ def test_grouped_dispatch_handles_experts_with_no_tokens():
 @pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
 def test_one_expert_top1_equals_dense_swiglu(score_func):
     torch.manual_seed(0)
-    cfg = MoEConfig(num_experts=1, top_k=1, expert_ffn_dim=24, score_func=score_func,
-                    route_norm=True, route_scale=1.0)
+    cfg = MoEConfig(num_experts=1, top_k=1, expert_ffn_dim=24, score_func=score_func, route_norm=True, route_scale=1.0)
     moe = MoE(16, cfg)
     dense = SwiGLU(16, 24)
     with torch.no_grad():
@@ -166,13 +189,30 @@ def test_balancing_hook_drives_skewed_router_towards_uniform():
 
 def test_aux_and_z_losses_are_positive_and_differentiable():
     torch.manual_seed(0)
-    moe = MoE(32, small_moe(score_func="softmax", route_norm=False, route_scale=1.0,
-                            aux_loss_coef=0.01, z_loss_coef=0.001))
+    moe = MoE(
+        32, small_moe(score_func="softmax", route_norm=False, route_scale=1.0, aux_loss_coef=0.01, z_loss_coef=0.001)
+    )
     torch.nn.init.normal_(moe.router.weight_ED, 0, 0.1)
     _, aux = moe(torch.randn(2, 8, 32))
     assert aux > 0
     aux.backward()
     assert moe.router.weight_ED.grad.abs().sum() > 0
+
+
+def test_sigmoid_aux_loss_is_finite_when_every_score_underflows():
+    # Sigmoid scores of logits below about -104 are exactly 0 in fp32: the balance loss's
+    # per-token normaliser must not become 0/0.
+    torch.manual_seed(0)
+    moe = MoE(32, small_moe(score_func="sigmoid", aux_loss_coef=0.01))
+    with torch.no_grad():
+        moe.router.weight_ED.fill_(-1.0)
+    x = torch.ones(1, 4, 32) * 10.0  # logits of -320 for every expert
+    route = moe.router(x.view(4, 32))
+    assert (route.scores_TE == 0).all()
+    _, aux = moe(x)
+    assert torch.isfinite(aux), aux
+    aux.backward()
+    assert torch.isfinite(moe.router.weight_ED.grad).all()
 
 
 @pytest.mark.parametrize("window", [None, 5])
@@ -184,7 +224,7 @@ def test_kv_cache_decoding_equals_full_forward(window):
     full = model(tokens)
     cache = KVCache(cfg, batch=2, max_len=12)
     prefill = model(tokens[:, :4], start_pos=0, cache=cache)
-    steps = [prefill] + [model(tokens[:, i:i + 1], start_pos=i, cache=cache) for i in range(4, 12)]
+    steps = [prefill] + [model(tokens[:, i : i + 1], start_pos=i, cache=cache) for i in range(4, 12)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-5)
 
 
@@ -240,8 +280,7 @@ def test_training_step_decreases_loss_bf16_and_fp32():
         losses = []
         for _ in range(10):
             logits, aux = model.forward_with_aux(tokens[:, :-1])
-            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, 64),
-                                                     tokens[:, 1:].reshape(-1)) + aux
+            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, 64), tokens[:, 1:].reshape(-1)) + aux
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -249,20 +288,31 @@ def test_training_step_decreases_loss_bf16_and_fp32():
         assert losses[-1] < losses[0] - 0.5, (dtype, losses)
 
 
-@pytest.mark.parametrize("overrides, field", [
-    (dict(moe=dict(num_experts=4, top_k=5, expert_ffn_dim=16)), "model.moe.top_k"),
-    (dict(n_heads=6, n_kv_heads=4), "model.n_kv_heads"),
-    (dict(d_model=36), "model.d_model"),
-    (dict(moe=dict(num_experts=4, top_k=2, expert_ffn_dim=12)), "model.moe.expert_ffn_dim"),
-    (dict(moe=dict(num_experts=4, top_k=2, expert_ffn_dim=16, score_func="relu")), "model.moe.score_func"),
-    (dict(moe=dict(num_experts=4, top_k=2, expert_ffn_dim=16, num_shared_experts=1)), "model.moe.shared_ffn_dim"),
-    (dict(hidden=3), "model.hidden"),
-    (dict(moe=dict(num_experts=4, top_k=2, expert_ffn_dim=16, topk=2)), "model.moe.topk"),
-    (dict(head_dim=7), "model.head_dim"),
-])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(moe=dict(num_experts=4, top_k=5, expert_ffn_dim=16)), "model.moe.top_k"),
+        (dict(n_heads=6, n_kv_heads=4), "model.n_kv_heads"),
+        (dict(d_model=36), "model.d_model"),
+        (dict(moe=dict(num_experts=4, top_k=2, expert_ffn_dim=12)), "model.moe.expert_ffn_dim"),
+        (dict(moe=dict(num_experts=4, top_k=2, expert_ffn_dim=16, score_func="relu")), "model.moe.score_func"),
+        (dict(moe=dict(num_experts=4, top_k=2, expert_ffn_dim=16, num_shared_experts=1)), "model.moe.shared_ffn_dim"),
+        (dict(hidden=3), "model.hidden"),
+        (dict(moe=dict(num_experts=4, top_k=2, expert_ffn_dim=16, topk=2)), "model.moe.topk"),
+        (dict(head_dim=7), "model.head_dim"),
+    ],
+)
 def test_invalid_configs_are_rejected_naming_the_field(overrides, field):
-    data = dict(name="t", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                head_dim=8, moe=dict(num_experts=4, top_k=2, expert_ffn_dim=16))
+    data = dict(
+        name="t",
+        vocab_size=64,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=8,
+        moe=dict(num_experts=4, top_k=2, expert_ffn_dim=16),
+    )
     data.update(overrides)
     with pytest.raises(ConfigError) as err:
         from_dict(ModelConfig, data, "model")

@@ -8,7 +8,6 @@ that resumes. Everything is queried through the tools themselves (MLflow client,
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 from support import kill_group, mlflow_server, ray_snapshot_checkpoints, wait_for
 
-from pipeline.recipe import REPO_ROOT
+from tools.drill import drill, env_for, scratch_copy
 
 pytestmark = pytest.mark.slow
 TRAIN_STAGES = ("pretrain", "midtrain", "sft")
@@ -33,18 +32,15 @@ RAY_TMPDIR = tempfile.mkdtemp(prefix="ray-e2e-", dir="/tmp")
 
 
 def _env(repo: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "MOBILEMOE_", "RAY_ADDRESS"))}
-    # As with an activated venv: dvc.yaml's `python` is the venv's.
-    env.update(PATH=f"{repo / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}",
-               PYTHONPATH=str(repo), GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com",
-               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.com", RAY_TMPDIR=RAY_TMPDIR)
-    return env
+    return env_for(repo, RAY_TMPDIR)
 
 
 def sh(repo: Path, *cmd: str, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=repo, env=_env(repo), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     return proc
 
 
@@ -56,22 +52,10 @@ def _private_ray_dir():
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    """A git+DVC copy of the project whose default experiment is the micro preset."""
+    """A git+DVC copy of the project whose default experiment is the micro preset, after
+    one `make repro` (the log is kept in repro.log)."""
     dest = tmp_path_factory.mktemp("e2e") / "repo"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO_ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for rel in files:
-        src = REPO_ROOT / rel
-        if src.is_file() and not rel.startswith(("outputs/", "data/mix/")):
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)  # keeps mtimes, so make sees the venv as current
-    (dest / ".venv").symlink_to(REPO_ROOT / ".venv")
-    config = dest / "conf" / "config.yaml"
-    config.write_text(config.read_text().replace("  - experiment: null", "  - experiment: micro"))
-    sh(dest, "make", "params")
-    sh(dest, "git", "init", "-q")
-    sh(dest, "git", "add", "-A")
-    sh(dest, "git", "commit", "-qm", "e2e copy")
+    scratch_copy(dest, _env(dest), "micro")
     started = time.perf_counter()
     proc = sh(dest, "make", "repro", timeout=900)
     (dest / "repro.log").write_text(proc.stdout + proc.stderr)
@@ -119,7 +103,11 @@ def test_mlflow_parent_with_nested_stage_runs(repo, mlflow_client):
     runs = _stage_runs(mlflow_client)
     assert set(runs) == {"mix", *TRAIN_STAGES}
     mix = runs["mix"]
-    assert {d.dataset.name for d in mix.inputs.dataset_inputs} == {"pretrain-mixture", "midtrain-mixture", "sft-mixture"}
+    assert {d.dataset.name for d in mix.inputs.dataset_inputs} == {
+        "pretrain-mixture",
+        "midtrain-mixture",
+        "sft-mixture",
+    }
     for stage in TRAIN_STAGES:
         run = runs[stage]
         rid = run.info.run_id
@@ -129,8 +117,14 @@ def test_mlflow_parent_with_nested_stage_runs(repo, mlflow_client):
         assert run.data.params["stage.schedule.total_steps"] == "6"
         history = mlflow_client.get_metric_history(rid, "train/loss")
         assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]
-        for key in ("val/loss", "train/lr", "train/tokens_per_s", "train/grad_norm",
-                    "moe/max_over_mean", "moe/dead_fraction"):
+        for key in (
+            "val/loss",
+            "train/lr",
+            "perf/tokens_per_s",
+            "train/grad_norm",
+            "moe/max_over_mean",
+            "moe/dead_fraction",
+        ):
             assert mlflow_client.get_metric_history(rid, key), key
         # bits per byte only where the loss covers all text (not SFT's assistant-only loss)
         assert bool(mlflow_client.get_metric_history(rid, "val/bpb")) == (stage != "sft")
@@ -140,8 +134,9 @@ def test_mlflow_parent_with_nested_stage_runs(repo, mlflow_client):
         plots = {a.path for a in mlflow_client.list_artifacts(rid, "plots")}
         assert f"plots/{stage}_loss.png" in plots
         assert [d.dataset.name for d in run.inputs.dataset_inputs] == [f"{stage}-mixture"]
-        models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
-                                             filter_string=f"source_run_id = '{rid}'", output_format="list")
+        models = mlflow.search_logged_models(
+            experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{rid}'", output_format="list"
+        )
         assert [m.name for m in models] == [f"{stage}-model"]
     # lineage: each stage is tagged with the DVC hash of the upstream outputs it read
     lock = (repo / "dvc.lock").read_text()
@@ -155,8 +150,11 @@ def test_logged_model_loads_and_predicts(repo, mlflow_client):
     import torch
 
     run = _stage_runs(mlflow_client)["sft"]
-    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
-                                         filter_string=f"source_run_id = '{run.info.run_id}'", output_format="list")
+    models = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}'",
+        output_format="list",
+    )
     program = mlflow.pytorch.load_model(models[0].model_uri)
     logits = program(torch.zeros(1, 5, dtype=torch.long))
     assert logits.shape == (1, 5, 4096)
@@ -171,6 +169,60 @@ def test_second_repro_is_a_noop_and_metrics_show(repo):
     for stage in TRAIN_STAGES:
         assert f"outputs/{stage}/metrics.json" in shown
     assert "val_loss" in shown
+
+
+def test_driver_log_has_one_line_per_event_and_a_progress_bar(repo, mlflow_client):
+    log = (repo / "repro.log").read_text()
+    # Ray Train's print patch used to duplicate every worker line in the driver's log.
+    assert sum("step 6: loss=" in line for line in log.splitlines()) == 3, log[-3000:]  # once per stage
+    assert "Failed to query Ray Train Controller actor state" not in log
+    for stage in TRAIN_STAGES:
+        assert re.search(rf"{stage}: 100%\|[#]+\| 6/6 ", log), stage
+    exp = mlflow_client.get_experiment_by_name("mobilemoe")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on training runs
+
+
+def test_drill_kill_corrupt_rerun_gives_the_uninterrupted_result(repo):
+    # Kill pretrain at a random step by hand (and corrupt its newest checkpoint) and under
+    # dvc repro; the reruns must reproduce the reference bit for bit. See tools/drill.py.
+    report = drill(repo, _env(repo), "pretrain")
+    assert report.notes[-1] == "every check held"
+    print("\n".join(report.notes))
+
+
+def _outputs_snapshot(repo: Path) -> dict[str, bytes]:
+    roots = [repo / "data" / "mix", *(repo / "outputs" / stage for stage in TRAIN_STAGES)]
+    return {str(p.relative_to(repo)): p.read_bytes() for root in roots for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_bad_config_leaves_every_earlier_output_byte_identical(repo, mlflow_client):
+    before = _outputs_snapshot(repo)
+    runs_before = len(mlflow_client.search_runs([mlflow_client.get_experiment_by_name("mobilemoe").experiment_id]))
+    conf = repo / "conf" / "stage" / "midtrain.yaml"
+    original = conf.read_text()
+    conf.write_text(original.replace("lr: 1.0e-3", "lr: -1.0e-3"))
+    assert "lr: -1.0e-3" in conf.read_text()
+    try:
+        # make validates the whole config before DVC touches anything.
+        proc = sh(repo, "make", "repro", check=False)
+        assert proc.returncode != 0
+        assert "stage.midtrain.schedule.lr: must be > 0" in proc.stderr, proc.stderr[-2000:]
+        assert "Running stage" not in proc.stdout
+        assert _outputs_snapshot(repo) == before
+        # Plain `dvc repro` on a bad params.yaml runs the stage, which refuses the config;
+        # the outputs are `persist: true`, so DVC did not delete them first.
+        params = repo / "params.yaml"
+        params.write_text(params.read_text().replace("lr: 0.001", "lr: -0.001", 1))  # midtrain's
+        proc = sh(repo, ".venv/bin/dvc", "repro", check=False)
+        assert proc.returncode != 0
+        assert "stage.midtrain.schedule.lr: must be > 0" in proc.stdout + proc.stderr
+        assert _outputs_snapshot(repo) == before
+    finally:
+        conf.write_text(original)
+        sh(repo, "make", "params")
+    assert "Data and pipelines are up to date" in sh(repo, ".venv/bin/dvc", "status").stdout
+    runs = mlflow_client.search_runs([mlflow_client.get_experiment_by_name("mobilemoe").experiment_id])
+    assert len(runs) == runs_before  # stopped before any tracking run opened
 
 
 def test_dvc_exp_run_with_hydra_override_reruns_only_what_changed(repo):
@@ -192,9 +244,15 @@ def test_dvc_exp_run_with_hydra_override_reruns_only_what_changed(repo):
 
 def test_interrupted_stage_resumes_from_its_last_checkpoint(repo):
     # Two DDP workers (gloo), so resuming also covers the data-parallel path.
-    args = [sys.executable, "stages/pretrain.py", "ray=ddp2", "stage.pretrain.schedule.total_steps=40",
-            "stage.pretrain.checkpoint_every=4", "stage.pretrain.out_dir=outputs/resume_check",
-            "tracking.enabled=false"]
+    args = [
+        sys.executable,
+        "stages/pretrain.py",
+        "ray=ddp2",
+        "stage.pretrain.schedule.total_steps=40",
+        "stage.pretrain.checkpoint_every=4",
+        "stage.pretrain.out_dir=outputs/resume_check",
+        "tracking.enabled=false",
+    ]
     storage = repo / "checkpoints"
     before = set(storage.iterdir())
 
@@ -204,41 +262,54 @@ def test_interrupted_stage_resumes_from_its_last_checkpoint(repo):
         runs = [p for p in storage.iterdir() if p not in before]
         return ray_snapshot_checkpoints(runs[0]) if runs else []
 
-    proc = subprocess.Popen(args, cwd=repo, env=_env(repo), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        args, cwd=repo, env=_env(repo), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
-        wait_for(registered, "Ray Train to register the run's first checkpoint", timeout=300,
-                 interval=0.1, alive=proc)
+        wait_for(registered, "Ray Train to register the run's first checkpoint", timeout=300, interval=0.1, alive=proc)
     finally:
         kill_group(proc)  # a crash: the driver, its Ray and the workers, all at once
     finished = subprocess.run(args, cwd=repo, env=_env(repo), capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr[-3000:]
     metrics = json.loads((repo / "outputs" / "resume_check" / "metrics.json").read_text())
     assert metrics["step"] == 40
-    assert metrics["resumes"] == 1
+    execution = json.loads((repo / "outputs" / "resume_check" / "execution.json").read_text())
+    assert execution == {"resumes": 1, "resumed_at_steps": execution["resumed_at_steps"]}
+    assert len(execution["resumed_at_steps"]) == 1 and execution["resumed_at_steps"][0] % 4 == 0
 
 
 def test_multirun_sweep_gives_each_point_its_own_run_and_outputs(repo, mlflow_client):
-    proc = sh(repo, sys.executable, "stages/pretrain.py", "-m", "stage.pretrain.schedule.lr=0.001,0.002",
-              "stage.pretrain.schedule.total_steps=3", timeout=600)
+    proc = sh(
+        repo,
+        sys.executable,
+        "stages/pretrain.py",
+        "-m",
+        "stage.pretrain.schedule.lr=0.001,0.002",
+        "stage.pretrain.schedule.total_steps=3",
+        timeout=600,
+    )
     points = sorted((repo / "multirun").glob("*/*/pretrain/metrics.json"))
     assert len(points) == 2, proc.stdout[-2000:]
     exp = mlflow_client.get_experiment_by_name("mobilemoe")
-    sweep = mlflow_client.search_runs([exp.experiment_id], "tags.stage = 'pretrain' and params.`stage.schedule.total_steps` = '3'")
+    sweep = mlflow_client.search_runs(
+        [exp.experiment_id], "tags.stage = 'pretrain' and params.`stage.schedule.total_steps` = '3'"
+    )
     assert sorted(r.data.params["stage.schedule.lr"] for r in sweep) == ["0.001", "0.002"]
 
 
 def test_mlflow_ui_serves_the_runs(repo):
     import urllib.request
 
-    with mlflow_server(repo / ".venv" / "bin" / "mlflow", f"sqlite:///{repo / 'mlflow.db'}",
-                       env=_env(repo), cwd=repo) as url:
+    with mlflow_server(
+        repo / ".venv" / "bin" / "mlflow", f"sqlite:///{repo / 'mlflow.db'}", env=_env(repo), cwd=repo
+    ) as url:
         req = urllib.request.Request(f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=mobilemoe")
         with urllib.request.urlopen(req, timeout=30) as r:
             exp = json.loads(r.read())["experiment"]
         body = json.dumps({"experiment_ids": [exp["experiment_id"]], "max_results": 100}).encode()
-        req = urllib.request.Request(f"{url}/api/2.0/mlflow/runs/search", data=body,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"{url}/api/2.0/mlflow/runs/search", data=body, headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(req, timeout=30) as r:
             names = {run["info"]["run_name"] for run in json.loads(r.read())["runs"]}
         assert {"recipe", "mix", "pretrain", "midtrain", "sft"} <= names

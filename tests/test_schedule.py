@@ -39,19 +39,30 @@ def test_decaying_schedules_end_at_min_lr_and_never_increase_after_warmup(kind):
 
 def test_cosine_midpoint_and_linear_midpoint():
     assert lr_at(cfg(kind="cosine"), 60) == pytest.approx(1e-4 + 0.9e-3 * 0.5)
-    assert lr_at(cfg(kind="cosine"), 35) == pytest.approx(
-        1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 0.25))
-    )
+    assert lr_at(cfg(kind="cosine"), 35) == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 0.25)))
     assert lr_at(cfg(kind="linear"), 60) == pytest.approx(1e-3 - 0.9e-3 * 0.5)
 
 
 def test_wsd_holds_peak_then_decays_over_last_fraction():
     c = cfg(kind="wsd", warmup_steps=10, total_steps=100, decay_fraction=0.2)
     assert c.decay_start == 80
-    assert all(lr_at(c, s) == 1e-3 for s in range(10, 81))
-    assert lr_at(c, 81) < 1e-3
-    assert lr_at(c, 90) == pytest.approx(1e-3 - 0.9e-3 * 0.5)
+    # Hand-computed: updates 80..99 are the 20-update window; update 80 + i uses
+    # lr - (lr - final) * (i + 1) / 20, so update 99 (the last one taken) is at the final lr.
+    assert all(lr_at(c, s) == 1e-3 for s in range(10, 80))
+    assert lr_at(c, 80) == pytest.approx(1e-3 - 0.9e-3 * 1 / 20)
+    assert lr_at(c, 89) == pytest.approx(1e-3 - 0.9e-3 * 10 / 20)
+    assert lr_at(c, 99) == pytest.approx(1e-4)
     assert lr_at(c, 100) == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("total, fraction, window", [(100, 0.2, 20), (37, 0.25, 9), (10, 0.05, 1), (50, 1.0, 50)])
+def test_wsd_decays_exactly_the_configured_number_of_updates(total, fraction, window):
+    c = cfg(kind="wsd", warmup_steps=0, total_steps=total, decay_fraction=fraction, min_lr_ratio=0.0)
+    taken = [lr_at(c, s) for s in range(total)]  # the lrs of the updates a run makes
+    decayed = [lr for lr in taken if lr < 1e-3]
+    assert len(decayed) == window
+    assert taken[-1] == 0.0  # the last update is at the final lr, also for a one-update window
+    assert decayed == sorted(decayed, reverse=True)
 
 
 def test_constant_ignores_min_lr_ratio():

@@ -9,6 +9,7 @@ import os
 import pickle
 import shutil
 import subprocess
+import sys
 
 import pytest
 import yaml
@@ -56,7 +57,7 @@ stages:
     cmd: python stages/data.py
     deps:
     - path: stages/data.py
-      md5: 1111
+      md5: '1111'
     outs:
     - path: outputs/data
       md5: aaaa.dir
@@ -109,9 +110,15 @@ def uri(tmp_path_factory):
     return f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
 
 
+def dvc_init(root):
+    """Make ``root`` a DVC project (lineage is read through DVC's own API)."""
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, check=True)
+
+
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     root = tmp_path_factory.mktemp("repo")
+    dvc_init(root)
     (root / "dvc.yaml").write_text(DVC_YAML)
     (root / "dvc.lock").write_text(DVC_LOCK)
     if shutil.which("git"):
@@ -150,12 +157,14 @@ def test_flatten_params_dots_indexes_and_truncates():
     assert tracking.MAX_PARAM_VALUE == validation.MAX_PARAM_VAL_LENGTH
     assert tracking.MAX_TAG_VALUE == validation.MAX_TAG_VAL_LENGTH
     assert tracking.MAX_DATASET_DIGEST == validation.MAX_DATASET_DIGEST_SIZE
-    flat = flatten_params({
-        "model": {"moe": {"top_k": 4}, "dims": [1, 2]},
-        "data": {"sources": [{"name": "bible", "weight": 0.5}]},
-        "note": "x" * 7000,
-        "odd key!": None,
-    })
+    flat = flatten_params(
+        {
+            "model": {"moe": {"top_k": 4}, "dims": [1, 2]},
+            "data": {"sources": [{"name": "bible", "weight": 0.5}]},
+            "note": "x" * 7000,
+            "odd key!": None,
+        }
+    )
     assert flat["model.moe.top_k"] == "4"
     assert flat["model.dims"] == "[1, 2]"
     assert flat["data.sources.0.name"] == "bible"
@@ -241,7 +250,7 @@ def test_recipe_with_two_nested_stages(uri, repo, monkeypatch, tmp_path):
     assert history[-1].value == pytest.approx(2.6)
     plots = {a.path for a in client.list_artifacts(pre_run.info.run_id, "plots")}
     assert plots == {"plots/loss.png"}
-    assert uri[len("sqlite:///"):].rsplit("/", 1)[0] in pre_run.info.artifact_uri  # beside the db
+    assert uri[len("sqlite:///") :].rsplit("/", 1)[0] in pre_run.info.artifact_uri  # beside the db
 
     # Logged model: linked to the run, loads back, sequence length stays dynamic.
     logged = mlflow.search_logged_models(experiment_ids=[pre_run.info.experiment_id], output_format="list")
@@ -325,19 +334,24 @@ def test_remote_logger_from_spawned_process(uri, repo, tmp_path):
 
 def test_cli_start_prints_only_the_run_id(uri, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    assert tracking.main(["start", "--experiment", "cli", "--tag", "trigger=make"]) == 0
+    from pipeline.tracking.__main__ import main
+
+    assert main(["start", "--experiment", "cli", "--tag", "trigger=make"]) == 0
     run_id = capsys.readouterr().out.strip()
-    assert tracking.main(["end", run_id, "--status", "FAILED"]) == 0
+    assert main(["end", run_id, "--status", "FAILED"]) == 0
     run = client_for(uri).get_run(run_id)
     assert run.info.status == "FAILED" and run.data.tags["trigger"] == "make"
 
 
 def test_dvc_input_hashes_resolves_templated_deps(tmp_path):
+    dvc_init(tmp_path)
     (tmp_path / "params.yaml").write_text("data:\n  out_dir: data/mix\nstage:\n  sft:\n    init: outputs/mid/model\n")
     (tmp_path / "dvc.yaml").write_text(
         "stages:\n  sft:\n    cmd: x\n    deps:\n      - ${data.out_dir}/sft\n      - ${stage.sft.init}\n"
-        "      - ${not.a.param}\n")
+        "  mix:\n    cmd: y\n    outs: [data/mix]\n  mid:\n    cmd: z\n    outs: [outputs/mid/model]\n"
+    )
     (tmp_path / "dvc.lock").write_text(
         "schema: '2.0'\nstages:\n  mix:\n    cmd: y\n    outs:\n    - path: data/mix\n      md5: cccc.dir\n"
-        "  mid:\n    cmd: z\n    outs:\n    - path: outputs/mid/model\n      md5: dddd.dir\n")
+        "  mid:\n    cmd: z\n    outs:\n    - path: outputs/mid/model\n      md5: dddd.dir\n"
+    )
     assert dvc_input_hashes(tmp_path, "sft") == {"data/mix": "cccc.dir", "outputs/mid/model": "dddd.dir"}

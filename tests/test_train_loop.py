@@ -8,28 +8,57 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import VOCAB
 
 from pipeline.model import ModelConfig, MoEConfig
 from pipeline.train.batches import IGNORE_INDEX, TokenBatches
-from pipeline.train.callbacks import BalanceCallback, CheckpointCallback, MetricsCallback
+from pipeline.train.callbacks import BalanceCallback, Callback, CheckpointCallback, MetricsCallback
 from pipeline.train.checkpoint import latest_checkpoint, load_checkpoint
 from pipeline.train.config import TrainStageConfig
 from pipeline.train.loop import WorkerJob, run_loop
 from pipeline.train.schedule import ScheduleConfig
 
-from conftest import VOCAB
-
 
 def _job(micro_data: Path, steps: int, mixture: str = "pretrain") -> WorkerJob:
-    model = ModelConfig(name="t", vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                        head_dim=8, max_seq_len=64,
-                        moe=MoEConfig(num_experts=4, top_k=2, expert_ffn_dim=16, num_shared_experts=1,
-                                      shared_ffn_dim=16, route_scale=2.5, bias_update_rate=0.01))
-    train = TrainStageConfig(mixture=str(micro_data / mixture), tokenizer=str(micro_data / "tokenizer" / "tokenizer.json"),
-                             out_dir="unused", seq_len=32, batch_size=8,
-                             schedule=ScheduleConfig(kind="cosine", lr=1e-2, warmup_steps=2, total_steps=steps),
-                             log_every=1, eval_every=5, eval_batches=2, checkpoint_every=5)
-    return WorkerJob(stage="pretrain", model=asdict(model), train=asdict(train), seed=0, bytes_per_token=3.0)
+    model = ModelConfig(
+        name="t",
+        vocab_size=VOCAB,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=8,
+        max_seq_len=64,
+        moe=MoEConfig(
+            num_experts=4,
+            top_k=2,
+            expert_ffn_dim=16,
+            num_shared_experts=1,
+            shared_ffn_dim=16,
+            route_scale=2.5,
+            bias_update_rate=0.01,
+        ),
+    )
+    train = TrainStageConfig(
+        mixture=str(micro_data / mixture),
+        tokenizer=str(micro_data / "tokenizer" / "tokenizer.json"),
+        out_dir="unused",
+        seq_len=32,
+        batch_size=8,
+        schedule=ScheduleConfig(kind="cosine", lr=1e-2, warmup_steps=2, total_steps=steps),
+        log_every=1,
+        eval_every=5,
+        eval_batches=2,
+        checkpoint_every=5,
+    )
+    return WorkerJob(
+        stage="pretrain",
+        model=asdict(model),
+        train=asdict(train),
+        seed=0,
+        mixture_dir=str(micro_data / mixture),
+        bytes_per_token=3.0,
+    )
 
 
 class Reports:
@@ -47,7 +76,7 @@ class Reports:
 
 
 def _callbacks(job: WorkerJob, reports: Reports) -> list:
-    return [BalanceCallback(), MetricsCallback(1, None), CheckpointCallback(5, {"model": job.model}, reports)]
+    return [BalanceCallback(), MetricsCallback(1, None), CheckpointCallback(5, {"model": job.model}, report=reports)]
 
 
 def test_batches_mask_prompt_tokens_and_resample_identically(micro_data):
@@ -83,7 +112,7 @@ def test_resume_from_checkpoint_equals_uninterrupted(micro_data, tmp_path):
     first_half = _job(micro_data, steps=10)
     callbacks = _callbacks(first_half, reports)
 
-    class Interrupt(Exception):
+    class InterruptError(Exception):
         pass
 
     class StopAfterFirstCheckpoint:
@@ -92,12 +121,12 @@ def test_resume_from_checkpoint_equals_uninterrupted(micro_data, tmp_path):
 
         def on_step_end(self, state, metrics):
             if reports.roots:
-                raise Interrupt
+                raise InterruptError
 
         def on_train_end(self, state):
             pass
 
-    with pytest.raises(Interrupt):
+    with pytest.raises(InterruptError):
         run_loop(first_half, 0, 1, None, callbacks + [StopAfterFirstCheckpoint()])
     ckpt = load_checkpoint(latest_checkpoint(reports.roots[-1]))
     assert ckpt.step == 5
@@ -131,8 +160,14 @@ def _ddp_worker(rank: int, world: int, init_file: str, micro_data: Path, out_dir
         job = _job(micro_data, steps=8)
         job.train["grad_accum"] = 2
         state = run_loop(job, rank, world, None, [BalanceCallback(), MetricsCallback(1, None)])
-        save_checkpoint(out_dir / f"rank{rank}", state.step, state.model.state_dict(), None,
-                        meta={"history": state.history}, keep_last=1)
+        save_checkpoint(
+            out_dir / f"rank{rank}",
+            state.step,
+            state.model.state_dict(),
+            None,
+            meta={"history": state.history},
+            keep_last=1,
+        )
     finally:
         dist.destroy_process_group()
 
@@ -182,3 +217,60 @@ def test_validation_is_split_by_domain_consistently(micro_data):
     weighted = sum(losses[n] * counts[n] for n in names) / sum(counts.values())
     assert abs(weighted - losses["all"]) < 1e-9
     assert losses["math"] != losses["literature"]
+
+
+class _Plant(Callback):
+    """Plants a fault into the model once training starts (the loop builds the model)."""
+
+    def __init__(self, plant) -> None:
+        self.plant = plant
+
+    def on_train_start(self, state) -> None:
+        self.plant(state.model)
+
+
+def _nan_grad_in(name: str):
+    def plant(model) -> None:
+        param = dict(model.named_parameters())[name]
+        # Finite forward, finite loss; the backward of this one tensor overflows.
+        param.register_hook(lambda g: torch.where(torch.arange(g.numel()).view_as(g) == 0, float("inf"), g))
+
+    return plant
+
+
+def _nan_aux_loss_in_layer(layer: int):
+    def plant(model) -> None:
+        moe = model.layers[layer].ffn
+        original = moe._aux_loss
+        moe._aux_loss = lambda route, counts, n: original(route, counts, n) + float("nan")
+
+    return plant
+
+
+@pytest.mark.parametrize(
+    "plant, term, layer",
+    [
+        (_nan_grad_in("layers.1.attn.wq.weight"), "gradient norm", "layers.1.attn.wq.weight"),
+        (_nan_aux_loss_in_layer(0), "auxiliary loss", None),
+    ],
+)
+def test_non_finite_step_stops_before_the_optimizer_and_any_checkpoint(micro_data, tmp_path, plant, term, layer):
+    job = _job(micro_data, steps=12)
+    reports = Reports(tmp_path)
+    before = {}
+
+    class Snapshot(Callback):
+        def on_train_start(self, state) -> None:
+            before.update({k: v.clone() for k, v in state.model.state_dict().items()})
+            self.model = state.model
+
+    snap = Snapshot()
+    with pytest.raises(FloatingPointError) as err:
+        run_loop(job, 0, 1, None, [_Plant(plant), snap, *_callbacks(job, reports)])
+    message = str(err.value)
+    assert "at step 1" in message and term in message, message
+    if layer:
+        assert f"first non-finite gradient: {layer}" in message
+    assert reports.roots == []  # nothing reported, so nothing to resume from
+    for name, tensor in snap.model.state_dict().items():  # the optimizer never stepped
+        torch.testing.assert_close(tensor, before[name], rtol=0, atol=0, msg=name)

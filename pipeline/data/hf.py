@@ -7,16 +7,83 @@ mixture (FineWeb-Edu, FineMath, Tulu, ...) by changing config only.
 
 from __future__ import annotations
 
+import glob
+import json
 from collections.abc import Iterator
+from pathlib import Path
 
 from pipeline.data.chat import render_text, validate
 from pipeline.data.document import DataError, Document
 from pipeline.data.sources import Kind, Opt
 
+TEXT_BUILDERS = ("json", "text", "csv")  # builders that read local files as UTF-8 text
+
+
+def local_files(options: dict) -> list[Path]:
+    """The local files a source's ``data_files`` names (str, list, or {split: str|list}),
+    globs expanded; names that match nothing on disk are left to the loader."""
+    spec = options.get("data_files")
+    if spec is None:
+        return []
+    entries = []
+    for value in spec.values() if isinstance(spec, dict) else [spec]:
+        entries += value if isinstance(value, list) else [value]
+    files: list[Path] = []
+    for entry in entries:
+        matches = sorted(glob.glob(str(entry))) if any(c in str(entry) for c in "*?[") else [str(entry)]
+        files += [Path(m) for m in matches if Path(m).is_file()]
+    return files
+
+
+def check_local_file(path: Path, builder: str) -> None:
+    """Raise DataError naming ``path`` and the cause if a local data file cannot be read
+    by ``builder``: empty; not UTF-8 at byte N; malformed JSON at line N; not Parquet.
+
+    The ``datasets`` loaders report these as ``StopIteration``, an unexplained
+    ``DatasetGenerationError`` or a raw ``UnicodeDecodeError``."""
+    data = path.read_bytes()
+    if not data.strip():
+        raise DataError(f"{path}: the file is empty")
+    if builder == "parquet":
+        if not (data.startswith(b"PAR1") and data.endswith(b"PAR1")):
+            raise DataError(f"{path}: not a Parquet file (no PAR1 magic bytes)")
+        return
+    if builder not in TEXT_BUILDERS:
+        return
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise DataError(f"{path}: not UTF-8 at byte {err.start} (line {line}): {data[err.start:err.start + 1]!r}; "
+                        f"re-encode the file as UTF-8") from None
+    if builder == "json":
+        _check_json(path, text)
+
+
+def _check_json(path: Path, text: str) -> None:
+    try:
+        json.loads(text)  # one JSON document (an array, or an object with a field)
+        return
+    except ValueError:
+        pass
+    for number, line in enumerate(text.splitlines(), start=1):  # JSON Lines
+        if not line.strip():
+            continue
+        try:
+            json.loads(line)
+        except ValueError as err:
+            raise DataError(f"{path}: malformed JSON at line {number} ({err.msg}, column {err.colno})") from None
+
+
+def _check_files(options: dict) -> None:
+    for path in local_files(options):
+        check_local_file(path, options["path"])
+
 
 def _load(options: dict):
     import datasets  # heavy import: only when an hf source is actually used
 
+    _check_files(options)
     try:
         return datasets.load_dataset(options["path"], name=options["name"], data_files=options["data_files"],
                                      split=options["split"], streaming=options["streaming"])
@@ -27,6 +94,7 @@ def _load(options: dict):
 def _check(options: dict) -> None:
     import datasets
 
+    _check_files(options)
     try:
         builder = datasets.load_dataset_builder(options["path"], name=options["name"],
                                                 data_files=options["data_files"])
@@ -59,10 +127,17 @@ def _chat_iter(options: dict, cfg) -> Iterator[Document]:
             validate(messages)
         except ValueError as err:
             raise DataError(f"source {cfg.name!r}: row {i}: {err}") from None
-        if messages[-1]["role"] != "assistant":
-            continue  # nothing to learn from a conversation without a final answer
+        # Only assistant turns are trained on: trailing turns after the last answer teach
+        # nothing, so they are cut; a conversation with no answer at all is dropped.
+        # Both are counted in the manifest (documents_trimmed / documents_dropped).
+        last = max((j for j, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+        if last < 0:
+            yield Document("", cfg.domain, cfg.name, meta={"dropped": "no assistant turn"})
+            continue
+        trimmed = len(messages) - (last + 1)
+        messages = messages[: last + 1]
         yield Document(render_text(messages), cfg.domain, cfg.name,
-                       meta={"messages": messages, "task": options["task"]})
+                       meta={"messages": messages, "task": options["task"], "trimmed_turns": trimmed})
 
 
 def _str(v) -> bool:

@@ -93,6 +93,8 @@ class SourceDocs:
     val: list[Document] = field(default_factory=list)
     raw: int = 0
     duplicates: int = 0
+    dropped: int = 0  # items the source could not use at all (e.g. a chat without an answer)
+    trimmed: int = 0  # items kept in part (e.g. a chat's trailing unanswered user turn)
 
 
 @dataclass
@@ -103,7 +105,7 @@ class Collected:
     warnings: list[str]
 
 
-def collect(cfg: MixtureConfig, cache: dict[str, list[Document]] | None = None) -> Collected:
+def collect(cfg: MixtureConfig, cache: dict[str, tuple[list[Document], int]] | None = None) -> Collected:
     """Materialise, deduplicate and split. ``cache`` shares materialised sources
     between mixtures of one build (keyed by the source's kind/options/caps)."""
     cache = {} if cache is None else cache
@@ -122,9 +124,12 @@ def collect(cfg: MixtureConfig, cache: dict[str, list[Document]] | None = None) 
             continue
         key = src.cache_key()
         if key not in cache:
-            cache[key] = materialise(src)
-        sd = SourceDocs(src, raw=len(cache[key]))
-        for doc in cache[key]:
+            dropped: list[Document] = []
+            cache[key] = (materialise(src, dropped), len(dropped))
+        docs, n_dropped = cache[key]
+        sd = SourceDocs(src, raw=len(docs), dropped=n_dropped,
+                        trimmed=sum(1 for d in docs if d.meta.get("trimmed_turns")))
+        for doc in docs:
             h = text_hash(doc.text)
             if h in seen:
                 sd.duplicates += 1
@@ -268,6 +273,7 @@ def build_mixture(cfg: MixtureConfig, tokenizer: Tokenizer, out_dir: str | Path,
             "kind": sd.cfg.kind, "domain": sd.cfg.domain, "licence": licence_of(sd.cfg),
             "options": sd.cfg.resolved_options(), "max_docs": sd.cfg.max_docs,
             "weight_requested": share, "documents_raw": sd.raw, "duplicates_removed": sd.duplicates,
+            "documents_dropped": sd.dropped, "documents_trimmed": sd.trimmed,
             "tokens": {}, "target_tokens": {}, "bytes": {},
         }
         for split, docs in (("train", sd.train), ("val", sd.val)):

@@ -163,11 +163,19 @@ def iter_documents(cfg: SourceConfig) -> Iterator[Document]:
     return itertools.islice(docs, cfg.max_docs) if cfg.max_docs else docs
 
 
-def materialise(cfg: SourceConfig) -> list[Document]:
-    """All documents of a source (up to ``max_docs``); an empty source is an error."""
+def materialise(cfg: SourceConfig, dropped: list[Document] | None = None) -> list[Document]:
+    """All documents of a source (up to ``max_docs``); an empty source is an error.
+
+    A source may yield a document with empty text for an item it could not use (its
+    ``meta["dropped"]`` says why); such items are left out and, when ``dropped`` is a
+    list, appended to it so the caller can count them."""
     check_available(cfg)
-    docs = [d for d in iter_documents(cfg) if d.text.strip()]
+    docs = []
+    for d in iter_documents(cfg):
+        if d.text.strip():
+            docs.append(d)
+        elif dropped is not None and d.meta.get("dropped"):
+            dropped.append(d)
     if not docs:
         raise DataError(f"source {cfg.name!r} yielded no documents")
     return docs
-

@@ -63,8 +63,7 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
     ffn_total, ffn_active, router = _ffn_params(cfg)
     total = embed + norms + cfg.n_layers * (attn + ffn_total)
     active = embed + norms + cfg.n_layers * (attn + ffn_active)
-    return ParamCounts(total=total, active=active, embedding=embed,
-                       router=cfg.n_layers * router, norms=norms)
+    return ParamCounts(total=total, active=active, embedding=embed, router=cfg.n_layers * router, norms=norms)
 
 
 def _attended_positions(cfg: ModelConfig, context: int, causal_mean: bool) -> float:

@@ -17,8 +17,14 @@ from pipeline.model.layers import RMSNorm, apply_rope
 class KVCache:
     """Preallocated keys and values for every layer, filled as decoding proceeds."""
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        batch: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
         shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
         self.max_len = max_len
         self.k_BHkvLDh = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
@@ -49,8 +55,14 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
 
-    def forward(self, x_BSD: torch.Tensor, cos_SDh2: torch.Tensor, sin_SDh2: torch.Tensor,
-                start_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x_BSD: torch.Tensor,
+        cos_SDh2: torch.Tensor,
+        sin_SDh2: torch.Tensor,
+        start_pos: int = 0,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
         B, S, _ = x_BSD.shape
         q_BHSDh = self.q_norm(self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim)).transpose(1, 2)
         k_BHkvSDh = self.k_norm(self.wk(x_BSD).view(B, S, self.n_kv_heads, self.head_dim)).transpose(1, 2)
@@ -71,12 +83,10 @@ class Attention(nn.Module):
             key_start = 0
 
         if cache is None and start_pos == 0 and self.window is None:
-            out_BHSDh = F.scaled_dot_product_attention(q_BHSDh, k_all, v_all, is_causal=True,
-                                                       enable_gqa=True)
+            out_BHSDh = F.scaled_dot_product_attention(q_BHSDh, k_all, v_all, is_causal=True, enable_gqa=True)
         else:
             q_pos_S = torch.arange(start_pos, start_pos + S, device=x_BSD.device)
             k_pos_L = torch.arange(key_start, key_start + k_all.shape[2], device=x_BSD.device)
             mask_SL = attention_mask(q_pos_S, k_pos_L, self.window)
-            out_BHSDh = F.scaled_dot_product_attention(q_BHSDh, k_all, v_all, attn_mask=mask_SL,
-                                                       enable_gqa=True)
+            out_BHSDh = F.scaled_dot_product_attention(q_BHSDh, k_all, v_all, attn_mask=mask_SL, enable_gqa=True)
         return self.wo(out_BHSDh.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))

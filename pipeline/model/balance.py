@@ -50,4 +50,3 @@ class ExpertBiasBalancer:
                 router.expert_bias_E += rate * torch.sign(counts_E.mean() - counts_E)
             router.tokens_per_expert_E.zero_()
         return {f"moe/{key}": sum(s[key] for s in stats) / len(stats) for key in stats[0]}
-

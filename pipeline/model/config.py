@@ -56,8 +56,11 @@ class MoEConfig:
             "shared_ffn_dim",
             "must be > 0 when num_shared_experts > 0",
         )
-        require(self.score_func in ("sigmoid", "softmax"), "score_func",
-                f"must be 'sigmoid' or 'softmax', got {self.score_func!r}")
+        require(
+            self.score_func in ("sigmoid", "softmax"),
+            "score_func",
+            f"must be 'sigmoid' or 'softmax', got {self.score_func!r}",
+        )
         require(self.route_scale > 0, "route_scale", "must be > 0")
         require(self.bias_update_rate >= 0, "bias_update_rate", "must be >= 0")
         require(self.aux_loss_coef >= 0, "aux_loss_coef", "must be >= 0")
@@ -90,8 +93,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         require(bool(self.name), "name", "must be non-empty")
-        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-                    "max_seq_len"):
+        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "max_seq_len"):
             value = getattr(self, key)
             require(isinstance(value, int) and value >= 1, key, f"must be a positive int, got {value!r}")
         require(

@@ -25,8 +25,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = MoE(cfg.d_model, cfg.moe) if cfg.moe is not None else SwiGLU(cfg.d_model, cfg.ffn_dim)
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int,
-                cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int, cache: KVCache | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin, start_pos, cache)
         h_BSD = self.ffn_norm(x_BSD)
         if isinstance(self.ffn, MoE):
@@ -68,20 +69,21 @@ class Transformer(nn.Module):
             moe.router.expert_bias_E.zero_()
         if self.rope_cos.is_meta:
             return
-        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta,
-                               device=self.rope_cos.device)
+        cos, sin = rope_tables(
+            self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, device=self.rope_cos.device
+        )
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
-    def forward_with_aux(self, tokens_BS: torch.Tensor, start_pos: int = 0,
-                         cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_with_aux(
+        self, tokens_BS: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, S, V) and the summed MoE auxiliary loss (a scalar, 0 if unused)."""
         S = tokens_BS.shape[1]
         if start_pos + S > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {start_pos + S} positions exceeds max_seq_len="
-                             f"{self.cfg.max_seq_len}")
-        cos = self.rope_cos[start_pos:start_pos + S]
-        sin = self.rope_sin[start_pos:start_pos + S]
+            raise ValueError(f"sequence of {start_pos + S} positions exceeds max_seq_len={self.cfg.max_seq_len}")
+        cos = self.rope_cos[start_pos : start_pos + S]
+        sin = self.rope_sin[start_pos : start_pos + S]
         x_BSD = self.embed(tokens_BS)
         aux = x_BSD.new_zeros((), dtype=torch.float32)
         for block in self.layers:
@@ -91,8 +93,9 @@ class Transformer(nn.Module):
         weight_VD = self.embed.weight if self.head is None else self.head.weight
         return F.linear(x_BSD, weight_VD), aux
 
-    def forward(self, tokens_BS: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
-                return_aux: bool = False):
+    def forward(
+        self, tokens_BS: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None, return_aux: bool = False
+    ):
         """Logits (B, S, V); with ``return_aux`` also the MoE auxiliary loss. The flag
         (rather than only forward_with_aux) lets a DDP wrapper's forward return both."""
         logits_BSV, aux = self.forward_with_aux(tokens_BS, start_pos, cache)
@@ -101,7 +104,7 @@ class Transformer(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [block.ffn for block in self.layers if isinstance(block.ffn, MoE)]
 
-    def set_moe_dispatch(self, dispatch: str) -> "Transformer":
+    def set_moe_dispatch(self, dispatch: str) -> Transformer:
         """Switch every MoE layer's dispatch ("grouped", "gather" or "loop")."""
         for moe in self.moe_layers():
             moe.dispatch = dispatch
@@ -109,9 +112,15 @@ class Transformer(nn.Module):
 
 
 @torch.no_grad()
-def generate(model: Transformer, prompt_BS: torch.Tensor, max_new_tokens: int,
-             temperature: float = 0.0, top_k: int | None = None, eos_id: int | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+def generate(
+    model: Transformer,
+    prompt_BS: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Extend ``prompt_BS`` with a KV cache. temperature 0 is greedy decoding.
 
     Returns only the new tokens (B, <= max_new_tokens); stops early when every row has
@@ -141,8 +150,9 @@ def generate(model: Transformer, prompt_BS: torch.Tensor, max_new_tokens: int,
     return torch.stack(new_tokens, dim=1)
 
 
-def _sample(logits_BV: torch.Tensor, temperature: float, top_k: int | None,
-            generator: torch.Generator | None) -> torch.Tensor:
+def _sample(
+    logits_BV: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> torch.Tensor:
     if temperature <= 0:
         return logits_BV.argmax(-1)
     logits_BV = logits_BV / temperature

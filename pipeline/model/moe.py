@@ -102,8 +102,9 @@ class GroupedExperts(nn.Module):
         return torch._grouped_mm(h_NF, w2_EDF.to(dtype).transpose(-2, -1), offs=offsets_E)
 
 
-def gathered_experts(experts: GroupedExperts, x_TD: torch.Tensor, experts_TK: torch.Tensor,
-                     gates_TK: torch.Tensor) -> torch.Tensor:
+def gathered_experts(
+    experts: GroupedExperts, x_TD: torch.Tensor, experts_TK: torch.Tensor, gates_TK: torch.Tensor
+) -> torch.Tensor:
     """Gather each token's K expert matrices and apply them with einsum.
 
     No data-dependent shapes, so ``torch.export`` traces it (the grouped GEMM's export
@@ -125,7 +126,7 @@ def reference_experts(experts: GroupedExperts, x_ND: torch.Tensor, counts_E: tor
     outputs = []
     start = 0
     for e, count in enumerate(counts_E.tolist()):
-        x_nD = x_ND[start:start + count]
+        x_nD = x_ND[start : start + count]
         h_nF = F.silu(x_nD @ w1_EFD[e].T) * (x_nD @ w3_EFD[e].T)
         outputs.append(h_nF @ w2_EDF[e].T)
         start += count
@@ -154,8 +155,9 @@ class MoE(nn.Module):
 
         experts_N = route.experts_TK.reshape(-1)
         # scatter_add rather than bincount: a static output shape keeps torch.export happy.
-        counts_E = torch.zeros(self.cfg.num_experts, dtype=torch.long,
-                               device=x_TD.device).scatter_add_(0, experts_N, torch.ones_like(experts_N))
+        counts_E = torch.zeros(self.cfg.num_experts, dtype=torch.long, device=x_TD.device).scatter_add_(
+            0, experts_N, torch.ones_like(experts_N)
+        )
         if self.dispatch == "gather":
             out_TD = gathered_experts(self.experts, x_TD, route.experts_TK, route.gates_TK)
         else:
@@ -189,7 +191,10 @@ class MoE(nn.Module):
         if self.cfg.aux_loss_coef > 0:
             # Switch-style balance: E * sum_e (fraction of slots to e) * (mean score of e).
             frac_E = counts_E.float() / (n_tokens * self.cfg.top_k)
-            probs_TE = route.scores_TE / route.scores_TE.sum(-1, keepdim=True)
+            # Sigmoid scores need not sum to 1; when every score of a token underflows to 0
+            # the normaliser would be 0/0, so it is floored at the smallest normal float.
+            total_T1 = route.scores_TE.sum(-1, keepdim=True).clamp_min(torch.finfo(route.scores_TE.dtype).tiny)
+            probs_TE = route.scores_TE / total_T1
             loss = loss + self.cfg.aux_loss_coef * self.cfg.num_experts * (frac_E * probs_TE.mean(0)).sum()
         if self.cfg.z_loss_coef > 0:
             loss = loss + self.cfg.z_loss_coef * torch.logsumexp(route.logits_TE, dim=-1).pow(2).mean()

@@ -28,8 +28,10 @@ class TokenBatches:
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.max_start = len(self.tokens) - (seq_len + 1)
         if self.max_start < 0:
-            raise ValueError(f"{mixture_dir} {split} split has {len(self.tokens)} tokens, "
-                             f"fewer than one window of seq_len+1={seq_len + 1}")
+            raise ValueError(
+                f"{mixture_dir} {split} split has {len(self.tokens)} tokens, "
+                f"fewer than one window of seq_len+1={seq_len + 1}"
+            )
 
     def _windows(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         idx = starts[:, None] + np.arange(self.seq_len + 1)[None, :]
@@ -50,7 +52,7 @@ class TokenBatches:
         n_windows = n_batches * self.batch_size
         starts = np.linspace(0, self.max_start, n_windows).astype(np.int64)
         for b in range(rank, n_batches, world):
-            batch_starts = starts[b * self.batch_size:(b + 1) * self.batch_size]
+            batch_starts = starts[b * self.batch_size : (b + 1) * self.batch_size]
             inputs_BS, labels_BS = self._windows(batch_starts)
             idx = batch_starts[:, None] + np.arange(1, self.seq_len + 1)[None, :]
             domains_BS = torch.from_numpy(self.domains[idx].astype(np.int64))

@@ -16,6 +16,12 @@ renamed to ``step_N`` in one ``os.replace``; only then is ``latest.json`` replac
 via a temp file). A crash at any point leaves either the previous checkpoint as latest
 or the new one complete, never a half-written ``step_N``.
 
+Integrity: ``meta.json`` records each file's size and sha256. The size check is cheap
+and done whenever a directory is considered (:func:`latest_checkpoint`); the hashes are
+checked on load, so a flipped byte is reported instead of resumed from. A checkpoint
+whose tensors are not all finite is refused at write time: it could only be resumed
+into the same failure.
+
 Tied weights: safetensors refuses tensors that share storage. Exact aliases (same
 storage, offset, shape, stride, e.g. tied embedding/output weights) are saved once under
 their first name and the other names are recorded in the model file's header; loading
@@ -33,15 +39,19 @@ import json
 import os
 import secrets
 import shutil
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-FORMAT_VERSION = 1
+from pipeline.hashing import sha256_file
+
+FORMAT_VERSION = 2  # 2 adds per-file sha256; 1 is still read
+READABLE_VERSIONS = (1, 2)
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 EXTRA_FILE = "extra.safetensors"
@@ -93,6 +103,17 @@ def save_checkpoint(
         raise CheckpointError(f"keep_last must be >= 1 or None, got {keep_last}")
     if _RESERVED_META_KEY in meta:
         raise CheckpointError(f"meta key {_RESERVED_META_KEY!r} is reserved for the format")
+    _require_finite(model_state, "model")
+    if optimizer is not None:
+        _require_finite(
+            {
+                f"{i}/{k}": v
+                for i, st in optimizer.state_dict()["state"].items()
+                for k, v in st.items()
+                if isinstance(v, torch.Tensor)
+            },
+            "optimizer",
+        )
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / _step_dir_name(step)
@@ -134,12 +155,22 @@ def _write_contents(
         _save_tensors(tmp / EXTRA_FILE, extra_tensors, {"aliases": json.dumps(extra_aliases)})
         files.append(EXTRA_FILE)
     sizes = {name: (tmp / name).stat().st_size for name in files}
-    info = {"format_version": FORMAT_VERSION, "step": step, "files": sizes}
+    hashes = {name: sha256_file(tmp / name) for name in files}
+    info = {"format_version": FORMAT_VERSION, "step": step, "files": sizes, "sha256": hashes}
     try:
         text = json.dumps({_RESERVED_META_KEY: info, **meta}, indent=2, sort_keys=True)
     except TypeError as err:
         raise CheckpointError(f"meta is not JSON-serialisable: {err}") from None
     _write_text_synced(tmp / META_FILE, text)
+
+
+def _require_finite(state: Mapping[str, Any], what: str) -> None:
+    for name, tensor in state.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(
+                f"refusing to write a checkpoint whose {what} tensor {name!r} holds non-finite "
+                f"values (NaN/inf): resuming from it would repeat the failure"
+            )
 
 
 def _dedupe_aliases(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -352,15 +383,32 @@ def latest_checkpoint(root: Path) -> Path | None:
             return target
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    for step, path in sorted(_step_dirs(root), reverse=True):
+    for _step, path in sorted(_step_dirs(root), reverse=True):
         if _problem(path) is None:
             return path
     return None
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Read a checkpoint directory (safetensors and JSON only: never pickle)."""
+def verify_checkpoint(path: Path) -> None:
+    """Raise CheckpointError unless ``path`` is complete and every file matches the
+    sha256 recorded when it was written (reads every byte, loads no tensor)."""
     path = Path(path)
+    problem = _problem(path)
+    if problem is not None:
+        raise CheckpointError(f"{path}: {problem}")
+    info = json.loads((path / META_FILE).read_text())[_RESERVED_META_KEY]
+    for name, digest in (info.get("sha256") or {}).items():
+        if sha256_file(path / name) != digest:
+            raise CheckpointError(f"{path}: {name} does not match the sha256 recorded at write time (corrupt)")
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", verify: bool = True) -> Checkpoint:
+    """Read a checkpoint directory (safetensors and JSON only: never pickle).
+
+    ``verify`` checks every file against its recorded sha256 first."""
+    path = Path(path)
+    if verify:
+        verify_checkpoint(path)
     problem = _problem(path)
     if problem is not None:
         raise CheckpointError(f"{path}: {problem}")
@@ -381,26 +429,68 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Che
     return Checkpoint(path, info["step"], model_state, full, optimizer_state, extra)
 
 
-def validate_against(model_state_expected_shapes: Mapping[str, Sequence[int]], ckpt: Checkpoint) -> None:
-    """Raise CheckpointError listing missing/unexpected keys and shape mismatches."""
-    expected = {k: tuple(v) for k, v in model_state_expected_shapes.items()}
-    got = {k: tuple(t.shape) for k, t in ckpt.model_state.items()}
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
+TensorSpec = tuple[tuple[int, ...], str]  # (shape, safetensors dtype such as "F32")
+_ST_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def spec_of(tensor: torch.Tensor) -> TensorSpec:
+    """The (shape, dtype) a tensor has in a safetensors header."""
+    return tuple(tensor.shape), _ST_DTYPES.get(tensor.dtype, str(tensor.dtype))
+
+
+def tensor_specs(path: Path) -> dict[str, TensorSpec]:
+    """Name -> (shape, dtype) of a checkpoint's model tensors, tied aliases included, read
+    from the safetensors header without loading any tensor data."""
+    file = Path(path) / MODEL_FILE
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            header = f.metadata() or {}
+            specs = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for bad bytes
+        raise CheckpointError(f"{file}: cannot read safetensors header ({type(err).__name__}: {err})") from None
+    for alias, canonical in _parse_header(file, header, "aliases").items():
+        if canonical not in specs:
+            raise CheckpointError(f"{file}: alias {alias!r} points at missing tensor {canonical!r}")
+        specs[alias] = specs[canonical]
+    return specs
+
+
+def check_fits(expected: Mapping[str, TensorSpec], found: Mapping[str, TensorSpec], where: str) -> None:
+    """Raise CheckpointError listing missing/unexpected names, shape and dtype mismatches."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
     mismatched = [
-        f"{k}: checkpoint {got[k]} vs model {expected[k]}"
-        for k in sorted(set(expected) & set(got))
-        if got[k] != expected[k]
+        f"{k}: checkpoint {found[k][0]} {found[k][1]} vs model {expected[k][0]} {expected[k][1]}"
+        for k in sorted(set(expected) & set(found))
+        if tuple(found[k][0]) != tuple(expected[k][0]) or found[k][1] != expected[k][1]
     ]
     if missing or unexpected or mismatched:
         parts = []
         if missing:
-            parts.append(f"missing keys {missing}")
+            parts.append(f"missing keys {missing[:10]}")
         if unexpected:
-            parts.append(f"unexpected keys {unexpected}")
+            parts.append(f"unexpected keys {unexpected[:10]}")
         if mismatched:
-            parts.append(f"shape mismatches [{'; '.join(mismatched)}]")
-        raise CheckpointError(f"{ckpt.path}: does not fit the model: {', '.join(parts)}")
+            parts.append(f"mismatches [{'; '.join(mismatched[:10])}]")
+        raise CheckpointError(f"{where}: does not fit the model: {', '.join(parts)}")
+
+
+def validate_against(model_state_expected_shapes: Mapping[str, Sequence[int]], ckpt: Checkpoint) -> None:
+    """Raise CheckpointError listing missing/unexpected keys and shape mismatches."""
+    found = {k: spec_of(t) for k, t in ckpt.model_state.items()}
+    expected = {k: (tuple(v), found[k][1] if k in found else "?") for k, v in model_state_expected_shapes.items()}
+    check_fits(expected, found, str(ckpt.path))
 
 
 def _problem(path: Path) -> str | None:
@@ -420,8 +510,8 @@ def _problem(path: Path) -> str | None:
     for key in ("format_version", "step", "files"):
         if key not in info:
             return f"{META_FILE} lacks required key {_RESERVED_META_KEY}.{key}"
-    if info["format_version"] != FORMAT_VERSION:
-        return f"unsupported format_version {info['format_version']} (this code reads {FORMAT_VERSION})"
+    if info["format_version"] not in READABLE_VERSIONS:
+        return f"unsupported format_version {info['format_version']} (this code reads {READABLE_VERSIONS})"
     if not isinstance(info["files"], dict) or MODEL_FILE not in info["files"]:
         return f"{META_FILE} lists no {MODEL_FILE}"
     for name, size in info["files"].items():
@@ -439,7 +529,7 @@ def _read_tensors(file: Path, device: str) -> tuple[dict[str, torch.Tensor], dic
         with safe_open(str(file), framework="pt", device=device) as f:
             header = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # safetensors raises its own error types for bad bytes
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for bad bytes
         raise CheckpointError(f"{file}: cannot read safetensors ({type(err).__name__}: {err})") from None
     return tensors, header
 

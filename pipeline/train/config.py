@@ -22,8 +22,11 @@ class TrainStageConfig:
     seq_len: int = 256
     batch_size: int = 16  # sequences per worker per micro-batch
     grad_accum: int = 1
-    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(
-        kind="cosine", lr=1e-3, warmup_steps=10, total_steps=100, min_lr_ratio=0.1))
+    schedule: ScheduleConfig = field(
+        default_factory=lambda: ScheduleConfig(
+            kind="cosine", lr=1e-3, warmup_steps=10, total_steps=100, min_lr_ratio=0.1
+        )
+    )
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
@@ -40,16 +43,26 @@ class TrainStageConfig:
         self.betas = tuple(self.betas)  # YAML gives a list
         for key in ("mixture", "tokenizer", "out_dir"):
             require(bool(getattr(self, key)), key, "must be a non-empty path")
-        for key in ("seq_len", "batch_size", "grad_accum", "log_every", "eval_every",
-                    "eval_batches", "checkpoint_every", "keep_checkpoints"):
+        for key in (
+            "seq_len",
+            "batch_size",
+            "grad_accum",
+            "log_every",
+            "eval_every",
+            "eval_batches",
+            "checkpoint_every",
+            "keep_checkpoints",
+        ):
             value = getattr(self, key)
             require(isinstance(value, int) and value >= 1, key, f"must be an int >= 1, got {value!r}")
-        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
-                f"must be two numbers in [0, 1), got {self.betas}")
+        require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "betas",
+            f"must be two numbers in [0, 1), got {self.betas}",
+        )
         require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         require(self.grad_clip > 0, "grad_clip", "must be > 0")
-        require(self.dtype in ("float32", "bfloat16"), "dtype",
-                f"must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        require(self.dtype in ("float32", "bfloat16"), "dtype", f"must be 'float32' or 'bfloat16', got {self.dtype!r}")
         require(self.sample_prompts >= 0, "sample_prompts", "must be >= 0")
 
     @property
@@ -69,3 +82,10 @@ class RayConfig:
         require(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
         require(self.cpus_per_worker >= 1, "cpus_per_worker", "must be >= 1")
         require(bool(self.storage_path), "storage_path", "must be a non-empty path")
+
+    def job_resources(self) -> dict[str, int]:
+        """What a training job of this config occupies: ``{"CPU": n[, "GPU": g]}``."""
+        need = {"CPU": self.num_workers * self.cpus_per_worker}
+        if self.use_gpu:
+            need["GPU"] = self.num_workers
+        return need

@@ -4,8 +4,17 @@ The loop only computes: forward, loss, backward, clip, step. Everything with a s
 effect (expert-bias balancing, metric logging, checkpoints and Ray reports) is a
 callback (see callbacks.py) invoked at fixed points.
 
-``train_loop_per_worker`` receives a plain dict (``WorkerJob.to_dict()``), so it runs
-the same under Ray Train on a laptop or a cluster, and in a unit test without Ray.
+The Ray Train worker entry point (pipeline/runner/train_job.py) receives a plain dict
+(``WorkerJob.to_dict()``), so the loop runs the same under Ray Train on a laptop or a
+cluster, and in a unit test without Ray.
+
+Numerical safety: before every optimizer step, each loss term and the gradient norm
+(all-reduced, so every rank decides alike) must be finite; otherwise the loop stops,
+naming the step, the term and the first parameter whose gradient is not finite, before
+the optimizer or a checkpoint can take in the damage.
+
+Metrics named ``perf/*`` describe the execution (tokens per second), not the result:
+they are logged, never kept in the checkpoint's history (which DVC hashes).
 """
 
 from __future__ import annotations
@@ -14,7 +23,6 @@ import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,8 +32,13 @@ from torch.nn.parallel import DistributedDataParallel
 from pipeline.configbase import from_dict
 from pipeline.model import ModelConfig, Transformer
 from pipeline.train.batches import IGNORE_INDEX, TokenBatches
-from pipeline.train.checkpoint import (Checkpoint, load_checkpoint, optimizer_param_names,
-                                      restore_optimizer, restore_rng_state)
+from pipeline.train.checkpoint import (
+    Checkpoint,
+    load_checkpoint,
+    optimizer_param_names,
+    restore_optimizer,
+    restore_rng_state,
+)
 from pipeline.train.config import TrainStageConfig
 from pipeline.train.schedule import lr_at
 
@@ -36,12 +49,11 @@ class WorkerJob:
 
     stage: str
     model: dict
-    train: dict
+    train: dict  # the stage's TrainStageConfig as configured (paths as written in conf/)
     seed: int
+    mixture_dir: str  # the mixture to read, resolved for this machine
     init_checkpoint: str | None = None  # absolute path of a checkpoint step dir
     bytes_per_token: float = 0.0  # validation bytes / tokens, for bits per byte
-    tracking_uri: str | None = None
-    run_id: str | None = None
     extra_meta: dict = field(default_factory=dict)  # recorded in every checkpoint
 
     def to_dict(self) -> dict:
@@ -66,15 +78,15 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for p in model.parameters():
         (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def summed_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over positions with a label, and how many there were."""
     n = int((labels_BS != IGNORE_INDEX).sum())
-    loss = F.cross_entropy(logits_BSV.float().flatten(0, 1), labels_BS.flatten(),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = F.cross_entropy(
+        logits_BSV.float().flatten(0, 1), labels_BS.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return loss, n
 
 
@@ -87,8 +99,9 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, val: TokenBatches, n_batches: int, rank: int, world: int,
-             device: torch.device, dtype: str) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module, val: TokenBatches, n_batches: int, rank: int, world: int, device: torch.device, dtype: str
+) -> dict[str, float]:
     """Validation loss (nats per target token) over the fixed batches of all ranks:
     ``{"all": mean, <domain>: mean over that domain's targets, ...}``."""
     was_training = model.training
@@ -98,8 +111,16 @@ def evaluate(model: torch.nn.Module, val: TokenBatches, n_batches: int, rank: in
     for inputs_BS, labels_BS, domains_BS in val.eval_batches(n_batches, rank, world):
         with _autocast(dtype, device):
             logits_BSV = model(inputs_BS.to(device))
-        loss_N = F.cross_entropy(logits_BSV.float().flatten(0, 1), labels_BS.to(device).flatten(),
-                                 ignore_index=IGNORE_INDEX, reduction="none").cpu().double()
+        loss_N = (
+            F.cross_entropy(
+                logits_BSV.float().flatten(0, 1),
+                labels_BS.to(device).flatten(),
+                ignore_index=IGNORE_INDEX,
+                reduction="none",
+            )
+            .cpu()
+            .double()
+        )
         target_N = (labels_BS != IGNORE_INDEX).flatten()
         domain_N = domains_BS.flatten()[target_N]
         sums_D2[:, 0].index_add_(0, domain_N, loss_N[target_N])
@@ -107,11 +128,29 @@ def evaluate(model: torch.nn.Module, val: TokenBatches, n_batches: int, rank: in
     sums_D2 = torch.tensor(all_reduce_sum(sums_D2.flatten().tolist(), device), dtype=torch.float64).view(-1, 2)
     model.train(was_training)
     total = sums_D2.sum(0)
-    means = {"all": float(total[0] / total[1].clamp_min(1))}
+    if total[1] == 0:
+        raise ValueError("the validation batches hold no target tokens: there is no loss to report")
+    means = {"all": float(total[0] / total[1])}
     for name, (loss_sum, count) in zip(val.domain_names, sums_D2.tolist()):
         if count > 0:
             means[name] = loss_sum / count
     return means
+
+
+def _require_finite(stage: str, step: int, model: torch.nn.Module, terms: dict[str, float]) -> None:
+    """Raise FloatingPointError unless every term is finite (called before the optimizer step)."""
+    bad = [name for name, value in terms.items() if not math.isfinite(value)]
+    if not bad:
+        return
+    layer = next(
+        (name for name, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()), None
+    )
+    where = f"; first non-finite gradient: {layer}" if layer else "; every gradient is finite"
+    raise FloatingPointError(
+        f"stage {stage}: non-finite {', '.join(f'{n} ({terms[n]})' for n in bad)} at step {step}{where}. "
+        f"The optimizer did not step and no checkpoint holds this state; resuming restarts from the last "
+        f"checkpoint"
+    )
 
 
 def _autocast(dtype: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -120,8 +159,14 @@ def _autocast(dtype: str, device: torch.device) -> contextlib.AbstractContextMan
     return contextlib.nullcontext()
 
 
-def run_loop(job: WorkerJob, rank: int, world: int, resume: Checkpoint | None, callbacks: list,
-             device: torch.device = torch.device("cpu")) -> LoopState:
+def run_loop(
+    job: WorkerJob,
+    rank: int,
+    world: int,
+    resume: Checkpoint | None,
+    callbacks: list,
+    device: torch.device = torch.device("cpu"),
+) -> LoopState:
     """Train from ``resume`` (or the job's initial checkpoint, or scratch) to the last step."""
     model_cfg = from_dict(ModelConfig, job.model, "model")
     train = from_dict(TrainStageConfig, job.train, f"stage.{job.stage}")
@@ -130,10 +175,8 @@ def run_loop(job: WorkerJob, rank: int, world: int, resume: Checkpoint | None, c
     if job.init_checkpoint and resume is None:
         model.load_state_dict(load_checkpoint(job.init_checkpoint).model_state)
     model.to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.schedule.lr,
-                                  betas=train.betas)
-    state = LoopState(step=0, tokens_seen=0, rank=rank, world=world, model=model,
-                      optimizer=optimizer, history={})
+    optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.schedule.lr, betas=train.betas)
+    state = LoopState(step=0, tokens_seen=0, rank=rank, world=world, model=model, optimizer=optimizer, history={})
     if resume is not None:
         model.load_state_dict(resume.model_state)
         restore_optimizer(optimizer, optimizer_param_names(model, optimizer), resume)
@@ -147,8 +190,8 @@ def run_loop(job: WorkerJob, rank: int, world: int, resume: Checkpoint | None, c
     # Expert-bias updates come from all-reduced counts, so every rank applies the same
     # update; broadcasting buffers from rank 0 would instead clobber each rank's counts.
     ddp = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
-    data = TokenBatches(job.train["mixture"], "train", train.seq_len, train.batch_size, job.seed)
-    val = TokenBatches(job.train["mixture"], "val", train.seq_len, train.batch_size, job.seed)
+    data = TokenBatches(job.mixture_dir, "train", train.seq_len, train.batch_size, job.seed)
+    val = TokenBatches(job.mixture_dir, "val", train.seq_len, train.batch_size, job.seed)
     for cb in callbacks:
         cb.on_train_start(state)
 
@@ -190,22 +233,30 @@ def run_loop(job: WorkerJob, rank: int, world: int, resume: Checkpoint | None, c
                 (loss * scale + aux / train.grad_accum).backward()
             loss_sum += loss.item()
             aux_sum += float(aux) / train.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip))
+        loss_sum, aux_sum = all_reduce_sum([loss_sum, aux_sum], device)
+        step_loss = loss_sum / max(global_targets, 1.0)
+        _require_finite(
+            job.stage,
+            state.step + 1,
+            model,
+            {"cross-entropy loss": step_loss, "auxiliary loss": aux_sum, "gradient norm": grad_norm},
+        )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        loss_sum, aux_sum = all_reduce_sum([loss_sum, aux_sum], device)
-        step_loss = loss_sum / max(global_targets, 1.0)
         step_inputs = world * sum(inputs.numel() for inputs, _ in batches)
         state.tokens_seen += step_inputs
         elapsed = time.perf_counter() - started
-        metrics = {"train/loss": step_loss, "train/aux_loss": aux_sum / world, "train/lr": lr,
-                   "train/grad_norm": float(grad_norm),
-                   "train/tokens_per_s": step_inputs / max(elapsed, 1e-9),
-                   "train/target_tokens": global_targets,
-                   "train/tokens_seen": float(state.tokens_seen)}
-        if not math.isfinite(step_loss):  # all-reduced: every rank stops together
-            raise FloatingPointError(f"stage {job.stage}: loss is {step_loss} at step {state.step}")
+        metrics = {
+            "train/loss": step_loss,
+            "train/aux_loss": aux_sum / world,
+            "train/lr": lr,
+            "train/grad_norm": grad_norm,
+            "perf/tokens_per_s": step_inputs / max(elapsed, 1e-9),
+            "train/target_tokens": global_targets,
+            "train/tokens_seen": float(state.tokens_seen),
+        }
         if state.step % train.eval_every == 0 or state.step == train.steps:
             metrics.update(eval_metrics())
         for cb in callbacks:

@@ -31,18 +31,24 @@ def heldout_prompts(mixture_dir: Path, per_task: int) -> list[dict]:
 
 
 @torch.no_grad()
-def answer_heldout(model: Transformer, tokenizer: Tokenizer, mixture_dir: Path, per_task: int,
-                   max_len: int, max_new_tokens: int = 64) -> list[dict]:
+def answer_heldout(
+    model: Transformer, tokenizer: Tokenizer, mixture_dir: Path, per_task: int, max_len: int, max_new_tokens: int = 64
+) -> list[dict]:
     samples = []
     for row in heldout_prompts(mixture_dir, per_task):
         messages = row["messages"]
         first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
-        prompt = messages[:first_user + 1]
-        reference = next((m["content"] for m in messages[first_user + 1:] if m["role"] == "assistant"), "")
-        ids = render_prompt(prompt, tokenizer)[-max(1, max_len - max_new_tokens):]
+        prompt = messages[: first_user + 1]
+        reference = next((m["content"] for m in messages[first_user + 1 :] if m["role"] == "assistant"), "")
+        ids = render_prompt(prompt, tokenizer)[-max(1, max_len - max_new_tokens) :]
         new = generate(model, torch.tensor([ids]), max_new_tokens=max_new_tokens, eos_id=tokenizer.end_id)
         answer_ids = [t for t in new[0].tolist() if t != tokenizer.end_id]
-        samples.append({"task": row.get("task") or row["source"], "prompt": prompt[-1]["content"],
-                        "answer": tokenizer.decode(answer_ids, skip_special=True),
-                        "reference": reference})
+        samples.append(
+            {
+                "task": row.get("task") or row["source"],
+                "prompt": prompt[-1]["content"],
+                "answer": tokenizer.decode(answer_ids, skip_special=True),
+                "reference": reference,
+            }
+        )
     return samples

@@ -4,8 +4,9 @@ Every schedule starts with a linear warmup and then follows its shape:
 
 - ``cosine``: half-cosine from ``lr`` down to ``lr * min_lr_ratio`` (pre-training).
 - ``linear``: straight line from ``lr`` down to ``lr * min_lr_ratio`` (mid-training).
-- ``wsd``: warmup-stable-decay; holds ``lr`` and then decays linearly to the final lr
-  over the last ``decay_fraction`` of ``total_steps``.
+- ``wsd``: warmup-stable-decay; holds ``lr`` and then decays linearly over the last
+  ``decay_fraction`` of ``total_steps``: that many updates are decayed, the last of
+  them at exactly the final lr (a one-step window decays the last update).
 - ``constant``: holds ``lr`` after warmup (``min_lr_ratio`` is ignored).
 
 ``step`` counts optimizer steps already taken, so ``lr_at(cfg, 0)`` is the lr of the
@@ -97,10 +98,13 @@ def lr_at(cfg: ScheduleConfig, step: int) -> float:
     if cfg.kind == "constant":
         return cfg.lr
     if cfg.kind == "wsd":
-        start, span = cfg.decay_start, cfg.total_steps - cfg.decay_start
+        # Updates decay_start .. total_steps-1 are the window: the first already moves
+        # (1/span of the way), the last reaches the final lr.
+        span = cfg.total_steps - cfg.decay_start
+        progress = min(1.0, max(0.0, (step - cfg.decay_start + 1) / span))
     else:
-        start, span = cfg.warmup_steps, cfg.total_steps - cfg.warmup_steps
-    progress = min(1.0, max(0.0, (step - start) / span))
+        span = cfg.total_steps - cfg.warmup_steps
+        progress = min(1.0, max(0.0, (step - cfg.warmup_steps) / span))
     low = cfg.final_lr
     if cfg.kind == "cosine":
         return low + (cfg.lr - low) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -4,49 +4,54 @@
 tracks (``dvc exp run -S key=value`` rewrites it through DVC's Hydra composition).
 ``python stages/X.py [key=value ...] [-m]`` composes ``conf/`` with Hydra overrides;
 with ``-m`` every sweep point is its own run with its own output directory.
-Either way the whole config is validated before the stage does any work.
+Either way the runner validates the whole config before the stage does any work, and a
+bad input ends the process with one line naming it (exit code 2), not a traceback.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Callable
 
 from pipeline.configbase import ConfigError
-from pipeline.recipe import CONF_DIR, RecipeConfig, load_params, validate
+from pipeline.recipe import CONF_DIR, load_params
+from pipeline.runner.spec import Stage
 
-StageFn = Callable[[RecipeConfig, dict, Path | None], None]
+EXIT_BAD_INPUT = 2
 
 
 def _input_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean "bad input": reported in one line, without a traceback."""
+    """Errors that mean "bad input or environment": one line, no traceback."""
     from pipeline.data.document import DataError
+    from pipeline.runner.errors import StageError
+    from pipeline.tracking import TrackingError
     from pipeline.train.checkpoint import CheckpointError
-    from pipeline.train.stage import StageInputError
 
-    return ConfigError, DataError, CheckpointError, StageInputError
+    return ConfigError, DataError, CheckpointError, StageError, TrackingError
 
 
-def _run(stage: str, fn: StageFn, raw: dict, sweep_dir: Path | None) -> None:
-    recipe = _validated(stage, raw)
+def _run(stage: Stage, raw: dict, sweep_dir: Path | None) -> None:
+    from pipeline.runner.run import run_stage
+
     try:
-        fn(recipe, raw, sweep_dir)
+        run_stage(stage, raw, sweep_dir)
     except _input_errors() as err:
-        sys.exit(f"stage {stage}: {type(err).__name__}: {err}")
+        print(f"stage {stage.name}: {type(err).__name__}: {err}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
 
 
-def stage_main(stage: str, fn: StageFn) -> None:
-    """Run ``fn(recipe, raw_config, sweep_dir)``; ``sweep_dir`` is set for multirun points."""
+def stage_main(stage: Stage) -> None:
+    """The entry point of ``stages/<name>.py``."""
     argv = sys.argv[1:]
     if argv[:1] == ["--params"]:
         if len(argv) != 2:
-            sys.exit(f"usage: python stages/{stage}.py --params PARAMS.yaml")
+            sys.exit(f"usage: python stages/{stage.name}.py --params PARAMS.yaml")
         try:
             raw = load_params(argv[1])
         except ConfigError as err:
-            sys.exit(f"stage {stage}: config error: {err}")
-        _run(stage, fn, raw, None)
+            print(f"stage {stage.name}: config error: {err}", file=sys.stderr)
+            sys.exit(EXIT_BAD_INPUT)
+        _run(stage, raw, None)
         return
 
     import hydra
@@ -57,16 +62,8 @@ def stage_main(stage: str, fn: StageFn) -> None:
     def _hydra_entry(cfg) -> None:
         from pipeline.recipe import to_container
 
-        raw = to_container(cfg)
         hc = HydraConfig.get()
         sweep_dir = Path(hc.runtime.output_dir) if hc.mode == RunMode.MULTIRUN else None
-        _run(stage, fn, raw, sweep_dir)
+        _run(stage, to_container(cfg), sweep_dir)
 
     _hydra_entry()
-
-
-def _validated(stage: str, raw: dict) -> RecipeConfig:
-    try:
-        return validate(raw)
-    except ConfigError as err:
-        sys.exit(f"stage {stage}: config error: {err}")

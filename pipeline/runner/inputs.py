@@ -1,0 +1,189 @@
+"""Checks of a stage's inputs: present, intact, and fitting, before any work starts.
+
+Each input is named by the config key that points at it, so an error says what to fix.
+Checks read headers and hashes, never whole tensors: a mixture's arrays are opened
+memory-mapped, a checkpoint's tensor names, shapes and dtypes come from its
+safetensors header.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from pipeline.data.document import DataError
+from pipeline.data.mixing import MixtureConfig, load_split
+from pipeline.data.tokenizer import Tokenizer
+from pipeline.hashing import sha256_file
+from pipeline.model import ModelConfig
+from pipeline.runner.errors import StageInputError
+from pipeline.train.checkpoint import (
+    CheckpointError,
+    check_fits,
+    latest_checkpoint,
+    spec_of,
+    tensor_specs,
+    verify_checkpoint,
+)
+
+
+class Input(Protocol):
+    key: str  # the config key that names this input
+
+    def check(self) -> Any:
+        """Raise StageInputError naming ``key`` and the problem; return what was read."""
+
+
+@dataclass
+class MixtureInput:
+    """A mixture directory written by the mix stage."""
+
+    key: str
+    path: Path
+    seq_len: int
+    needs_conversations: bool = False
+
+    def check(self) -> dict:
+        manifest_path = self.path / "manifest.json"
+        if not manifest_path.is_file():
+            raise StageInputError(
+                f"{self.key}: missing upstream output {manifest_path} (run the mix stage first: make mix)"
+            )
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            files = manifest["files"]
+        except (ValueError, KeyError) as err:
+            raise StageInputError(f"{self.key}: {manifest_path} is not a mixture manifest ({err})") from None
+        for name, info in files.items():
+            file = self.path / name
+            if not file.is_file():
+                raise StageInputError(f"{self.key}: missing upstream output {file} (listed in {manifest_path})")
+            if sha256_file(file) != info["sha256"]:
+                raise StageInputError(
+                    f"{self.key}: {file} does not match the sha256 in its manifest (damaged "
+                    f"or replaced; rebuild it with make mix)"
+                )
+        for split in ("train", "val"):
+            try:
+                tokens, mask = load_split(self.path, split)
+            except (FileNotFoundError, DataError) as err:
+                raise StageInputError(f"{self.key}: {err}") from None
+            if len(tokens) < self.seq_len + 1:
+                raise StageInputError(
+                    f"{self.key}: the {split} split of {self.path} has {len(tokens)} tokens, "
+                    f"fewer than one window of seq_len+1={self.seq_len + 1}"
+                )
+            # Without targets there is nothing to learn or to score: training would report
+            # a loss of 0.0 as if it were a result.
+            if not mask.any():
+                raise StageInputError(
+                    f"{self.key}: the {split} split of {self.path} has no target tokens (every loss-mask entry is 0)"
+                )
+        if self.needs_conversations and not (self.path / "val_conversations.jsonl").is_file():
+            raise StageInputError(
+                f"{self.key}: sample prompts need held-out conversations "
+                f"({self.path / 'val_conversations.jsonl'}), which only a chat mixture has"
+            )
+        return manifest
+
+
+@dataclass
+class TokenizerInput:
+    key: str
+    path: Path
+    vocab_size: int
+
+    def check(self) -> Tokenizer:
+        if not self.path.is_file():
+            raise StageInputError(f"{self.key}: missing tokenizer {self.path} (run the mix stage first: make mix)")
+        try:
+            tokenizer = Tokenizer.load(self.path)
+        except Exception as err:  # noqa: BLE001 - any parse failure means a damaged file
+            raise StageInputError(
+                f"{self.key}: cannot read tokenizer {self.path}: {type(err).__name__}: {err}"
+            ) from None
+        if tokenizer.vocab_size > self.vocab_size:
+            raise StageInputError(
+                f"{self.key}: tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={self.vocab_size}"
+            )
+        return tokenizer
+
+
+@dataclass
+class CheckpointInput:
+    """The newest complete checkpoint under a root, intact, for exactly this model."""
+
+    key: str
+    root: Path
+    model: ModelConfig
+
+    def check(self) -> Path:
+        path = latest_checkpoint(self.root)
+        if path is None:
+            raise StageInputError(f"{self.key}: no complete checkpoint under {self.root} (has the upstream stage run?)")
+        try:
+            verify_checkpoint(path)
+            meta = json.loads((path / "meta.json").read_text())
+            found = tensor_specs(path)
+        except (CheckpointError, ValueError) as err:
+            raise StageInputError(f"{self.key}: {err}") from None
+        from dataclasses import asdict
+
+        # A stage inherits the architecture of the checkpoint it starts from; a config
+        # that disagrees is a mistake to report, not to paper over.
+        ours, theirs = asdict(self.model), meta.get("model") or {}
+        diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+        if diff:
+            raise StageInputError(
+                f"{self.key}: model config differs from {path} in {', '.join('model.' + k for k in diff)}"
+            )
+        try:
+            check_fits(expected_specs(self.model), found, str(path))
+        except CheckpointError as err:
+            raise StageInputError(f"{self.key}: {err}") from None
+        return path
+
+
+def expected_specs(model: ModelConfig) -> dict:
+    """Name -> (shape, dtype) of the model's state dict, from a module built on the meta
+    device (no memory, no initialisation)."""
+    import torch
+
+    from pipeline.model import Transformer
+
+    with torch.device("meta"):
+        module = Transformer(model)
+    return {name: spec_of(t) for name, t in module.state_dict().items()}
+
+
+@dataclass
+class SourcesInput:
+    """The mix stage's inputs: every non-optional source of every mixture can be read."""
+
+    key: str
+    mixtures: dict[str, MixtureConfig]
+    vocab_size: int
+
+    def check(self) -> None:
+        from pipeline.data.build import validate_all
+        from pipeline.data.sources import iter_documents
+
+        try:
+            validate_all(self.mixtures, self.vocab_size)
+        except DataError as err:
+            raise StageInputError(f"{self.key}.{err}") from None
+        # Read the first document of every required source, so an empty one fails in
+        # seconds, naming the source, before anything is rebuilt.
+        for role, cfg in self.mixtures.items():
+            for i, src in enumerate(cfg.sources):
+                if src.weight <= 0 or src.optional:
+                    continue
+                where = f"{self.key}.{role}.sources[{i}] ({src.name!r}, kind {src.kind})"
+                try:
+                    first = next((d for d in iter_documents(src) if d.text.strip()), None)
+                except DataError as err:
+                    raise StageInputError(f"{where}: {err}") from None
+                if first is None:
+                    raise StageInputError(f"{where} yielded no documents")

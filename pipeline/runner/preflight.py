@@ -1,0 +1,32 @@
+"""``python -m pipeline.runner.preflight params.yaml``: the whole file, validated.
+
+``make repro`` and ``make <stage>`` run this before DVC touches anything: a bad value
+or an unknown key anywhere in params.yaml (even one no stage reads, which DVC would
+otherwise ignore without a word) stops the recipe here, naming the key, with every
+earlier output as it was.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from pipeline.configbase import ConfigError
+from pipeline.recipe import load_params, validate
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        print("usage: python -m pipeline.runner.preflight PARAMS.yaml", file=sys.stderr)
+        return 2
+    try:
+        validate(load_params(args[0]))
+    except ConfigError as err:
+        print(f"{args[0]}: config error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

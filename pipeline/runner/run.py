@@ -1,0 +1,108 @@
+"""The one way a stage runs.
+
+In this order, for every stage:
+
+1. validate the whole recipe config (names the bad key; nothing has started);
+2. check every input the stage declares: present, intact, fitting (names the key);
+3. check that the embedded Ray can give what the job asks for, and that the tracking
+   store answers (each in seconds);
+4. take the stage's lock (a second run into the same outputs stops here);
+5. open the stage's MLflow run (continuing an interrupted one of the same work);
+6. do the work (on Ray) into a scratch directory;
+7. publish the outputs atomically, then log them;
+8. close the MLflow run with the right status, and clean up (e.g. a finished Ray run).
+
+A failure before step 7 leaves every earlier output byte-identical. Tracking that is
+lost during the work does not stop it; the stage ends by saying what was not logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+from pipeline.recipe import REPO_ROOT, validate
+from pipeline.runner import cluster
+from pipeline.runner.lock import stage_lock
+from pipeline.runner.publish import publish, scratch_beside
+from pipeline.runner.spec import Stage, StageContext, StageResult
+
+log = logging.getLogger(__name__)
+
+# Run-time state of the runner on this machine (locks, journals of what tracking lost):
+# not an output, not an input, ignored by git and DVC.
+STATE_DIR = REPO_ROOT / ".runner"
+
+
+def run_stage(stage: Stage, raw: dict, sweep_dir: Path | None = None, state_dir: Path = STATE_DIR) -> dict:
+    """Run ``stage`` on the config ``raw``; return its final metrics. See the module doc.
+
+    ``state_dir`` holds the runner's local state (locks, tracking journals). Raises
+    ConfigError, StageError (input, resources, lock), TrackingError (store unreachable)
+    before any work starts, naming the problem."""
+    from pipeline import tracking
+    from pipeline.recipe import repo_path
+
+    recipe = validate(raw)
+    out_dir = (sweep_dir / stage.name) if sweep_dir else repo_path(stage.out_dir(recipe))
+    inputs = {item.key: item.check() for item in stage.inputs(recipe)}
+    cluster.check_resources(recipe.ray, stage.resources(recipe))
+    if recipe.tracking.enabled:
+        tracking.check_store(recipe.tracking)
+    with stage_lock(state_dir / "locks", stage.name, out_dir):
+        ctx = StageContext(stage.name, recipe, raw, out_dir, inputs)
+        key = stage.resume_key(ctx)
+        journal = state_dir / "untracked" / f"{stage.name}-{key or time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+        ctx.state["journal"] = journal
+        started = time.perf_counter()
+        with tracking.stage_run(
+            recipe.tracking, stage.name, params=stage.params(raw), resume_key=key, journal=journal
+        ) as run:
+            ctx.run = run
+            with scratch_beside(out_dir) as scratch:
+                ctx.scratch = scratch
+                result: StageResult = stage.work(ctx)
+                publish(scratch, out_dir, stage.owns_out_dir)
+            run.log_metrics(
+                {
+                    f"final/{k}": v
+                    for k, v in result.metrics.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)
+                }
+            )
+            run.log_metrics({**result.perf, "perf/stage_seconds": time.perf_counter() - started})
+            if result.log is not None:
+                result.log(run, out_dir)
+        _report_lost(stage.name, run, journal)
+    if result.on_published is not None:
+        result.on_published()
+    return result.metrics
+
+
+def _report_lost(name: str, run, journal: Path) -> None:
+    """Say exactly what tracking did not record (driver and workers), if anything."""
+    from pipeline.tracking import read_journal
+
+    lines = []
+    summary = run.lost_summary()
+    if summary:
+        lines.append(f"driver: {summary}")
+    worker_journal = journal.with_suffix(".workers.jsonl")
+    lost = read_journal(worker_journal)
+    if lost:
+        steps = sorted(
+            {r["payload"]["step"] for r in lost if isinstance(r.get("payload"), dict) and "step" in r["payload"]}
+        )
+        span = f" (steps {steps[0]}-{steps[-1]})" if steps else ""
+        lines.append(
+            f"workers: {len(lost)} logging call(s) not recorded{span}; kept with their values in {worker_journal}"
+        )
+    if lines:
+        print(
+            f"stage {name} finished, but tracking was incomplete. The stage's own outputs (metrics.json, "
+            f"loss.csv) hold every result.\n  " + "\n  ".join(lines),
+            file=sys.stderr,
+            flush=True,
+        )

@@ -1,0 +1,64 @@
+"""A stage, declared: its inputs, its output directory, the config it reads, its work.
+
+The runner (:mod:`pipeline.runner.run`) owns *how* every stage runs; a stage module
+(:mod:`pipeline.stages`) only says *what* it is with a :class:`Stage`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pipeline.recipe import RecipeConfig
+    from pipeline.runner.inputs import Input
+    from pipeline.tracking import StageRun
+
+
+@dataclass
+class StageContext:
+    """What a stage's work sees. ``scratch`` is where it writes the items it produces;
+    the runner moves them into ``out_dir`` atomically once the work has succeeded."""
+
+    name: str
+    recipe: RecipeConfig
+    raw: dict  # the validated config as plain values (what MLflow records)
+    out_dir: Path  # the stage's output directory (a sweep point's own, in a multirun)
+    inputs: dict[str, Any]  # config key -> what that input's check read
+    scratch: Path | None = None
+    run: StageRun | None = None
+    state: dict[str, Any] = field(default_factory=dict)  # shared by the stage's own callables
+
+
+@dataclass
+class StageResult:
+    """What the work produced besides the files in ``scratch``."""
+
+    metrics: dict[str, Any]  # final metrics (the numbers also go to MLflow as final/*)
+    # Logs artifacts from the *published* out_dir into the stage's run.
+    log: Callable[[StageRun, Path], None] | None = None
+    # Runs once the tracking run is closed: e.g. delete a finished Ray run's storage.
+    on_published: Callable[[], None] | None = None
+    # Numbers that describe this execution rather than its result (seconds, tokens/s):
+    # they go to MLflow only, never into files DVC hashes.
+    perf: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    out_dir: Callable[[RecipeConfig], str]  # the configured output directory
+    inputs: Callable[[RecipeConfig], list[Input]]
+    params: Callable[[dict], dict]  # the slice of the raw config this stage reads
+    work: Callable[[StageContext], StageResult]
+    # A fingerprint of everything that determines the result, when an interrupted run
+    # can be resumed (it names the Ray Train run and the MLflow run to continue).
+    resume_key: Callable[[StageContext], str | None] = lambda ctx: None
+    # What the stage's Ray work occupies, {"CPU": n, "GPU": g}; checked against the
+    # embedded Ray before it starts. Default: the training job's workers.
+    resources: Callable[[RecipeConfig], dict[str, int]] = lambda recipe: recipe.ray.job_resources()
+    # The whole out_dir is this stage's output: items the new result lacks are removed
+    # on publish. Otherwise only the produced items are replaced.
+    owns_out_dir: bool = False

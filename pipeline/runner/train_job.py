@@ -1,0 +1,145 @@
+"""The training loop as a Ray Train ``TorchTrainer`` job.
+
+Workers join a torch process group (gloo on CPU, NCCL on GPU) set up by Ray Train.
+
+Resume: a run is named after a fingerprint of everything that determines its result
+(config, world size, data manifest, the starting checkpoint's bytes, the library's
+code), so re-running an interrupted stage reuses the same ``RunConfig(storage_path,
+name)`` and Ray Train hands the worker its latest registered checkpoint; a changed input
+gets a new name and starts fresh. If that checkpoint is damaged, the worker falls back
+to the newest intact one of the same run and says so (a corrupt checkpoint must not
+block every rerun). Once a stage has published its result the driver deletes the run
+(``discard_run``), so only interrupted runs are ever resumed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pipeline.hashing import sha256_json
+from pipeline.train.callbacks import BalanceCallback, CheckpointCallback, MetricsCallback, ProgressCallback
+from pipeline.train.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, load_checkpoint
+from pipeline.train.config import RayConfig
+from pipeline.train.loop import WorkerJob, run_loop
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker entry point: ``config = {"job": WorkerJob dict, "logger": ...}``."""
+    import ray.train
+    import ray.train.torch
+
+    job = WorkerJob(**config["job"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    resume = resume_point(ray.train.get_checkpoint(), device, say=print if rank == 0 else None)
+    callbacks = [
+        BalanceCallback(),
+        ProgressCallback(job.train["schedule"]["total_steps"], job.stage),
+        MetricsCallback(job.train["log_every"], config.get("logger") if rank == 0 else None),
+        CheckpointCallback(
+            job.train["checkpoint_every"],
+            report=ray_report,
+            meta={"stage": job.stage, "model": job.model, "train": job.train, "seed": job.seed, **job.extra_meta},
+        ),
+    ]
+    run_loop(job, rank, world, resume, callbacks, device)
+
+
+def ray_report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+    import ray.train
+
+    checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+    ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def resume_point(latest: Any, device: Any = "cpu", say: Any = None) -> Checkpoint | None:
+    """The checkpoint to resume from: Ray's latest registered one if it is intact, else
+    the newest intact checkpoint of the same run (newest first), else None (start over).
+
+    ``latest`` is a ``ray.train.Checkpoint`` (or None for a fresh run); the run's other
+    checkpoints are its siblings in the run's storage, listed through the same
+    filesystem (local disk or an object store). ``say`` reports a fallback."""
+    if latest is None:
+        return None
+    say = say or (lambda message: None)
+    for candidate in [latest, *_older_siblings(latest)]:
+        try:
+            with candidate.as_directory() as root:
+                path = latest_checkpoint(Path(root))
+                if path is None:
+                    raise CheckpointError(f"{candidate.path}: no complete step_* directory")
+                ckpt = load_checkpoint(path, map_location=device)
+        except CheckpointError as err:
+            say(f"resume: checkpoint {candidate.path} is unusable ({err}); trying the previous one")
+            continue
+        if candidate is not latest:
+            say(f"resume: falling back to the newest intact checkpoint {candidate.path} (step {ckpt.step})")
+        return ckpt
+    say("resume: no intact checkpoint in this run; starting over from step 0")
+    return None
+
+
+def _older_siblings(latest: Any) -> list:
+    import ray.train
+    from pyarrow.fs import FileSelector, FileType
+
+    parent = latest.path.rstrip("/").rsplit("/", 1)[0]
+    infos = latest.filesystem.get_file_info(FileSelector(parent))
+    names = sorted(
+        (
+            i.path
+            for i in infos
+            if i.type == FileType.Directory
+            and i.base_name.startswith("checkpoint_")
+            and i.path.rstrip("/") != latest.path.rstrip("/")
+        ),
+        reverse=True,
+    )  # Ray names them checkpoint_<timestamp>: newest first
+    return [ray.train.Checkpoint(path=name, filesystem=latest.filesystem) for name in names]
+
+
+def run_name(job: WorkerJob, cfg: RayConfig) -> str:
+    """Name of the Ray Train run: the stage plus a hash of what determines the result.
+
+    ``job.extra_meta`` carries the data, starting-checkpoint and code fingerprints; the
+    world size matters because batches are drawn per rank."""
+    key = {**job.to_dict(), "world": (cfg.num_workers, cfg.use_gpu)}
+    return f"{job.stage}-{sha256_json(key)[:12]}"
+
+
+def discard_run(job: WorkerJob, cfg: RayConfig, storage: Path) -> None:
+    """Delete a finished run's Ray storage: its result is published, nothing to resume."""
+    shutil.rmtree(storage / run_name(job, cfg), ignore_errors=True)
+
+
+def fit(job: WorkerJob, cfg: RayConfig, storage: Path, logger: Any = None) -> Path:
+    """Train on Ray; return a local directory holding the final checkpoint root.
+
+    ``logger`` (a picklable MLflow logger, or None) receives rank 0's metrics."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    storage.mkdir(parents=True, exist_ok=True)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job.to_dict(), "logger": logger},
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name(job, cfg),
+            storage_path=str(storage),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.train["keep_checkpoints"]),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"stage {job.stage}: Ray Train finished without a checkpoint")
+    local = Path(tempfile.mkdtemp(prefix=f"{job.stage}-final-"))
+    result.checkpoint.to_directory(str(local))
+    return local

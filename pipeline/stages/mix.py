@@ -1,0 +1,73 @@
+"""Stage ``mix``: materialise the sources, train the tokenizer, write the three mixtures.
+
+Outputs (``data.out_dir``, owned whole by this stage): ``tokenizer/``, ``pretrain/``,
+``midtrain/``, ``sft/`` (tokens, loss masks, manifests) and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from pipeline.runner.inputs import SourcesInput
+from pipeline.runner.spec import Stage, StageContext, StageResult
+
+MIXTURES = ("pretrain", "midtrain", "sft")
+
+
+def _mixtures(recipe) -> dict:
+    return {name: getattr(recipe.data, name) for name in MIXTURES}
+
+
+def _work(ctx: StageContext) -> StageResult:
+    import ray
+
+    from pipeline.data.build import build_all
+    from pipeline.runner import cluster
+
+    cluster.start(ctx.recipe.ray)
+    mixtures = _mixtures(ctx.recipe)
+    started = time.perf_counter()
+    # One Ray task, so on a cluster the build lands on a worker like every other stage.
+    build = ray.remote(num_cpus=1)(build_all)
+    metrics = ray.get(
+        build.remote(
+            mixtures["pretrain"], mixtures["midtrain"], mixtures["sft"], ctx.recipe.model.vocab_size, ctx.scratch
+        )
+    )
+    seconds = time.perf_counter() - started
+
+    def log(run, out_dir: Path) -> None:
+        for name in MIXTURES:
+            manifest = json.loads((out_dir / name / "manifest.json").read_text())
+            run.log_dataset(manifest, name=f"{name}-mixture", context=name)
+            run.log_artifact(out_dir / name / "manifest.json", f"manifests/{name}")
+        run.log_artifact(out_dir / "tokenizer", "tokenizer")
+        run.log_artifact(out_dir / "metrics.json")
+        run.log_metrics(flat_numbers(metrics))
+
+    return StageResult(metrics, log=log, perf={"perf/build_seconds": seconds})
+
+
+def flat_numbers(d: dict, prefix: str = "") -> dict[str, float]:
+    """Nested numbers as ``{"a/b/c": value}`` (MLflow metric keys); bools and text skipped."""
+    out: dict[str, float] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat_numbers(value, name + "/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out
+
+
+MIX = Stage(
+    name="mix",
+    out_dir=lambda recipe: recipe.data.out_dir,
+    inputs=lambda recipe: [SourcesInput("data", _mixtures(recipe), recipe.model.vocab_size)],
+    params=lambda raw: {"data": raw["data"], "model": {"vocab_size": raw["model"]["vocab_size"]}},
+    work=_work,
+    resources=lambda recipe: {"CPU": 1},
+    owns_out_dir=True,
+)

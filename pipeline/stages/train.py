@@ -1,0 +1,243 @@
+"""Stages ``pretrain``, ``midtrain``, ``sft``: one training loop, three configurations.
+
+Each trains the model on its mixture as a Ray Train job (from scratch, or from the
+upstream stage's final model) and publishes into ``stage.<name>.out_dir``:
+
+  model/          final checkpoint root (latest.json + step_N/, weights without optimizer)
+  metrics.json    final train/val loss (overall and per domain), bits per byte, tokens,
+                  steps (DVC metrics)
+  loss.csv        step, train_loss, val_loss (DVC plots)
+  samples.json    answers to held-out chat prompts of each task type (empty unless
+                  stage.<name>.sample_prompts > 0; SFT sets it)
+  execution.json  how this result was produced (resumes): not an output DVC tracks,
+                  because it describes the run, not the result
+
+Everything published is a function of the inputs: an interrupted and resumed run
+publishes the same bytes as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import shutil
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+
+from pipeline.hashing import sha256_file, sha256_json
+from pipeline.recipe import RecipeConfig, repo_path
+from pipeline.runner.inputs import CheckpointInput, MixtureInput, TokenizerInput
+from pipeline.runner.spec import Stage, StageContext, StageResult
+from pipeline.train.config import TrainStageConfig
+from pipeline.train.loop import WorkerJob
+
+EXECUTION_FILE = "execution.json"
+# Checkpoint metadata that describes the execution, not the result: kept in the Ray
+# run's checkpoints (resume needs it), left out of the published model.
+EXECUTION_META = ("resumed_at",)
+
+
+def _cfg(recipe: RecipeConfig, name: str) -> TrainStageConfig:
+    return getattr(recipe.stage, name)
+
+
+def _inputs(name: str, recipe: RecipeConfig) -> list:
+    cfg = _cfg(recipe, name)
+    items = [
+        MixtureInput(
+            f"stage.{name}.mixture", repo_path(cfg.mixture), cfg.seq_len, needs_conversations=cfg.sample_prompts > 0
+        ),
+        TokenizerInput(f"stage.{name}.tokenizer", repo_path(cfg.tokenizer), recipe.model.vocab_size),
+    ]
+    if cfg.init_checkpoint:
+        items.append(CheckpointInput(f"stage.{name}.init_checkpoint", repo_path(cfg.init_checkpoint), recipe.model))
+    return items
+
+
+def _params(name: str, raw: dict) -> dict:
+    return {"model": raw["model"], "stage": raw["stage"][name], "ray": raw["ray"], "seed": raw["seed"]}
+
+
+def _job(name: str, ctx: StageContext) -> WorkerJob:
+    recipe, cfg = ctx.recipe, _cfg(ctx.recipe, name)
+    manifest = ctx.inputs[f"stage.{name}.mixture"]
+    init: Path | None = ctx.inputs.get(f"stage.{name}.init_checkpoint")
+    val_totals = manifest["totals"]["val"]
+    # Bits per byte only means something when the loss covers all the text's bytes.
+    bytes_per_token = val_totals["bytes"] / max(val_totals["target_tokens"], 1) if manifest["kind"] == "text" else 0.0
+    return WorkerJob(
+        stage=name,
+        model=asdict(recipe.model),
+        train=asdict(cfg),
+        seed=recipe.seed,
+        mixture_dir=str(repo_path(cfg.mixture)),
+        init_checkpoint=str(init) if init else None,
+        bytes_per_token=bytes_per_token,
+        extra_meta={
+            "data_manifest_sha256": sha256_json(manifest),
+            "init_sha256": sha256_file(init / "model.safetensors") if init else None,
+            "code_sha256": code_fingerprint(),
+        },
+    )
+
+
+def _resume_key(name: str, ctx: StageContext) -> str:
+    from pipeline.runner import train_job
+
+    ctx.state["job"] = _job(name, ctx)
+    return train_job.run_name(ctx.state["job"], ctx.recipe.ray)
+
+
+def _work(name: str, ctx: StageContext) -> StageResult:
+    import torch
+
+    from pipeline.configbase import from_dict
+    from pipeline.model import ModelConfig, Transformer
+    from pipeline.runner import cluster, train_job
+    from pipeline.train.checkpoint import latest_checkpoint, load_checkpoint
+
+    recipe, cfg, job = ctx.recipe, _cfg(ctx.recipe, name), ctx.state["job"]
+    storage = repo_path(recipe.ray.storage_path)
+    cluster.start(recipe.ray)
+    logger = ctx.run.remote_logger(journal=ctx.state["journal"].with_suffix(".workers.jsonl"))
+    final_dir = train_job.fit(job, recipe.ray, storage, logger)
+    try:
+        final = load_checkpoint(latest_checkpoint(final_dir))
+    finally:
+        shutil.rmtree(final_dir, ignore_errors=True)
+    metrics = final_metrics(final.meta)
+    model = Transformer(from_dict(ModelConfig, final.meta["model"], "model"))
+    model.load_state_dict(final.model_state)
+    samples = []
+    if cfg.sample_prompts > 0:
+        from pipeline.data.tokenizer import Tokenizer
+        from pipeline.train.samples import answer_heldout
+
+        samples = answer_heldout(
+            model,
+            Tokenizer.load(repo_path(cfg.tokenizer)),
+            repo_path(cfg.mixture),
+            per_task=cfg.sample_prompts,
+            max_len=recipe.model.max_seq_len,
+        )
+    write_outputs(ctx.scratch, final, metrics, samples)
+    resumed_at = final.meta.get("resumed_at", [])
+
+    def log(run, out_dir: Path) -> None:
+        run.set_tags({"resumed_at_steps": json.dumps(resumed_at)})
+        run.log_artifact(out_dir / "metrics.json")
+        run.log_artifact(out_dir / "model", "checkpoint")
+        run.log_artifact(out_dir / "samples.json")
+        run.log_artifact(repo_path(cfg.tokenizer), "tokenizer")
+        run.log_dataset(ctx.inputs[f"stage.{name}.mixture"], name=f"{name}-mixture", context="training")
+        if final.meta.get("expert_load"):
+            run.log_dict({"tokens_per_layer_expert": final.meta["expert_load"]}, "moe_load_histogram.json")
+        run.log_figure_loss_curve(_curves(final.meta["history"]), f"{name}_loss.png")
+        # The logged model is a torch.export program; the grouped GEMM does not export
+        # on CPU in fp32, so it is traced with the equivalent gather dispatch.
+        example = torch.zeros(2, min(16, cfg.seq_len), dtype=torch.long)  # batch 2 stays a dynamic dim
+        run.log_model(model.eval().set_moe_dispatch("gather"), example, name=f"{name}-model")
+
+    return StageResult(
+        metrics,
+        log=log,
+        on_published=lambda: train_job.discard_run(job, recipe.ray, storage),
+        perf={"perf/resumes": float(len(resumed_at))},
+    )
+
+
+def final_metrics(meta: dict) -> dict:
+    """The stage's DVC metrics from the final checkpoint's history (result only)."""
+    history = meta["history"]
+    last = {k: v[-1][1] for k, v in history.items() if v}
+    out = {
+        "step": meta["step"],
+        "tokens_seen": meta["tokens_seen"],
+        "train_loss": last.get("train/loss"),
+        "val_loss": None,
+    }
+    if "val/bpb" in last:
+        out["val_bpb"] = last["val/bpb"]
+    # val_loss, and val_loss_<domain> for each domain of the stage's validation split
+    for key in sorted(k for k in history if k.startswith("val/loss")):
+        name = key.replace("/", "_")
+        out[name] = history[key][-1][1]
+        if history[key][0][0] == 0:  # evaluated before the first step (started from a checkpoint)
+            out[f"{name}_at_start"] = history[key][0][1]
+    for key in ("moe/max_over_mean", "moe/dead_fraction"):
+        if key in last:
+            out[key.replace("/", "_")] = last[key]
+    if out["val_loss"] is None or not math.isfinite(out["val_loss"]):
+        raise RuntimeError(f"stage finished without a finite validation loss: {out}")
+    return out
+
+
+def write_outputs(scratch: Path, final, metrics: dict, samples: list) -> None:
+    """The stage's published items, written into the runner's scratch directory."""
+    from pipeline.train.checkpoint import save_checkpoint
+
+    meta = {k: v for k, v in final.meta.items() if k != "checkpoint" and k not in EXECUTION_META}
+    save_checkpoint(scratch / "model", final.step, final.model_state, None, meta=meta, keep_last=1)
+    (scratch / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    _write_loss_csv(scratch / "loss.csv", final.meta["history"])
+    (scratch / "samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False))
+    resumed_at = final.meta.get("resumed_at", [])
+    (scratch / EXECUTION_FILE).write_text(
+        json.dumps({"resumes": len(resumed_at), "resumed_at_steps": resumed_at}, indent=2)
+    )
+
+
+def _curves(history: dict) -> dict[str, list[tuple[int, float]]]:
+    return {k: [(int(s), float(v)) for s, v in history.get(k, [])] for k in ("train/loss", "val/loss")}
+
+
+def _write_loss_csv(path: Path, history: dict) -> None:
+    train = dict((int(s), v) for s, v in history.get("train/loss", []))
+    val = dict((int(s), v) for s, v in history.get("val/loss", []))
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["step", "train_loss", "val_loss"])
+        for step in sorted(set(train) | set(val)):
+            writer.writerow([step, train.get(step, ""), val.get(step, "")])
+
+
+# The code that determines a training stage's result, relative to pipeline/ (dvc.yaml
+# lists the same paths as the stages' code deps; a test keeps them equal).
+RESULT_CODE = (
+    "stages/train.py",
+    "runner/train_job.py",
+    "model",
+    "train",
+    "data",
+    "configbase.py",
+    "hashing.py",
+    "recipe.py",
+)
+
+
+def code_fingerprint() -> str:
+    """Hash of the code that determines the result: a change must not resume an old run."""
+    digest = hashlib.sha256()
+    root = Path(__file__).resolve().parents[1]
+    for entry in RESULT_CODE:
+        for path in sorted([root / entry] if entry.endswith(".py") else (root / entry).rglob("*.py")):
+            digest.update(str(path.relative_to(root)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def training_stage(name: str) -> Stage:
+    return Stage(
+        name=name,
+        out_dir=lambda recipe: _cfg(recipe, name).out_dir,
+        inputs=partial(_inputs, name),
+        params=partial(_params, name),
+        work=partial(_work, name),
+        resume_key=partial(_resume_key, name),
+    )
+
+
+PRETRAIN, MIDTRAIN, SFT = (training_stage(n) for n in ("pretrain", "midtrain", "sft"))
