@@ -3,7 +3,7 @@
 Rules this module enforces (see the flaky-suite issue): a test never asserts a timing;
 every wait waits on the event itself with a generous deadline and says what it waited
 for when it gives up; every process a test starts runs in its own session and is
-stopped by its process-group id even when the test fails; ports are picked free.
+stopped with its whole session even when the test fails; ports are picked free.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
+
+from tools.drill import DrillError, kill_session
 
 T = TypeVar("T")
 
@@ -55,46 +57,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def process_group_gone(pgid: int) -> bool:
+def stop_session(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """Stop ``proc`` (started with ``start_new_session``) and everything in its session:
+    SIGTERM, then SIGKILL whatever is left after ``grace`` seconds; reap ``proc``.
+
+    The session, not the process group: Ray puts its actor and worker processes in
+    groups of their own."""
     try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-def stop_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
-    """SIGTERM the process group of ``proc`` (started with ``start_new_session``), then
-    SIGKILL whatever is left after ``grace`` seconds, and reap ``proc``."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 60.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-        try:  # the leader is gone; its children (Ray's raylet, a server's workers) too?
-            wait_for(lambda: process_group_gone(proc.pid), f"process group {proc.pid} to exit", timeout=wait)
-            break
-        except AssertionError:
-            continue
-    if proc.returncode is None:
-        proc.wait(timeout=60)
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the whole process group at once (a crash, not a shutdown) and wait until
-    every member is gone, so nothing of it still writes when the test goes on."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        kill_session(proc.pid, signal.SIGTERM, timeout=grace)
+    except DrillError:
+        kill_session(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
-    wait_for(lambda: process_group_gone(proc.pid), f"killed process group {proc.pid} to exit", timeout=60)
+
+
+def crash_session(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc``'s whole session at once (a crash, not a shutdown) and wait until
+    every member is gone, so nothing of it still writes when the test goes on."""
+    kill_session(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
 
 
 @contextmanager
@@ -104,7 +84,7 @@ def started(args: list[str], **popen) -> Iterator[subprocess.Popen]:
     try:
         yield proc
     finally:
-        stop_group(proc)
+        stop_session(proc)
 
 
 def _healthy(url: str) -> bool:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import kill_group, mlflow_server, ray_snapshot_checkpoints, wait_for
+from support import crash_session, mlflow_server, ray_snapshot_checkpoints, wait_for
 
 from tools.drill import drill, env_for, scratch_copy
 
@@ -268,7 +268,7 @@ def test_interrupted_stage_resumes_from_its_last_checkpoint(repo):
     try:
         wait_for(registered, "Ray Train to register the run's first checkpoint", timeout=300, interval=0.1, alive=proc)
     finally:
-        kill_group(proc)  # a crash: the driver, its Ray and the workers, all at once
+        crash_session(proc)  # a crash: the driver, its Ray and the workers, all at once
     finished = subprocess.run(args, cwd=repo, env=_env(repo), capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr[-3000:]
     metrics = json.loads((repo / "outputs" / "resume_check" / "metrics.json").read_text())

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from support import free_port, stop_group
+from support import free_port, stop_session
 
 from pipeline.process import ProcessId
 from pipeline.tracking import (
@@ -66,7 +66,7 @@ def locked_sqlite(db: Path):
         assert proc.stdout.readline().strip() == b"locked"  # waits for the lock itself
         yield proc
     finally:
-        stop_group(proc)
+        stop_session(proc)
 
 
 def test_keys_that_sanitise_alike_keep_both_values():
@@ -93,7 +93,7 @@ def test_a_briefly_locked_database_delays_the_start_instead_of_failing(store):
     with stage_run(cfg, "warmup"):
         pass  # creates the database and the experiment
     with locked_sqlite(db) as locker:
-        threading.Timer(3.0, stop_group, args=(locker,)).start()  # another writer finishes
+        threading.Timer(3.0, stop_session, args=(locker,)).start()  # another writer finishes
         with stage_run(cfg, "pretrain", params={"lr": 1}) as run:
             run.log_metrics({"loss": 1.0}, step=1)
     finished = client_for(uri).get_run(run.run_id)

@@ -185,7 +185,6 @@ class CheckpointCallback(Callback):
                     "history": state.history,
                     "resumed_at": state.resumed_at,
                     "expert_load": state.expert_load,
-                    "metrics": metrics,
                 },
                 keep_last=1,
                 param_names=optimizer_param_names(state.model, state.optimizer),
