@@ -76,7 +76,7 @@ class Resilient:
         retryer = tenacity.Retrying(
             retry=tenacity.retry_if_exception(is_transient),
             stop=tenacity.stop_after_delay(self.retry_seconds),
-            wait=tenacity.wait_exponential_jitter(initial=0.5, max=15.0),
+            wait=tenacity.wait_exponential_jitter(multiplier=0.5, max=15.0),
             before_sleep=self._before_sleep,
             reraise=True,
         )
