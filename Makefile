@@ -40,8 +40,10 @@ lock: $(STAMP)
 	  | sed -e 's/^torch==\(.*\)+cpu$$/torch==\1/' > requirements.lock
 
 # params.yaml is conf/ composed with its defaults: what `dvc repro` runs.
+# A params.yaml edited by hand (or by `dvc exp run -S`) is not overwritten: the command
+# names the keys that differ from conf/; FORCE=1 discards them.
 params: $(STAMP)
-	$(PY) -m pipeline.recipe params -o params.yaml
+	$(PY) -m pipeline.recipe params -o params.yaml $(if $(FORCE),--force)
 
 # The whole recipe under one MLflow parent run; DVC skips stages whose inputs are unchanged.
 # params.yaml is recomposed first, so an edit in conf/ is what runs, and the whole file is

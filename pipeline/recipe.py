@@ -117,14 +117,58 @@ def load_params(path: str | Path) -> dict:
     return data
 
 
+BODY_HASH = "# sha256 of the body below: "
+
+
 def dump_params(data: dict) -> str:
+    """params.yaml text: a header (with the body's hash, to tell a generated file from a
+    hand-edited one) and the composed config."""
+    import hashlib
+
     import yaml
 
+    body = yaml.safe_dump(data, sort_keys=False)
     header = (
         "# Generated from conf/ by `make params` (python -m pipeline.recipe params).\n"
         "# Do not edit: change conf/ and regenerate; a test fails when they drift.\n"
+        f"{BODY_HASH}{hashlib.sha256(body.encode()).hexdigest()}\n"
     )
-    return header + yaml.safe_dump(data, sort_keys=False)
+    return header + body
+
+
+def hand_edits(path: Path, composed: dict) -> list[str] | None:
+    """Dotted keys where ``path`` (an existing params file) differs from ``composed``, if
+    the file was edited after it was generated (its body no longer matches the hash in
+    its header); None when the file is as generated (or absent), so regenerating it
+    loses nothing."""
+    import hashlib
+
+    import yaml
+
+    if not path.is_file():
+        return None
+    text = path.read_text()
+    recorded = next((line[len(BODY_HASH) :].strip() for line in text.splitlines() if line.startswith(BODY_HASH)), "")
+    body = "".join(line for line in text.splitlines(keepends=True) if not line.startswith("#"))
+    if recorded == hashlib.sha256(body.encode()).hexdigest():
+        return None
+    try:
+        edited = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        return [f"(the file does not parse as YAML: {str(err).splitlines()[0]})"]
+    return _differing_keys(edited, composed) or None
+
+
+def _differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys: list[str] = []
+        for key in list(a) + [k for k in b if k not in a]:
+            keys += _differing_keys(a.get(key, _MISSING), b.get(key, _MISSING), f"{prefix}{key}.")
+        return keys
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+_MISSING = object()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -133,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("params", help="print the composed config (params.yaml) for overrides")
     p.add_argument("overrides", nargs="*")
     p.add_argument("-o", "--output", help="write here instead of stdout")
+    p.add_argument("--force", action="store_true", help="overwrite an output that was edited by hand")
     args = parser.parse_args(argv)
     data = compose(args.overrides)
     try:
@@ -141,10 +186,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     text = dump_params(data)
-    if args.output:
-        Path(args.output).write_text(text)
-    else:
+    if not args.output:
         sys.stdout.write(text)
+        return 0
+    output = Path(args.output)
+    edits = None if args.force else hand_edits(output, data)
+    if edits:
+        # conf/ is the source of truth, but a hand edit is not thrown away in silence
+        # (nor ignored in silence, as `dvc repro` would do with a key no stage reads).
+        print(
+            f"{output} was edited by hand; it differs from conf/ at: {', '.join(edits[:10])}. Move the change "
+            f"into conf/ (the source), or discard it with `make params FORCE=1`.",
+            file=sys.stderr,
+        )
+        return 2
+    output.write_text(text)
     return 0
 
 

@@ -115,3 +115,29 @@ def test_preflight_rejects_a_top_level_key_no_stage_reads(tmp_path):
     assert proc.returncode == 2 and "sed: unknown key" in proc.stderr, proc.stderr
     params.write_text(yaml.safe_dump(compose()))
     assert preflight(params).returncode == 0
+
+
+def test_regenerating_params_never_discards_a_hand_edit_in_silence(tmp_path):
+    def regenerate(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "pipeline.recipe", "params", "-o", str(out), *extra],
+            cwd=REPO_ROOT,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    out = tmp_path / "params.yaml"
+    assert regenerate().returncode == 0
+    generated = out.read_text()
+    assert regenerate().returncode == 0 and out.read_text() == generated  # as generated: rewritten freely
+    out.write_text(generated.replace("\nseed: 0\n", "\nseed: 0\nsed: 1\n").replace("lr: 0.003", "lr: 0.1"))
+    proc = regenerate()
+    assert proc.returncode == 2
+    assert "differs from conf/ at: stage.pretrain.schedule.lr, sed" in proc.stderr, proc.stderr
+    assert "sed: 1" in out.read_text()  # kept
+    assert regenerate("--force").returncode == 0 and out.read_text() == generated
+    out.write_text(generated + "  broken: [\n")
+    proc = regenerate()
+    assert proc.returncode == 2 and "does not parse as YAML" in proc.stderr, proc.stderr
