@@ -59,9 +59,11 @@ $(STAGES): params
 # closes the run as KILLED instead of leaving it RUNNING.
 define recipe_run
 $(PY) -m pipeline.runner.preflight params.yaml || exit 2; \
-run_id=$$($(PY) -m pipeline.tracking start --name recipe$(if $(1),:$(1)) --owner-pid $$$$) || exit 2; \
+run_id=$$($(PY) -m pipeline.tracking start --params params.yaml --name recipe$(if $(1),:$(1)) --owner-pid $$$$) \
+  || exit 2; \
 MOBILEMOE_PARENT_RUN_ID=$$run_id $(DVC) repro $(DVC_FLAGS) $(1); status=$$?; \
-$(PY) -m pipeline.tracking end $$run_id --status $$([ $$status -eq 0 ] && echo FINISHED || echo FAILED); \
+[ -z "$$run_id" ] || $(PY) -m pipeline.tracking end $$run_id --params params.yaml \
+  --status $$([ $$status -eq 0 ] && echo FINISHED || echo FAILED); \
 exit $$status
 endef
 

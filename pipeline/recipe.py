@@ -111,7 +111,10 @@ def load_params(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"params file {path} does not exist (run `make params`)")
-    data = yaml.safe_load(path.read_text())
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"params file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"params file {path} does not hold a mapping")
     return data

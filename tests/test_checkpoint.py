@@ -8,13 +8,15 @@ from pipeline.train import checkpoint as ckpt_mod
 from pipeline.train.checkpoint import (
     CheckpointError,
     capture_rng_state,
+    check_fits,
     latest_checkpoint,
     load_checkpoint,
     optimizer_param_names,
     restore_optimizer,
     restore_rng_state,
     save_checkpoint,
-    validate_against,
+    spec_of,
+    tensor_specs,
 )
 
 V, D = 17, 8
@@ -70,7 +72,7 @@ def test_resume_matches_uninterrupted_training_with_tied_weights_and_reordered_p
     opt2 = make_optimizer(list(resumed.parameters())[::-1])
     ck = load_checkpoint(latest_checkpoint(tmp_path))
     assert ck.path == path and ck.step == 3 and ck.meta == {"tokens_seen": 30}
-    validate_against({k: tuple(v.shape) for k, v in resumed.state_dict().items()}, ck)
+    check_fits({k: spec_of(v) for k, v in resumed.state_dict().items()}, tensor_specs(ck.path), str(ck.path))
     resumed.load_state_dict(ck.model_state)
     assert resumed.head.weight is resumed.embed.weight
     restore_optimizer(opt2, optimizer_param_names(resumed, opt2), ck)
@@ -270,18 +272,22 @@ def test_missing_directory(tmp_path):
         load_checkpoint(tmp_path / "step_5")
 
 
-def test_validate_against_lists_every_problem(saved):
+def test_header_specs_list_every_misfit(saved):
+    found = tensor_specs(saved)  # from the safetensors header: no tensor is loaded
     ck = load_checkpoint(saved)
-    shapes = {k: tuple(v.shape) for k, v in ck.model_state.items()}
-    shapes.pop("norm.bias")
-    shapes["mlp.weight"] = (D, D + 1)
-    shapes["new.weight"] = (3,)
+    assert found == {k: spec_of(v) for k, v in ck.model_state.items()}  # tied aliases included
+    expected = dict(found)
+    expected.pop("norm.bias")
+    expected["mlp.weight"] = ((D, D + 1), "F32")
+    expected["mlp.bias"] = ((D,), "BF16")
+    expected["new.weight"] = ((3,), "F32")
     with pytest.raises(CheckpointError) as err:
-        validate_against(shapes, ck)
+        check_fits(expected, found, "ckpt")
     msg = str(err.value)
     assert "missing keys ['new.weight']" in msg
     assert "unexpected keys ['norm.bias']" in msg
     assert "mlp.weight: checkpoint (8, 8) F32 vs model (8, 9) F32" in msg
+    assert "mlp.bias: checkpoint (8,) F32 vs model (8,) BF16" in msg
 
 
 def test_extra_tensors_and_rng_state_round_trip(tmp_path):

@@ -148,6 +148,9 @@ def test_chat_ending_on_a_user_turn_keeps_its_answered_turns(tmp_path):
     mix = MixtureConfig(sources=[cfg], total_tokens=1000, val_fraction=0.1, kind="chat")
     [sd] = collect(mix).sources
     assert (sd.raw, sd.dropped, sd.trimmed) == (42, 1, 1)  # what the manifest reports
+    # max_docs counts conversations that are used, not the dropped one.
+    capped = SourceConfig(name="capped", kind="hf_chat", max_docs=2, options=cfg.options)
+    assert [d.meta["messages"][0]["content"] for d in materialise(capped)] == ["2+2?", "1+1?"]
 
 
 def test_hf_missing_text_field_and_missing_files(tmp_path):

@@ -204,11 +204,11 @@ def test_a_second_run_into_the_same_outputs_stops_naming_the_holder(micro_data, 
     code = (
         "import sys, time, pathlib\n"
         "from pipeline.runner.lock import stage_lock\n"
-        "with stage_lock(pathlib.Path(sys.argv[1]), 'pretrain', pathlib.Path(sys.argv[2])):\n"
+        "with stage_lock(pathlib.Path(sys.argv[1]), 'pretrain', sys.argv[2]):\n"
         "    print('holding', flush=True)\n"
         "    time.sleep(600)\n"
     )
-    args = [sys.executable, "-c", code, str(tmp_path / "state" / "locks"), str(tmp_path / "out")]
+    args = [sys.executable, "-c", code, str(tmp_path / "state" / "locks"), f"outputs {(tmp_path / 'out').resolve()}"]
     with started(args, env=ENV, cwd=REPO_ROOT, stdout=subprocess.PIPE) as holder:
         assert holder.stdout.readline().strip() == b"holding"
         with pytest.raises(StageLockedError) as err:
@@ -217,8 +217,24 @@ def test_a_second_run_into_the_same_outputs_stops_naming_the_holder(micro_data, 
     # The OS released the lock with its holder: no stale lock blocks the next run.
     from pipeline.runner.lock import stage_lock
 
-    with stage_lock(tmp_path / "state" / "locks", "pretrain", tmp_path / "out"):
+    with stage_lock(tmp_path / "state" / "locks", "pretrain", f"outputs {(tmp_path / 'out').resolve()}"):
         pass
+
+
+def test_a_second_run_of_the_same_work_into_other_outputs_stops_too(micro_data, tmp_path):
+    # A sweep point writes into its own directory but, with the same config, its work
+    # has the same fingerprint as a by-hand run: both would train in one Ray run folder.
+    from pipeline.recipe import validate
+    from pipeline.runner.lock import stage_lock
+    from pipeline.runner.spec import StageContext
+
+    raw = micro(micro_data, "pretrain")
+    recipe = validate(raw)
+    inputs = {item.key: item.check() for item in PRETRAIN.inputs(recipe)}
+    key = PRETRAIN.resume_key(StageContext("pretrain", recipe, raw, tmp_path / "by_hand", inputs))
+    with stage_lock(tmp_path / "state" / "locks", "pretrain", f"run {key}"):
+        with pytest.raises(StageLockedError, match=rf"already running \(run {key};"):
+            run_stage(PRETRAIN, raw, sweep_dir=tmp_path / "sweep_point_0", state_dir=tmp_path / "state")
 
 
 def stage_cli(stage: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -313,3 +329,82 @@ def test_checks_happen_in_the_documented_order(micro_data, tmp_path):
     raw["stage"]["pretrain"]["batch_size"] = 4
     with pytest.raises(StageInputError):
         run(PRETRAIN, raw, tmp_path)
+
+
+def _toy_stage(tmp_path, produce=("result.txt",), log=None):
+    """A stage without Ray: it writes ``produce`` into its scratch directory."""
+    from pipeline.runner.spec import Stage, StageResult
+
+    def work(ctx):
+        for name in produce:
+            (ctx.scratch / name).write_text(f"new {name}")
+        return StageResult({"value": 1.5}, log=log)
+
+    return Stage(
+        name="toy",
+        out_dir=lambda recipe: str(tmp_path / "out"),
+        inputs=lambda recipe: [],
+        params=lambda raw: {"seed": raw["seed"]},
+        work=work,
+        outputs=("result.txt",),
+        resources=lambda recipe: {"CPU": 1},
+    )
+
+
+def test_nothing_is_published_unless_every_declared_output_exists(tmp_path, earlier_output):
+    from pipeline.runner.errors import StageError
+
+    stage = _toy_stage(tmp_path, produce=("other.txt",))
+    before = snapshot(earlier_output)
+    raw = compose(["tracking.enabled=false"])
+    with pytest.raises(StageError, match=r"did not produce result.txt .*nothing was published"):
+        run_stage(stage, raw, sweep_dir=earlier_output.parent / "sweep", state_dir=tmp_path / "state")
+    assert snapshot(earlier_output) == before
+
+
+def test_a_failure_to_log_published_outputs_does_not_fail_the_stage(tmp_path, capsys, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import PARENT_ENV
+
+    monkeypatch.delenv(PARENT_ENV, raising=False)
+
+    def log(run, out_dir):
+        run.log_artifact(out_dir / "result.txt")
+        raise RuntimeError("exporting the model failed")
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    stale = tmp_path / ".out.publish-deadbeef"  # left by a killed run
+    stale.mkdir()
+    metrics = run_stage(_toy_stage(tmp_path, log=log), compose([f"tracking.uri={uri}"]), state_dir=tmp_path / "state")
+    assert metrics == {"value": 1.5}
+    assert (tmp_path / "out" / "result.txt").read_text() == "new result.txt"
+    assert not stale.exists()
+    [run] = MlflowClient(uri).search_runs(
+        [MlflowClient(uri).get_experiment_by_name("mobilemoe").experiment_id], "tags.stage = 'toy'"
+    )
+    assert run.info.status == "FINISHED" and run.data.metrics["final/value"] == 1.5
+    err = capsys.readouterr().err
+    assert "tracking was incomplete" in err and "exporting the model failed" in err
+
+
+def test_the_run_fingerprint_does_not_depend_on_where_the_files_are(micro_data, tmp_path):
+    from dataclasses import replace
+
+    from pipeline.runner.train_job import run_name
+    from pipeline.train.config import RayConfig
+    from pipeline.train.loop import WorkerJob
+
+    job = WorkerJob(
+        stage="pretrain",
+        model={"d": 1},
+        train={"lr": 1},
+        seed=0,
+        mixture_dir="/a/mix",
+        init_checkpoint="/a/ckpt/step_3",
+        extra_meta={"data_manifest_sha256": "x"},
+    )
+    moved = replace(job, mixture_dir="/elsewhere/mix", init_checkpoint="/elsewhere/ckpt/step_3")
+    assert run_name(job, RayConfig()) == run_name(moved, RayConfig())
+    assert run_name(job, RayConfig()) != run_name(replace(job, extra_meta={"data_manifest_sha256": "y"}), RayConfig())
+    assert run_name(job, RayConfig()) != run_name(job, RayConfig(num_workers=2, cpus_per_worker=1))

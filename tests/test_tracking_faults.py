@@ -168,7 +168,7 @@ def test_runs_of_killed_processes_are_closed_and_the_interrupted_stage_continues
     alive = client.create_run(exp, run_name="someone else's", tags=ProcessId.current().to_tags()).info.run_id
     foreign = client.create_run(exp, run_name="no owner recorded").info.run_id
 
-    with stage_run(cfg, "pretrain", resume_key="pretrain-0123") as run:
+    with stage_run(cfg, "pretrain", resume_key="pretrain-0123", continue_run=True) as run:
         assert run.run_id == interrupted and run.resumes == 1
     resumed = client.get_run(interrupted)
     assert resumed.info.status == "FINISHED" and resumed.data.tags["resumes"] == "1"
@@ -181,6 +181,20 @@ def test_runs_of_killed_processes_are_closed_and_the_interrupted_stage_continues
     assert client.get_experiment(exp).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
+def test_an_unfinished_run_with_nothing_left_to_resume_is_closed_not_continued(store):
+    # Killed before its first checkpoint: the work restarts from scratch, so it is a new
+    # execution (a new run), and the old one is closed as KILLED.
+    _, uri = store
+    cfg = TrackingConfig(uri=uri, experiment="restarted")
+    client = client_for(uri)
+    exp = ensure_experiment(client, cfg, uri)
+    old = client.create_run(exp, tags={**_dead_owner_tags(), "stage": "sft", "resume_key": "sft-1"}).info.run_id
+    with stage_run(cfg, "sft", resume_key="sft-1", continue_run=False) as run:
+        assert run.run_id != old and run.resumes == 0
+    assert client.get_run(old).info.status == "KILLED"
+    assert client.get_run(run.run_id).data.tags["resume_key"] == "sft-1"
+
+
 def test_logger_pickles_without_its_client_and_keeps_its_budget(tmp_path):
     import pickle
 
@@ -188,3 +202,23 @@ def test_logger_pickles_without_its_client_and_keeps_its_budget(tmp_path):
     clone = pickle.loads(pickle.dumps(logger))
     assert (clone.run_id, clone.retry_seconds, clone.journal) == ("abc", 7.0, str(tmp_path / "j.jsonl"))
     assert clone.guard.retry_seconds == 7.0
+
+
+def test_make_parent_run_follows_the_params_tracking_section(tmp_path, capsys):
+    import yaml
+
+    from pipeline.tracking.__main__ import main
+
+    params = tmp_path / "params.yaml"
+    uri = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    params.write_text(yaml.safe_dump({"tracking": {"uri": uri, "experiment": "from-params"}}))
+    assert main(["start", "--params", str(params)]) == 0
+    run_id = capsys.readouterr().out.strip()
+    assert client_for(uri).get_run(run_id).info.experiment_id == (
+        client_for(uri).get_experiment_by_name("from-params").experiment_id
+    )
+    assert main(["end", run_id, "--params", str(params), "--status", "FAILED"]) == 0
+    assert client_for(uri).get_run(run_id).info.status == "FAILED"
+    params.write_text(yaml.safe_dump({"tracking": {"enabled": False, "uri": "http://127.0.0.1:9"}}))
+    assert main(["start", "--params", str(params)]) == 0  # disabled: no store is contacted
+    assert capsys.readouterr().out == ""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
+import secrets
 import shutil
 import time
 from pathlib import Path
@@ -23,6 +23,7 @@ from pipeline.data.document import DataError
 from pipeline.data.mixing import MixtureConfig, build_mixture, collect, load_split, train_tokenizer_on_mixture
 from pipeline.data.sources import check_available
 from pipeline.data.tokenizer import MIN_VOCAB
+from pipeline.fsutil import replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +32,19 @@ EXPECTED_KIND = {"pretrain": "text", "midtrain": "text", "sft": "chat"}
 
 def validate_all(mixtures: dict[str, MixtureConfig], vocab_size: int) -> None:
     """Raise ConfigError/DataError naming the problem; cheap (no materialisation)."""
-    require(isinstance(vocab_size, int) and MIN_VOCAB <= vocab_size < 2**32, "vocab_size",
-            f"must be an integer in [{MIN_VOCAB}, 2**32)")
+    require(
+        isinstance(vocab_size, int) and MIN_VOCAB <= vocab_size < 2**32,
+        "vocab_size",
+        f"must be an integer in [{MIN_VOCAB}, 2**32)",
+    )
     for role, cfg in mixtures.items():
         require(isinstance(cfg, MixtureConfig), role, "must be a MixtureConfig")
-        require(cfg.kind == EXPECTED_KIND[role], f"{role}.kind",
-                f"must be {EXPECTED_KIND[role]!r} for the {role} mixture, got {cfg.kind!r}")
-        for i, src in enumerate(cfg.active_sources):
+        require(
+            cfg.kind == EXPECTED_KIND[role],
+            f"{role}.kind",
+            f"must be {EXPECTED_KIND[role]!r} for the {role} mixture, got {cfg.kind!r}",
+        )
+        for src in cfg.active_sources:
             if src.optional:
                 continue  # skipped (with a recorded warning) when unavailable
             try:
@@ -53,37 +60,65 @@ def unigram_stats(train: np.ndarray, val: np.ndarray, val_mask: np.ndarray, voca
     counts = np.bincount(targets, minlength=vocab_size).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     entropy = float(-(p * np.log(p)).sum())
-    q = (np.bincount(train, minlength=vocab_size).astype(np.float64) + 1.0)
+    q = np.bincount(train, minlength=vocab_size).astype(np.float64) + 1.0
     q /= q.sum()
     xent = float(-(counts * np.log(q)).sum() / counts.sum())
-    return {"val_unigram_entropy_nats": entropy, "val_unigram_entropy_bits": entropy / math.log(2),
-            "val_unigram_xent_from_train_nats": xent, "val_unigram_xent_from_train_bits": xent / math.log(2)}
+    return {
+        "val_unigram_entropy_nats": entropy,
+        "val_unigram_entropy_bits": entropy / math.log(2),
+        "val_unigram_xent_from_train_nats": xent,
+        "val_unigram_xent_from_train_bits": xent / math.log(2),
+    }
 
 
-def build_all(pretrain: MixtureConfig, midtrain: MixtureConfig, sft: MixtureConfig, vocab_size: int,
-              out_dir: str | Path, tokenizer_max_bytes: int = 4_000_000) -> dict:
-    """Build tokenizer/ pretrain/ midtrain/ sft/ and metrics.json under ``out_dir``.
+def build_all(
+    pretrain: MixtureConfig,
+    midtrain: MixtureConfig,
+    sft: MixtureConfig,
+    vocab_size: int,
+    out_dir: str | Path,
+    tokenizer_max_bytes: int = 4_000_000,
+) -> dict:
+    """Build tokenizer/ pretrain/ midtrain/ sft/ and metrics.json as ``out_dir``, which is
+    replaced whole only once the build is complete (a failed build leaves it as it was).
+    Returns the metrics."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.building-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        metrics = build_into(tmp, pretrain, midtrain, sft, vocab_size, tokenizer_max_bytes)
+        replace_dir(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return metrics
+
+
+def build_into(
+    directory: Path,
+    pretrain: MixtureConfig,
+    midtrain: MixtureConfig,
+    sft: MixtureConfig,
+    vocab_size: int,
+    tokenizer_max_bytes: int = 4_000_000,
+) -> dict:
+    """Write tokenizer/ pretrain/ midtrain/ sft/ and metrics.json into the (empty)
+    ``directory``; for a caller that publishes the result itself (the mix stage).
 
     metrics.json holds only what the inputs determine (no timings), so rebuilding from
     the same inputs gives the same bytes."""
     t0 = time.perf_counter()
     mixtures = {"pretrain": pretrain, "midtrain": midtrain, "sft": sft}
     validate_all(mixtures, vocab_size)
-    require(isinstance(tokenizer_max_bytes, int) and tokenizer_max_bytes > 0, "tokenizer_max_bytes",
-            "must be a positive integer")
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.building-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        metrics = _build_into(tmp, mixtures, vocab_size, tokenizer_max_bytes)
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        _replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("data built in %.1fs -> %s", time.perf_counter() - t0, out_dir)
+    require(
+        isinstance(tokenizer_max_bytes, int) and tokenizer_max_bytes > 0,
+        "tokenizer_max_bytes",
+        "must be a positive integer",
+    )
+    directory = Path(directory)
+    metrics = _build_into(directory, mixtures, vocab_size, tokenizer_max_bytes)
+    (directory / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    log.info("data built in %.1fs -> %s", time.perf_counter() - t0, directory)
     return metrics
 
 
@@ -99,7 +134,8 @@ def _build_into(tmp: Path, mixtures: dict[str, MixtureConfig], vocab_size: int, 
         manifest = build_mixture(cfg, tokenizer, tmp / role, collected[role], token_cache)
         metrics["mixtures"][role] = {
             split: {k: manifest["totals"][split][k] for k in ("tokens", "target_tokens", "bytes", "documents")}
-            for split in ("train", "val")}
+            for split in ("train", "val")
+        }
         metrics["mixtures"][role]["skipped_sources"] = [s["name"] for s in manifest["skipped_sources"]]
     train, _ = load_split(tmp / "pretrain", "train")
     val, val_mask = load_split(tmp / "pretrain", "val")
@@ -109,16 +145,4 @@ def _build_into(tmp: Path, mixtures: dict[str, MixtureConfig], vocab_size: int, 
     return metrics
 
 
-def _replace(tmp: Path, out_dir: Path) -> None:
-    """Swap ``tmp`` into ``out_dir``; the old tree is removed only after the swap."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-__all__ = ["build_all", "validate_all", "unigram_stats", "ConfigError", "DataError"]
+__all__ = ["build_all", "build_into", "validate_all", "unigram_stats", "ConfigError", "DataError"]

@@ -41,16 +41,18 @@ def validate(messages: Sequence[Mapping[str, str]]) -> None:
         expected = "assistant" if role == "user" else "user"
 
 
-def render(messages: Sequence[Mapping[str, str]], tokenizer: Tokenizer,
-           add_bos: bool = True) -> tuple[list[int], list[int]]:
+def render(
+    messages: Sequence[Mapping[str, str]], tokenizer: Tokenizer, add_bos: bool = True
+) -> tuple[list[int], list[int]]:
     """Token ids of a whole conversation and its loss mask (same length)."""
     validate(messages)
     bodies = [tokenizer.encode(m["content"]) for m in messages]
     return _assemble(messages, bodies, tokenizer, add_bos)
 
 
-def render_many(conversations: Sequence[Sequence[Mapping[str, str]]], tokenizer: Tokenizer,
-                add_bos: bool = True) -> list[tuple[list[int], list[int]]]:
+def render_many(
+    conversations: Sequence[Sequence[Mapping[str, str]]], tokenizer: Tokenizer, add_bos: bool = True
+) -> list[tuple[list[int], list[int]]]:
     """:func:`render` for many conversations, encoding all contents in one batch."""
     for messages in conversations:
         validate(messages)
@@ -68,8 +70,7 @@ def _assemble(messages, bodies, tokenizer: Tokenizer, add_bos: bool) -> tuple[li
     return ids, mask
 
 
-def render_prompt(messages: Sequence[Mapping[str, str]], tokenizer: Tokenizer,
-                  add_bos: bool = True) -> list[int]:
+def render_prompt(messages: Sequence[Mapping[str, str]], tokenizer: Tokenizer, add_bos: bool = True) -> list[int]:
     """Ids for generation: the conversation so far (ending in a user turn), then
     ``<|assistant|>``; generation should stop at ``<|end|>``."""
     validate(messages)

@@ -14,8 +14,32 @@ from dataclasses import dataclass
 from pipeline.data.document import Document
 from pipeline.data.sources import Kind, Opt
 
-NAMES = ["Ann", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivan", "Jo", "Kai", "Lena",
-         "Mo", "Nia", "Omar", "Pia", "Quinn", "Rosa", "Sam", "Tara", "Umar", "Vera", "Wes", "Yara"]
+NAMES = [
+    "Ann",
+    "Ben",
+    "Cara",
+    "Dev",
+    "Eli",
+    "Fay",
+    "Gus",
+    "Hana",
+    "Ivan",
+    "Jo",
+    "Kai",
+    "Lena",
+    "Mo",
+    "Nia",
+    "Omar",
+    "Pia",
+    "Quinn",
+    "Rosa",
+    "Sam",
+    "Tara",
+    "Umar",
+    "Vera",
+    "Wes",
+    "Yara",
+]
 ITEMS = ["apples", "pencils", "stamps", "marbles", "books", "cookies", "shells", "coins", "cards", "eggs"]
 BOXES = ["bags", "boxes", "packs", "jars", "crates"]
 
@@ -38,6 +62,7 @@ def _done(steps: list[str], answer) -> str:
 
 # --- arithmetic ---------------------------------------------------------------------
 
+
 def _add(r: random.Random) -> Problem:
     a, b = r.randint(2, 999), r.randint(2, 999)
     return Problem(f"What is {a} + {b}?", _done([f"{a} + {b} = {a + b}."], a + b), str(a + b), "addition")
@@ -51,8 +76,11 @@ def _sub(r: random.Random) -> Problem:
 def _mul(r: random.Random) -> Problem:
     a, b = r.randint(11, 99), r.randint(3, 29)
     tens, ones = (b // 10) * 10, b % 10
-    steps = ([f"{a} × {b} = {a} × {tens} + {a} × {ones} = {a * tens} + {a * ones} = {a * b}."]
-             if tens and ones else [f"{a} × {b} = {a * b}."])
+    steps = (
+        [f"{a} × {b} = {a} × {tens} + {a} × {ones} = {a * tens} + {a * ones} = {a * b}."]
+        if tens and ones
+        else [f"{a} × {b} = {a * b}."]
+    )
     return Problem(f"What is {a} × {b}?", _done(steps, a * b), str(a * b), "multiplication")
 
 
@@ -68,11 +96,15 @@ def _word(r: random.Random) -> Problem:
     name, item, box = r.choice(NAMES), r.choice(ITEMS), r.choice(BOXES)
     start, n_box, per, lost = r.randint(1, 20), r.randint(2, 9), r.randint(2, 12), r.randint(1, 9)
     bought, total = n_box * per, start + n_box * per - lost
-    q = (f"{name} has {start} {item}. {name} buys {n_box} {box} with {per} {item} in each, "
-         f"then gives away {lost}. How many {item} does {name} have now?")
-    steps = [f"{n_box} {box} hold {n_box} × {per} = {bought} {item}.",
-             f"{start} + {bought} = {start + bought}.",
-             f"After giving away {lost}: {start + bought} - {lost} = {total}."]
+    q = (
+        f"{name} has {start} {item}. {name} buys {n_box} {box} with {per} {item} in each, "
+        f"then gives away {lost}. How many {item} does {name} have now?"
+    )
+    steps = [
+        f"{n_box} {box} hold {n_box} × {per} = {bought} {item}.",
+        f"{start} + {bought} = {start + bought}.",
+        f"After giving away {lost}: {start + bought} - {lost} = {total}.",
+    ]
     return Problem(q, _done(steps, total), str(total), "word problem")
 
 
@@ -89,8 +121,12 @@ ARITHMETIC: list[Callable[[random.Random], Problem]] = [_add, _sub, _mul, _chain
 
 # --- reasoning ----------------------------------------------------------------------
 
-_ADJ = [("taller", "tallest", "shortest"), ("older", "oldest", "youngest"),
-        ("faster", "fastest", "slowest"), ("heavier", "heaviest", "lightest")]
+_ADJ = [
+    ("taller", "tallest", "shortest"),
+    ("older", "oldest", "youngest"),
+    ("faster", "fastest", "slowest"),
+    ("heavier", "heaviest", "lightest"),
+]
 
 
 def _ordering(r: random.Random) -> Problem:
@@ -111,12 +147,28 @@ def _compare(r: random.Random) -> Problem:
     if a == b:
         b = round(b + 0.1, 3)
     big = max(a, b)
-    return Problem(f"Which is larger, {a} or {b}?", _done([f"{a} {'>' if a > b else '<'} {b}."], big),
-                   str(big), "comparison")
+    return Problem(
+        f"Which is larger, {a} or {b}?", _done([f"{a} {'>' if a > b else '<'} {b}."], big), str(big), "comparison"
+    )
 
 
-_WORDS = ["strawberry", "banana", "mississippi", "committee", "bookkeeper", "parallel", "necessary",
-          "occurrence", "assessment", "balloon", "coffee", "letter", "success", "address", "pepper"]
+_WORDS = [
+    "strawberry",
+    "banana",
+    "mississippi",
+    "committee",
+    "bookkeeper",
+    "parallel",
+    "necessary",
+    "occurrence",
+    "assessment",
+    "balloon",
+    "coffee",
+    "letter",
+    "success",
+    "address",
+    "pepper",
+]
 
 
 def _count(r: random.Random) -> Problem:
@@ -125,8 +177,7 @@ def _count(r: random.Random) -> Problem:
     n = word.count(letter)
     spelled = ", ".join(word)
     q = f"How many times does the letter '{letter}' appear in '{word}'?"
-    return Problem(q, _done([f"Spelling it out: {spelled}.", f"'{letter}' appears {n} times."], n),
-                   str(n), "counting")
+    return Problem(q, _done([f"Spelling it out: {spelled}.", f"'{letter}' appears {n} times."], n), str(n), "counting")
 
 
 def _sequence(r: random.Random) -> Problem:
@@ -137,11 +188,15 @@ def _sequence(r: random.Random) -> Problem:
         rule = f"each term adds {step}"
     else:
         step = r.randint(2, 3)
-        seq = [start * step ** i for i in range(5)]
+        seq = [start * step**i for i in range(5)]
         rule = f"each term is multiplied by {step}"
     shown, nxt = ", ".join(map(str, seq[:4])), seq[4]
-    return Problem(f"What comes next: {shown}, ?", _done([f"The rule: {rule}.", f"So the next term is {nxt}."], nxt),
-                   str(nxt), "sequence")
+    return Problem(
+        f"What comes next: {shown}, ?",
+        _done([f"The rule: {rule}.", f"So the next term is {nxt}."], nxt),
+        str(nxt),
+        "sequence",
+    )
 
 
 def _syllogism(r: random.Random) -> Problem:
@@ -149,11 +204,14 @@ def _syllogism(r: random.Random) -> Problem:
     name = r.choice(NAMES)
     if r.random() < 0.5:
         q = f"All {a} are {b}. {name} is one of the {a}. Is {name} one of the {b}?"
-        return Problem(q, _done([f"Every one of the {a} is one of the {b}, and {name} is one of the {a}."], "yes"),
-                       "yes", "syllogism")
+        return Problem(
+            q,
+            _done([f"Every one of the {a} is one of the {b}, and {name} is one of the {a}."], "yes"),
+            "yes",
+            "syllogism",
+        )
     q = f"All {a} are {b}. {name} is one of the {b}. Must {name} be one of the {a}?"
-    return Problem(q, _done([f"Being one of the {b} does not imply being one of the {a}."], "no"),
-                   "no", "syllogism")
+    return Problem(q, _done([f"Being one of the {b} does not imply being one of the {a}."], "no"), "no", "syllogism")
 
 
 REASONING: list[Callable[[random.Random], Problem]] = [_ordering, _compare, _count, _sequence, _syllogism]
@@ -174,6 +232,7 @@ def _iter(generators):
         for p in problems(generators, options["n_docs"], options["seed"]):
             # Keyed by the question so the SFT math task (same key) splits the same way.
             yield Document(p.text, cfg.domain, cfg.name, key=problem_key(p), meta={"topic": p.topic})
+
     return iterate
 
 

@@ -7,6 +7,7 @@ mixture (FineWeb-Edu, FineMath, Tulu, ...) by changing config only.
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 from collections.abc import Iterator
@@ -54,8 +55,10 @@ def check_local_file(path: Path, builder: str) -> None:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
-        raise DataError(f"{path}: not UTF-8 at byte {err.start} (line {line}): {data[err.start:err.start + 1]!r}; "
-                        f"re-encode the file as UTF-8") from None
+        raise DataError(
+            f"{path}: not UTF-8 at byte {err.start} (line {line}): {data[err.start : err.start + 1]!r}; "
+            f"re-encode the file as UTF-8"
+        ) from None
     if builder == "json":
         _check_json(path, text)
 
@@ -77,7 +80,15 @@ def _check_json(path: Path, text: str) -> None:
 
 def _check_files(options: dict) -> None:
     for path in local_files(options):
-        check_local_file(path, options["path"])
+        stat = path.stat()
+        _check_once(str(path.resolve()), stat.st_size, stat.st_mtime_ns, options["path"])
+
+
+@functools.lru_cache(maxsize=1024)
+def _check_once(path: str, size: int, mtime_ns: int, builder: str) -> None:
+    # A build checks a source several times (input check, availability, loading); the
+    # file is read once per process unless it changes (size and mtime are in the key).
+    check_local_file(Path(path), builder)
 
 
 def _load(options: dict):
@@ -85,8 +96,13 @@ def _load(options: dict):
 
     _check_files(options)
     try:
-        return datasets.load_dataset(options["path"], name=options["name"], data_files=options["data_files"],
-                                     split=options["split"], streaming=options["streaming"])
+        return datasets.load_dataset(
+            options["path"],
+            name=options["name"],
+            data_files=options["data_files"],
+            split=options["split"],
+            streaming=options["streaming"],
+        )
     except Exception as err:  # noqa: BLE001 - any loader failure means "unavailable"
         raise DataError(f"cannot load dataset {options['path']!r}: {type(err).__name__}: {err}") from None
 
@@ -96,14 +112,12 @@ def _check(options: dict) -> None:
 
     _check_files(options)
     try:
-        builder = datasets.load_dataset_builder(options["path"], name=options["name"],
-                                                data_files=options["data_files"])
+        builder = datasets.load_dataset_builder(options["path"], name=options["name"], data_files=options["data_files"])
     except Exception as err:  # noqa: BLE001
         raise DataError(f"cannot resolve dataset {options['path']!r}: {type(err).__name__}: {err}") from None
     splits = getattr(builder.config, "data_files", None)
     if splits and options["split"].split("[")[0] not in splits:
-        raise DataError(f"dataset {options['path']!r} has no split {options['split']!r} "
-                        f"(has: {', '.join(splits)})")
+        raise DataError(f"dataset {options['path']!r} has no split {options['split']!r} (has: {', '.join(splits)})")
 
 
 def _text_iter(options: dict, cfg) -> Iterator[Document]:
@@ -136,8 +150,12 @@ def _chat_iter(options: dict, cfg) -> Iterator[Document]:
             continue
         trimmed = len(messages) - (last + 1)
         messages = messages[: last + 1]
-        yield Document(render_text(messages), cfg.domain, cfg.name,
-                       meta={"messages": messages, "task": options["task"], "trimmed_turns": trimmed})
+        yield Document(
+            render_text(messages),
+            cfg.domain,
+            cfg.name,
+            meta={"messages": messages, "task": options["task"], "trimmed_turns": trimmed},
+        )
 
 
 def _str(v) -> bool:
@@ -155,6 +173,12 @@ _COMMON = {
 
 KINDS = [
     Kind("hf", "text", None, {**_COMMON, "text_field": Opt((str,), "text")}, _text_iter, _check),
-    Kind("hf_chat", "chat", None, {**_COMMON, "messages_field": Opt((str,), "messages"),
-                                   "task": Opt((str,), "hf_chat")}, _chat_iter, _check),
+    Kind(
+        "hf_chat",
+        "chat",
+        None,
+        {**_COMMON, "messages_field": Opt((str,), "messages"), "task": Opt((str,), "hf_chat")},
+        _chat_iter,
+        _check,
+    ),
 ]

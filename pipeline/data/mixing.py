@@ -24,18 +24,19 @@ import hashlib
 import json
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
 from pipeline.configbase import ConfigError, from_dict, require
-from pipeline.hashing import sha256_file
 from pipeline.data.chat import render_many
 from pipeline.data.document import DataError, Document, text_hash, unit_hash
 from pipeline.data.sources import SourceConfig, check_available, licence_of, materialise
 from pipeline.data.tokenizer import Tokenizer, fingerprint
+from pipeline.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,11 @@ class MixtureConfig:
     max_repeat: float = 4.0
 
     def __post_init__(self) -> None:
-        require(isinstance(self.sources, (list, tuple)) and len(self.sources) > 0, "sources",
-                "must be a non-empty list of sources")
+        require(
+            isinstance(self.sources, (list, tuple)) and len(self.sources) > 0,
+            "sources",
+            "must be a non-empty list of sources",
+        )
         built = []
         for i, src in enumerate(self.sources):
             if isinstance(src, Mapping):
@@ -65,17 +69,28 @@ class MixtureConfig:
         require(self.kind in MIXTURE_KINDS, "kind", f"must be one of {MIXTURE_KINDS}, got {self.kind!r}")
         seen: dict[str, int] = {}
         for i, src in enumerate(built):
-            require(src.name not in seen, f"sources[{i}].name",
-                    f"duplicate source name {src.name!r} (also sources[{seen.get(src.name)}])")
+            require(
+                src.name not in seen,
+                f"sources[{i}].name",
+                f"duplicate source name {src.name!r} (also sources[{seen.get(src.name)}])",
+            )
             seen[src.name] = i
-            require(src.produces == self.kind, f"sources[{i}].kind",
-                    f"kind {src.kind!r} produces {src.produces} documents but this mixture is {self.kind!r}")
-        require(sum(s.weight for s in built) > 0, "sources",
-                "weights sum to 0: at least one source needs weight > 0")
-        require(isinstance(self.total_tokens, int) and not isinstance(self.total_tokens, bool)
-                and self.total_tokens > 0, "total_tokens", "must be a positive integer")
-        require(isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 0.5,
-                "val_fraction", f"must be in (0, 0.5), got {self.val_fraction}")
+            require(
+                src.produces == self.kind,
+                f"sources[{i}].kind",
+                f"kind {src.kind!r} produces {src.produces} documents but this mixture is {self.kind!r}",
+            )
+        require(sum(s.weight for s in built) > 0, "sources", "weights sum to 0: at least one source needs weight > 0")
+        require(
+            isinstance(self.total_tokens, int) and not isinstance(self.total_tokens, bool) and self.total_tokens > 0,
+            "total_tokens",
+            "must be a positive integer",
+        )
+        require(
+            isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 0.5,
+            "val_fraction",
+            f"must be in (0, 0.5), got {self.val_fraction}",
+        )
         require(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed", "must be an integer")
         require(isinstance(self.max_repeat, (int, float)) and self.max_repeat >= 1, "max_repeat", "must be >= 1")
 
@@ -85,6 +100,7 @@ class MixtureConfig:
 
 
 # --- 1-3: collect, dedup, split -------------------------------------------------------------
+
 
 @dataclass
 class SourceDocs:
@@ -127,8 +143,9 @@ def collect(cfg: MixtureConfig, cache: dict[str, tuple[list[Document], int]] | N
             dropped: list[Document] = []
             cache[key] = (materialise(src, dropped), len(dropped))
         docs, n_dropped = cache[key]
-        sd = SourceDocs(src, raw=len(docs), dropped=n_dropped,
-                        trimmed=sum(1 for d in docs if d.meta.get("trimmed_turns")))
+        sd = SourceDocs(
+            src, raw=len(docs), dropped=n_dropped, trimmed=sum(1 for d in docs if d.meta.get("trimmed_turns"))
+        )
         for doc in docs:
             h = text_hash(doc.text)
             if h in seen:
@@ -137,8 +154,10 @@ def collect(cfg: MixtureConfig, cache: dict[str, tuple[list[Document], int]] | N
             seen.add(h)
             (sd.val if unit_hash(doc.split_key()) < cfg.val_fraction else sd.train).append(doc)
         if not sd.train:
-            raise DataError(f"source {src.name!r} has no training documents after dedup and split "
-                            f"({sd.raw} documents, {sd.duplicates} duplicates)")
+            raise DataError(
+                f"source {src.name!r} has no training documents after dedup and split "
+                f"({sd.raw} documents, {sd.duplicates} duplicates)"
+            )
         out.append(sd)
     if not out:
         raise DataError("mixture has no available sources")
@@ -204,8 +223,10 @@ def _tokenise(docs: list[Document], kind: str, tok: Tokenizer) -> list[Piece]:
             out.append((seq, mask))
         return out
     # eos after the final <|end|> is framing only: not a target in chat data.
-    return [(np.array(ids + [tok.eos_id], dtype=np.uint32), np.array(mask + [0], dtype=np.uint8))
-            for ids, mask in render_many([d.meta["messages"] for d in docs], tok, add_bos=True)]
+    return [
+        (np.array(ids + [tok.eos_id], dtype=np.uint32), np.array(mask + [0], dtype=np.uint8))
+        for ids, mask in render_many([d.meta["messages"] for d in docs], tok, add_bos=True)
+    ]
 
 
 def _prefix_to(order: np.ndarray, lazy: _LazyTokens, target: float) -> tuple[list[int], int, bool]:
@@ -214,7 +235,7 @@ def _prefix_to(order: np.ndarray, lazy: _LazyTokens, target: float) -> tuple[lis
     picked: list[int] = []
     total = 0
     for start in range(0, len(order), _CHUNK):
-        chunk = order[start:start + _CHUNK].tolist()
+        chunk = order[start : start + _CHUNK].tolist()
         for i, piece in zip(chunk, lazy.get(chunk)):
             if total >= target:
                 return picked, total, True
@@ -241,6 +262,7 @@ def _sample_train(lazy: _LazyTokens, target: float, max_repeat: float, rng) -> t
 
 # --- 5: write ------------------------------------------------------------------------------
 
+
 def _write_split(out_dir: Path, split: str, pieces: list[tuple[np.ndarray, np.ndarray]]) -> dict:
     tokens = np.concatenate([p[0] for p in pieces]) if pieces else np.zeros(0, np.uint32)
     mask = np.concatenate([p[1] for p in pieces]) if pieces else np.zeros(0, np.uint8)
@@ -251,8 +273,13 @@ def _write_split(out_dir: Path, split: str, pieces: list[tuple[np.ndarray, np.nd
     return files
 
 
-def build_mixture(cfg: MixtureConfig, tokenizer: Tokenizer, out_dir: str | Path,
-                  collected: Collected | None = None, token_cache: dict | None = None) -> dict:
+def build_mixture(
+    cfg: MixtureConfig,
+    tokenizer: Tokenizer,
+    out_dir: str | Path,
+    collected: Collected | None = None,
+    token_cache: dict | None = None,
+) -> dict:
     """Write the mixture files into ``out_dir`` and return the manifest.
 
     ``collected`` (from :func:`collect`) and ``token_cache`` let a caller building
@@ -270,11 +297,19 @@ def build_mixture(cfg: MixtureConfig, tokenizer: Tokenizer, out_dir: str | Path,
     for sd in collected.sources:
         name, share = sd.cfg.name, sd.cfg.weight / total_w
         stats: dict[str, Any] = {
-            "kind": sd.cfg.kind, "domain": sd.cfg.domain, "licence": licence_of(sd.cfg),
-            "options": sd.cfg.resolved_options(), "max_docs": sd.cfg.max_docs,
-            "weight_requested": share, "documents_raw": sd.raw, "duplicates_removed": sd.duplicates,
-            "documents_dropped": sd.dropped, "documents_trimmed": sd.trimmed,
-            "tokens": {}, "target_tokens": {}, "bytes": {},
+            "kind": sd.cfg.kind,
+            "domain": sd.cfg.domain,
+            "licence": licence_of(sd.cfg),
+            "options": sd.cfg.resolved_options(),
+            "max_docs": sd.cfg.max_docs,
+            "weight_requested": share,
+            "documents_raw": sd.raw,
+            "duplicates_removed": sd.duplicates,
+            "documents_dropped": sd.dropped,
+            "documents_trimmed": sd.trimmed,
+            "tokens": {},
+            "target_tokens": {},
+            "bytes": {},
         }
         for split, docs in (("train", sd.train), ("val", sd.val)):
             lazy = _LazyTokens(docs, cfg.kind, tokenizer, token_cache)
@@ -284,16 +319,20 @@ def build_mixture(cfg: MixtureConfig, tokenizer: Tokenizer, out_dir: str | Path,
                 idx, available = _sample_train(lazy, target, cfg.max_repeat, rng)
                 distinct = sorted(set(idx))
                 avail_bytes = sum(len(d.text.encode("utf-8")) for d in docs)
-                stats.update({
-                    "unique_train_tokens_available": available,  # null: not all needed tokenising
-                    "unique_train_bytes_available": avail_bytes,
-                    "repetition": len(idx) / len(distinct),
-                    "data_used_fraction": sum(len(docs[i].text.encode("utf-8")) for i in distinct) / avail_bytes,
-                    "documents": {"train": len(idx), "train_distinct": len(distinct), "train_available": len(docs)},
-                })
+                stats.update(
+                    {
+                        "unique_train_tokens_available": available,  # null: not all needed tokenising
+                        "unique_train_bytes_available": avail_bytes,
+                        "repetition": len(idx) / len(distinct),
+                        "data_used_fraction": sum(len(docs[i].text.encode("utf-8")) for i in distinct) / avail_bytes,
+                        "documents": {"train": len(idx), "train_distinct": len(distinct), "train_available": len(docs)},
+                    }
+                )
                 if available is not None and target > cfg.max_repeat * available:
-                    msg = (f"source {name!r} needs {target / available:.1f} passes to reach its weight but "
-                           f"max_repeat is {cfg.max_repeat}: its share will be below the request")
+                    msg = (
+                        f"source {name!r} needs {target / available:.1f} passes to reach its weight but "
+                        f"max_repeat is {cfg.max_repeat}: its share will be below the request"
+                    )
                     log.warning(msg)
                     warnings.append(msg)
             else:
@@ -319,8 +358,7 @@ def build_mixture(cfg: MixtureConfig, tokenizer: Tokenizer, out_dir: str | Path,
             domain_ids = np.concatenate(ids) if ids else np.zeros(0, np.uint8)
             path = out_dir / "val_domains.npy"
             np.save(path, domain_ids, allow_pickle=False)
-            files["val_domains.npy"] = {"sha256": sha256_file(path), "dtype": "uint8",
-                                        "length": int(domain_ids.size)}
+            files["val_domains.npy"] = {"sha256": sha256_file(path), "dtype": "uint8", "length": int(domain_ids.size)}
         totals[split] = {
             "documents": len(items),
             "tokens": sum(s["tokens"][split] for s in per_source.values()),
@@ -333,17 +371,25 @@ def build_mixture(cfg: MixtureConfig, tokenizer: Tokenizer, out_dir: str | Path,
         s["weight_achieved"] = s["tokens"]["train"] / totals["train"]["tokens"]
 
     manifest = {
-        "kind": cfg.kind, "seed": cfg.seed, "total_tokens_requested": cfg.total_tokens,
-        "val_fraction": cfg.val_fraction, "max_repeat": cfg.max_repeat,
+        "kind": cfg.kind,
+        "seed": cfg.seed,
+        "total_tokens_requested": cfg.total_tokens,
+        "val_fraction": cfg.val_fraction,
+        "max_repeat": cfg.max_repeat,
         "split_rule": "val iff sha256(document key) / 2**64 < val_fraction (seed-free, by document)",
-        "dedup": {"method": "exact: sha256 of NFC, whitespace-collapsed text, across the mixture, before the split",
-                  "removed": sum(s["duplicates_removed"] for s in per_source.values())},
+        "dedup": {
+            "method": "exact: sha256 of NFC, whitespace-collapsed text, across the mixture, before the split",
+            "removed": sum(s["duplicates_removed"] for s in per_source.values()),
+        },
         "loss_mask": "mask[i] == 1: token i is a prediction target",
         "bits_per_byte": "loss_nats_per_target_token / ln(2) * target_tokens / bytes",
         "tokenizer": {"vocab_size": tokenizer.vocab_size, "sha256": fingerprint(tokenizer)},
         "domains": domains,  # val_domains.npy holds indices into this list
-        "sources": per_source, "skipped_sources": collected.skipped, "warnings": warnings,
-        "totals": totals, "files": files,
+        "sources": per_source,
+        "skipped_sources": collected.skipped,
+        "warnings": warnings,
+        "totals": totals,
+        "files": files,
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return manifest
@@ -352,8 +398,7 @@ def build_mixture(cfg: MixtureConfig, tokenizer: Tokenizer, out_dir: str | Path,
 def _write_conversations(path: Path, docs: list[Document]) -> None:
     with path.open("w", encoding="utf-8") as fh:
         for d in docs:
-            row = {"source": d.source, "task": d.meta.get("task"), "key": d.split_key(),
-                   "messages": d.meta["messages"]}
+            row = {"source": d.source, "task": d.meta.get("task"), "key": d.split_key(), "messages": d.meta["messages"]}
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
@@ -382,5 +427,15 @@ def load_split(mixture_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndar
     return arrays[0], arrays[1]
 
 
-__all__ = ["MixtureConfig", "Collected", "collect", "build_mixture", "tokenizer_corpus",
-           "train_tokenizer_on_mixture", "load_split", "load_val_domains", "ConfigError", "DataError"]
+__all__ = [
+    "MixtureConfig",
+    "Collected",
+    "collect",
+    "build_mixture",
+    "tokenizer_corpus",
+    "train_tokenizer_on_mixture",
+    "load_split",
+    "load_val_domains",
+    "ConfigError",
+    "DataError",
+]

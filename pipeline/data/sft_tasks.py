@@ -18,10 +18,13 @@ from pipeline.data import generated
 from pipeline.data.chat import render_text
 from pipeline.data.document import Document
 from pipeline.data.sources import Kind, Opt, SourceConfig, check_available, iter_documents
-from pipeline.data.stdlib import DEFAULT_EXCLUDE, docstring_summary, source_root, python_definitions
+from pipeline.data.stdlib import DEFAULT_EXCLUDE, docstring_summary, python_definitions, source_root
 
-SYSTEM_PROMPTS = ["You are a helpful assistant.", "You are a concise assistant. Answer briefly.",
-                  "You are a knowledgeable assistant who explains things clearly."]
+SYSTEM_PROMPTS = [
+    "You are a helpful assistant.",
+    "You are a concise assistant. Answer briefly.",
+    "You are a knowledgeable assistant who explains things clearly.",
+]
 
 
 def _conversation(r: random.Random, turns: list[tuple[str, str]]) -> list[dict]:
@@ -44,6 +47,7 @@ def _rng(options: dict, task: str) -> random.Random:
 
 
 # --- define ---------------------------------------------------------------------------
+
 
 def _define_check(options: dict) -> None:
     if options["corpus"] == "wordnet":
@@ -72,8 +76,14 @@ def _define_iter(options: dict, cfg) -> Iterator[Document]:
         q = r.choice(["What does `{n}` do?", "Define `{n}`.", "Briefly explain `{n}` in Python."])
         turns = [(q.format(n=name), f"`{name}{d.signature}`: {docstring_summary(d.docstring)}")]
         if r.random() < options["multi_turn"]:
-            turns.append(r.choice([("Which module is it in?", f"It is defined in the `{d.module}` module."),
-                                   ("What is its signature?", f"`{name}{d.signature}`")]))
+            turns.append(
+                r.choice(
+                    [
+                        ("Which module is it in?", f"It is defined in the `{d.module}` module."),
+                        ("What is its signature?", f"`{name}{d.signature}`"),
+                    ]
+                )
+            )
         yield _doc(cfg, "define", d.key, _conversation(r, turns))
 
 
@@ -108,13 +118,17 @@ def _continue_iter(options: dict, cfg) -> Iterator[Document]:
         q = r.choice(["Continue this passage:\n\n{p}", "What comes next?\n\n{p}", "Complete the text:\n\n{p}"])
         turns = [(q.format(p=first), rest)]
         if r.random() < options["multi_turn"]:
-            where = (f"It is from the King James Bible, {d.text.split(chr(10), 1)[0]}." if corpus == "bible"
-                     else f"It is from the '{d.meta.get('file', 'fortunes')}' fortune collection.")
+            where = (
+                f"It is from the King James Bible, {d.text.split(chr(10), 1)[0]}."
+                if corpus == "bible"
+                else f"It is from the '{d.meta.get('file', 'fortunes')}' fortune collection."
+            )
             turns.append(("Where is this text from?", where))
         yield _doc(cfg, "continue", d.split_key(), _conversation(r, turns))
 
 
 # --- explain_code -----------------------------------------------------------------------
+
 
 def _explain_iter(options: dict, cfg) -> Iterator[Document]:
     r = _rng(options, "explain_code")
@@ -124,8 +138,9 @@ def _explain_iter(options: dict, cfg) -> Iterator[Document]:
         code = d.code_without_docstring
         if code.count("\n") < 2 or len(code) > options["max_chars"]:
             continue
-        q = r.choice(["Explain what this function does:\n```python\n{c}\n```",
-                      "What does this code do?\n```python\n{c}\n```"])
+        q = r.choice(
+            ["Explain what this function does:\n```python\n{c}\n```", "What does this code do?\n```python\n{c}\n```"]
+        )
         turns = [(q.format(c=code), docstring_summary(d.docstring))]
         if r.random() < options["multi_turn"]:
             turns.append(("Where is it defined?", f"It is `{d.module}.{d.qualname}` in the Python standard library."))
@@ -133,6 +148,7 @@ def _explain_iter(options: dict, cfg) -> Iterator[Document]:
 
 
 # --- math / reason ------------------------------------------------------------------------
+
 
 def _problem_iter(task: str, generators):
     def iterate(options: dict, cfg) -> Iterator[Document]:
@@ -147,6 +163,7 @@ def _problem_iter(task: str, generators):
                 else:
                     turns.append(("Are you sure?", f"Yes. {p.worked}"))
             yield _doc(cfg, task, generated.problem_key(p), _conversation(r, turns))
+
     return iterate
 
 
@@ -158,21 +175,50 @@ _BASE = {"seed": Opt((int,), 0), "multi_turn": Opt((float, int), 0.3, _frac, "mu
 _LIC_PY = "PSF-2.0 (derived from Python standard library docstrings)"
 
 KINDS = [
-    Kind("define", "chat", _LIC_PY + "; WordNet licence when corpus=wordnet",
-         {**_BASE, "corpus": Opt((str,), "python_docs", lambda v: v in ("python_docs", "wordnet"),
-                                 "must be 'python_docs' or 'wordnet'")},
-         _define_iter, _define_check),
-    Kind("continue", "chat", "public domain (KJV) / BSD-3-Clause (fortunes)",
-         {**_BASE, "corpus": Opt((str,), "bible", lambda v: v in ("bible", "fortunes"), "must be 'bible' or 'fortunes'"),
-          "max_chars": Opt((int,), 1500, lambda v: v > 0, "must be a positive integer")},
-         _continue_iter, _continue_check),
-    Kind("explain_code", "chat", _LIC_PY,
-         {**_BASE, "max_chars": Opt((int,), 1500, lambda v: v > 0, "must be a positive integer")},
-         _explain_iter),
-    Kind("math", "chat", "CC0 (procedurally generated)",
-         {**_BASE, "n_docs": Opt((int,), 3000, lambda v: v > 0, "must be a positive integer")},
-         _problem_iter("math", generated.ARITHMETIC)),
-    Kind("reason", "chat", "CC0 (procedurally generated)",
-         {**_BASE, "n_docs": Opt((int,), 3000, lambda v: v > 0, "must be a positive integer")},
-         _problem_iter("reason", generated.REASONING)),
+    Kind(
+        "define",
+        "chat",
+        _LIC_PY + "; WordNet licence when corpus=wordnet",
+        {
+            **_BASE,
+            "corpus": Opt(
+                (str,), "python_docs", lambda v: v in ("python_docs", "wordnet"), "must be 'python_docs' or 'wordnet'"
+            ),
+        },
+        _define_iter,
+        _define_check,
+    ),
+    Kind(
+        "continue",
+        "chat",
+        "public domain (KJV) / BSD-3-Clause (fortunes)",
+        {
+            **_BASE,
+            "corpus": Opt((str,), "bible", lambda v: v in ("bible", "fortunes"), "must be 'bible' or 'fortunes'"),
+            "max_chars": Opt((int,), 1500, lambda v: v > 0, "must be a positive integer"),
+        },
+        _continue_iter,
+        _continue_check,
+    ),
+    Kind(
+        "explain_code",
+        "chat",
+        _LIC_PY,
+        {**_BASE, "max_chars": Opt((int,), 1500, lambda v: v > 0, "must be a positive integer")},
+        _explain_iter,
+    ),
+    Kind(
+        "math",
+        "chat",
+        "CC0 (procedurally generated)",
+        {**_BASE, "n_docs": Opt((int,), 3000, lambda v: v > 0, "must be a positive integer")},
+        _problem_iter("math", generated.ARITHMETIC),
+    ),
+    Kind(
+        "reason",
+        "chat",
+        "CC0 (procedurally generated)",
+        {**_BASE, "n_docs": Opt((int,), 3000, lambda v: v > 0, "must be a positive integer")},
+        _problem_iter("reason", generated.REASONING),
+    ),
 ]

@@ -9,18 +9,27 @@ the conversation; ``produces`` tells a mixture which kinds it may use.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 from pipeline.configbase import require
 from pipeline.data.document import DataError, Document
 
 __all__ = [
-    "DataError", "Document", "SourceConfig", "Kind", "Opt", "KINDS", "kind_of",
-    "check_available", "iter_documents", "materialise", "licence_of",
+    "DataError",
+    "Document",
+    "SourceConfig",
+    "Kind",
+    "Opt",
+    "KINDS",
+    "kind_of",
+    "check_available",
+    "iter_documents",
+    "materialise",
+    "licence_of",
 ]
 
 _REQUIRED = object()
@@ -42,7 +51,7 @@ class Kind:
     produces: str  # "text" or "chat"
     licence: str | None  # None: taken from the required option "licence"
     options: Mapping[str, Opt]
-    iterate: Callable[[dict, "SourceConfig"], Iterator[Document]]
+    iterate: Callable[[dict, SourceConfig], Iterator[Document]]
     check: Callable[[dict], None] = lambda options: None
 
 
@@ -51,7 +60,11 @@ def _registry() -> dict[str, Kind]:
     from pipeline.data import generated, hf, packaged, sft_tasks, stdlib
 
     kinds: list[Kind] = [
-        *packaged.KINDS, *stdlib.KINDS, *generated.KINDS, *hf.KINDS, *sft_tasks.KINDS,
+        *packaged.KINDS,
+        *stdlib.KINDS,
+        *generated.KINDS,
+        *hf.KINDS,
+        *sft_tasks.KINDS,
     ]
     return {k.name: k for k in kinds}
 
@@ -100,14 +113,21 @@ class SourceConfig:
         where = f" (source {self.name!r})"
         require(isinstance(self.name, str) and bool(self.name), "name", "must be a non-empty string")
         kinds = KINDS()
-        require(self.kind in kinds, "kind",
-                f"unknown source kind {self.kind!r}{where} (known: {', '.join(sorted(kinds))})")
-        require(isinstance(self.weight, (int, float)) and not isinstance(self.weight, bool)
-                and math.isfinite(self.weight), "weight", f"must be a finite number{where}")
+        require(
+            self.kind in kinds, "kind", f"unknown source kind {self.kind!r}{where} (known: {', '.join(sorted(kinds))})"
+        )
+        require(
+            isinstance(self.weight, (int, float)) and not isinstance(self.weight, bool) and math.isfinite(self.weight),
+            "weight",
+            f"must be a finite number{where}",
+        )
         require(self.weight >= 0, "weight", f"must be >= 0, got {self.weight}{where}")
         require(isinstance(self.domain, str) and bool(self.domain), "domain", f"must be a non-empty string{where}")
-        require(self.max_docs is None or (isinstance(self.max_docs, int) and self.max_docs > 0),
-                "max_docs", f"must be a positive integer or null{where}")
+        require(
+            self.max_docs is None or (isinstance(self.max_docs, int) and self.max_docs > 0),
+            "max_docs",
+            f"must be a positive integer or null{where}",
+        )
         require(isinstance(self.optional, bool), "optional", f"must be true or false{where}")
         require(isinstance(self.options, Mapping), "options", f"must be a mapping{where}")
         self.options = _plain(self.options)
@@ -115,17 +135,17 @@ class SourceConfig:
 
     def _validate_options(self, kind: Kind, where: str) -> None:
         for key in self.options:
-            require(key in kind.options, f"options.{key}",
-                    f"unknown option for kind {kind.name!r}{where} "
-                    f"(known: {', '.join(sorted(kind.options)) or 'none'})")
+            require(
+                key in kind.options,
+                f"options.{key}",
+                f"unknown option for kind {kind.name!r}{where} (known: {', '.join(sorted(kind.options)) or 'none'})",
+            )
         for key, opt in kind.options.items():
             if key not in self.options:
-                require(opt.default is not _REQUIRED, f"options.{key}",
-                        f"required for kind {kind.name!r}{where}")
+                require(opt.default is not _REQUIRED, f"options.{key}", f"required for kind {kind.name!r}{where}")
                 continue
             value = self.options[key]
-            ok_type = isinstance(value, opt.types) and not (
-                isinstance(value, bool) and bool not in opt.types)
+            ok_type = isinstance(value, opt.types) and not (isinstance(value, bool) and bool not in opt.types)
             names = "/".join("null" if t is type(None) else t.__name__ for t in opt.types)
             require(ok_type, f"options.{key}", f"must be {names}, got {value!r}{where}")
             if opt.check is not None and value is not None:
@@ -141,8 +161,7 @@ class SourceConfig:
         return {k: self.options.get(k, opt.default) for k, opt in kind.options.items()}
 
     def cache_key(self) -> str:
-        return json.dumps([self.kind, self.domain, self.max_docs, self.resolved_options()],
-                          sort_keys=True, default=str)
+        return json.dumps([self.kind, self.domain, self.max_docs, self.resolved_options()], sort_keys=True, default=str)
 
 
 def licence_of(cfg: SourceConfig) -> str:
@@ -159,8 +178,15 @@ def check_available(cfg: SourceConfig) -> None:
 
 
 def iter_documents(cfg: SourceConfig) -> Iterator[Document]:
-    docs = kind_of(cfg.kind).iterate(cfg.resolved_options(), cfg)
-    return itertools.islice(docs, cfg.max_docs) if cfg.max_docs else docs
+    """The source's documents; ``max_docs`` counts usable ones only (an item the source
+    could not use, marked ``meta["dropped"]``, passes through without counting)."""
+    usable = 0
+    for doc in kind_of(cfg.kind).iterate(cfg.resolved_options(), cfg):
+        if cfg.max_docs and usable >= cfg.max_docs:
+            return
+        if not doc.meta.get("dropped"):
+            usable += 1
+        yield doc
 
 
 def materialise(cfg: SourceConfig, dropped: list[Document] | None = None) -> list[Document]:

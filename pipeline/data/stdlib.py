@@ -21,8 +21,21 @@ from pipeline.data.document import DataError, Document
 from pipeline.data.sources import Kind, Opt
 
 # Test suites, GUI toolkits, vendored wheels and codec tables are large and atypical.
-DEFAULT_EXCLUDE = ["test", "tests", "idlelib", "tkinter", "turtledemo", "lib2to3", "site-packages",
-                   "dist-packages", "encodings", "ensurepip", "pydoc_data", "__pycache__", "lib-dynload"]
+DEFAULT_EXCLUDE = [
+    "test",
+    "tests",
+    "idlelib",
+    "tkinter",
+    "turtledemo",
+    "lib2to3",
+    "site-packages",
+    "dist-packages",
+    "encodings",
+    "ensurepip",
+    "pydoc_data",
+    "__pycache__",
+    "lib-dynload",
+]
 _MAX_FILE_BYTES = 400_000
 
 
@@ -95,7 +108,7 @@ class PyDef:
     def _body(self) -> tuple[int, list[str]]:
         node = self._node
         start = min([node.lineno] + [d.lineno for d in node.decorator_list]) - 1
-        return start, self._lines[start:node.end_lineno]
+        return start, self._lines[start : node.end_lineno]
 
     @functools.cached_property
     def code(self) -> str:
@@ -113,8 +126,10 @@ class PyDef:
 
 def _signature(node: ast.AST) -> str:
     if isinstance(node, ast.ClassDef):
-        init = next((n for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
-                     and n.name == "__init__"), None)
+        init = next(
+            (n for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == "__init__"),
+            None,
+        )
         if init is None:
             return "()"
         args = ast.unparse(init.args)
@@ -168,8 +183,13 @@ def _code_iter(options: dict, cfg) -> Iterator[Document]:
         return
     for d in python_definitions(root, exclude, options["max_chars"]):
         if options["min_chars"] <= len(d.code) <= options["max_chars"]:
-            yield Document(f"# module: {d.module}\n{d.code}", cfg.domain, cfg.name, key=d.key,
-                           meta={"qualname": f"{d.module}.{d.qualname}"})
+            yield Document(
+                f"# module: {d.module}\n{d.code}",
+                cfg.domain,
+                cfg.name,
+                key=d.key,
+                meta={"qualname": f"{d.module}.{d.qualname}"},
+            )
 
 
 def docstring_summary(doc: str) -> str:
@@ -183,9 +203,17 @@ def _docs_iter(options: dict, cfg) -> Iterator[Document]:
             continue
         doc = d.docstring[: options["max_chars"]]
         text = f"{d.module}.{d.qualname}{d.signature}\n\n{doc}"
-        yield Document(text, cfg.domain, cfg.name, key=d.key,
-                       meta={"qualname": f"{d.module}.{d.qualname}", "signature": d.signature,
-                             "summary": docstring_summary(d.docstring)})
+        yield Document(
+            text,
+            cfg.domain,
+            cfg.name,
+            key=d.key,
+            meta={
+                "qualname": f"{d.module}.{d.qualname}",
+                "signature": d.signature,
+                "summary": docstring_summary(d.docstring),
+            },
+        )
 
 
 def _pos(v) -> bool:
@@ -199,12 +227,26 @@ _COMMON = {
 }
 
 KINDS = [
-    Kind("python_code", "text", "PSF-2.0 (Python standard library source)",
-         {**_COMMON, "min_chars": Opt((int,), 80), "granularity": Opt((str,), "definition",
-          lambda v: v in ("definition", "module"), "must be 'definition' or 'module'")},
-         _code_iter, _check),
-    Kind("python_docs", "text", "PSF-2.0 (Python standard library docstrings)",
-         {**_COMMON, "max_chars": Opt((int,), 2000, _pos, "must be a positive integer"),
-          "min_chars": Opt((int,), 40)},
-         _docs_iter, _check),
+    Kind(
+        "python_code",
+        "text",
+        "PSF-2.0 (Python standard library source)",
+        {
+            **_COMMON,
+            "min_chars": Opt((int,), 80),
+            "granularity": Opt(
+                (str,), "definition", lambda v: v in ("definition", "module"), "must be 'definition' or 'module'"
+            ),
+        },
+        _code_iter,
+        _check,
+    ),
+    Kind(
+        "python_docs",
+        "text",
+        "PSF-2.0 (Python standard library docstrings)",
+        {**_COMMON, "max_chars": Opt((int,), 2000, _pos, "must be a positive integer"), "min_chars": Opt((int,), 40)},
+        _docs_iter,
+        _check,
+    ),
 ]

@@ -36,19 +36,30 @@ class Tokenizer:
         self.special_ids: dict[str, int] = ids  # type: ignore[assignment]
         self.bos_id, self.eos_id, self.pad_id = ids[BOS], ids[EOS], ids[PAD]
         self.system_id, self.user_id, self.assistant_id, self.end_id = (
-            ids[SYSTEM], ids[USER], ids[ASSISTANT], ids[END])
+            ids[SYSTEM],
+            ids[USER],
+            ids[ASSISTANT],
+            ids[END],
+        )
 
     # -- construction ----------------------------------------------------------------
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int) -> "Tokenizer":
-        require(isinstance(vocab_size, int) and vocab_size >= MIN_VOCAB, "vocab_size",
-                f"must be an integer >= {MIN_VOCAB} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+    def train(cls, texts: Iterable[str], vocab_size: int) -> Tokenizer:
+        require(
+            isinstance(vocab_size, int) and vocab_size >= MIN_VOCAB,
+            "vocab_size",
+            f"must be an integer >= {MIN_VOCAB} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)",
+        )
         hf = _HFTokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         hf.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+            vocab_size=vocab_size,
+            special_tokens=SPECIAL_TOKENS,
+            min_frequency=2,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
         hf.train_from_iterator(_nonempty(texts), trainer=trainer)
         # A small corpus can run out of merges before vocab_size; pad with reserved
         # tokens so the vocabulary (and the model's embedding size) is exactly as configured.
@@ -58,7 +69,7 @@ class Tokenizer:
         return cls(hf)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
+    def load(cls, path: str | Path) -> Tokenizer:
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"

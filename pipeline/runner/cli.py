@@ -21,13 +21,13 @@ EXIT_BAD_INPUT = 2
 
 
 def _input_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean "bad input or environment": one line, no traceback."""
-    from pipeline.data.document import DataError
+    """Errors that mean "bad input or environment", raised before any work: one line,
+    no traceback. (The runner turns a bad data file or checkpoint into a StageInputError
+    naming its config key; the same errors during the work are failures with a traceback.)"""
     from pipeline.runner.errors import StageError
     from pipeline.tracking import TrackingError
-    from pipeline.train.checkpoint import CheckpointError
 
-    return ConfigError, DataError, CheckpointError, StageError, TrackingError
+    return ConfigError, StageError, TrackingError
 
 
 def _run(stage: Stage, raw: dict, sweep_dir: Path | None) -> None:

@@ -1,11 +1,12 @@
-"""One run per stage output at a time.
+"""One run at a time per stage output, and per piece of work.
 
 Two runs of the same stage into the same output directory (a run by hand while
-``dvc repro`` runs it) would share one Ray Train run folder and overwrite each other's
-outputs. The runner takes an exclusive, non-blocking file lock (filelock) named after
-the output directory before it opens a tracking run or starts Ray; the second run
-stops at once, naming the process that holds the lock. The OS releases the lock when
-its holder dies, so a killed run never blocks the next one.
+``dvc repro`` runs it) would overwrite each other's outputs; two runs of the same work
+(same fingerprint, e.g. a by-hand run and a sweep point) would share one Ray Train run
+folder. The runner takes exclusive, non-blocking file locks (filelock) on both before it
+opens a tracking run or starts Ray; a second run stops at once, naming the process that
+holds the lock. The OS releases a lock when its holder dies, so a killed run never
+blocks the next one.
 """
 
 from __future__ import annotations
@@ -21,19 +22,20 @@ from pipeline.runner.errors import StageLockedError
 
 
 @contextmanager
-def stage_lock(lock_dir: Path, stage: str, out_dir: Path) -> Iterator[Path]:
-    """Hold the lock of ``stage`` writing ``out_dir``; raise StageLockedError if taken."""
+def stage_lock(lock_dir: Path, stage: str, what: str) -> Iterator[Path]:
+    """Hold the lock of ``stage`` on ``what`` (e.g. ``"outputs /abs/out_dir"``, ``"run
+    <fingerprint>"``); raise StageLockedError naming the holder if it is taken."""
     from filelock import FileLock, Timeout
 
     lock_dir.mkdir(parents=True, exist_ok=True)
-    base = lock_dir / f"{stage}-{sha256_json(str(out_dir.resolve()))[:12]}"
+    base = lock_dir / f"{stage}-{sha256_json(what)[:12]}"
     holder_file = base.with_suffix(".holder.json")
     lock = FileLock(str(base.with_suffix(".lock")), timeout=0)
     try:
         lock.acquire()
     except Timeout:
         raise StageLockedError(
-            f"stage {stage} is already running into {out_dir} ({_holder(holder_file)}); "
+            f"stage {stage} is already running ({what}; {_holder(holder_file)}); "
             f"wait for it to finish or stop that process"
         ) from None
     try:

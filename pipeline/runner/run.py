@@ -6,19 +6,24 @@ In this order, for every stage:
 2. check every input the stage declares: present, intact, fitting (names the key);
 3. check that the embedded Ray can give what the job asks for, and that the tracking
    store answers (each in seconds);
-4. take the stage's lock (a second run into the same outputs stops here);
+4. take the stage's locks: its outputs, and its work (the fingerprint naming its Ray
+   run); a second run of either stops here, naming the holder;
 5. open the stage's MLflow run (continuing an interrupted one of the same work);
 6. do the work (on Ray) into a scratch directory;
-7. publish the outputs atomically, then log them;
-8. close the MLflow run with the right status, and clean up (e.g. a finished Ray run).
+7. publish the outputs (each item atomically, only once all exist), then log them;
+8. close the MLflow run with the right status, and clean up (e.g. a finished Ray run)
+   while still holding the locks.
 
 A failure before step 7 leaves every earlier output byte-identical. Tracking that is
-lost during the work does not stop it; the stage ends by saying what was not logged.
+lost during the work does not stop it, nor does a failure to log the published
+outputs; the stage ends by saying what was not logged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,7 +31,7 @@ from pathlib import Path
 from pipeline.recipe import REPO_ROOT, validate
 from pipeline.runner import cluster
 from pipeline.runner.lock import stage_lock
-from pipeline.runner.publish import publish, scratch_beside
+from pipeline.runner.publish import publish, remove_stale_scratch, scratch_beside
 from pipeline.runner.spec import Stage, StageContext, StageResult
 
 log = logging.getLogger(__name__)
@@ -51,34 +56,52 @@ def run_stage(stage: Stage, raw: dict, sweep_dir: Path | None = None, state_dir:
     cluster.check_resources(recipe.ray, stage.resources(recipe))
     if recipe.tracking.enabled:
         tracking.check_store(recipe.tracking)
-    with stage_lock(state_dir / "locks", stage.name, out_dir):
+    locks = state_dir / "locks"
+    with stage_lock(locks, stage.name, f"outputs {out_dir.resolve()}"):
+        remove_stale_scratch(out_dir)  # left by a killed run; we hold the lock, nobody else writes here
         ctx = StageContext(stage.name, recipe, raw, out_dir, inputs)
         key = stage.resume_key(ctx)
-        journal = state_dir / "untracked" / f"{stage.name}-{key or time.strftime('%Y%m%d-%H%M%S')}.jsonl"
-        ctx.state["journal"] = journal
-        started = time.perf_counter()
-        with tracking.stage_run(
-            recipe.tracking, stage.name, params=stage.params(raw), resume_key=key, journal=journal
-        ) as run:
-            ctx.run = run
-            with scratch_beside(out_dir) as scratch:
-                ctx.scratch = scratch
-                result: StageResult = stage.work(ctx)
-                publish(scratch, out_dir, stage.owns_out_dir)
-            run.log_metrics(
-                {
-                    f"final/{k}": v
-                    for k, v in result.metrics.items()
-                    if isinstance(v, (int, float)) and not isinstance(v, bool)
-                }
-            )
-            run.log_metrics({**result.perf, "perf/stage_seconds": time.perf_counter() - started})
-            if result.log is not None:
-                result.log(run, out_dir)
+        # Two runs of the same work (a by-hand run and a sweep point with equal configs)
+        # would share one Ray Train run folder: the work is locked as well as the outputs.
+        with stage_lock(locks, stage.name, f"run {key}") if key else contextlib.nullcontext():
+            attempt = f"{stage.name}-{key or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+            journal = state_dir / "untracked" / f"{attempt}.jsonl"
+            ctx.state["journal"] = journal
+            started = time.perf_counter()
+            with tracking.stage_run(
+                recipe.tracking,
+                stage.name,
+                params=stage.params(raw),
+                resume_key=key,
+                continue_run=bool(key) and stage.interrupted(ctx, key),
+                journal=journal,
+            ) as run:
+                ctx.run = run
+                with scratch_beside(out_dir) as scratch:
+                    ctx.scratch = scratch
+                    result: StageResult = stage.work(ctx)
+                    publish(scratch, out_dir, stage.outputs, stage.owns_out_dir)
+                # From here on the result is published: tracking is best effort, and a
+                # failure to log it must not turn the stage into a failure.
+                _log_published(run, result, out_dir, time.perf_counter() - started)
+            if result.on_published is not None:
+                result.on_published()  # still under the locks: no rerun can race it
         _report_lost(stage.name, run, journal)
-    if result.on_published is not None:
-        result.on_published()
     return result.metrics
+
+
+def _log_published(run, result: StageResult, out_dir: Path, seconds: float) -> None:
+    run.log_metrics(
+        {f"final/{k}": v for k, v in result.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    )
+    run.log_metrics({**result.perf, "perf/stage_seconds": seconds})
+    if result.log is None:
+        return
+    try:
+        result.log(run, out_dir)
+    except Exception as err:  # noqa: BLE001 - reported below; the published result stands
+        run.guard.record_failure("logging of the published outputs", err)
+        log.warning("stage outputs are published, but logging them failed: %s: %s", type(err).__name__, err)
 
 
 def _report_lost(name: str, run, journal: Path) -> None:

@@ -53,9 +53,14 @@ class Stage:
     inputs: Callable[[RecipeConfig], list[Input]]
     params: Callable[[dict], dict]  # the slice of the raw config this stage reads
     work: Callable[[StageContext], StageResult]
-    # A fingerprint of everything that determines the result, when an interrupted run
-    # can be resumed (it names the Ray Train run and the MLflow run to continue).
+    # The items the work must leave in scratch; nothing is published unless all are there.
+    outputs: tuple[str, ...]
+    # A fingerprint of everything that determines the result (it names the Ray Train run
+    # and is recorded on the MLflow run), or None for a stage that cannot resume.
     resume_key: Callable[[StageContext], str | None] = lambda ctx: None
+    # Whether an interrupted run of this key left something to resume; only then is its
+    # MLflow run continued (otherwise it is closed as KILLED and a new one opens).
+    interrupted: Callable[[StageContext, str], bool] = lambda ctx, key: False
     # What the stage's Ray work occupies, {"CPU": n, "GPU": g}; checked against the
     # embedded Ray before it starts. Default: the training job's workers.
     resources: Callable[[RecipeConfig], dict[str, int]] = lambda recipe: recipe.ray.job_resources()

@@ -66,7 +66,7 @@ def resume_point(latest: Any, device: Any = "cpu", say: Any = None) -> Checkpoin
     if latest is None:
         return None
     say = say or (lambda message: None)
-    for candidate in [latest, *_older_siblings(latest)]:
+    for candidate in [latest, *_other_checkpoints(latest)]:
         try:
             with candidate.as_directory() as root:
                 path = latest_checkpoint(Path(root))
@@ -83,7 +83,9 @@ def resume_point(latest: Any, device: Any = "cpu", say: Any = None) -> Checkpoin
     return None
 
 
-def _older_siblings(latest: Any) -> list:
+def _other_checkpoints(latest: Any) -> list:
+    """The run's other checkpoint folders, newest first (Ray's latest excluded; an
+    unregistered newer one, complete and verified on load, is as good as any)."""
     import ray.train
     from pyarrow.fs import FileSelector, FileType
 
@@ -105,9 +107,11 @@ def _older_siblings(latest: Any) -> list:
 def run_name(job: WorkerJob, cfg: RayConfig) -> str:
     """Name of the Ray Train run: the stage plus a hash of what determines the result.
 
-    ``job.extra_meta`` carries the data, starting-checkpoint and code fingerprints; the
-    world size matters because batches are drawn per rank."""
-    key = {**job.to_dict(), "world": (cfg.num_workers, cfg.use_gpu)}
+    ``job.extra_meta`` carries the data, starting-checkpoint and code fingerprints, so the
+    paths where this machine finds them are left out (the same work in another checkout
+    is the same run); the world size matters because batches are drawn per rank."""
+    key = {k: v for k, v in job.to_dict().items() if k not in ("mixture_dir", "init_checkpoint")}
+    key["world"] = (cfg.num_workers, cfg.use_gpu)
     return f"{job.stage}-{sha256_json(key)[:12]}"
 
 

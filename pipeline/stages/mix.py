@@ -23,17 +23,17 @@ def _mixtures(recipe) -> dict:
 def _work(ctx: StageContext) -> StageResult:
     import ray
 
-    from pipeline.data.build import build_all
+    from pipeline.data.build import build_into
     from pipeline.runner import cluster
 
     cluster.start(ctx.recipe.ray)
     mixtures = _mixtures(ctx.recipe)
     started = time.perf_counter()
     # One Ray task, so on a cluster the build lands on a worker like every other stage.
-    build = ray.remote(num_cpus=1)(build_all)
+    build = ray.remote(num_cpus=1)(build_into)
     metrics = ray.get(
         build.remote(
-            mixtures["pretrain"], mixtures["midtrain"], mixtures["sft"], ctx.recipe.model.vocab_size, ctx.scratch
+            ctx.scratch, mixtures["pretrain"], mixtures["midtrain"], mixtures["sft"], ctx.recipe.model.vocab_size
         )
     )
     seconds = time.perf_counter() - started
@@ -68,6 +68,7 @@ MIX = Stage(
     inputs=lambda recipe: [SourcesInput("data", _mixtures(recipe), recipe.model.vocab_size)],
     params=lambda raw: {"data": raw["data"], "model": {"vocab_size": raw["model"]["vocab_size"]}},
     work=_work,
+    outputs=("tokenizer", *MIXTURES, "metrics.json"),
     resources=lambda recipe: {"CPU": 1},
     owns_out_dir=True,
 )

@@ -91,6 +91,11 @@ def _resume_key(name: str, ctx: StageContext) -> str:
     return train_job.run_name(ctx.state["job"], ctx.recipe.ray)
 
 
+def _interrupted(ctx: StageContext, key: str) -> bool:
+    """An interrupted run left its Ray Train folder (a finished one deletes it)."""
+    return (repo_path(ctx.recipe.ray.storage_path) / key).is_dir()
+
+
 def _work(name: str, ctx: StageContext) -> StageResult:
     import torch
 
@@ -236,7 +241,9 @@ def training_stage(name: str) -> Stage:
         inputs=partial(_inputs, name),
         params=partial(_params, name),
         work=partial(_work, name),
+        outputs=("model", "metrics.json", "loss.csv", "samples.json", EXECUTION_FILE),
         resume_key=partial(_resume_key, name),
+        interrupted=_interrupted,
     )
 
 

@@ -1,9 +1,10 @@
 """``python -m pipeline.tracking start|end``: the recipe's parent run, for ``make repro``.
 
-``start [--experiment E] [--name N] [--tag k=v ...] [--owner-pid PID]`` prints only the
-new parent run's id (so ``ID=$(python -m pipeline.tracking start)`` works); ``PID`` is
-the process whose death means the recipe was killed (make's shell). ``end ID [--status S]``
-closes it.
+``start [--params params.yaml] [--name N] [--tag k=v ...] [--owner-pid PID]`` prints only
+the new parent run's id (so ``ID=$(python -m pipeline.tracking start)`` works), or nothing
+when the params file disables tracking; the store and experiment are the params file's
+``tracking`` section (the stages use the same). ``PID`` is the process whose death means
+the recipe was killed (make's shell). ``end ID [--params ...] [--status S]`` closes it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from pipeline.configbase import ConfigError, from_dict
 from pipeline.tracking.config import DEFAULT_EXPERIMENT, TrackingConfig, TrackingError, check_store
 from pipeline.tracking.runs import end_recipe_run, start_recipe_run
 
@@ -20,16 +23,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.tracking")
     sub = parser.add_subparsers(dest="cmd", required=True)
     start = sub.add_parser("start", help="create the recipe's parent run and print its id")
+    start.add_argument("--params", type=Path, default=None, help="read tracking.* from this params file")
     start.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
     start.add_argument("--name", default="recipe")
     start.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE")
     start.add_argument("--owner-pid", type=int, default=None)
     end = sub.add_parser("end", help="mark a parent run finished/failed")
     end.add_argument("run_id")
+    end.add_argument("--params", type=Path, default=None, help="read tracking.* from this params file")
     end.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
     end.add_argument("--status", default="FINISHED", choices=["FINISHED", "FAILED", "KILLED"])
     args = parser.parse_args(argv)
-    cfg = TrackingConfig(experiment=args.experiment)
+    try:
+        cfg = _config(args.params, args.experiment)
+    except ConfigError as err:
+        print(f"tracking: {args.params}: {err}", file=sys.stderr)
+        return 2
+    if not cfg.enabled:
+        return 0  # nothing to open or close; the stages do not track either
     if args.cmd == "start":
         bad = [t for t in args.tag if "=" not in t]
         if bad:
@@ -50,6 +61,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         end_recipe_run(args.run_id, args.status, cfg)
     return 0
+
+
+def _config(params: Path | None, experiment: str) -> TrackingConfig:
+    if params is None:
+        return TrackingConfig(experiment=experiment)
+    import yaml
+
+    try:
+        section = (yaml.safe_load(params.read_text()) or {}).get("tracking") or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read {params}: {err}") from None
+    return from_dict(TrackingConfig, section, "tracking")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -64,6 +64,7 @@ class Resilient:
         self.journal = Path(journal) if journal else None
         self.lost_reason: str | None = None
         self.not_logged: list[str] = []
+        self.refused: list[str] = []  # calls the store rejected while it was available
 
     @property
     def lost(self) -> bool:
@@ -83,7 +84,11 @@ class Resilient:
         return retryer(fn, *args, **kwargs)
 
     def __call__(self, what: str, fn: Callable[..., T], *args: Any, payload: Any = None, **kwargs: Any) -> T | None:
-        """Best effort: the result of ``fn``, or None once tracking is lost (recorded)."""
+        """Best effort: the result of ``fn``, or None when it could not be logged (recorded).
+
+        A store that stays unavailable for ``retry_seconds`` is *lost*: later calls are
+        skipped at once. A call the store refuses for a reason of its own (an invalid
+        value, say) is recorded as not logged, and tracking carries on."""
         if self.lost:
             self._record(what, payload)
             return None
@@ -92,16 +97,26 @@ class Resilient:
         except Exception as err:  # noqa: BLE001 - classified right below
             if not is_service_error(err):
                 raise
-            self.lost_reason = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
-            where = f"; what is not logged goes to {self.journal}" if self.journal else ""
-            log.warning(
-                "tracking lost after %.0f s of retries (%s): continuing without it%s",
-                self.retry_seconds,
-                self.lost_reason,
-                where,
-            )
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+            if is_transient(err):
+                self.lost_reason = reason
+                where = f"; what is not logged goes to {self.journal}" if self.journal else ""
+                log.warning(
+                    "tracking lost after %.0f s of retries (%s): continuing without it%s",
+                    self.retry_seconds,
+                    reason,
+                    where,
+                )
+            else:
+                log.warning("tracking refused %s (%s); continuing", what, reason)
+                self.refused.append(f"{what} ({reason})")
             self._record(what, payload)
             return None
+
+    def record_failure(self, what: str, err: BaseException) -> None:
+        """Record that ``what`` could not be logged because of ``err`` (any error)."""
+        self.refused.append(f"{what} ({type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''})")
+        self._record(what, None)
 
     def summary(self) -> str | None:
         """One paragraph saying what was not logged, or None when everything was."""
@@ -112,7 +127,9 @@ class Resilient:
             counts[what] = counts.get(what, 0) + 1
         items = ", ".join(f"{w} (x{n})" if n > 1 else w for w, n in counts.items())
         where = f"; each call with its values is kept in {self.journal}" if self.journal else ""
-        return f"tracking was lost ({self.lost_reason}); not logged to MLflow: {items}{where}"
+        cause = f"tracking was lost ({self.lost_reason})" if self.lost else "tracking refused some calls"
+        refused = f"; refused: {'; '.join(self.refused[:5])}" if self.refused else ""
+        return f"{cause}; not logged to MLflow: {items}{where}{refused}"
 
     def _record(self, what: str, payload: Any) -> None:
         self.not_logged.append(what)

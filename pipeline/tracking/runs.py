@@ -404,6 +404,7 @@ def stage_run(
     tags: Mapping[str, Any] | None = None,
     repo_root: Path = REPO_ROOT,
     resume_key: str | None = None,
+    continue_run: bool = False,
     journal: Path | None = None,
 ) -> Iterator[StageRun]:
     """Open the nested MLflow run of one stage; FINISHED on success, FAILED on exception,
@@ -411,9 +412,11 @@ def stage_run(
 
     Logs ``params`` flattened (dotted keys) plus the nested original as ``config.yaml``,
     and tags the run with ``stage``, ``git_commit``, ``git_dirty``, the owning process
-    and ``dvc_input.<path>`` for each upstream output the stage depends on. With
-    ``resume_key`` (the training run's fingerprint), an interrupted run of the same key
-    is continued rather than duplicated. ``journal`` receives what could not be logged.
+    and ``dvc_input.<path>`` for each upstream output the stage depends on, and
+    ``resume_key`` (the training run's fingerprint). With ``continue_run`` (the caller
+    found the interrupted work of that key to resume), the unfinished MLflow run of the
+    same key is continued rather than duplicated. ``journal`` receives what could not be
+    logged.
     Raises TrackingError when the run cannot be opened (after ``cfg.retry_seconds``).
     """
     if not cfg.enabled:
@@ -435,7 +438,15 @@ def stage_run(
     }
     try:
         parent_id, own_parent, active, resumes = guard.retrying(
-            _open, client, cfg, uri, stage, resume_key, str_tags({**lineage, **(tags or {})}), me, repo_root
+            _open,
+            client,
+            cfg,
+            uri,
+            stage,
+            resume_key if continue_run else None,
+            str_tags({**lineage, **(tags or {})}),
+            me,
+            repo_root,
         )
     except TrackingError:
         raise
@@ -468,12 +479,13 @@ def _open(
     cfg: TrackingConfig,
     uri: str,
     stage: str,
-    resume_key: str | None,
+    continue_key: str | None,
     tags: dict[str, str],
     me: ProcessId,
     repo_root: Path,
 ):
-    """(parent id, whether we created it, the active run, resume count); see stage_run."""
+    """(parent id, whether we created it, the active run, resume count); see stage_run.
+    ``continue_key``: continue the unfinished run of this resume key, if there is one."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -489,7 +501,7 @@ def _open(
             raise TrackingError(
                 f"{PARENT_ENV}={parent_id} is not a run in the store {uri}; unset it or start a recipe run first"
             ) from None
-    resumable = _find_resumable(client, exp_id, stage, resume_key) if resume_key else None
+    resumable = _find_resumable(client, exp_id, stage, continue_key) if continue_key else None
     close_orphans(client, exp_id, keep=resumable.info.run_id if resumable else None)
     own_parent = parent_id is None
     if own_parent:

@@ -486,13 +486,6 @@ def check_fits(expected: Mapping[str, TensorSpec], found: Mapping[str, TensorSpe
         raise CheckpointError(f"{where}: does not fit the model: {', '.join(parts)}")
 
 
-def validate_against(model_state_expected_shapes: Mapping[str, Sequence[int]], ckpt: Checkpoint) -> None:
-    """Raise CheckpointError listing missing/unexpected keys and shape mismatches."""
-    found = {k: spec_of(t) for k, t in ckpt.model_state.items()}
-    expected = {k: (tuple(v), found[k][1] if k in found else "?") for k, v in model_state_expected_shapes.items()}
-    check_fits(expected, found, str(ckpt.path))
-
-
 def _problem(path: Path) -> str | None:
     """Why ``path`` is not a complete checkpoint, or None. Cheap: no tensor reads."""
     if not path.is_dir():

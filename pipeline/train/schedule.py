@@ -5,13 +5,16 @@ Every schedule starts with a linear warmup and then follows its shape:
 - ``cosine``: half-cosine from ``lr`` down to ``lr * min_lr_ratio`` (pre-training).
 - ``linear``: straight line from ``lr`` down to ``lr * min_lr_ratio`` (mid-training).
 - ``wsd``: warmup-stable-decay; holds ``lr`` and then decays linearly over the last
-  ``decay_fraction`` of ``total_steps``: that many updates are decayed, the last of
-  them at exactly the final lr (a one-step window decays the last update).
+  ``decay_fraction`` of ``total_steps`` (mid-training of the MiniCPM kind).
 - ``constant``: holds ``lr`` after warmup (``min_lr_ratio`` is ignored).
 
 ``step`` counts optimizer steps already taken, so ``lr_at(cfg, 0)`` is the lr of the
-first update and ``lr_at(cfg, total_steps)`` is the final lr. Steps past the end stay at
-the final lr, so a run extended by a few steps does not see the lr jump.
+first update. Cosine and linear follow the usual convention: the first update after
+warmup is at the peak and ``lr_at(cfg, total_steps)`` (after the last update) is the
+final lr. The wsd window is counted in updates: its last N updates are all decayed, the
+first by 1/N of the way, the last (``step = total_steps - 1``) to exactly the final lr,
+so a one-update window still decays. Steps past the end stay at the final lr, so a run
+extended by a few steps does not see the lr jump.
 
 A pure function (rather than a stateful ``torch.optim.lr_scheduler``) makes resuming
 trivial: the training loop sets ``group["lr"] = lr_at(cfg, step)`` from the restored step,
@@ -97,14 +100,11 @@ def lr_at(cfg: ScheduleConfig, step: int) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.kind == "constant":
         return cfg.lr
-    if cfg.kind == "wsd":
-        # Updates decay_start .. total_steps-1 are the window: the first already moves
-        # (1/span of the way), the last reaches the final lr.
-        span = cfg.total_steps - cfg.decay_start
-        progress = min(1.0, max(0.0, (step - cfg.decay_start + 1) / span))
-    else:
-        span = cfg.total_steps - cfg.warmup_steps
-        progress = min(1.0, max(0.0, (step - cfg.warmup_steps) / span))
+    if cfg.kind == "wsd":  # updates decay_start .. total_steps-1, inclusive
+        start, first = cfg.decay_start, 1
+    else:  # from the peak at warmup_steps to the final lr at total_steps
+        start, first = cfg.warmup_steps, 0
+    progress = min(1.0, max(0.0, (step + first - start) / (cfg.total_steps - start)))
     low = cfg.final_lr
     if cfg.kind == "cosine":
         return low + (cfg.lr - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
