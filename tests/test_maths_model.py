@@ -1,0 +1,301 @@
+"""The model's maths against independent references: a naive transformer written for this
+test (per-position loops, explicit formulas, float64), and accounting numbers computed
+by hand. Values are deliberately non-default and non-symmetric (RoPE theta 10,000, random
+norm weights, a non-zero expert bias, route scale 2.5, a sliding window at its edge), so
+that a planted bug in the library's maths changes a number here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.model import ModelConfig, MoE, MoEConfig, Transformer
+from pipeline.model.accounting import (
+    flops_per_token,
+    int4_weight_bytes,
+    kv_cache_bytes,
+    kv_cache_bytes_per_token,
+    param_counts,
+    summary,
+)
+
+# --------------------------------------------------------------------------- a naive reference
+
+
+def naive_rmsnorm(x, weight, eps):
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * weight
+
+
+def naive_rope(x_Dh, pos: int, theta: float):
+    """Rotate the pairs (i, i + Dh/2) of one head by pos * theta^(-2i/Dh)."""
+    half = x_Dh.shape[-1] // 2
+    out = x_Dh.clone()
+    for i in range(half):
+        angle = pos * theta ** (-2 * i / x_Dh.shape[-1])
+        a, b = x_Dh[..., i], x_Dh[..., i + half]
+        out[..., i] = a * math.cos(angle) - b * math.sin(angle)
+        out[..., i + half] = a * math.sin(angle) + b * math.cos(angle)
+    return out
+
+
+def naive_attention(attn, h_SD, cfg: ModelConfig, layer: int):
+    S = h_SD.shape[0]
+    H, Hkv, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    window = None if cfg.sliding_window is None or (layer + 1) % cfg.global_every == 0 else cfg.sliding_window
+    q = (h_SD @ attn.wq.weight.double().T).view(S, H, Dh)
+    k = (h_SD @ attn.wk.weight.double().T).view(S, Hkv, Dh)
+    v = (h_SD @ attn.wv.weight.double().T).view(S, Hkv, Dh)
+    if cfg.qk_norm:
+        q = naive_rmsnorm(q, attn.q_norm.weight.double(), cfg.norm_eps)
+        k = naive_rmsnorm(k, attn.k_norm.weight.double(), cfg.norm_eps)
+    q = torch.stack([naive_rope(q[p], p, cfg.rope_theta) for p in range(S)])
+    k = torch.stack([naive_rope(k[p], p, cfg.rope_theta) for p in range(S)])
+    out = torch.zeros(S, H, Dh, dtype=torch.float64)
+    group = H // Hkv  # query heads per key/value head
+    for p in range(S):
+        keys = [j for j in range(p + 1) if window is None or p - j < window]
+        for h in range(H):
+            kv = h // group
+            scores = torch.stack([q[p, h] @ k[j, kv] for j in keys]) / math.sqrt(Dh)
+            weights = torch.softmax(scores, 0)
+            out[p, h] = sum(w * v[j, kv] for w, j in zip(weights, keys))
+    return out.reshape(S, H * Dh) @ attn.wo.weight.double().T
+
+
+def naive_swiglu(x_D, w1, w3, w2):
+    return w2 @ (F.silu(w1 @ x_D) * (w3 @ x_D))
+
+
+def naive_moe(moe: MoE, h_SD):
+    cfg = moe.cfg
+    router = moe.router.weight_ED.double()
+    bias = moe.router.expert_bias_E.double()
+    w1, w3, w2 = (w.double() for w in (moe.experts.w1_EFD, moe.experts.w3_EFD, moe.experts.w2_EDF))
+    out = torch.zeros_like(h_SD)
+    for t in range(h_SD.shape[0]):
+        logits = router @ h_SD[t]
+        scores = torch.sigmoid(logits) if cfg.score_func == "sigmoid" else torch.softmax(logits, 0)
+        chosen = sorted(range(cfg.num_experts), key=lambda e: -(scores[e] + bias[e]).item())[: cfg.top_k]
+        gates = torch.stack([scores[e] for e in chosen])
+        if cfg.route_norm:
+            gates = gates / gates.sum()
+        gates = gates * cfg.route_scale
+        for g, e in zip(gates, chosen):
+            out[t] += g * naive_swiglu(h_SD[t], w1[e], w3[e], w2[e])
+        if moe.shared is not None:
+            s = moe.shared
+            out[t] += naive_swiglu(h_SD[t], s.w1.weight.double(), s.w3.weight.double(), s.w2.weight.double())
+    return out
+
+
+def naive_forward(model: Transformer, tokens: list[int]):
+    cfg = model.cfg
+    x = model.embed.weight.double()[tokens]
+    for layer, block in enumerate(model.layers):
+        x = x + naive_attention(block.attn, naive_rmsnorm(x, block.attn_norm.weight.double(), cfg.norm_eps), cfg,
+                                layer)
+        h = naive_rmsnorm(x, block.ffn_norm.weight.double(), cfg.norm_eps)
+        if isinstance(block.ffn, MoE):
+            x = x + naive_moe(block.ffn, h)
+        else:
+            f = block.ffn
+            x = x + torch.stack([naive_swiglu(h[t], f.w1.weight.double(), f.w3.weight.double(),
+                                              f.w2.weight.double()) for t in range(len(tokens))])
+    x = naive_rmsnorm(x, model.norm.weight.double(), cfg.norm_eps)
+    head = model.embed.weight if cfg.tie_embeddings else model.head.weight
+    return x @ head.double().T
+
+
+def build(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    """A model whose every weight, norm gain and expert bias is random (nothing is 1 or 0)."""
+    torch.manual_seed(seed)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0.0, 0.2)
+        for moe in model.moe_layers():
+            moe.router.expert_bias_E.uniform_(-0.3, 0.3)
+    return model.eval()
+
+
+def config(**overrides) -> ModelConfig:
+    base = dict(
+        name="maths", vocab_size=48, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+        max_seq_len=32, rope_theta=10_000.0, norm_eps=1e-5, sliding_window=3, global_every=2,
+        moe=MoEConfig(num_experts=6, top_k=2, expert_ffn_dim=16, num_shared_experts=1, shared_ffn_dim=24,
+                      score_func="sigmoid", route_norm=True, route_scale=2.5),
+    )
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+TOKENS = [3, 17, 5, 40, 22, 9, 31, 0, 12]
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        config(),  # sigmoid router, normalised, scaled; GQA; QK-norm; window 3 on layer 0
+        config(moe=MoEConfig(num_experts=5, top_k=3, expert_ffn_dim=8, score_func="softmax", route_norm=False,
+                             route_scale=1.7)),  # softmax gates over all E, no shared expert
+        config(moe=None, ffn_dim=40, qk_norm=False, n_kv_heads=4, sliding_window=None, rope_theta=777.0),
+        config(n_kv_heads=1, sliding_window=1, global_every=3, n_layers=3),  # window 1: attends to itself only
+    ],
+    ids=["sigmoid-moe", "softmax-moe", "dense", "mqa-window1"],
+)
+def test_forward_equals_a_naive_transformer(cfg):
+    model = build(cfg)
+    with torch.no_grad():
+        got = model(torch.tensor([TOKENS])).double()[0]
+    want = naive_forward(model, TOKENS)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_kv_cache_decoding_equals_the_naive_transformer_position_by_position():
+    from pipeline.model import KVCache
+
+    cfg = config()
+    model = build(cfg, seed=3)
+    cache = KVCache(cfg, batch=1, max_len=len(TOKENS))
+    want = naive_forward(model, TOKENS)
+    with torch.no_grad():
+        first = model(torch.tensor([TOKENS[:4]]), start_pos=0, cache=cache)[0]
+        steps = [model(torch.tensor([[t]]), start_pos=4 + i, cache=cache)[0, 0] for i, t in enumerate(TOKENS[4:])]
+    torch.testing.assert_close(torch.cat([first, torch.stack(steps)]).double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_generate_extends_greedily_by_the_naive_argmax():
+    from pipeline.model import generate
+
+    model = build(config(), seed=5)
+    new = generate(model, torch.tensor([TOKENS[:3]]), max_new_tokens=4)[0].tolist()
+    seq = TOKENS[:3]
+    for _ in range(4):
+        seq.append(int(naive_forward(model, seq)[-1].argmax()))
+    assert new == seq[3:]
+
+
+def test_router_gates_by_hand():
+    # 1 token, 4 experts, top-2, sigmoid scores s = sigmoid(logits), bias steers selection.
+    cfg = MoEConfig(num_experts=4, top_k=2, expert_ffn_dim=8, route_norm=True, route_scale=2.5)
+    moe = MoE(2, cfg)
+    with torch.no_grad():
+        moe.router.weight_ED.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.5, 0.5]]))
+        moe.router.expert_bias_E.copy_(torch.tensor([0.0, 0.0, 0.9, 0.0]))
+    route = moe.router(torch.tensor([[2.0, 1.0]]))
+    s = [1 / (1 + math.exp(-v)) for v in (2.0, 1.0, -2.0, 1.5)]  # 0.881, 0.731, 0.119, 0.818
+    # selection by s + bias: 0.881, 0.731, 1.019, 0.818 -> experts 2 and 0
+    assert sorted(route.experts_TK[0].tolist()) == [0, 2]
+    gates = dict(zip(route.experts_TK[0].tolist(), route.gates_TK[0].tolist()))
+    # gates from the unbiased scores, normalised over the two chosen, times 2.5
+    assert gates[0] == pytest.approx(2.5 * s[0] / (s[0] + s[2]), rel=1e-6)
+    assert gates[2] == pytest.approx(2.5 * s[2] / (s[0] + s[2]), rel=1e-6)
+
+
+def test_shared_expert_is_added_to_the_routed_output():
+    torch.manual_seed(0)
+    moe = MoE(16, MoEConfig(num_experts=4, top_k=2, expert_ffn_dim=8, num_shared_experts=2, shared_ffn_dim=8))
+    with torch.no_grad():
+        for w in (moe.experts.w1_EFD, moe.experts.w3_EFD, moe.experts.w2_EDF):
+            w.zero_()  # routed experts contribute nothing
+    x = torch.randn(1, 5, 16)
+    out, _ = moe(x)
+    s = moe.shared
+    assert s.w1.weight.shape == (16, 16)  # two shared experts of width 8 = one of width 16
+    want = torch.stack([naive_swiglu(x[0, t].double(), s.w1.weight.double(), s.w3.weight.double(),
+                                     s.w2.weight.double()) for t in range(5)])
+    torch.testing.assert_close(out[0].double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_rope_tables_by_hand():
+    from pipeline.model.layers import rope_tables
+
+    cos, sin = rope_tables(head_dim=4, max_len=3, theta=100.0)
+    # inv_freq = [100^0, 100^(-2/4)] = [1, 0.1]; angle(pos, i) = pos * inv_freq[i]
+    assert cos[2, 0].item() == pytest.approx(math.cos(2.0))
+    assert sin[2, 1].item() == pytest.approx(math.sin(0.2))
+    assert cos[1, 1].item() == pytest.approx(math.cos(0.1))
+
+
+# --------------------------------------------------------------------------- accounting by hand
+
+# d 32, 2 layers, 2 query heads / 1 KV head of 16, vocab 64, tied; 4 experts of width 32,
+# top-2, one shared expert of width 64; layer 0 attends within a window of 4.
+HAND = ModelConfig(name="hand", vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16,
+                   max_seq_len=64, sliding_window=4, global_every=2,
+                   moe=MoEConfig(num_experts=4, top_k=2, expert_ffn_dim=32, num_shared_experts=1,
+                                 shared_ffn_dim=64))
+# attention/layer: q 32*32 + k,v 2*32*16 + o 32*32 = 1024 + 1024 + 1024 = 3072
+# norms: 2 layers * (2*32 + 2*16) + final 32 = 192 + 32 = 224
+# routed expert: 3*32*32 = 3072; shared: 3*32*64 = 6144; router: 32*4 = 128
+# total = 64*32 + 224 + 2*(3072 + 4*3072 + 6144 + 128) = 2048 + 224 + 43264 = 45536
+# active = 2048 + 224 + 2*(3072 + 2*3072 + 6144 + 128) = 2272 + 30976 = 33248
+HAND_TOTAL, HAND_ACTIVE = 45536, 33248
+
+
+def test_param_counts_by_hand():
+    counts = param_counts(HAND)
+    assert (counts.total, counts.active, counts.router, counts.norms, counts.embedding) == (
+        HAND_TOTAL, HAND_ACTIVE, 256, 224, 2048)
+    with torch.device("meta"):
+        assert sum(p.numel() for p in Transformer(HAND).parameters()) == HAND_TOTAL
+
+
+def test_active_params_are_what_one_token_touches_in_the_built_model():
+    """Count, in a real forward of one token, the parameters it reads: everything but the
+    routed experts it was not sent to (the router reads all its rows)."""
+    model = build(HAND, seed=1)
+    used: list[set[int]] = []
+    hooks = [moe.router.register_forward_hook(lambda m, i, out: used.append(set(out.experts_TK[0].tolist())))
+             for moe in model.moe_layers()]
+    with torch.no_grad():
+        model(torch.tensor([[7]]))
+    for h in hooks:
+        h.remove()
+    per_expert = 3 * HAND.moe.expert_ffn_dim * HAND.d_model
+    routed = sum(p.numel() for n, p in model.named_parameters() if "experts." in n)
+    touched = sum(p.numel() for p in model.parameters()) - routed + sum(len(u) for u in used) * per_expert
+    assert [len(u) for u in used] == [2, 2]
+    assert touched == param_counts(HAND).active == HAND_ACTIVE
+
+
+def test_int4_bytes_by_hand():
+    # quantized = 45536 - 256 (router, FP32) - 224 (norms, bf16) = 45056 weights
+    # INT4: 45056 / 2 = 22528 bytes; one bf16 scale per 32 weights: 1408 * 2 = 2816 bytes
+    # router 256 * 4 = 1024; norms 224 * 2 = 448  ->  22528 + 2816 + 1024 + 448 = 26816
+    assert int4_weight_bytes(HAND) == 26816
+    # group 64, fp32 scales: 22528 + 704 * 4 + 1024 + 448 = 26816 - 2816 + 2816 = 26816
+    assert int4_weight_bytes(HAND, group_size=64, scale_bytes=4) == 22528 + 704 * 4 + 1024 + 448
+
+
+def test_flops_and_kv_cache_by_hand():
+    # Matmul params: active minus norms (the tied embedding counts once, as the head):
+    # 33248 - 224 = 33024 -> 2 * 33024 = 66048 FLOPs. Attention: 2 (QK and AV) * 2 FLOPs
+    # * 2 heads * 16 dims = 128 FLOPs per attended position.
+    # Decode with 10 cached: layer 0 sees min(10, 4) = 4, layer 1 sees 10 -> 14 positions.
+    assert flops_per_token(HAND, 10, "decode") == pytest.approx(66048 + 128 * 14)
+    # Prefill of 10: layer 0 averages min(i, 4) over i = 1..10 -> (1+2+3+4+6*4)/10 = 3.4;
+    # layer 1 averages i -> 5.5.
+    assert flops_per_token(HAND, 10, "prefill") == pytest.approx(66048 + 128 * 8.9)
+    # KV: K and V, 1 head of 16, bf16 = 64 bytes per layer per token.
+    assert kv_cache_bytes_per_token(HAND) == 128
+    assert kv_cache_bytes(HAND, 10) == 64 * (4 + 10)
+    assert kv_cache_bytes(HAND, 3) == 64 * (3 + 3)  # within the window
+    assert kv_cache_bytes(HAND, 10, dtype_bytes=1) == 32 * 14
+    s = summary(HAND, context=10)
+    assert (s["params_total"], s["params_active"], s["int4_weight_bytes"]) == (HAND_TOTAL, HAND_ACTIVE, 26816)
+    assert s["flops_per_token_decode"] == pytest.approx(66048 + 128 * 14)
+
+
+def test_untied_head_counts_twice_in_params_once_more_in_flops():
+    untied = ModelConfig(**{**HAND.__dict__, "tie_embeddings": False})
+    assert param_counts(untied).total == HAND_TOTAL + 2048
+    # The input lookup is free; the separate head is a real matmul: same FLOPs as tied.
+    assert flops_per_token(untied, 10, "decode") == pytest.approx(flops_per_token(HAND, 10, "decode"))
