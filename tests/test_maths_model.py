@@ -96,15 +96,18 @@ def naive_forward(model: Transformer, tokens: list[int]):
     cfg = model.cfg
     x = model.embed.weight.double()[tokens]
     for layer, block in enumerate(model.layers):
-        x = x + naive_attention(block.attn, naive_rmsnorm(x, block.attn_norm.weight.double(), cfg.norm_eps), cfg,
-                                layer)
+        x = x + naive_attention(block.attn, naive_rmsnorm(x, block.attn_norm.weight.double(), cfg.norm_eps), cfg, layer)
         h = naive_rmsnorm(x, block.ffn_norm.weight.double(), cfg.norm_eps)
         if isinstance(block.ffn, MoE):
             x = x + naive_moe(block.ffn, h)
         else:
             f = block.ffn
-            x = x + torch.stack([naive_swiglu(h[t], f.w1.weight.double(), f.w3.weight.double(),
-                                              f.w2.weight.double()) for t in range(len(tokens))])
+            x = x + torch.stack(
+                [
+                    naive_swiglu(h[t], f.w1.weight.double(), f.w3.weight.double(), f.w2.weight.double())
+                    for t in range(len(tokens))
+                ]
+            )
     x = naive_rmsnorm(x, model.norm.weight.double(), cfg.norm_eps)
     head = model.embed.weight if cfg.tie_embeddings else model.head.weight
     return x @ head.double().T
@@ -127,10 +130,28 @@ def build(cfg: ModelConfig, seed: int = 0) -> Transformer:
 
 def config(**overrides) -> ModelConfig:
     base = dict(
-        name="maths", vocab_size=48, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
-        max_seq_len=32, rope_theta=10_000.0, norm_eps=1e-5, sliding_window=3, global_every=2,
-        moe=MoEConfig(num_experts=6, top_k=2, expert_ffn_dim=16, num_shared_experts=1, shared_ffn_dim=24,
-                      score_func="sigmoid", route_norm=True, route_scale=2.5),
+        name="maths",
+        vocab_size=48,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=8,
+        max_seq_len=32,
+        rope_theta=10_000.0,
+        norm_eps=1e-5,
+        sliding_window=3,
+        global_every=2,
+        moe=MoEConfig(
+            num_experts=6,
+            top_k=2,
+            expert_ffn_dim=16,
+            num_shared_experts=1,
+            shared_ffn_dim=24,
+            score_func="sigmoid",
+            route_norm=True,
+            route_scale=2.5,
+        ),
     )
     base.update(overrides)
     return ModelConfig(**base)
@@ -143,8 +164,11 @@ TOKENS = [3, 17, 5, 40, 22, 9, 31, 0, 12]
     "cfg",
     [
         config(),  # sigmoid router, normalised, scaled; GQA; QK-norm; window 3 on layer 0
-        config(moe=MoEConfig(num_experts=5, top_k=3, expert_ffn_dim=8, score_func="softmax", route_norm=False,
-                             route_scale=1.7)),  # softmax gates over all E, no shared expert
+        config(
+            moe=MoEConfig(
+                num_experts=5, top_k=3, expert_ffn_dim=8, score_func="softmax", route_norm=False, route_scale=1.7
+            )
+        ),  # softmax gates over all E, no shared expert
         config(moe=None, ffn_dim=40, qk_norm=False, n_kv_heads=4, sliding_window=None, rope_theta=777.0),
         config(n_kv_heads=1, sliding_window=1, global_every=3, n_layers=3),  # window 1: attends to itself only
     ],
@@ -209,8 +233,12 @@ def test_shared_expert_is_added_to_the_routed_output():
     out, _ = moe(x)
     s = moe.shared
     assert s.w1.weight.shape == (16, 16)  # two shared experts of width 8 = one of width 16
-    want = torch.stack([naive_swiglu(x[0, t].double(), s.w1.weight.double(), s.w3.weight.double(),
-                                     s.w2.weight.double()) for t in range(5)])
+    want = torch.stack(
+        [
+            naive_swiglu(x[0, t].double(), s.w1.weight.double(), s.w3.weight.double(), s.w2.weight.double())
+            for t in range(5)
+        ]
+    )
     torch.testing.assert_close(out[0].double(), want, rtol=1e-5, atol=1e-6)
 
 
@@ -228,10 +256,19 @@ def test_rope_tables_by_hand():
 
 # d 32, 2 layers, 2 query heads / 1 KV head of 16, vocab 64, tied; 4 experts of width 32,
 # top-2, one shared expert of width 64; layer 0 attends within a window of 4.
-HAND = ModelConfig(name="hand", vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16,
-                   max_seq_len=64, sliding_window=4, global_every=2,
-                   moe=MoEConfig(num_experts=4, top_k=2, expert_ffn_dim=32, num_shared_experts=1,
-                                 shared_ffn_dim=64))
+HAND = ModelConfig(
+    name="hand",
+    vocab_size=64,
+    d_model=32,
+    n_layers=2,
+    n_heads=2,
+    n_kv_heads=1,
+    head_dim=16,
+    max_seq_len=64,
+    sliding_window=4,
+    global_every=2,
+    moe=MoEConfig(num_experts=4, top_k=2, expert_ffn_dim=32, num_shared_experts=1, shared_ffn_dim=64),
+)
 # attention/layer: q 32*32 + k,v 2*32*16 + o 32*32 = 1024 + 1024 + 1024 = 3072
 # norms: 2 layers * (2*32 + 2*16) + final 32 = 192 + 32 = 224
 # routed expert: 3*32*32 = 3072; shared: 3*32*64 = 6144; router: 32*4 = 128
@@ -243,7 +280,12 @@ HAND_TOTAL, HAND_ACTIVE = 45536, 33248
 def test_param_counts_by_hand():
     counts = param_counts(HAND)
     assert (counts.total, counts.active, counts.router, counts.norms, counts.embedding) == (
-        HAND_TOTAL, HAND_ACTIVE, 256, 224, 2048)
+        HAND_TOTAL,
+        HAND_ACTIVE,
+        256,
+        224,
+        2048,
+    )
     with torch.device("meta"):
         assert sum(p.numel() for p in Transformer(HAND).parameters()) == HAND_TOTAL
 
@@ -253,8 +295,10 @@ def test_active_params_are_what_one_token_touches_in_the_built_model():
     routed experts it was not sent to (the router reads all its rows)."""
     model = build(HAND, seed=1)
     used: list[set[int]] = []
-    hooks = [moe.router.register_forward_hook(lambda m, i, out: used.append(set(out.experts_TK[0].tolist())))
-             for moe in model.moe_layers()]
+    hooks = [
+        moe.router.register_forward_hook(lambda m, i, out: used.append(set(out.experts_TK[0].tolist())))
+        for moe in model.moe_layers()
+    ]
     with torch.no_grad():
         model(torch.tensor([[7]]))
     for h in hooks:

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -227,8 +226,13 @@ def test_checkpoint_writes_are_atomic_under_sigkill_at_every_write_point(tmp_pat
 
     def attempt(root: Path, kill_at: int) -> subprocess.CompletedProcess:
         save_checkpoint(root, 1, {"w": torch.full((64,), 1.0), "b": torch.zeros(8)}, None, {"step": 1})
-        return subprocess.run([sys.executable, "-c", _SAVER, str(root), str(kill_at)], env=env,
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-c", _SAVER, str(root), str(kill_at)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     clean = attempt(tmp_path / "clean", 0)
     assert clean.returncode == 0, clean.stderr
