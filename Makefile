@@ -21,7 +21,7 @@ export PIP_FIND_LINKS ?= /opt/wheels
 endif
 
 STAGES := mix pretrain midtrain sft
-.PHONY: setup lock params repro test lint drill bench-model bench-config ui $(STAGES)
+.PHONY: setup lock params repro test lint drill mutants bench-model bench-config ui $(STAGES)
 
 setup: $(STAMP)
 
@@ -82,6 +82,12 @@ lint: $(STAMP)
 # scratch copy of the repo on the micro preset; DRILL_ARGS are passed on (--help lists them).
 drill: $(STAMP)
 	$(PY) -m tools.drill $(DRILL_ARGS)
+
+# Mutation testing of the core maths (mutmut, in a scratch copy): the kill rate and every
+# surviving mutant, explained or not (tests/equivalent_mutants.txt). Not in CI: about an
+# hour on 2 cores. MUTANTS_ARGS go to tools/mutants.py (--without FILE... for a "before").
+mutants: $(STAMP)
+	$(PY) -m tools.mutants $(MUTANTS_ARGS)
 
 bench-model: $(STAMP)
 	$(PY) bench/bench_model.py

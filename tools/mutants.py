@@ -1,0 +1,114 @@
+"""``make mutants``: mutation testing of the core maths, with a kill rate and its survivors.
+
+Runs mutmut (configured in pyproject.toml's ``[tool.mutmut]``) in a scratch copy of the
+repository, so the working tree is never touched, then prints the kill rate and every
+surviving mutant, each marked as explained (listed in ``tests/equivalent_mutants.txt``
+with a reason) or not. ``--without tests/test_x.py ...`` runs the same mutants against
+the suite minus those files: the "before" of a before/after comparison.
+
+A killed mutant is one a test failed on; a mutant that made a test hang past mutmut's
+timeout counts as killed too (the test did not pass). The rate is killed / (killed +
+survived); mutants no test reaches are listed apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EQUIVALENT = REPO_ROOT / "tests" / "equivalent_mutants.txt"
+
+
+def scratch_copy(dest: Path, without: list[str]) -> Path:
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for rel in files:
+        src = REPO_ROOT / rel
+        if src.is_file() and not rel.startswith(("outputs/", "data/mix/")) and rel not in without:
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    if without:
+        pyproject = dest / "pyproject.toml"
+        text = pyproject.read_text()
+        for rel in without:
+            text = re.sub(rf'\n\s*"{re.escape(rel)}",', "", text)
+        pyproject.write_text(text)
+    return dest
+
+
+def explained() -> dict[str, str]:
+    """Mutant name -> why it is equivalent (one per line: ``name  reason``)."""
+    if not EQUIVALENT.is_file():
+        return {}
+    out = {}
+    for line in EQUIVALENT.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, reason = line.strip().partition(" ")
+            out[name] = reason.strip()
+    return out
+
+
+def run(copy: Path, max_children: int) -> dict:
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_AUTH_MODE": "disabled"}
+    mutmut = str(REPO_ROOT / ".venv" / "bin" / "mutmut")
+    subprocess.run(
+        [mutmut, "run", "--max-children", str(max_children)], cwd=copy, env=env, check=True, stdout=subprocess.DEVNULL
+    )
+    subprocess.run([mutmut, "export-cicd-stats"], cwd=copy, env=env, check=True, capture_output=True)
+    stats = json.loads((copy / "mutants" / "mutmut-cicd-stats.json").read_text())
+    listing = subprocess.run(
+        [mutmut, "results", "--all", "true"], cwd=copy, env=env, check=True, capture_output=True, text=True
+    ).stdout
+    status = dict(line.strip().rsplit(": ", 1) for line in listing.splitlines() if ": " in line)
+    return {"stats": stats, "status": status}
+
+
+def report(result: dict, label: str) -> float:
+    stats, status = result["stats"], result["status"]
+    killed = stats["killed"] + stats["timeout"]
+    survived = [name for name, s in status.items() if s == "survived"]
+    rate = killed / max(killed + len(survived), 1)
+    print(
+        f"{label}: {stats['total']} mutants; killed {killed} (of which {stats['timeout']} by timeout), "
+        f"survived {len(survived)}, no tests {stats['no_tests']}: kill rate {rate:.1%}"
+    )
+    reasons = explained()
+    for name in sorted(survived):
+        print(f"  survived {name}: {reasons.get(name, 'UNEXPLAINED')}")
+    return rate
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.mutants", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--without", nargs="*", default=[], help="test files left out (the 'before' suite)")
+    parser.add_argument("--max-children", type=int, default=2)
+    parser.add_argument("--keep", action="store_true", help="keep the scratch copy (mutmut browse works there)")
+    parser.add_argument("--json", type=Path, help="also write the statuses here")
+    args = parser.parse_args(argv)
+    scratch = Path(tempfile.mkdtemp(prefix="mobilemoe-mutants-"))
+    try:
+        copy = scratch_copy(scratch / "repo", args.without)
+        result = run(copy, args.max_children)
+        label = "without " + ", ".join(args.without) if args.without else "full unit suite"
+        report(result, label)
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2, sort_keys=True))
+    finally:
+        if args.keep:
+            print(f"kept {scratch / 'repo'}")
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
