@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tools.scratch import REPO_ROOT, copy_repo
 
 
 def env_for(repo: Path, ray_tmpdir: str) -> dict:
@@ -70,14 +70,7 @@ class DrillError(AssertionError):
 def scratch_copy(dest: Path, env: dict, experiment: str = "micro") -> Path:
     """A git+DVC copy of this repository (tracked and untracked files, no outputs) whose
     default experiment is ``experiment``, sharing this repository's venv."""
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
-    ).stdout.split()
-    for rel in files:
-        src = REPO_ROOT / rel
-        if src.is_file() and not rel.startswith(("outputs/", "data/mix/")):
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)  # keeps mtimes, so make sees the venv as current
+    copy_repo(dest)
     (dest / ".venv").symlink_to(REPO_ROOT / ".venv")
     config = dest / "conf" / "config.yaml"
     config.write_text(config.read_text().replace("  - experiment: null", f"  - experiment: {experiment}"))

@@ -23,19 +23,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tools.scratch import REPO_ROOT, copy_repo
+
 EQUIVALENT = REPO_ROOT / "tests" / "equivalent_mutants.txt"
 
 
 def scratch_copy(dest: Path, without: list[str]) -> Path:
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
-    ).stdout.split()
-    for rel in files:
-        src = REPO_ROOT / rel
-        if src.is_file() and not rel.startswith(("outputs/", "data/mix/")) and rel not in without:
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
+    copy_repo(dest, leave_out=without)
     if without:
         pyproject = dest / "pyproject.toml"
         text = pyproject.read_text()
