@@ -7,8 +7,8 @@ with a reason) or not. ``--without tests/test_x.py ...`` runs the same mutants a
 the suite minus those files: the "before" of a before/after comparison.
 
 A killed mutant is one a test failed on; a mutant that made a test hang past mutmut's
-timeout counts as killed too (the test did not pass). The rate is killed / (killed +
-survived); mutants no test reaches are listed apart.
+timeout counts as killed too (the test did not pass). The kill rate is killed / (killed +
+survived + reached by no test): a mutant no test reaches is as alive as a survivor.
 """
 
 from __future__ import annotations
@@ -67,17 +67,19 @@ def run(copy: Path, max_children: int) -> dict:
 
 
 def report(result: dict, label: str) -> float:
+    """Print the kill rate (killed / every mutant that was run or had no test) and every
+    mutant that was not killed: survived (a test ran and passed) or reached by no test."""
     stats, status = result["stats"], result["status"]
     killed = stats["killed"] + stats["timeout"]
-    survived = [name for name, s in status.items() if s == "survived"]
-    rate = killed / max(killed + len(survived), 1)
+    alive = sorted(name for name, s in status.items() if s in ("survived", "no tests"))
+    rate = killed / max(killed + len(alive), 1)
     print(
         f"{label}: {stats['total']} mutants; killed {killed} (of which {stats['timeout']} by timeout), "
-        f"survived {len(survived)}, no tests {stats['no_tests']}: kill rate {rate:.1%}"
+        f"survived {stats['survived']}, reached by no test {stats['no_tests']}: kill rate {rate:.1%}"
     )
     reasons = explained()
-    for name in sorted(survived):
-        print(f"  survived {name}: {reasons.get(name, 'UNEXPLAINED')}")
+    for name in alive:
+        print(f"  {status[name]}: {name}: {reasons.get(name, 'UNEXPLAINED')}")
     return rate
 
 
