@@ -343,3 +343,53 @@ def test_untied_head_counts_twice_in_params_once_more_in_flops():
     assert param_counts(untied).total == HAND_TOTAL + 2048
     # The input lookup is free; the separate head is a real matmul: same FLOPs as tied.
     assert flops_per_token(untied, 10, "decode") == pytest.approx(flops_per_token(HAND, 10, "decode"))
+
+
+# Two windowed layers before a global one (windows 4 on layers 0 and 1, layer 2 global),
+# two KV heads: the per-layer sums and the head factor both show in the numbers.
+HAND3 = ModelConfig(
+    name="hand3",
+    vocab_size=64,
+    d_model=32,
+    n_layers=3,
+    n_heads=2,
+    n_kv_heads=2,
+    head_dim=16,
+    max_seq_len=64,
+    sliding_window=4,
+    global_every=3,
+    ffn_dim=64,
+)
+
+
+def test_accounting_sums_every_windowed_layer_and_counts_kv_heads():
+    # Attended positions, prefill of 10: 3.4 + 3.4 (windowed) + 5.5 (global) = 12.3;
+    # decode with 10 cached: 4 + 4 + 10 = 18. 128 FLOPs per attended position.
+    matmul = param_counts(HAND3).active - param_counts(HAND3).norms
+    assert flops_per_token(HAND3, 10, "prefill") == pytest.approx(2 * matmul + 128 * 12.3)
+    assert flops_per_token(HAND3, 10, "decode") == pytest.approx(2 * matmul + 128 * 18)
+    assert flops_per_token(HAND3, 10) == flops_per_token(HAND3, 10, "prefill")  # the default phase
+    # A window as long as the prompt is the same as no window: (10 + 1) / 2 per layer.
+    assert flops_per_token(HAND3, 4, "prefill") == pytest.approx(2 * matmul + 128 * 3 * 2.5)
+    # KV: K and V, 2 heads of 16, bf16 = 128 bytes per layer per token.
+    assert kv_cache_bytes_per_token(HAND3) == 3 * 128
+    assert kv_cache_bytes(HAND3, 10) == 128 * (4 + 4 + 10)
+
+
+def test_byte_counts_are_whole_bytes():
+    assert isinstance(int4_weight_bytes(HAND), int) and isinstance(int4_weight_bytes(HAND3), int)
+    assert isinstance(kv_cache_bytes(HAND3, 10), int)
+
+
+def test_summary_reports_every_figure_at_its_default_context():
+    s = summary(HAND)
+    assert s == {
+        "params_total": HAND_TOTAL,
+        "params_active": HAND_ACTIVE,
+        "params_embedding": 2048,
+        "flops_per_token_prefill": flops_per_token(HAND, 1024, "prefill"),
+        "flops_per_token_decode": flops_per_token(HAND, 1024, "decode"),
+        "int4_weight_bytes": 26816,
+        "kv_cache_bytes_per_token": 128,
+        "context": 1024,
+    }
