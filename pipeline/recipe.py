@@ -20,7 +20,7 @@ from pipeline.configbase import ConfigError, from_dict, require
 from pipeline.data.mixing import MixtureConfig
 from pipeline.model.config import ModelConfig
 from pipeline.tracking import TrackingConfig
-from pipeline.train.config import RayConfig, TrainStageConfig
+from pipeline.train.config import QATStageConfig, RayConfig, TrainStageConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
@@ -47,6 +47,7 @@ class StagesConfig:
     pretrain: TrainStageConfig
     midtrain: TrainStageConfig
     sft: TrainStageConfig
+    qat: QATStageConfig
 
 
 @dataclass
@@ -70,7 +71,9 @@ class RecipeConfig:
         for name, kind in EXPECTED_KIND.items():
             got = getattr(self.data, name).kind
             require(got == kind, f"data.{name}.kind", f"must be {kind!r} for the {name} mixture, got {got!r}")
-        for name in TRAIN_STAGES:
+        # Whole groups on every quantized weight: names the tensor a group size misses.
+        self.stage.qat.quant().check_fits(self.model, key="stage.qat.group_size")
+        for name in (*TRAIN_STAGES, "qat"):
             s: TrainStageConfig = getattr(self.stage, name)
             require(
                 s.seq_len <= self.model.max_seq_len,

@@ -32,12 +32,18 @@ def test_ruff_lint_and_format():
 
 
 def test_training_stages_depend_on_exactly_the_code_that_names_a_resumable_run():
+    from pipeline.stages.qat import QAT_RESULT_CODE
     from pipeline.stages.train import RESULT_CODE
 
     stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
-    for name in ("pretrain", "midtrain", "sft"):
+    for name, entries in (
+        ("pretrain", RESULT_CODE),
+        ("midtrain", RESULT_CODE),
+        ("sft", RESULT_CODE),
+        ("qat", QAT_RESULT_CODE),
+    ):
         code = {d for d in stages[name]["deps"] if isinstance(d, str) and d.startswith("pipeline/")}
-        assert code == {f"pipeline/{entry}" for entry in RESULT_CODE}, name
+        assert code == {f"pipeline/{entry}" for entry in entries}, name
 
 
 def test_every_output_persists_through_a_failed_run():

@@ -97,11 +97,49 @@ def test_outputs_and_dvc_lock(repo):
     assert {s["task"] for s in samples} == {"define", "continue", "math", "reason"}
 
 
+def test_qat_stage_outputs(repo):
+    from pipeline.model.accounting import int4_weight_bytes
+    from pipeline.quant.format import load_quantized
+
+    assert "  qat:" in (repo / "dvc.lock").read_text()
+    out = repo / "outputs" / "qat"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["step"] == 6
+    for name in ("sft_fp32", "ptq", "qat_int4", "control_fp32", "ptq_per_channel"):
+        assert metrics[f"loss_{name}"] > 0 and metrics[f"bpb_{name}"] > 0, name
+    assert metrics["ptq_gap"] == metrics["loss_ptq"] - metrics["loss_sft_fp32"]
+    # The fake-quantized model before its first step is the PTQ model: the worker's
+    # start-of-training validation equals the driver's PTQ loss on the same batches.
+    assert abs(metrics["qat_train_val_loss_at_start"] - metrics["loss_ptq"]) < 1e-5
+    assert "qat_train_moe_max_over_mean" in metrics  # expert load during QAT
+    coverage = json.loads((out / "coverage.json").read_text())
+    assert coverage["scheme"]["group_size"] == 16
+    for when in ("after_prepare", "after_convert"):
+        rows = coverage[when]["rows"]
+        experts = [r for r in rows if ".experts." in r["name"]]
+        assert len(experts) == 4 * 3 and all(r["scheme"].startswith("int4/g16 + int8 act") for r in experts)
+        assert {r["scheme"] for r in rows if r["scheme"].startswith("fp32")} == {"fp32 router", "fp32 norm"}
+    import torch
+
+    model, q = load_quantized(out / "quantized" / "model.safetensors")
+    assert q.group_size == 16
+    assert metrics["weight_bytes"] == int4_weight_bytes(model.cfg, 16, scale_bytes=4, norm_bytes=4)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.zeros(1, 5, dtype=torch.long))).all()
+
+
 def test_mlflow_parent_with_nested_stage_runs(repo, mlflow_client):
     import mlflow
 
     runs = _stage_runs(mlflow_client)
-    assert set(runs) == {"mix", *TRAIN_STAGES}
+    assert set(runs) == {"mix", *TRAIN_STAGES, "qat"}
+    qat = runs["qat"]
+    assert qat.info.status == "FINISHED"
+    assert qat.data.metrics["final/loss_qat_int4"] > 0
+    for key in ("train/loss", "control/train/loss", "moe/max_over_mean", "val/loss"):
+        assert [m.step for m in mlflow_client.get_metric_history(qat.info.run_id, key)][-1] == 6, key
+    qat_artifacts = {a.path for a in mlflow_client.list_artifacts(qat.info.run_id)}
+    assert {"coverage.json", "metrics.json", "quantized", "checkpoint"} <= qat_artifacts, qat_artifacts
     mix = runs["mix"]
     assert {d.dataset.name for d in mix.inputs.dataset_inputs} == {
         "pretrain-mixture",
@@ -166,7 +204,7 @@ def test_second_repro_is_a_noop_and_metrics_show(repo):
     proc = sh(repo, ".venv/bin/dvc", "repro")
     assert "Data and pipelines are up to date" in proc.stdout, proc.stdout
     shown = sh(repo, ".venv/bin/dvc", "metrics", "show").stdout
-    for stage in TRAIN_STAGES:
+    for stage in (*TRAIN_STAGES, "qat"):
         assert f"outputs/{stage}/metrics.json" in shown
     assert "val_loss" in shown
 
@@ -174,9 +212,11 @@ def test_second_repro_is_a_noop_and_metrics_show(repo):
 def test_driver_log_has_one_line_per_event_and_a_progress_bar(repo, mlflow_client):
     log = (repo / "repro.log").read_text()
     # Ray Train's print patch used to duplicate every worker line in the driver's log.
-    assert sum("step 6: loss=" in line for line in log.splitlines()) == 3, log[-3000:]  # once per stage
+    # once per training job: three stages, then QAT and its control
+    assert sum("step 6: loss=" in line for line in log.splitlines()) == 5, log[-3000:]
     assert "Failed to query Ray Train Controller actor state" not in log
-    for stage in TRAIN_STAGES:
+    assert "Failed to load" not in log  # torchao's CUDA-only kernels on a CPU machine
+    for stage in (*TRAIN_STAGES, "qat", "qat-control"):
         assert re.search(rf"{stage}: 100%\|[#]+\| 6/6 ", log), stage
     exp = mlflow_client.get_experiment_by_name("mobilemoe")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on training runs
@@ -191,7 +231,7 @@ def test_drill_kill_corrupt_rerun_gives_the_uninterrupted_result(repo):
 
 
 def _outputs_snapshot(repo: Path) -> dict[str, bytes]:
-    roots = [repo / "data" / "mix", *(repo / "outputs" / stage for stage in TRAIN_STAGES)]
+    roots = [repo / "data" / "mix", *(repo / "outputs" / stage for stage in (*TRAIN_STAGES, "qat"))]
     return {str(p.relative_to(repo)): p.read_bytes() for root in roots for p in sorted(root.rglob("*")) if p.is_file()}
 
 
@@ -228,20 +268,22 @@ def test_a_bad_config_leaves_every_earlier_output_byte_identical(repo, mlflow_cl
 
 
 def test_dvc_exp_run_with_hydra_override_reruns_only_what_changed(repo):
-    proc = sh(repo, ".venv/bin/dvc", "exp", "run", "-S", "stage.sft.schedule.total_steps=4", timeout=600)
+    # The QAT group size (the micro preset's is 16): only QAT re-runs.
+    proc = sh(repo, ".venv/bin/dvc", "exp", "run", "-S", "stage.qat.group_size=32", timeout=600)
     out = proc.stdout
-    assert "Running stage 'sft'" in out
-    for stage in ("mix", "pretrain", "midtrain"):
+    assert "Running stage 'qat'" in out
+    for stage in ("mix", "pretrain", "midtrain", "sft"):
         assert f"Running stage '{stage}'" not in out
-    assert json.loads((repo / "outputs" / "sft" / "metrics.json").read_text())["step"] == 4
+    assert json.loads((repo / "outputs" / "qat" / "coverage.json").read_text())["scheme"]["group_size"] == 32
     import csv
 
     rows = list(csv.DictReader(sh(repo, ".venv/bin/dvc", "exp", "show", "--csv").stdout.splitlines()))
     experiments = [r for r in rows if r["Experiment"]]  # named experiment rows
     assert experiments, rows
-    assert experiments[-1]["stage.sft.schedule.total_steps"] == "4"
-    assert experiments[-1]["outputs/sft/metrics.json:step"] == "4"
-    assert float(experiments[-1]["outputs/sft/metrics.json:val_loss"]) > 0
+    assert experiments[-1]["stage.qat.group_size"] == "32"
+    # (DVC names a metric column by its key alone while no other metrics file has it)
+    column = next(c for c in experiments[-1] if c.endswith("loss_qat_int4"))
+    assert float(experiments[-1][column]) > 0
 
 
 def test_interrupted_stage_resumes_from_its_last_checkpoint(repo):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +11,7 @@ import torch
 from conftest import VOCAB
 
 from pipeline.model import ModelConfig, MoEConfig
+from pipeline.quant.fake import FakeQuantExperts
 from pipeline.train.batches import IGNORE_INDEX, TokenBatches
 from pipeline.train.callbacks import BalanceCallback, Callback, CheckpointCallback, MetricsCallback
 from pipeline.train.checkpoint import latest_checkpoint, load_checkpoint
@@ -104,12 +105,18 @@ def test_loop_learns_and_balances(micro_data, tmp_path):
     assert len(reports.roots) == 6  # steps 5, 10, ..., 30
 
 
-def test_resume_from_checkpoint_equals_uninterrupted(micro_data, tmp_path):
-    job = _job(micro_data, steps=10)
+QAT_8DA4W = {"scheme": "8da4w", "group_size": 8, "granularity": "per_group", "embedding": "int4"}
+
+
+@pytest.mark.parametrize("quant", [None, QAT_8DA4W], ids=["fp32", "qat"])
+def test_resume_from_checkpoint_equals_uninterrupted(micro_data, tmp_path, quant):
+    job = replace(_job(micro_data, steps=10), quant=quant)
     straight = run_loop(job, 0, 1, None, _callbacks(job, Reports(tmp_path / "a")))
+    if quant is not None:  # the fake-quantized model is what trained
+        assert isinstance(straight.model.layers[0].ffn.experts, FakeQuantExperts)
 
     reports = Reports(tmp_path / "b")
-    first_half = _job(micro_data, steps=10)
+    first_half = replace(_job(micro_data, steps=10), quant=quant)
     callbacks = _callbacks(first_half, reports)
 
     class InterruptError(Exception):

@@ -104,12 +104,26 @@ def flops_per_token(cfg: ModelConfig, context: int, phase: str = "prefill") -> f
     return 2.0 * matmul_params + attention
 
 
-def int4_weight_bytes(cfg: ModelConfig, group_size: int = 32, scale_bytes: int = 2) -> int:
-    """Weight memory of the 8da4w export: INT4 groups with scales, FP32 router, bf16 norms."""
+def int4_weight_bytes(
+    cfg: ModelConfig, group_size: int = 32, scale_bytes: int = 2, norm_bytes: int = 2, embedding_bits: int = 4
+) -> int:
+    """Weight memory of the 8da4w format in bytes: INT4 values with one scale of
+    ``scale_bytes`` per ``group_size`` weights, the FP32 router, norms at ``norm_bytes``.
+
+    ``embedding_bits=8`` counts the (input) embedding at INT8 with one scale per row
+    instead. The defaults are the on-device estimate (bf16 scales and norms); the
+    recipe's converted file keeps torchao's FP32 scales and FP32 norms
+    (``scale_bytes=4, norm_bytes=4``; see pipeline/quant/format.py).
+    """
+    if embedding_bits not in (4, 8):
+        raise ValueError(f"embedding_bits: must be 4 or 8, got {embedding_bits}")
     counts = param_counts(cfg)
     quantized = counts.total - counts.router - counts.norms
-    int4 = quantized // 2 + (quantized // group_size) * scale_bytes
-    return int4 + 4 * counts.router + 2 * counts.norms
+    embed = cfg.vocab_size * cfg.d_model if embedding_bits == 8 else 0
+    int4 = quantized - embed
+    memory = int4 // 2 + (int4 // group_size) * scale_bytes
+    memory += embed + cfg.vocab_size * scale_bytes if embed else 0
+    return memory + 4 * counts.router + norm_bytes * counts.norms
 
 
 def kv_cache_bytes_per_token(cfg: ModelConfig, dtype_bytes: int = 2) -> int:

@@ -8,12 +8,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pipeline.model.attention import Attention, KVCache
 from pipeline.model.config import ModelConfig
-from pipeline.model.layers import RMSNorm, SwiGLU, rope_tables
+from pipeline.model.layers import Embedding, RMSNorm, SwiGLU, rope_tables
 from pipeline.model.moe import MoE
 
 
@@ -41,7 +40,7 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed = Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         # Tied: the output head reuses the embedding matrix (no second parameter).
@@ -90,8 +89,8 @@ class Transformer(nn.Module):
             x_BSD, layer_aux = block(x_BSD, cos, sin, start_pos, cache)
             aux = aux + layer_aux
         x_BSD = self.norm(x_BSD)
-        weight_VD = self.embed.weight if self.head is None else self.head.weight
-        return F.linear(x_BSD, weight_VD), aux
+        logits_BSV = self.embed.attend(x_BSD) if self.head is None else self.head(x_BSD)
+        return logits_BSV, aux
 
     def forward(
         self, tokens_BS: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None, return_aux: bool = False

@@ -42,6 +42,18 @@ def apply_rope(x_BHSDh: torch.Tensor, cos_SDh2: torch.Tensor, sin_SDh2: torch.Te
     return rotated.to(x_BHSDh.dtype)
 
 
+class Embedding(nn.Embedding):
+    """Token embedding that is also the output head when embeddings are tied.
+
+    ``forward(tokens_BS) -> x_BSD`` looks rows up; ``attend(x_BSD) -> logits_BSV`` is the
+    tied head. Both read the weight through one module so that QAT can swap in a
+    fake-quantized (or quantized) weight for the lookup and the head alike.
+    """
+
+    def attend(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        return F.linear(x_BSD, self.weight)
+
+
 class SwiGLU(nn.Module):
     """Dense gated FFN: w2(silu(w1 x) * w3 x). Also used for the shared experts."""
 

@@ -91,14 +91,20 @@ class GroupedExperts(nn.Module):
         """The weights the forward uses. QAT overrides this to insert fake-quantization."""
         return self.w1_EFD, self.w3_EFD, self.w2_EDF
 
+    def quantize_input(self, x_ND: torch.Tensor) -> torch.Tensor:
+        """What a projection sees of its input rows (one row per routed slot, features
+        last). Identity here; QAT fake-quantizes each row (per-token INT8)."""
+        return x_ND
+
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """``x_ND`` holds slots sorted by expert; ``counts_E`` how many each expert got."""
         w1_EFD, w3_EFD, w2_EDF = self.expert_weights()
         dtype = x_ND.dtype
         offsets_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
+        x_ND = self.quantize_input(x_ND)
         h1_NF = torch._grouped_mm(x_ND, w1_EFD.to(dtype).transpose(-2, -1), offs=offsets_E)
         h3_NF = torch._grouped_mm(x_ND, w3_EFD.to(dtype).transpose(-2, -1), offs=offsets_E)
-        h_NF = F.silu(h1_NF) * h3_NF
+        h_NF = self.quantize_input(F.silu(h1_NF) * h3_NF)
         return torch._grouped_mm(h_NF, w2_EDF.to(dtype).transpose(-2, -1), offs=offsets_E)
 
 
@@ -115,7 +121,9 @@ def gathered_experts(
     dtype = x_TD.dtype
     w1_TKFD, w3_TKFD = w1_EFD.to(dtype)[experts_TK], w3_EFD.to(dtype)[experts_TK]
     w2_TKDF = w2_EDF.to(dtype)[experts_TK]
+    x_TD = experts.quantize_input(x_TD)
     h_TKF = F.silu(torch.einsum("td,tkfd->tkf", x_TD, w1_TKFD)) * torch.einsum("td,tkfd->tkf", x_TD, w3_TKFD)
+    h_TKF = experts.quantize_input(h_TKF)
     y_TKD = torch.einsum("tkf,tkdf->tkd", h_TKF, w2_TKDF)
     return (y_TKD * gates_TK.to(dtype)[..., None]).sum(1)
 
@@ -126,8 +134,8 @@ def reference_experts(experts: GroupedExperts, x_ND: torch.Tensor, counts_E: tor
     outputs = []
     start = 0
     for e, count in enumerate(counts_E.tolist()):
-        x_nD = x_ND[start : start + count]
-        h_nF = F.silu(x_nD @ w1_EFD[e].T) * (x_nD @ w3_EFD[e].T)
+        x_nD = experts.quantize_input(x_ND[start : start + count])
+        h_nF = experts.quantize_input(F.silu(x_nD @ w1_EFD[e].T) * (x_nD @ w3_EFD[e].T))
         outputs.append(h_nF @ w2_EDF[e].T)
         start += count
     return torch.cat(outputs, dim=0)

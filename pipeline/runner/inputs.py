@@ -23,6 +23,7 @@ from pipeline.train.checkpoint import (
     CheckpointError,
     check_fits,
     latest_checkpoint,
+    newest_problem,
     spec_of,
     tensor_specs,
     verify_checkpoint,
@@ -122,6 +123,9 @@ class CheckpointInput:
     def check(self) -> Path:
         path = latest_checkpoint(self.root)
         if path is None:
+            newest = newest_problem(self.root)
+            if newest is not None:  # there is a checkpoint, but it is damaged: say how
+                raise StageInputError(f"{self.key}: no complete checkpoint under {self.root}; newest: {newest}")
             raise StageInputError(f"{self.key}: no complete checkpoint under {self.root} (has the upstream stage run?)")
         try:
             verify_checkpoint(path)

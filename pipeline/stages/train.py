@@ -102,17 +102,11 @@ def _work(name: str, ctx: StageContext) -> StageResult:
     from pipeline.configbase import from_dict
     from pipeline.model import ModelConfig, Transformer
     from pipeline.runner import cluster, train_job
-    from pipeline.train.checkpoint import latest_checkpoint, load_checkpoint
 
     recipe, cfg, job = ctx.recipe, _cfg(ctx.recipe, name), ctx.state["job"]
     storage = repo_path(recipe.ray.storage_path)
     cluster.start(recipe.ray)
-    logger = ctx.run.remote_logger(journal=ctx.state["journal"].with_suffix(".workers.jsonl"))
-    final_dir = train_job.fit(job, recipe.ray, storage, logger)
-    try:
-        final = load_checkpoint(latest_checkpoint(final_dir))
-    finally:
-        shutil.rmtree(final_dir, ignore_errors=True)
+    final = train_to_end(job, ctx)
     metrics = final_metrics(final.meta)
     model = Transformer(from_dict(ModelConfig, final.meta["model"], "model"))
     model.load_state_dict(final.model_state)
@@ -152,6 +146,22 @@ def _work(name: str, ctx: StageContext) -> StageResult:
         on_published=lambda: train_job.discard_run(job, recipe.ray, storage),
         perf={"perf/resumes": float(len(resumed_at))},
     )
+
+
+def train_to_end(job: WorkerJob, ctx: StageContext, metric_prefix: str = ""):
+    """Run ``job`` as a Ray Train job (resuming an interrupted run of the same work) and
+    return its final checkpoint, loaded. Rank 0's metrics go to the stage's MLflow run,
+    named with ``metric_prefix`` in front."""
+    from pipeline.runner import train_job
+    from pipeline.train.checkpoint import latest_checkpoint, load_checkpoint
+
+    journal = ctx.state["journal"].with_suffix(".workers.jsonl")
+    logger = ctx.run.remote_logger(journal=journal, prefix=metric_prefix)
+    final_dir = train_job.fit(job, ctx.recipe.ray, repo_path(ctx.recipe.ray.storage_path), logger)
+    try:
+        return load_checkpoint(latest_checkpoint(final_dir))
+    finally:
+        shutil.rmtree(final_dir, ignore_errors=True)
 
 
 def final_metrics(meta: dict) -> dict:
@@ -215,6 +225,7 @@ RESULT_CODE = (
     "stages/train.py",
     "runner/train_job.py",
     "model",
+    "quant",
     "train",
     "data",
     "configbase.py",
@@ -223,11 +234,11 @@ RESULT_CODE = (
 )
 
 
-def code_fingerprint() -> str:
+def code_fingerprint(entries: tuple[str, ...] = RESULT_CODE) -> str:
     """Hash of the code that determines the result: a change must not resume an old run."""
     digest = hashlib.sha256()
     root = Path(__file__).resolve().parents[1]
-    for entry in RESULT_CODE:
+    for entry in entries:
         for path in sorted([root / entry] if entry.endswith(".py") else (root / entry).rglob("*.py")):
             digest.update(str(path.relative_to(root)).encode())
             digest.update(path.read_bytes())

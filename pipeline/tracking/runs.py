@@ -179,11 +179,12 @@ class StageRun:
     def guard(self) -> Resilient:
         return self._guard
 
-    def remote_logger(self, journal: Path | None = None) -> RemoteMetricLogger | None:
-        """A picklable logger for worker processes writing into this run."""
+    def remote_logger(self, journal: Path | None = None, prefix: str = "") -> RemoteMetricLogger | None:
+        """A picklable logger for worker processes writing into this run; ``prefix`` is
+        put before every metric name (two jobs of one stage keep apart curves)."""
         if not self.enabled:
             return None
-        return RemoteMetricLogger(self._uri, self._run_id, self._guard.retry_seconds, journal)
+        return RemoteMetricLogger(self._uri, self._run_id, self._guard.retry_seconds, journal, prefix)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         if not self.enabled:
@@ -557,11 +558,19 @@ class RemoteMetricLogger:
     ``journal``.
     """
 
-    def __init__(self, tracking_uri: str, run_id: str, retry_seconds: float = 120.0, journal: Path | None = None):
+    def __init__(
+        self,
+        tracking_uri: str,
+        run_id: str,
+        retry_seconds: float = 120.0,
+        journal: Path | None = None,
+        prefix: str = "",
+    ):
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.retry_seconds = retry_seconds
         self.journal = str(journal) if journal else None
+        self.prefix = prefix
         self._client_obj: MlflowClient | None = None
         self.guard = Resilient(retry_seconds, Path(journal) if journal else None)
 
@@ -571,6 +580,7 @@ class RemoteMetricLogger:
             "run_id": self.run_id,
             "retry_seconds": self.retry_seconds,
             "journal": self.journal,
+            "prefix": self.prefix,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -583,7 +593,7 @@ class RemoteMetricLogger:
         return self._client_obj
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        _log_metrics(self.guard, self._client, self.run_id, metrics, step)
+        _log_metrics(self.guard, self._client, self.run_id, {self.prefix + k: v for k, v in metrics.items()}, step)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         _log_artifact(self.guard, self._client, self.run_id, path, artifact_path)

@@ -389,6 +389,16 @@ def latest_checkpoint(root: Path) -> Path | None:
     return None
 
 
+def newest_problem(root: Path) -> str | None:
+    """Why the newest ``step_*`` directory under ``root`` is not a complete checkpoint
+    (``"<dir>: <problem>"``), or None when there is no step directory at all."""
+    steps = sorted(_step_dirs(Path(root)), reverse=True)
+    if not steps:
+        return None
+    path = steps[0][1]
+    return f"{path}: {_problem(path) or 'complete'}"
+
+
 def verify_checkpoint(path: Path) -> None:
     """Raise CheckpointError unless ``path`` is complete and every file matches the
     sha256 recorded when it was written (reads every byte, loads no tensor)."""

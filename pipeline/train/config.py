@@ -6,10 +6,11 @@ Pre-training, mid-training and SFT share one loop; they differ only by these val
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Literal
 
 from pipeline.configbase import require
+from pipeline.quant.config import QuantConfig
 from pipeline.train.schedule import ScheduleConfig
 
 
@@ -68,6 +69,36 @@ class TrainStageConfig:
     @property
     def steps(self) -> int:
         return self.schedule.total_steps
+
+
+@dataclass
+class QATStageConfig(TrainStageConfig):
+    """Quantization-aware training: the training loop over a fake-quantized model, plus
+    what the stage measures against (PTQ, and an FP32 control trained alike)."""
+
+    scheme: str = "8da4w"  # see pipeline/quant/config.py
+    group_size: int = 32
+    granularity: Literal["per_group", "per_channel"] = "per_group"
+    embedding: Literal["int4", "int8"] = "int4"  # the tied embedding/output head
+    # Mixture whose validation text gives bits per byte (the SFT val split has chats).
+    text_mixture: str = ""
+    # Also continue SFT in full precision for the same steps and data: QAT's gain over
+    # PTQ is then not mistaken for the gain of more training.
+    control: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(bool(self.text_mixture), "text_mixture", "must be a non-empty path")
+        require(self.init_checkpoint is not None, "init_checkpoint", "QAT starts from a trained model: give its path")
+        self.quant()  # validates scheme, group_size, granularity, embedding by name
+
+    def quant(self) -> QuantConfig:
+        return QuantConfig(self.scheme, self.group_size, self.granularity, self.embedding)
+
+    def train_config(self) -> TrainStageConfig:
+        """The plain training-loop part of this config."""
+        mine = asdict(self)
+        return TrainStageConfig(**{f.name: getattr(self, f.name) for f in fields(TrainStageConfig) if f.name in mine})
 
 
 @dataclass

@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.configbase import from_dict
 from pipeline.model import ModelConfig, Transformer
+from pipeline.quant import QuantConfig
 from pipeline.train.batches import IGNORE_INDEX, TokenBatches
 from pipeline.train.checkpoint import (
     Checkpoint,
@@ -55,6 +56,7 @@ class WorkerJob:
     init_checkpoint: str | None = None  # absolute path of a checkpoint step dir
     bytes_per_token: float = 0.0  # validation bytes / tokens, for bits per byte
     extra_meta: dict = field(default_factory=dict)  # recorded in every checkpoint
+    quant: dict | None = None  # a QuantConfig: train the fake-quantized model (QAT)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -174,6 +176,12 @@ def run_loop(
     model = Transformer(model_cfg)
     if job.init_checkpoint and resume is None:
         model.load_state_dict(load_checkpoint(job.init_checkpoint).model_state)
+    if job.quant is not None:
+        # Fake quantization holds no state of its own (scales are recomputed from the
+        # weights every step), so a resumed run rebuilds it from the config alone.
+        from pipeline.quant.fake import prepare  # imports torchao: only where QAT runs
+
+        prepare(model, from_dict(QuantConfig, job.quant, f"stage.{job.stage}"))
     model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.schedule.lr, betas=train.betas)
     state = LoopState(step=0, tokens_seen=0, rank=rank, world=world, model=model, optimizer=optimizer, history={})

@@ -1,0 +1,138 @@
+"""QAT ``convert`` (and PTQ): a real quantized model, INT4 values plus scales.
+
+- ``nn.Linear``: torchao's ``QATConfig(..., step="convert")``; each weight becomes an
+  ``IntxUnpackedToInt8Tensor`` (INT4 values held in int8, FP32 scales per group) whose
+  forward quantizes its input per token to INT8, as on the device.
+- Routed experts and the embedding: :class:`QuantizedWeight` (INT values in int8,
+  FP32 scales), quantized with torchao's ``choose_qparams_affine`` /
+  ``quantize_affine`` over 3-D blocks ``(1, 1, group)``; dequantizing gives exactly the
+  weight the fake quantizer produced, so the converted forward equals the fake-quant
+  forward up to float summation order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchao.quantization import quantize_
+from torchao.quantization.qat import QATConfig
+from torchao.quantization.qat.linear import FakeQuantizedLinear
+from torchao.quantization.quant_primitives import (
+    MappingType,
+    choose_qparams_affine,
+    dequantize_affine,
+    quantize_affine,
+)
+
+from pipeline.model.decoder import Transformer
+from pipeline.model.layers import Embedding
+from pipeline.model.moe import GroupedExperts
+from pipeline.quant.config import QuantConfig
+from pipeline.quant.fake import FakeQuantEmbedding, FakeQuantExperts, activation_quantizer, linear_config, prepare
+
+
+@dataclass
+class QuantizedWeight:
+    """Symmetric integer weight: ``values`` (int8 holding ``bits``-bit ints, shape of
+    the weight) and ``scale`` (FP32, the weight's shape with the last dim divided by
+    ``group``). Dequantized weight = values * scale, per group of the last dim."""
+
+    values: torch.Tensor
+    scale: torch.Tensor
+    bits: int
+    group: int
+
+    @property
+    def block(self) -> tuple[int, ...]:
+        return (1,) * (self.values.ndim - 1) + (self.group,)
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor, bits: int, group: int) -> QuantizedWeight:
+        lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        block = (1,) * (w.ndim - 1) + (group,)
+        w = w.detach().float()
+        scale, zero = choose_qparams_affine(w, MappingType.SYMMETRIC, block, torch.int8, lo, hi)
+        values = quantize_affine(w, block, scale, zero, torch.int8, lo, hi)
+        return cls(values, scale.float(), bits, group)
+
+    def dequantize(self) -> torch.Tensor:
+        lo, hi = self.qrange
+        zero = torch.zeros_like(self.scale, dtype=torch.int32)
+        return dequantize_affine(
+            self.values, self.block, self.scale, zero, torch.int8, lo, hi, output_dtype=torch.float32
+        )
+
+    def nbytes(self) -> int:
+        """Bytes of the packed format: ``bits`` per value, plus the FP32 scales."""
+        return self.values.numel() * self.bits // 8 + self.scale.numel() * self.scale.element_size()
+
+
+class QuantizedExperts(GroupedExperts):
+    """Routed experts from INT weights; inputs quantized per token to INT8."""
+
+    def __init__(self, weights: dict[str, QuantizedWeight]) -> None:
+        nn.Module.__init__(self)
+        self.qweights = weights  # keys w1_EFD, w3_EFD, w2_EDF
+        self.act_fq = activation_quantizer()
+
+    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(self.qweights[k].dequantize() for k in ("w1_EFD", "w3_EFD", "w2_EDF"))  # type: ignore[return-value]
+
+    def quantize_input(self, x_ND: torch.Tensor) -> torch.Tensor:
+        return x_ND if x_ND.numel() == 0 else self.act_fq(x_ND)
+
+
+class QuantizedEmbedding(Embedding):
+    """Embedding (and tied head) from an INT weight; the head's input per token INT8."""
+
+    def __init__(self, weight: QuantizedWeight) -> None:
+        nn.Module.__init__(self)
+        self.num_embeddings, self.embedding_dim = weight.values.shape
+        self.padding_idx, self.max_norm, self.sparse = None, None, False
+        self.qweight = weight
+        self.act_fq = activation_quantizer()
+
+    def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens_BS, self.qweight.dequantize())
+
+    def attend(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.act_fq(x_BSD), self.qweight.dequantize())
+
+
+@torch.no_grad()
+def convert(model: Transformer, q: QuantConfig) -> Transformer:
+    """Replace the fake quantization of a prepared ``model`` by real INT weights, in
+    place; returns it (in eval mode: a converted model is not trained further)."""
+    quantize_(
+        model,
+        QATConfig(linear_config(q), step="convert"),
+        filter_fn=lambda m, fqn: isinstance(m, FakeQuantizedLinear),
+    )
+    for moe in model.moe_layers():
+        fake = moe.experts
+        if not isinstance(fake, FakeQuantExperts):
+            raise TypeError(f"convert: {type(fake).__name__} experts were not prepared for QAT")
+        moe.experts = QuantizedExperts(
+            {
+                "w1_EFD": QuantizedWeight.quantize(fake.w1_EFD, 4, fake.group_in),
+                "w3_EFD": QuantizedWeight.quantize(fake.w3_EFD, 4, fake.group_in),
+                "w2_EDF": QuantizedWeight.quantize(fake.w2_EDF, 4, fake.group_hidden),
+            }
+        )
+    if not isinstance(model.embed, FakeQuantEmbedding):
+        raise TypeError("convert: the embedding was not prepared for QAT")
+    embed = model.embed
+    model.embed = QuantizedEmbedding(QuantizedWeight.quantize(embed.weight, embed.bits, embed.group))
+    return model.eval()
+
+
+def post_training_quantize(model: Transformer, q: QuantConfig) -> Transformer:
+    """PTQ: the same scheme with no training (prepare, then convert at once), in place."""
+    return convert(prepare(model, q), q)

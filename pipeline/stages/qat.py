@@ -1,0 +1,218 @@
+"""Stage ``qat``: INT4 quantization-aware training of SFT's model, measured against PTQ.
+
+Two Ray Train jobs through the one training loop, from SFT's final model on the SFT
+chats: QAT (the model fake-quantized with 8da4w, every matrix; router and norms FP32)
+and, unless ``stage.qat.control`` is false, a full-precision control with the same
+steps, data and seed. Then, on the driver: PTQ of SFT's model, convert of the QAT
+model to real INT4, coverage tables after prepare and after convert (the stage fails,
+naming the tensor, if a matrix other than the router and the norms stayed full
+precision), and four models evaluated on the same held-out batches.
+
+Published into ``stage.qat.out_dir``:
+  model/            QAT's trained weights as a training checkpoint (full-precision
+                    values; prepare + convert reproduce the quantized model from them)
+  quantized/model.safetensors   the converted model: packed INT4 + FP32 scales
+                    (pipeline/quant/format.py), loadable without pickle
+  coverage.json     every weight tensor: name, shape, scheme, bytes; after prepare and
+                    after convert
+  metrics.json      the four losses (SFT val, nats per assistant token), their bits per
+                    byte on the pre-training val text, the PTQ gap, the fraction QAT
+                    recovers against SFT and against the control, weight bytes, expert
+                    load during QAT (DVC metrics)
+  loss.csv          step, train_loss, val_loss of QAT (DVC plots)
+  execution.json    resumes of this execution (not tracked by DVC)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from pipeline.hashing import sha256_file, sha256_json
+from pipeline.recipe import RecipeConfig, repo_path
+from pipeline.runner.inputs import CheckpointInput, MixtureInput, TokenizerInput
+from pipeline.runner.spec import Stage, StageContext, StageResult
+from pipeline.stages.train import (
+    EXECUTION_FILE,
+    RESULT_CODE,
+    code_fingerprint,
+    final_metrics,
+    train_to_end,
+    write_outputs,
+)
+from pipeline.train.loop import WorkerJob
+
+KEY = "stage.qat"
+# The code that determines this stage's result (dvc.yaml's code deps; a test keeps them equal).
+QAT_RESULT_CODE = (*RESULT_CODE, "stages/qat.py")
+
+
+def _inputs(recipe: RecipeConfig) -> list:
+    cfg = recipe.stage.qat
+    return [
+        MixtureInput(f"{KEY}.mixture", repo_path(cfg.mixture), cfg.seq_len),
+        MixtureInput(f"{KEY}.text_mixture", repo_path(cfg.text_mixture), cfg.seq_len),
+        TokenizerInput(f"{KEY}.tokenizer", repo_path(cfg.tokenizer), recipe.model.vocab_size),
+        CheckpointInput(f"{KEY}.init_checkpoint", repo_path(cfg.init_checkpoint), recipe.model),
+    ]
+
+
+def _params(raw: dict) -> dict:
+    return {"model": raw["model"], "stage": raw["stage"]["qat"], "ray": raw["ray"], "seed": raw["seed"]}
+
+
+def _jobs(ctx: StageContext) -> list[WorkerJob]:
+    """The QAT job, then the full-precision control (same steps, data and seed)."""
+    recipe, cfg = ctx.recipe, ctx.recipe.stage.qat
+    init: Path = ctx.inputs[f"{KEY}.init_checkpoint"]
+    quant = asdict(cfg.quant())
+    qat = WorkerJob(
+        stage="qat",
+        model=asdict(recipe.model),
+        train=asdict(cfg.train_config()),
+        seed=recipe.seed,
+        mixture_dir=str(repo_path(cfg.mixture)),
+        init_checkpoint=str(init),
+        extra_meta={
+            "data_manifest_sha256": sha256_json(ctx.inputs[f"{KEY}.mixture"]),
+            "init_sha256": sha256_file(init / "model.safetensors"),
+            "code_sha256": code_fingerprint(QAT_RESULT_CODE),
+            "quant": quant,
+        },
+        quant=quant,
+    )
+    jobs = [qat]
+    if cfg.control:
+        meta = {k: v for k, v in qat.extra_meta.items() if k != "quant"}
+        jobs.append(replace(qat, stage="qat-control", quant=None, extra_meta=meta))
+    return jobs
+
+
+def _resume_key(ctx: StageContext) -> str:
+    from pipeline.runner import train_job
+
+    ctx.state["jobs"] = _jobs(ctx)
+    names = [train_job.run_name(job, ctx.recipe.ray) for job in ctx.state["jobs"]]
+    ctx.state["run_names"] = names
+    return f"qat-{sha256_json(names)[:12]}"
+
+
+def _interrupted(ctx: StageContext, key: str) -> bool:
+    storage = repo_path(ctx.recipe.ray.storage_path)
+    return any((storage / name).is_dir() for name in ctx.state.get("run_names", []))
+
+
+def _model(ctx: StageContext, state: dict):
+    from pipeline.model import Transformer
+
+    model = Transformer(ctx.recipe.model)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _work(ctx: StageContext) -> StageResult:
+    import torch
+
+    from pipeline.quant.convert import convert, post_training_quantize
+    from pipeline.quant.coverage import coverage, require_coverage, table
+    from pipeline.quant.fake import prepare
+    from pipeline.quant.format import save_quantized, weight_bytes
+    from pipeline.runner import cluster, train_job
+    from pipeline.train.batches import TokenBatches
+    from pipeline.train.checkpoint import load_checkpoint
+    from pipeline.train.compare import evaluate_models, recovered_fraction
+
+    recipe, cfg = ctx.recipe, ctx.recipe.stage.qat
+    q = cfg.quant()
+    jobs = ctx.state["jobs"]
+    cluster.start(recipe.ray)
+    qat_final = train_to_end(jobs[0], ctx)
+    control_final = train_to_end(jobs[1], ctx, metric_prefix="control/") if cfg.control else None
+
+    sft = _model(ctx, load_checkpoint(ctx.inputs[f"{KEY}.init_checkpoint"]).model_state)
+    qat_fake = prepare(_model(ctx, qat_final.model_state), q)
+    prepared_rows = coverage(qat_fake)
+    require_coverage(prepared_rows)
+    with torch.no_grad():
+        qat_int4 = convert(qat_fake, q)
+        ptq = post_training_quantize(copy.deepcopy(sft), q)
+        per_channel = replace(q, granularity="per_channel")
+        ptq_per_channel = post_training_quantize(copy.deepcopy(sft), per_channel)
+    converted_rows = coverage(qat_int4)
+    require_coverage(converted_rows)
+
+    models = {"sft_fp32": sft, "ptq": ptq, "qat_int4": qat_int4}
+    if control_final is not None:
+        models["control_fp32"] = _model(ctx, control_final.model_state)
+    models["ptq_per_channel"] = ptq_per_channel
+    chat_val = TokenBatches(repo_path(cfg.mixture), "val", cfg.seq_len, cfg.batch_size, recipe.seed)
+    text_val = TokenBatches(repo_path(cfg.text_mixture), "val", cfg.seq_len, cfg.batch_size, recipe.seed)
+    text_totals = ctx.inputs[f"{KEY}.text_mixture"]["totals"]["val"]
+    bytes_per_token = text_totals["bytes"] / max(text_totals["target_tokens"], 1)
+    chat = evaluate_models(models, chat_val, cfg.eval_batches)
+    text = evaluate_models(models, text_val, cfg.eval_batches, bytes_per_token)
+
+    metrics = final_metrics(qat_final.meta)  # QAT's own training: fake-quant losses, expert load
+    metrics = {f"qat_train_{k}" if k not in ("step", "tokens_seen") else k: v for k, v in metrics.items()}
+    for name in models:
+        metrics[f"loss_{name}"] = chat[name]["loss"]
+        metrics[f"bpb_{name}"] = text[name]["bpb"]
+    metrics["ptq_gap"] = chat["ptq"]["loss"] - chat["sft_fp32"]["loss"]
+    metrics["qat_gap"] = chat["qat_int4"]["loss"] - chat["sft_fp32"]["loss"]
+    metrics["ptq_per_channel_gap"] = chat["ptq_per_channel"]["loss"] - chat["sft_fp32"]["loss"]
+    metrics["recovered_vs_sft"] = recovered_fraction(
+        chat["ptq"]["loss"], chat["qat_int4"]["loss"], chat["sft_fp32"]["loss"]
+    )
+    if control_final is not None:
+        metrics["recovered_vs_control"] = recovered_fraction(
+            chat["ptq"]["loss"], chat["qat_int4"]["loss"], chat["control_fp32"]["loss"]
+        )
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise RuntimeError(f"stage qat: non-finite metrics {bad}")
+
+    write_outputs(ctx.scratch, qat_final, metrics, samples=[])
+    (ctx.scratch / "samples.json").unlink()
+    quantized = ctx.scratch / "quantized" / "model.safetensors"
+    save_quantized(qat_int4, q, quantized)
+    metrics["weight_bytes"] = weight_bytes(quantized)
+    (ctx.scratch / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    tables = {"scheme": asdict(q), "after_prepare": table(prepared_rows), "after_convert": table(converted_rows)}
+    (ctx.scratch / "coverage.json").write_text(json.dumps(tables, indent=2))
+    resumed = {job.stage: [] for job in jobs}
+    resumed["qat"] = qat_final.meta.get("resumed_at", [])
+    if control_final is not None:
+        resumed["qat-control"] = control_final.meta.get("resumed_at", [])
+
+    def log(run, out_dir: Path) -> None:
+        run.set_tags({"resumed_at_steps": json.dumps(resumed)})
+        for item in ("metrics.json", "coverage.json"):
+            run.log_artifact(out_dir / item)
+        run.log_artifact(out_dir / "quantized", "quantized")
+        run.log_artifact(out_dir / "model", "checkpoint")
+        run.log_dataset(ctx.inputs[f"{KEY}.mixture"], name="qat-mixture", context="training")
+        if qat_final.meta.get("expert_load"):
+            run.log_dict({"tokens_per_layer_expert": qat_final.meta["expert_load"]}, "moe_load_histogram.json")
+
+    storage = repo_path(recipe.ray.storage_path)
+    return StageResult(
+        metrics,
+        log=log,
+        on_published=lambda: [train_job.discard_run(job, recipe.ray, storage) for job in jobs],
+        perf={"perf/resumes": float(sum(len(v) for v in resumed.values()))},
+    )
+
+
+QAT = Stage(
+    name="qat",
+    out_dir=lambda recipe: recipe.stage.qat.out_dir,
+    inputs=_inputs,
+    params=_params,
+    work=_work,
+    outputs=("model", "quantized", "coverage.json", "metrics.json", "loss.csv", EXECUTION_FILE),
+    resume_key=_resume_key,
+    interrupted=_interrupted,
+)

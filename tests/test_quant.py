@@ -1,0 +1,166 @@
+"""QAT/PTQ maths: fake quantization reaches every matrix, convert is real and exact,
+the file format matches the accounting, and coverage fails on a skipped expert."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_model import small_moe, tiny_config
+from torch import nn
+from torchao.quantization import quantize_
+from torchao.quantization.qat import QATConfig
+
+from pipeline.configbase import ConfigError
+from pipeline.model import Transformer
+from pipeline.model.accounting import int4_weight_bytes
+from pipeline.model.moe import GroupedExperts
+from pipeline.quant import QuantConfig, quantized_input_dims
+from pipeline.quant.convert import QuantizedWeight, convert, post_training_quantize
+from pipeline.quant.coverage import CoverageError, coverage, require_coverage
+from pipeline.quant.fake import FakeQuantExperts, linear_config, prepare
+from pipeline.quant.format import load_quantized, pack_int4, save_quantized, unpack_int4, weight_bytes
+
+
+def _model(seed: int = 0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    cfg = tiny_config(d_model=64, head_dim=16, moe=small_moe(expert_ffn_dim=32, shared_ffn_dim=64), **overrides)
+    return Transformer(cfg)
+
+
+def _tokens(model: Transformer, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.cfg.vocab_size, (2, 24), generator=g)
+
+
+@pytest.mark.parametrize("granularity", ["per_group", "per_channel"])
+def test_fake_quant_experts_equal_torchao_quantized_linears_per_expert(granularity):
+    q = QuantConfig(group_size=16, granularity=granularity)
+    torch.manual_seed(0)
+    E, F_, D = 4, 32, 64
+    experts = GroupedExperts(D, small_moe(num_experts=E, top_k=2, expert_ffn_dim=F_))
+    fake = FakeQuantExperts(experts, q)
+    counts_E = torch.tensor([5, 0, 9, 2])  # expert 1 gets no tokens: skipped, not an error
+    x_ND = torch.randn(int(counts_E.sum()), D) * 3
+    got_ND = fake(x_ND, counts_E)
+
+    expected, start = [], 0
+    for e, n in enumerate(counts_E.tolist()):
+        lin = {}
+        for name, w in (("w1", experts.w1_EFD[e]), ("w3", experts.w3_EFD[e]), ("w2", experts.w2_EDF[e])):
+            layer = nn.Sequential(nn.Linear(w.shape[1], w.shape[0], bias=False))
+            layer[0].weight.data.copy_(w.detach())
+            quantize_(layer, QATConfig(linear_config(q), step="prepare"))
+            quantize_(layer, QATConfig(linear_config(q), step="convert"))  # the real INT4 linear
+            lin[name] = layer
+        x_nD = x_ND[start : start + n]
+        start += n
+        if n:
+            expected.append(lin["w2"](F.silu(lin["w1"](x_nD)) * lin["w3"](x_nD)))
+    expected_ND = torch.cat(expected)
+    # Same quantized weights and activations; only the float summation order of the
+    # grouped GEMM differs from F.linear's.
+    torch.testing.assert_close(got_ND, expected_ND, rtol=1e-5, atol=1e-5)
+    # and the fake quantization did something: the full-precision experts differ
+    plain_ND = experts(x_ND, counts_E)
+    assert (plain_ND - got_ND).abs().max() > 1e-3
+
+
+def test_int4_weight_quantization_by_hand():
+    # symmetric INT4: scale = max|w| / 7.5 (torchao maps [-max, max] onto [-8, 7]),
+    # values = round-half-even(w / scale) clamped to [-8, 7]
+    w = torch.tensor([[1.0, -2.0, 3.0, 0.5, 0.1, 0.2, -0.4, 0.3]])
+    qw = QuantizedWeight.quantize(w, bits=4, group=4)
+    torch.testing.assert_close(qw.scale, torch.tensor([[0.4, 0.4 / 7.5]]))
+    assert qw.values.tolist() == [[2, -5, 7, 1, 2, 4, -8, 6]]
+    torch.testing.assert_close(
+        qw.dequantize(), torch.tensor([[0.8, -2.0, 2.8, 0.4, 0.4 / 7.5 * 2, 0.4 / 7.5 * 4, -0.4 / 7.5 * 8, 0.32]])
+    )
+    assert qw.nbytes() == 8 // 2 + 2 * 4
+
+
+def test_pack_int4_round_trip_and_layout():
+    values = torch.arange(-8, 8, dtype=torch.int8).repeat(3, 2)
+    packed = pack_int4(values)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 16)
+    assert packed[0, 0].item() == (0x8 | (0x9 << 4))  # -8 -> 0x8 low nibble, -7 -> 0x9 high
+    assert torch.equal(unpack_int4(packed), values)
+
+
+def test_prepare_reaches_every_matrix_and_coverage_fails_on_a_skipped_expert():
+    model = prepare(_model(), QuantConfig(group_size=16))
+    rows = {r.name: r for r in coverage(model)}
+    require_coverage(list(rows.values()))
+    quantized = {name for name, r in rows.items() if r.scheme.startswith("int4")}
+    assert quantized == {name for name, _ in quantized_input_dims(model.cfg)}
+    for name, r in rows.items():
+        if name not in quantized:
+            assert r.scheme in ("fp32 router", "fp32 norm"), (name, r.scheme)
+    assert rows["layers.1.ffn.experts.w2_EDF"].scheme == "int4/g16 + int8 act (fake)"
+    assert rows["layers.0.ffn.router.weight_ED"].scheme == "fp32 router"
+
+    # a quantizer that skips one layer's experts (the field's most common failure)
+    plain = GroupedExperts(model.cfg.d_model, model.cfg.moe)
+    model.layers[1].ffn.experts = plain
+    with pytest.raises(CoverageError, match=r"layers\.1\.ffn\.experts\.w1_EFD.*w2_EDF.*w3_EFD"):
+        require_coverage(coverage(model))
+
+
+def test_converted_model_equals_fake_quant_and_round_trips_through_the_file(tmp_path):
+    q = QuantConfig(group_size=16)
+    fake = prepare(_model(), q).eval()
+    tokens = _tokens(fake)
+    with torch.no_grad():
+        fake_logits = fake(tokens)
+        converted = convert(copy.deepcopy(fake), q)
+        conv_logits = converted(tokens)
+    # The same INT weights and INT8 activations; only float summation order differs.
+    torch.testing.assert_close(conv_logits, fake_logits, rtol=0, atol=1e-4)
+    rows = coverage(converted)
+    require_coverage(rows)
+    assert all(r.scheme.endswith("(converted)") for r in rows if not r.full_precision)
+
+    path = tmp_path / "model.safetensors"
+    save_quantized(converted, q, path)
+    loaded, q2 = load_quantized(path)
+    assert q2 == q
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), conv_logits)
+    # no pickle anywhere: the file is safetensors (8-byte header length + JSON)
+    assert path.read_bytes()[8:9] == b"{"
+
+
+@pytest.mark.parametrize(("group", "embedding", "bits"), [(16, "int4", 4), (32, "int4", 4), (16, "int8", 8)])
+def test_measured_weight_bytes_equal_the_accounting(tmp_path, group, embedding, bits):
+    q = QuantConfig(group_size=group, embedding=embedding)
+    model = post_training_quantize(_model(), q)
+    path = tmp_path / "m.safetensors"
+    save_quantized(model, q, path)
+    expected = int4_weight_bytes(model.cfg, group, scale_bytes=4, norm_bytes=4, embedding_bits=bits)
+    assert weight_bytes(path) == expected
+    assert sum(r.bytes for r in coverage(model)) == expected
+
+
+def test_untied_head_is_a_quantized_linear():
+    model = prepare(_model(tie_embeddings=False), QuantConfig(group_size=16))
+    rows = {r.name: r for r in coverage(model)}
+    assert rows["head.weight"].scheme == "int4/g16 + int8 act (fake)"
+    assert rows["embed.weight"].scheme == "int4/g16 (fake)"
+    require_coverage(list(rows.values()))
+
+
+def test_group_size_that_does_not_divide_a_weight_names_it():
+    cfg = tiny_config(d_model=64, head_dim=16, moe=small_moe(expert_ffn_dim=40, shared_ffn_dim=64))
+    with pytest.raises(
+        ConfigError, match=r"^group_size: 16 does not divide the input dim 40 of layers\.0\.ffn\.experts\.w2_EDF"
+    ):
+        QuantConfig(group_size=16).check_fits(cfg)
+    QuantConfig(group_size=8).check_fits(cfg)
+    QuantConfig(group_size=16, granularity="per_channel").check_fits(cfg)
+
+
+def test_unknown_scheme_is_named():
+    with pytest.raises(ConfigError, match=r"^scheme: unknown scheme 'w4a4'"):
+        QuantConfig(scheme="w4a4")
