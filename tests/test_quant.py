@@ -164,3 +164,31 @@ def test_group_size_that_does_not_divide_a_weight_names_it():
 def test_unknown_scheme_is_named():
     with pytest.raises(ConfigError, match=r"^scheme: unknown scheme 'w4a4'"):
         QuantConfig(scheme="w4a4")
+
+
+def test_recovered_fraction_by_hand():
+    from pipeline.train.compare import recovered_fraction
+
+    assert recovered_fraction(loss_ptq=3.0, loss_qat=2.6, loss_reference=2.2) == pytest.approx(0.5)
+    assert recovered_fraction(loss_ptq=3.0, loss_qat=3.4, loss_reference=2.2) == pytest.approx(-0.5)
+    assert recovered_fraction(loss_ptq=2.0, loss_qat=1.0, loss_reference=2.0) is None  # no gap to recover
+
+
+def test_converted_model_prints_and_keeps_its_int_weights_as_buffers():
+    q = QuantConfig(group_size=16)
+    model = post_training_quantize(_model(), q)
+    assert "QuantizedExperts" in repr(model) and "FakeQuantExperts" not in repr(model)
+    buffers = dict(model.named_buffers())
+    assert buffers["layers.0.ffn.experts.w1_EFD_values"].dtype == torch.int8
+    assert "embed.weight_scale" in buffers
+    assert not any(k.endswith(("_values", "_scale")) for k in model.state_dict())  # the format saves them
+
+
+def test_int8_embedding_needs_no_groups():
+    cfg = tiny_config(
+        d_model=48, head_dim=16, n_heads=3, n_kv_heads=1, moe=small_moe(expert_ffn_dim=32, shared_ffn_dim=32)
+    )
+    with pytest.raises(ConfigError, match=r"of embed\.weight"):
+        QuantConfig(group_size=32).check_fits(cfg)
+    with pytest.raises(ConfigError, match=r"of layers\.0\.attn\.wq\.weight"):  # the next one it misses
+        QuantConfig(group_size=32, embedding="int8").check_fits(cfg)

@@ -61,6 +61,8 @@ class QuantConfig:
         if self.granularity == "per_channel":
             return
         for name, in_dim in quantized_input_dims(model):
+            if name == "embed.weight" and self.embedding == "int8":
+                continue  # INT8 embedding: one scale per row, no groups
             if in_dim % self.group_size:
                 raise ConfigError(
                     f"{key}: {self.group_size} does not divide the input dim {in_dim} of {name} "

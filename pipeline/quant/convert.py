@@ -74,13 +74,32 @@ class QuantizedWeight:
         return self.values.numel() * self.bits // 8 + self.scale.numel() * self.scale.element_size()
 
 
+def _register(module: nn.Module, name: str, weight: QuantizedWeight) -> None:
+    """Hold a quantized weight's tensors as buffers (``.to(device)`` moves them); not
+    persistent: the quantized format (format.py) saves them, packed."""
+    module.register_buffer(f"{name}_values", weight.values, persistent=False)
+    module.register_buffer(f"{name}_scale", weight.scale, persistent=False)
+    module._qlayout[name] = (weight.bits, weight.group)
+
+
+def _registered(module: nn.Module, name: str) -> QuantizedWeight:
+    bits, group = module._qlayout[name]
+    return QuantizedWeight(module.get_buffer(f"{name}_values"), module.get_buffer(f"{name}_scale"), bits, group)
+
+
 class QuantizedExperts(GroupedExperts):
     """Routed experts from INT weights; inputs quantized per token to INT8."""
 
     def __init__(self, weights: dict[str, QuantizedWeight]) -> None:
         nn.Module.__init__(self)
-        self.qweights = weights  # keys w1_EFD, w3_EFD, w2_EDF
+        self._qlayout: dict[str, tuple[int, int]] = {}
+        for name, weight in weights.items():  # keys w1_EFD, w3_EFD, w2_EDF
+            _register(self, name, weight)
         self.act_fq = activation_quantizer()
+
+    @property
+    def qweights(self) -> dict[str, QuantizedWeight]:
+        return {name: _registered(self, name) for name in self._qlayout}
 
     def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return tuple(self.qweights[k].dequantize() for k in ("w1_EFD", "w3_EFD", "w2_EDF"))  # type: ignore[return-value]
@@ -95,9 +114,20 @@ class QuantizedEmbedding(Embedding):
     def __init__(self, weight: QuantizedWeight) -> None:
         nn.Module.__init__(self)
         self.num_embeddings, self.embedding_dim = weight.values.shape
-        self.padding_idx, self.max_norm, self.sparse = None, None, False
-        self.qweight = weight
+        self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse = (
+            None,
+            None,
+            2.0,
+            False,
+            False,
+        )
+        self._qlayout: dict[str, tuple[int, int]] = {}
+        _register(self, "weight", weight)
         self.act_fq = activation_quantizer()
+
+    @property
+    def qweight(self) -> QuantizedWeight:
+        return _registered(self, "weight")
 
     def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
         return F.embedding(tokens_BS, self.qweight.dequantize())

@@ -22,7 +22,7 @@ from pipeline.quant.convert import QuantizedEmbedding, QuantizedExperts, Quantiz
 from pipeline.quant.fake import WEIGHT_BITS, FakeQuantEmbedding, FakeQuantExperts
 
 FP32_ON_PURPOSE = ("router", "norm")
-SCALE_BYTES = 4  # torchao's QAT keeps FP32 scales (it refuses another scale dtype)
+SCALE_BYTES = 4  # FP32 scales: torchao 0.18's QATConfig refuses weight_scale_dtype, FP32 weights give FP32
 
 
 class CoverageError(RuntimeError):
@@ -55,7 +55,8 @@ def quantized_weights(model: nn.Module) -> dict[str, QuantizedWeight]:
         if isinstance(module, nn.Linear) and isinstance(module.weight, IntxUnpackedToInt8Tensor):
             w = module.weight
             bits = {torch.int4: 4, torch.int8: 8}[w.target_dtype]
-            out[f"{prefix}weight"] = QuantizedWeight(w.qdata, w.scale.float(), bits, w.block_size[-1])
+            # torchao's own tensors (no copy): loading a saved model writes into them
+            out[f"{prefix}weight"] = QuantizedWeight(w.qdata, w.scale, bits, w.block_size[-1])
         elif isinstance(module, QuantizedExperts):
             out.update({f"{prefix}{k}": v for k, v in module.qweights.items()})
         elif isinstance(module, QuantizedEmbedding):
@@ -66,8 +67,10 @@ def quantized_weights(model: nn.Module) -> dict[str, QuantizedWeight]:
 def coverage(model: nn.Module) -> list[Row]:
     """One row per weight tensor of ``model`` (plain, prepared or converted), sorted by name."""
     rows: dict[str, Row] = {}
+    tied = getattr(model, "head", None) is None
     for name, w in quantized_weights(model).items():
-        rows[name] = Row(name, tuple(w.values.shape), f"int{w.bits}/g{w.group}" + _act(name, model), w.nbytes())
+        act = _act(name, tied)
+        rows[name] = Row(name, tuple(w.values.shape), f"int{w.bits}/g{w.group}{act} (converted)", w.nbytes())
     for mname, module in model.named_modules():
         prefix = f"{mname}." if mname else ""
         if isinstance(module, FakeQuantizedLinear):
@@ -81,7 +84,8 @@ def coverage(model: nn.Module) -> list[Row]:
                 rows[f"{prefix}{k}"] = _int_row(f"{prefix}{k}", shape, WEIGHT_BITS, group, True, "fake")
         elif isinstance(module, FakeQuantEmbedding):
             shape = tuple(module.weight.shape)
-            rows[f"{prefix}weight"] = _int_row(f"{prefix}weight", shape, module.bits, module.group, False, "fake")
+            act = mname == "embed" and tied  # the tied head quantizes its input per token
+            rows[f"{prefix}weight"] = _int_row(f"{prefix}weight", shape, module.bits, module.group, act, "fake")
     kinds = {
         f"{mname}.{pname}" if mname else pname: kind
         for mname, module in model.named_modules()
@@ -96,9 +100,10 @@ def coverage(model: nn.Module) -> list[Row]:
     return [rows[k] for k in sorted(rows)]
 
 
-def _act(name: str, model: nn.Module) -> str:
-    """Whether the weight's input is INT8 per token: all but the embedding lookup."""
-    return " + int8 act (converted)" if not name.startswith("embed.") else " (converted)"
+def _act(name: str, tied: bool) -> str:
+    """ " + int8 act" where the weight's input is INT8 per token: every matrix, and the
+    embedding when it is also the (tied) output head; not an untied embedding's lookup."""
+    return " + int8 act" if tied or not name.startswith("embed.") else ""
 
 
 def require_coverage(rows: list[Row]) -> None:

@@ -89,7 +89,13 @@ class FakeQuantEmbedding(Embedding):
     def __init__(self, embed: Embedding, q: QuantConfig) -> None:
         nn.Module.__init__(self)
         self.num_embeddings, self.embedding_dim = embed.num_embeddings, embed.embedding_dim
-        self.padding_idx, self.max_norm, self.sparse = None, None, False
+        self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse = (
+            None,
+            None,
+            2.0,
+            False,
+            False,
+        )
         self.weight = embed.weight
         self.bits = 8 if q.embedding == "int8" else WEIGHT_BITS
         self.group = q.embedding_group(embed.embedding_dim)

@@ -15,8 +15,9 @@ Published into ``stage.qat.out_dir``:
                     (pipeline/quant/format.py), loadable without pickle
   coverage.json     every weight tensor: name, shape, scheme, bytes; after prepare and
                     after convert
-  metrics.json      the four losses (SFT val, nats per assistant token), their bits per
-                    byte on the pre-training val text, the PTQ gap, the fraction QAT
+  metrics.json      the losses (SFT val, nats per assistant token) of SFT, its PTQ, QAT
+                    converted, the control and the control's PTQ, their bits per byte on
+                    the pre-training val text, the PTQ gaps, the fraction of the gap QAT
                     recovers against SFT and against the control, weight bytes, expert
                     load during QAT (DVC metrics)
   loss.csv          step, train_loss, val_loss of QAT (DVC plots)
@@ -47,7 +48,7 @@ from pipeline.train.loop import WorkerJob
 
 KEY = "stage.qat"
 # The code that determines this stage's result (dvc.yaml's code deps; a test keeps them equal).
-QAT_RESULT_CODE = (*RESULT_CODE, "stages/qat.py")
+QAT_RESULT_CODE = (*(e for e in RESULT_CODE if e != "quant/config.py"), "quant", "stages/qat.py")
 
 
 def _inputs(recipe: RecipeConfig) -> list:
@@ -146,14 +147,17 @@ def _work(ctx: StageContext) -> StageResult:
 
     models = {"sft_fp32": sft, "ptq": ptq, "qat_int4": qat_int4}
     if control_final is not None:
+        # The control's own PTQ: QAT against "train as long in FP32, then quantize".
         models["control_fp32"] = _model(ctx, control_final.model_state)
+        with torch.no_grad():
+            models["control_ptq"] = post_training_quantize(copy.deepcopy(models["control_fp32"]), q)
     models["ptq_per_channel"] = ptq_per_channel
     chat_val = TokenBatches(repo_path(cfg.mixture), "val", cfg.seq_len, cfg.batch_size, recipe.seed)
     text_val = TokenBatches(repo_path(cfg.text_mixture), "val", cfg.seq_len, cfg.batch_size, recipe.seed)
     text_totals = ctx.inputs[f"{KEY}.text_mixture"]["totals"]["val"]
     bytes_per_token = text_totals["bytes"] / max(text_totals["target_tokens"], 1)
-    chat = evaluate_models(models, chat_val, cfg.eval_batches)
-    text = evaluate_models(models, text_val, cfg.eval_batches, bytes_per_token)
+    chat = evaluate_models(models, chat_val, cfg.compare_batches)
+    text = evaluate_models(models, text_val, cfg.compare_batches, bytes_per_token)
 
     metrics = final_metrics(qat_final.meta)  # QAT's own training: fake-quant losses, expert load
     metrics = {f"qat_train_{k}" if k not in ("step", "tokens_seen") else k: v for k, v in metrics.items()}
@@ -167,8 +171,10 @@ def _work(ctx: StageContext) -> StageResult:
         chat["ptq"]["loss"], chat["qat_int4"]["loss"], chat["sft_fp32"]["loss"]
     )
     if control_final is not None:
+        # Same steps on both sides: the control's PTQ gap, and how much of it QAT closes.
+        metrics["control_ptq_gap"] = chat["control_ptq"]["loss"] - chat["control_fp32"]["loss"]
         metrics["recovered_vs_control"] = recovered_fraction(
-            chat["ptq"]["loss"], chat["qat_int4"]["loss"], chat["control_fp32"]["loss"]
+            chat["control_ptq"]["loss"], chat["qat_int4"]["loss"], chat["control_fp32"]["loss"]
         )
     bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:

@@ -225,7 +225,7 @@ RESULT_CODE = (
     "stages/train.py",
     "runner/train_job.py",
     "model",
-    "quant",
+    "quant/config.py",  # the training config reads it; fake quantization only QAT runs
     "train",
     "data",
     "configbase.py",

@@ -1,8 +1,9 @@
 """Side-by-side evaluation of model variants on the same held-out batches (QAT vs PTQ).
 
-The QAT stage compares four models on one validation set: the full-precision starting
-model, the same model quantized post-training (PTQ), the QAT model after convert, and
-a full-precision control trained for the same steps on the same data.
+The QAT stage compares models on one validation set: the full-precision starting model,
+the same model quantized post-training (PTQ), the QAT model after convert, a
+full-precision control trained for the same steps on the same data, and the control
+quantized post-training.
 """
 
 from __future__ import annotations

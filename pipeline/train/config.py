@@ -85,10 +85,14 @@ class QATStageConfig(TrainStageConfig):
     # Also continue SFT in full precision for the same steps and data: QAT's gain over
     # PTQ is then not mistaken for the gain of more training.
     control: bool = True
+    # Validation batches of the side-by-side comparison (more than eval_batches: the
+    # quantization gaps are small differences of losses on the same batches).
+    compare_batches: int = 32
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require(bool(self.text_mixture), "text_mixture", "must be a non-empty path")
+        require(self.compare_batches >= 1, "compare_batches", f"must be >= 1, got {self.compare_batches}")
         require(self.init_checkpoint is not None, "init_checkpoint", "QAT starts from a trained model: give its path")
         self.quant()  # validates scheme, group_size, granularity, embedding by name
 
