@@ -52,7 +52,9 @@ def explained() -> dict[str, str]:
 
 
 def run(copy: Path, max_children: int) -> dict:
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_AUTH_MODE": "disabled"}
+    # One intra-op thread per mutant process: the children already run side by side, and
+    # a forked process must not inherit a running thread pool.
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     mutmut = str(REPO_ROOT / ".venv" / "bin" / "mutmut")
     subprocess.run(
         [mutmut, "run", "--max-children", str(max_children)], cwd=copy, env=env, check=True, stdout=subprocess.DEVNULL
