@@ -393,3 +393,65 @@ def test_summary_reports_every_figure_at_its_default_context():
         "kv_cache_bytes_per_token": 128,
         "context": 1024,
     }
+
+
+# --------------------------------------------------------------------------- the second mutation run's survivors
+
+DENSE = ModelConfig(
+    name="dense",
+    vocab_size=64,
+    d_model=32,
+    n_layers=2,
+    n_heads=2,
+    n_kv_heads=1,
+    head_dim=16,
+    max_seq_len=64,
+    qk_norm=False,
+    ffn_dim=96,
+)
+
+
+def test_dense_counts_without_qk_norm_by_hand():
+    # attention/layer 3072 (as HAND); norms 2 * (2*32) + 32 = 160 (no QK-norm); FFN 3*32*96 = 9216
+    # total = active = 2048 + 160 + 2 * (3072 + 9216) = 26784; no router
+    counts = param_counts(DENSE)
+    assert (counts.total, counts.active, counts.router, counts.norms) == (26784, 26784, 0, 160)
+    assert sum(p.numel() for p in Transformer(DENSE).parameters()) == 26784
+    # INT4: (26784 - 160) / 2 = 13312; 26624 / 32 = 832 bf16 scales = 1664; norms 160 * 2 = 320
+    assert int4_weight_bytes(DENSE) == 13312 + 1664 + 320
+
+
+def test_int4_bytes_with_an_int8_embedding_and_fp32_norms_by_hand():
+    # embedding 64*32 = 2048 at INT8 + one FP32 scale per row: 2048 + 64*4 = 2304
+    # the other 45056 - 2048 = 43008 quantized weights at INT4: 21504 + 1344 scales * 4 = 26880
+    # router 256 * 4 = 1024; norms 224 * 4 = 896
+    assert int4_weight_bytes(HAND, scale_bytes=4, norm_bytes=4, embedding_bits=8) == 2304 + 26880 + 1024 + 896
+    with pytest.raises(ValueError, match="embedding_bits: must be 4 or 8"):
+        int4_weight_bytes(HAND, embedding_bits=2)
+
+
+def test_kv_cache_holds_the_dtype_asked_for():
+    from pipeline.model import KVCache
+
+    cache = KVCache(HAND, batch=1, max_len=8, dtype=torch.bfloat16)
+    assert {t.dtype for t in cache.k_BHkvLDh + cache.v_BHkvLDh} == {torch.bfloat16}
+    assert len(cache.k_BHkvLDh) == len(cache.v_BHkvLDh) == HAND.n_layers
+
+
+def test_gather_dispatch_by_hand_and_in_the_input_dtype():
+    from pipeline.model.moe import gathered_experts
+
+    torch.manual_seed(0)
+    moe = MoE(32, MoEConfig(num_experts=4, top_k=2, expert_ffn_dim=16, route_scale=2.5))  # FP32 weights
+    x_TD = torch.randn(5, 32, dtype=torch.float64)
+    route = moe.router(x_TD)
+    got_TD = gathered_experts(moe.experts, x_TD, route.experts_TK, route.gates_TK)
+    w1, w3, w2 = (w.detach().double() for w in (moe.experts.w1_EFD, moe.experts.w3_EFD, moe.experts.w2_EDF))
+    want_TD = torch.zeros(5, 32, dtype=torch.float64)
+    for t in range(5):
+        for gate, e in zip(route.gates_TK[t].double().tolist(), route.experts_TK[t].tolist()):
+            want_TD[t] += gate * (w2[e] @ (F.silu(w1[e] @ x_TD[t]) * (w3[e] @ x_TD[t])))
+    torch.testing.assert_close(got_TD, want_TD)
+    # bf16 activations stay bf16 (weights and gates are cast to the input's dtype)
+    low = gathered_experts(moe.experts, x_TD.bfloat16(), route.experts_TK, route.gates_TK)
+    assert low.dtype == torch.bfloat16

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -249,3 +250,56 @@ def test_checkpoint_writes_are_atomic_under_sigkill_at_every_write_point(tmp_pat
         assert json.loads((latest / "meta.json").read_text())["step"] == ckpt.step
         steps = sorted(p.name for p in root.glob("step_*"))
         assert all(load_checkpoint(root / s) for s in steps)  # no half-written step_N anywhere
+
+
+# --------------------------------------------------------------------------- windows at the edges of a split
+
+
+def _split(root: Path, n: int) -> Path:
+    np.save(root / "train_tokens.npy", np.arange(n, dtype=np.uint32))
+    np.save(root / "train_loss_mask.npy", np.ones(n, dtype=np.uint8))
+    return root
+
+
+def test_a_split_of_exactly_one_window_is_usable_and_one_token_less_is_refused(tmp_path):
+    batches = TokenBatches(_split(tmp_path, 17), "train", seq_len=16, batch_size=16, seed=0)
+    assert batches.max_start == 0
+    inputs, labels = batches.train_batch(step=0, micro=0, rank=0)
+    assert inputs.tolist() == [list(range(16))] * 16
+    assert labels.tolist() == [list(range(1, 17))] * 16
+    with pytest.raises(ValueError, match=r"16 tokens, fewer than one window of seq_len\+1=17"):
+        TokenBatches(_split(tmp_path, 16), "train", seq_len=16, batch_size=1, seed=0)
+
+
+def test_training_windows_reach_both_ends_of_the_split(tmp_path):
+    batches = TokenBatches(_split(tmp_path, 20), "train", seq_len=16, batch_size=64, seed=0)
+    starts = batches.train_batch(step=0, micro=0, rank=0)[0][:, 0].tolist()
+    assert set(starts) == {0, 1, 2, 3}  # every start from the first token to the last window's
+
+
+def test_eval_batches_are_evenly_spaced_windows_by_hand(tmp_path):
+    n, seq, batch, n_batches = 103, 4, 3, 4
+    tokens = np.arange(n, dtype=np.uint32)
+    np.save(tmp_path / "val_tokens.npy", tokens)
+    np.save(tmp_path / "val_loss_mask.npy", np.ones(n, dtype=np.uint8))
+    np.save(tmp_path / "val_domains.npy", (tokens % 3).astype(np.uint8))
+    (tmp_path / "manifest.json").write_text(json.dumps({"domains": ["a", "b", "c"]}))
+    batches = TokenBatches(tmp_path, "val", seq_len=seq, batch_size=batch, seed=0)
+    # 12 windows from start 0 to the last possible start 98, evenly spaced: floor(98 * i / 11)
+    starts = [98 * i // 11 for i in range(12)]
+    for rank, world in ((0, 1), (1, 2)):
+        got = list(batches.eval_batches(n_batches, rank, world))
+        mine = list(range(rank, n_batches, world))
+        assert len(got) == len(mine)
+        for b, (inputs, labels, domains) in zip(mine, got):
+            want = starts[b * batch : (b + 1) * batch]
+            assert inputs.tolist() == [list(range(s, s + seq)) for s in want]
+            assert labels.tolist() == [list(range(s + 1, s + seq + 1)) for s in want]
+            assert domains.tolist() == [[(s + i) % 3 for i in range(1, seq + 1)] for s in want]
+
+
+def test_constant_schedule_by_hand():
+    from pipeline.train.schedule import ScheduleConfig, lr_at
+
+    cfg = ScheduleConfig(kind="constant", lr=0.3, warmup_steps=2, total_steps=10, min_lr_ratio=0.1)
+    assert [lr_at(cfg, s) for s in range(10)] == pytest.approx([0.15, 0.3] + [0.3] * 8)
