@@ -105,7 +105,7 @@ def test_qat_stage_outputs(repo):
     out = repo / "outputs" / "qat"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["step"] == 6
-    for name in ("sft_fp32", "ptq", "qat_int4", "control_fp32", "ptq_per_channel"):
+    for name in ("sft_fp32", "ptq", "qat_int4", "control_fp32", "control_ptq", "ptq_per_channel"):
         assert metrics[f"loss_{name}"] > 0 and metrics[f"bpb_{name}"] > 0, name
     assert metrics["ptq_gap"] == metrics["loss_ptq"] - metrics["loss_sft_fp32"]
     # The fake-quantized model before its first step is the PTQ model: the worker's
