@@ -455,3 +455,54 @@ def test_gather_dispatch_by_hand_and_in_the_input_dtype():
     # bf16 activations stay bf16 (weights and gates are cast to the input's dtype)
     low = gathered_experts(moe.experts, x_TD.bfloat16(), route.experts_TK, route.gates_TK)
     assert low.dtype == torch.bfloat16
+
+
+def test_grouped_experts_compute_in_the_input_dtype():
+    torch.manual_seed(0)
+    moe = MoE(32, MoEConfig(num_experts=4, top_k=2, expert_ffn_dim=16))  # FP32 weights
+    counts_E = torch.tensor([3, 0, 2, 1])
+    x_ND = torch.randn(6, 32)
+    full = moe.experts(x_ND, counts_E)
+    low = moe.experts(x_ND.bfloat16(), counts_E)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), full, rtol=0.05, atol=0.02)
+
+
+def test_routed_token_counts_add_up_over_forwards_until_the_balancer_reads_them():
+    torch.manual_seed(0)
+    moe = MoE(32, MoEConfig(num_experts=4, top_k=2, expert_ffn_dim=16)).train()
+    x1, x2 = torch.randn(1, 5, 32), torch.randn(2, 3, 32)
+    expected = torch.zeros(4)
+    for x in (x1, x2):  # two micro-batches of one optimizer step
+        experts = moe.router(x.reshape(-1, 32)).experts_TK.flatten()
+        expected += torch.bincount(experts, minlength=4).float()
+        moe(x)
+    assert torch.equal(moe.router.tokens_per_expert_E, expected)
+    assert moe.router.tokens_per_expert_E.sum() == (5 + 6) * 2
+
+
+def test_auxiliary_balance_loss_by_hand():
+    torch.manual_seed(0)
+    coef = 0.01
+    moe = MoE(32, MoEConfig(num_experts=4, top_k=2, expert_ffn_dim=16, score_func="softmax", aux_loss_coef=coef))
+    x_BSD = torch.randn(2, 3, 32)  # B*S = 6 tokens (B/S would not be)
+    _, aux = moe(x_BSD)
+    x_TD = x_BSD.reshape(6, 32)
+    probs_TE = torch.softmax(x_TD @ moe.router.weight_ED.detach().T, dim=-1)
+    chosen_TK = probs_TE.topk(2, dim=-1).indices
+    frac_E = torch.bincount(chosen_TK.flatten(), minlength=4).float() / (6 * 2)
+    want = coef * 4 * (frac_E * probs_TE.mean(0)).sum()
+    torch.testing.assert_close(aux, want)
+
+
+def test_attention_depends_on_relative_positions_only():
+    # RoPE rotates q and k by their absolute positions, so their dot products depend on
+    # the distance only; causal and window masks too. A sequence placed at positions
+    # 3..12 (no cache) must give what it gives at 0..9.
+    torch.manual_seed(0)
+    model = Transformer(HAND).eval()
+    tokens = torch.randint(0, HAND.vocab_size, (2, 10))
+    with torch.no_grad():
+        at_zero = model(tokens)
+        shifted = model(tokens, start_pos=3)
+    torch.testing.assert_close(shifted, at_zero, rtol=1e-4, atol=1e-4)

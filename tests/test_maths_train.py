@@ -303,3 +303,36 @@ def test_constant_schedule_by_hand():
 
     cfg = ScheduleConfig(kind="constant", lr=0.3, warmup_steps=2, total_steps=10, min_lr_ratio=0.1)
     assert [lr_at(cfg, s) for s in range(10)] == pytest.approx([0.15, 0.3] + [0.3] * 8)
+
+
+def test_normalise_by_hand():
+    from pipeline.data.document import normalise
+
+    # NFC (e + combining acute -> é), any run of whitespace -> one space, ends trimmed
+    assert normalise("  Cafe\u0301 \t au\n\nlait ") == "Caf\u00e9 au lait"
+
+
+def test_schedule_numbers_must_be_finite_real_numbers():
+    from pipeline.configbase import ConfigError
+    from pipeline.train.schedule import ScheduleConfig
+
+    for bad in (True, float("nan"), float("inf"), "0.1"):
+        with pytest.raises(ConfigError, match=r"^lr: must be > 0"):
+            ScheduleConfig(lr=bad)
+
+
+def test_a_dense_model_has_no_expert_load_to_record():
+    from types import SimpleNamespace
+
+    from pipeline.model import ModelConfig, Transformer
+    from pipeline.train.callbacks import BalanceCallback
+
+    dense = ModelConfig(
+        name="d", vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8, max_seq_len=16, ffn_dim=32
+    )
+    state = SimpleNamespace(model=Transformer(dense), expert_load=[])
+    callback = BalanceCallback()
+    callback.on_train_start(state)
+    metrics: dict = {}
+    callback.on_step_end(state, metrics)
+    assert metrics == {} and state.expert_load == []
