@@ -51,13 +51,17 @@ def explained() -> dict[str, str]:
     return out
 
 
-def run(copy: Path, max_children: int) -> dict:
+def run(copy: Path, max_children: int, names: list[str] = ()) -> dict:
     # One intra-op thread per mutant process: the children already run side by side, and
     # a forked process must not inherit a running thread pool.
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     mutmut = str(REPO_ROOT / ".venv" / "bin" / "mutmut")
     subprocess.run(
-        [mutmut, "run", "--max-children", str(max_children)], cwd=copy, env=env, check=True, stdout=subprocess.DEVNULL
+        [mutmut, "run", "--max-children", str(max_children), *names],
+        cwd=copy,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
     )
     subprocess.run([mutmut, "export-cicd-stats"], cwd=copy, env=env, check=True, capture_output=True)
     stats = json.loads((copy / "mutants" / "mutmut-cicd-stats.json").read_text())
@@ -65,19 +69,22 @@ def run(copy: Path, max_children: int) -> dict:
         [mutmut, "results", "--all", "true"], cwd=copy, env=env, check=True, capture_output=True, text=True
     ).stdout
     status = dict(line.strip().rsplit(": ", 1) for line in listing.splitlines() if ": " in line)
+    if names:  # only these were run: the rest keep the earlier run's verdicts
+        status = {name: status.get(name, "not checked") for name in names}
     return {"stats": stats, "status": status}
 
 
 def report(result: dict, label: str) -> float:
     """Print the kill rate (killed / every mutant that was run or had no test) and every
     mutant that was not killed: survived (a test ran and passed) or reached by no test."""
-    stats, status = result["stats"], result["status"]
-    killed = stats["killed"] + stats["timeout"]
+    status = result["status"]
+    count = {s: sum(1 for v in status.values() if v == s) for s in ("killed", "timeout", "survived", "no tests")}
+    killed = count["killed"] + count["timeout"]
     alive = sorted(name for name, s in status.items() if s in ("survived", "no tests"))
     rate = killed / max(killed + len(alive), 1)
     print(
-        f"{label}: {stats['total']} mutants; killed {killed} (of which {stats['timeout']} by timeout), "
-        f"survived {stats['survived']}, reached by no test {stats['no_tests']}: kill rate {rate:.1%}"
+        f"{label}: {len(status)} mutants; killed {killed} (of which {count['timeout']} by timeout), "
+        f"survived {count['survived']}, reached by no test {count['no tests']}: kill rate {rate:.1%}"
     )
     reasons = explained()
     for name in alive:
@@ -91,12 +98,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-children", type=int, default=2)
     parser.add_argument("--keep", action="store_true", help="keep the scratch copy (mutmut browse works there)")
     parser.add_argument("--json", type=Path, help="also write the statuses here")
+    parser.add_argument(
+        "--rerun",
+        type=Path,
+        metavar="JSON",
+        help="re-run only the mutants a previous --json run left alive, against today's tests; report the "
+        "same mutant set with their new verdicts",
+    )
     args = parser.parse_args(argv)
     scratch = Path(tempfile.mkdtemp(prefix="mobilemoe-mutants-"))
     try:
         copy = scratch_copy(scratch / "repo", args.without)
-        result = run(copy, args.max_children)
         label = "without " + ", ".join(args.without) if args.without else "full unit suite"
+        if args.rerun:
+            earlier = json.loads(args.rerun.read_text())
+            alive = [name for name, s in earlier["status"].items() if s in ("survived", "no tests")]
+            again = run(copy, args.max_children, alive)
+            result = {"stats": again["stats"], "status": {**earlier["status"], **again["status"]}}
+            label += f" (the {len(alive)} alive in {args.rerun.name}, re-run)"
+        else:
+            result = run(copy, args.max_children)
         report(result, label)
         if args.json:
             args.json.write_text(json.dumps(result, indent=2, sort_keys=True))
