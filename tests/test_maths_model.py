@@ -139,7 +139,7 @@ def config(**overrides) -> ModelConfig:
         head_dim=8,
         max_seq_len=32,
         rope_theta=10_000.0,
-        norm_eps=1e-5,
+        norm_eps=1e-2,  # not the default: every norm must take the config's epsilon
         sliding_window=3,
         global_every=2,
         moe=MoEConfig(
@@ -481,15 +481,18 @@ def test_routed_token_counts_add_up_over_forwards_until_the_balancer_reads_them(
     assert moe.router.tokens_per_expert_E.sum() == (5 + 6) * 2
 
 
-def test_auxiliary_balance_loss_by_hand():
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_auxiliary_balance_loss_by_hand(score_func):
     torch.manual_seed(0)
     coef = 0.01
-    moe = MoE(32, MoEConfig(num_experts=4, top_k=2, expert_ffn_dim=16, score_func="softmax", aux_loss_coef=coef))
+    cfg = MoEConfig(num_experts=4, top_k=2, expert_ffn_dim=16, score_func=score_func, aux_loss_coef=coef)
+    moe = MoE(32, cfg)
     x_BSD = torch.randn(2, 3, 32)  # B*S = 6 tokens (B/S would not be)
     _, aux = moe(x_BSD)
-    x_TD = x_BSD.reshape(6, 32)
-    probs_TE = torch.softmax(x_TD @ moe.router.weight_ED.detach().T, dim=-1)
-    chosen_TK = probs_TE.topk(2, dim=-1).indices
+    logits_TE = x_BSD.reshape(6, 32) @ moe.router.weight_ED.detach().T
+    scores_TE = torch.softmax(logits_TE, dim=-1) if score_func == "softmax" else torch.sigmoid(logits_TE)
+    probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)  # sigmoid scores do not sum to 1
+    chosen_TK = scores_TE.topk(2, dim=-1).indices
     frac_E = torch.bincount(chosen_TK.flatten(), minlength=4).float() / (6 * 2)
     want = coef * 4 * (frac_E * probs_TE.mean(0)).sum()
     torch.testing.assert_close(aux, want)
@@ -506,3 +509,13 @@ def test_attention_depends_on_relative_positions_only():
         at_zero = model(tokens)
         shifted = model(tokens, start_pos=3)
     torch.testing.assert_close(shifted, at_zero, rtol=1e-4, atol=1e-4)
+
+
+def test_router_z_loss_by_hand():
+    torch.manual_seed(0)
+    moe = MoE(32, MoEConfig(num_experts=4, top_k=2, expert_ffn_dim=16, z_loss_coef=0.5))
+    x_BSD = torch.randn(2, 3, 32)
+    _, aux = moe(x_BSD)
+    logits_TE = (x_BSD.reshape(6, 32) @ moe.router.weight_ED.detach().T).double()
+    want = 0.5 * (torch.log(torch.exp(logits_TE).sum(-1)) ** 2).mean()  # mean over tokens of lse^2
+    torch.testing.assert_close(aux.double(), want, rtol=1e-5, atol=1e-7)
