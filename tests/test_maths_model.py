@@ -519,3 +519,10 @@ def test_router_z_loss_by_hand():
     logits_TE = (x_BSD.reshape(6, 32) @ moe.router.weight_ED.detach().T).double()
     want = 0.5 * (torch.log(torch.exp(logits_TE).sum(-1)) ** 2).mean()  # mean over tokens of lse^2
     torch.testing.assert_close(aux.double(), want, rtol=1e-5, atol=1e-7)
+
+
+def test_a_shared_expert_exists_exactly_when_configured():
+    none = MoE(32, MoEConfig(num_experts=4, top_k=2, expert_ffn_dim=16))
+    assert none.shared is None and not any(k.startswith("shared.") for k in none.state_dict())
+    narrow = MoE(32, MoEConfig(num_experts=4, top_k=2, expert_ffn_dim=16, num_shared_experts=1, shared_ffn_dim=1))
+    assert narrow.shared is not None and narrow.shared.w1.weight.shape == (1, 32)
