@@ -1,0 +1,130 @@
+"""torch.export of the exportable model (.pt2) and its lowering to ExecuTorch (.pte).
+
+The .pte has one method, ``forward(tokens_1S, input_pos_1) -> logits_1SV``, with S
+dynamic in [1, max_len], and constant methods a runner reads: ``max_context``,
+``vocab_size``, ``bos_id``, ``eos_id``. XNNPACK takes the 8da4w GEMMs (experts
+included, through :mod:`pipeline.export.xnnpack_shim`); routing, gathers and the KV
+cache update stay in portable kernels.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.export import Dim, ExportedProgram
+
+from pipeline.export.program import ExportableLM, Int4Linear, SparseMoE
+
+# masked_select is not core ATen, but ExecuTorch has a portable kernel for it: it gives
+# each expert its routed tokens (nonzero's traced output strides break at run time).
+_NON_CORE_OPS = [torch.ops.aten.masked_select.default]
+
+
+def example_inputs(program: ExportableLM, length: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    length = min(length, program.max_len)
+    return torch.zeros(1, length, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+
+
+def export_program(program: ExportableLM) -> ExportedProgram:
+    """``torch.export`` with a dynamic prompt length in [1, max_len]."""
+    program.eval()
+    dynamic = ({1: Dim("seq", min=1, max=program.max_len)}, None)
+    with torch.no_grad():
+        exported = torch.export.export(program, example_inputs(program), dynamic_shapes=dynamic, strict=False)
+    program.reset_cache()
+    return exported
+
+
+def save_pt2(exported: ExportedProgram, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(exported, str(path))
+
+
+@dataclass
+class Lowered:
+    buffer: bytes
+    operators: dict  # the operator table (see operator_table)
+
+
+def lower_to_pte(exported: ExportedProgram, metadata: dict[str, int]) -> Lowered:
+    """XNNPACK lowering + ExecuTorch program bytes; ``metadata`` become constant methods."""
+    import executorch.kernels.quantized  # noqa: F401 - out variants of the quantized_decomposed ops
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+
+    from pipeline.export.xnnpack_shim import sparse_partitioner
+
+    edge = to_edge_transform_and_lower(
+        exported,
+        partitioner=[sparse_partitioner()],
+        compile_config=EdgeCompileConfig(_core_aten_ops_exception_list=_NON_CORE_OPS),
+        constant_methods=dict(metadata),
+    )
+    table = operator_table(edge.exported_program())
+    return Lowered(edge.to_executorch().buffer, table)
+
+
+def operator_table(lowered: ExportedProgram) -> dict:
+    """What runs where in a lowered program: delegate calls, the operators inside the
+    XNNPACK delegates, and the operators left to portable kernels.
+
+    ``portable_compute`` lists portable operators that do arithmetic on weights
+    (a matmul or a dequantize); a sparse INT4 program has none."""
+    delegated: Counter[str] = Counter()
+    portable: Counter[str] = Counter()
+    delegates = 0
+    for node in lowered.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = _op_name(node.target)
+        if name == "executorch_call_delegate":
+            delegates += 1
+            submodule = getattr(lowered.graph_module, node.args[0].target)
+            for inner in submodule.original_module.graph.nodes:
+                if inner.op == "call_function":
+                    delegated[_op_name(inner.target)] += 1
+        elif name not in ("getitem", "sym_size.int", "_assert_scalar.default", "le", "ge"):
+            portable[name] += 1
+    weight_ops = ("mm", "linear", "bmm", "addmm", "dequantize_per_channel_group", "convolution")
+    return {
+        "delegate_calls": delegates,
+        "delegated": dict(sorted(delegated.items())),
+        "portable": dict(sorted(portable.items())),
+        "portable_compute": sorted(k for k in portable if k.split(".")[0] in weight_ops),
+    }
+
+
+def _op_name(target) -> str:
+    name = getattr(target, "__name__", str(target))
+    return name.split("::")[-1] if "::" in name else name
+
+
+def expert_weight_table(program: ExportableLM) -> list[dict]:
+    """Per MoE layer: experts, their INT4 weight bytes each (values packed 4-bit + FP32
+    scales), and the bytes one token reads (top-k experts + shared)."""
+    rows = []
+    for i, layer in enumerate(program.layers):
+        if not isinstance(layer.ffn, SparseMoE):
+            continue
+        moe = layer.ffn
+        per_expert = [_int4_bytes(e.w13) + _int4_bytes(e.w2) for e in moe.experts]
+        shared = _int4_bytes(moe.shared.w13) + _int4_bytes(moe.shared.w2) if moe.shared is not None else 0
+        rows.append(
+            {
+                "layer": i,
+                "experts": len(per_expert),
+                "bytes_per_expert": per_expert[0],
+                "all_experts_equal": len(set(per_expert)) == 1,
+                "shared_bytes": shared,
+                "router_bytes": moe.router_ED.numel() * 4,
+                "bytes_read_per_token": moe.cfg.top_k * per_expert[0] + shared + moe.router_ED.numel() * 4,
+                "bytes_all_experts": sum(per_expert) + shared + moe.router_ED.numel() * 4,
+            }
+        )
+    return rows
+
+
+def _int4_bytes(linear: Int4Linear) -> int:
+    return linear.values_OI.numel() // 2 + linear.scale_OG.numel() * 4

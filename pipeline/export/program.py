@@ -1,0 +1,299 @@
+"""The converted (INT4) model rebuilt for ``torch.export`` and ExecuTorch/XNNPACK.
+
+Shape legend: S new positions, L cache positions (max context), D model dim,
+H / Hkv query / key-value heads, Dh head dim, V vocabulary, T tokens (= S, batch 1),
+E routed experts, K top-k, F expert width, n tokens routed to one expert.
+
+One method, ``forward(tokens_1S, input_pos_1) -> logits_1SV``, serves prefill (S > 1,
+``input_pos`` = 0) and decode (S = 1, ``input_pos`` = tokens already in the cache). The
+KV cache lives in the program as mutable buffers of L positions; attention reads the
+whole cache under a mask built from positions, so no shape depends on ``input_pos``.
+
+Every matrix is 8da4w in the operator pattern XNNPACK delegates: INT4 weights (int8
+storage, one FP32 scale per group) dequantized by ``dequantize_per_channel_group``, the
+input quantized per token to INT8 (``choose_qparams_per_token_asymmetric``,
+``quantize_per_token``, ``dequantize_per_token``), then ``linear``. XNNPACK fuses the
+pattern into one dynamically quantized INT4 GEMM. These ops (rather than torchao's
+tensor subclass) are used because their shape functions make no guard on the number of
+rows, which for an expert depends on the data.
+
+The MoE is sparse: for each expert, the tokens routed to it are selected
+(``masked_select`` over token indices; often none during decode), gathered, run through
+that expert's two GEMMs and added back with their gate weights. An expert that
+receives no token runs its GEMMs on zero rows: XNNPACK reads none of its weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401 - registers quantized_decomposed ops
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.model.config import ModelConfig
+from pipeline.model.decoder import Transformer
+from pipeline.model.layers import rope_tables
+from pipeline.model.moe import MoE
+from pipeline.quant.convert import QuantizedEmbedding, QuantizedExperts, QuantizedWeight
+from pipeline.quant.coverage import quantized_weights
+
+INT4_MIN, INT4_MAX = -8, 7
+INT8_MIN, INT8_MAX = -128, 127
+
+
+class ExportInputError(ValueError):
+    """The model handed to export is not a converted INT4 model this program can hold."""
+
+
+def _qd():
+    return torch.ops.quantized_decomposed
+
+
+class Int4Linear(nn.Module):
+    """y = dequant(quant_int8_per_token(x)) @ dequant_int4(W).T, as XNNPACK fuses it."""
+
+    def __init__(self, weight: QuantizedWeight) -> None:
+        super().__init__()
+        if weight.bits != 4:
+            raise ExportInputError(f"Int4Linear needs an INT4 weight, got {weight.bits} bits")
+        self.group = weight.group
+        self.register_buffer("values_OI", weight.values.to(torch.int8).contiguous())
+        self.register_buffer("scale_OG", weight.scale.float().contiguous())
+        # Symmetric weights: zero points are 0; XNNPACK wants them as a tensor.
+        self.register_buffer("zero_OG", torch.zeros_like(weight.scale, dtype=torch.int8))
+
+    @property
+    def out_features(self) -> int:
+        return self.values_OI.shape[0]
+
+    def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
+        qd = _qd()
+        scale_N1, zero_N1 = qd.choose_qparams_per_token_asymmetric(x_ND, torch.int8)
+        xq_ND = qd.quantize_per_token(x_ND, scale_N1, zero_N1, INT8_MIN, INT8_MAX, torch.int8)
+        x_ND = qd.dequantize_per_token(xq_ND, scale_N1, zero_N1, INT8_MIN, INT8_MAX, torch.int8, torch.float32)
+        w_OI = qd.dequantize_per_channel_group(
+            self.values_OI, self.scale_OG, self.zero_OG, INT4_MIN, INT4_MAX, torch.int8, self.group, torch.float32
+        )
+        return F.linear(x_ND, w_OI)
+
+
+def _stack_rows(*weights: QuantizedWeight) -> QuantizedWeight:
+    """Concatenate weights along the output dim (groups run along the input dim, so the
+    result quantizes each part exactly as before): w1 and w3 become one GEMM."""
+    first = weights[0]
+    return QuantizedWeight(
+        torch.cat([w.values for w in weights]), torch.cat([w.scale for w in weights]), first.bits, first.group
+    )
+
+
+class Int4Embedding(nn.Module):
+    """Lookup from a packed INT4 table (two values per byte), dequantizing only the
+    rows looked up (ExecuTorch's ``embedding_4bit`` kernel)."""
+
+    def __init__(self, weight: QuantizedWeight) -> None:
+        super().__init__()
+        import executorch.exir.passes._quant_patterns_and_replacements  # noqa: F401 - registers embedding_4bit
+
+        unsigned_VD = (weight.values.to(torch.int16) - INT4_MIN).to(torch.uint8)  # [-8, 7] -> [0, 15]
+        # The kernel reads the even column from the high nibble, the odd one from the low.
+        packed = (unsigned_VD[:, 0::2] << 4) | unsigned_VD[:, 1::2]
+        self.register_buffer("packed_VD2", packed.contiguous())
+        self.register_buffer("scale_VG", weight.scale.float().contiguous())
+
+    def forward(self, tokens_1S: torch.Tensor) -> torch.Tensor:
+        return _qd().embedding_4bit(self.packed_VD2, self.scale_VG, None, INT4_MIN, INT4_MAX, tokens_1S)
+
+
+class Norm(nn.Module):
+    """RMSNorm in FP32 (the model's, without the dtype round trips export does not need)."""
+
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(weight.detach().float().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def _rope(x_1HSDh: torch.Tensor, cos_SDh2: torch.Tensor, sin_SDh2: torch.Tensor) -> torch.Tensor:
+    half = x_1HSDh.shape[-1] // 2
+    x1, x2 = x_1HSDh[..., :half], x_1HSDh[..., half:]
+    return torch.cat((x1 * cos_SDh2 - x2 * sin_SDh2, x1 * sin_SDh2 + x2 * cos_SDh2), dim=-1)
+
+
+class CachedAttention(nn.Module):
+    """GQA with QK-norm and RoPE over a KV cache of L positions held as buffers."""
+
+    def __init__(self, cfg: ModelConfig, attn, q: dict[str, QuantizedWeight], prefix: str, max_len: int) -> None:
+        super().__init__()
+        self.H, self.Hkv, self.Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.window = attn.window
+        self.wqkv = Int4Linear(_stack_rows(*(q[f"{prefix}.{w}.weight"] for w in ("wq", "wk", "wv"))))
+        self.wo = Int4Linear(q[f"{prefix}.wo.weight"])
+        self.q_norm = Norm(attn.q_norm.weight, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = Norm(attn.k_norm.weight, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        cache_shape = (1, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.register_buffer("k_cache", torch.zeros(cache_shape), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(cache_shape), persistent=False)
+
+    def forward(self, x_SD, cos_SDh2, sin_SDh2, pos_S, mask_SL) -> torch.Tensor:
+        S = x_SD.shape[0]
+        H, Hkv, Dh = self.H, self.Hkv, self.Dh
+        qkv = self.wqkv(x_SD)
+        q_SHDh = self.q_norm(qkv[:, : H * Dh].reshape(S, H, Dh))
+        k_SHkvDh = self.k_norm(qkv[:, H * Dh : (H + Hkv) * Dh].reshape(S, Hkv, Dh))
+        v_SHkvDh = qkv[:, (H + Hkv) * Dh :].reshape(S, Hkv, Dh)
+        q_1HSDh = _rope(q_SHDh.transpose(0, 1)[None], cos_SDh2, sin_SDh2)
+        k_1HkvSDh = _rope(k_SHkvDh.transpose(0, 1)[None], cos_SDh2, sin_SDh2)
+        self.k_cache.index_copy_(2, pos_S, k_1HkvSDh)
+        self.v_cache.index_copy_(2, pos_S, v_SHkvDh.transpose(0, 1)[None])
+        k_1HLDh = self.k_cache.repeat_interleave(H // Hkv, dim=1)
+        v_1HLDh = self.v_cache.repeat_interleave(H // Hkv, dim=1)
+        out_1HSDh = F.scaled_dot_product_attention(q_1HSDh, k_1HLDh, v_1HLDh, attn_mask=mask_SL)
+        return self.wo(out_1HSDh[0].transpose(0, 1).reshape(S, H * Dh))
+
+
+class Int4SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x) with w1 and w3 as one GEMM."""
+
+    def __init__(self, w1: QuantizedWeight, w3: QuantizedWeight, w2: QuantizedWeight) -> None:
+        super().__init__()
+        self.width = w1.values.shape[0]
+        self.w13 = Int4Linear(_stack_rows(w1, w3))
+        self.w2 = Int4Linear(w2)
+
+    def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
+        h_N2F = self.w13(x_ND)
+        return self.w2(F.silu(h_N2F[:, : self.width]) * h_N2F[:, self.width :])
+
+
+def _expert_slice(w: QuantizedWeight, e: int) -> QuantizedWeight:
+    return QuantizedWeight(w.values[e], w.scale[e], w.bits, w.group)
+
+
+class SparseMoE(nn.Module):
+    """Router (FP32) + per-expert INT4 SwiGLUs run only on their routed tokens + shared."""
+
+    def __init__(self, moe: MoE, max_len: int) -> None:
+        super().__init__()
+        if not isinstance(moe.experts, QuantizedExperts):
+            raise ExportInputError(f"experts are {type(moe.experts).__name__}, not converted INT4 experts")
+        self.cfg = moe.cfg
+        self.max_len = max_len
+        self.router_ED = nn.Parameter(moe.router.weight_ED.detach().float().clone(), requires_grad=False)
+        self.register_buffer("expert_bias_E", moe.router.expert_bias_E.detach().float().clone())
+        qw = moe.experts.qweights
+        self.experts = nn.ModuleList(
+            Int4SwiGLU(*(_expert_slice(qw[k], e) for k in ("w1_EFD", "w3_EFD", "w2_EDF")))
+            for e in range(moe.cfg.num_experts)
+        )
+        self.shared = None
+        if moe.shared is not None:
+            shared = quantized_weights(moe.shared)
+            self.shared = Int4SwiGLU(shared["w1.weight"], shared["w3.weight"], shared["w2.weight"])
+
+    def route(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gates_TK, experts_TK): the router of :class:`pipeline.model.moe.Router`."""
+        logits_TE = F.linear(x_TD, self.router_ED)
+        scores_TE = torch.sigmoid(logits_TE) if self.cfg.score_func == "sigmoid" else torch.softmax(logits_TE, -1)
+        experts_TK = torch.topk(scores_TE + self.expert_bias_E, self.cfg.top_k, dim=-1).indices
+        gates_TK = scores_TE.gather(-1, experts_TK)
+        if self.cfg.route_norm:
+            gates_TK = gates_TK / (gates_TK.sum(-1, keepdim=True) + 1e-20)
+        return gates_TK * self.cfg.route_scale, experts_TK
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        T = x_TD.shape[0]
+        gates_TK, experts_TK = self.route(x_TD)
+        ids_E = torch.arange(self.cfg.num_experts, device=x_TD.device)
+        hit_TKE = experts_TK[:, :, None] == ids_E
+        gate_ET = (gates_TK[:, :, None] * hit_TKE).sum(1).transpose(0, 1)
+        routed_ET = hit_TKE.any(1).transpose(0, 1)
+        token_T = torch.arange(T, device=x_TD.device)
+        out_TD = torch.zeros_like(x_TD)
+        for e, expert in enumerate(self.experts):
+            token_n = token_T.masked_select(routed_ET[e])
+            # A bound for the data-dependent count (T <= L): memory is planned for the bound.
+            torch._check(token_n.shape[0] <= T)
+            y_nD = expert(x_TD.index_select(0, token_n)) * gate_ET[e].index_select(0, token_n)[:, None]
+            out_TD = out_TD.index_add(0, token_n, y_nD)
+        if self.shared is not None:
+            out_TD = out_TD + self.shared(x_TD)
+        return out_TD
+
+
+class ExportBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, block, q: dict[str, QuantizedWeight], i: int, max_len: int) -> None:
+        super().__init__()
+        p = f"layers.{i}"
+        self.attn_norm = Norm(block.attn_norm.weight, cfg.norm_eps)
+        self.attn = CachedAttention(cfg, block.attn, q, f"{p}.attn", max_len)
+        self.ffn_norm = Norm(block.ffn_norm.weight, cfg.norm_eps)
+        if isinstance(block.ffn, MoE):
+            self.ffn: nn.Module = SparseMoE(block.ffn, max_len)
+        else:
+            self.ffn = Int4SwiGLU(*(q[f"{p}.ffn.{w}.weight"] for w in ("w1", "w3", "w2")))
+
+    def forward(self, x_SD, cos_SDh2, sin_SDh2, pos_S, mask_SL) -> torch.Tensor:
+        x_SD = x_SD + self.attn(self.attn_norm(x_SD), cos_SDh2, sin_SDh2, pos_S, mask_SL)
+        return x_SD + self.ffn(self.ffn_norm(x_SD))
+
+
+class ExportableLM(nn.Module):
+    """``forward(tokens_1S, input_pos_1) -> logits_1SV`` with the KV cache inside."""
+
+    def __init__(self, model: Transformer, max_len: int) -> None:
+        super().__init__()
+        cfg = model.cfg
+        require_converted(model)
+        if not 1 <= max_len <= cfg.max_seq_len:
+            raise ExportInputError(f"max_len={max_len} must be in [1, model max_seq_len={cfg.max_seq_len}]")
+        self.cfg, self.max_len = cfg, max_len
+        q = quantized_weights(model)
+        self.embed = Int4Embedding(q["embed.weight"])
+        self.layers = nn.ModuleList(ExportBlock(cfg, b, q, i, max_len) for i, b in enumerate(model.layers))
+        self.norm = Norm(model.norm.weight, cfg.norm_eps)
+        self.head = Int4Linear(q["embed.weight"] if cfg.tie_embeddings else q["head.weight"])
+        cos, sin = rope_tables(cfg.head_dim, max_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.windows = sorted({cfg.layer_window(i) or 0 for i in range(cfg.n_layers)})
+
+    def forward(self, tokens_1S: torch.Tensor, input_pos_1: torch.Tensor) -> torch.Tensor:
+        S = tokens_1S.shape[1]
+        pos_S = input_pos_1 + torch.arange(S, device=tokens_1S.device)
+        cos_SDh2, sin_SDh2 = self.rope_cos.index_select(0, pos_S), self.rope_sin.index_select(0, pos_S)
+        diff_SL = pos_S[:, None] - torch.arange(self.max_len, device=tokens_1S.device)[None, :]
+        causal_SL = diff_SL >= 0
+        masks = {w: causal_SL & (diff_SL < w) if w else causal_SL for w in self.windows}
+        x_SD = self.embed(tokens_1S)[0]
+        for layer in self.layers:
+            x_SD = layer(x_SD, cos_SDh2, sin_SDh2, pos_S, masks[layer.attn.window or 0])
+        return self.head(self.norm(x_SD))[None]
+
+    def reset_cache(self) -> None:
+        for layer in self.layers:
+            layer.attn.k_cache.zero_()
+            layer.attn.v_cache.zero_()
+
+
+def require_converted(model: Transformer) -> None:
+    """Raise ExportInputError naming the first weight that is not real INT4 (a
+    fake-quant or full-precision model given to the INT4 export)."""
+    if not isinstance(model.embed, QuantizedEmbedding):
+        raise ExportInputError(
+            f"embed is {type(model.embed).__name__}: the INT4 export needs a converted model "
+            "(QAT's quantized/model.safetensors), not a fake-quant or full-precision one"
+        )
+    if model.embed.qweight.bits != 4:
+        raise ExportInputError("embed is INT8 (quant embedding: int8); the .pte export supports the INT4 embedding only")
+    names = quantized_weights(model)
+    for name, p in model.named_parameters():
+        if p.ndim >= 2 and "router" not in name and name not in names:
+            raise ExportInputError(
+                f"{name} is full precision: the INT4 export needs a converted model (QAT's quantized output)"
+            )
+    for name, w in names.items():
+        if w.bits != 4:
+            raise ExportInputError(f"{name} has {w.bits}-bit weights; the program holds INT4 matrices")
