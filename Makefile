@@ -20,7 +20,7 @@ ifneq ($(wildcard /opt/wheels),)
 export PIP_FIND_LINKS ?= /opt/wheels
 endif
 
-STAGES := mix pretrain midtrain sft qat
+STAGES := mix pretrain midtrain sft qat export
 .PHONY: setup lock params repro test lint drill mutants bench-model bench-config ui $(STAGES)
 
 setup: $(STAMP)

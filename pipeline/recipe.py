@@ -18,6 +18,7 @@ from typing import Any
 
 from pipeline.configbase import ConfigError, from_dict, require
 from pipeline.data.mixing import MixtureConfig
+from pipeline.export.config import ExportStageConfig
 from pipeline.model.config import ModelConfig
 from pipeline.tracking import TrackingConfig
 from pipeline.train.config import QATStageConfig, RayConfig, TrainStageConfig
@@ -48,6 +49,7 @@ class StagesConfig:
     midtrain: TrainStageConfig
     sft: TrainStageConfig
     qat: QATStageConfig
+    export: ExportStageConfig
 
 
 @dataclass
@@ -80,6 +82,11 @@ class RecipeConfig:
                 f"stage.{name}.seq_len",
                 f"{s.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
             )
+        require(
+            self.stage.export.max_context <= self.model.max_seq_len,
+            "stage.export.max_context",
+            f"{self.stage.export.max_context} exceeds model.max_seq_len={self.model.max_seq_len}",
+        )
 
 
 def to_container(cfg: Any) -> dict:

@@ -40,16 +40,19 @@ def compare(reference: _Runner, candidate: _Runner, prompts: list[list[int]], t:
     shortest greedy agreement over ``t.greedy_tokens`` new tokens, and max |diff|."""
     cos_min, sqnr_min, max_abs = 1.0, math.inf, 0.0
     agree = t.greedy_tokens
+    sqnrs = []
     for prompt in prompts:
         ref, got = reference.logits(prompt, 0), candidate.logits(prompt, 0)
         cos_min = min(cos_min, float(cosine(ref, got).min()))
-        sqnr_min = min(sqnr_min, float(sqnr_db(ref, got).min()))
+        sqnrs.append(sqnr_db(ref, got))
+        sqnr_min = min(sqnr_min, float(sqnrs[-1].min()))
         max_abs = max(max_abs, float((ref - got).abs().max()))
         a, b = greedy(reference, prompt, t.greedy_tokens), greedy(candidate, prompt, t.greedy_tokens)
         agree = min(agree, _common_prefix(a, b))
     return {
         "cosine_min": cos_min,
         "sqnr_db_min": sqnr_min,
+        "sqnr_db_median": float(torch.cat(sqnrs).clamp_max(300).median()),
         "max_abs_logit_diff": max_abs,
         "greedy_agree_tokens": agree,
         "passed": cos_min > t.min_cosine and sqnr_min > t.min_sqnr_db and agree >= t.greedy_tokens,

@@ -159,7 +159,9 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
 _SWIGLU = (("gate", "w1"), ("up", "w3"), ("down", "w2"))
 
 
-def save_hf(model: Transformer, out_dir: Path, tokenizer_json: Path, special: dict[str, str], quantization: dict) -> Path:
+def save_hf(
+    model: Transformer, out_dir: Path, tokenizer_json: Path, special: dict[str, str], quantization: dict
+) -> Path:
     """Write ``out_dir`` (config, safetensors weights, tokenizer, generation config) from a
     full-precision ``model``. ``special`` maps bos/eos/pad to their token strings."""
     from tokenizers import Tokenizer as RawTokenizer

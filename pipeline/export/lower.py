@@ -87,13 +87,19 @@ def operator_table(lowered: ExportedProgram) -> dict:
                     delegated[_op_name(inner.target)] += 1
         elif name not in ("getitem", "sym_size.int", "_assert_scalar.default", "le", "ge"):
             portable[name] += 1
-    weight_ops = ("mm", "linear", "bmm", "addmm", "dequantize_per_channel_group", "convolution")
+    weight_ops = {"mm", "linear", "bmm", "addmm", "matmul", "dequantize_per_channel_group", "convolution", "embedding"}
     return {
         "delegate_calls": delegates,
         "delegated": dict(sorted(delegated.items())),
         "portable": dict(sorted(portable.items())),
-        "portable_compute": sorted(k for k in portable if k.split(".")[0] in weight_ops),
+        "portable_compute": sorted(k for k in portable if _base_name(k) in weight_ops),
     }
+
+
+def _base_name(op: str) -> str:
+    """ "aten.mm.default" -> "mm" (namespace and overload dropped)."""
+    parts = op.split(".")
+    return parts[1] if len(parts) >= 3 else parts[0]
 
 
 def _op_name(target) -> str:

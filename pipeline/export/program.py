@@ -39,6 +39,8 @@ from pipeline.quant.coverage import quantized_weights
 
 INT4_MIN, INT4_MAX = -8, 7
 INT8_MIN, INT8_MAX = -128, 127
+# XNNPACK's INT4 GEMM takes groups of whole blocks of 32 input features.
+XNNPACK_GROUP_MULTIPLE = 32
 
 
 class ExportInputError(ValueError):
@@ -287,7 +289,9 @@ def require_converted(model: Transformer) -> None:
             "(QAT's quantized/model.safetensors), not a fake-quant or full-precision one"
         )
     if model.embed.qweight.bits != 4:
-        raise ExportInputError("embed is INT8 (quant embedding: int8); the .pte export supports the INT4 embedding only")
+        raise ExportInputError(
+            "embed is INT8 (quant embedding: int8); the .pte export supports the INT4 embedding only"
+        )
     names = quantized_weights(model)
     for name, p in model.named_parameters():
         if p.ndim >= 2 and "router" not in name and name not in names:
@@ -297,3 +301,8 @@ def require_converted(model: Transformer) -> None:
     for name, w in names.items():
         if w.bits != 4:
             raise ExportInputError(f"{name} has {w.bits}-bit weights; the program holds INT4 matrices")
+        if w.group % XNNPACK_GROUP_MULTIPLE:
+            raise ExportInputError(
+                f"{name}: INT4 group of {w.group} input features; XNNPACK needs a multiple of "
+                f"{XNNPACK_GROUP_MULTIPLE} (quantize with stage.qat.group_size 32, 64, ... or per_channel)"
+            )

@@ -191,3 +191,63 @@ class SourcesInput:
                     raise StageInputError(f"{where}: {err}") from None
                 if first is None:
                     raise StageInputError(f"{where} yielded no documents")
+
+
+@dataclass
+class QuantizedModelInput:
+    """A converted INT4 model file (QAT's ``quantized/model.safetensors``) for exactly
+    this model config; the file's header is read, not its tensors."""
+
+    key: str
+    path: Path
+    model: ModelConfig
+
+    def check(self) -> Path:
+        from dataclasses import asdict
+
+        from safetensors import safe_open
+
+        from pipeline.quant.format import FORMAT, VERSION
+
+        if self.path.is_dir() or (self.path.parent / "latest.json").exists():
+            raise StageInputError(
+                f"{self.key}: {self.path} is a training checkpoint, not a converted INT4 model "
+                "(give QAT's quantized/model.safetensors)"
+            )
+        if not self.path.exists():
+            raise StageInputError(f"{self.key}: {self.path} does not exist (has the qat stage run?)")
+        try:  # the header only, not the tensors
+            with safe_open(str(self.path), framework="pt") as f:
+                header = f.metadata() or {}
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own types for bad bytes
+            raise StageInputError(f"{self.key}: {self.path}: cannot read safetensors ({err})") from None
+        if header.get("format") != FORMAT or header.get("version") != VERSION:
+            raise StageInputError(
+                f"{self.key}: {self.path} is not a converted {FORMAT} v{VERSION} model "
+                "(a fake-quant or full-precision checkpoint?); the INT4 export needs QAT's quantized output"
+            )
+        theirs = json.loads(header["model"])
+        ours = asdict(self.model)
+        diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+        if diff:
+            raise StageInputError(
+                f"{self.key}: model config differs from {self.path} in {', '.join('model.' + k for k in diff)}"
+            )
+        return self.path
+
+
+@dataclass
+class HFMappableInput:
+    """The architecture can be written exactly as a transformers model (names the knob)."""
+
+    key: str
+    model: ModelConfig
+
+    def check(self) -> str:
+        from pipeline.export.hf import HFMappingError, hf_config
+
+        try:
+            config = hf_config(self.model, 0, 0, 0)
+        except HFMappingError as err:
+            raise StageInputError(f"{self.key}: {err}") from None
+        return config.architectures[0]

@@ -1,0 +1,78 @@
+"""Stage ``export``: QAT's converted model as an ExecuTorch program, a .pt2 and a Hugging
+Face directory, each checked against the eager converted model (pipeline/export).
+
+Published into ``stage.export.out_dir``:
+  model.pte       ExecuTorch program (XNNPACK, 8da4w, sparse MoE, KV cache); one method
+                  ``forward(tokens[1, S], input_pos[1]) -> logits[1, S, V]`` for prefill
+                  (S <= max_context) and decode (S = 1), and constant methods
+                  max_context, vocab_size, bos_id, eos_id
+  model.pt2       the same program before lowering (torch.export.save)
+  hf/             config.json, model.safetensors (dequantized FP32), tokenizer, generation
+                  config: Glm4MoeForCausalLM for the MoE, Qwen3ForCausalLM for dense
+  operators.json  delegated vs portable operators; INT4 bytes per expert and per token
+  sample.json     a greedy continuation of a held-out prompt by the .pte
+  metrics.json    sizes, every check's numbers, operator counts (DVC metrics)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.recipe import repo_path
+from pipeline.runner.inputs import HFMappableInput, MixtureInput, QuantizedModelInput, TokenizerInput
+from pipeline.runner.spec import Stage, StageContext, StageResult
+
+KEY = "stage.export"
+
+
+def _inputs(recipe) -> list:
+    cfg = recipe.stage.export
+    return [
+        QuantizedModelInput(f"{KEY}.quantized", repo_path(cfg.quantized), recipe.model),
+        TokenizerInput(f"{KEY}.tokenizer", repo_path(cfg.tokenizer), recipe.model.vocab_size),
+        MixtureInput(f"{KEY}.prompts_mixture", repo_path(cfg.prompts_mixture), cfg.prompt_tokens),
+        HFMappableInput("model", recipe.model),
+    ]
+
+
+def _work(ctx: StageContext) -> StageResult:
+    import ray
+
+    from pipeline.export.artifacts import export_all
+    from pipeline.runner import cluster
+    from pipeline.stages.mix import flat_numbers
+
+    recipe, cfg = ctx.recipe, ctx.recipe.stage.export
+    cluster.start(recipe.ray)
+    # One Ray task: on a cluster the lowering runs on a worker like every other stage.
+    task = ray.remote(num_cpus=1)(export_all)
+    metrics, seconds = ray.get(
+        task.remote(
+            cfg,
+            ctx.inputs[f"{KEY}.quantized"],
+            repo_path(cfg.tokenizer),
+            repo_path(cfg.prompts_mixture),
+            ctx.scratch,
+        )
+    )
+    (ctx.scratch / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+
+    def log(run, out_dir: Path) -> None:
+        for item in ("metrics.json", "operators.json", "sample.json", "model.pte", "model.pt2"):
+            run.log_artifact(out_dir / item)
+        run.log_artifact(out_dir / "hf", "hf")
+        run.log_metrics(flat_numbers(metrics))
+
+    return StageResult(metrics, log=log, perf={f"perf/{k}_seconds": v for k, v in seconds.items()})
+
+
+EXPORT = Stage(
+    name="export",
+    out_dir=lambda recipe: recipe.stage.export.out_dir,
+    inputs=_inputs,
+    params=lambda raw: {"model": raw["model"], "stage": raw["stage"]["export"]},
+    work=_work,
+    outputs=("model.pte", "model.pt2", "hf", "operators.json", "sample.json", "metrics.json"),
+    resources=lambda recipe: {"CPU": 1},
+)
