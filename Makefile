@@ -21,7 +21,7 @@ export PIP_FIND_LINKS ?= /opt/wheels
 endif
 
 STAGES := mix pretrain midtrain sft qat export
-.PHONY: setup lock params repro test lint drill mutants bench-model bench-config ui $(STAGES)
+.PHONY: setup lock params repro test lint drill mutants bench-model bench-config bench-export ui $(STAGES)
 
 setup: $(STAMP)
 
@@ -88,6 +88,12 @@ drill: $(STAMP)
 # hour on 2 cores. MUTANTS_ARGS go to tools/mutants.py (--without FILE... for a "before").
 mutants: $(STAMP)
 	$(PY) -m tools.mutants $(MUTANTS_ARGS)
+
+# Export: lowering time/memory of a shape (MODEL, LAYERS: the first N at full width) and
+# decode/prefill time against experts and top-k (the sparsity proof), side by side.
+bench-export: $(STAMP)
+	$(PY) bench/bench_export.py lower --model $(or $(MODEL),tiny) --layers $(or $(LAYERS),0)
+	$(PY) bench/bench_export.py sparsity
 
 bench-model: $(STAMP)
 	$(PY) bench/bench_model.py

@@ -97,6 +97,18 @@ def test_outputs_and_dvc_lock(repo):
     assert {s["task"] for s in samples} == {"define", "continue", "math", "reason"}
 
 
+def test_export_stage_outputs(repo):
+    assert "  export:" in (repo / "dvc.lock").read_text()
+    out = repo / "outputs" / "export"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert all(check["passed"] for check in metrics["checks"].values()), metrics["checks"]
+    assert metrics["checks"]["sparse_int4"]["portable_compute"] == []
+    for item in ("model.pte", "model.pt2", "hf/config.json", "hf/model.safetensors", "hf/tokenizer.json"):
+        assert (out / item).stat().st_size > 0, item
+    sample = json.loads((out / "sample.json").read_text())
+    assert len(sample["tokens"]) >= 1 and isinstance(sample["completion"], str)
+
+
 def test_qat_stage_outputs(repo):
     from pipeline.model.accounting import int4_weight_bytes
     from pipeline.quant.format import load_quantized
@@ -113,17 +125,17 @@ def test_qat_stage_outputs(repo):
     assert abs(metrics["qat_train_val_loss_at_start"] - metrics["loss_ptq"]) < 1e-5
     assert "qat_train_moe_max_over_mean" in metrics  # expert load during QAT
     coverage = json.loads((out / "coverage.json").read_text())
-    assert coverage["scheme"]["group_size"] == 16
+    assert coverage["scheme"]["group_size"] == 32
     for when in ("after_prepare", "after_convert"):
         rows = coverage[when]["rows"]
         experts = [r for r in rows if ".experts." in r["name"]]
-        assert len(experts) == 4 * 3 and all(r["scheme"].startswith("int4/g16 + int8 act") for r in experts)
+        assert len(experts) == 2 * 3 and all(r["scheme"].startswith("int4/g32 + int8 act") for r in experts)
         assert {r["scheme"] for r in rows if r["scheme"].startswith("fp32")} == {"fp32 router", "fp32 norm"}
     import torch
 
     model, q = load_quantized(out / "quantized" / "model.safetensors")
-    assert q.group_size == 16
-    assert metrics["weight_bytes"] == int4_weight_bytes(model.cfg, 16, scale_bytes=4, norm_bytes=4)
+    assert q.group_size == 32
+    assert metrics["weight_bytes"] == int4_weight_bytes(model.cfg, 32, scale_bytes=4, norm_bytes=4)
     with torch.no_grad():
         assert torch.isfinite(model(torch.zeros(1, 5, dtype=torch.long))).all()
 
@@ -151,7 +163,7 @@ def test_mlflow_parent_with_nested_stage_runs(repo, mlflow_client):
         rid = run.info.run_id
         assert run.info.status == "FINISHED"
         assert re.fullmatch(r"[0-9a-f]{40}", run.data.tags["git_commit"])
-        assert run.data.params["model.d_model"] == "128"
+        assert run.data.params["model.d_model"] == "64"
         assert run.data.params["stage.schedule.total_steps"] == "6"
         history = mlflow_client.get_metric_history(rid, "train/loss")
         assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]
@@ -195,7 +207,7 @@ def test_logged_model_loads_and_predicts(repo, mlflow_client):
     )
     program = mlflow.pytorch.load_model(models[0].model_uri)
     logits = program(torch.zeros(1, 5, dtype=torch.long))
-    assert logits.shape == (1, 5, 4096)
+    assert logits.shape == (1, 5, 512)
 
 
 def test_second_repro_is_a_noop_and_metrics_show(repo):
@@ -268,19 +280,22 @@ def test_a_bad_config_leaves_every_earlier_output_byte_identical(repo, mlflow_cl
 
 
 def test_dvc_exp_run_with_hydra_override_reruns_only_what_changed(repo):
-    # The QAT group size (the micro preset's is 16): only QAT re-runs.
-    proc = sh(repo, ".venv/bin/dvc", "exp", "run", "-S", "stage.qat.group_size=32", timeout=600)
+    # The QAT granularity (the micro preset's is per group): QAT and export re-run.
+    proc = sh(repo, ".venv/bin/dvc", "exp", "run", "-S", "stage.qat.granularity=per_channel", timeout=900)
     out = proc.stdout
-    assert "Running stage 'qat'" in out
+    assert "Running stage 'qat'" in out and "Running stage 'export'" in out
     for stage in ("mix", "pretrain", "midtrain", "sft"):
         assert f"Running stage '{stage}'" not in out
-    assert json.loads((repo / "outputs" / "qat" / "coverage.json").read_text())["scheme"]["group_size"] == 32
+    assert (
+        json.loads((repo / "outputs" / "qat" / "coverage.json").read_text())["scheme"]["granularity"] == "per_channel"
+    )
+    assert json.loads((repo / "outputs" / "export" / "metrics.json").read_text())["checks"]["pte"]["passed"]
     import csv
 
     rows = list(csv.DictReader(sh(repo, ".venv/bin/dvc", "exp", "show", "--csv").stdout.splitlines()))
     experiments = [r for r in rows if r["Experiment"]]  # named experiment rows
     assert experiments, rows
-    assert experiments[-1]["stage.qat.group_size"] == "32"
+    assert experiments[-1]["stage.qat.granularity"] == "per_channel"
     # (DVC names a metric column by its key alone while no other metrics file has it)
     column = next(c for c in experiments[-1] if c.endswith("loss_qat_int4"))
     assert float(experiments[-1][column]) > 0

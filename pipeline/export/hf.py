@@ -221,7 +221,7 @@ def _name_map(model: Transformer) -> dict[str, str]:
     out = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
     if not model.cfg.tie_embeddings:
         out["head.weight"] = "lm_head.weight"
-    for i, block in enumerate(model.layers):
+    for i in range(model.cfg.n_layers):
         p, h = f"layers.{i}", f"model.layers.{i}"
         out.update(
             {
