@@ -144,7 +144,13 @@ def test_mlflow_parent_with_nested_stage_runs(repo, mlflow_client):
     import mlflow
 
     runs = _stage_runs(mlflow_client)
-    assert set(runs) == {"mix", *TRAIN_STAGES, "qat"}
+    assert set(runs) == {"mix", *TRAIN_STAGES, "qat", "export"}
+    export = runs["export"]
+    assert export.info.status == "FINISHED"
+    assert export.data.metrics["checks/pte/cosine_min"] > 0.99
+    assert mlflow_client.get_metric_history(export.info.run_id, "perf/lower_seconds")
+    export_artifacts = {a.path for a in mlflow_client.list_artifacts(export.info.run_id)}
+    assert {"model.pte", "model.pt2", "hf", "operators.json", "metrics.json"} <= export_artifacts, export_artifacts
     qat = runs["qat"]
     assert qat.info.status == "FINISHED"
     assert qat.data.metrics["final/loss_qat_int4"] > 0
