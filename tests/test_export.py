@@ -288,3 +288,29 @@ def test_shim_is_still_needed():
 
     assert delegated_gemms(XnnpackPartitioner()) == 0
     assert delegated_gemms(sparse_partitioner()) == 1
+
+
+def test_stage_inputs_name_a_missing_or_unconverted_model_and_an_unmappable_architecture(tmp_path, converted):
+    from pipeline.quant.format import save_quantized
+    from pipeline.runner.errors import StageInputError
+    from pipeline.runner.inputs import HFMappableInput, QuantizedModelInput
+    from pipeline.train.checkpoint import save_checkpoint
+
+    cfg = micro_cfg()
+    key = "stage.export.quantized"
+    with pytest.raises(StageInputError, match=r"stage.export.quantized: .* does not exist \(has the qat stage run\?\)"):
+        QuantizedModelInput(key, tmp_path / "quantized" / "model.safetensors", cfg).check()
+    # A full-precision training checkpoint (what outputs/qat/model holds) is refused.
+    ckpt = save_checkpoint(tmp_path / "model", 6, _trained_like(cfg).state_dict(), None, {"model": {}})
+    for path in (ckpt, ckpt / "model.safetensors"):
+        with pytest.raises(StageInputError, match="not a converted|training checkpoint"):
+            QuantizedModelInput(key, path, cfg).check()
+    good = tmp_path / "q" / "model.safetensors"
+    save_quantized(converted, Q, good)
+    assert QuantizedModelInput(key, good, cfg).check() == good
+    with pytest.raises(StageInputError, match="model config differs .* model.d_model"):
+        QuantizedModelInput(key, good, micro_cfg(d_model=128)).check()
+    assert HFMappableInput("model", cfg).check() == "Glm4MoeForCausalLM"
+    softmax = micro_cfg(moe=replace(cfg.moe, score_func="softmax"))
+    with pytest.raises(StageInputError, match="model: .*model.moe.score_func"):
+        HFMappableInput("model", softmax).check()
