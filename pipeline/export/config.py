@@ -27,6 +27,7 @@ class ExportStageConfig:
         for key in ("max_context", "prompts", "prompt_tokens", "greedy_tokens"):
             value = getattr(self, key)
             require(isinstance(value, int) and value >= 1, key, f"must be a positive int, got {value!r}")
+        require(self.prompt_tokens >= 2, "prompt_tokens", "must be >= 2 (prefill-then-decode splits a prompt)")
         require(
             self.prompt_tokens + self.greedy_tokens <= self.max_context,
             "max_context",

@@ -169,6 +169,9 @@ def save_hf(
 
     raw = RawTokenizer.from_file(str(tokenizer_json))
     ids = {k: raw.token_to_id(v) for k, v in special.items()}
+    unknown = [f"{k}={special[k]!r}" for k, v in ids.items() if v is None]
+    if unknown:
+        raise HFMappingError(f"{tokenizer_json}: no token for {', '.join(unknown)}")
     config = hf_config(model.cfg, ids["bos"], ids["eos"], ids["pad"], quantization)
     hf_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = hf_state_dict(model)

@@ -17,10 +17,12 @@ pattern into one dynamically quantized INT4 GEMM. These ops (rather than torchao
 tensor subclass) are used because their shape functions make no guard on the number of
 rows, which for an expert depends on the data.
 
-The MoE is sparse: for each expert, the tokens routed to it are selected
-(``masked_select`` over token indices; often none during decode), gathered, run through
-that expert's two GEMMs and added back with their gate weights. An expert that
-receives no token runs its GEMMs on zero rows: XNNPACK reads none of its weights.
+The MoE is sparse, with the paper's fused-MoE plan: the T*K routed slots are sorted by
+expert (a counting sort), the tokens gathered once in that order and split into one
+block of rows per expert (data-dependent sizes; most are empty during decode), each
+block run through its expert's two GEMMs, the results concatenated and added back to
+their tokens with their gate weights. An expert that receives no token runs its GEMMs
+on zero rows: XNNPACK reads none of its weights.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401 - registers quantized_
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.model.attention import attention_mask
 from pipeline.model.config import ModelConfig
 from pipeline.model.decoder import Transformer
-from pipeline.model.layers import rope_tables
+from pipeline.model.layers import RMSNorm, apply_rope, rope_tables
 from pipeline.model.moe import MoE
 from pipeline.quant.convert import QuantizedEmbedding, QuantizedExperts, QuantizedWeight
 from pipeline.quant.coverage import quantized_weights
@@ -59,14 +62,12 @@ class Int4Linear(nn.Module):
         if weight.bits != 4:
             raise ExportInputError(f"Int4Linear needs an INT4 weight, got {weight.bits} bits")
         self.group = weight.group
+        rows = weight.values.shape[0]
         self.register_buffer("values_OI", weight.values.to(torch.int8).contiguous())
-        self.register_buffer("scale_OG", weight.scale.float().contiguous())
+        # (O, groups); per-channel weights come with 1-D scales, XNNPACK wants 2-D.
+        self.register_buffer("scale_OG", weight.scale.float().reshape(rows, -1).contiguous())
         # Symmetric weights: zero points are 0; XNNPACK wants them as a tensor.
         self.register_buffer("zero_OG", torch.zeros_like(weight.scale, dtype=torch.int8))
-
-    @property
-    def out_features(self) -> int:
-        return self.values_OI.shape[0]
 
     def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
         qd = _qd()
@@ -100,28 +101,19 @@ class Int4Embedding(nn.Module):
         # The kernel reads the even column from the high nibble, the odd one from the low.
         packed = (unsigned_VD[:, 0::2] << 4) | unsigned_VD[:, 1::2]
         self.register_buffer("packed_VD2", packed.contiguous())
-        self.register_buffer("scale_VG", weight.scale.float().contiguous())
+        self.register_buffer("scale_VG", weight.scale.float().reshape(weight.values.shape[0], -1).contiguous())
 
     def forward(self, tokens_1S: torch.Tensor) -> torch.Tensor:
         return _qd().embedding_4bit(self.packed_VD2, self.scale_VG, None, INT4_MIN, INT4_MAX, tokens_1S)
 
 
-class Norm(nn.Module):
-    """RMSNorm in FP32 (the model's, without the dtype round trips export does not need)."""
-
-    def __init__(self, weight: torch.Tensor, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(weight.detach().float().clone(), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
-
-
-def _rope(x_1HSDh: torch.Tensor, cos_SDh2: torch.Tensor, sin_SDh2: torch.Tensor) -> torch.Tensor:
-    half = x_1HSDh.shape[-1] // 2
-    x1, x2 = x_1HSDh[..., :half], x_1HSDh[..., half:]
-    return torch.cat((x1 * cos_SDh2 - x2 * sin_SDh2, x1 * sin_SDh2 + x2 * cos_SDh2), dim=-1)
+def frozen_norm(norm: RMSNorm) -> RMSNorm:
+    """A frozen FP32 copy of one of the model's norms."""
+    out = RMSNorm(norm.weight.shape[0], norm.eps)
+    with torch.no_grad():
+        out.weight.copy_(norm.weight.float())
+    out.weight.requires_grad_(False)
+    return out
 
 
 class CachedAttention(nn.Module):
@@ -133,8 +125,8 @@ class CachedAttention(nn.Module):
         self.window = attn.window
         self.wqkv = Int4Linear(_stack_rows(*(q[f"{prefix}.{w}.weight"] for w in ("wq", "wk", "wv"))))
         self.wo = Int4Linear(q[f"{prefix}.wo.weight"])
-        self.q_norm = Norm(attn.q_norm.weight, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
-        self.k_norm = Norm(attn.k_norm.weight, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.q_norm = frozen_norm(attn.q_norm) if cfg.qk_norm else nn.Identity()
+        self.k_norm = frozen_norm(attn.k_norm) if cfg.qk_norm else nn.Identity()
         cache_shape = (1, cfg.n_kv_heads, max_len, cfg.head_dim)
         self.register_buffer("k_cache", torch.zeros(cache_shape), persistent=False)
         self.register_buffer("v_cache", torch.zeros(cache_shape), persistent=False)
@@ -146,8 +138,8 @@ class CachedAttention(nn.Module):
         q_SHDh = self.q_norm(qkv[:, : H * Dh].reshape(S, H, Dh))
         k_SHkvDh = self.k_norm(qkv[:, H * Dh : (H + Hkv) * Dh].reshape(S, Hkv, Dh))
         v_SHkvDh = qkv[:, (H + Hkv) * Dh :].reshape(S, Hkv, Dh)
-        q_1HSDh = _rope(q_SHDh.transpose(0, 1)[None], cos_SDh2, sin_SDh2)
-        k_1HkvSDh = _rope(k_SHkvDh.transpose(0, 1)[None], cos_SDh2, sin_SDh2)
+        q_1HSDh = apply_rope(q_SHDh.transpose(0, 1)[None], cos_SDh2, sin_SDh2)
+        k_1HkvSDh = apply_rope(k_SHkvDh.transpose(0, 1)[None], cos_SDh2, sin_SDh2)
         self.k_cache.index_copy_(2, pos_S, k_1HkvSDh)
         self.v_cache.index_copy_(2, pos_S, v_SHkvDh.transpose(0, 1)[None])
         k_1HLDh = self.k_cache.repeat_interleave(H // Hkv, dim=1)
@@ -171,18 +163,18 @@ class Int4SwiGLU(nn.Module):
 
 
 def _expert_slice(w: QuantizedWeight, e: int) -> QuantizedWeight:
-    return QuantizedWeight(w.values[e], w.scale[e], w.bits, w.group)
+    values = w.values[e]
+    return QuantizedWeight(values, w.scale[e].reshape(values.shape[0], -1), w.bits, w.group)
 
 
 class SparseMoE(nn.Module):
     """Router (FP32) + per-expert INT4 SwiGLUs run only on their routed tokens + shared."""
 
-    def __init__(self, moe: MoE, max_len: int) -> None:
+    def __init__(self, moe: MoE) -> None:
         super().__init__()
         if not isinstance(moe.experts, QuantizedExperts):
             raise ExportInputError(f"experts are {type(moe.experts).__name__}, not converted INT4 experts")
         self.cfg = moe.cfg
-        self.max_len = max_len
         self.router_ED = nn.Parameter(moe.router.weight_ED.detach().float().clone(), requires_grad=False)
         self.register_buffer("expert_bias_E", moe.router.expert_bias_E.detach().float().clone())
         qw = moe.experts.qweights
@@ -206,34 +198,48 @@ class SparseMoE(nn.Module):
         return gates_TK * self.cfg.route_scale, experts_TK
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        T = x_TD.shape[0]
         gates_TK, experts_TK = self.route(x_TD)
-        ids_E = torch.arange(self.cfg.num_experts, device=x_TD.device)
-        hit_TKE = experts_TK[:, :, None] == ids_E
-        gate_ET = (gates_TK[:, :, None] * hit_TKE).sum(1).transpose(0, 1)
-        routed_ET = hit_TKE.any(1).transpose(0, 1)
-        token_T = torch.arange(T, device=x_TD.device)
-        out_TD = torch.zeros_like(x_TD)
-        for e, expert in enumerate(self.experts):
-            token_n = token_T.masked_select(routed_ET[e])
-            # A bound for the data-dependent count (T <= L): memory is planned for the bound.
-            torch._check(token_n.shape[0] <= T)
-            y_nD = expert(x_TD.index_select(0, token_n)) * gate_ET[e].index_select(0, token_n)[:, None]
-            out_TD = out_TD.index_add(0, token_n, y_nD)
+        order_N, counts_E = sort_by_expert(experts_TK.reshape(-1), self.cfg.num_experts)
+        token_N = order_N // self.cfg.top_k  # the token each sorted slot belongs to
+        x_ND = x_TD.index_select(0, token_N)  # one gather for every expert
+        sizes = counts_E.tolist()  # data-dependent rows per expert
+        for n in sizes:
+            torch._check(n <= x_ND.shape[0])  # a bound: memory is planned for it
+        torch._check(sum(sizes) == x_ND.shape[0])
+        y_ND = torch.cat([expert(rows) for expert, rows in zip(self.experts, torch.split(x_ND, sizes), strict=True)])
+        gate_N = gates_TK.reshape(-1).index_select(0, order_N)
+        out_TD = torch.zeros_like(x_TD).index_add(0, token_N, y_ND * gate_N[:, None])
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
         return out_TD
+
+
+def sort_by_expert(experts_N: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order_N, counts_E): slot indices grouped by expert (ascending expert id; slots of
+    one expert in their original order) and the slots per expert.
+
+    A counting sort from cumulative sums: ExecuTorch's Python runtime has no kernel for
+    ``sort``. Slot n goes to position start[e_n] + (its rank among the slots of e_n), and
+    order is the inverse of that permutation.
+    """
+    hit_NE = (experts_N[:, None] == torch.arange(num_experts, device=experts_N.device)).long()
+    counts_E = hit_NE.sum(0)
+    rank_N = (hit_NE.cumsum(0) * hit_NE).sum(1) - 1
+    start_E = counts_E.cumsum(0) - counts_E
+    position_N = start_E.index_select(0, experts_N) + rank_N
+    slots_N = torch.arange(experts_N.shape[0], device=experts_N.device)
+    return torch.zeros_like(position_N).scatter(0, position_N, slots_N), counts_E
 
 
 class ExportBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, block, q: dict[str, QuantizedWeight], i: int, max_len: int) -> None:
         super().__init__()
         p = f"layers.{i}"
-        self.attn_norm = Norm(block.attn_norm.weight, cfg.norm_eps)
+        self.attn_norm = frozen_norm(block.attn_norm)
         self.attn = CachedAttention(cfg, block.attn, q, f"{p}.attn", max_len)
-        self.ffn_norm = Norm(block.ffn_norm.weight, cfg.norm_eps)
+        self.ffn_norm = frozen_norm(block.ffn_norm)
         if isinstance(block.ffn, MoE):
-            self.ffn: nn.Module = SparseMoE(block.ffn, max_len)
+            self.ffn: nn.Module = SparseMoE(block.ffn)
         else:
             self.ffn = Int4SwiGLU(*(q[f"{p}.ffn.{w}.weight"] for w in ("w1", "w3", "w2")))
 
@@ -255,7 +261,7 @@ class ExportableLM(nn.Module):
         q = quantized_weights(model)
         self.embed = Int4Embedding(q["embed.weight"])
         self.layers = nn.ModuleList(ExportBlock(cfg, b, q, i, max_len) for i, b in enumerate(model.layers))
-        self.norm = Norm(model.norm.weight, cfg.norm_eps)
+        self.norm = frozen_norm(model.norm)
         self.head = Int4Linear(q["embed.weight"] if cfg.tie_embeddings else q["head.weight"])
         cos, sin = rope_tables(cfg.head_dim, max_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -266,9 +272,8 @@ class ExportableLM(nn.Module):
         S = tokens_1S.shape[1]
         pos_S = input_pos_1 + torch.arange(S, device=tokens_1S.device)
         cos_SDh2, sin_SDh2 = self.rope_cos.index_select(0, pos_S), self.rope_sin.index_select(0, pos_S)
-        diff_SL = pos_S[:, None] - torch.arange(self.max_len, device=tokens_1S.device)[None, :]
-        causal_SL = diff_SL >= 0
-        masks = {w: causal_SL & (diff_SL < w) if w else causal_SL for w in self.windows}
+        k_pos_L = torch.arange(self.max_len, device=tokens_1S.device)
+        masks = {w: attention_mask(pos_S, k_pos_L, w or None) for w in self.windows}
         x_SD = self.embed(tokens_1S)[0]
         for layer in self.layers:
             x_SD = layer(x_SD, cos_SDh2, sin_SDh2, pos_S, masks[layer.attn.window or 0])

@@ -93,6 +93,8 @@ class HFRunner(_Runner):
         self._seen: list[int] = []
 
     def _run(self, tokens_1S, start):
+        if start > len(self._seen):
+            raise ValueError(f"position {start} skips tokens: only {len(self._seen)} seen so far")
         self._seen = self._seen[:start] + tokens_1S[0].tolist()
         with torch.no_grad():
             out = self.model(torch.tensor([self._seen]), use_cache=False).logits[0].float()
@@ -103,7 +105,10 @@ CONSTANTS = ("max_context", "vocab_size", "bos_id", "eos_id")
 
 
 def greedy(runner: _Runner, prompt: list[int], new_tokens: int, eos_id: int | None = None) -> list[int]:
-    """Prefill ``prompt``, then decode one token per call, greedily (argmax)."""
+    """Prefill ``prompt``, then decode one token per call, greedily (argmax); returns
+    the ``new_tokens`` (>= 1) new ids, fewer if ``eos_id`` comes first."""
+    if new_tokens < 1:
+        raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
     runner.check_room(0, len(prompt) + new_tokens - 1)
     logits = runner.logits(prompt, 0)
     out: list[int] = []

@@ -37,7 +37,9 @@ def _bounded(value: torch.Tensor) -> bool:
     symbols = free_unbacked_symbols(value)
     if not symbols:
         return True
-    shape_env = next(s.node.shape_env for s in value.shape if isinstance(s, torch.SymInt))
+    shape_env = next((s.node.shape_env for s in value.shape if isinstance(s, torch.SymInt)), None)
+    if shape_env is None:  # unbacked only in strides or offset: nothing to bound it by
+        return False
     return all(math.isfinite(float(shape_env.var_to_range[sym].upper)) for sym in symbols)
 
 
