@@ -20,8 +20,9 @@ ifneq ($(wildcard /opt/wheels),)
 export PIP_FIND_LINKS ?= /opt/wheels
 endif
 
-STAGES := mix pretrain midtrain sft qat export
-.PHONY: setup lock params repro test lint drill mutants bench-model bench-config bench-export ui $(STAGES)
+STAGES := mix pretrain midtrain sft qat export profile
+.PHONY: setup lock params repro test lint drill mutants bench-model bench-config bench-export bench-profile \
+	profile-paper ui $(STAGES)
 
 setup: $(STAMP)
 

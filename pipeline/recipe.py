@@ -20,6 +20,8 @@ from pipeline.configbase import ConfigError, from_dict, require
 from pipeline.data.mixing import MixtureConfig
 from pipeline.export.config import ExportStageConfig
 from pipeline.model.config import ModelConfig
+from pipeline.profile.config import ProfileStageConfig
+from pipeline.quant.config import QuantConfig
 from pipeline.tracking import TrackingConfig
 from pipeline.train.config import QATStageConfig, RayConfig, TrainStageConfig
 
@@ -50,6 +52,7 @@ class StagesConfig:
     sft: TrainStageConfig
     qat: QATStageConfig
     export: ExportStageConfig
+    profile: ProfileStageConfig
 
 
 @dataclass
@@ -87,6 +90,20 @@ class RecipeConfig:
             "stage.export.max_context",
             f"{self.stage.export.max_context} exceeds model.max_seq_len={self.model.max_seq_len}",
         )
+        profile = self.stage.profile
+        require(
+            profile.longest_run <= self.stage.export.max_context,
+            "stage.profile.prompt_lengths",
+            f"a {max(profile.prompt_lengths)}-token prompt plus stage.profile.decode_tokens={profile.decode_tokens} "
+            f"needs {profile.longest_run} positions, more than "
+            f"stage.export.max_context={self.stage.export.max_context}",
+        )
+        if self.model.moe is not None:
+            from pipeline.model.twins import dense_twin
+
+            for baseline in profile.baselines:  # a twin the INT4 groups cannot tile fails here, not after export
+                twin = dense_twin(self.model, baseline.removeprefix("dense_"), multiple=profile.group_size)
+                QuantConfig(group_size=profile.group_size).check_fits(twin, key="stage.profile.group_size")
 
 
 def to_container(cfg: Any) -> dict:

@@ -249,15 +249,21 @@ class ExportBlock(nn.Module):
 
 
 class ExportableLM(nn.Module):
-    """``forward(tokens_1S, input_pos_1) -> logits_1SV`` with the KV cache inside."""
+    """``forward(tokens_1S, input_pos_1) -> logits_1SV`` with the KV cache inside.
 
-    def __init__(self, model: Transformer, max_len: int) -> None:
+    ``last_logits_only``: return ``logits_11V``, the last position's only (what a
+    generating runner needs; ExecuTorch's LLM runner takes either). At a 128k vocabulary
+    the head over every prompt position would dominate prefill; the export stage keeps
+    every position because its checks compare them all.
+    """
+
+    def __init__(self, model: Transformer, max_len: int, last_logits_only: bool = False) -> None:
         super().__init__()
         cfg = model.cfg
         require_converted(model)
         if not 1 <= max_len <= cfg.max_seq_len:
             raise ExportInputError(f"max_len={max_len} must be in [1, model max_seq_len={cfg.max_seq_len}]")
-        self.cfg, self.max_len = cfg, max_len
+        self.cfg, self.max_len, self.last_logits_only = cfg, max_len, last_logits_only
         q = quantized_weights(model)
         self.embed = Int4Embedding(q["embed.weight"])
         self.layers = nn.ModuleList(ExportBlock(cfg, b, q, i, max_len) for i, b in enumerate(model.layers))
@@ -277,6 +283,8 @@ class ExportableLM(nn.Module):
         x_SD = self.embed(tokens_1S)[0]
         for layer in self.layers:
             x_SD = layer(x_SD, cos_SDh2, sin_SDh2, pos_S, masks[layer.attn.window or 0])
+        if self.last_logits_only:
+            x_SD = x_SD[-1:]
         return self.head(self.norm(x_SD))[None]
 
     def reset_cache(self) -> None:

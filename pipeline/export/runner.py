@@ -45,6 +45,7 @@ class PteRunner(_Runner):
     """The .pte through the ExecuTorch runtime (its own KV cache inside)."""
 
     def __init__(self, path: Path) -> None:
+        import executorch.kernels.quantized  # noqa: F401 - registers the INT4 embedding lookup's kernel
         from executorch.runtime import Runtime
 
         if not Path(path).is_file():

@@ -126,6 +126,42 @@ def int4_weight_bytes(
     return memory + 4 * counts.router + norm_bytes * counts.norms
 
 
+def _int4_bytes(n_weights: int, group_size: int, scale_bytes: int) -> int:
+    return n_weights // 2 + (n_weights // group_size) * scale_bytes
+
+
+def decode_read_bytes(
+    cfg: ModelConfig,
+    kv_positions: int,
+    group_size: int = 32,
+    scale_bytes: int = 2,
+    norm_bytes: int = 2,
+    kv_dtype_bytes: int = 2,
+) -> dict[str, int]:
+    """Bytes one decode step reads from memory in the 8da4w format: the memory-bandwidth
+    bound of decode is (read bandwidth) / ``total``.
+
+    Weights: every *active* matmul weight at INT4 with one scale per group (attention,
+    shared and ``top_k`` routed experts; the output head, tied or not, is read whole), the
+    FP32 router, the norms, and one INT4 row of the input embedding (a lookup reads only
+    the token's row). KV cache: K and V of ``kv_positions`` cached positions per layer
+    (sliding-window layers at most their window) at ``kv_dtype_bytes``.
+
+    Returns ``{"weights": B, "kv_cache": B, "total": B}`` in bytes.
+    """
+    counts = param_counts(cfg)
+    head = cfg.vocab_size * cfg.d_model
+    int4_active = counts.active - counts.router - counts.norms - counts.embedding + head
+    weights = (
+        _int4_bytes(int4_active, group_size, scale_bytes)
+        + _int4_bytes(cfg.d_model, group_size, scale_bytes)  # the looked-up embedding row
+        + 4 * counts.router
+        + norm_bytes * counts.norms
+    )
+    kv = kv_cache_bytes(cfg, kv_positions, kv_dtype_bytes)
+    return {"weights": weights, "kv_cache": kv, "total": weights + kv}
+
+
 def kv_cache_bytes_per_token(cfg: ModelConfig, dtype_bytes: int = 2) -> int:
     """K and V bytes one cached token costs, summed over all layers (bf16 by default)."""
     return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * dtype_bytes

@@ -41,11 +41,11 @@ def _run(stage: Stage, raw: dict, sweep_dir: Path | None) -> None:
 
 
 def stage_main(stage: Stage) -> None:
-    """The entry point of ``stages/<name>.py``."""
+    """The entry point of a ``stages/`` script."""
     argv = sys.argv[1:]
     if argv[:1] == ["--params"]:
         if len(argv) != 2:
-            sys.exit(f"usage: python stages/{stage.name}.py --params PARAMS.yaml")
+            sys.exit(f"usage: python {sys.argv[0]} --params PARAMS.yaml")
         try:
             raw = load_params(argv[1])
         except ConfigError as err:

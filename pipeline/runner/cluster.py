@@ -22,6 +22,11 @@ log = logging.getLogger(__name__)
 # worker prints appear twice in the driver (once printed, once logged); off.
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
+# The custom resource of the node that stands for the phone: the profile stage's task
+# requests it. The embedded Ray declares one (this machine is the device); on a cluster,
+# start the profiling node with `ray start ... --resources='{"device": 1}'`.
+DEVICE = "device"
+
 
 def cluster_address(cfg: RayConfig) -> str | None:
     return cfg.address or os.environ.get("RAY_ADDRESS") or None
@@ -40,7 +45,7 @@ def check_resources(cfg: RayConfig, need: dict[str, int]) -> None:
     a no-op for a cluster, which may grow (see start())."""
     if cluster_address(cfg):
         return
-    have = {"CPU": local_cpus()}
+    have = {"CPU": local_cpus(), DEVICE: 1}
     if need.get("GPU"):
         import torch
 
@@ -73,7 +78,12 @@ def start(cfg: RayConfig) -> None:
     # instance anyway, so the warning is filtered in our worker processes (see the hook).
     runtime_env["worker_process_setup_hook"] = "pipeline.runner.cluster.embedded_worker_setup"
     ray.init(
-        address="local", num_cpus=local_cpus(), include_dashboard=False, log_to_driver=True, runtime_env=runtime_env
+        address="local",
+        num_cpus=local_cpus(),
+        resources={DEVICE: 1},
+        include_dashboard=False,
+        log_to_driver=True,
+        runtime_env=runtime_env,
     )
 
 

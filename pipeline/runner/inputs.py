@@ -251,3 +251,52 @@ class HFMappableInput:
         except HFMappingError as err:
             raise StageInputError(f"{self.key}: {err}") from None
         return config.architectures[0]
+
+
+@dataclass
+class ProgramInput:
+    """An ExecuTorch program (.pte) that loads, has the methods a runner needs, and holds
+    ``positions`` (the longest prompt plus the decoded tokens) in its KV cache."""
+
+    key: str
+    path: Path
+    positions: int
+    vocab_size: int
+
+    def check(self) -> Path:
+        from pipeline.profile.programs import ProgramError, load_program
+
+        try:
+            program = load_program(self.path)
+        except ProgramError as err:
+            raise StageInputError(f"{self.key}: {err}") from None
+        if program.metadata["vocab_size"] != self.vocab_size:
+            raise StageInputError(
+                f"{self.key}: {self.path} has vocab_size {program.metadata['vocab_size']}, the model config "
+                f"{self.vocab_size} (a program of another model?)"
+            )
+        if self.positions > program.max_context:
+            raise StageInputError(
+                f"stage.profile.prompt_lengths: the longest run needs {self.positions} positions, but {self.path} "
+                f"holds {program.max_context} (its max_context; raise stage.export.max_context or shorten the prompts)"
+            )
+        return self.path
+
+
+@dataclass
+class ThreadsInput:
+    """A thread count the embedded Ray's machine can run without oversubscription (a
+    cluster's device node checks its own cores when the task starts there)."""
+
+    key: str
+    threads: int
+    on_cluster: bool
+
+    def check(self) -> int:
+        from pipeline.runner.cluster import local_cpus
+
+        if not self.on_cluster and self.threads > local_cpus():
+            raise StageInputError(
+                f"{self.key}: {self.threads} threads requested, but this machine has {local_cpus()} usable cores"
+            )
+        return self.threads

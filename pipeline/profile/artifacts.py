@@ -1,0 +1,200 @@
+"""The profile stage's work, without Ray or tracking: build the dense twins' programs,
+time every program side by side, and write the report.
+
+``profile_all`` writes into ``out``: ``programs/<twin>.pte`` (a function of the config:
+cacheable), ``profile.json``, ``report.md``, ``plots/`` and ``metrics.json`` (timings
+and the machine: never cached by DVC). It returns the metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from pipeline.model.accounting import decode_read_bytes, param_counts
+from pipeline.model.config import ModelConfig
+from pipeline.model.twins import dense_twin
+from pipeline.profile.config import ProfileStageConfig
+from pipeline.profile.programs import LoadedProgram, ProgramError, load_program, lower_model, random_int4
+from pipeline.profile.report import markdown, plot_expert_load, plot_throughput
+from pipeline.profile.routing import decode_expert_load, load_summary
+from pipeline.profile.session import profile_interleaved, speedups, summarize
+from pipeline.profile.stats import timed_generation
+from pipeline.profile.system import PeakMemory, machine, read_bandwidth_gb_s, set_threads
+
+KEY = "stage.profile"
+
+
+def check_room(program: LoadedProgram, cfg: ProfileStageConfig) -> None:
+    """ProgramError unless the longest run (prompt + decoded tokens) fits the program."""
+    if cfg.longest_run > program.max_context:
+        raise ProgramError(
+            f"{KEY}.prompt_lengths: a {max(cfg.prompt_lengths)}-token prompt plus {cfg.decode_tokens} decoded "
+            f"tokens needs {cfg.longest_run} positions, but {program.path} holds {program.max_context} "
+            "(its max_context)"
+        )
+
+
+def _peak_memory_of(path: str, prompt: list[int], continuation: list[int], threads: int) -> dict[str, float]:
+    """In a fresh process: load the program, run one generation; its resident memory
+    before loading and at its peak (MiB)."""
+    from pipeline.profile.system import set_threads
+
+    set_threads(threads)
+    with PeakMemory() as memory:
+        program = load_program(Path(path))
+        timed_generation(program.logits, prompt, continuation)
+    return {"peak_rss_mib": memory.peak_mib, "peak_rss_increment_mib": memory.increment_mib}
+
+
+def measure_memory(path: Path, window: list[int], cfg: ProfileStageConfig) -> dict[str, float]:
+    """Peak resident memory of a process that runs only this program (its longest
+    generation), and how much of it the program added: measured in a spawned process,
+    so neither the other programs nor the twins' lowering inflate it."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    longest = max(cfg.prompt_lengths)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(
+            _peak_memory_of, str(path), window[:longest], window[longest : cfg.longest_run], cfg.threads
+        ).result()
+
+
+def _load_checked(path: Path, cfg: ProfileStageConfig) -> LoadedProgram:
+    program = load_program(path)
+    check_room(program, cfg)
+    return program
+
+
+def program_entry(model_cfg: ModelConfig, program: LoadedProgram, memory: dict[str, float], group_size: int) -> dict:
+    """What the report says of one program: sizes, memory, bytes one decode step reads.
+
+    The program attends over its whole KV-cache buffer under a mask (no shape depends on
+    the position), so a decode step reads all ``max_context`` FP32 cache positions of
+    every layer, sliding-window layers included."""
+    counts = param_counts(model_cfg)
+    read = decode_read_bytes(
+        replace(model_cfg, sliding_window=None), program.max_context, group_size=group_size, kv_dtype_bytes=4
+    )
+    return {
+        "config": model_cfg.name,
+        "params_total": counts.total,
+        "params_active": counts.active,
+        "pte_bytes": program.path.stat().st_size,
+        "full_logits": program.full_logits,
+        **memory,
+        "decode_read_bytes": read,
+    }
+
+
+def profile_all(
+    cfg: ProfileStageConfig, model_cfg: ModelConfig, program_path: Path, quantized: Path, prompts_dir: Path, out: Path
+) -> tuple[dict, dict[str, float]]:
+    """Profile the exported MoE and its dense twins; returns (metrics, seconds)."""
+    from pipeline.export.artifacts import held_out_prompts
+    from pipeline.quant.format import load_quantized
+
+    seconds: dict[str, float] = {}
+    set_threads(cfg.threads, f"{KEY}.threads")
+    windows = held_out_prompts(prompts_dir, cfg.warmup + cfg.repeats, cfg.longest_run)
+    bandwidth = read_bandwidth_gb_s(cfg.bandwidth_mib, cfg.threads)
+
+    programs: dict[str, LoadedProgram] = {}
+    entries: dict[str, dict] = {}
+    moe = _load_checked(program_path, cfg)
+    if moe.metadata["vocab_size"] != model_cfg.vocab_size:
+        raise ProgramError(
+            f"{program_path}: vocab_size {moe.metadata['vocab_size']} differs from model.vocab_size "
+            f"{model_cfg.vocab_size} (a program of another model?)"
+        )
+    memory = measure_memory(program_path, windows[0], cfg)
+    programs["moe"], entries["moe"] = moe, program_entry(model_cfg, moe, memory, cfg.group_size)
+
+    (out / "programs").mkdir(parents=True, exist_ok=True)
+    for i, baseline in enumerate(cfg.baselines):
+        started = time.perf_counter()
+        twin = dense_twin(model_cfg, baseline.removeprefix("dense_"), multiple=cfg.group_size)
+        buffer = lower_model(
+            random_int4(twin, cfg.group_size, cfg.seed + i),
+            moe.max_context,
+            last_logits_only=not moe.full_logits,
+            bos_id=moe.metadata["bos_id"],
+            eos_id=moe.metadata["eos_id"],
+        )
+        path = out / "programs" / f"{baseline}.pte"
+        path.write_bytes(buffer)
+        seconds[f"lower_{baseline}"] = time.perf_counter() - started
+        programs[baseline] = _load_checked(path, cfg)
+        memory = measure_memory(path, windows[0], cfg)
+        entries[baseline] = program_entry(twin, programs[baseline], memory, cfg.group_size)
+
+    started = time.perf_counter()
+    samples = profile_interleaved(
+        {name: p.logits for name, p in programs.items()}, windows, cfg.prompt_lengths, cfg.decode_tokens, cfg.warmup
+    )
+    seconds["profile"] = time.perf_counter() - started
+    summary = summarize(samples)
+    for name, entry in entries.items():
+        bound = bandwidth["gb_s"] * 1e9 / entry["decode_read_bytes"]["total"]
+        entry["decode_bound_tok_s"] = bound
+        entry["decode_fraction_of_bound"] = {n: c["decode_tok_s"]["median"] / bound for n, c in summary[name].items()}
+
+    model, _ = load_quantized(quantized)
+    longest = max(cfg.prompt_lengths)
+    measured = windows[cfg.warmup :]
+    counts_LE = decode_expert_load(
+        model, [(w[:longest], w[longest : cfg.longest_run]) for w in measured], moe.max_context
+    )
+
+    profile = {
+        "machine": machine(cfg.threads),
+        "bandwidth": bandwidth,
+        "runs": cfg.repeats,
+        "warmup": cfg.warmup,
+        "prompt_lengths": cfg.prompt_lengths,
+        "decode_tokens": cfg.decode_tokens,
+        "programs": entries,
+        "summary": summary,
+        "speedups": {b: speedups(samples, "moe", b) for b in cfg.baselines},
+        "expert_load": {"counts": counts_LE.tolist(), **load_summary(counts_LE)},
+        "samples": {n: {str(k): [s.as_dict() for s in v] for k, v in d.items()} for n, d in samples.items()},
+        "note": None
+        if not moe.full_logits
+        else (
+            "Every program returns logits for every prompt position (the export stage's checks compare them "
+            "all), so prefill includes the output head on each prompt token, for the MoE and the twins alike."
+        ),
+    }
+    write_outputs(profile, counts_LE.tolist(), out)
+    return metrics_of(profile), seconds
+
+
+def metrics_of(profile: dict) -> dict:
+    """The DVC/MLflow metrics: speed-ups per baseline and length, the MoE's medians, the
+    bandwidth and the fraction of the decode bound reached, the expert-load summary."""
+    moe = profile["programs"]["moe"]
+    return {
+        "speedup": profile["speedups"],
+        "moe": {
+            metric: {n: c[metric]["median"] for n, c in profile["summary"]["moe"].items()}
+            for metric in ("ttft_ms", "prefill_tok_s", "decode_tok_s")
+        },
+        "decode_fraction_of_bound": {name: p["decode_fraction_of_bound"] for name, p in profile["programs"].items()},
+        "bandwidth_gb_s": profile["bandwidth"]["gb_s"],
+        "moe_peak_rss_mib": moe["peak_rss_mib"],
+        "expert_load": {k: v for k, v in profile["expert_load"].items() if k != "counts"},
+    }
+
+
+def write_outputs(profile: dict, counts_LE: list[list[int]] | None, out: Path) -> None:
+    """profile.json, metrics.json, report.md and plots/ into ``out``."""
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    (out / "profile.json").write_text(json.dumps(profile, indent=2, sort_keys=True))
+    (out / "metrics.json").write_text(json.dumps(metrics_of(profile), indent=2, sort_keys=True))
+    (out / "report.md").write_text(markdown(profile))
+    plot_throughput(profile, out / "plots" / "throughput.png")
+    if counts_LE is not None:
+        plot_expert_load(counts_LE, out / "plots" / "expert_load.png")

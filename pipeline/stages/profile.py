@@ -1,0 +1,85 @@
+"""Stage ``profile``: the exported program against its dense twins in the ExecuTorch
+runtime, on the node that stands for the device (pipeline/profile).
+
+Published into ``stage.profile.out_dir``:
+  programs/       the dense twins' .pte (same total / same active parameters, random
+                  weights, the export stage's path); a function of the config
+  profile.json    every run's timestamps, medians and spreads, speed-ups, memory, the
+                  bandwidth bound, the expert load, the machine
+  report.md       the comparison tables and a plain verdict
+  plots/          throughput.png (tok/s against length), expert_load.png
+  metrics.json    speed-ups, the MoE's medians, fraction of the decode bound (DVC metrics)
+Everything but programs/ is a timing or names the machine: uncached in dvc.yaml.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.recipe import repo_path
+from pipeline.runner.errors import ResourceError
+from pipeline.runner.inputs import MixtureInput, ProgramInput, QuantizedModelInput, ThreadsInput
+from pipeline.runner.spec import Stage, StageContext, StageResult
+
+KEY = "stage.profile"
+OUTPUTS = ("programs", "profile.json", "report.md", "plots", "metrics.json")
+
+
+def _inputs(recipe) -> list:
+    from pipeline.runner.cluster import cluster_address
+
+    cfg = recipe.stage.profile
+    return [
+        ThreadsInput(f"{KEY}.threads", cfg.threads, on_cluster=bool(cluster_address(recipe.ray))),
+        ProgramInput(f"{KEY}.program", repo_path(cfg.program), cfg.longest_run, recipe.model.vocab_size),
+        QuantizedModelInput(f"{KEY}.quantized", repo_path(cfg.quantized), recipe.model),
+        MixtureInput(f"{KEY}.prompts_mixture", repo_path(cfg.prompts_mixture), cfg.longest_run),
+    ]
+
+
+def _work(ctx: StageContext) -> StageResult:
+    import ray
+
+    from pipeline.profile.artifacts import profile_all
+    from pipeline.runner import cluster
+    from pipeline.stages.mix import flat_numbers
+
+    recipe, cfg = ctx.recipe, ctx.recipe.stage.profile
+    cluster.start(recipe.ray)
+    if ray.cluster_resources().get(cluster.DEVICE, 0) < 1:
+        raise ResourceError(
+            f"no Ray node offers the '{cluster.DEVICE}' resource the profile runs on; start the device-like node "
+            f"with: ray start --address=... --resources='{{\"{cluster.DEVICE}\": 1}}'"
+        )
+    # One task on the device node, holding as many CPUs as it runs threads.
+    task = ray.remote(num_cpus=cfg.threads, resources={cluster.DEVICE: 1})(profile_all)
+    metrics, seconds = ray.get(
+        task.remote(
+            cfg,
+            recipe.model,
+            repo_path(cfg.program),
+            repo_path(cfg.quantized),
+            repo_path(cfg.prompts_mixture),
+            ctx.scratch,
+        )
+    )
+
+    def log(run, out_dir: Path) -> None:
+        for item in ("metrics.json", "profile.json", "report.md"):
+            run.log_artifact(out_dir / item)
+        run.log_artifact(out_dir / "plots", "plots")
+        run.log_artifact(out_dir / "programs", "programs")
+        run.log_metrics(flat_numbers(metrics))
+
+    return StageResult(metrics, log=log, perf={f"perf/{k}_seconds": v for k, v in seconds.items()})
+
+
+PROFILE = Stage(
+    name="profile",
+    out_dir=lambda recipe: recipe.stage.profile.out_dir,
+    inputs=_inputs,
+    params=lambda raw: {"model": raw["model"], "stage": raw["stage"]["profile"]},
+    work=_work,
+    outputs=OUTPUTS,
+    resources=lambda recipe: {"CPU": recipe.stage.profile.threads, "device": 1},
+)
