@@ -96,6 +96,18 @@ bench-export: $(STAMP)
 	$(PY) bench/bench_export.py lower --model $(or $(MODEL),tiny) --layers $(or $(LAYERS),0)
 	$(PY) bench/bench_export.py sparsity
 
+# Profile: the exported MoE and its dense twins side by side in the ExecuTorch runtime
+# (interleaved repetitions, paired ratios), then where a decode step's time goes (ETDump).
+# Needs `make profile` outputs; bench/bench_profile.py --help for other programs.
+bench-profile: $(STAMP)
+	$(PY) bench/bench_profile.py side-by-side
+	$(PY) bench/bench_profile.py etdump
+
+# The paper's shapes: mobilemoe_s against mobilellm_pro, INT4, random weights, full width
+# at a few layers extrapolated to full depth (tools/profile_paper.py; PAPER_ARGS go on).
+profile-paper: mix
+	$(PY) -m tools.profile_paper $(PAPER_ARGS)
+
 bench-model: $(STAMP)
 	$(PY) bench/bench_model.py
 

@@ -83,15 +83,3 @@ def lower_model(model: Transformer, max_context: int, last_logits_only: bool, bo
     program = ExportableLM(model, max_context, last_logits_only=last_logits_only)
     metadata = {"max_context": max_context, "vocab_size": model.cfg.vocab_size, "bos_id": bos_id, "eos_id": eos_id}
     return lower_to_pte(export_program(program), metadata).buffer
-
-
-def fit_depth(layers: list[int], values: list[float]) -> tuple[float, float]:
-    """Least-squares line ``value = a + b * layers`` through per-depth measurements of
-    full-width models: ``a`` is what does not grow with depth (embedding, head, runtime
-    overhead), ``b`` one layer's cost. Needs two distinct depths."""
-    if len(set(layers)) < 2 or len(layers) != len(values):
-        raise ValueError(f"need values at two or more distinct depths, got layers={layers}")
-    n = len(layers)
-    mx, my = sum(layers) / n, sum(values) / n
-    b = sum((x - mx) * (y - my) for x, y in zip(layers, values, strict=True)) / sum((x - mx) ** 2 for x in layers)
-    return my - b * mx, b
