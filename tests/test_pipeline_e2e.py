@@ -109,6 +109,19 @@ def test_export_stage_outputs(repo):
     assert len(sample["tokens"]) >= 1 and isinstance(sample["completion"], str)
 
 
+def test_profile_stage_outputs(repo):
+    assert "  profile:" in (repo / "dvc.lock").read_text()
+    out = repo / "outputs" / "profile"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["speedup"]) == {"dense_total"}  # the micro preset's one baseline
+    assert all(x > 0 for x in metrics["speedup"]["dense_total"]["decode"].values())
+    assert (out / "programs" / "dense_total.pte").stat().st_size > 0
+    assert "equal INT4 memory" in (out / "report.md").read_text()
+    assert (out / "plots" / "throughput.png").stat().st_size > 0
+    profile = json.loads((out / "profile.json").read_text())
+    assert profile["machine"]["threads"] == 2 and profile["runs"] == 2
+
+
 def test_qat_stage_outputs(repo):
     from pipeline.model.accounting import int4_weight_bytes
     from pipeline.quant.format import load_quantized
@@ -144,7 +157,12 @@ def test_mlflow_parent_with_nested_stage_runs(repo, mlflow_client):
     import mlflow
 
     runs = _stage_runs(mlflow_client)
-    assert set(runs) == {"mix", *TRAIN_STAGES, "qat", "export"}
+    assert set(runs) == {"mix", *TRAIN_STAGES, "qat", "export", "profile"}
+    profile = runs["profile"]
+    assert profile.info.status == "FINISHED"
+    assert profile.data.metrics["speedup/dense_total/decode/32"] > 0
+    profile_artifacts = {a.path for a in mlflow_client.list_artifacts(profile.info.run_id)}
+    assert {"report.md", "profile.json", "plots", "programs", "metrics.json"} <= profile_artifacts
     export = runs["export"]
     assert export.info.status == "FINISHED"
     assert export.data.metrics["checks/pte/cosine_min"] > 0.99
@@ -286,10 +304,10 @@ def test_a_bad_config_leaves_every_earlier_output_byte_identical(repo, mlflow_cl
 
 
 def test_dvc_exp_run_with_hydra_override_reruns_only_what_changed(repo):
-    # The QAT granularity (the micro preset's is per group): QAT and export re-run.
+    # The QAT granularity (the micro preset's is per group): QAT, export and profile re-run.
     proc = sh(repo, ".venv/bin/dvc", "exp", "run", "-S", "stage.qat.granularity=per_channel", timeout=900)
     out = proc.stdout
-    assert "Running stage 'qat'" in out and "Running stage 'export'" in out
+    assert "Running stage 'qat'" in out and "Running stage 'export'" in out and "Running stage 'profile'" in out
     for stage in ("mix", "pretrain", "midtrain", "sft"):
         assert f"Running stage '{stage}'" not in out
     assert (

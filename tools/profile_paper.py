@@ -24,7 +24,6 @@ import argparse
 import json
 import time
 from dataclasses import replace
-from pathlib import Path
 
 from pipeline.export.artifacts import held_out_prompts
 from pipeline.model.accounting import decode_read_bytes, int4_weight_bytes, param_counts
