@@ -29,9 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.export.lower import expert_weight_table, export_program, lower_to_pte  # noqa: E402
 from pipeline.export.program import ExportableLM  # noqa: E402
-from pipeline.model import Transformer  # noqa: E402
-from pipeline.quant.config import QuantConfig  # noqa: E402
-from pipeline.quant.convert import post_training_quantize  # noqa: E402
+from pipeline.profile.programs import random_int4  # noqa: E402
 from pipeline.recipe import compose, validate  # noqa: E402
 
 
@@ -39,17 +37,11 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _random_int4(cfg, group: int) -> Transformer:
-    torch.manual_seed(0)
-    with torch.no_grad():
-        return post_training_quantize(Transformer(cfg).eval(), QuantConfig(group_size=group))
-
-
 def lower_cmd(args) -> None:
     cfg = validate(compose([f"model={args.model}"])).model
     cfg = replace(cfg, n_layers=args.layers or cfg.n_layers)
     started = time.perf_counter()
-    model = _random_int4(cfg, 32)
+    model = random_int4(cfg, 32, seed=0)[0]
     built = time.perf_counter() - started
     program = ExportableLM(model, args.max_context)
     started = time.perf_counter()
@@ -90,7 +82,7 @@ def sparsity_cmd(args) -> None:
     rows = []
     # (32, 32): every expert active, what a compute-every-expert program would cost.
     for experts, top_k in ((8, 1), (8, 4), (32, 1), (32, 4), (32, 32)):
-        program = ExportableLM(_random_int4(_layer_cfg(experts, top_k), 32), 64)
+        program = ExportableLM(random_int4(_layer_cfg(experts, top_k), 32, seed=0)[0], 64)
         lowered = lower_to_pte(
             export_program(program), {"max_context": 64, "vocab_size": 512, "bos_id": 0, "eos_id": 1}
         )

@@ -207,11 +207,31 @@ def test_expert_load_counts_decode_steps_only_and_follows_the_router():
     assert counts[:, [0, 2]].sum() == 0 and counts[:, [1, 3]].tolist() == [[9, 9], [9, 9]]
 
 
+def test_router_balancing_spreads_load_with_the_recipe_updates_and_leaves_weights_alone():
+    from pipeline.profile.programs import balance_router
+
+    torch.manual_seed(0)
+    model = Transformer(micro_cfg())
+    for moe in model.moe_layers():  # degenerate: expert 0 wins every token
+        moe.router.expert_bias_E.copy_(torch.tensor([0.3, 0.0, 0.0, 0.0]))
+    before = {k: v.clone() for k, v in model.state_dict().items() if "expert_bias" not in k}
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, VOCAB, (2, 32), generator=gen) for _ in range(30)]
+    history = balance_router(model, batches, rate=0.02)
+    # 2.0: expert 0 takes every token (top-2 of 4); balanced to ~1.3 (64 tokens a batch are noisy)
+    assert len(history) == 30 and history[0] == 2.0 and sum(history[-10:]) / 10 < 1.5, history
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())  # only the biases moved
+    for moe in model.moe_layers():
+        assert moe.router.cfg.bias_update_rate == micro_cfg().moe.bias_update_rate
+        assert moe.router.expert_bias_E[0] < 0.3 and not moe.training
+
+
 @pytest.fixture(scope="module")
 def micro_program(tmp_path_factory) -> tuple[Path, Path, Transformer]:
     """A random-weight micro MoE, converted, lowered the export stage's way (full logits)."""
     root = tmp_path_factory.mktemp("micro_program")
-    model = random_int4(micro_cfg(), 32, seed=3)
+    model, _ = random_int4(micro_cfg(), 32, seed=3)
     path = root / "model.pte"
     path.write_bytes(lower_model(model, MAX_CONTEXT, last_logits_only=False, bos_id=1, eos_id=2))
     quantized = root / "model.safetensors"

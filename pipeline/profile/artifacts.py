@@ -118,7 +118,7 @@ def profile_all(
         started = time.perf_counter()
         twin = dense_twin(model_cfg, baseline.removeprefix("dense_"), multiple=cfg.group_size)
         buffer = lower_model(
-            random_int4(twin, cfg.group_size, cfg.seed + i),
+            random_int4(twin, cfg.group_size, cfg.seed + i)[0],
             moe.max_context,
             last_logits_only=not moe.full_logits,
             bos_id=moe.metadata["bos_id"],

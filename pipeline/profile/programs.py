@@ -8,7 +8,7 @@ and INT4 format times like a trained one; only routing could differ, and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -63,16 +63,50 @@ def load_program(path: Path) -> LoadedProgram:
     return LoadedProgram(path, metadata, probe.shape[1] == 2, forward)
 
 
-def random_int4(cfg: ModelConfig, group_size: int, seed: int) -> Transformer:
-    """A randomly initialised model of ``cfg`` (the model's own init: a router with
-    small random weights, which spreads tokens over experts like a balanced trained
-    router) converted to 8da4w by post-training quantization."""
+def random_int4(
+    cfg: ModelConfig, group_size: int, seed: int, balance_on: list[torch.Tensor] | None = None, rate: float = 0.01
+) -> tuple[Transformer, list[float]]:
+    """A randomly initialised model of ``cfg`` converted to 8da4w by post-training
+    quantization, and the history of its routing balance.
+
+    ``balance_on``: token batches ``[B, S]`` of real text. A random router is not
+    balanced: the hidden states of text share directions, so a few experts win most
+    tokens (max/mean load ~6 on mobilemoe_s), which would make prefill look cheaper (fewer,
+    larger expert GEMMs). Before quantizing, the router's expert bias is trained the way
+    pre-training trains it, with the recipe's auxiliary-loss-free sign updates
+    (:class:`ExpertBiasBalancer`) at ``rate`` per batch, weights untouched, so load
+    spreads like a trained, balanced router's. Returns the max/mean load per batch."""
     from pipeline.quant.config import QuantConfig
     from pipeline.quant.convert import post_training_quantize
 
     torch.manual_seed(seed)
+    model = Transformer(cfg)
+    history = balance_router(model, balance_on, rate) if balance_on and cfg.moe is not None else []
     with torch.no_grad():
-        return post_training_quantize(Transformer(cfg).eval(), QuantConfig(group_size=group_size))
+        return post_training_quantize(model.eval(), QuantConfig(group_size=group_size)), history
+
+
+@torch.no_grad()
+def balance_router(model: Transformer, batches: list[torch.Tensor], rate: float) -> list[float]:
+    """Move every router's expert bias by ``rate`` * sign(mean load - load) after each
+    batch (forward only); returns the max/mean load, averaged over layers, per batch."""
+    from pipeline.model.balance import ExpertBiasBalancer
+
+    balancer = ExpertBiasBalancer(model.moe_layers())
+    configs = [router.cfg for router in balancer.routers]
+    for router in balancer.routers:
+        router.cfg = replace(router.cfg, bias_update_rate=rate)
+    model.train()  # routers count tokens in training mode only
+    try:
+        history = []
+        for batch_BS in batches:
+            model(batch_BS)
+            history.append(balancer.step()["moe/max_over_mean"])
+    finally:
+        for router, cfg in zip(balancer.routers, configs, strict=True):
+            router.cfg = cfg
+        model.eval()
+    return history
 
 
 def lower_model(model: Transformer, max_context: int, last_logits_only: bool, bos_id: int, eos_id: int) -> bytes:
