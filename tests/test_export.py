@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from shapes import VOCAB, micro_cfg
 
 from pipeline.data.tokenizer import BOS, EOS, PAD, Tokenizer
 from pipeline.export.checks import Thresholds, compare, cosine, prefill_matches_decode, sqnr_db
@@ -23,24 +24,13 @@ from pipeline.export.hf import HFMappingError, dequantized, hf_config, load_hf, 
 from pipeline.export.lower import expert_weight_table, export_program, lower_to_pte, operator_table, save_pt2
 from pipeline.export.program import ExportableLM, ExportInputError
 from pipeline.export.runner import ContextOverflowError, EagerRunner, HFRunner, Pt2Runner, PteRunner, greedy
-from pipeline.model import ModelConfig, MoEConfig, Transformer
+from pipeline.model import ModelConfig, Transformer
 from pipeline.quant.config import QuantConfig
 from pipeline.quant.convert import post_training_quantize
 from pipeline.quant.fake import prepare
 
-VOCAB = 512
 MAX_CONTEXT = 64
 Q = QuantConfig(group_size=32)
-
-
-def micro_cfg(**overrides) -> ModelConfig:
-    moe = MoEConfig(num_experts=4, top_k=2, expert_ffn_dim=32, num_shared_experts=1, shared_ffn_dim=64, route_scale=2.5)
-    base = dict(
-        name="micro", vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, max_seq_len=128
-    )
-    base.update(overrides)
-    base.setdefault("moe", moe)
-    return ModelConfig(**base)
 
 
 def _trained_like(cfg: ModelConfig, seed: int = 0) -> Transformer:

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from shapes import VOCAB, micro_cfg
 
-from pipeline.model import ModelConfig, MoEConfig, Transformer
+from pipeline.model import ModelConfig, Transformer
 from pipeline.model.accounting import decode_read_bytes
 from pipeline.model.twins import dense_twin
 from pipeline.profile.artifacts import profile_all
@@ -32,18 +33,7 @@ from pipeline.recipe import REPO_ROOT, compose, validate
 from pipeline.runner.errors import StageInputError
 from pipeline.runner.inputs import ProgramInput, ThreadsInput
 
-VOCAB = 512
 MAX_CONTEXT = 48
-
-
-def micro_cfg(**overrides) -> ModelConfig:
-    moe = MoEConfig(num_experts=4, top_k=2, expert_ffn_dim=32, num_shared_experts=1, shared_ffn_dim=64, route_scale=2.5)
-    base = dict(
-        name="micro", vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, max_seq_len=128
-    )
-    base.update(overrides)
-    base.setdefault("moe", moe)
-    return ModelConfig(**base)
 
 
 class FakeProgram:
