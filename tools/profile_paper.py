@@ -27,6 +27,7 @@ import json
 import time
 from dataclasses import replace
 
+import numpy as np
 import torch
 
 from pipeline.data.mixing import load_split
@@ -55,7 +56,7 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--group-size", type=int, default=32)
     p.add_argument("--mixture", default="data/mix/pretrain", help="held-out prompts (val split); make mix")
-    p.add_argument("--balance-batches", type=int, default=40, help="router-bias updates before quantizing")
+    p.add_argument("--balance-batches", type=int, default=60, help="router-bias updates before quantizing")
     p.add_argument("--balance-rate", type=float, default=0.01)
     p.add_argument("--out", default="outputs/profile_paper")
     args = p.parse_args(argv)
@@ -80,11 +81,13 @@ def main(argv=None) -> None:
     bandwidth = read_bandwidth_gb_s(512, args.threads)
     (out / "programs").mkdir(parents=True, exist_ok=True)
 
+    # Bias-update batches of rows from random places in the training split: each batch
+    # mixes domains, as a shuffled pre-training batch does.
     train, _ = load_split(mixture, "train")
-    width = 256
+    rng = np.random.default_rng(0)
     batches = [
-        torch.from_numpy(train[i * 4 * width : (i + 1) * 4 * width].astype("int64")).view(4, width)
-        for i in range(min(args.balance_batches, len(train) // (4 * width)))
+        torch.from_numpy(np.stack([train[s : s + 128] for s in rng.integers(0, len(train) - 128, 8)]).astype("int64"))
+        for _ in range(args.balance_batches)
     ]
     programs, entries, eager = {}, {}, None
     for family, cfg in families.items():
