@@ -98,6 +98,13 @@ class RecipeConfig:
             f"needs {profile.longest_run} positions, more than "
             f"stage.export.max_context={self.stage.export.max_context}",
         )
+        # After QAT's own group check: the default interpolates QAT's group, whose error
+        # should name stage.qat.group_size.
+        require(
+            profile.group_size % 32 == 0,
+            "stage.profile.group_size",
+            f"XNNPACK's INT4 GEMM needs a multiple of 32, got {profile.group_size}",
+        )
         if self.model.moe is not None:
             from pipeline.model.twins import dense_twin
 

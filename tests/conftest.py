@@ -1,4 +1,6 @@
-"""Shared fixtures: a small built data mixture (tokenizer + pretrain/midtrain/sft)."""
+"""Shared fixtures: a small built data mixture (tokenizer + pretrain/midtrain/sft), and one
+micro MoE converted to INT4 and lowered to a .pte (about 30 s on 2 cores, built once for
+the export and profile tests)."""
 
 from __future__ import annotations
 
@@ -34,3 +36,38 @@ def micro_data(tmp_path_factory) -> Path:
         tokenizer_max_bytes=200_000,
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def converted():
+    """The micro MoE (tests/shapes.py), weights made less uniform, converted to 8da4w."""
+    import torch
+    from shapes import micro_cfg, trained_like
+
+    from pipeline.quant.config import QuantConfig
+    from pipeline.quant.convert import post_training_quantize
+
+    with torch.no_grad():
+        return post_training_quantize(trained_like(micro_cfg()), QuantConfig(group_size=32))
+
+
+@pytest.fixture(scope="session")
+def lowered(converted, tmp_path_factory) -> dict:
+    """``converted`` through the export stage's path: model.pt2, model.pte (every
+    position's logits, MAX_CONTEXT positions) and its converted weights, model.safetensors."""
+    from shapes import MAX_CONTEXT, VOCAB
+
+    from pipeline.export.lower import export_program, lower_to_pte, save_pt2
+    from pipeline.export.program import ExportableLM
+    from pipeline.quant.config import QuantConfig
+    from pipeline.quant.format import save_quantized
+
+    out = tmp_path_factory.mktemp("export")
+    program = ExportableLM(converted, MAX_CONTEXT)
+    exported = export_program(program)
+    save_pt2(exported, out / "model.pt2")
+    meta = {"max_context": MAX_CONTEXT, "vocab_size": VOCAB, "bos_id": 0, "eos_id": 1}
+    result = lower_to_pte(exported, meta)
+    (out / "model.pte").write_bytes(result.buffer)
+    save_quantized(converted, QuantConfig(group_size=32), out / "model.safetensors")
+    return {"dir": out, "operators": result.operators, "program": program, "meta": meta}

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from pipeline.model import ModelConfig, MoEConfig
+import torch
+
+from pipeline.model import ModelConfig, MoEConfig, Transformer
 
 VOCAB = 512
+MAX_CONTEXT = 64  # KV-cache positions of the shared micro program (conftest: lowered)
 
 
 def micro_cfg(**overrides) -> ModelConfig:
@@ -17,3 +20,19 @@ def micro_cfg(**overrides) -> ModelConfig:
     base.update(overrides)
     base.setdefault("moe", moe)
     return ModelConfig(**base)
+
+
+def trained_like(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    """Random weights, made less uniform than the init (larger weights, non-trivial
+    norms and expert biases) so that routing and logits are not near ties."""
+    torch.manual_seed(seed)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            else:
+                p.mul_(4.0)
+        for moe in model.moe_layers():
+            moe.router.expert_bias_E.uniform_(-0.05, 0.05)
+    return model.eval()

@@ -2,7 +2,7 @@
 computes; bad inputs are named before any lowering; the XNNPACK shim is still needed.
 
 One micro MoE (2 layers x 4 experts, top-2, shared expert) is quantized and lowered
-once per module (about 20 s on 2 cores) and shared by the tests.
+once per session (tests/conftest.py: ``converted``, ``lowered``) and shared by the tests.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from shapes import VOCAB, micro_cfg
+from shapes import MAX_CONTEXT, VOCAB, micro_cfg, trained_like
 
 from pipeline.data.tokenizer import BOS, EOS, PAD, Tokenizer
 from pipeline.export.checks import Thresholds, compare, cosine, prefill_matches_decode, sqnr_db
 from pipeline.export.hf import HFMappingError, dequantized, hf_config, load_hf, save_hf
-from pipeline.export.lower import expert_weight_table, export_program, lower_to_pte, operator_table, save_pt2
+from pipeline.export.lower import expert_weight_table, operator_table
 from pipeline.export.program import ExportableLM, ExportInputError
 from pipeline.export.runner import ContextOverflowError, EagerRunner, HFRunner, Pt2Runner, PteRunner, greedy
 from pipeline.model import ModelConfig, Transformer
@@ -29,24 +29,7 @@ from pipeline.quant.config import QuantConfig
 from pipeline.quant.convert import post_training_quantize
 from pipeline.quant.fake import prepare
 
-MAX_CONTEXT = 64
 Q = QuantConfig(group_size=32)
-
-
-def _trained_like(cfg: ModelConfig, seed: int = 0) -> Transformer:
-    """Random weights, made less uniform than the init (larger weights, non-trivial
-    norms and expert biases) so that routing and logits are not near ties."""
-    torch.manual_seed(seed)
-    model = Transformer(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            else:
-                p.mul_(4.0)
-        for moe in model.moe_layers():
-            moe.router.expert_bias_E.uniform_(-0.05, 0.05)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -58,24 +41,6 @@ def tokenizer(micro_data) -> Tokenizer:
 def prompts(tokenizer) -> list[list[int]]:
     texts = ["What is 12 plus 30? The answer is", "A fortune: you will", "Q: 7 times 6\nA:"]
     return [tokenizer.encode(t) for t in texts]
-
-
-@pytest.fixture(scope="module")
-def converted() -> Transformer:
-    with torch.no_grad():
-        return post_training_quantize(_trained_like(micro_cfg()), Q)
-
-
-@pytest.fixture(scope="module")
-def lowered(converted, tmp_path_factory):
-    out = tmp_path_factory.mktemp("export")
-    program = ExportableLM(converted, MAX_CONTEXT)
-    exported = export_program(program)
-    save_pt2(exported, out / "model.pt2")
-    meta = {"max_context": MAX_CONTEXT, "vocab_size": VOCAB, "bos_id": 0, "eos_id": 1}
-    result = lower_to_pte(exported, meta)
-    (out / "model.pte").write_bytes(result.buffer)
-    return {"dir": out, "operators": result.operators, "program": program, "meta": meta}
 
 
 def test_pte_matches_the_eager_converted_model_and_generates_text(converted, lowered, prompts, tokenizer):
@@ -155,14 +120,14 @@ def test_prompt_longer_than_the_context_is_refused_before_running(lowered):
 
 def test_unconverted_models_and_small_groups_are_refused_naming_the_weight():
     with torch.no_grad():
-        small_groups = post_training_quantize(_trained_like(micro_cfg()), QuantConfig(group_size=16))
+        small_groups = post_training_quantize(trained_like(micro_cfg()), QuantConfig(group_size=16))
     with pytest.raises(ExportInputError, match="embed.weight: INT4 group of 16 .* multiple of 32"):
         ExportableLM(small_groups, MAX_CONTEXT)
-    fp = _trained_like(micro_cfg())
+    fp = trained_like(micro_cfg())
     with pytest.raises(ExportInputError, match="converted model"):
         ExportableLM(fp, MAX_CONTEXT)
     with pytest.raises(ExportInputError, match="converted model"):
-        ExportableLM(prepare(_trained_like(micro_cfg()), Q), MAX_CONTEXT)
+        ExportableLM(prepare(trained_like(micro_cfg()), Q), MAX_CONTEXT)
 
 
 def test_sqnr_and_cosine_by_hand():
@@ -225,7 +190,7 @@ def test_dense_twin_maps_onto_qwen3_with_sliding_window_layers(tmp_path, micro_d
     from transformers import AutoModelForCausalLM
 
     cfg = micro_cfg(moe=None, ffn_dim=96, sliding_window=4, global_every=2)
-    model = _trained_like(cfg)
+    model = trained_like(cfg)
     special = {"bos": BOS, "eos": EOS, "pad": PAD}
     save_hf(model, tmp_path / "hf", micro_data / "tokenizer" / "tokenizer.json", special, {"scheme": "none"})
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
@@ -305,7 +270,7 @@ def test_stage_inputs_name_a_missing_or_unconverted_model_and_an_unmappable_arch
     with pytest.raises(StageInputError, match=r"stage.export.quantized: .* does not exist \(has the qat stage run\?\)"):
         QuantizedModelInput(key, tmp_path / "quantized" / "model.safetensors", cfg).check()
     # A full-precision training checkpoint (what outputs/qat/model holds) is refused.
-    ckpt = save_checkpoint(tmp_path / "model", 6, _trained_like(cfg).state_dict(), None, {"model": {}})
+    ckpt = save_checkpoint(tmp_path / "model", 6, trained_like(cfg).state_dict(), None, {"model": {}})
     for path in (ckpt, ckpt / "model.safetensors"):
         with pytest.raises(StageInputError, match="not a converted|training checkpoint"):
             QuantizedModelInput(key, path, cfg).check()
@@ -322,7 +287,7 @@ def test_stage_inputs_name_a_missing_or_unconverted_model_and_an_unmappable_arch
 
 def _eager_pair(cfg: ModelConfig, q: QuantConfig = Q) -> tuple[Transformer, ExportableLM]:
     with torch.no_grad():
-        model = post_training_quantize(_trained_like(cfg), q)
+        model = post_training_quantize(trained_like(cfg), q)
     return model, ExportableLM(model, MAX_CONTEXT)
 
 

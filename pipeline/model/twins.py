@@ -24,7 +24,10 @@ TwinMatch = Literal["active", "total"]
 def dense_twin(cfg: ModelConfig, match: TwinMatch, multiple: int = 32) -> ModelConfig:
     """The dense model with the MoE's ``active`` or ``total`` FFN parameters per layer.
 
-    ``multiple``: the dense ``ffn_dim`` is a multiple of it (use the INT4 group size).
+    ``multiple``: the ``total`` twin's ``ffn_dim`` is rounded *down* to a multiple of it
+    (use the INT4 group size), so it holds up to ``multiple - 1`` hidden columns per layer
+    fewer than the MoE (tiny: 1280 instead of 1285.3, -0.4% FFN): the rounding favours
+    the dense twin, never the MoE. The ``active`` twin is exact.
     Raises ValueError for a dense ``cfg``, an unknown ``match``, or a total FFN width
     that rounds down to zero.
     """

@@ -27,6 +27,21 @@ from pipeline.profile.system import PeakMemory, machine, read_bandwidth_gb_s, se
 KEY = "stage.profile"
 
 
+def distinct_prompts(mixture_dir: Path, n: int, length: int) -> list[list[int]]:
+    """``n`` held-out windows of ``length`` tokens that do not overlap (each run sees
+    other text); ValueError naming ``stage.profile.repeats`` when the val split is short."""
+    from pipeline.data.mixing import load_split
+    from pipeline.export.artifacts import held_out_prompts
+
+    tokens, _ = load_split(mixture_dir, "val")
+    if len(tokens) < n * length:
+        raise ValueError(
+            f"{KEY}.repeats: {n} runs (warm-up included) of {length} tokens need {n * length} distinct held-out "
+            f"tokens, but {mixture_dir}'s val split has {len(tokens)}"
+        )
+    return held_out_prompts(mixture_dir, n, length)
+
+
 def check_room(program: LoadedProgram, cfg: ProfileStageConfig) -> None:
     """ProgramError unless the longest run (prompt + decoded tokens) fits the program."""
     if cfg.longest_run > program.max_context:
@@ -40,7 +55,8 @@ def check_room(program: LoadedProgram, cfg: ProfileStageConfig) -> None:
 def _peak_memory_of(path: str, prompt: list[int], continuation: list[int], threads: int) -> dict[str, float]:
     """In a fresh process: load the program, run one generation; its resident memory
     before loading and at its peak (MiB)."""
-    from pipeline.profile.system import set_threads
+    import executorch.kernels.quantized  # noqa: F401 - libraries loaded before the meter starts
+    import executorch.runtime  # noqa: F401
 
     set_threads(threads)
     with PeakMemory() as memory:
@@ -94,12 +110,11 @@ def profile_all(
     cfg: ProfileStageConfig, model_cfg: ModelConfig, program_path: Path, quantized: Path, prompts_dir: Path, out: Path
 ) -> tuple[dict, dict[str, float]]:
     """Profile the exported MoE and its dense twins; returns (metrics, seconds)."""
-    from pipeline.export.artifacts import held_out_prompts
     from pipeline.quant.format import load_quantized
 
     seconds: dict[str, float] = {}
     set_threads(cfg.threads, f"{KEY}.threads")
-    windows = held_out_prompts(prompts_dir, cfg.warmup + cfg.repeats, cfg.longest_run)
+    windows = distinct_prompts(prompts_dir, cfg.warmup + cfg.repeats, cfg.longest_run)
     bandwidth = read_bandwidth_gb_s(cfg.bandwidth_mib, cfg.threads)
 
     programs: dict[str, LoadedProgram] = {}
@@ -159,7 +174,7 @@ def profile_all(
         "programs": entries,
         "summary": summary,
         "speedups": {b: speedups(samples, "moe", b) for b in cfg.baselines},
-        "expert_load": {"counts": counts_LE.tolist(), **load_summary(counts_LE)},
+        "expert_load": {"counts": counts_LE.tolist(), **load_summary(counts_LE, model_cfg.moe.top_k)},
         "samples": {n: {str(k): [s.as_dict() for s in v] for k, v in d.items()} for n, d in samples.items()},
         "note": None
         if not moe.full_logits

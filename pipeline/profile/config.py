@@ -47,11 +47,6 @@ class ProfileStageConfig:
         )
         unknown = sorted(set(self.baselines) - set(BASELINES))
         require(not unknown, "baselines", f"unknown {unknown}; known: {list(BASELINES)}")
-        require(
-            self.group_size % 32 == 0,
-            "group_size",
-            f"XNNPACK's INT4 GEMM needs a multiple of 32, got {self.group_size}",
-        )
 
     @property
     def longest_run(self) -> int:

@@ -57,10 +57,19 @@ def load_program(path: Path) -> LoadedProgram:
     missing = [m for m in (*CONSTANTS, "forward") if m not in program.method_names]
     if missing:
         raise ProgramError(f"{path}: the program lacks the method(s) {missing}; re-export it with the export stage")
-    metadata = {name: int(program.load_method(name).execute([])[0]) for name in CONSTANTS}
-    forward = program.load_method("forward")
-    probe = forward.execute([torch.zeros(1, 2, dtype=torch.long), torch.tensor([0])])[0]
-    return LoadedProgram(path, metadata, probe.shape[1] == 2, forward)
+    try:
+        metadata = {name: int(program.load_method(name).execute([])[0]) for name in CONSTANTS}
+        forward = program.load_method("forward")
+        # A 2-token prefill tells the logits form: (1, 2, V) every position, (1, 1, V) the last.
+        probe_1SV = forward.execute(
+            [torch.zeros(1, min(2, metadata["max_context"]), dtype=torch.long), torch.tensor([0])]
+        )[0]
+    except Exception as err:  # noqa: BLE001 - the runtime raises RuntimeError for a wrong signature
+        raise ProgramError(
+            f"{path}: its methods do not run as forward(tokens[1, S], input_pos[1]) and constant metadata "
+            f"({type(err).__name__}: {err})"
+        ) from None
+    return LoadedProgram(path, metadata, probe_1SV.shape[1] == 2, forward)
 
 
 def random_int4(
@@ -71,7 +80,7 @@ def random_int4(
 
     ``balance_on``: token batches ``[B, S]`` of real text. A random router is not
     balanced: the hidden states of text share directions, so a few experts win most
-    tokens (max/mean load ~6 on mobilemoe_s), which would make prefill look cheaper (fewer,
+    tokens (max/mean load 3-6 on mobilemoe_s), which would make prefill look cheaper (fewer,
     larger expert GEMMs). Before quantizing, the router's expert bias is trained the way
     pre-training trains it, with the recipe's auxiliary-loss-free sign updates
     (:class:`ExpertBiasBalancer`) at ``rate`` per batch, weights untouched, so load

@@ -52,13 +52,36 @@ def decode_expert_load(
     return counts_LE
 
 
-def load_summary(counts_LE: torch.Tensor) -> dict[str, float]:
-    """How evenly decode spread over the experts: the fraction of (layer, expert) pairs
-    that got any token, and the busiest expert's load over the mean (1.0 = perfectly even),
-    averaged over layers."""
+def _max_over_mean(counts_LE: torch.Tensor) -> float:
     counts = counts_LE.double()
-    mean_E = counts.mean(dim=1, keepdim=True).clamp_min(1e-12)
+    mean_L1 = counts.mean(dim=1, keepdim=True).clamp_min(1e-12)
+    return float((counts.max(dim=1, keepdim=True).values / mean_L1).mean())
+
+
+def uniform_max_over_mean(num_experts: int, top_k: int, steps: int, layers: int, trials: int = 100) -> float:
+    """Expected busiest-expert load over the mean when each of ``steps`` tokens picks
+    ``top_k`` distinct experts uniformly at random, per layer (mean of seeded trials): the
+    noise floor a measured load is read against."""
+    gen = torch.Generator().manual_seed(0)
+    values = []
+    for _ in range(trials):
+        picks_LTK = torch.rand(layers, steps, num_experts, generator=gen).argsort(dim=-1)[..., :top_k]
+        counts_LE = torch.zeros(layers, num_experts, dtype=torch.long)
+        counts_LE.scatter_add_(1, picks_LTK.reshape(layers, -1), torch.ones(layers, steps * top_k, dtype=torch.long))
+        values.append(_max_over_mean(counts_LE))
+    return sum(values) / len(values)
+
+
+def load_summary(counts_LE: torch.Tensor, top_k: int) -> dict[str, float]:
+    """How evenly decode spread over the experts: the fraction of (layer, expert) pairs
+    that got any token, the busiest expert's load over the mean averaged over layers
+    (1.0 = perfectly even), the same under uniform random routing of as many tokens, and
+    the number of decode steps counted."""
+    layers, experts = counts_LE.shape
+    steps = int(counts_LE[0].sum()) // top_k
     return {
         "experts_touched_fraction": float((counts_LE > 0).double().mean()),
-        "max_over_mean_load": float((counts.max(dim=1, keepdim=True).values / mean_E).mean()),
+        "max_over_mean_load": _max_over_mean(counts_LE),
+        "uniform_max_over_mean_load": uniform_max_over_mean(experts, top_k, steps, layers),
+        "decode_steps": steps,
     }

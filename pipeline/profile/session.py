@@ -37,7 +37,7 @@ def profile_interleaved(
     names = list(programs)
     samples: Samples = {name: {n: [] for n in prompt_lengths} for name in names}
     for r, window in enumerate(windows):
-        first = r % len(names)
+        first = (r - warmup) % len(names)  # measured windows start with each program in turn
         order = names[first:] + names[:first]
         for length in prompt_lengths:
             prompt, continuation = window[:length], window[length : length + decode_tokens]

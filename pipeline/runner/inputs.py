@@ -262,6 +262,7 @@ class ProgramInput:
     path: Path
     positions: int
     vocab_size: int
+    lengths_key: str = "stage.profile.prompt_lengths"  # the key that sets ``positions``
 
     def check(self) -> Path:
         from pipeline.profile.programs import ProgramError, load_program
@@ -277,7 +278,7 @@ class ProgramInput:
             )
         if self.positions > program.max_context:
             raise StageInputError(
-                f"stage.profile.prompt_lengths: the longest run needs {self.positions} positions, but {self.path} "
+                f"{self.lengths_key}: the longest run needs {self.positions} positions, but {self.path} "
                 f"holds {program.max_context} (its max_context; raise stage.export.max_context or shorten the prompts)"
             )
         return self.path

@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.recipe import repo_path
+from pipeline.runner.cluster import DEVICE
 from pipeline.runner.errors import ResourceError
 from pipeline.runner.inputs import MixtureInput, ProgramInput, QuantizedModelInput, ThreadsInput
 from pipeline.runner.spec import Stage, StageContext, StageResult
@@ -81,5 +82,5 @@ PROFILE = Stage(
     params=lambda raw: {"model": raw["model"], "stage": raw["stage"]["profile"]},
     work=_work,
     outputs=OUTPUTS,
-    resources=lambda recipe: {"CPU": recipe.stage.profile.threads, "device": 1},
+    resources=lambda recipe: {"CPU": recipe.stage.profile.threads, DEVICE: 1},
 )
