@@ -20,7 +20,7 @@ ifneq ($(wildcard /opt/wheels),)
 export PIP_FIND_LINKS ?= /opt/wheels
 endif
 
-STAGES := mix pretrain midtrain sft qat export profile
+STAGES := mix pretrain midtrain sft qat export profile evalsets eval_pretrain eval_midtrain eval_sft eval_qat report
 .PHONY: setup lock params repro test lint drill mutants bench-model bench-config bench-export bench-profile \
 	profile-paper ui $(STAGES)
 

@@ -18,10 +18,12 @@ from typing import Any
 
 from pipeline.configbase import ConfigError, from_dict, require
 from pipeline.data.mixing import MixtureConfig
+from pipeline.eval.config import EvalStageConfig, SuiteConfig
 from pipeline.export.config import ExportStageConfig
 from pipeline.model.config import ModelConfig
 from pipeline.profile.config import ProfileStageConfig
 from pipeline.quant.config import QuantConfig
+from pipeline.report.config import ReportStageConfig
 from pipeline.tracking import TrackingConfig
 from pipeline.train.config import QATStageConfig, RayConfig, TrainStageConfig
 
@@ -53,6 +55,9 @@ class StagesConfig:
     qat: QATStageConfig
     export: ExportStageConfig
     profile: ProfileStageConfig
+    evalsets: SuiteConfig
+    eval: EvalStageConfig
+    report: ReportStageConfig
 
 
 @dataclass

@@ -92,7 +92,7 @@ def _define_iter(options: dict, cfg) -> Iterator[Document]:
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+")
 
 
-def _halves(text: str) -> tuple[str, str] | None:
+def split_halves(text: str) -> tuple[str, str] | None:
     parts = [p for p in (text.split("\n") if "\n" in text else _SENTENCE_END.split(text)) if p.strip()]
     if len(parts) < 2:
         return None
@@ -111,7 +111,7 @@ def _continue_iter(options: dict, cfg) -> Iterator[Document]:
     inner = _inner(cfg, corpus, {"verses_per_doc": 6} if corpus == "bible" else {})
     for d in iter_documents(inner):
         body = d.text.split("\n", 1)[1] if corpus == "bible" else d.text
-        halves = _halves(body)
+        halves = split_halves(body)
         if halves is None or len(body) > options["max_chars"]:
             continue
         first, rest = halves

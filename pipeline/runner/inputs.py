@@ -301,3 +301,47 @@ class ThreadsInput:
                 f"{self.key}: {self.threads} threads requested, but this machine has {local_cpus()} usable cores"
             )
         return self.threads
+
+
+@dataclass
+class SuiteInput:
+    """An evaluation suite directory (the evalsets stage's), every file intact and well
+    formed, and every request short enough for the model (and the .pte, if any)."""
+
+    key: str
+    path: Path
+    tokenizer: Path
+    max_len: int  # the model's context (model.max_seq_len)
+    program_context: int | None = None  # the .pte's max_context, for its generative tasks
+
+    def check(self) -> dict:
+        from pipeline.eval.suites import load_suite
+        from pipeline.eval.tasks import TaskFileError
+
+        try:
+            suite = load_suite(self.path)
+        except TaskFileError as err:
+            raise StageInputError(f"{self.key}: {err}") from None
+        tok = Tokenizer.load(self.tokenizer)
+        for spec, items in suite.values():
+            for item in items:
+                longest = _request_tokens(spec, item, tok)
+                limit = self.max_len
+                if spec.kind == "generate" and self.program_context is not None:
+                    limit = min(limit, self.program_context)
+                if longest > limit:
+                    raise StageInputError(
+                        f"{self.key}: item {item.id!r} of task {spec.name!r} needs {longest} positions, more than "
+                        f"the model's {limit} (shorten the task's items, or lower its max_tokens)"
+                    )
+        return suite
+
+
+def _request_tokens(spec, item, tok: Tokenizer) -> int:
+    """Positions the longest request of ``item`` needs, BOS (and chat markers) included."""
+    if spec.kind == "rolling":
+        return 1 + len(tok.encode(item.text))
+    if spec.kind == "multiple_choice":
+        return 1 + max(len(tok.encode(item.context + c)) for c in item.choices)
+    markers = 3 if spec.chat else 0  # <|user|> ... <|end|> <|assistant|>
+    return 1 + markers + len(tok.encode(item.context)) + spec.max_tokens

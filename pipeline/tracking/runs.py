@@ -150,6 +150,34 @@ def runs_of_parent(parent_run_id: str, tracking_uri: str | None = None) -> list[
     )
 
 
+def latest_stage_runs(cfg: TrackingConfig, stages: Sequence[str], ui_url: str) -> dict[str, dict[str, str]]:
+    """The newest FINISHED run of each stage in the experiment, as
+    ``{stage: {"run_id", "url"}}`` with ``url`` the run's page under ``ui_url`` (the
+    local MLflow UI, e.g. ``http://127.0.0.1:5000``). Stages without one are left out.
+    Raises TrackingError when the store cannot be read."""
+    uri = resolve_tracking_uri(cfg)
+    try:
+        client = _client(uri)
+        experiment = client.get_experiment_by_name(cfg.experiment)
+        if experiment is None:
+            return {}
+        found = {}
+        for stage in stages:
+            runs = client.search_runs(
+                [experiment.experiment_id],
+                f"tags.stage = '{stage}' and attributes.status = 'FINISHED'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
+            if runs:
+                run_id = runs[0].info.run_id
+                url = f"{ui_url.rstrip('/')}/#/experiments/{experiment.experiment_id}/runs/{run_id}"
+                found[stage] = {"run_id": run_id, "url": url}
+        return found
+    except Exception as err:  # noqa: BLE001 - any store failure: say which store
+        raise TrackingError(f"cannot read the stage runs from {uri}: {type(err).__name__}: {err}") from None
+
+
 # --------------------------------------------------------------------------- stage runs
 
 
@@ -223,6 +251,17 @@ class StageRun:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.enabled:
             _log_artifact(self._guard, _client(self._uri), self._run_id, path, artifact_path)
+
+    def log_artifact_to_parent(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Log into this run's parent (the recipe run), if it has one: what the whole
+        recipe produced, such as its report."""
+        if not self.enabled:
+            return
+        parent = self._guard(
+            "parent lookup", lambda: _client(self._uri).get_run(self._run_id).data.tags.get("mlflow.parentRunId")
+        )
+        if parent:
+            _log_artifact(self._guard, _client(self._uri), parent, path, artifact_path)
 
     def log_dict(self, d: Mapping[str, Any], name: str) -> None:
         """``name`` ending in .yaml/.yml is written as YAML, anything else as JSON."""

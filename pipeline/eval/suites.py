@@ -1,0 +1,346 @@
+"""The default evaluation suite, built offline from the recipe's own sources, and the
+suite directory format.
+
+Held out by construction: an item is built only from corpus units whose split key ``k``
+has ``unit_hash(k) < held_out``, where ``held_out`` is the smallest ``val_fraction`` of
+the mixtures (``pipeline/data/mixing.py`` puts such a unit in the val split of every
+mixture, or leaves it out). Answers that also occur, word for word, in a unit that is
+*not* held out (a verse repeated in another chapter, a common line of code) are
+skipped, so no answer was ever a training target. A test checks both against the
+mixtures' own train keys and texts.
+
+Tasks (kind, what it probes, chance):
+  continuation   multiple choice, 4   the next verse / the rest of a fortune (HellaSwag-like)
+  knowledge      multiple choice, 4   what a stdlib function does, what a word means (ARC/MMLU-like)
+  code           multiple choice, 4   the next line of a stdlib function
+  math           generate, numeric    a word or arithmetic problem (GSM8K-like)
+  instruct       generate, format     a chat question answered in the form instruction tuning
+                                      teaches ("... The answer is N."), for chat models
+  heldout_bpb    rolling              bits per byte on held-out text of every domain
+
+A suite directory holds ``suite.json`` (specs, counts, sha256 per file) and one
+``<task>.jsonl`` per task.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from pipeline.configbase import from_dict, require
+from pipeline.data import generated
+from pipeline.data.document import DataError, normalise, unit_hash
+from pipeline.data.sft_tasks import split_halves
+from pipeline.data.sources import SourceConfig, check_available, iter_documents
+from pipeline.data.stdlib import DEFAULT_EXCLUDE, python_definitions, source_root
+from pipeline.eval.config import SuiteConfig
+from pipeline.eval.tasks import (
+    ChoiceItem,
+    GenerateItem,
+    Item,
+    RollingItem,
+    TaskFileError,
+    TaskSpec,
+    read_items,
+    write_items,
+)
+from pipeline.hashing import sha256_file
+
+SUITE_FILE = "suite.json"
+SUITE_VERSION = 1
+
+
+SPECS = {
+    "continuation": TaskSpec("continuation", "multiple_choice", "literature", chance=0.25),
+    "knowledge": TaskSpec("knowledge", "multiple_choice", "knowledge", chance=0.25),
+    "code": TaskSpec("code", "multiple_choice", "code", chance=0.25),
+    "math": TaskSpec("math", "generate", "math", match="numeric", until=["\n"], max_tokens=64),
+    "instruct": TaskSpec(
+        "instruct",
+        "generate",
+        "instruction",
+        chat=True,
+        match="format",
+        pattern=r"The answer is (-?[\d,]+)\.",
+        max_tokens=64,
+    ),
+    "heldout_bpb": TaskSpec("heldout_bpb", "rolling", "mixed"),
+}
+
+
+# --- building ------------------------------------------------------------------------------
+
+
+def _held(key: str, band: float) -> bool:
+    return unit_hash(key) < band
+
+
+def _source(kind: str, **options) -> Iterator:
+    return iter_documents(SourceConfig(name=f"eval/{kind}", kind=kind, options=options))
+
+
+def _squash(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _choice_items(
+    name: str, pool: list[tuple[str, str, str]], n: int, rng: random.Random, n_choices: int = 4
+) -> list[ChoiceItem]:
+    """``pool`` of (source_key, context, answer): each item gets ``n_choices - 1`` other
+    answers of the pool as distractors, in a seeded random order."""
+    rng.shuffle(pool)
+    answers = [a for _, _, a in pool]
+    items = []
+    for key, context, answer in pool:
+        others = [a for a in rng.sample(answers, min(len(answers), 3 * n_choices)) if a != answer]
+        others = list(dict.fromkeys(others))[: n_choices - 1]
+        if len(others) < n_choices - 1:
+            continue
+        choices = [answer, *others]
+        rng.shuffle(choices)
+        items.append(ChoiceItem(f"{name}/{len(items)}", context, tuple(choices), choices.index(answer), key))
+        if len(items) == n:
+            break
+    return items
+
+
+def _fits(context: str, answer: str, max_chars: int) -> bool:
+    """Context and answer each within half the budget: any choice fits beside any context."""
+    return len(context) <= max_chars // 2 and len(answer) + 1 <= max_chars // 2
+
+
+def _not_elsewhere(pool: list[tuple[str, str, str]], outside: set[str]) -> list[tuple[str, str, str]]:
+    return [p for p in pool if normalise(p[2]) not in outside]
+
+
+def _continuation(n: int, rng: random.Random, band: float, max_chars: int) -> list[ChoiceItem]:
+    held, outside = [], set()
+    previous = None
+    for doc in _source("bible", verses_per_doc=1):
+        verse = _squash(doc.text.split("\n", 1)[1])
+        if not _held(doc.key, band):
+            outside.add(normalise(" " + verse))
+        elif previous is not None and previous[0] == doc.key and _fits(previous[1], verse, max_chars):
+            held.append((doc.key, previous[1], " " + verse))
+        previous = (doc.key, verse)
+    bible = _not_elsewhere(held, outside)
+    fortunes, outside = [], set()
+    for doc in _source("fortunes"):
+        halves = split_halves(doc.text)
+        if halves is None:
+            continue
+        first, rest = _squash(halves[0]), " " + _squash(halves[1])
+        if not _held(doc.split_key(), band):
+            outside.add(normalise(rest))
+        elif len(rest) >= 8 and _fits(first, rest, max_chars):
+            fortunes.append((doc.split_key(), first, rest))
+    fortunes = _not_elsewhere(fortunes, outside)
+    half = n // 2
+    items = _choice_items("continuation", bible, half, rng) + _choice_items("continuation", fortunes, n - half, rng)
+    return [ChoiceItem(f"continuation/{i}", *_fields(it)[1:]) for i, it in enumerate(items)]
+
+
+def _fields(item: ChoiceItem) -> tuple:
+    return item.id, item.context, item.choices, item.answer, item.source_key
+
+
+def _knowledge(n: int, rng: random.Random, band: float, max_chars: int) -> list[ChoiceItem]:
+    pool = []
+    for doc in _source("python_docs"):
+        summary = doc.meta["summary"]
+        question = f"Question: What does `{doc.meta['qualname']}` do?\nAnswer:"
+        if _held(doc.key, band) and len(summary) >= 20 and _fits(question, summary, max_chars):
+            pool.append((doc.key, question, " " + summary))
+    words = []
+    try:
+        check_available(SourceConfig(name="eval/wordnet", kind="wordnet"))
+        for doc in _source("wordnet"):
+            term, definition = doc.meta["term"], doc.meta["definition"]
+            question = f"Question: What does the word '{term}' mean?\nAnswer:"
+            if _held(doc.key, band) and len(definition) >= 10 and _fits(question, definition, max_chars):
+                words.append((doc.key, question, " " + definition))
+    except DataError:
+        pass  # wordnet is optional (Debian's wordnet-base): python_docs alone then
+    half = n // 2 if words else n
+    items = _choice_items("knowledge", pool, half, rng) + _choice_items("knowledge", words, n - half, rng)
+    return [ChoiceItem(f"knowledge/{i}", *_fields(it)[1:]) for i, it in enumerate(items)]
+
+
+def _code(n: int, rng: random.Random, band: float, max_chars: int) -> list[ChoiceItem]:
+    held, outside = [], set()
+    for d in python_definitions(source_root({"root": None}), DEFAULT_EXCLUDE):
+        lines = d.code_without_docstring.split("\n")
+        if not _held(d.key, band):
+            outside.update(normalise(line) for line in lines)
+            continue
+        if d.kind == "class" or len(lines) < 3:
+            continue
+        candidates = [
+            k
+            for k in range(1, min(len(lines), 10))
+            if 12 <= len(lines[k].strip()) and not lines[k].lstrip().startswith("#")
+        ]
+        if not candidates:
+            continue
+        k = rng.choice(candidates)
+        context = f"# module: {d.module}\n" + "\n".join(lines[:k]) + "\n"
+        if _fits(context, lines[k], max_chars):
+            held.append((d.key, context, lines[k]))
+    pool = _not_elsewhere(held, outside)
+    # Distractors are other functions' lines at the answer's indentation, so the
+    # whitespace gives nothing away.
+    rng.shuffle(pool)
+    stripped = [a.strip() for _, _, a in pool]
+    items = []
+    for key, context, answer in pool:
+        indent = answer[: len(answer) - len(answer.lstrip())]
+        others = list(dict.fromkeys(s for s in rng.sample(stripped, min(len(stripped), 12)) if s != answer.strip()))
+        if len(others) < 3:
+            continue
+        choices = [answer, *(indent + s for s in others[:3])]
+        rng.shuffle(choices)
+        items.append(ChoiceItem(f"code/{len(items)}", context, tuple(choices), choices.index(answer), key))
+        if len(items) == n:
+            break
+    return items
+
+
+def _problems(generators, n: int, seed: int, band: float, max_chars: int) -> list[generated.Problem]:
+    out, seen = [], set()
+    for p in generated.problems(generators, 400 * n, seed):
+        key = generated.problem_key(p)
+        if key not in seen and _held(key, band) and len(p.question) + 20 <= max_chars:
+            seen.add(key)
+            out.append(p)
+            if len(out) == n:
+                break
+    return out
+
+
+def _math(n: int, rng: random.Random, band: float, max_chars: int) -> list[GenerateItem]:
+    problems = _problems(generated.ARITHMETIC, n, rng.randrange(2**31), band, max_chars)
+    return [
+        GenerateItem(f"math/{i}", f"Question: {p.question}\nAnswer:", p.answer, generated.problem_key(p))
+        for i, p in enumerate(problems)
+    ]
+
+
+def _instruct(n: int, rng: random.Random, band: float, max_chars: int) -> list[GenerateItem]:
+    problems = _problems(generated.ARITHMETIC, n, rng.randrange(2**31), band, max_chars)
+    return [
+        GenerateItem(f"instruct/{i}", p.question, p.answer, generated.problem_key(p)) for i, p in enumerate(problems)
+    ]
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0]
+
+
+def _heldout(n: int, rng: random.Random, band: float, max_chars: int) -> list[RollingItem]:
+    per = {
+        "bible": (_source("bible", verses_per_doc=6), lambda d: d.key),
+        "fortunes": (_source("fortunes"), lambda d: d.split_key()),
+        "python_code": (_source("python_code"), lambda d: d.key),
+        "python_docs": (_source("python_docs"), lambda d: d.key),
+        "arithmetic": (_source("arithmetic", n_docs=40_000, seed=rng.randrange(2**31)), lambda d: d.key),
+        "reasoning": (_source("reasoning", n_docs=40_000, seed=rng.randrange(2**31)), lambda d: d.key),
+    }
+    quota = [n // len(per) + (1 if i < n % len(per) else 0) for i in range(len(per))]
+    items: list[RollingItem] = []
+    for (docs, key_of), want in zip(per.values(), quota, strict=True):
+        taken = 0
+        for doc in docs:
+            if taken == want:
+                break
+            if _held(key_of(doc), band) and len(doc.text) >= 40:
+                items.append(RollingItem(f"heldout_bpb/{len(items)}", _cut(doc.text, max_chars), key_of(doc)))
+                taken += 1
+    return items
+
+
+BUILDERS: dict[str, Callable[[int, random.Random, float, int], list[Item]]] = {
+    "continuation": _continuation,
+    "knowledge": _knowledge,
+    "code": _code,
+    "math": _math,
+    "instruct": _instruct,
+    "heldout_bpb": _heldout,
+}
+
+
+def build_suite(cfg: SuiteConfig, held_out: float, out: Path) -> dict:
+    """Write every task of ``cfg`` into ``out`` (an empty directory) with ``suite.json``;
+    returns the suite record. ``held_out`` is the smallest val_fraction of the mixtures.
+
+    Raises DataError when the held-out band cannot supply a task's item count (naming
+    the task, the count found and how to get more), TaskFileError for a bad benchmark
+    file (naming the file and line)."""
+    from pipeline.eval.benchmarks import load_benchmark
+
+    require(0.0 < held_out < 0.5, "held_out", f"must be in (0, 0.5), got {held_out}")
+    out = Path(out)
+    tasks: dict[str, dict] = {}
+    for name, count in cfg.items.items():
+        rng = random.Random(f"{cfg.seed}:{name}")  # str seeds are stable across runs
+        items = BUILDERS[name](count, rng, held_out, cfg.max_chars)
+        if len(items) < count:
+            raise DataError(
+                f"eval task {name!r}: the held-out {held_out:.1%} of its sources gives {len(items)} items, "
+                f"fewer than the {count} asked (lower stage.evalsets.items.{name}, or raise the mixtures' val_fraction)"
+            )
+        spec = SPECS[name] if SPECS[name].kind != "generate" else replace(SPECS[name], max_tokens=cfg.max_tokens)
+        tasks[name] = _write_task(out, spec, items, cfg.seed)
+    for bench in cfg.benchmarks:
+        spec, items = load_benchmark(bench.layout, bench.path, bench.name, bench.limit)
+        tasks[spec.name] = _write_task(out, spec, items, cfg.seed, source=str(bench.path))
+    record = {"version": SUITE_VERSION, "held_out": held_out, "seed": cfg.seed, "tasks": tasks}
+    (out / SUITE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
+    return record
+
+
+def _write_task(out: Path, spec: TaskSpec, items: list[Item], seed: int, source: str = "built") -> dict:
+    file = out / f"{spec.name}.jsonl"
+    n = write_items(file, items)
+    return {
+        "spec": asdict(spec),
+        "file": file.name,
+        "items": n,
+        "sha256": sha256_file(file),
+        "seed": seed,
+        "source": source,
+    }
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+def load_suite(directory: Path) -> dict[str, tuple[TaskSpec, list[Item]]]:
+    """Every task of a suite directory, checked: the record parses, each file exists and
+    matches its sha256 and count, each item is well formed. Raises TaskFileError naming
+    the file (and line) at fault."""
+    directory = Path(directory)
+    path = directory / SUITE_FILE
+    if not path.is_file():
+        raise TaskFileError(f"{path}: missing suite record (build it with: make evalsets)")
+    try:
+        record = json.loads(path.read_text())
+        tasks = record["tasks"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise TaskFileError(f"{path}: not a suite record ({err})") from None
+    suite = {}
+    for name, info in tasks.items():
+        try:
+            spec = from_dict(TaskSpec, info["spec"], f"tasks.{name}.spec")
+        except (ValueError, KeyError) as err:
+            raise TaskFileError(f"{path}: {err}") from None
+        file = directory / info["file"]
+        if file.is_file() and sha256_file(file) != info["sha256"]:
+            raise TaskFileError(f"{file}: does not match the sha256 in {path} (edited or damaged; rebuild the suite)")
+        items = read_items(file, spec.kind)
+        if len(items) != info["items"]:
+            raise TaskFileError(f"{file}: {len(items)} items, {path} says {info['items']}")
+        suite[name] = (spec, items)
+    return suite

@@ -1,0 +1,105 @@
+"""Stage ``report``: the recipe's report, last in the DAG (pipeline/report).
+
+Published into ``stage.report.out_dir``: ``report.md``, its self-contained twin
+``report.html`` (images embedded) and ``plots/``. A stage that has not run is shown as
+missing. Everything here names MLflow runs or carries the profile's timings, so it is
+uncached in dvc.yaml; the HTML is also logged to the recipe's parent MLflow run.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pipeline.recipe import repo_path
+from pipeline.runner.spec import Stage, StageContext, StageResult
+
+log = logging.getLogger(__name__)
+
+# The MLflow stage names whose runs the report links, in recipe order.
+RUN_STAGES = (
+    "mix",
+    "pretrain",
+    "midtrain",
+    "sft",
+    "qat",
+    "export",
+    "profile",
+    "evalsets",
+    "eval_pretrain",
+    "eval_midtrain",
+    "eval_sft",
+    "eval_qat",
+)
+
+
+def report_inputs(recipe, raw: dict, runs: dict):
+    """Where every upstream stage of ``recipe`` publishes, as the report reads it."""
+    from pipeline.report import ReportInputs
+
+    stage, targets = recipe.stage, recipe.stage.eval.targets
+    return ReportInputs(
+        model=raw["model"],
+        mixtures={name: repo_path(recipe.data.out_dir) / name for name in ("pretrain", "midtrain", "sft")},
+        train_dirs={name: repo_path(getattr(stage, name).out_dir) for name in ("pretrain", "midtrain", "sft", "qat")},
+        eval_dirs={
+            name: repo_path(stage.eval.out_dir) / name
+            for name in ("pretrain", "midtrain", "sft", "qat")
+            if getattr(targets, name) is not None
+        },
+        export_dir=repo_path(stage.export.out_dir),
+        profile_dir=repo_path(stage.profile.out_dir),
+        runs=runs,
+        title=stage.report.title,
+    )
+
+
+def _runs(recipe) -> dict:
+    from pipeline.tracking import TrackingError, latest_stage_runs
+
+    if not recipe.tracking.enabled:
+        return {}
+    try:
+        return latest_stage_runs(recipe.tracking, RUN_STAGES, recipe.stage.report.ui_url)
+    except TrackingError as err:  # the report stands without links
+        log.warning("the report links no MLflow runs: %s", err)
+        return {}
+
+
+def _build(inputs, out: Path) -> dict:
+    from pipeline.report import collect, write_report
+
+    return write_report(collect(inputs), out)
+
+
+def _work(ctx: StageContext) -> StageResult:
+    import ray
+
+    from pipeline.runner import cluster
+
+    recipe = ctx.recipe
+    inputs = report_inputs(recipe, ctx.raw, _runs(recipe))
+    cluster.start(recipe.ray)
+    summary = ray.get(ray.remote(num_cpus=1)(_build).remote(inputs, ctx.scratch))
+    metrics = {"missing": len(summary["missing"]), "plots": len(summary["plots"])}
+    if summary["missing"]:
+        log.warning("the report shows these as missing (not run): %s", ", ".join(summary["missing"]))
+
+    def log_outputs(run, out_dir: Path) -> None:
+        for item in ("report.html", "report.md"):
+            run.log_artifact(out_dir / item)
+            run.log_artifact_to_parent(out_dir / item, "report")
+        run.log_artifact(out_dir / "plots", "plots")
+
+    return StageResult(metrics, log=log_outputs)
+
+
+REPORT = Stage(
+    name="report",
+    out_dir=lambda recipe: recipe.stage.report.out_dir,
+    inputs=lambda recipe: [],
+    params=lambda raw: {"model": raw["model"], "stage": raw["stage"]["report"]},
+    work=_work,
+    outputs=("report.md", "report.html", "plots"),
+    resources=lambda recipe: {"CPU": 1},
+)
