@@ -23,6 +23,7 @@ from tools.drill import drill, env_for, scratch_copy
 
 pytestmark = pytest.mark.slow
 TRAIN_STAGES = ("pretrain", "midtrain", "sft")
+EVAL_TARGETS = ("pretrain", "midtrain", "sft", "qat")
 
 
 # Ray's session files (sockets, logs) of this module's runs live in a private directory,
@@ -121,6 +122,33 @@ def test_profile_stage_outputs(repo):
     assert profile["machine"]["threads"] == 2 and profile["runs"] == 2
 
 
+def test_every_model_stage_is_evaluated_and_the_report_comes_last(repo):
+    lock = (repo / "dvc.lock").read_text()
+    suite = json.loads((repo / "data" / "eval" / "suite.json").read_text())
+    assert set(suite["tasks"]) == {"continuation", "knowledge", "code", "math", "instruct", "heldout_bpb"}
+    assert suite["held_out"] == 0.1  # the micro mixtures' val_fraction
+    for target in EVAL_TARGETS:
+        assert f"  eval_{target}:" in lock
+        metrics = json.loads((repo / "outputs" / "eval" / target / "metrics.json").read_text())
+        chat = target in ("sft", "qat")
+        assert ("instruct" in metrics["tasks"]) == chat and ("instruct" in metrics) == chat
+        assert metrics["form"] == ("int4" if target == "qat" else "fp32")
+        assert -1.0 <= metrics["centred_acc"] <= 1.0
+        assert metrics["tasks"]["heldout_bpb"]["score"] > 0
+        assert all(t["n"] == suite["tasks"][name]["items"] for name, t in metrics["tasks"].items())
+    pte = json.loads((repo / "outputs" / "eval" / "qat" / "metrics.json").read_text())["pte_tasks"]
+    assert set(pte) == {"math", "instruct"}  # the .pte on the generative tasks
+    # The report ran last and shows every stage (none missing).
+    order = [line.split("'")[1] for line in (repo / "repro.log").read_text().splitlines() if "Running stage '" in line]
+    assert order[-1] == "report", order
+    report = (repo / "outputs" / "report" / "report.md").read_text()
+    assert "missing" not in report.lower(), report[:2000]
+    html = (repo / "outputs" / "report" / "report.html").read_text()
+    assert "<table>" in html and 'src="data:image/png;base64,' in html and 'src="plots/' not in html
+    shown = sh(repo, ".venv/bin/dvc", "metrics", "show").stdout
+    assert all(f"outputs/eval/{t}/metrics.json" in shown for t in EVAL_TARGETS), shown
+
+
 def test_qat_stage_outputs(repo):
     from pipeline.model.accounting import int4_weight_bytes
     from pipeline.quant.format import load_quantized
@@ -156,7 +184,27 @@ def test_mlflow_parent_with_nested_stage_runs(repo, mlflow_client):
     import mlflow
 
     runs = _stage_runs(mlflow_client)
-    assert set(runs) == {"mix", *TRAIN_STAGES, "qat", "export", "profile"}
+    assert set(runs) == {
+        "mix",
+        *TRAIN_STAGES,
+        "qat",
+        "export",
+        "profile",
+        "evalsets",
+        *(f"eval_{t}" for t in EVAL_TARGETS),
+        "report",
+    }
+    evaluated = runs["eval_sft"]
+    assert evaluated.data.metrics["centred_acc"] == pytest.approx(
+        json.loads((repo / "outputs" / "eval" / "sft" / "metrics.json").read_text())["centred_acc"]
+    )
+    assert {"metrics.json", "items.jsonl"} <= {a.path for a in mlflow_client.list_artifacts(evaluated.info.run_id)}
+    parent = evaluated.data.tags["mlflow.parentRunId"]
+    assert {"report/report.html", "report/report.md"} <= {
+        a.path for a in mlflow_client.list_artifacts(parent, "report")
+    }
+    report_html = (repo / "outputs" / "report" / "report.html").read_text()
+    assert evaluated.info.run_id in report_html  # linked for the local UI
     profile = runs["profile"]
     assert profile.info.status == "FINISHED"
     assert profile.data.metrics["moe/decode_tok_s/32"] > 0
@@ -303,25 +351,27 @@ def test_a_bad_config_leaves_every_earlier_output_byte_identical(repo, mlflow_cl
 
 
 def test_dvc_exp_run_with_hydra_override_reruns_only_what_changed(repo):
-    # The QAT granularity (the micro preset's is per group): QAT, export and profile re-run.
-    proc = sh(repo, ".venv/bin/dvc", "exp", "run", "-S", "stage.qat.granularity=per_channel", timeout=900)
-    out = proc.stdout
-    assert "Running stage 'qat'" in out and "Running stage 'export'" in out and "Running stage 'profile'" in out
-    for stage in ("mix", "pretrain", "midtrain", "sft"):
-        assert f"Running stage '{stage}'" not in out
-    assert (
-        json.loads((repo / "outputs" / "qat" / "coverage.json").read_text())["scheme"]["granularity"] == "per_channel"
-    )
-    assert json.loads((repo / "outputs" / "export" / "metrics.json").read_text())["checks"]["pte"]["passed"]
+    # The evaluation batch size: every eval stage and the report re-run, nothing upstream;
+    # batching must not change a single score (dvc metrics diff shows none).
+    before = {t: (repo / "outputs" / "eval" / t / "metrics.json").read_text() for t in EVAL_TARGETS}
+    proc = sh(repo, ".venv/bin/dvc", "exp", "run", "-S", "stage.eval.batch_size=3", timeout=900)
+    ran = re.findall(r"Running stage '([^']+)'", proc.stdout)
+    assert sorted(ran) == sorted([*(f"eval_{t}" for t in EVAL_TARGETS), "report"]), ran
+    for t in EVAL_TARGETS:
+        assert _same_scores(before[t], repo / "outputs" / "eval" / t / "metrics.json"), t
     import csv
 
     rows = list(csv.DictReader(sh(repo, ".venv/bin/dvc", "exp", "show", "--csv").stdout.splitlines()))
     experiments = [r for r in rows if r["Experiment"]]  # named experiment rows
     assert experiments, rows
-    assert experiments[-1]["stage.qat.granularity"] == "per_channel"
-    # (DVC names a metric column by its key alone while no other metrics file has it)
-    column = next(c for c in experiments[-1] if c.endswith("loss_qat_int4"))
-    assert float(experiments[-1][column]) > 0
+    assert experiments[-1]["stage.eval.batch_size"] == "3"
+    column = next(c for c in experiments[-1] if c.endswith("centred_acc") and "sft" in c)
+    assert float(experiments[-1][column]) == pytest.approx(json.loads(before["sft"])["centred_acc"], abs=1e-9)
+
+
+def _same_scores(before: str, after: Path) -> bool:
+    a, b = json.loads(before), json.loads(after.read_text())
+    return all(a["tasks"][k]["score"] == pytest.approx(b["tasks"][k]["score"], abs=1e-9) for k in a["tasks"])
 
 
 def test_interrupted_stage_resumes_from_its_last_checkpoint(repo):

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pipeline.configbase import require
 
 TASKS = ("continuation", "knowledge", "code", "math", "instruct", "heldout_bpb")
-DEFAULT_ITEMS = {"continuation": 100, "knowledge": 48, "code": 100, "math": 80, "instruct": 40, "heldout_bpb": 48}
+DEFAULT_ITEMS = {"continuation": 100, "knowledge": 48, "code": 80, "math": 80, "instruct": 40, "heldout_bpb": 48}
 TARGETS = ("pretrain", "midtrain", "sft", "qat")
 
 
