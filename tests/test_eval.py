@@ -367,3 +367,61 @@ def test_lm_eval_command_line_evaluates_a_recipe_checkpoint(micro_suite, lowered
     results = [json.loads(p.read_text()) for p in (tmp_path / "results").rglob("results*.json")]
     assert results and 0.0 <= results[0]["results"]["mobilemoe_knowledge"]["acc,none"] <= 1.0
     assert "mobilemoe_knowledge" in proc.stdout  # the results table
+
+
+# --- bad input through the stages' command line -------------------------------------------------
+
+
+def _stage(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "stages" / script), *args, "experiment=micro", "tracking.enabled=false"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": "/tmp"},
+    )
+
+
+def test_the_eval_stage_names_a_bad_item_with_its_file_and_line_before_any_work(micro_suite, micro_data, tmp_path):
+    import shutil
+
+    from pipeline.hashing import sha256_file
+
+    suite_dir, _ = micro_suite
+    copy = tmp_path / "suite"
+    shutil.copytree(suite_dir, copy)
+    task = copy / "code.jsonl"
+    lines = task.read_text().splitlines()
+    row = json.loads(lines[2])
+    row["answer"] = len(row["choices"])  # out of range
+    lines[2] = json.dumps(row)
+    task.write_text("\n".join(lines) + "\n")
+    record = json.loads((copy / "suite.json").read_text())
+    record["tasks"]["code"]["sha256"] = sha256_file(task)  # edited as if built so: the item check must catch it
+    (copy / "suite.json").write_text(json.dumps(record))
+    before = {p: p.read_bytes() for p in copy.iterdir()}
+    out = tmp_path / "out"
+    proc = _stage(
+        "eval.py",
+        "pretrain",
+        f"stage.eval.suite={copy}",
+        f"stage.eval.tokenizer={micro_data / 'tokenizer' / 'tokenizer.json'}",
+        f"stage.eval.out_dir={out}",
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"stage.eval.suite: {task}:3: answer index" in proc.stderr, proc.stderr[-2000:]
+    assert {p: p.read_bytes() for p in copy.iterdir()} == before and not out.exists()
+
+
+def test_the_evalsets_stage_names_a_benchmark_file_in_the_wrong_layout(tmp_path):
+    bench = tmp_path / "gsm8k.jsonl"
+    bench.write_text(json.dumps({"question": "What is 2 + 2?", "answer": "2 + 2 = 4\n#### 4"}) + "\n")
+    proc = _stage(
+        "evalsets.py",
+        f"stage.evalsets.out_dir={tmp_path / 'suite'}",
+        f"stage.evalsets.benchmarks=[{{layout: hellaswag, path: '{bench}'}}]",
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"stage.evalsets.benchmarks[0]: {bench}:1: missing field" in proc.stderr, proc.stderr[-2000:]
+    assert "hellaswag layout" in proc.stderr and not (tmp_path / "suite").exists()

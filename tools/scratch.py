@@ -20,7 +20,7 @@ def copy_repo(dest: Path, leave_out: Iterable[str] = ()) -> Path:
     skipped = set(leave_out)
     for rel in files:
         src = REPO_ROOT / rel
-        if src.is_file() and not rel.startswith(("outputs/", "data/mix/")) and rel not in skipped:
+        if src.is_file() and not rel.startswith(("outputs/", "data/mix/", "data/eval/")) and rel not in skipped:
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
     return dest

@@ -96,23 +96,24 @@ def _inputs(target: str):
     def inputs(recipe) -> list:
         cfg = recipe.stage.eval
         t = cfg.targets.get(target)
-        items = [TokenizerInput(f"{KEY}.tokenizer", repo_path(cfg.tokenizer), recipe.model.vocab_size)]
-        items.append(_model_input(f"{KEY}.targets.{target}.model", repo_path(t.model), recipe.model))
-        program_context = None
-        if t.program is not None:
-            items.append(
-                ProgramInput(f"{KEY}.targets.{target}.program", repo_path(t.program), 1, recipe.model.vocab_size)
-            )
-            program_context = recipe.stage.export.max_context
-        items.append(
+        program_context = recipe.stage.export.max_context if t.program is not None else None
+        # Cheapest first: the tokenizer and the suite (read, hashed, every item fitted)
+        # before the model's checkpoint is verified.
+        items = [
+            TokenizerInput(f"{KEY}.tokenizer", repo_path(cfg.tokenizer), recipe.model.vocab_size),
             SuiteInput(
                 f"{KEY}.suite",
                 repo_path(cfg.suite),
                 repo_path(cfg.tokenizer),
                 recipe.model.max_seq_len,
                 program_context,
+            ),
+            _model_input(f"{KEY}.targets.{target}.model", repo_path(t.model), recipe.model),
+        ]
+        if t.program is not None:
+            items.append(
+                ProgramInput(f"{KEY}.targets.{target}.program", repo_path(t.program), 1, recipe.model.vocab_size)
             )
-        )
         return items
 
     return inputs
