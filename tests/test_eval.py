@@ -153,10 +153,20 @@ def test_numeric_answers_are_read_the_way_gsm8k_and_the_recipe_state_them():
     assert answer_number("so we get 1,250 apples") == "1250"
     assert answer_number("-3 and then 4.0") == "4"
     assert answer_number("no digits") is None
+    assert answer_number("it costs 2.50") == "2.5" and answer_number("3.00 left") == "3"
     spec = TaskSpec("m", "generate", match="numeric")
     items = [GenerateItem("a", "q", "1250"), GenerateItem("b", "q", "7"), GenerateItem("c", "q", "5")]
     result = score_generation(spec, items, PlantedLM(outputs=[" it is 1,250", " 8 - 1 = 7. The answer is 6.", ""]))
     assert result.score == pytest.approx(1 / 3)
+
+
+def test_a_continuation_that_merges_into_the_context_is_refused(fp_model, tokenizer):
+    from pipeline.eval.harness import EvalInputError
+
+    words = ["The", "that", "answer", "return", "shepherd", "function", "should", "number"]
+    merged = next(w for w in words if tokenizer.encode(w)[: len(tokenizer.encode(w[:-1]))] != tokenizer.encode(w[:-1]))
+    with pytest.raises(EvalInputError, match="merges into the context"):
+        TorchLM(fp_model, tokenizer).loglikelihood([(merged[:-1], merged[-1])])
 
 
 def test_format_task_scores_compliance_and_keeps_exact_match_apart():
@@ -166,6 +176,9 @@ def test_format_task_scores_compliance_and_keeps_exact_match_apart():
     result = score_generation(spec, items, PlantedLM(outputs=outputs))
     assert result.metrics == {"exact_match": pytest.approx(1 / 3), "format": pytest.approx(2 / 3)}
     assert result.score == pytest.approx(2 / 3)
+    words = TaskSpec("w", "generate", match="format", pattern=r"Capital: (\w+)")
+    named = score_generation(words, [GenerateItem("a", "q", "Paris")], PlantedLM(outputs=["Capital: London"]))
+    assert named.metrics == {"exact_match": 0.0, "format": 1.0}  # a word answer is compared as a word
 
 
 def test_bits_per_byte_is_total_bits_over_total_bytes():
@@ -264,6 +277,8 @@ def test_no_suite_item_is_in_any_training_split(micro_suite):
     for spec, items in suite.values():
         for item in items:
             assert item.source_key not in train_keys, (spec.name, item.id)
+            if spec.kind == "multiple_choice":  # distinct choices, the answer among them once
+                assert len(set(item.choices)) == len(item.choices) == 4, item
             # The answer (or, for generation, the question) never occurs in training text.
             probe = {
                 "multiple_choice": lambda i: i.choices[i.answer],
@@ -274,6 +289,28 @@ def test_no_suite_item_is_in_any_training_split(micro_suite):
                 assert normalise(probe) not in corpus, (spec.name, item.id, probe)
                 checked += 1
     assert checked >= 20
+
+
+def test_the_suite_is_deterministic_and_joins_benchmark_files(tmp_path):
+    from pipeline.eval.config import BenchmarkConfig
+
+    bench = tmp_path / "gsm8k.jsonl"
+    rows = [{"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"} for i in range(5)]
+    bench.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = SuiteConfig(
+        items={"math": 4, "continuation": 4},
+        benchmarks=[BenchmarkConfig("gsm8k", "gsm8k.jsonl", limit=3)],
+        max_chars=200,
+    )
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):
+        out.mkdir()
+        build_suite(cfg, 0.1, out, base_dir=tmp_path)
+    assert {p.name: p.read_bytes() for p in a.iterdir()} == {p.name: p.read_bytes() for p in b.iterdir()}
+    record = json.loads((a / "suite.json").read_text())
+    assert record["tasks"]["gsm8k"]["source"].startswith("gsm8k.jsonl sha256:")  # the path as configured
+    suite = load_suite(a)
+    assert [i.answer for i in suite["gsm8k"][1]] == ["0", "2", "4"] and suite["gsm8k"][0].match == "numeric"
 
 
 def test_an_edited_task_file_is_caught_by_its_hash(micro_suite, tmp_path):
@@ -329,7 +366,9 @@ def test_lm_eval_scores_every_item_exactly_as_the_harness(micro_suite, lowered, 
     )
     ours = {r.spec.name: r for r in evaluate_suite(lm.scorer, {t: load_suite(suite_dir)[t] for t in tasks}, chat=False)}
     for task in tasks:
+        # One sample per document and filter (math reports two readings of one generation).
         samples = sorted(out["samples"][f"mobilemoe_{task}"], key=lambda s: s["doc_id"])
+        samples = list({s["doc_id"]: s for s in samples}.values())
         records = ours[task].items
         assert len(samples) == len(records) == MICRO_ITEMS[task]
         for sample, record in zip(samples, records):

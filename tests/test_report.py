@@ -226,7 +226,7 @@ def test_eval_table_holds_the_planted_scores_in_markdown_and_html(built):
     for label, cells in expected.items():
         assert _md_row(md, label)[1:] == cells
         assert _html_row(html, label.replace("\\", ""))[1:] == cells
-    centred = _md_row(md, "**centred accuracy** (mean over base tasks, score minus chance)")
+    centred = _md_row(md, "**centred accuracy** (mean over base tasks, (score - chance) / (1 - chance))")
     assert centred[2:] == ["**0.0712**", "missing (stage has not run)", "**0.0961**", "**0.0884**", "—"]
     instruct = _html_row(html, "instruct (instruct (exact_match))")
     assert instruct[2:] == ["—", "—", "0.423", "0.417", "0.405"]

@@ -58,12 +58,19 @@ class TextEncoder:
         self.tokenizer = tokenizer
 
     def pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """Ids of ``[BOS] + context`` and of the continuation, split where the encoding
-        of the whole text crosses the context (BPE merges across the boundary count
-        for the continuation)."""
+        """Ids of ``[BOS] + context`` and of the continuation: the encoding of the whole
+        text after the context's own tokens (lm-eval's split). Raises EvalInputError
+        when BPE merges across the boundary (the context's tokens are not a prefix of
+        the whole's, or nothing of the continuation is left): that request's score would
+        not be the continuation's."""
         context, continuation = split_pair(context, continuation)
         whole = self.tokenizer.encode(context + continuation)
         ctx = self.tokenizer.encode(context)
+        if whole[: len(ctx)] != ctx or len(whole) == len(ctx):
+            raise EvalInputError(
+                f"the continuation {continuation[:40]!r} merges into the context's last token "
+                f"({context[-40:]!r}); start it with a space or a newline"
+            )
         return [self.tokenizer.bos_id, *ctx], whole[len(ctx) :]
 
     def prompt(self, request: GenerationRequest) -> list[int]:
@@ -71,10 +78,10 @@ class TextEncoder:
             return render_prompt([{"role": "user", "content": request.context}], self.tokenizer)
         return [self.tokenizer.bos_id, *self.tokenizer.encode(request.context)]
 
-    def stop_ids(self) -> set[int]:
+    def stop_ids(self) -> frozenset[int]:
         """End of text, and end of turn: an instruction-tuned model given a plain
         prompt still ends its answer with ``<|end|>``."""
-        return {self.tokenizer.eos_id, self.tokenizer.end_id}
+        return frozenset((self.tokenizer.eos_id, self.tokenizer.end_id))
 
 
 class TorchLM:
@@ -132,9 +139,6 @@ class TorchLM:
             logprobs_BSV = torch.log_softmax(self.model(tokens_BS).float(), dim=-1)
             for row, i in enumerate(chunk):
                 ctx, cont = pairs[i]
-                if not cont:
-                    results[i] = (0.0, True)
-                    continue
                 # Position p predicts token p + 1: the continuation's predictions start
                 # at the context's last position.
                 span = slice(len(ctx) - 1, len(ctx) - 1 + len(cont))
@@ -150,7 +154,7 @@ class TorchLM:
         prompts = [self.enc.prompt(r) for r in requests]
         budget = max(r.max_tokens for r in requests)
         for p, r in zip(prompts, requests, strict=True):
-            self._check_len(len(p) + r.max_tokens)
+            self._check_len(len(p) + r.max_tokens - 1)  # the last new token is never fed back
         lengths = [len(p) for p in prompts]
         tokens_BS = torch.full((len(prompts), max(lengths) + budget), self.enc.tokenizer.pad_id, dtype=torch.long)
         for row, p in enumerate(prompts):

@@ -5,7 +5,7 @@ entry point imports the adapter first, e.g.::
 
     mobilemoe-lm-eval run --model mobilemoe \
         --model_args model=outputs/sft/model,tokenizer=data/mix/tokenizer/tokenizer.json \
-        --include_path conf/eval/lm_eval --tasks mobilemoe_continuation
+        --include_path conf/lm_eval --tasks mobilemoe_continuation
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ Definitions (the standard harnesses'):
   numeric   the number after the first "The answer is" (the recipe's answer form), else
             the last number in the output (GSM8K's flexible extraction), equals the
             answer; thousands separators are dropped
-  format    the output contains the task's pattern; ``exact_match`` additionally needs
-            its first group to equal the answer
+  format    the output contains the task's pattern (the headline: the instruction was
+            followed); ``exact_match`` additionally needs its first group to equal the
+            answer (as a number when the answer is one, else as a stripped string)
   bits_per_byte  -sum log2 p(text) / sum utf-8 bytes over the task's texts
   centred   (score - chance) / (1 - chance): 0 at chance, 1 perfect (OLMo's centred
             accuracy); the headline is its mean over the base tasks.
@@ -21,6 +22,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 from pipeline.eval.harness import GenerationRequest, bits_per_byte
 from pipeline.eval.tasks import ChoiceItem, GenerateItem, Item, RollingItem, TaskSpec
@@ -72,8 +74,16 @@ def answer_number(text: str) -> str | None:
 
 
 def _canonical(number: str) -> str:
-    value = number.replace(",", "").rstrip(".")
-    return value[:-2] if value.endswith(".0") else value
+    """One spelling per value: "1,250" -> "1250", "2.50" -> "2.5", "3.00" -> "3"."""
+    value = Decimal(number.replace(",", "").rstrip("."))
+    return format(value.normalize(), "f") if value != 0 else "0"
+
+
+def _same_answer(extracted: str, answer: str) -> bool:
+    """Numbers compared as values when the answer is a number, else stripped strings."""
+    if _NUMBER.fullmatch(answer.strip()):
+        return last_number(extracted) == last_number(answer)
+    return extracted.strip() == answer.strip()
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -115,7 +125,7 @@ def score_generation(spec: TaskSpec, items: Sequence[GenerateItem], lm) -> TaskR
             found = pattern.search(text)
             extracted = found.group(1) if found else None
             formatted.append(float(found is not None))
-            ok = extracted is not None and last_number(extracted) == last_number(item.answer)
+            ok = extracted is not None and _same_answer(extracted, item.answer)
         correct.append(float(ok))
         records.append({"id": item.id, "output": text, "extracted": extracted, "answer": item.answer, "correct": ok})
     metrics = {"exact_match": _mean(correct)}

@@ -64,7 +64,7 @@ SPECS = {
         "instruction",
         chat=True,
         match="format",
-        pattern=r"The answer is (-?[\d,]+)\.",
+        pattern=r"The answer is (-?\d[\d,]*)\.",
         max_tokens=64,
     ),
     "heldout_bpb": TaskSpec("heldout_bpb", "rolling", "mixed"),
@@ -80,10 +80,6 @@ def _held(key: str, band: float) -> bool:
 
 def _source(kind: str, **options) -> Iterator:
     return iter_documents(SourceConfig(name=f"eval/{kind}", kind=kind, options=options))
-
-
-def _squash(text: str) -> str:
-    return " ".join(text.split())
 
 
 def _choice_items(
@@ -120,7 +116,7 @@ def _continuation(n: int, rng: random.Random, band: float, max_chars: int) -> li
     held, outside = [], set()
     previous = None
     for doc in _source("bible", verses_per_doc=1):
-        verse = _squash(doc.text.split("\n", 1)[1])
+        verse = normalise(doc.text.split("\n", 1)[1])
         if not _held(doc.key, band):
             outside.add(normalise(" " + verse))
         elif previous is not None and previous[0] == doc.key and _fits(previous[1], verse, max_chars):
@@ -132,7 +128,7 @@ def _continuation(n: int, rng: random.Random, band: float, max_chars: int) -> li
         halves = split_halves(doc.text)
         if halves is None:
             continue
-        first, rest = _squash(halves[0]), " " + _squash(halves[1])
+        first, rest = normalise(halves[0]), " " + normalise(halves[1])
         if not _held(doc.split_key(), band):
             outside.add(normalise(rest))
         elif len(rest) >= 8 and _fits(first, rest, max_chars):
@@ -140,33 +136,40 @@ def _continuation(n: int, rng: random.Random, band: float, max_chars: int) -> li
     fortunes = _not_elsewhere(fortunes, outside)
     half = n // 2
     items = _choice_items("continuation", bible, half, rng) + _choice_items("continuation", fortunes, n - half, rng)
-    return [ChoiceItem(f"continuation/{i}", *_fields(it)[1:]) for i, it in enumerate(items)]
+    return _renumber("continuation", items)
 
 
-def _fields(item: ChoiceItem) -> tuple:
-    return item.id, item.context, item.choices, item.answer, item.source_key
+def _renumber(name: str, items: list[ChoiceItem]) -> list[ChoiceItem]:
+    return [replace(item, id=f"{name}/{i}") for i, item in enumerate(items)]
 
 
 def _knowledge(n: int, rng: random.Random, band: float, max_chars: int) -> list[ChoiceItem]:
-    pool = []
+    pool, outside = [], set()
     for doc in _source("python_docs"):
         summary = doc.meta["summary"]
+        if not _held(doc.key, band):
+            outside.add(normalise(" " + summary))  # e.g. bisect_left and bisect_right share one
+            continue
         question = f"Question: What does `{doc.meta['qualname']}` do?\nAnswer:"
-        if _held(doc.key, band) and len(summary) >= 20 and _fits(question, summary, max_chars):
+        if len(summary) >= 20 and _fits(question, summary, max_chars):
             pool.append((doc.key, question, " " + summary))
-    words = []
+    pool = _not_elsewhere(pool, outside)
+    words, outside = [], set()
     try:
         check_available(SourceConfig(name="eval/wordnet", kind="wordnet"))
         for doc in _source("wordnet"):
             term, definition = doc.meta["term"], doc.meta["definition"]
             question = f"Question: What does the word '{term}' mean?\nAnswer:"
-            if _held(doc.key, band) and len(definition) >= 10 and _fits(question, definition, max_chars):
+            if not _held(doc.key, band):
+                outside.add(normalise(" " + definition))
+            elif len(definition) >= 10 and _fits(question, definition, max_chars):
                 words.append((doc.key, question, " " + definition))
+        words = _not_elsewhere(words, outside)
     except DataError:
         pass  # wordnet is optional (Debian's wordnet-base): python_docs alone then
     half = n // 2 if words else n
     items = _choice_items("knowledge", pool, half, rng) + _choice_items("knowledge", words, n - half, rng)
-    return [ChoiceItem(f"knowledge/{i}", *_fields(it)[1:]) for i, it in enumerate(items)]
+    return _renumber("knowledge", items)
 
 
 def _code(n: int, rng: random.Random, band: float, max_chars: int) -> list[ChoiceItem]:
@@ -271,9 +274,11 @@ BUILDERS: dict[str, Callable[[int, random.Random, float, int], list[Item]]] = {
 }
 
 
-def build_suite(cfg: SuiteConfig, held_out: float, out: Path) -> dict:
+def build_suite(cfg: SuiteConfig, held_out: float, out: Path, base_dir: Path | None = None) -> dict:
     """Write every task of ``cfg`` into ``out`` (an empty directory) with ``suite.json``;
-    returns the suite record. ``held_out`` is the smallest val_fraction of the mixtures.
+    returns the suite record. ``held_out`` is the smallest val_fraction of the mixtures;
+    relative benchmark paths are relative to ``base_dir`` (the record keeps the path as
+    configured, with the file's sha256, so it names no machine).
 
     Raises DataError when the held-out band cannot supply a task's item count (naming
     the task, the count found and how to get more), TaskFileError for a bad benchmark
@@ -294,8 +299,9 @@ def build_suite(cfg: SuiteConfig, held_out: float, out: Path) -> dict:
         spec = SPECS[name] if SPECS[name].kind != "generate" else replace(SPECS[name], max_tokens=cfg.max_tokens)
         tasks[name] = _write_task(out, spec, items, cfg.seed)
     for bench in cfg.benchmarks:
-        spec, items = load_benchmark(bench.layout, bench.path, bench.name, bench.limit)
-        tasks[spec.name] = _write_task(out, spec, items, cfg.seed, source=str(bench.path))
+        path = Path(bench.path) if base_dir is None else Path(base_dir) / bench.path
+        spec, items = load_benchmark(bench.layout, path, bench.name, bench.limit)
+        tasks[spec.name] = _write_task(out, spec, items, cfg.seed, source=f"{bench.path} sha256:{sha256_file(path)}")
     record = {"version": SUITE_VERSION, "held_out": held_out, "seed": cfg.seed, "tasks": tasks}
     (out / SUITE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
     return record
@@ -334,13 +340,13 @@ def load_suite(directory: Path) -> dict[str, tuple[TaskSpec, list[Item]]]:
     for name, info in tasks.items():
         try:
             spec = from_dict(TaskSpec, info["spec"], f"tasks.{name}.spec")
-        except (ValueError, KeyError) as err:
-            raise TaskFileError(f"{path}: {err}") from None
-        file = directory / info["file"]
-        if file.is_file() and sha256_file(file) != info["sha256"]:
+            file, sha, count = directory / info["file"], info["sha256"], info["items"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise TaskFileError(f"{path}: task {name!r}: not a task record ({type(err).__name__}: {err})") from None
+        if file.is_file() and sha256_file(file) != sha:
             raise TaskFileError(f"{file}: does not match the sha256 in {path} (edited or damaged; rebuild the suite)")
         items = read_items(file, spec.kind)
-        if len(items) != info["items"]:
-            raise TaskFileError(f"{file}: {len(items)} items, {path} says {info['items']}")
+        if len(items) != count:
+            raise TaskFileError(f"{file}: {len(items)} items, {path} says {count}")
         suite[name] = (spec, items)
     return suite

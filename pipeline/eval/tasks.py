@@ -10,8 +10,8 @@ it is). Three kinds, the methods the standard harnesses use:
     highest sum, ``acc_norm`` the highest sum per character (lm-eval's ``acc_norm``).
 ``generate``  ``{"id", "context", "answer": str}``: greedy decoding from the context
     until a stop string (or the end-of-turn token for chat tasks), then the task's
-    ``match``: ``numeric`` (the last number in the output equals the answer: GSM8K's
-    flexible extraction), ``exact`` (equal after stripping whitespace) or ``format``
+    ``match``: ``numeric`` (the number after "The answer is", else the last number in
+    the output, equals the answer; see ``scoring.py``), ``exact`` (equal after stripping whitespace) or ``format``
     (the output matches ``pattern`` with the answer in its first group).
 ``rolling``  ``{"id", "text"}``: the log-likelihood of the whole text after BOS, reported
     as bits per byte.

@@ -113,7 +113,7 @@ class TrainingRun:
 
 @dataclass
 class TaskScore:
-    """One task's result in an eval metrics.json (``centred``: score minus chance)."""
+    """One task's result in an eval metrics.json (``centred``: (score - chance) / (1 - chance))."""
 
     metric: str
     score: float | None

@@ -198,7 +198,7 @@ def eval_table(data: ReportData) -> Table:
         row += [score(e.tasks, name) if e is not None else DASH for e in evals.values()]
         row += [score(e.pte_tasks, name) for _, e in pte]
         t.rows.append(row)
-    agg = ["**centred accuracy** (mean over base tasks, score minus chance)", "0"]
+    agg = ["**centred accuracy** (mean over base tasks, (score - chance) / (1 - chance))", "0"]
     agg += [f"**{sig(e.centred_acc)}**" if e is not None else MISSING for e in evals.values()]
     agg += [DASH for _ in pte]
     t.rows.append(agg)

@@ -312,7 +312,7 @@ class SuiteInput:
     path: Path
     tokenizer: Path
     max_len: int  # the model's context (model.max_seq_len)
-    program_context: int | None = None  # the .pte's max_context, for its generative tasks
+    program: Path | None = None  # a .pte that runs the generative tasks (checked before this)
 
     def check(self) -> dict:
         from pipeline.eval.suites import load_suite
@@ -323,16 +323,22 @@ class SuiteInput:
         except TaskFileError as err:
             raise StageInputError(f"{self.key}: {err}") from None
         tok = Tokenizer.load(self.tokenizer)
+        program_context = None
+        if self.program is not None:
+            from pipeline.profile.programs import load_program
+
+            program_context = load_program(self.program).max_context
         for spec, items in suite.values():
             for item in items:
                 longest = _request_tokens(spec, item, tok)
                 limit = self.max_len
-                if spec.kind == "generate" and self.program_context is not None:
-                    limit = min(limit, self.program_context)
+                if spec.kind == "generate" and program_context is not None:
+                    limit = min(limit, program_context)
                 if longest > limit:
                     raise StageInputError(
                         f"{self.key}: item {item.id!r} of task {spec.name!r} needs {longest} positions, more than "
-                        f"the model's {limit} (shorten the task's items, or lower its max_tokens)"
+                        f"the {'program' if limit != self.max_len else 'model'}'s {limit} "
+                        "(shorten the task's items, or lower its max_tokens)"
                     )
         return suite
 
@@ -344,4 +350,4 @@ def _request_tokens(spec, item, tok: Tokenizer) -> int:
     if spec.kind == "multiple_choice":
         return 1 + max(len(tok.encode(item.context + c)) for c in item.choices)
     markers = 3 if spec.chat else 0  # <|user|> ... <|end|> <|assistant|>
-    return 1 + markers + len(tok.encode(item.context)) + spec.max_tokens
+    return 1 + markers + len(tok.encode(item.context)) + spec.max_tokens - 1  # the last token is not fed back

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.recipe import repo_path
+from pipeline.recipe import REPO_ROOT, repo_path
 from pipeline.runner.errors import StageInputError
 from pipeline.runner.inputs import ProgramInput, SuiteInput, TokenizerInput
 from pipeline.runner.spec import Stage, StageContext, StageResult
@@ -52,23 +52,37 @@ class BenchmarksInput:
         return len(self.benchmarks)
 
 
+class HeldOutKeysInput:
+    """The suite decides what is held out by the split keys the sources use by default;
+    a mixture whose source is split by other keys (python_code at module granularity:
+    one key per module) could train on a held-out function."""
+
+    key = "data"
+
+    def __init__(self, recipe) -> None:
+        self.mixtures = {name: getattr(recipe.data, name) for name in ("pretrain", "midtrain", "sft")}
+
+    def check(self) -> None:
+        for name, mixture in self.mixtures.items():
+            for i, source in enumerate(mixture.sources):
+                if source.kind == "python_code" and source.options.get("granularity", "definition") != "definition":
+                    raise StageInputError(
+                        f"data.{name}.sources[{i}].options.granularity: the evaluation suite holds out stdlib "
+                        "definitions by their own split key; a module-granularity source splits by module, "
+                        "so held-out functions could be trained on (use granularity: definition)"
+                    )
+
+
 def _build_work(ctx: StageContext) -> StageResult:
     import ray
 
-    from pipeline.eval.config import BenchmarkConfig
     from pipeline.eval.suites import build_suite
     from pipeline.runner import cluster
 
     recipe, cfg = ctx.recipe, ctx.recipe.stage.evalsets
     cluster.start(recipe.ray)
-    # Benchmark paths as absolute paths: the task may run on another node's cwd.
-    local = type(cfg)(
-        out_dir=cfg.out_dir,
-        seed=cfg.seed,
-        items=dict(cfg.items),
-        benchmarks=[BenchmarkConfig(b.layout, str(repo_path(b.path)), b.name, b.limit) for b in cfg.benchmarks],
-    )
-    record = ray.get(ray.remote(num_cpus=1)(build_suite).remote(local, held_out_fraction(recipe), ctx.scratch))
+    # Relative benchmark paths are the repository's (the task may run in another cwd).
+    record = ray.get(ray.remote(num_cpus=1)(build_suite).remote(cfg, held_out_fraction(recipe), ctx.scratch, REPO_ROOT))
     metrics = {"held_out": record["held_out"], "items": {name: t["items"] for name, t in record["tasks"].items()}}
 
     def log(run, out_dir: Path) -> None:
@@ -80,7 +94,7 @@ def _build_work(ctx: StageContext) -> StageResult:
 EVALSETS = Stage(
     name="evalsets",
     out_dir=lambda recipe: recipe.stage.evalsets.out_dir,
-    inputs=lambda recipe: [BenchmarksInput(recipe.stage.evalsets.benchmarks)],
+    inputs=lambda recipe: [HeldOutKeysInput(recipe), BenchmarksInput(recipe.stage.evalsets.benchmarks)],
     params=lambda raw: {"data": raw["data"], "stage": raw["stage"]["evalsets"]},
     work=_build_work,
     outputs=("suite.json",),
@@ -96,24 +110,19 @@ def _inputs(target: str):
     def inputs(recipe) -> list:
         cfg = recipe.stage.eval
         t = cfg.targets.get(target)
-        program_context = recipe.stage.export.max_context if t.program is not None else None
-        # Cheapest first: the tokenizer and the suite (read, hashed, every item fitted)
-        # before the model's checkpoint is verified.
-        items = [
-            TokenizerInput(f"{KEY}.tokenizer", repo_path(cfg.tokenizer), recipe.model.vocab_size),
+        program = repo_path(t.program) if t.program is not None else None
+        # Cheapest first: the tokenizer, the program's header, the suite (read, hashed,
+        # every item fitted to the model and the program) before the checkpoint is verified.
+        items = [TokenizerInput(f"{KEY}.tokenizer", repo_path(cfg.tokenizer), recipe.model.vocab_size)]
+        if program is not None:
+            key = f"{KEY}.targets.{target}.program"
+            items.append(ProgramInput(key, program, 1, recipe.model.vocab_size, lengths_key=key))
+        items += [
             SuiteInput(
-                f"{KEY}.suite",
-                repo_path(cfg.suite),
-                repo_path(cfg.tokenizer),
-                recipe.model.max_seq_len,
-                program_context,
+                f"{KEY}.suite", repo_path(cfg.suite), repo_path(cfg.tokenizer), recipe.model.max_seq_len, program
             ),
             _model_input(f"{KEY}.targets.{target}.model", repo_path(t.model), recipe.model),
         ]
-        if t.program is not None:
-            items.append(
-                ProgramInput(f"{KEY}.targets.{target}.program", repo_path(t.program), 1, recipe.model.vocab_size)
-            )
         return items
 
     return inputs
