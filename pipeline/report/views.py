@@ -258,9 +258,9 @@ def profile_tables(data: ReportData) -> dict[str, Table]:
     """``moe``: TTFT, prefill and decode tok/s of the exported MoE per prompt length;
     ``speedup``: the MoE over each dense baseline, per phase and length (> 1: MoE faster)."""
     p = data.profile
+    out: dict[str, Table | None] = {"moe": None, "speedup": None}  # absent parts render as nothing
     if p is None:
-        return {}
-    out = {}
+        return out
     if p.moe:
         t = Table(["prompt / context (tokens)", "TTFT ms", "prefill tok/s", "decode tok/s"])
         for n in _lengths(next(iter(p.moe.values()))):
