@@ -22,13 +22,12 @@ it is. Every error about a row starts with ``path:line`` (jsonl, 1-based) or
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from pipeline.eval.tasks import ChoiceItem, GenerateItem, Item, TaskFileError, TaskSpec
+from pipeline.eval.tasks import ChoiceItem, GenerateItem, Item, TaskFileError, TaskSpec, json_lines
 
 LETTERS = "ABCDEFGHIJ"
 SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -181,15 +180,8 @@ def _rows(path: Path) -> Iterator[tuple[str, object]]:
         for i, row in enumerate(rows):
             yield f"{path}: row {i} (0-based)", row
         return
-    with path.open(encoding="utf-8") as f:
-        for line, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-            except json.JSONDecodeError as err:
-                raise TaskFileError(f"{path}:{line}: not valid json ({err.msg} at column {err.colno})") from None
-            yield f"{path}:{line}", row
+    for line, row in json_lines(path):
+        yield f"{path}:{line}", row
 
 
 def load_benchmark(

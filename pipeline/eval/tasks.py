@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -148,6 +148,19 @@ def parse_item(kind: str, row: object, path: Path, line: int) -> Item:
     return RollingItem(row["id"], row["text"], row.get("source_key"))
 
 
+def json_lines(path: Path) -> Iterator[tuple[int, object]]:
+    """``(line number, decoded row)`` for each non-blank line of a jsonl file; raises
+    TaskFileError naming ``path:line`` for a line that is not JSON."""
+    with Path(path).open(encoding="utf-8") as f:
+        for line, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                yield line, json.loads(raw)
+            except json.JSONDecodeError as err:
+                raise _fail(path, line, f"not valid json ({err.msg} at column {err.colno})") from None
+
+
 def read_items(path: Path, kind: str) -> list[Item]:
     """Every item of a task file, in order; ids must be unique. Raises TaskFileError
     (``path:line: problem``) on malformed json, a missing or mistyped field, an answer
@@ -157,19 +170,12 @@ def read_items(path: Path, kind: str) -> list[Item]:
         raise TaskFileError(f"{path}: task file not found")
     items: list[Item] = []
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as f:
-        for line, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-            except json.JSONDecodeError as err:
-                raise _fail(path, line, f"not valid json ({err.msg} at column {err.colno})") from None
-            item = parse_item(kind, row, path, line)
-            if item.id in seen:
-                raise _fail(path, line, f"duplicate id {item.id!r} (first on line {seen[item.id]})")
-            seen[item.id] = line
-            items.append(item)
+    for line, row in json_lines(path):
+        item = parse_item(kind, row, path, line)
+        if item.id in seen:
+            raise _fail(path, line, f"duplicate id {item.id!r} (first on line {seen[item.id]})")
+        seen[item.id] = line
+        items.append(item)
     if not items:
         raise TaskFileError(f"{path}: no items")
     return items
