@@ -20,7 +20,20 @@ from pipeline.model.config import ModelConfig
 
 MIXTURES = ("pretrain", "midtrain", "sft")
 TRAINING = ("pretrain", "midtrain", "sft", "qat")
-RUN_ORDER = ("mix", "pretrain", "midtrain", "sft", "qat", "export", "profile")
+RUN_ORDER = (
+    "mix",
+    "pretrain",
+    "midtrain",
+    "sft",
+    "qat",
+    "export",
+    "profile",
+    "evalsets",
+    "eval_pretrain",
+    "eval_midtrain",
+    "eval_sft",
+    "eval_qat",
+)
 # outputs/qat/metrics.json: (key, label, reference key whose loss the gap is measured from)
 QUANT_ROWS = (
     ("sft_fp32", "SFT model, FP32", None),
