@@ -21,7 +21,8 @@ export PIP_FIND_LINKS ?= /opt/wheels
 endif
 
 STAGES := mix pretrain midtrain sft qat export profile evalsets eval_pretrain eval_midtrain eval_sft eval_qat report
-.PHONY: setup lock params repro test lint drill mutants bench-model bench-config bench-export bench-profile \
+ARGS ?=
+.PHONY: setup lock params repro test lint drill sweep scaling-fit plan mutants bench-model bench-config bench-export bench-profile \
 	profile-paper ui $(STAGES)
 
 setup: $(STAMP)
@@ -70,6 +71,30 @@ endef
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q
+
+# Scaling (pipeline/scaling, conf/scaling.yaml; sweeps run beside the recipe, not in dvc.yaml):
+# `make sweep` runs the grid conf/sweep/$(SWEEP).yaml under one MLflow parent run
+# (resumable: finished points are not rerun; ARGS go to Hydra, e.g. ARGS='ray.address=auto');
+# `make scaling-fit` fits the law to its points in MLflow (outputs/scaling/);
+# `make plan MEMORY=3GB FLOPS=2e9 [NAME=planned]` plans an architecture with it.
+SWEEP ?= moe_grid
+sweep: params
+	$(DVC) repro mix
+	@run_id=$$($(PY) -m pipeline.tracking start --params params.yaml --name sweep:$(SWEEP) --owner-pid $$$$) \
+	  || exit 2; \
+	MOBILEMOE_PARENT_RUN_ID=$$run_id $(PY) stages/sweep.py -m sweep=$(SWEEP) $(ARGS); status=$$?; \
+	$(PY) -m pipeline.tracking end $$run_id --params params.yaml \
+	  --status $$([ $$status -eq 0 ] && echo FINISHED || echo FAILED); \
+	exit $$status
+
+scaling-fit: $(STAMP)
+	$(PY) stages/scaling_fit.py sweep=$(SWEEP) $(ARGS)
+
+MEMORY ?=
+FLOPS ?=
+NAME ?= planned
+plan: $(STAMP)
+	$(PY) stages/plan.py $(if $(MEMORY),--memory $(MEMORY)) $(if $(FLOPS),--flops $(FLOPS)) --name $(NAME) $(ARGS)
 
 # The layout as drawn (import-linter contracts in pyproject.toml) and ruff's lint and
 # format check; the test suite runs the same checks.

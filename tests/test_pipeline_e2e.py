@@ -406,23 +406,27 @@ def test_interrupted_stage_resumes_from_its_last_checkpoint(repo):
     assert len(execution["resumed_at_steps"]) == 1 and execution["resumed_at_steps"][0] % 4 == 0
 
 
-def test_multirun_sweep_gives_each_point_its_own_run_and_outputs(repo, mlflow_client):
-    proc = sh(
-        repo,
-        sys.executable,
-        "stages/pretrain.py",
-        "-m",
-        "stage.pretrain.schedule.lr=0.001,0.002",
-        "stage.pretrain.schedule.total_steps=3",
-        timeout=600,
-    )
-    points = sorted((repo / "multirun").glob("*/*/pretrain/metrics.json"))
-    assert len(points) == 2, proc.stdout[-2000:]
+def test_scaling_sweep_runs_each_point_once_and_a_rerun_skips_the_finished_ones(repo, mlflow_client):
+    """`make sweep` is a Hydra multirun of pretrain points (the dense twin and an MoE of
+    conf/sweep/micro_grid.yaml), each its own tagged MLflow run and output directory;
+    run again, it finds both points FINISHED with the same fingerprint and trains nothing."""
+    sh(repo, "make", "sweep", "SWEEP=micro_grid", timeout=600)
     exp = mlflow_client.get_experiment_by_name("mobilemoe")
-    sweep = mlflow_client.search_runs(
-        [exp.experiment_id], "tags.stage = 'pretrain' and params.`stage.schedule.total_steps` = '3'"
-    )
-    assert sorted(r.data.params["stage.schedule.lr"] for r in sweep) == ["0.001", "0.002"]
+    query = "tags.stage = 'sweep_point' and tags.sweep = 'micro_grid'"
+    runs = mlflow_client.search_runs([exp.experiment_id], query)
+    assert sorted(r.data.tags["sweep.arch"] for r in runs) == ["dense", "e8k4"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    (parent,) = {r.data.tags["mlflow.parentRunId"] for r in runs}
+    assert mlflow_client.get_run(parent).info.run_name == "sweep:micro_grid"
+    models = {r.data.tags["sweep.arch"]: json.loads(r.data.tags["sweep.model"]) for r in runs}
+    assert models["dense"]["moe"] is None and models["dense"]["ffn_dim"] == 4 * 64
+    assert models["e8k4"]["moe"]["num_experts"] == 8 and models["e8k4"]["moe"]["expert_ffn_dim"] == 64
+    for arch in ("dense", "e8k4"):
+        metrics = json.loads((repo / f"outputs/sweep/micro_grid/xs-{arch}-1024/metrics.json").read_text())
+        assert metrics["tokens_seen"] == 1024 and metrics["step"] == 4
+    again = sh(repo, "make", "sweep", "SWEEP=micro_grid", timeout=300)
+    assert again.stdout.count("already finished") == 2, again.stdout[-2000:]
+    assert len(mlflow_client.search_runs([exp.experiment_id], query)) == 2
 
 
 def test_mlflow_ui_serves_the_runs(repo):

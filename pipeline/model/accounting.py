@@ -93,15 +93,52 @@ def flops_per_token(cfg: ModelConfig, context: int, phase: str = "prefill") -> f
     """
     if phase not in ("prefill", "decode"):
         raise ValueError(f"phase: must be 'prefill' or 'decode', got {phase!r}")
-    counts = param_counts(cfg)
-    # Every active parameter is one multiply-add per token, except the input lookup:
-    # a tied embedding is used once, as the output head; an untied one has its own.
-    matmul_params = counts.active - counts.norms
-    if not cfg.tie_embeddings:
-        matmul_params -= cfg.vocab_size * cfg.d_model
     positions = _attended_positions(cfg, context, causal_mean=(phase == "prefill"))
     attention = 2 * 2 * cfg.n_heads * cfg.head_dim * positions  # QK^T and AV
-    return 2.0 * matmul_params + attention
+    return 2.0 * matmul_params_active(cfg) + attention
+
+
+def matmul_params_active(cfg: ModelConfig) -> int:
+    """The active parameters one token multiplies (one multiply-add each): every active
+    parameter but the norms and the input lookup. A tied embedding is used once, as the
+    output head; an untied one has its own head. ``2 * matmul_params_active`` is the
+    compute per token without attention (the paper's "2 N_act FLOPs/token"), and the
+    scaling law's N (pipeline.scaling.law)."""
+    counts = param_counts(cfg)
+    matmul = counts.active - counts.norms
+    if not cfg.tie_embeddings:
+        matmul -= cfg.vocab_size * cfg.d_model
+    return matmul
+
+
+@dataclass(frozen=True)
+class FFNShape:
+    """The feed-forward slot's shape in the terms of fine-grained MoE scaling laws.
+
+    - ``expansion``: total FFN width / active FFN width (routed and shared experts; a
+      dense slot is 1): how much more memory than compute the slot holds (the sparsity).
+    - ``granularity``: active FFN width / one routed expert's width (Krajewski et al.
+      2024's G at constant active width; a dense slot is 1). MobileMoE-S: (4 x 384 +
+      1536) / 384 = 8.
+    - ``shared``: whether a shared expert is present.
+    """
+
+    active_width: int
+    total_width: int
+    expansion: float
+    granularity: float
+    shared: bool
+
+
+def ffn_shape(cfg: ModelConfig) -> FFNShape:
+    """The :class:`FFNShape` of ``cfg``'s feed-forward slot (widths in hidden units)."""
+    if cfg.moe is None:
+        return FFNShape(cfg.ffn_dim, cfg.ffn_dim, 1.0, 1.0, False)
+    moe = cfg.moe
+    shared = moe.num_shared_experts * moe.shared_ffn_dim
+    active = moe.top_k * moe.expert_ffn_dim + shared
+    total = moe.num_experts * moe.expert_ffn_dim + shared
+    return FFNShape(active, total, total / active, active / moe.expert_ffn_dim, moe.num_shared_experts > 0)
 
 
 def int4_weight_bytes(

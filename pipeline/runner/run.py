@@ -50,9 +50,10 @@ def run_stage(stage: Stage, raw: dict, sweep_dir: Path | None = None, state_dir:
     from pipeline import tracking
     from pipeline.recipe import repo_path
 
-    recipe = validate(raw)
-    out_dir = (sweep_dir / stage.name) if sweep_dir else repo_path(stage.out_dir(recipe))
-    inputs = {item.key: item.check() for item in stage.inputs(recipe)}
+    recipe = validate({k: v for k, v in raw.items() if k not in stage.extra_keys})
+    configured = stage.raw_out_dir(raw) if stage.raw_out_dir else stage.out_dir(recipe)
+    out_dir = (sweep_dir / stage.name) if sweep_dir else repo_path(configured)
+    inputs = {item.key: item.check() for item in [*stage.inputs(recipe), *stage.raw_inputs(raw)]}
     cluster.check_resources(recipe.ray, stage.resources(recipe))
     if recipe.tracking.enabled:
         tracking.check_store(recipe.tracking)
@@ -61,6 +62,12 @@ def run_stage(stage: Stage, raw: dict, sweep_dir: Path | None = None, state_dir:
         remove_stale_scratch(out_dir)  # left by a killed run; we hold the lock, nobody else writes here
         ctx = StageContext(stage.name, recipe, raw, out_dir, inputs)
         key = stage.resume_key(ctx)
+        tags = stage.tags(ctx)
+        if stage.reuse_finished and key and recipe.tracking.enabled:
+            done = tracking.finished_stage_run(recipe.tracking, stage.name, key, tags)
+            if done is not None:
+                print(f"stage {stage.name}: {key} already finished (MLflow run {done['run_id']}); not run again")
+                return done
         # Two runs of the same work (a by-hand run and a sweep point with equal configs)
         # would share one Ray Train run folder: the work is locked as well as the outputs.
         with stage_lock(locks, stage.name, f"run {key}") if key else contextlib.nullcontext():
@@ -72,6 +79,7 @@ def run_stage(stage: Stage, raw: dict, sweep_dir: Path | None = None, state_dir:
                 recipe.tracking,
                 stage.name,
                 params=stage.params(raw),
+                tags=tags,
                 resume_key=key,
                 continue_run=bool(key) and stage.interrupted(ctx, key),
                 journal=journal,

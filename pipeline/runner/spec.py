@@ -67,3 +67,15 @@ class Stage:
     # The whole out_dir is this stage's output: items the new result lacks are removed
     # on publish. Otherwise only the produced items are replaced.
     owns_out_dir: bool = False
+    # Tags recorded on the stage's MLflow run besides the lineage (e.g. a sweep's names).
+    tags: Callable[[StageContext], dict[str, str]] = lambda ctx: {}
+    # A FINISHED MLflow run with the same resume key and tags stands for this work: it is
+    # not run again (a sweep continues where it stopped). Its final metrics are returned.
+    reuse_finished: bool = False
+    # Top-level config sections the stage reads besides the recipe's (validated by the
+    # stage itself, e.g. the sweep point of a scaling sweep).
+    extra_keys: tuple[str, ...] = ()
+    # Inputs named by those sections (given the raw config), checked with the others.
+    raw_inputs: Callable[[dict], list[Input]] = lambda raw: []
+    # The output directory when one of those sections names it (else ``out_dir``).
+    raw_out_dir: Callable[[dict], str] | None = None

@@ -37,10 +37,12 @@ from pipeline.tracking.runs import (
     close_orphans,
     end_recipe_run,
     ensure_experiment,
+    finished_stage_run,
     latest_stage_runs,
     runs_of_parent,
     stage_run,
     start_recipe_run,
+    tagged_runs,
 )
 
 __all__ = [
@@ -63,6 +65,7 @@ __all__ = [
     "dvc_input_hashes",
     "end_recipe_run",
     "ensure_experiment",
+    "finished_stage_run",
     "latest_stage_runs",
     "flatten_params",
     "git_tags",
@@ -72,4 +75,5 @@ __all__ = [
     "sanitize_key",
     "stage_run",
     "start_recipe_run",
+    "tagged_runs",
 ]

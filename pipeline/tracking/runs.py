@@ -178,6 +178,57 @@ def latest_stage_runs(cfg: TrackingConfig, stages: Sequence[str], ui_url: str) -
         raise TrackingError(f"cannot read the stage runs from {uri}: {type(err).__name__}: {err}") from None
 
 
+def finished_stage_run(cfg: TrackingConfig, stage: str, resume_key: str, tags: Mapping[str, str]) -> dict | None:
+    """The final metrics (``final/`` prefix removed) of the newest FINISHED run of
+    ``stage`` with this ``resume_key`` and every tag in ``tags``, or None if there is
+    none: a sweep point that already ran to the end is not run again. Raises
+    TrackingError when the store cannot be read."""
+    uri = resolve_tracking_uri(cfg)
+    query = " and ".join(
+        [f"tags.stage = '{stage}'", f"tags.resume_key = '{resume_key}'", "attributes.status = 'FINISHED'"]
+        + [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+    )
+    try:
+        client = _client(uri)
+        experiment = client.get_experiment_by_name(cfg.experiment)
+        if experiment is None:
+            return None
+        runs = client.search_runs(
+            [experiment.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1
+        )
+    except Exception as err:  # noqa: BLE001 - any store failure: say which store
+        raise TrackingError(f"cannot search the finished {stage} runs in {uri}: {type(err).__name__}: {err}") from None
+    if not runs:
+        return None
+    metrics = runs[0].data.metrics
+    return {"run_id": runs[0].info.run_id, **{k[6:]: v for k, v in metrics.items() if k.startswith("final/")}}
+
+
+def tagged_runs(cfg: TrackingConfig, tags: Mapping[str, str], status: str = "FINISHED") -> list[Run]:
+    """Every run of the experiment with all ``tags`` and ``status``, oldest first
+    (e.g. the points of one sweep). Raises TrackingError when the store cannot be read."""
+    uri = resolve_tracking_uri(cfg)
+    query = " and ".join([f"attributes.status = '{status}'"] + [f"tags.`{k}` = '{v}'" for k, v in tags.items()])
+    try:
+        client = _client(uri)
+        experiment = client.get_experiment_by_name(cfg.experiment)
+        if experiment is None:
+            return []
+        runs, token = [], None
+        while True:
+            page = client.search_runs(
+                [experiment.experiment_id], query, order_by=["attributes.start_time ASC"], page_token=token
+            )
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+    except Exception as err:  # noqa: BLE001 - any store failure: say which store
+        raise TrackingError(
+            f"cannot search the runs tagged {dict(tags)} in {uri}: {type(err).__name__}: {err}"
+        ) from None
+
+
 # --------------------------------------------------------------------------- stage runs
 
 

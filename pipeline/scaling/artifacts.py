@@ -1,0 +1,80 @@
+"""The fit's published outputs: ``fit.json``, ``points.csv``, ``comparison.md`` and
+the figures, written from the sweep's observations (the ``scaling_fit`` stage's work)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from tabulate import tabulate
+
+from pipeline.scaling import analysis, plots
+from pipeline.scaling.fit import Observation, fit_law
+
+FIGURES = ("predicted_vs_measured.png", "loss_vs_params.png")
+OUTPUTS = ("fit.json", "points.csv", "comparison.md", *FIGURES)
+
+
+def write_fit(
+    points: list[Observation], pairs: list[tuple[str, str, str]], out: Path, dense: str = "dense", sweep: str = ""
+) -> dict:
+    """Fit the law to ``points``, write :data:`OUTPUTS` into ``out`` and return the
+    fit's summary (``fit.json``'s content). Raises ScalingFitError before writing when
+    the points cannot determine the law."""
+    result = fit_law(points)
+    summary = {
+        **result.to_dict(),
+        "sweep": sweep,
+        "points": len(points),
+        "held_out_points": sum(p.held_out for p in points),
+        # how far the points reach: a prediction beyond is an extrapolation
+        "range": {"n_active": max(p.inputs.n_active for p in points), "tokens": max(p.inputs.tokens for p in points)},
+    }
+    (out / "fit.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    with (out / "points.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["name", "family", "n_active", "tokens", "expansion", "granularity", "shared", "held_out",
+                         "loss", "predicted"])  # fmt: skip
+        for p in sorted(points, key=lambda p: p.name):
+            x = p.inputs
+            writer.writerow([p.name, p.family, int(x.n_active), int(x.tokens), f"{x.expansion:.4g}",
+                             f"{x.granularity:.4g}", int(x.shared), int(p.held_out), f"{p.loss:.6f}",
+                             f"{result.predictions[p.name]:.6f}"])  # fmt: skip
+    header, rows = analysis.vs_dense_table(points, dense)
+    found = analysis.findings(points, pairs)
+    lines = [
+        "# What the sweep measured",
+        "",
+        f"Law: `{result.law.formula()}`",
+        "",
+        f"Fit error (relative, {result.fit.count} points): RMS {result.fit.rms:.2%}, max {result.fit.max:.2%}. "
+        f"Held out ({result.held_out.count} largest runs): RMS {result.held_out.rms:.2%}, max "
+        f"{result.held_out.max:.2%}, against the fit's band ±{result.band:.2%}.",
+        "",
+        f"## Each architecture minus the `{dense}` twin (same active FFN width, same tokens), nats/token",
+        "",
+        "Negative: lower validation loss than the dense model at equal active compute and tokens.",
+        "",
+        tabulate(rows, headers=header, tablefmt="github", missingval="–"),
+        "",
+        "## Paired differences",
+        "",
+        "loss(b) − loss(a) in each (size, tokens) cell where both ran: positive means a is better.",
+        "",
+        tabulate(
+            [[c.label, c.a, c.b, f"{c.mean:+.4f}", f"{c.wins}/{len(c.deltas)}"] for c in found],
+            headers=["comparison", "a", "b", "mean loss(b) − loss(a)", "cells where a is better"],
+            tablefmt="github",
+        ),
+        "",
+    ]
+    (out / "comparison.md").write_text("\n".join(lines))
+    plots.predicted_vs_measured(points, result, out / "predicted_vs_measured.png")
+    plots.loss_vs_params(points, result, out / "loss_vs_params.png")
+    summary["comparisons"] = [
+        {"label": c.label, "a": c.a, "b": c.b, "mean_delta": c.mean, "a_better": c.wins, "cells": len(c.deltas)}
+        for c in found
+    ]
+    (out / "fit.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    return summary

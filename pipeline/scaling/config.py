@@ -1,0 +1,61 @@
+"""Config of the scaling stages: which sweep the fit reads, what it holds out, and the
+planner's search space and accounting context."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.configbase import require
+from pipeline.scaling.planner import SearchSpace
+
+# The paper's released configs and dense baseline: placed against the planner's frontier.
+PAPER_MODELS = ["mobilemoe_s", "mobilemoe_m", "mobilemoe_l", "mobilellm_pro"]
+
+
+@dataclass
+class PlanConfig:
+    """``make plan``: the search space, the context the compute and decode-read budgets
+    are counted at, the training tokens the loss is predicted for, the INT4 group, and
+    the reference models (``conf/model/`` names; the first MoE's dense twins are added)."""
+
+    space: SearchSpace = field(default_factory=SearchSpace)
+    base: str = "mobilemoe_s"  # conf/model/ file giving RoPE, norms, router, context length
+    context: int = 1024
+    tokens: float = 6.0e12  # the paper's pre-training tokens
+    group_size: int = 32
+    top: int = 10
+    references: list[str] = field(default_factory=lambda: list(PAPER_MODELS))
+
+    def __post_init__(self) -> None:
+        require(self.context >= 1, "context", "must be >= 1")
+        require(self.tokens > 0, "tokens", "must be > 0")
+        require(self.group_size >= 1, "group_size", "must be >= 1")
+        require(self.top >= 1, "top", "must be >= 1")
+        require(bool(self.base), "base", "must name a conf/model/ file")
+
+
+@dataclass
+class PairSpec:
+    """A paired comparison of two architecture families of the sweep (``a`` vs ``b``)."""
+
+    a: str
+    b: str
+    label: str
+
+
+@dataclass
+class ScalingStageConfig:
+    """``make scaling-fit`` reads the FINISHED points of ``sweep`` from MLflow; the
+    points of the sizes in ``hold_out_sizes`` at the sweep's largest token budget are
+    left out of the fit and predicted (the largest runs)."""
+
+    sweep: str = "moe_grid"
+    out_dir: str = "outputs/scaling"
+    hold_out_sizes: list[str] = field(default_factory=lambda: ["m"])
+    dense: str = "dense"  # the family that is the dense twin at equal active width
+    pairs: list[PairSpec] = field(default_factory=list)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+
+    def __post_init__(self) -> None:
+        require(bool(self.sweep), "sweep", "must name a sweep (conf/sweep/<name>.yaml)")
+        require(bool(self.out_dir), "out_dir", "must be a non-empty path")

@@ -1,0 +1,145 @@
+"""The joint MoE scaling law: validation loss from active parameters, tokens and the
+shape of the feed-forward slot.
+
+    L(N, D, Ê, G, S) = c + (a + g · G^-γ) · Ê^-δ · exp(-σ S) · N^-α + b · D^-β
+
+- N: active parameters a token multiplies (``accounting.matmul_params_active``: half
+  the FLOPs per token without attention, the paper's compute budget is 2 N).
+- D: training tokens.
+- Ê: expansion, total / active FFN width (``accounting.ffn_shape``; dense: 1).
+- G: granularity, active FFN width / one routed expert's width (dense: 1).
+- S: 1 with a shared expert, else 0.
+
+Why this form. The parameter term is Krajewski et al. 2024's ``(g / G^γ + a) / N^α``
+(fine-grained MoE: granularity acts on the parameter term, with diminishing returns),
+multiplied by Ludziejewski et al. 2025's expert factor ``Ê^δ`` (more experts at the same
+active parameters lower the parameter term; under a memory budget they cost N, which
+is what makes moderate sparsity the sweet spot), and by ``exp(-σ S)`` for the shared
+expert, which neither published form has a term for. Ludziejewski et al.'s ``ln Ê``
+interactions in the exponents and the expert factor on the data term are left out:
+they need sizes spread over orders of magnitude to be identified, and a small sweep
+spans one. The dense model is the special case Ê = G = 1, S = 0 (Hoffmann et al. 2022).
+
+Fitting is in log space (:mod:`pipeline.scaling.fit`): ``log L = LSE(T_N, T_D, log c)``
+with ``T_N = log(a + g G^-γ) - δ log Ê - σ S - α log N`` and ``T_D = log b - β log D``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.special import logsumexp
+
+from pipeline.model.accounting import ffn_shape, matmul_params_active
+from pipeline.model.config import ModelConfig
+
+# The coefficient vector θ, in this order. a, g, b, c enter as logs (positive).
+COEFFICIENTS = ("log_a", "log_g", "gamma", "delta", "sigma", "alpha", "log_b", "beta", "log_c")
+
+
+@dataclass(frozen=True)
+class LawInputs:
+    """One point's inputs to the law (see the module doc)."""
+
+    n_active: float  # N
+    tokens: float  # D
+    expansion: float  # Ê
+    granularity: float  # G
+    shared: bool  # S
+
+    def __post_init__(self) -> None:
+        if not (self.n_active > 0 and self.tokens > 0):
+            raise ValueError(f"N and D must be > 0, got N={self.n_active}, D={self.tokens}")
+        if self.expansion < 1 or self.granularity < 1:
+            raise ValueError(f"expansion and granularity must be >= 1, got {self.expansion}, {self.granularity}")
+
+
+def law_inputs(cfg: ModelConfig, tokens: float) -> LawInputs:
+    """The law's inputs for model ``cfg`` trained on ``tokens`` tokens (the model
+    package's accounting, no second formula)."""
+    shape = ffn_shape(cfg)
+    return LawInputs(float(matmul_params_active(cfg)), float(tokens), shape.expansion, shape.granularity, shape.shared)
+
+
+def design_matrix(points: list[LawInputs]) -> np.ndarray:
+    """``[P, 5]`` float64 columns: log N, log D, log Ê, log G, S."""
+    return np.array(
+        [
+            [np.log(p.n_active), np.log(p.tokens), np.log(p.expansion), np.log(p.granularity), float(p.shared)]
+            for p in points
+        ],
+        dtype=np.float64,
+    ).reshape(len(points), 5)
+
+
+def log_loss(theta: np.ndarray, X_P5: np.ndarray) -> np.ndarray:
+    """Predicted ``log L`` per point, ``[P]``, for coefficients ``theta`` (COEFFICIENTS
+    order) and a design matrix from :func:`design_matrix`."""
+    log_a, log_g, gamma, delta, sigma, alpha, log_b, beta, log_c = theta
+    log_N, log_D, log_E, log_G, S = X_P5.T
+    slot = np.logaddexp(log_a, log_g - gamma * log_G)  # log(a + g G^-γ)
+    t_N = slot - delta * log_E - sigma * S - alpha * log_N
+    t_D = log_b - beta * log_D
+    return logsumexp(np.stack([t_N, t_D, np.full_like(t_N, log_c)]), axis=0)
+
+
+def log_loss_and_jacobian(theta: np.ndarray, X_P5: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`log_loss` ``[P]`` and its derivatives by θ, ``[P, 9]`` (analytic: the
+    fit's L-BFGS needs exact gradients to converge in few steps)."""
+    log_a, log_g, gamma, delta, sigma, alpha, log_b, beta, log_c = theta
+    log_N, log_D, log_E, log_G, S = X_P5.T
+    g_term = log_g - gamma * log_G
+    slot = np.logaddexp(log_a, g_term)
+    share_a = np.exp(log_a - slot)  # ∂slot/∂log_a; 1 - share_a = ∂slot/∂log_g
+    t_N = slot - delta * log_E - sigma * S - alpha * log_N
+    t_D = log_b - beta * log_D
+    terms_3P = np.stack([t_N, t_D, np.full_like(t_N, log_c)])
+    out = logsumexp(terms_3P, axis=0)
+    w_N, w_D, w_c = np.exp(terms_3P - out)  # softmax: ∂ log L / ∂ term
+    jac = np.stack(
+        [
+            w_N * share_a,
+            w_N * (1 - share_a),
+            -w_N * (1 - share_a) * log_G,
+            -w_N * log_E,
+            -w_N * S,
+            -w_N * log_N,
+            w_D,
+            -w_D * log_D,
+            w_c,
+        ],
+        axis=1,
+    )
+    return out, jac
+
+
+@dataclass(frozen=True)
+class ScalingLaw:
+    """Fitted coefficients of the law; ``predict`` gives the loss (nats/token)."""
+
+    theta: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.theta) != len(COEFFICIENTS):
+            raise ValueError(f"the law has {len(COEFFICIENTS)} coefficients {COEFFICIENTS}, got {len(self.theta)}")
+
+    @property
+    def coefficients(self) -> dict[str, float]:
+        return dict(zip(COEFFICIENTS, (float(t) for t in self.theta)))
+
+    def predict(self, points: list[LawInputs]) -> np.ndarray:
+        """Predicted validation loss of each point, ``[P]``."""
+        return np.exp(log_loss(np.asarray(self.theta), design_matrix(points)))
+
+    def predict_one(self, point: LawInputs) -> float:
+        return float(self.predict([point])[0])
+
+    def formula(self) -> str:
+        """The law with its fitted numbers, for reports."""
+        k = self.coefficients
+        return (
+            f"L = {np.exp(k['log_c']):.4g} + ({np.exp(k['log_a']):.4g} + {np.exp(k['log_g']):.4g}·G^-{k['gamma']:.3g})"
+            f" · Ê^-{k['delta']:.3g} · exp(-{k['sigma']:.3g}·S) · N^-{k['alpha']:.3g}"
+            f" + {np.exp(k['log_b']):.4g} · D^-{k['beta']:.3g}"
+        )

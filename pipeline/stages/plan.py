@@ -1,0 +1,248 @@
+"""``make plan``: the planner on the fitted law, as a command.
+
+    python stages/plan.py --memory 3GB --flops 2GFLOP [--name planned] [overrides ...]
+    python stages/plan.py --memory 1.5GB --decode-speed 40 --bandwidth 60GB/s
+
+Reads the law from ``outputs/scaling/fit.json`` (``make scaling-fit``) and the search
+space from ``scaling.plan`` in ``conf/scaling.yaml`` (Hydra overrides after the flags,
+e.g. ``scaling.plan.space.n_layers=[2,4]``). Prints the best architectures within the
+budgets, the best per expansion (where the sparsity sweet spot lies), and where the
+reference models (the paper's MobileMoE-S/M/L, MobileLLM-Pro, and the dense twins of
+the first MoE) sit against the frontier. Writes the chosen architecture as
+``conf/model/<name>.yaml`` (which ``python stages/pretrain.py model=<name>`` trains as
+it is) and ``outputs/scaling/plan/<name>/``: plan.json, plan.md and the frontier plots.
+Exit code 2 with one line for a bad budget, a missing fit, or a budget nothing fits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from tabulate import tabulate
+
+from pipeline.configbase import ConfigError, from_dict
+from pipeline.model.config import ModelConfig
+from pipeline.model.twins import dense_twin
+from pipeline.recipe import CONF_DIR, REPO_ROOT, repo_path, validate
+from pipeline.scaling import plots
+from pipeline.scaling.config import ScalingStageConfig
+from pipeline.scaling.law import ScalingLaw
+from pipeline.scaling.planner import (
+    Budget,
+    Candidate,
+    Plan,
+    PlanError,
+    evaluate,
+    frontier_loss_at,
+    model_yaml,
+    parse_bandwidth,
+    parse_bytes,
+    parse_flops,
+    parse_rate,
+    plan,
+)
+
+FIT_FILE = "outputs/scaling/fit.json"
+OUT_ROOT = "outputs/scaling/plan"
+# The first line of every config the planner writes: it only ever overwrites its own.
+MARKER = "Written by the architecture planner (make plan)"
+EXIT_BAD_INPUT = 2
+
+
+def compose_scaling(overrides: list[str]) -> dict:
+    """``conf/scaling.yaml`` composed with Hydra overrides, as a plain dict."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="scaling", overrides=overrides)
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def load_model(name: str, conf_dir: Path = CONF_DIR) -> ModelConfig:
+    """``conf/model/<name>.yaml`` as a validated ModelConfig (ConfigError if absent)."""
+    import yaml
+
+    path = conf_dir / "model" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"scaling.plan: no model config {path}")
+    return from_dict(ModelConfig, yaml.safe_load(path.read_text()), f"model {name}")
+
+
+def load_law(path: Path) -> tuple[ScalingLaw, dict]:
+    """The fitted law and the fit's summary from ``fit.json``."""
+    if not path.is_file():
+        raise PlanError(f"--fit {path}: no fitted law there; run `make scaling-fit` first")
+    try:
+        summary = json.loads(path.read_text())
+        coefficients = summary["coefficients"]
+        from pipeline.scaling.law import COEFFICIENTS
+
+        return ScalingLaw(tuple(float(coefficients[k]) for k in COEFFICIENTS)), summary
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise PlanError(f"--fit {path}: not a fit written by make scaling-fit ({type(err).__name__}: {err})") from None
+
+
+def budget_from_args(args: argparse.Namespace) -> Budget:
+    """The budgets of the command line (PlanError naming the flag for a bad value)."""
+    decode_bytes = None
+    if (args.decode_speed is None) != (args.bandwidth is None):
+        raise PlanError("--decode-speed and --bandwidth go together (bytes per step = bandwidth / speed)")
+    if args.decode_speed is not None:
+        bandwidth = parse_bandwidth(args.bandwidth, "--bandwidth")
+        decode_bytes = bandwidth / parse_rate(args.decode_speed, "--decode-speed")
+    return Budget(
+        memory_bytes=parse_bytes(args.memory, "--memory") if args.memory else None,
+        flops_per_token=parse_flops(args.flops, "--flops") if args.flops else None,
+        decode_bytes=decode_bytes,
+    )
+
+
+def references(cfg: ScalingStageConfig, conf_dir: Path = CONF_DIR) -> list[ModelConfig]:
+    """The reference models, plus the dense twins (active, total) of the first MoE."""
+    models = [load_model(name, conf_dir) for name in cfg.plan.references]
+    first_moe = next((m for m in models if m.moe is not None), None)
+    if first_moe is not None:
+        models += [
+            dense_twin(first_moe, "active", cfg.plan.group_size),
+            dense_twin(first_moe, "total", cfg.plan.group_size),
+        ]
+    return models
+
+
+def _table(candidates: list[Candidate]) -> str:
+    rows = [c.row() for c in candidates]
+    return tabulate(rows, headers="keys", tablefmt="github") if rows else "(none)"
+
+
+def reference_rows(result: Plan, refs: list[Candidate]) -> list[dict]:
+    """Each reference's counts and predicted loss, and the frontier's best predicted
+    loss at no more INT4 memory (and no more FLOPs) than it uses."""
+    rows = []
+    for ref in refs:
+        at_memory = frontier_loss_at(result.frontier_memory, "int4_bytes", ref.int4_bytes)
+        at_flops = frontier_loss_at(result.frontier_flops, "flops_per_token", ref.flops_per_token)
+        rows.append(
+            {
+                **{k: v for k, v in ref.row().items() if k not in ("decode_read_GB",)},
+                "frontier_loss_same_memory": None if at_memory is None else round(at_memory, 4),
+                "gap_memory": None if at_memory is None else round(ref.loss - at_memory, 4),
+                "frontier_loss_same_flops": None if at_flops is None else round(at_flops, 4),
+                "gap_flops": None if at_flops is None else round(ref.loss - at_flops, 4),
+            }
+        )
+    return rows
+
+
+def by_expansion(feasible: list[Candidate]) -> list[dict]:
+    """The best candidate within budget per expansion (the sparsity sweet spot)."""
+    best: dict[float, Candidate] = {}
+    for c in feasible:
+        key = round(c.inputs.expansion, 2)
+        if key not in best or c.loss < best[key].loss:
+            best[key] = c
+    return [best[k].row() for k in sorted(best)]
+
+
+def write_config(model: ModelConfig, path: Path, header: str) -> None:
+    """Write ``model`` to ``path``; refuse to overwrite a config the planner did not write."""
+    if path.exists() and not path.read_text().startswith(f"# {MARKER}"):
+        raise PlanError(f"--name: {path} exists and was not written by the planner; choose another --name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(model_yaml(model, f"{MARKER}\n{header}"))
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python stages/plan.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--memory", help="INT4 weight budget, e.g. 3GB (SI) or 3GiB")
+    parser.add_argument("--flops", help="decode FLOPs per token at scaling.plan.context, e.g. 2e9 or 2GFLOP")
+    parser.add_argument("--decode-speed", help="target decode tokens/s (with --bandwidth)")
+    parser.add_argument("--bandwidth", help="memory read bandwidth, e.g. 60GB/s (with --decode-speed)")
+    parser.add_argument("--name", default="planned", help="the config to write: conf/model/<name>.yaml")
+    parser.add_argument("--fit", default=FIT_FILE, help="the fitted law (make scaling-fit)")
+    parser.add_argument("--conf-dir", default=str(CONF_DIR), help="where model/<name>.yaml is written")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/scaling.yaml")
+    args = parser.parse_args(argv)
+    try:
+        return _plan(args)
+    except (PlanError, ConfigError) as err:
+        print(f"plan: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _plan(args: argparse.Namespace) -> int:
+    budget = budget_from_args(args)  # a unit typo fails here, before anything is read
+    if not args.name.replace("_", "").isalnum():
+        raise PlanError(f"--name {args.name!r}: use letters, digits and underscores")
+    raw = compose_scaling(list(args.overrides))
+    cfg = from_dict(ScalingStageConfig, raw.get("scaling") or {}, "scaling")
+    law, fit = load_law(repo_path(args.fit))
+    base = load_model(cfg.plan.base)
+    result = plan(
+        law, budget, cfg.plan.space, base, cfg.plan.tokens, cfg.plan.context, cfg.plan.group_size, cfg.plan.top
+    )
+    chosen = result.chosen
+    model = replace(chosen.model, name=args.name)
+    recipe = {k: v for k, v in raw.items() if k not in ("sweep", "scaling")}
+    validate({**recipe, "model": asdict(model)})  # the recipe trains it as it is
+    refs = evaluate(references(cfg), law, cfg.plan.tokens, cfg.plan.context, cfg.plan.group_size)
+    out = repo_path(OUT_ROOT) / args.name
+    out.mkdir(parents=True, exist_ok=True)
+    sweet = by_expansion(result.feasible)
+    header = (
+        f"Budget: {budget.describe()} (context {cfg.plan.context}); law fitted on sweep {fit.get('sweep', '?')}: "
+        f"{fit['formula']}\n"
+        f"Predicted loss at {cfg.plan.tokens:.3g} tokens: {chosen.loss:.4f}; INT4 {chosen.int4_bytes / 1e9:.3f} GB; "
+        f"{chosen.flops_per_token / 1e9:.3f} GFLOPs/token (decode); {chosen.inputs.n_active / 1e6:.1f}M active."
+    )
+    config_path = Path(args.conf_dir) / "model" / f"{args.name}.yaml"
+    write_config(model, config_path, header)
+    text = "\n\n".join(
+        [
+            f"# Plan {args.name}",
+            header.replace("\n", "  \n"),
+            f"{result.enumerated} architectures enumerated, {len(result.feasible)} within budget.",
+            "## Best within budget\n\n" + _table(result.best),
+            "## Best within budget per expansion (total / active FFN width)\n\n"
+            + tabulate(sweet, headers="keys", tablefmt="github"),
+            "## Reference models against the frontier (gap > 0: the frontier predicts a lower loss)\n\n"
+            + tabulate(reference_rows(result, refs), headers="keys", tablefmt="github"),
+            "## Frontier: predicted loss vs INT4 memory\n\n" + _table(result.frontier_memory),
+            "## Frontier: predicted loss vs decode FLOPs per token\n\n" + _table(result.frontier_flops),
+            f"Predictions extrapolate the law from the sweep's points (N up to "
+            f"{_sweep_max(fit, 'n_active'):.3g}, D up to {_sweep_max(fit, 'tokens'):.3g}) to N = "
+            f"{chosen.inputs.n_active:.3g}, D = {cfg.plan.tokens:.3g}: read them as a ranking, not as losses.",
+        ]
+    )
+    (out / "plan.md").write_text(text + "\n")
+    (out / "plan.json").write_text(
+        json.dumps(
+            {
+                "budget": asdict(budget),
+                "chosen": chosen.row(),
+                "best": [c.row() for c in result.best],
+                "by_expansion": sweet,
+                "references": reference_rows(result, refs),
+                "frontier_memory": [c.row() for c in result.frontier_memory],
+                "frontier_flops": [c.row() for c in result.frontier_flops],
+                "config": str(config_path),
+            },
+            indent=2,
+        )
+    )
+    plots.frontier(result.frontier_memory, refs, chosen, "int4_bytes", out / "frontier_memory.png", budget.memory_bytes)
+    plots.frontier(result.frontier_flops, refs, chosen, "flops_per_token", out / "frontier_flops.png",
+                   budget.flops_per_token)  # fmt: skip
+    print(text)
+    print(f"\nwrote {config_path} and {out.relative_to(REPO_ROOT) if out.is_relative_to(REPO_ROOT) else out}/")
+    return 0
+
+
+def _sweep_max(fit: dict, key: str) -> float:
+    return float(fit.get("range", {}).get(key, float("nan")))

@@ -1,0 +1,149 @@
+"""Stage ``scaling_fit``: fit the scaling law to a sweep's finished points (MLflow).
+
+``python stages/scaling_fit.py`` (``make scaling-fit``) reads every FINISHED
+``sweep_point`` run tagged with ``scaling.sweep`` from MLflow (the newest run of each
+size x arch x tokens), fits the law with the sizes in ``scaling.hold_out_sizes`` at the
+largest token budget held out, and publishes into ``outputs/scaling/``: ``fit.json``
+(coefficients, fit and held-out errors, the paired comparisons), ``points.csv``,
+``comparison.md`` (each architecture against its dense twin) and the figures. The
+numbers and files are logged to the stage's MLflow run.
+
+Not a DVC stage: its input is the tracking store, which DVC cannot hash; sweeps run
+beside the recipe (DESIGN: "Sweeps (scaling) run pretrain points beside the recipe").
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.configbase import ConfigError, from_dict
+from pipeline.model.config import ModelConfig
+from pipeline.runner.errors import StageInputError
+from pipeline.runner.spec import Stage, StageContext, StageResult
+from pipeline.scaling.artifacts import OUTPUTS, write_fit
+from pipeline.scaling.config import ScalingStageConfig
+from pipeline.scaling.fit import Observation, ScalingFitError, check_identifiable
+from pipeline.scaling.law import law_inputs
+from pipeline.stages.sweep import STAGE as SWEEP_STAGE
+
+OUT_DIR = "outputs/scaling"
+
+
+def scaling_config(raw: dict) -> ScalingStageConfig:
+    return from_dict(ScalingStageConfig, raw.get("scaling") or {}, "scaling")
+
+
+def observations(runs: list, hold_out_sizes: list[str]) -> list[Observation]:
+    """Sweep points from MLflow runs (oldest first; a later run of the same point wins).
+
+    Each run's ``sweep.model`` tag is the model config (JSON); N and the FFN shape are
+    computed from it with the model's accounting, D is ``final/tokens_seen``, the loss
+    ``final/val_loss``. Points of ``hold_out_sizes`` at the largest token budget are
+    marked held out. Raises ScalingFitError naming a run whose tags or metrics are
+    missing."""
+    latest: dict[str, tuple[dict, dict]] = {}
+    for run in runs:
+        tags, metrics = run.data.tags, run.data.metrics
+        missing = [k for k in ("sweep.size", "sweep.arch", "sweep.tokens", "sweep.model") if k not in tags]
+        missing += [k for k in ("final/val_loss", "final/tokens_seen") if k not in metrics]
+        if missing:
+            raise ScalingFitError(f"MLflow run {run.info.run_id} is missing {', '.join(missing)}")
+        latest[f"{tags['sweep.size']}-{tags['sweep.arch']}-{tags['sweep.tokens']}"] = (tags, metrics)
+    budgets = [int(tags["sweep.tokens"]) for tags, _ in latest.values()]
+    largest = max(budgets) if budgets else 0
+    points = []
+    for name, (tags, metrics) in sorted(latest.items()):
+        try:
+            model = from_dict(ModelConfig, json.loads(tags["sweep.model"]), "model")
+        except (ConfigError, json.JSONDecodeError) as err:
+            raise ScalingFitError(f"sweep point {name}: its sweep.model tag is not a model config: {err}") from None
+        points.append(
+            Observation(
+                name=name,
+                family=tags["sweep.arch"],
+                inputs=law_inputs(model, metrics["final/tokens_seen"]),
+                loss=float(metrics["final/val_loss"]),
+                held_out=tags["sweep.size"] in hold_out_sizes and int(tags["sweep.tokens"]) == largest,
+            )
+        )
+    return points
+
+
+@dataclass
+class SweepPointsInput:
+    """The finished points of a sweep in MLflow: enough of them to fit the law."""
+
+    key: str
+    tracking: object  # TrackingConfig
+    sweep: str
+    hold_out_sizes: list[str]
+
+    def check(self) -> list[Observation]:
+        from pipeline import tracking
+
+        runs = tracking.tagged_runs(self.tracking, {"stage": SWEEP_STAGE, "sweep": self.sweep})
+        try:
+            points = observations(runs, self.hold_out_sizes)
+            check_identifiable(points)
+        except ScalingFitError as err:
+            raise StageInputError(f"{self.key}: sweep {self.sweep!r}: {err}") from None
+        return points
+
+
+def _raw_inputs(raw: dict) -> list:
+    from pipeline.recipe import validate
+
+    cfg = scaling_config(raw)
+    recipe = validate({k: v for k, v in raw.items() if k not in ("sweep", "scaling")})
+    return [SweepPointsInput("scaling.sweep", recipe.tracking, cfg.sweep, cfg.hold_out_sizes)]
+
+
+def _work(ctx: StageContext) -> StageResult:
+    import ray
+
+    from pipeline.runner import cluster
+
+    cfg = scaling_config(ctx.raw)
+    points = ctx.inputs["scaling.sweep"]
+    pairs = [(p.a, p.b, p.label) for p in cfg.pairs]
+    cluster.start(ctx.recipe.ray)
+    summary = ray.get(ray.remote(num_cpus=1)(write_fit).remote(points, pairs, ctx.scratch, cfg.dense, cfg.sweep))
+    metrics = {
+        "points": summary["points"],
+        "held_out_points": summary["held_out_points"],
+        "fit_rms_rel_error": summary["fit_error"]["rms"],
+        "fit_max_rel_error": summary["fit_error"]["max"],
+        "held_out_rms_rel_error": summary["held_out_error"]["rms"],
+        "held_out_max_rel_error": summary["held_out_error"]["max"],
+        "prediction_band": summary["prediction_band"],
+        **{f"coef_{k}": v for k, v in summary["coefficients"].items()},
+    }
+
+    def log(run, out_dir: Path) -> None:
+        run.set_tags({"sweep": cfg.sweep, "scaling.formula": summary["formula"]})
+        for name in OUTPUTS:
+            run.log_artifact(out_dir / name)
+
+    return StageResult(metrics, log=log)
+
+
+def prepare_fit(raw: dict, sweep_dir: Path | None) -> tuple[dict, Path | None]:
+    """The fit's config as composed (``sweep_dir`` unused: one fit per call)."""
+    scaling_config(raw)  # a bad scaling section fails here, naming its key
+    return raw, None
+
+
+SCALING_FIT = Stage(
+    name="scaling_fit",
+    out_dir=lambda recipe: OUT_DIR,
+    raw_out_dir=lambda raw: scaling_config(raw).out_dir,
+    inputs=lambda recipe: [],
+    params=lambda raw: {"scaling": raw.get("scaling", {})},
+    work=_work,
+    outputs=OUTPUTS,
+    resources=lambda recipe: {"CPU": 1},
+    extra_keys=("sweep", "scaling"),
+    raw_inputs=_raw_inputs,
+)

@@ -1,0 +1,363 @@
+"""The scaling law, its fit, the sweep grid and the planner (pipeline/scaling).
+
+Formulas are pinned against naive re-implementations with non-default values; the fit
+against synthetic data drawn from a known law with noise; the planner against an
+exhaustive filter and the model built on the meta device.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pipeline.configbase import ConfigError, from_dict
+from pipeline.model import ModelConfig, Transformer, param_counts
+from pipeline.model.accounting import ffn_shape, flops_per_token, int4_weight_bytes, matmul_params_active
+from pipeline.quant.config import QuantConfig, quantized_input_dims
+from pipeline.scaling.fit import (
+    COEFFICIENTS,
+    Observation,
+    ScalingFitError,
+    fit_law,
+    huber,
+    starting_points,
+)
+from pipeline.scaling.grid import SweepConfig, point_model, steps_for_tokens
+from pipeline.scaling.law import LawInputs, ScalingLaw, design_matrix, law_inputs, log_loss, log_loss_and_jacobian
+from pipeline.scaling.planner import (
+    Budget,
+    PlanError,
+    SearchSpace,
+    enumerate_models,
+    evaluate,
+    pareto,
+    parse_bandwidth,
+    parse_bytes,
+    parse_flops,
+    parse_rate,
+    plan,
+    within,
+)
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+# A law with every coefficient away from its default start: a = 20, g = 40, γ = 0.6,
+# δ = 0.25, σ = 0.08, α = 0.32, b = 300, β = 0.3, c = 1.7.
+TRUE = ScalingLaw((math.log(20.0), math.log(40.0), 0.6, 0.25, 0.08, 0.32, math.log(300.0), 0.3, math.log(1.7)))
+
+
+def model(name: str) -> ModelConfig:
+    return from_dict(ModelConfig, yaml.safe_load((CONF / "model" / f"{name}.yaml").read_text()), name)
+
+
+def naive_loss(N: float, D: float, E: float, G: float, S: bool) -> float:
+    """The law written out by hand from its docstring (independent of law.py's LSE form)."""
+    a, g, b, c = 20.0, 40.0, 300.0, 1.7
+    gamma, delta, sigma, alpha, beta = 0.6, 0.25, 0.08, 0.32, 0.3
+    return c + (a + g * G**-gamma) * E**-delta * math.exp(-sigma * S) * N**-alpha + b * D**-beta
+
+
+def test_law_matches_the_formula_written_out():
+    for N, D, E, G, S in [(3e5, 1e6, 1, 1, False), (2.7e8, 6e12, 8, 8, True), (1e6, 3e5, 4, 2, False)]:
+        assert TRUE.predict_one(LawInputs(N, D, E, G, S)) == pytest.approx(naive_loss(N, D, E, G, S), rel=1e-12)
+
+
+def test_jacobian_matches_finite_differences():
+    X = design_matrix([LawInputs(3e5 * 3**i, 1e6 * 2**i, 1 + i, 2**i, bool(i % 2)) for i in range(6)])
+    theta = np.array(TRUE.theta) + 0.05
+    value, jac = log_loss_and_jacobian(theta, X)
+    assert np.allclose(value, log_loss(theta, X))
+    eps = 1e-6
+    numeric = np.stack(
+        [(log_loss(theta + e * eps, X) - log_loss(theta - e * eps, X)) / (2 * eps) for e in np.eye(9)], 1
+    )
+    assert np.allclose(jac, numeric, atol=1e-7)
+
+
+def test_huber_by_hand():
+    r = np.array([0.0, 5e-4, -1e-3, 3e-3, -0.01])
+    # inside |r| <= 1e-3: r^2 / 2; outside: 1e-3 (|r| - 5e-4)
+    assert huber(r, 1e-3) == pytest.approx([0.0, 1.25e-7, 5e-7, 2.5e-6, 9.5e-6])
+
+
+def _synthetic(noise: float, seed: int = 0) -> list[Observation]:
+    """A sweep drawn from TRUE with log-normal noise; the largest size at the largest
+    budget is held out."""
+    rng = np.random.default_rng(seed)
+    points = []
+    for N, D in itertools.product([3e5, 1e6, 3e6, 1e7, 3e7], [1e6, 3e6, 1e7]):
+        for E, G, S in [(1, 1, 0), (4, 1, 0), (4, 2, 0), (4, 4, 0), (4, 4, 1), (2, 4, 0), (8, 4, 0), (4, 16, 0)]:
+            x = LawInputs(N, D, E, G, bool(S))
+            loss = TRUE.predict_one(x) * math.exp(rng.normal(0, noise))
+            points.append(Observation(f"{N:g}-{D:g}-{E}-{G}-{S}", f"e{E}g{G}s{S}", x, loss, N == 3e7 and D == 1e7))
+    return points
+
+
+def test_fit_recovers_known_coefficients_from_noisy_synthetic_data():
+    result = fit_law(_synthetic(noise=0.001))
+    got, want = result.law.coefficients, TRUE.coefficients
+    for name, tol in {"alpha": 0.02, "beta": 0.02, "delta": 0.02, "sigma": 0.02, "gamma": 0.15, "log_c": 0.05,
+                      "log_b": 0.2, "log_a": 0.3, "log_g": 0.3}.items():  # fmt: skip
+        assert abs(got[name] - want[name]) <= tol, (name, got[name], want[name])
+    assert result.fit.rms < 0.002
+    assert set(result.law.coefficients) == set(COEFFICIENTS)
+
+
+def test_held_out_points_are_predicted_within_the_error_the_fit_reports():
+    points = _synthetic(noise=0.003, seed=1)
+    result = fit_law(points)
+    assert result.held_out.count == 8
+    assert result.held_out.max <= result.band, (result.held_out, result.band)
+    summary = result.to_dict()
+    assert summary["held_out_within_band"] is True and summary["prediction_band"] == pytest.approx(3 * result.fit.rms)
+
+
+def test_fewer_points_than_coefficients_is_refused_before_fitting():
+    points = _synthetic(noise=0.0)[:9]
+    with pytest.raises(ScalingFitError, match=r"9 sweep point\(s\) to fit .* 9 coefficients .* at least 10"):
+        fit_law(points)
+    one_budget = [p for p in _synthetic(noise=0.0) if p.inputs.tokens == 1e6]
+    with pytest.raises(ScalingFitError, match="one value of token budgets"):
+        fit_law(one_budget)
+
+
+def test_starting_grid_spans_the_declared_values():
+    starts = starting_points()
+    assert len(starts) == 162 and all(len(s) == len(COEFFICIENTS) for s in starts)
+    alphas = {s[COEFFICIENTS.index("alpha")] for s in starts}
+    assert alphas == {0.1, 0.3, 0.6}
+
+
+# --------------------------------------------------------------------------- the sweep grid
+
+
+def _grid(**point) -> SweepConfig:
+    raw = yaml.safe_load((CONF / "sweep" / "moe_grid.yaml").read_text())["sweep"]
+    return from_dict(SweepConfig, {**raw, **point}, "sweep")
+
+
+def test_grid_archs_keep_the_active_width_and_set_the_expansion():
+    sweep = _grid()
+    base = model("tiny")
+    expected = {"dense": (1, 1), "dense_total": (1, 1), "e4k1": (4, 1), "e8k2": (4, 2), "e16k4": (4, 4),
+                "e15k3s1": (4, 4), "e8k4": (2, 4), "e32k4": (8, 4)}  # fmt: skip
+    for size in sweep.sizes:
+        dense = point_model(sweep, base, size.name, "dense")
+        for arch, (expansion, granularity) in expected.items():
+            cfg = point_model(sweep, base, size.name, arch)
+            shape = ffn_shape(cfg)
+            assert (shape.expansion, shape.granularity) == (expansion, granularity), arch
+            if arch != "dense_total":  # every MoE has the dense twin's active FFN width
+                assert shape.active_width == 4 * size.d_model == ffn_shape(dense).active_width
+        moe, total = point_model(sweep, base, size.name, "e16k4"), point_model(sweep, base, size.name, "dense_total")
+        # the total twin holds the MoE's FFN parameters (rounded down to whole INT4 groups)
+        assert 0 <= ffn_shape(moe).total_width - total.ffn_dim < 32 + 1
+    assert point_model(sweep, base, "xs", "e15k3s1").moe.shared_ffn_dim == 64
+
+
+def test_grid_rejects_a_bad_arch_and_an_expert_width_off_the_alignment():
+    with pytest.raises(ConfigError, match=r"sweep\.arch: 'e99' is not one of archs"):
+        _grid(arch="e99")
+    sweep = _grid()
+    sweep.archs.append(replace(sweep.archs[2], name="g3", experts=12, top_k=3, granularity=3))
+    with pytest.raises(ConfigError, match=r"archs\.g3\.granularity: .* 256 split 3 ways"):
+        point_model(sweep, model("tiny"), "xs", "g3")
+    assert steps_for_tokens(120000, 1024) == 118
+
+
+# --------------------------------------------------------------------------- the planner
+
+
+def test_budget_units_and_typos():
+    assert parse_bytes("3GB") == 3_000_000_000
+    assert parse_bytes("3GiB") == 3 * 2**30
+    assert parse_bytes("700 MB") == 700_000_000
+    assert parse_flops("1.5GFLOP") == 1.5e9 and parse_flops("2e9") == 2e9 and parse_flops("800 MFLOPs") == 8e8
+    assert parse_bandwidth("60GB/s") == 60e9 and parse_rate("30 tok/s") == 30 == parse_rate("30")
+    with pytest.raises(PlanError, match=r"memory budget '3GBB': not byte .*GBB"):
+        parse_bytes("3GBB")
+    with pytest.raises(PlanError, match=r"memory budget '3': give a unit"):
+        parse_bytes("3")
+    with pytest.raises(PlanError, match=r"memory budget '3Gb': not byte"):  # a gilbert, not gigabits
+        parse_bytes("3Gb")
+    with pytest.raises(PlanError, match=r"compute budget '2GG'"):
+        parse_flops("2GG")
+    with pytest.raises(PlanError, match=r"must be > 0"):
+        parse_bytes("0GB")
+
+
+SMALL_SPACE = SearchSpace(
+    n_layers=[2, 4, 8],
+    d_model=[64, 128, 256],
+    head_dim=32,
+    n_kv_heads=2,
+    expansion=[1, 2, 4, 8],
+    granularity=[1, 2, 4],
+    shared_fraction=[0.0, 0.5],
+    vocab_size=[4096],
+    tie_embeddings=[True, False],
+)
+
+
+@pytest.mark.parametrize("memory,flops", [("2MB", "4MFLOP"), ("6MB", None), (None, "2e7"), ("30MB", "50MFLOP")])
+def test_planner_never_exceeds_the_budget_and_returns_the_best_within_it(memory, flops):
+    base = model("tiny")
+    budget = Budget(
+        memory_bytes=parse_bytes(memory) if memory else None, flops_per_token=parse_flops(flops) if flops else None
+    )
+    result = plan(TRUE, budget, SMALL_SPACE, base, tokens=1e9, context=256)
+    for c in result.feasible:
+        # recounted from the config with the model package's accounting
+        assert budget.memory_bytes is None or int4_weight_bytes(c.model) <= budget.memory_bytes
+        assert budget.flops_per_token is None or flops_per_token(c.model, 256, "decode") <= budget.flops_per_token
+    # exhaustive: nothing in the space within budget predicts a lower loss
+    everything = evaluate(list(enumerate_models(SMALL_SPACE, base)), TRUE, 1e9, 256)
+    assert result.chosen.loss == min(c.loss for c in everything if within(c, budget))
+    assert len(result.feasible) == sum(within(c, budget) for c in everything)
+
+
+def test_pareto_frontier_matches_a_naive_dominance_check():
+    everything = evaluate(list(enumerate_models(SMALL_SPACE, model("tiny"))), TRUE, 1e9, 256)
+    frontier = pareto(everything, "int4_bytes")
+    naive = [
+        c for c in everything
+        if not any(o.int4_bytes <= c.int4_bytes and o.loss < c.loss for o in everything)
+    ]  # fmt: skip
+    assert sorted(c.loss for c in frontier) == sorted({c.loss for c in naive}) or len(frontier) <= len(naive)
+    assert {(c.int4_bytes, c.loss) for c in frontier} <= {(c.int4_bytes, c.loss) for c in naive}
+    assert min(c.loss for c in frontier) == min(c.loss for c in everything)
+
+
+def test_a_budget_nothing_fits_names_the_smallest_architecture():
+    with pytest.raises(
+        PlanError, match=r"no architecture of the search space fits INT4 weights <= 1e-09 GB.*smallest needs"
+    ):
+        plan(TRUE, Budget(memory_bytes=1), SMALL_SPACE, model("tiny"), tokens=1e9)
+
+
+def test_planned_counts_equal_the_model_built_on_the_meta_device():
+    result = plan(TRUE, Budget(memory_bytes=parse_bytes("6MB")), SMALL_SPACE, model("tiny"), tokens=1e9, top=4)
+    quant = QuantConfig(group_size=32)
+    for c in [*result.best, result.frontier_memory[-1]]:
+        with torch.device("meta"):
+            built = Transformer(c.model)
+        params = dict(built.named_parameters())
+        assert param_counts(c.model).total == sum(p.numel() for p in params.values())
+        # INT4 bytes recounted from the built module: each quantized weight at 4 bits
+        # plus one bf16 scale per group, router FP32, the rest (norms) bf16.
+        quantized = {name for name, _ in quantized_input_dims(c.model)}
+        by_hand = 0
+        for name, p in params.items():
+            if name in quantized:
+                by_hand += p.numel() // 2 + p.numel() // quant.group_size * 2
+            elif "router" in name or "gate" in name:
+                by_hand += 4 * p.numel()
+            else:
+                by_hand += 2 * p.numel()
+        assert c.int4_bytes == by_hand, c.model.name
+        assert c.inputs == law_inputs(c.model, 1e9)
+        assert c.inputs.n_active == matmul_params_active(c.model)
+
+
+def test_planned_config_round_trips_as_a_recipe_model():
+    result = plan(TRUE, Budget(memory_bytes=parse_bytes("6MB")), SMALL_SPACE, model("tiny"), tokens=1e9)
+    again = from_dict(ModelConfig, yaml.safe_load(yaml.safe_dump(asdict(result.chosen.model))), "model")
+    assert again == result.chosen.model
+
+
+# --------------------------------------------------------------------------- the fit stage
+
+
+def _seed_sweep(uri: str, sweep: str, sizes: list[str], tokens: list[int], noise: float) -> int:
+    """FINISHED sweep_point runs in the store at ``uri``, as `make sweep` tags them, with
+    losses drawn from TRUE on the moe_grid models. Returns the number of points."""
+    import json
+
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import TrackingConfig, ensure_experiment
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = ensure_experiment(client, TrackingConfig(uri=uri), uri)
+    grid, base = _grid(), model("tiny")
+    rng = np.random.default_rng(3)
+    count = 0
+    for size, arch, budget in itertools.product(sizes, ["dense", "dense_total", "e4k1", "e16k4", "e32k4"], tokens):
+        cfg = point_model(grid, base, size, arch)
+        loss = TRUE.predict_one(law_inputs(cfg, budget)) * math.exp(rng.normal(0, noise))
+        tags = {"stage": "sweep_point", "sweep": sweep, "sweep.size": size, "sweep.arch": arch,
+                "sweep.tokens": str(budget), "sweep.model": json.dumps(asdict(cfg))}  # fmt: skip
+        run = client.create_run(exp, tags=tags)
+        client.log_batch(run.info.run_id, metrics=[Metric("final/val_loss", loss, 0, 0),
+                                                   Metric("final/tokens_seen", budget, 0, 0)])  # fmt: skip
+        client.set_terminated(run.info.run_id, "FINISHED")
+        count += 1
+    return count
+
+
+def _fit_cli(tmp_path: Path, uri: str, *overrides: str):
+    """``stages/scaling_fit.py`` on the store at ``uri``, its Ray session files in a
+    private directory (Unix socket paths must stay short: under /tmp)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from tools.drill import env_for
+
+    repo = Path(__file__).resolve().parents[1]
+    ray_dir = tempfile.mkdtemp(prefix="ray-scaling-", dir="/tmp")
+    return subprocess.run(
+        [
+            sys.executable,
+            "stages/scaling_fit.py",
+            f"tracking.uri={uri}",
+            f"scaling.out_dir={tmp_path / 'out'}",
+            "scaling.pairs=[]",
+            *overrides,
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=repo,
+        env=env_for(repo, str(ray_dir)),
+    )
+
+
+def test_scaling_fit_stage_reads_the_sweep_from_mlflow_fits_and_logs(tmp_path):
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # a sweep too small to fit: refused before any work, naming the key; nothing written
+    _seed_sweep(uri, "tiny_sweep", ["xs"], [120000], noise=0.0)
+    bad = _fit_cli(tmp_path, uri, "scaling.sweep=tiny_sweep")
+    assert bad.returncode == 2, bad.stderr[-2000:]
+    assert "scaling.sweep: sweep 'tiny_sweep': 5 sweep point(s) to fit" in bad.stderr
+    assert "9 coefficients" in bad.stderr and not (tmp_path / "out").exists()
+
+    n = _seed_sweep(uri, "synth", ["xs", "s", "m"], [120000, 600000], noise=0.002)
+    proc = _fit_cli(tmp_path, uri, "scaling.sweep=synth", "scaling.hold_out_sizes=[m]")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "out"
+    fit = json.loads((out / "fit.json").read_text())
+    assert fit["points"] == n == 30 and fit["held_out_points"] == 5 and fit["sweep"] == "synth"
+    assert fit["fit_error"]["rms"] < 0.005 and fit["held_out_within_band"] is True
+    assert fit["range"]["tokens"] == 600000
+    for name in ("predicted_vs_measured.png", "loss_vs_params.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "e16k4 - dense" in (out / "comparison.md").read_text()
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("mobilemoe")
+    (run,) = client.search_runs([exp.experiment_id], "tags.stage = 'scaling_fit'")
+    assert run.info.status == "FINISHED" and run.data.tags["sweep"] == "synth"
+    assert run.data.metrics["final/held_out_max_rel_error"] == pytest.approx(fit["held_out_error"]["max"])
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"fit.json", "points.csv", "comparison.md", "predicted_vs_measured.png"} <= logged
