@@ -49,12 +49,13 @@ def write_fit(
         f"Law: `{result.law.formula()}`",
         "",
         f"Fit error (relative, {result.fit.count} points): RMS {result.fit.rms:.2%}, max {result.fit.max:.2%}. "
-        f"Held out ({result.held_out.count} largest runs): RMS {result.held_out.rms:.2%}, max "
-        f"{result.held_out.max:.2%}, against the fit's band ±{result.band:.2%}.",
+        f"Held out ({result.held_out.count} of the largest runs): RMS {result.held_out.rms:.2%}, max "
+        f"{result.held_out.max:.2%}, against the fit's band ±{result.band:.2%} (3 × the fit's RMS).",
         "",
-        f"## Each architecture minus the `{dense}` twin (same active FFN width, same tokens), nats/token",
+        f"## Each architecture minus the `{dense}` twin at the same size and tokens, nats/token",
         "",
-        "Negative: lower validation loss than the dense model at equal active compute and tokens.",
+        f"`{dense}` has the reference MoE's active FFN width: the same compute per token as every MoE whose "
+        "top-k plus shared units equal its granularity. Negative: a lower validation loss than the dense model.",
         "",
         tabulate(rows, headers=header, tablefmt="github", missingval="–"),
         "",

@@ -22,7 +22,8 @@ class PlanConfig:
     base: str = "mobilemoe_s"  # conf/model/ file giving RoPE, norms, router, context length
     context: int = 1024
     tokens: float = 6.0e12  # the paper's pre-training tokens
-    group_size: int = 32
+    group_size: int = 32  # the recipe's QAT group (conf: ${stage.qat.group_size})
+    embedding: str = "int4"  # the recipe's QAT embedding, int4 or int8 (conf: ${stage.qat.embedding})
     top: int = 10
     references: list[str] = field(default_factory=lambda: list(PAPER_MODELS))
 
@@ -31,6 +32,7 @@ class PlanConfig:
         require(self.tokens > 0, "tokens", "must be > 0")
         require(self.group_size >= 1, "group_size", "must be >= 1")
         require(self.top >= 1, "top", "must be >= 1")
+        require(self.embedding in ("int4", "int8"), "embedding", f"must be int4 or int8, got {self.embedding!r}")
         require(bool(self.base), "base", "must name a conf/model/ file")
 
 
@@ -46,12 +48,15 @@ class PairSpec:
 @dataclass
 class ScalingStageConfig:
     """``make scaling-fit`` reads the FINISHED points of ``sweep`` from MLflow; the
-    points of the sizes in ``hold_out_sizes`` at the sweep's largest token budget are
-    left out of the fit and predicted (the largest runs)."""
+    points of the sizes in ``hold_out_sizes`` (at the largest token budget, or at every
+    budget: ``hold_out_budgets``) are left out of the fit and predicted."""
 
     sweep: str = "moe_grid"
     out_dir: str = "outputs/scaling"
     hold_out_sizes: list[str] = field(default_factory=lambda: ["m"])
+    # "largest": those sizes at the largest token budget only (each of N and D was seen in
+    # the fit, not together); "all": at every budget (an extrapolation in N).
+    hold_out_budgets: str = "largest"
     dense: str = "dense"  # the family that is the dense twin at equal active width
     pairs: list[PairSpec] = field(default_factory=list)
     plan: PlanConfig = field(default_factory=PlanConfig)
@@ -59,3 +64,8 @@ class ScalingStageConfig:
     def __post_init__(self) -> None:
         require(bool(self.sweep), "sweep", "must name a sweep (conf/sweep/<name>.yaml)")
         require(bool(self.out_dir), "out_dir", "must be a non-empty path")
+        require(
+            self.hold_out_budgets in ("largest", "all"),
+            "hold_out_budgets",
+            f"must be 'largest' or 'all', got {self.hold_out_budgets!r}",
+        )

@@ -3,8 +3,9 @@
 Practice of Hoffmann et al. 2022 (approach 3): minimise the Huber loss (δ = 1e-3) of
 the residuals ``log L_pred - log L_measured`` with L-BFGS(-B) from a grid of starting
 points and keep the best. Points marked ``held_out`` (a sweep's largest runs) are left
-out of the fit and only predicted, so the reported held-out error is an extrapolation
-error. Errors are relative errors of the loss, ``|L_pred / L - 1|``.
+out of the fit and only predicted: the held-out error is an out-of-sample error, an
+extrapolation in N when a size is held out at every budget. Errors are relative errors
+of the loss, ``|L_pred / L - 1|``.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ class FitResult:
             "fit_error": vars(self.fit),
             "held_out_error": vars(self.held_out),
             "prediction_band": self.band,
-            "held_out_within_band": bool(self.held_out.count == 0 or self.held_out.max <= self.band),
+            "held_out_within_band": None if self.held_out.count == 0 else bool(self.held_out.max <= self.band),
             "huber_delta": HUBER_DELTA,
             "objective": self.objective,
             "starts": self.starts,
@@ -128,7 +129,9 @@ def starting_points(grid: dict[str, tuple[float, ...]] = START_GRID) -> list[np.
 
 def check_identifiable(points: list[Observation]) -> None:
     """Raise ScalingFitError unless the fitted points can determine every coefficient:
-    more points than coefficients, and at least two distinct values of N and of D."""
+    more points than coefficients; two or more values of N, of D and of Ê; three or
+    more of G (the granularity term ``a + g G^-γ`` has three unknowns); and points with
+    and without a shared expert (σ)."""
     fitted = [p for p in points if not p.held_out]
     need = len(COEFFICIENTS) + 1
     if len(fitted) < need:
@@ -137,11 +140,19 @@ def check_identifiable(points: list[Observation]) -> None:
             f"{len(COEFFICIENTS)} coefficients ({', '.join(COEFFICIENTS)}): at least {need} are needed; "
             f"run more of the sweep (make sweep) or hold fewer out"
         )
-    for what, values in (("active parameter counts", {p.inputs.n_active for p in fitted}),
-                         ("token budgets", {p.inputs.tokens for p in fitted})):  # fmt: skip
-        if len(values) < 2:
+    spreads = (
+        ("active parameter counts N", {p.inputs.n_active for p in fitted}, 2, "alpha"),
+        ("token budgets D", {p.inputs.tokens for p in fitted}, 2, "beta"),
+        ("expansions", {round(p.inputs.expansion, 6) for p in fitted}, 2, "delta"),
+        ("granularities", {round(p.inputs.granularity, 6) for p in fitted}, 3, "a, g, gamma"),
+        ("shared-expert settings", {p.inputs.shared for p in fitted}, 2, "sigma"),
+    )
+    for what, values, least, coefficient in spreads:
+        if len(values) < least:
+            shown = ", ".join(f"{v:g}" for v in sorted(values))
             raise ScalingFitError(
-                f"the fitted points have one value of {what} ({values.pop():g}); the law needs two or more"
+                f"the fitted points have {len(values)} distinct {what} ({shown}); {coefficient} needs {least} or "
+                f"more: add architectures or sizes to the sweep"
             )
 
 

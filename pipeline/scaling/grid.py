@@ -4,8 +4,11 @@ A sweep point is named by three knobs (``size``, ``arch``, ``tokens``) that a Hy
 multirun sweeps as a Cartesian product (``conf/sweep/*.yaml``). An architecture is a
 named bundle of the MoE knobs (routed experts, top-k, granularity, shared expert)
 because the knobs are only meaningful together: at granularity G a routed expert is
-``ffn_mult * d_model / G`` wide, so top-k = G keeps the active width (compute) of the
-dense model while E = expansion x G sets the total width (memory). The dense twins
+``ffn_mult * d_model / G`` wide, so top-k + shared units = G keeps the active width
+(compute) of the dense model while E = expansion x G sets the total width (memory).
+Nothing forces that sum: an arch with a smaller top-k has a narrower active width, and
+the law reads its granularity and expansion from the built config
+(``accounting.ffn_shape``), not from the arch's ``granularity`` field. The dense twins
 (``twin: active`` and ``twin: total`` of a named MoE architecture) are built with
 :func:`pipeline.model.twins.dense_twin`, at every size.
 """
@@ -13,11 +16,19 @@ dense model while E = expansion x G sets the total width (memory). The dense twi
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, replace
 
 from pipeline.configbase import ConfigError, require
 from pipeline.model.config import GROUPED_MM_ALIGN, ModelConfig, MoEConfig
 from pipeline.model.twins import dense_twin
+
+# Names end up in MLflow tags, search filters and point names "<size>-<arch>-<tokens>".
+NAME = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+def _check_name(name: str) -> None:
+    require(bool(NAME.match(name or "")), "name", f"{name!r}: use letters, digits and underscores only")
 
 
 @dataclass
@@ -32,7 +43,7 @@ class SizeSpec:
     head_dim: int
 
     def __post_init__(self) -> None:
-        require(bool(self.name), "name", "must be non-empty")
+        _check_name(self.name)
         for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim"):
             require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
 
@@ -54,7 +65,7 @@ class ArchSpec:
     dense: bool = False
 
     def __post_init__(self) -> None:
-        require(bool(self.name), "name", "must be non-empty")
+        _check_name(self.name)
         kinds = sum([self.dense, self.twin is not None, self.experts > 0])
         require(kinds == 1, "experts", f"{self.name}: give exactly one of experts (MoE), twin (+ of) or dense: true")
         if self.twin is not None:
@@ -86,7 +97,7 @@ class SweepConfig:
     ffn_mult: int = 4
 
     def __post_init__(self) -> None:
-        require(bool(self.name), "name", "must be non-empty")
+        _check_name(self.name)
         require(self.ffn_mult >= 1, "ffn_mult", "must be >= 1")
         require(self.tokens >= 1, "tokens", f"must be >= 1, got {self.tokens}")
         sizes, archs = [s.name for s in self.sizes], [a.name for a in self.archs]

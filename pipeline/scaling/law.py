@@ -137,9 +137,9 @@ class ScalingLaw:
 
     def formula(self) -> str:
         """The law with its fitted numbers, for reports."""
-        k = self.coefficients
+        k, e = self.coefficients, np.exp
         return (
-            f"L = {np.exp(k['log_c']):.4g} + ({np.exp(k['log_a']):.4g} + {np.exp(k['log_g']):.4g}·G^-{k['gamma']:.3g})"
-            f" · Ê^-{k['delta']:.3g} · exp(-{k['sigma']:.3g}·S) · N^-{k['alpha']:.3g}"
-            f" + {np.exp(k['log_b']):.4g} · D^-{k['beta']:.3g}"
+            f"L = {e(k['log_c']):.4g} + ({e(k['log_a']):.4g} + {e(k['log_g']):.4g}·G^{-k['gamma']:.3g})"
+            f" · Ê^{-k['delta']:.3g} · exp({-k['sigma']:.3g}·S) · N^{-k['alpha']:.3g}"
+            f" + {e(k['log_b']):.4g} · D^{-k['beta']:.3g}"
         )

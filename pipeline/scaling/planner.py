@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 
@@ -42,32 +43,42 @@ def _units():
     import pint
 
     units = pint.UnitRegistry()
-    units.define("FLOP = [compute] = flop = FLOPs = flops")
+    units.define("FLOP = [compute] = flop = FLOPs = flops = FLOPS")
     units.define("token = [tokens] = tok = tokens")
     return units
+
+
+UNIT_HINT = "SI prefixes kB, MB, GB, TB; binary KiB, MiB, GiB"
 
 
 def _quantity(text: str, unit: str, what: str, example: str, bare: bool) -> float:
     """``text`` in ``unit`` (pint parses it: SI and binary prefixes, ``3GB``, ``3GiB``,
     ``2 GFLOP``, ``60GB/s``). ``bare``: a number without a unit is taken as ``unit``.
-    Raises PlanError naming ``what`` for a typo (``3GBB``), a wrong unit, or <= 0."""
+    Raises PlanError naming ``what`` for a typo (``3GBB``), a wrong unit, or a value that
+    is not finite and > 0."""
     import pint
 
     units = _units()
     try:
         quantity = units.Quantity(str(text).strip())
-        if quantity.unitless:
-            if not bare:
-                raise PlanError(f"{what} {text!r}: give a unit, e.g. {example}")
-            value = float(quantity.magnitude)
-        else:
-            value = float(quantity.to(unit).magnitude)
-    except (pint.errors.PintError, ValueError, TypeError, AttributeError) as err:
-        if isinstance(err, PlanError):
-            raise
+    except (pint.errors.PintError, ValueError, TypeError, AttributeError, OverflowError) as err:
+        raise PlanError(
+            f"{what} {text!r}: not {unit} ({type(err).__name__}: {err}); e.g. {example} ({UNIT_HINT})"
+        ) from None
+    # Pint counts bytes and bits as dimensionless, like radians and percent: the unit's
+    # name must be one of them.
+    if unit.startswith("byte"):
+        names = [name for name, _ in quantity.unit_items()]
+        if not names or not all(n.endswith(("byte", "bit")) or n == "second" for n in names):
+            raise PlanError(f"{what} {text!r}: give a size in bytes, e.g. {example} ({UNIT_HINT})")
+    elif quantity.unitless and not bare:
+        raise PlanError(f"{what} {text!r}: give a unit, e.g. {example}")
+    try:
+        value = float(quantity.magnitude if quantity.unitless else quantity.to(unit).magnitude)
+    except (pint.errors.PintError, ValueError, TypeError, OverflowError) as err:
         raise PlanError(f"{what} {text!r}: not {unit} ({type(err).__name__}: {err}); e.g. {example}") from None
-    if not value > 0:
-        raise PlanError(f"{what} {text!r}: must be > 0")
+    if not (math.isfinite(value) and value > 0):
+        raise PlanError(f"{what} {text!r}: must be finite and > 0")
     return value
 
 
@@ -75,13 +86,20 @@ def parse_bytes(text: str, what: str = "memory budget") -> int:
     """Bytes from ``3GB`` (SI, 3e9), ``3GiB`` (binary, 3 * 2^30), ``700 MB``.
 
     Raises PlanError naming ``what`` and the text for a typo (``3GBB``), a bare number,
-    or a unit that is not bytes (``3Gb`` is a gilbert to pint, not gigabits)."""
-    return int(_quantity(text, "byte", what, "3GB, 3GiB, 700MB", bare=False))
+    a unit that is not bytes or bits (``3Gb`` is a gilbert to pint, not gigabits), or
+    less than one byte."""
+    value = _quantity(text, "byte", what, "3GB, 3GiB, 700MB", bare=False)
+    if value < 1:
+        raise PlanError(f"{what} {text!r}: less than one byte")
+    return int(value)
 
 
 def parse_flops(text: str, what: str = "compute budget") -> float:
-    """FLOPs per token from ``2e9``, ``2GFLOP``, ``800 MFLOPs``; PlanError otherwise."""
-    return _quantity(text, "FLOP", what, "2e9, 2GFLOP, 800MFLOPs", bare=True)
+    """FLOPs per token from ``2e9``, ``2GFLOP``, ``800 MFLOPs``, ``2 GFLOP/token``;
+    PlanError otherwise."""
+    per_token = str(text).strip().endswith(("/token", "/tok"))
+    unit = "FLOP / token" if per_token else "FLOP"
+    return _quantity(text, unit, what, "2e9, 2GFLOP, 800MFLOPs, 2 GFLOP/token", bare=True)
 
 
 def parse_bandwidth(text: str, what: str = "--bandwidth") -> float:
@@ -257,15 +275,23 @@ def enumerate_models(space: SearchSpace, base: ModelConfig, group_size: int = 32
 
 
 def evaluate(
-    models: list[ModelConfig], law: ScalingLaw, tokens: float, context: int, group_size: int = 32
+    models: list[ModelConfig],
+    law: ScalingLaw,
+    tokens: float,
+    context: int,
+    group_size: int = 32,
+    embedding_bits: int = 4,
 ) -> list[Candidate]:
-    """Accounting and predicted loss of each model (at ``tokens`` training tokens)."""
+    """Accounting and predicted loss of each model (at ``tokens`` training tokens).
+
+    INT4 bytes are the on-device estimate of ``accounting.int4_weight_bytes`` (bf16
+    scales and norms; ``embedding_bits`` 8 for an INT8 embedding)."""
     inputs = [law_inputs(m, tokens) for m in models]
     losses = law.predict(inputs) if inputs else np.zeros(0)
     return [
         Candidate(
             model=m,
-            int4_bytes=int4_weight_bytes(m, group_size=group_size),
+            int4_bytes=int4_weight_bytes(m, group_size=group_size, embedding_bits=embedding_bits),
             flops_per_token=flops_per_token(m, context, "decode"),
             decode_bytes=decode_read_bytes(m, context, group_size=group_size)["total"],
             inputs=x,
@@ -325,20 +351,27 @@ def plan(
     context: int = 1024,
     group_size: int = 32,
     top: int = 10,
+    embedding_bits: int = 4,
 ) -> Plan:
     """Plan an architecture (see the module doc). Raises PlanError naming the budget
-    when no architecture of ``space`` fits it, with the smallest that exist."""
-    candidates = evaluate(list(enumerate_models(space, base, group_size)), law, tokens, context, group_size)
+    when no architecture of ``space`` fits it, with the smallest that exist.
+
+    ``group_size`` and ``embedding_bits`` are the recipe's QAT settings: candidates
+    whose weights the groups do not tile are left out, and INT4 bytes count them."""
+    models = list(enumerate_models(space, base, group_size))
+    candidates = evaluate(models, law, tokens, context, group_size, embedding_bits)
     if not candidates:
         raise PlanError("the search space holds no architecture the recipe can train (check head_dim, widths)")
     feasible = [c for c in candidates if within(c, budget)]
     if not feasible:
         smallest = min(candidates, key=lambda c: c.int4_bytes)
         cheapest = min(candidates, key=lambda c: c.flops_per_token)
+        lightest = min(candidates, key=lambda c: c.decode_bytes)
         raise PlanError(
             f"no architecture of the search space fits {budget.describe()}: the smallest needs "
             f"{smallest.int4_bytes / 1e9:.4g} GB of INT4 weights ({smallest.model.n_layers} layers x d_model "
-            f"{smallest.model.d_model}), the cheapest {cheapest.flops_per_token / 1e9:.4g} GFLOPs per token; "
+            f"{smallest.model.d_model}), the cheapest {cheapest.flops_per_token / 1e9:.4g} GFLOPs per token, "
+            f"the lightest reads {lightest.decode_bytes / 1e9:.4g} GB per decode step; "
             f"raise the budget or add smaller shapes to the search space"
         )
     feasible.sort(key=lambda c: c.loss)

@@ -184,14 +184,23 @@ def _plan(args: argparse.Namespace) -> int:
     cfg = from_dict(ScalingStageConfig, raw.get("scaling") or {}, "scaling")
     law, fit = load_law(repo_path(args.fit))
     base = load_model(cfg.plan.base)
+    embedding_bits = 8 if cfg.plan.embedding == "int8" else 4
     result = plan(
-        law, budget, cfg.plan.space, base, cfg.plan.tokens, cfg.plan.context, cfg.plan.group_size, cfg.plan.top
+        law,
+        budget,
+        cfg.plan.space,
+        base,
+        cfg.plan.tokens,
+        cfg.plan.context,
+        cfg.plan.group_size,
+        cfg.plan.top,
+        embedding_bits,
     )
     chosen = result.chosen
     model = replace(chosen.model, name=args.name)
     recipe = {k: v for k, v in raw.items() if k not in ("sweep", "scaling")}
     validate({**recipe, "model": asdict(model)})  # the recipe trains it as it is
-    refs = evaluate(references(cfg), law, cfg.plan.tokens, cfg.plan.context, cfg.plan.group_size)
+    refs = evaluate(references(cfg), law, cfg.plan.tokens, cfg.plan.context, cfg.plan.group_size, embedding_bits)
     out = repo_path(OUT_ROOT) / args.name
     out.mkdir(parents=True, exist_ok=True)
     sweet = by_expansion(result.feasible)

@@ -35,14 +35,15 @@ def scaling_config(raw: dict) -> ScalingStageConfig:
     return from_dict(ScalingStageConfig, raw.get("scaling") or {}, "scaling")
 
 
-def observations(runs: list, hold_out_sizes: list[str]) -> list[Observation]:
+def observations(runs: list, hold_out_sizes: list[str], hold_out_budgets: str = "largest") -> list[Observation]:
     """Sweep points from MLflow runs (oldest first; a later run of the same point wins).
 
     Each run's ``sweep.model`` tag is the model config (JSON); N and the FFN shape are
     computed from it with the model's accounting, D is ``final/tokens_seen``, the loss
-    ``final/val_loss``. Points of ``hold_out_sizes`` at the largest token budget are
-    marked held out. Raises ScalingFitError naming a run whose tags or metrics are
-    missing."""
+    ``final/val_loss``. Points of ``hold_out_sizes`` at the largest token budget (or at
+    every budget, ``hold_out_budgets="all"``) are marked held out. Raises
+    ScalingFitError naming a run whose tags or metrics are missing, or a held-out size
+    the sweep has no point of."""
     latest: dict[str, tuple[dict, dict]] = {}
     for run in runs:
         tags, metrics = run.data.tags, run.data.metrics
@@ -53,6 +54,10 @@ def observations(runs: list, hold_out_sizes: list[str]) -> list[Observation]:
         latest[f"{tags['sweep.size']}-{tags['sweep.arch']}-{tags['sweep.tokens']}"] = (tags, metrics)
     budgets = [int(tags["sweep.tokens"]) for tags, _ in latest.values()]
     largest = max(budgets) if budgets else 0
+    sizes = {tags["sweep.size"] for tags, _ in latest.values()}
+    absent = [s for s in hold_out_sizes if s not in sizes]
+    if absent and latest:
+        raise ScalingFitError(f"hold_out_sizes {absent}: no point of that size (sizes: {sorted(sizes)})")
     points = []
     for name, (tags, metrics) in sorted(latest.items()):
         try:
@@ -65,7 +70,8 @@ def observations(runs: list, hold_out_sizes: list[str]) -> list[Observation]:
                 family=tags["sweep.arch"],
                 inputs=law_inputs(model, metrics["final/tokens_seen"]),
                 loss=float(metrics["final/val_loss"]),
-                held_out=tags["sweep.size"] in hold_out_sizes and int(tags["sweep.tokens"]) == largest,
+                held_out=tags["sweep.size"] in hold_out_sizes
+                and (hold_out_budgets == "all" or int(tags["sweep.tokens"]) == largest),
             )
         )
     return points
@@ -79,13 +85,14 @@ class SweepPointsInput:
     tracking: object  # TrackingConfig
     sweep: str
     hold_out_sizes: list[str]
+    hold_out_budgets: str = "largest"
 
     def check(self) -> list[Observation]:
         from pipeline import tracking
 
         runs = tracking.tagged_runs(self.tracking, {"stage": SWEEP_STAGE, "sweep": self.sweep})
         try:
-            points = observations(runs, self.hold_out_sizes)
+            points = observations(runs, self.hold_out_sizes, self.hold_out_budgets)
             check_identifiable(points)
         except ScalingFitError as err:
             raise StageInputError(f"{self.key}: sweep {self.sweep!r}: {err}") from None
@@ -97,7 +104,7 @@ def _raw_inputs(raw: dict) -> list:
 
     cfg = scaling_config(raw)
     recipe = validate({k: v for k, v in raw.items() if k not in ("sweep", "scaling")})
-    return [SweepPointsInput("scaling.sweep", recipe.tracking, cfg.sweep, cfg.hold_out_sizes)]
+    return [SweepPointsInput("scaling.sweep", recipe.tracking, cfg.sweep, cfg.hold_out_sizes, cfg.hold_out_budgets)]
 
 
 def _work(ctx: StageContext) -> StageResult:

@@ -178,6 +178,16 @@ def latest_stage_runs(cfg: TrackingConfig, stages: Sequence[str], ui_url: str) -
         raise TrackingError(f"cannot read the stage runs from {uri}: {type(err).__name__}: {err}") from None
 
 
+def _search_experiment(client: MlflowClient, cfg: TrackingConfig) -> str | None:
+    """The experiment stage runs of this process go to: the parent run's when one is set
+    (children join it), else ``cfg.experiment``'s; None if it does not exist yet."""
+    parent_id = os.environ.get(PARENT_ENV)
+    if parent_id:
+        return client.get_run(parent_id).info.experiment_id
+    experiment = client.get_experiment_by_name(cfg.experiment)
+    return None if experiment is None else experiment.experiment_id
+
+
 def finished_stage_run(cfg: TrackingConfig, stage: str, resume_key: str, tags: Mapping[str, str]) -> dict | None:
     """The final metrics (``final/`` prefix removed) of the newest FINISHED run of
     ``stage`` with this ``resume_key`` and every tag in ``tags``, or None if there is
@@ -190,12 +200,10 @@ def finished_stage_run(cfg: TrackingConfig, stage: str, resume_key: str, tags: M
     )
     try:
         client = _client(uri)
-        experiment = client.get_experiment_by_name(cfg.experiment)
-        if experiment is None:
+        experiment_id = _search_experiment(client, cfg)
+        if experiment_id is None:
             return None
-        runs = client.search_runs(
-            [experiment.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1
-        )
+        runs = client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1)
     except Exception as err:  # noqa: BLE001 - any store failure: say which store
         raise TrackingError(f"cannot search the finished {stage} runs in {uri}: {type(err).__name__}: {err}") from None
     if not runs:
@@ -211,14 +219,12 @@ def tagged_runs(cfg: TrackingConfig, tags: Mapping[str, str], status: str = "FIN
     query = " and ".join([f"attributes.status = '{status}'"] + [f"tags.`{k}` = '{v}'" for k, v in tags.items()])
     try:
         client = _client(uri)
-        experiment = client.get_experiment_by_name(cfg.experiment)
-        if experiment is None:
+        experiment_id = _search_experiment(client, cfg)
+        if experiment_id is None:
             return []
         runs, token = [], None
         while True:
-            page = client.search_runs(
-                [experiment.experiment_id], query, order_by=["attributes.start_time ASC"], page_token=token
-            )
+            page = client.search_runs([experiment_id], query, order_by=["attributes.start_time ASC"], page_token=token)
             runs.extend(page)
             token = page.token
             if not token:
