@@ -427,10 +427,15 @@ def test_scaling_sweep_runs_each_point_once_and_a_rerun_skips_the_finished_ones(
     again = sh(repo, "make", "sweep", "SWEEP=micro_grid", timeout=300)
     assert again.stdout.count("already finished") == 2, again.stdout[-2000:]
     assert len(mlflow_client.search_runs([exp.experiment_id], query)) == 2
-    # another learning rate is another fingerprint: that point runs
-    changed = sh(repo, "make", "sweep", "SWEEP=micro_grid", "ARGS=sweep.arch=e8k4 stage.pretrain.schedule.lr=0.002")
-    assert "already finished" not in changed.stdout
-    assert len(mlflow_client.search_runs([exp.experiment_id], query)) == 3
+    # what a rerun looks up: the fingerprint and the sweep, not the stage alone
+    from pipeline.tracking import TrackingConfig, finished_stage_run
+
+    cfg = TrackingConfig(uri=f"sqlite:///{repo / 'mlflow.db'}")
+    run = runs[0]
+    key, tags = run.data.tags["resume_key"], {"sweep": "micro_grid"}
+    assert finished_stage_run(cfg, "sweep_point", key, tags)["run_id"] == run.info.run_id
+    assert finished_stage_run(cfg, "sweep_point", "pretrain-" + "0" * 12, tags) is None
+    assert finished_stage_run(cfg, "sweep_point", key, {"sweep": "another_sweep"}) is None
 
 
 def test_mlflow_ui_serves_the_runs(repo):

@@ -7,7 +7,9 @@ In this order, for every stage:
 3. check that the embedded Ray can give what the job asks for, and that the tracking
    store answers (each in seconds);
 4. take the stage's locks: its outputs, and its work (the fingerprint naming its Ray
-   run); a second run of either stops here, naming the holder;
+   run); a second run of either stops here, naming the holder. A stage that reuses
+   finished work (a sweep point) returns here the metrics of a FINISHED MLflow run with
+   the same fingerprint and tags;
 5. open the stage's MLflow run (continuing an interrupted one of the same work);
 6. do the work (on Ray) into a scratch directory;
 7. publish the outputs (each item atomically, only once all exist), then log them;

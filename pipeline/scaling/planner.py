@@ -209,12 +209,17 @@ class Candidate:
             "expansion": round(self.inputs.expansion, 2),
             "vocab": m.vocab_size,
             "tied": m.tie_embeddings,
-            "N_act_M": round(self.inputs.n_active / 1e6, 1),
-            "int4_GB": round(self.int4_bytes / 1e9, 3),
-            "GFLOPs_per_token": round(self.flops_per_token / 1e9, 3),
-            "decode_read_GB": round(self.decode_bytes / 1e9, 3),
+            "N_act_M": _sig(self.inputs.n_active / 1e6),
+            "int4_GB": _sig(self.int4_bytes / 1e9),
+            "GFLOPs_per_token": _sig(self.flops_per_token / 1e9),
+            "decode_read_GB": _sig(self.decode_bytes / 1e9),
             "pred_loss": round(self.loss, 4),
         }
+
+
+def _sig(x: float, digits: int = 4) -> float:
+    """``x`` to ``digits`` significant digits (tables from MB to GB read alike)."""
+    return float(f"{x:.{digits}g}")
 
 
 def enumerate_models(space: SearchSpace, base: ModelConfig, group_size: int = 32) -> Iterator[ModelConfig]:
@@ -271,7 +276,19 @@ def enumerate_models(space: SearchSpace, base: ModelConfig, group_size: int = 32
                 quant.check_fits(candidate)
             except ConfigError:
                 continue
-            yield candidate
+            yield replace(candidate, name=_name(candidate, len(space.vocab_size) > 1))
+
+
+def _name(cfg: ModelConfig, with_vocab: bool) -> str:
+    """``l20_d768_e60k4s4`` (layers, width, routed experts, top-k, shared units), or
+    ``l20_d768_dense``; ``_untied`` and ``_v<vocab>`` when they vary."""
+    moe = cfg.moe
+    ffn = "dense" if moe is None else f"e{moe.num_experts}k{moe.top_k}"
+    if moe is not None and moe.num_shared_experts:
+        ffn += f"s{moe.shared_ffn_dim // moe.expert_ffn_dim}"
+    name = f"l{cfg.n_layers}_d{cfg.d_model}_{ffn}"
+    name += "" if cfg.tie_embeddings else "_untied"
+    return name + (f"_v{cfg.vocab_size}" if with_vocab else "")
 
 
 def evaluate(

@@ -57,13 +57,17 @@ def loss_vs_params(points: list[Observation], result: FitResult, path: Path) -> 
                 continue
             n = [p.inputs.n_active for p in chosen]
             ax.plot(n, [result.predictions[p.name] for p in chosen], color=colours(i % 10), lw=1)
-            ax.scatter(n, [p.loss for p in chosen], color=colours(i % 10), s=18, label=family,
-                       marker="*" if any(p.held_out for p in chosen) else "o")  # fmt: skip
+            for held in (False, True):
+                shown = [p for p in chosen if p.held_out == held]
+                if shown:
+                    ax.scatter([p.inputs.n_active for p in shown], [p.loss for p in shown], color=colours(i % 10),
+                               s=40 if held else 18, marker="*" if held else "o",
+                               label=None if held else family)  # fmt: skip
         ax.set_xscale("log")
         ax.set(xlabel="active parameters N (multiplied per token)", title=f"D = {tokens:,.0f} tokens")
     axes[0][0].set_ylabel("validation loss (nats/token)")
     axes[0][-1].legend(fontsize=7, ncol=2)
-    fig.suptitle("Loss vs active parameters per architecture (markers: measured; lines: law)")
+    fig.suptitle("Loss vs active parameters per architecture (dots: measured, stars: held out; lines: law)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -212,24 +212,30 @@ def _plan(args: argparse.Namespace) -> int:
     )
     config_path = Path(args.conf_dir) / "model" / f"{args.name}.yaml"
     write_config(model, config_path, header)
-    text = "\n\n".join(
-        [
-            f"# Plan {args.name}",
-            header.replace("\n", "  \n"),
-            f"{result.enumerated} architectures enumerated, {len(result.feasible)} within budget.",
-            "## Best within budget\n\n" + _table(result.best),
-            "## Best within budget per expansion (total / active FFN width)\n\n"
-            + tabulate(sweet, headers="keys", tablefmt="github"),
-            "## Reference models against the frontier (gap > 0: the frontier predicts a lower loss)\n\n"
-            + tabulate(reference_rows(result, refs), headers="keys", tablefmt="github"),
-            "## Frontier: predicted loss vs INT4 memory\n\n" + _table(result.frontier_memory),
-            "## Frontier: predicted loss vs decode FLOPs per token\n\n" + _table(result.frontier_flops),
-            f"Predictions extrapolate the law from the sweep's points (N up to "
-            f"{_sweep_max(fit, 'n_active'):.3g}, D up to {_sweep_max(fit, 'tokens'):.3g}) to N = "
-            f"{chosen.inputs.n_active:.3g}, D = {cfg.plan.tokens:.3g}: read them as a ranking, not as losses.",
-        ]
+    n_max, d_max = _sweep_max(fit, "n_active"), _sweep_max(fit, "tokens")
+    beyond = chosen.inputs.n_active > n_max or cfg.plan.tokens > d_max
+    extrapolation = (
+        f"The sweep's points reach N = {n_max:.3g}, D = {d_max:.3g}; the chosen model is at N = "
+        f"{chosen.inputs.n_active:.3g}, D = {cfg.plan.tokens:.3g}"
+        + (": the losses are extrapolations, read them as a ranking." if beyond else ".")
     )
-    (out / "plan.md").write_text(text + "\n")
+    sections = [
+        f"# Plan {args.name}",
+        header.replace("\n", "  \n"),
+        f"{result.enumerated} architectures enumerated, {len(result.feasible)} within budget.",
+        "## Best within budget\n\n" + _table(result.best),
+        "## Best within budget per expansion (total / active FFN width)\n\n"
+        + tabulate(sweet, headers="keys", tablefmt="github"),
+        "## Reference models against the frontier (gap > 0: the frontier predicts a lower loss)\n\n"
+        + tabulate(reference_rows(result, refs), headers="keys", tablefmt="github"),
+        extrapolation,
+    ]
+    frontiers = [
+        "## Frontier: predicted loss vs INT4 memory\n\n" + _table(result.frontier_memory),
+        "## Frontier: predicted loss vs decode FLOPs per token\n\n" + _table(result.frontier_flops),
+    ]
+    text = "\n\n".join(sections)
+    (out / "plan.md").write_text("\n\n".join([*sections, *frontiers]) + "\n")
     (out / "plan.json").write_text(
         json.dumps(
             {
