@@ -410,6 +410,7 @@ def test_scaling_sweep_runs_each_point_once_and_a_rerun_skips_the_finished_ones(
     """`make sweep` is a Hydra multirun of pretrain points (the dense twin and an MoE of
     conf/sweep/micro_grid.yaml), each its own tagged MLflow run and output directory;
     run again, it finds both points FINISHED with the same fingerprint and trains nothing."""
+    sh(repo, "make", "params", "FORCE=1")  # `dvc exp run -S` above left params.yaml edited
     sh(repo, "make", "sweep", "SWEEP=micro_grid", timeout=600)
     exp = mlflow_client.get_experiment_by_name("mobilemoe")
     query = "tags.stage = 'sweep_point' and tags.sweep = 'micro_grid'"
