@@ -17,6 +17,22 @@ def _pyplot():
     return plt
 
 
+def _log_x(ax) -> None:
+    """A log x axis labelled at 1, 2 and 5 of each decade, in plain numbers (the default
+    labels every minor tick on short spans, and they overlap)."""
+    import math
+
+    from matplotlib.ticker import FuncFormatter
+
+    def label(x: float, _pos) -> str:
+        lead = round(x / 10 ** math.floor(math.log10(x))) if x > 0 else 0
+        return f"{x:g}" if lead in (1, 2, 5) else ""
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(label))
+    ax.xaxis.set_minor_formatter(FuncFormatter(label))
+
+
 def predicted_vs_measured(points: list[Observation], result: FitResult, path: Path) -> None:
     """Scatter of predicted against measured loss; held-out points marked; the y = x
     line and the fit's prediction band around it."""
@@ -63,7 +79,7 @@ def loss_vs_params(points: list[Observation], result: FitResult, path: Path) -> 
                     ax.scatter([p.inputs.n_active for p in shown], [p.loss for p in shown], color=colours(i % 10),
                                s=40 if held else 18, marker="*" if held else "o",
                                label=None if held else family)  # fmt: skip
-        ax.set_xscale("log")
+        _log_x(ax)
         ax.set(xlabel="active parameters N (multiplied per token)", title=f"D = {tokens:,.0f} tokens")
     axes[0][0].set_ylabel("validation loss (nats/token)")
     axes[0][-1].legend(fontsize=7, ncol=2)
@@ -90,7 +106,7 @@ def frontier(
     ax.scatter(getattr(chosen, cost) / scale, chosen.loss, marker="*", s=120, color="red", label="chosen", zorder=3)
     if budget is not None:
         ax.axvline(budget / scale, color="red", ls="--", lw=1, label="budget")
-    ax.set_xscale("log")
+    _log_x(ax)
     ax.set(xlabel=label, ylabel="predicted loss (nats/token)", title="Predicted loss frontier")
     ax.legend(fontsize=8)
     fig.tight_layout()
