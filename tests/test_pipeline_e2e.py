@@ -409,7 +409,8 @@ def test_interrupted_stage_resumes_from_its_last_checkpoint(repo):
 def test_scaling_sweep_runs_each_point_once_and_a_rerun_skips_the_finished_ones(repo, mlflow_client):
     """`make sweep` is a Hydra multirun of pretrain points (the dense twin and an MoE of
     conf/sweep/micro_grid.yaml), each its own tagged MLflow run and output directory;
-    run again, it finds both points FINISHED with the same fingerprint and trains nothing."""
+    run again (the sweep script alone: make's set-up is not what is tested twice), it finds
+    both points FINISHED with the same fingerprint and trains nothing."""
     sh(repo, "make", "params", "FORCE=1")  # `dvc exp run -S` above left params.yaml edited
     sh(repo, "make", "sweep", "SWEEP=micro_grid", timeout=600)
     exp = mlflow_client.get_experiment_by_name("mobilemoe")
@@ -425,7 +426,7 @@ def test_scaling_sweep_runs_each_point_once_and_a_rerun_skips_the_finished_ones(
     for arch in ("dense", "e8k4"):
         metrics = json.loads((repo / f"outputs/sweep/micro_grid/xs-{arch}-1024/metrics.json").read_text())
         assert metrics["tokens_seen"] == 1024 and metrics["step"] == 4
-    again = sh(repo, "make", "sweep", "SWEEP=micro_grid", timeout=300)
+    again = sh(repo, ".venv/bin/python", "stages/sweep.py", "-m", "sweep=micro_grid", timeout=300)
     assert again.stdout.count("already finished") == 2, again.stdout[-2000:]
     assert len(mlflow_client.search_runs([exp.experiment_id], query)) == 2
     # what a rerun looks up: the fingerprint and the sweep, not the stage alone
