@@ -5,22 +5,36 @@ stray cluster some earlier ``ray start`` left behind) unless ``ray.address`` or
 ``RAY_ADDRESS`` names a cluster. What a job asks for is checked against what Ray can
 give *before* Ray starts: an embedded Ray cannot grow, so asking for more CPUs than the
 machine has is refused with the numbers; a cluster may grow (autoscaling), so a
-shortfall there is reported as pending instead of waited on in silence.
+shortfall there is reported as pending instead of waited on in silence, and waited on
+for at most ``ray.start_timeout_s``.
+
+On a cluster nodes share no repository. What a node needs besides the pinned
+environment (``requirements.lock``) is shipped: the ``pipeline`` package travels with
+every job as a Ray ``py_modules`` entry (no worker imports the driver's editable
+install); inputs travel through the run storage (storage.py) or, for a stage's Ray
+task, through Ray itself (remote.py). Tracking must be a server every node reaches.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
+from pathlib import Path
 
+from pipeline.configbase import ConfigError
 from pipeline.runner.errors import ResourceError
+from pipeline.runner.storage import RunStorage, run_storage
 from pipeline.train.config import RayConfig
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # pipeline/, shipped to cluster workers
 
 log = logging.getLogger(__name__)
 
 # For every Ray worker process of our jobs: Ray Train's print patch makes each line a
 # worker prints appear twice in the driver (once printed, once logged); off.
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+EMBEDDED_FLAG = "MOBILEMOE_EMBEDDED_RAY"  # set for the worker processes of the embedded Ray
 
 # The custom resource of the node that stands for the phone: the profile stage's task
 # requests it. The embedded Ray declares one (this machine is the device); on a cluster,
@@ -30,6 +44,40 @@ DEVICE = "device"
 
 def cluster_address(cfg: RayConfig) -> str | None:
     return cfg.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def on_cluster(cfg: RayConfig) -> bool:
+    return cluster_address(cfg) is not None
+
+
+def storage(cfg: RayConfig) -> RunStorage:
+    """The run storage of ``ray.storage_path`` (see storage.py); ConfigError if unusable."""
+    from pipeline.recipe import REPO_ROOT
+
+    return run_storage(cfg.storage_path, on_cluster(cfg), REPO_ROOT)
+
+
+def check_cluster_config(cfg: RayConfig, tracking) -> None:
+    """On a cluster: the run storage must be shared and tracking a server (ConfigError,
+    naming the key, before anything starts); a no-op for the embedded Ray.
+
+    ``tracking`` is the recipe's TrackingConfig."""
+    if not on_cluster(cfg):
+        return
+    storage(cfg)
+    if not tracking.enabled:
+        return
+    from pipeline.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking)
+    scheme = uri.split(":", 1)[0] if ":" in uri else ""
+    if scheme in ("", "file", "sqlite"):
+        raise ConfigError(
+            f"tracking.uri: {uri} is a store on this machine, but ray.address names a cluster whose "
+            f"ranks on other nodes log to the same run; start a tracking server every node reaches "
+            f"(mlflow server --host <this host's address> ...) and set tracking.uri or MLFLOW_TRACKING_URI "
+            f"to it (http://host:5000), or run with tracking.enabled=false"
+        )
 
 
 def local_cpus() -> int:
@@ -67,16 +115,17 @@ def start(cfg: RayConfig) -> None:
     if ray.is_initialized():
         return
     address = cluster_address(cfg)
-    runtime_env = {"env_vars": dict(WORKER_ENV)}
+    # Every worker process of our jobs runs worker_setup() first (see there).
+    runtime_env: dict = {"env_vars": dict(WORKER_ENV), "worker_process_setup_hook": f"{__name__}.worker_setup"}
     if address:
+        # The code travels with the job (Ray stores the package in the cluster and puts
+        # it first on every worker's sys.path); nodes need only the pinned environment.
+        runtime_env["py_modules"] = [str(PACKAGE_DIR)]
+        runtime_env["excludes"] = ["__pycache__", "*.pyc"]
         ray.init(address=address, runtime_env=runtime_env)
         _report_pending(cfg)
         return
-    # The embedded Ray runs no dashboard, hence no State API; Ray Train's placement-group
-    # cleaner polls that API and would warn every few seconds that it is unavailable.
-    # Its job (removing a dead controller's placement group) ends with the local
-    # instance anyway, so the warning is filtered in our worker processes (see the hook).
-    runtime_env["worker_process_setup_hook"] = "pipeline.runner.cluster.embedded_worker_setup"
+    runtime_env["env_vars"][EMBEDDED_FLAG] = "1"
     ray.init(
         address="local",
         num_cpus=local_cpus(),
@@ -101,20 +150,101 @@ def _report_pending(cfg: RayConfig) -> None:
             )
 
 
+def _room(nodes: list[dict], cfg: RayConfig) -> int:
+    """How many workers of ``cfg`` the alive ``nodes`` (``ray.nodes()``) can hold at once."""
+    per_worker = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    room = 0
+    for node in nodes:
+        if node.get("Alive"):
+            have = node.get("Resources", {})
+            room += int(min(have.get(k, 0.0) // v for k, v in per_worker.items()))
+    return room
+
+
+def _nodes_text(nodes: list[dict]) -> str:
+    alive = [n for n in nodes if n.get("Alive")]
+    parts = []
+    for node in alive:
+        offered = sorted((k, v) for k, v in node.get("Resources", {}).items() if k in ("CPU", "GPU"))
+        parts.append(f"{node.get('NodeManagerAddress', '?')} ({', '.join(f'{k} {v:g}' for k, v in offered)})")
+    return f"{len(alive)} alive node(s): {'; '.join(parts) or 'none'}"
+
+
+def missing_text(cfg: RayConfig, nodes: list[dict]) -> str:
+    """What the job asks for against what the alive nodes offer (for error messages)."""
+    ask = f"{cfg.num_workers} workers x {cfg.cpus_per_worker} CPU{' + 1 GPU' if cfg.use_gpu else ''}"
+    return (
+        f"the job needs {ask}, each on one node; the cluster's nodes can hold {_room(nodes, cfg)} "
+        f"({_nodes_text(nodes)})"
+    )
+
+
+def wait_for_workers(cfg: RayConfig) -> None:
+    """Wait at most ``cfg.start_timeout_s`` until the alive nodes can hold every worker of
+    the job (capacity, not free resources: busy ones are Ray's queue to manage); then
+    raise ResourceError naming what is missing. Ray must be started."""
+    import ray
+
+    deadline = time.monotonic() + cfg.start_timeout_s
+    said = False
+    while True:
+        nodes = ray.nodes()
+        if _room(nodes, cfg) >= cfg.num_workers:
+            return
+        if time.monotonic() > deadline:
+            raise ResourceError(
+                f"no room for the training workers after ray.start_timeout_s={cfg.start_timeout_s:g} s: "
+                f"{missing_text(cfg, nodes)}; add nodes, or lower ray.num_workers / ray.cpus_per_worker"
+            )
+        if not said:
+            print(f"waiting up to {cfg.start_timeout_s:g} s for resources: {missing_text(cfg, nodes)}", flush=True)
+            said = True
+        time.sleep(1.0)
+
+
+def explain_start_failure(err: BaseException, cfg: RayConfig) -> None:
+    """Re-raise a Ray Train start-up timeout (the worker group found no placement within
+    ``ray.start_timeout_s``, e.g. after a node was lost) as a ResourceError naming what
+    is missing; any other error is left to the caller."""
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, WorkerGroupStartupTimeoutError) or isinstance(
+            getattr(cause, "controller_failure", None), WorkerGroupStartupTimeoutError
+        ):
+            import ray
+
+            raise ResourceError(
+                f"the training workers found no placement within ray.start_timeout_s={cfg.start_timeout_s:g} s: "
+                f"{missing_text(cfg, ray.nodes())}"
+            ) from err
+        cause = cause.__cause__
+
+
 class _DropStateApiWarning(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return "Failed to query Ray Train Controller actor state" not in record.getMessage()
 
 
-def embedded_worker_setup() -> None:
-    """Ray ``worker_process_setup_hook`` of the embedded Ray (see start()).
+def worker_setup() -> None:
+    """Ray ``worker_process_setup_hook`` of every job (see start()).
 
-    Pins ``RAY_ADDRESS`` to this instance: Ray's State API client otherwise scans the
-    machine for clusters and fails outright when another Ray (another user's, another
-    test's) runs beside ours. Then drops the cleaner's State-API warning."""
+    - Rank 0's torch rendezvous store listens on its node's address only (rendezvous.py).
+    - Ray Train's placement-group cleaner polls the State API, which a Ray without a
+      dashboard (the embedded one, a bare test cluster) lacks, and warns every few
+      seconds; its job (removing a dead controller's placement group) is done anyway
+      when such a Ray ends, so the warning is dropped.
+    - The embedded Ray pins ``RAY_ADDRESS`` to itself: Ray's State API client otherwise
+      scans the machine for clusters and fails outright when another Ray (another
+      user's, another test's) runs beside ours."""
     import ray
 
-    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    from pipeline.runner.rendezvous import bind_store_to_master_addr
+
+    bind_store_to_master_addr()
+    if os.environ.get(EMBEDDED_FLAG) == "1":
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").addFilter(
         _DropStateApiWarning()
     )

@@ -3,7 +3,8 @@
 ``make repro`` and ``make <stage>`` run this before DVC touches anything: a bad value
 or an unknown key anywhere in params.yaml (even one no stage reads, which DVC would
 otherwise ignore without a word) stops the recipe here, naming the key, with every
-earlier output as it was.
+earlier output as it was. So does a cluster (``ray.address`` / ``RAY_ADDRESS``) with a
+run storage or a tracking store that only this machine sees.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 
 from pipeline.configbase import ConfigError
 from pipeline.recipe import load_params, validate
+from pipeline.runner.cluster import check_cluster_config
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -21,7 +23,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("usage: python -m pipeline.runner.preflight PARAMS.yaml", file=sys.stderr)
         return 2
     try:
-        validate(load_params(args[0]))
+        recipe = validate(load_params(args[0]))
+        check_cluster_config(recipe.ray, recipe.tracking)
     except ConfigError as err:
         print(f"{args[0]}: config error: {err}", file=sys.stderr)
         return 2

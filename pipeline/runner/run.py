@@ -4,8 +4,9 @@ In this order, for every stage:
 
 1. validate the whole recipe config (names the bad key; nothing has started);
 2. check every input the stage declares: present, intact, fitting (names the key);
-3. check that the embedded Ray can give what the job asks for, and that the tracking
-   store answers (each in seconds);
+3. check that the embedded Ray can give what the job asks for (on a cluster: that the
+   run storage is shared and tracking is a server), and that the tracking store
+   answers (each in seconds);
 4. take the stage's locks: its outputs, and its work (the fingerprint naming its Ray
    run); a second run of either stops here, naming the holder. A stage that reuses
    finished work (a sweep point) returns here the metrics of a FINISHED MLflow run with
@@ -57,6 +58,7 @@ def run_stage(stage: Stage, raw: dict, sweep_dir: Path | None = None, state_dir:
     out_dir = (sweep_dir / stage.name) if sweep_dir else repo_path(configured)
     inputs = {item.key: item.check() for item in [*stage.inputs(recipe), *stage.raw_inputs(raw)]}
     cluster.check_resources(recipe.ray, stage.resources(recipe))
+    cluster.check_cluster_config(recipe.ray, recipe.tracking)
     if recipe.tracking.enabled:
         tracking.check_store(recipe.tracking)
     locks = state_dir / "locks"

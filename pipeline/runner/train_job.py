@@ -2,6 +2,16 @@
 
 Workers join a torch process group (gloo on CPU, NCCL on GPU) set up by Ray Train.
 
+Inputs on a cluster: the driver stages the mixture and the starting checkpoint into the
+run storage (content-addressed, see storage.py); each rank fetches them to its node and,
+like every rank of every run, checks the mixture against the manifest hash the driver
+validated before step 0, so two ranks can never train on different data.
+
+Faults: ``ray.max_failures`` restarts of the worker group (a lost node, a crashed
+worker), each resuming from the last checkpoint that every rank reported; the workers'
+resources are waited for at most ``ray.start_timeout_s`` (at the start and at each
+restart), after which the job fails naming what the cluster lacks.
+
 Resume: a run is named after a fingerprint of everything that determines its result
 (config, world size, data manifest, the starting checkpoint's bytes, the library's
 code), so re-running an interrupted stage reuses the same ``RunConfig(storage_path,
@@ -14,12 +24,15 @@ block every rerun). Once a stage has published its result the driver deletes the
 
 from __future__ import annotations
 
-import shutil
+import json
+import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.hashing import sha256_json
+from pipeline.hashing import sha256_file, sha256_json
+from pipeline.runner.storage import RunStorage, fetch
 from pipeline.train.callbacks import BalanceCallback, CheckpointCallback, MetricsCallback, ProgressCallback
 from pipeline.train.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, load_checkpoint
 from pipeline.train.config import RayConfig
@@ -31,7 +44,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    job = WorkerJob(**config["job"])
+    job = local_inputs(WorkerJob(**config["job"]), staged=config.get("staged", False))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -47,6 +60,53 @@ def train_loop_per_worker(config: dict) -> None:
         ),
     ]
     run_loop(job, rank, world, resume, callbacks, device)
+
+
+class InputMismatchError(RuntimeError):
+    """A rank's inputs differ from what the driver validated."""
+
+
+def local_inputs(job: WorkerJob, staged: bool) -> WorkerJob:
+    """``job`` with its mixture and starting checkpoint readable on this node, checked.
+
+    ``staged``: the paths are URIs of staged copies (fetched into the node's cache).
+    Either way the mixture's manifest must hash to ``extra_meta["data_manifest_sha256"]``
+    and every file it lists must match its sha256; the starting checkpoint's weights must
+    hash to ``extra_meta["init_sha256"]``. Raises InputMismatchError naming the file."""
+    mixture = fetch(job.mixture_dir) if staged else Path(job.mixture_dir)
+    init = (fetch(job.init_checkpoint) if staged else Path(job.init_checkpoint)) if job.init_checkpoint else None
+    verify_mixture(mixture, job.extra_meta.get("data_manifest_sha256"))
+    expected_init = job.extra_meta.get("init_sha256")
+    if init is not None and expected_init and sha256_file(init / "model.safetensors") != expected_init:
+        raise InputMismatchError(f"{init / 'model.safetensors'}: not the starting checkpoint the driver validated")
+    return replace(job, mixture_dir=str(mixture), init_checkpoint=str(init) if init else None)
+
+
+def verify_mixture(mixture: Path, manifest_sha256: str | None) -> None:
+    """Raise InputMismatchError unless ``mixture``'s manifest hashes to ``manifest_sha256``
+    (sha256 of its canonical JSON, as the driver computed it) and every file it lists
+    matches the sha256 recorded there."""
+    if manifest_sha256 is None:
+        return
+    manifest = json.loads((mixture / "manifest.json").read_text())
+    if sha256_json(manifest) != manifest_sha256:
+        raise InputMismatchError(
+            f"{mixture}: manifest hash {sha256_json(manifest)[:12]} is not the {manifest_sha256[:12]} the driver "
+            f"validated (this node reads another mixture)"
+        )
+    for name, info in manifest["files"].items():
+        if sha256_file(mixture / name) != info["sha256"]:
+            raise InputMismatchError(f"{mixture / name}: does not match the sha256 in its manifest")
+
+
+def stage_inputs(job: WorkerJob, storage: RunStorage) -> WorkerJob:
+    """``job`` with its mixture and starting checkpoint staged into ``storage`` (for
+    ranks on nodes that cannot read the driver's disk); paths become URIs."""
+    mixture = storage.stage(Path(job.mixture_dir), f"mixture-{job.extra_meta['data_manifest_sha256'][:16]}")
+    init = None
+    if job.init_checkpoint:
+        init = storage.stage(Path(job.init_checkpoint), f"checkpoint-{job.extra_meta['init_sha256'][:16]}")
+    return replace(job, mixture_dir=mixture, init_checkpoint=init)
 
 
 def ray_report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
@@ -115,33 +175,51 @@ def run_name(job: WorkerJob, cfg: RayConfig) -> str:
     return f"{job.stage}-{sha256_json(key)[:12]}"
 
 
-def discard_run(job: WorkerJob, cfg: RayConfig, storage: Path) -> None:
+def discard_run(job: WorkerJob, cfg: RayConfig, storage: RunStorage) -> None:
     """Delete a finished run's Ray storage: its result is published, nothing to resume."""
-    shutil.rmtree(storage / run_name(job, cfg), ignore_errors=True)
+    storage.delete(run_name(job, cfg))
 
 
-def fit(job: WorkerJob, cfg: RayConfig, storage: Path, logger: Any = None) -> Path:
+def fit(job: WorkerJob, cfg: RayConfig, storage: RunStorage, logger: Any = None, staged: bool = False) -> Path:
     """Train on Ray; return a local directory holding the final checkpoint root.
 
-    ``logger`` (a picklable MLflow logger, or None) receives rank 0's metrics."""
+    ``logger`` (a picklable MLflow logger, or None) receives rank 0's metrics.
+    ``staged``: stage the inputs into ``storage`` first (ranks on other nodes).
+    Raises ResourceError when the workers' resources are not there within
+    ``cfg.start_timeout_s``, naming what the cluster lacks."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    storage.mkdir(parents=True, exist_ok=True)
+    from pipeline.runner import cluster
+
+    name = run_name(job, cfg)
+    if staged:
+        job = stage_inputs(job, storage)
+    cluster.wait_for_workers(cfg)
+    # Ray Train reads it in the driver and hands it to its controller: how long one
+    # start (or restart) of the worker group waits for its placement.
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.start_timeout_s)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job.to_dict(), "logger": logger},
+        train_loop_config={"job": job.to_dict(), "logger": logger, "staged": staged},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
         ),
         run_config=ray.train.RunConfig(
-            name=run_name(job, cfg),
-            storage_path=str(storage),
+            name=name,
+            storage_path=storage.uri,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.train["keep_checkpoints"]),
+            # A start that times out is not retried (controller failures): waiting
+            # longer than start_timeout_s for absent resources helps nobody.
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures, controller_failure_limit=0),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as err:
+        cluster.explain_start_failure(err, cfg)
+        raise
     if result.checkpoint is None:
         raise RuntimeError(f"stage {job.stage}: Ray Train finished without a checkpoint")
     local = Path(tempfile.mkdtemp(prefix=f"{job.stage}-final-"))

@@ -74,15 +74,17 @@ class HeldOutKeysInput:
 
 
 def _build_work(ctx: StageContext) -> StageResult:
-    import ray
-
     from pipeline.eval.suites import build_suite
-    from pipeline.runner import cluster
+    from pipeline.runner import cluster, remote
 
     recipe, cfg = ctx.recipe, ctx.recipe.stage.evalsets
     cluster.start(recipe.ray)
-    # Relative benchmark paths are the repository's (the task may run in another cwd).
-    record = ray.get(ray.remote(num_cpus=1)(build_suite).remote(cfg, held_out_fraction(recipe), ctx.scratch, REPO_ROOT))
+    # Relative benchmark paths are the repository's (the task may run in another cwd, on
+    # another node: then just those files travel with it).
+    relative = tuple(b.path for b in cfg.benchmarks if not Path(b.path).is_absolute())
+    record = remote.call(
+        recipe.ray, build_suite, cfg, held_out_fraction(recipe), remote.Out(ctx.scratch), remote.In(REPO_ROOT, relative)
+    )
     metrics = {"held_out": record["held_out"], "items": {name: t["items"] for name, t in record["tasks"].items()}}
 
     def log(run, out_dir: Path) -> None:
@@ -136,26 +138,24 @@ def _model_input(key: str, path: Path, model):
 
 def _work(target: str):
     def work(ctx: StageContext) -> StageResult:
-        import ray
-
         from pipeline.eval.run import evaluate_model
-        from pipeline.runner import cluster
+        from pipeline.runner import cluster, remote
         from pipeline.stages.mix import flat_numbers
 
         recipe, cfg = ctx.recipe, ctx.recipe.stage.eval
         t = cfg.targets.get(target)
         cluster.start(recipe.ray)
-        task = ray.remote(num_cpus=recipe.ray.cpus_per_worker)(evaluate_model)
-        metrics, seconds = ray.get(
-            task.remote(
-                repo_path(t.model),
-                repo_path(cfg.suite),
-                repo_path(cfg.tokenizer),
-                ctx.scratch,
-                t.chat,
-                repo_path(t.program) if t.program else None,
-                cfg.batch_size,
-            )
+        metrics, seconds = remote.call(
+            recipe.ray,
+            evaluate_model,
+            remote.In(repo_path(t.model)),
+            remote.In(repo_path(cfg.suite)),
+            remote.In(repo_path(cfg.tokenizer)),
+            remote.Out(ctx.scratch),
+            t.chat,
+            remote.In(repo_path(t.program)) if t.program else None,
+            cfg.batch_size,
+            num_cpus=recipe.ray.cpus_per_worker,
         )
 
         def log(run, out_dir: Path) -> None:

@@ -37,24 +37,21 @@ def _inputs(recipe) -> list:
 
 
 def _work(ctx: StageContext) -> StageResult:
-    import ray
-
     from pipeline.export.artifacts import export_all
-    from pipeline.runner import cluster
+    from pipeline.runner import cluster, remote
     from pipeline.stages.mix import flat_numbers
 
     recipe, cfg = ctx.recipe, ctx.recipe.stage.export
     cluster.start(recipe.ray)
     # One Ray task: on a cluster the lowering runs on a worker like every other stage.
-    task = ray.remote(num_cpus=1)(export_all)
-    metrics, seconds = ray.get(
-        task.remote(
-            cfg,
-            ctx.inputs[f"{KEY}.quantized"],
-            repo_path(cfg.tokenizer),
-            repo_path(cfg.prompts_mixture),
-            ctx.scratch,
-        )
+    metrics, seconds = remote.call(
+        recipe.ray,
+        export_all,
+        cfg,
+        remote.In(ctx.inputs[f"{KEY}.quantized"]),
+        remote.In(repo_path(cfg.tokenizer)),
+        remote.In(repo_path(cfg.prompts_mixture)),
+        remote.Out(ctx.scratch),
     )
     (ctx.scratch / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
 

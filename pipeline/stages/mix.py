@@ -21,20 +21,22 @@ def _mixtures(recipe) -> dict:
 
 
 def _work(ctx: StageContext) -> StageResult:
-    import ray
-
     from pipeline.data.build import build_into
-    from pipeline.runner import cluster
+    from pipeline.runner import cluster, remote
 
     cluster.start(ctx.recipe.ray)
     mixtures = _mixtures(ctx.recipe)
     started = time.perf_counter()
-    # One Ray task, so on a cluster the build lands on a worker like every other stage.
-    build = ray.remote(num_cpus=1)(build_into)
-    metrics = ray.get(
-        build.remote(
-            ctx.scratch, mixtures["pretrain"], mixtures["midtrain"], mixtures["sft"], ctx.recipe.model.vocab_size
-        )
+    # One Ray task, so on a cluster the build lands on a worker like every other stage;
+    # what it writes comes back into this machine's scratch (DVC's outputs are here).
+    metrics = remote.call(
+        ctx.recipe.ray,
+        build_into,
+        remote.Out(ctx.scratch),
+        mixtures["pretrain"],
+        mixtures["midtrain"],
+        mixtures["sft"],
+        ctx.recipe.model.vocab_size,
     )
     seconds = time.perf_counter() - started
 

@@ -42,7 +42,7 @@ def _work(ctx: StageContext) -> StageResult:
     import ray
 
     from pipeline.profile.artifacts import profile_all
-    from pipeline.runner import cluster
+    from pipeline.runner import cluster, remote
     from pipeline.stages.mix import flat_numbers
 
     recipe, cfg = ctx.recipe, ctx.recipe.stage.profile
@@ -53,16 +53,17 @@ def _work(ctx: StageContext) -> StageResult:
             f"with: ray start --address=... --resources='{{\"{cluster.DEVICE}\": 1}}'"
         )
     # One task on the device node, holding as many CPUs as it runs threads.
-    task = ray.remote(num_cpus=cfg.threads, resources={cluster.DEVICE: 1})(profile_all)
-    metrics, seconds = ray.get(
-        task.remote(
-            cfg,
-            recipe.model,
-            repo_path(cfg.program),
-            repo_path(cfg.quantized),
-            repo_path(cfg.prompts_mixture),
-            ctx.scratch,
-        )
+    metrics, seconds = remote.call(
+        recipe.ray,
+        profile_all,
+        cfg,
+        recipe.model,
+        remote.In(repo_path(cfg.program)),
+        remote.In(repo_path(cfg.quantized)),
+        remote.In(repo_path(cfg.prompts_mixture)),
+        remote.Out(ctx.scratch),
+        num_cpus=cfg.threads,
+        resources={cluster.DEVICE: 1},
     )
 
     def log(run, out_dir: Path) -> None:

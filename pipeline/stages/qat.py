@@ -102,8 +102,10 @@ def _resume_key(ctx: StageContext) -> str:
 
 
 def _interrupted(ctx: StageContext, key: str) -> bool:
-    storage = repo_path(ctx.recipe.ray.storage_path)
-    return any((storage / name).is_dir() for name in ctx.state.get("run_names", []))
+    from pipeline.runner import cluster
+
+    storage = cluster.storage(ctx.recipe.ray)
+    return any(storage.exists(name) for name in ctx.state.get("run_names", []))
 
 
 def _model(ctx: StageContext, state: dict):
@@ -203,7 +205,7 @@ def _work(ctx: StageContext) -> StageResult:
         if qat_final.meta.get("expert_load"):
             run.log_dict({"tokens_per_layer_expert": qat_final.meta["expert_load"]}, "moe_load_histogram.json")
 
-    storage = repo_path(recipe.ray.storage_path)
+    storage = cluster.storage(recipe.ray)
     return StageResult(
         metrics,
         log=log,

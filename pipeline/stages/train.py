@@ -93,7 +93,9 @@ def _resume_key(name: str, ctx: StageContext) -> str:
 
 def _interrupted(ctx: StageContext, key: str) -> bool:
     """An interrupted run left its Ray Train folder (a finished one deletes it)."""
-    return (repo_path(ctx.recipe.ray.storage_path) / key).is_dir()
+    from pipeline.runner import cluster
+
+    return cluster.storage(ctx.recipe.ray).exists(key)
 
 
 def _work(name: str, ctx: StageContext) -> StageResult:
@@ -104,7 +106,7 @@ def _work(name: str, ctx: StageContext) -> StageResult:
     from pipeline.runner import cluster, train_job
 
     recipe, cfg, job = ctx.recipe, _cfg(ctx.recipe, name), ctx.state["job"]
-    storage = repo_path(recipe.ray.storage_path)
+    storage = cluster.storage(recipe.ray)
     cluster.start(recipe.ray)
     final = train_to_end(job, ctx)
     metrics = final_metrics(final.meta)
@@ -152,12 +154,13 @@ def train_to_end(job: WorkerJob, ctx: StageContext, metric_prefix: str = ""):
     """Run ``job`` as a Ray Train job (resuming an interrupted run of the same work) and
     return its final checkpoint, loaded. Rank 0's metrics go to the stage's MLflow run,
     named with ``metric_prefix`` in front."""
-    from pipeline.runner import train_job
+    from pipeline.runner import cluster, train_job
     from pipeline.train.checkpoint import latest_checkpoint, load_checkpoint
 
+    ray_cfg = ctx.recipe.ray
     journal = ctx.state["journal"].with_suffix(".workers.jsonl")
     logger = ctx.run.remote_logger(journal=journal, prefix=metric_prefix)
-    final_dir = train_job.fit(job, ctx.recipe.ray, repo_path(ctx.recipe.ray.storage_path), logger)
+    final_dir = train_job.fit(job, ray_cfg, cluster.storage(ray_cfg), logger, staged=cluster.on_cluster(ray_cfg))
     try:
         return load_checkpoint(latest_checkpoint(final_dir))
     finally:

@@ -349,18 +349,22 @@ class StageRun:
     ) -> None:
         import mlflow
         from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.http_dataset_source import HTTPDatasetSource
         from mlflow.data.meta_dataset import MetaDataset
 
         artifact = f"datasets/{sanitize_key(name)}.json"
         client = _client(self._uri)
         client.log_text(self._run_id, json.dumps(manifest, sort_keys=True, default=str), artifact)
         if source is None:
-            source = f"{client.get_run(self._run_id).info.artifact_uri.rstrip('/')}/{artifact}"
-        with warnings.catch_warnings():
-            # MLflow registers the local source twice ("" and "file" schemes) and warns
-            # that the path "can be interpreted in multiple ways"; both are the same class.
-            warnings.simplefilter("ignore", UserWarning)
-            src = resolve_dataset_source(str(source))
+            source = artifact_url(self._uri, f"{client.get_run(self._run_id).info.artifact_uri.rstrip('/')}/{artifact}")
+        if str(source).startswith(("http://", "https://")):
+            src = HTTPDatasetSource(str(source))
+        else:
+            with warnings.catch_warnings():
+                # MLflow registers the local source twice ("" and "file" schemes) and warns
+                # that the path "can be interpreted in multiple ways"; both are the same class.
+                warnings.simplefilter("ignore", UserWarning)
+                src = resolve_dataset_source(str(source))
         mlflow.log_input(MetaDataset(src, name=name, digest=digest), context=context)
 
     def log_figure_loss_curve(self, history: Mapping[str, Sequence[tuple[int, float]]], name: str) -> None:
@@ -440,6 +444,21 @@ class StageRun:
                 "log_dataset/log_model need this stage run to be MLflow's active run: call them "
                 "inside the `with stage_run(...)` block of the process that opened it"
             )
+
+
+def artifact_url(tracking_uri: str, artifact_uri: str) -> str:
+    """Where an artifact can be read: an ``mlflow-artifacts:`` URI (a tracking server
+    that proxies artifacts) becomes the server's HTTP download URL; any other URI (a
+    file or object-store location) is returned as it is."""
+    from urllib.parse import urlparse
+
+    if not artifact_uri.startswith("mlflow-artifacts:"):
+        return artifact_uri
+    parsed = urlparse(artifact_uri)
+    # mlflow-artifacts:/<path> is served by the tracking server itself;
+    # mlflow-artifacts://host:port/<path> names the serving host.
+    base = f"{urlparse(tracking_uri).scheme or 'http'}://{parsed.netloc}" if parsed.netloc else tracking_uri
+    return f"{base.rstrip('/')}/api/2.0/mlflow-artifacts/artifacts/{parsed.path.lstrip('/')}"
 
 
 def _log_pt2_model(model: torch.nn.Module, example: torch.Tensor, name: str, dynamic_dims: Sequence[int]):

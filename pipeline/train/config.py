@@ -111,12 +111,26 @@ class RayConfig:
     num_workers: int = 1
     cpus_per_worker: int = 2
     use_gpu: bool = False
-    storage_path: str = "checkpoints"  # Ray Train run storage (resume lives here)
+    # Ray Train run storage (resume lives here) and staged inputs: a path, or a URI
+    # (s3://, gs://, file://); on a cluster a URI or an absolute path every node shares.
+    storage_path: str = "checkpoints"
+    # Restarts of a training job whose worker group failed (a lost node, a killed
+    # worker); each resumes from the last checkpoint every rank reported. -1: no limit.
+    max_failures: int = 1
+    # How long a job waits for its workers' resources, at the start and at each restart,
+    # before it fails naming what the cluster lacks.
+    start_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         require(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
         require(self.cpus_per_worker >= 1, "cpus_per_worker", "must be >= 1")
         require(bool(self.storage_path), "storage_path", "must be a non-empty path")
+        require(
+            isinstance(self.max_failures, int) and self.max_failures >= -1,
+            "max_failures",
+            f"must be an int >= -1 (-1: no limit), got {self.max_failures!r}",
+        )
+        require(self.start_timeout_s > 0, "start_timeout_s", f"must be > 0 seconds, got {self.start_timeout_s}")
 
     def job_resources(self) -> dict[str, int]:
         """What a training job of this config occupies: ``{"CPU": n[, "GPU": g]}``."""
