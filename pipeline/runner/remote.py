@@ -125,15 +125,20 @@ def call(cfg: RayConfig, fn: Callable, *args: Any, num_cpus: int = 1, resources:
         ray.remote(**options)(_on_node).remote(fn, [_ship(v) for v in args], {k: _ship(v) for k, v in kwargs.items()})
     )
     for path, data in zip(outs, packed, strict=True):
-        with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}-returned-") as landing:
-            _unpack(data, Path(landing))
-            returned = Path(landing) / path.name
-            path.mkdir(parents=True, exist_ok=True)
-            for item in returned.iterdir():
-                target = path / item.name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
-                item.rename(target)
+        _land(data, path)
     return result
+
+
+def _land(data: bytes, path: Path) -> None:
+    """Unpack an Out's tar into the driver's folder ``path``: each top-level entry the
+    task wrote replaces the one of the same name; the folder's other entries stay."""
+    path.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}-returned-") as landing:
+        _unpack(data, Path(landing))
+        for item in (Path(landing) / path.name).iterdir():
+            target = path / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+            item.rename(target)
