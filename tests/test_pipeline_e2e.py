@@ -1,8 +1,8 @@
 """The whole chain on the micro preset through real Ray, DVC and MLflow, in a copy of the repo.
 
 One module-scoped run of `make repro` (mix -> pretrain -> midtrain -> SFT) feeds every
-test here; then DVC's no-op re-run, metrics, `dvc exp run -S` and an interrupted stage
-that resumes. Everything is queried through the tools themselves (MLflow client, dvc CLI).
+test here; then DVC's no-op re-run, metrics, `dvc exp run -S` and the kill-corrupt-rerun
+drill (resume with two workers on two nodes: tests/test_cluster.py). Everything is queried through the tools themselves (MLflow client, dvc CLI).
 """
 
 from __future__ import annotations
@@ -11,13 +11,12 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from support import crash_session, mlflow_server, ray_snapshot_checkpoints, wait_for
+from support import mlflow_server
 
 from tools.drill import drill, env_for, scratch_copy
 
@@ -368,42 +367,6 @@ def test_dvc_exp_run_with_hydra_override_reruns_only_what_changed(repo):
     assert float(experiments[-1][column]) == pytest.approx(sft["centred_acc"])
     column = next(c for c in experiments[-1] if c.endswith("loss_qat_int4"))
     assert float(experiments[-1][column]) > 0
-
-
-def test_interrupted_stage_resumes_from_its_last_checkpoint(repo):
-    # Two DDP workers (gloo), so resuming also covers the data-parallel path.
-    args = [
-        sys.executable,
-        "stages/pretrain.py",
-        "ray=ddp2",
-        "stage.pretrain.schedule.total_steps=40",
-        "stage.pretrain.checkpoint_every=4",
-        "stage.pretrain.out_dir=outputs/resume_check",
-        "tracking.enabled=false",
-    ]
-    storage = repo / "checkpoints"
-    before = set(storage.iterdir())
-
-    def registered() -> list[str]:
-        # The event a resume depends on: Ray has *recorded* a checkpoint in the run's
-        # snapshot (a checkpoint_* folder alone may be mid-upload and is not resumed from).
-        runs = [p for p in storage.iterdir() if p not in before]
-        return ray_snapshot_checkpoints(runs[0]) if runs else []
-
-    proc = subprocess.Popen(
-        args, cwd=repo, env=_env(repo), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    try:
-        wait_for(registered, "Ray Train to register the run's first checkpoint", timeout=300, interval=0.1, alive=proc)
-    finally:
-        crash_session(proc)  # a crash: the driver, its Ray and the workers, all at once
-    finished = subprocess.run(args, cwd=repo, env=_env(repo), capture_output=True, text=True, timeout=600)
-    assert finished.returncode == 0, finished.stderr[-3000:]
-    metrics = json.loads((repo / "outputs" / "resume_check" / "metrics.json").read_text())
-    assert metrics["step"] == 40
-    execution = json.loads((repo / "outputs" / "resume_check" / "execution.json").read_text())
-    assert execution == {"resumes": 1, "resumed_at_steps": execution["resumed_at_steps"]}
-    assert len(execution["resumed_at_steps"]) == 1 and execution["resumed_at_steps"][0] % 4 == 0
 
 
 def test_scaling_sweep_runs_each_point_once_and_a_rerun_skips_the_finished_ones(repo, mlflow_client):
