@@ -71,6 +71,15 @@ def test_failure_policy_values_are_validated(key, value):
         RayConfig(**{key: value})
 
 
+def test_the_cluster_preset_asks_for_its_storage(monkeypatch):
+    from pipeline.recipe import compose, validate
+
+    with pytest.raises(ConfigError, match=r"ray\.storage_path: is not set"):
+        validate(compose(["ray=cluster"]))
+    recipe = validate(compose(["ray=cluster", "ray.storage_path=s3://bucket/runs"]))
+    assert recipe.ray.address == "auto" and recipe.ray.storage_path == "s3://bucket/runs"
+
+
 def test_storage_uris_are_never_rewritten_and_relative_paths_lie_under_the_repository(tmp_path):
     assert run_storage("s3://bucket/runs", on_cluster=True, repo_root=tmp_path).uri == "s3://bucket/runs"
     assert run_storage("/nfs/runs", on_cluster=True, repo_root=tmp_path).uri == "/nfs/runs"

@@ -126,6 +126,11 @@ class RayConfig:
         require(self.cpus_per_worker >= 1, "cpus_per_worker", "must be >= 1")
         require(bool(self.storage_path), "storage_path", "must be a non-empty path")
         require(
+            self.storage_path != "???",  # Hydra's "must be given" marker (conf/ray/cluster.yaml)
+            "storage_path",
+            "is not set: give a URI (s3://bucket/runs) or an absolute path every node of the cluster mounts",
+        )
+        require(
             isinstance(self.max_failures, int) and self.max_failures >= -1,
             "max_failures",
             f"must be an int >= -1 (-1: no limit), got {self.max_failures!r}",
