@@ -66,21 +66,16 @@ def _runs(recipe) -> dict:
         return {}
 
 
-def _build(inputs, out: Path) -> dict:
-    from pipeline.report import collect, write_report
-
-    return write_report(collect(inputs), out)
-
-
 def _work(ctx: StageContext) -> StageResult:
-    import ray
-
-    from pipeline.runner import cluster
+    from pipeline.report import collect, write_report
+    from pipeline.runner import cluster, remote
 
     recipe = ctx.recipe
-    inputs = report_inputs(recipe, ctx.raw, _runs(recipe))
+    # The stages' outputs are read here, on the driver (DVC's declared inputs live on
+    # its disk); the plots and pages are drawn by the task, wherever it runs.
+    data = collect(report_inputs(recipe, ctx.raw, _runs(recipe)))
     cluster.start(recipe.ray)
-    summary = ray.get(ray.remote(num_cpus=1)(_build).remote(inputs, ctx.scratch))
+    summary = remote.call(recipe.ray, write_report, data, remote.Out(ctx.scratch), num_cpus=1)
     metrics = {"missing": len(summary["missing"]), "plots": len(summary["plots"])}
     if summary["missing"]:
         log.warning("the report shows these as missing (not run): %s", ", ".join(summary["missing"]))

@@ -108,15 +108,15 @@ def _raw_inputs(raw: dict) -> list:
 
 
 def _work(ctx: StageContext) -> StageResult:
-    import ray
-
-    from pipeline.runner import cluster
+    from pipeline.runner import cluster, remote
 
     cfg = scaling_config(ctx.raw)
     points = ctx.inputs["scaling.sweep"]
     pairs = [(p.a, p.b, p.label) for p in cfg.pairs]
     cluster.start(ctx.recipe.ray)
-    summary = ray.get(ray.remote(num_cpus=1)(write_fit).remote(points, pairs, ctx.scratch, cfg.dense, cfg.sweep))
+    summary = remote.call(
+        ctx.recipe.ray, write_fit, points, pairs, remote.Out(ctx.scratch), cfg.dense, cfg.sweep, num_cpus=1
+    )
     metrics = {
         "points": summary["points"],
         "held_out_points": summary["held_out_points"],
