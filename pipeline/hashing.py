@@ -20,3 +20,11 @@ def sha256_file(path: str | Path) -> str:
 def sha256_json(data: Any) -> str:
     """Hex sha256 of a JSON-able value, independent of dict key order."""
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def sha256_tree(root: str | Path) -> str:
+    """Hex sha256 of a folder: of every file's relative path and sha256 (sorted), so two
+    folders with the same files hash the same wherever they are."""
+    root = Path(root)
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return sha256_json([[p.relative_to(root).as_posix(), sha256_file(p)] for p in files])

@@ -317,5 +317,6 @@ def test_a_job_the_cluster_cannot_hold_fails_naming_what_is_missing(setup, mixed
         ),
     )
     assert out.returncode != 0
+    assert "found no placement within ray.start_timeout_s=1 s" in out.stderr, out.stderr[-3000:]
     assert "needs 3 workers x 1 CPU" in out.stderr and "can hold 2" in out.stderr, out.stderr[-3000:]
     assert not (setup["repo"] / "outputs" / "too_big").exists()

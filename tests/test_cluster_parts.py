@@ -10,6 +10,7 @@ that listens on loopback only.
 
 from __future__ import annotations
 
+import importlib
 import ipaddress
 import json
 import shutil
@@ -26,7 +27,7 @@ from pipeline.configbase import ConfigError
 from pipeline.hashing import sha256_file, sha256_json
 from pipeline.runner import remote
 from pipeline.runner.cluster import _room, check_cluster_config, missing_text
-from pipeline.runner.storage import COMPLETE, RunStorage, fetch, run_storage
+from pipeline.runner.storage import COMPLETE, RunStorage, fetch, is_uri, join_uri, run_storage
 from pipeline.runner.train_job import InputMismatchError, local_inputs, stage_inputs, verify_mixture
 from pipeline.tracking.config import TrackingConfig
 from pipeline.tracking.runs import artifact_url
@@ -60,6 +61,7 @@ def test_ray_address_in_the_environment_counts_as_a_cluster(monkeypatch):
 
 def test_a_cluster_accepts_shared_storage_and_a_server_and_embedded_ray_accepts_anything(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    check_cluster_config(RayConfig(address=CLUSTER, storage_path="/nfs/runs"), TrackingConfig(uri="databricks"))
     check_cluster_config(RayConfig(address=CLUSTER, storage_path="gs://b/runs"), TrackingConfig(uri="http://h:5000"))
     check_cluster_config(RayConfig(address=CLUSTER, storage_path="/nfs/runs"), TrackingConfig(enabled=False))
     check_cluster_config(RayConfig(), TrackingConfig(uri="sqlite:///mlflow.db"))
@@ -105,36 +107,60 @@ def test_staging_and_fetching_through_a_file_uri_round_trips(tmp_path):
     source = _folder(tmp_path / "src")
     storage = RunStorage((tmp_path / "shared").as_uri())
     uri = storage.stage(source, "mixture-abc")
-    assert uri == f"{storage.uri}/staged/mixture-abc"
+    assert uri.startswith(f"{storage.uri}/staged/mixture-abc/")
     copy = fetch(uri, cache=tmp_path / "cache")
-    assert copy == tmp_path / "cache" / "mixture-abc"
+    assert copy.parent == tmp_path / "cache" / "mixture-abc"
     assert {k: v for k, v in _contents(copy).items() if k != COMPLETE} == _contents(source)
     # A second fetch on the node is served from its cache.
     (copy / "a.bin").write_bytes(b"node-local")
     assert (fetch(uri, cache=tmp_path / "cache") / "a.bin").read_bytes() == b"node-local"
 
 
-def test_a_complete_staged_copy_is_reused_and_a_partial_one_replaced(tmp_path):
+def test_a_complete_staged_copy_is_reused_and_an_unfinished_one_never_used(tmp_path):
     source = _folder(tmp_path / "src")
     storage = RunStorage(str(tmp_path / "shared"))
-    staged = tmp_path / "shared" / "staged"
-    storage.stage(source, "k1")
-    (staged / "k1" / "a.bin").write_bytes(b"left as it is")
-    storage.stage(source, "k1")
-    assert (staged / "k1" / "a.bin").read_bytes() == b"left as it is"  # content-addressed: not copied again
-    # An interrupted copy (no marker, a stray file) is replaced by a full one.
-    (staged / "k2").mkdir()
-    (staged / "k2" / "stray").write_text("half")
-    storage.stage(source, "k2")
-    assert not (staged / "k2" / "stray").exists()
-    assert (staged / "k2" / "sub" / "b.txt").read_text() == "beta"
+    # A copy a crash left without its marker (or one another driver is still writing).
+    unfinished = tmp_path / "shared" / "staged" / "k1" / "0000-unfinished"
+    unfinished.mkdir(parents=True)
+    (unfinished / "a.bin").write_text("half")
+    first = storage.stage(source, "k1")
+    assert unfinished.is_dir()  # not ours to delete
+    assert not first.endswith("0000-unfinished")
+    (Path(first) / "a.bin").write_bytes(b"left as it is")
+    assert storage.stage(source, "k1") == first  # content-addressed: not copied again
+    assert (Path(first) / "a.bin").read_bytes() == b"left as it is"
+
+
+def test_drivers_staging_the_same_input_at_once_each_get_a_complete_copy(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    source = tmp_path / "src"
+    source.mkdir()
+    for i in range(200):
+        (source / f"shard{i:03d}.bin").write_bytes(bytes([i % 256]) * 512)
+    storage = RunStorage((tmp_path / "shared").as_uri())
+    with ThreadPoolExecutor(4) as pool:
+        uris = list(pool.map(lambda _: storage.stage(source, "mixture-same"), range(4)))
+    for uri in uris:
+        copy = fetch(uri, cache=tmp_path / "cache")
+        assert {k: v for k, v in _contents(copy).items() if k != COMPLETE} == _contents(source), uri
 
 
 def test_fetching_an_incomplete_staged_copy_is_refused(tmp_path):
-    (tmp_path / "shared" / "staged" / "k").mkdir(parents=True)
+    (tmp_path / "shared" / "staged" / "k" / "c1").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="incomplete"):
-        fetch((tmp_path / "shared" / "staged" / "k").as_uri(), cache=tmp_path / "cache")
-    assert not (tmp_path / "cache" / "k").exists()
+        fetch((tmp_path / "shared" / "staged" / "k" / "c1").as_uri(), cache=tmp_path / "cache")
+    assert not (tmp_path / "cache" / "k" / "c1").exists()
+
+
+def test_uris_keep_their_query_and_any_scheme_counts():
+    assert join_uri("s3://b/runs?endpoint_override=minio:9000&scheme=http", "staged", "k") == (
+        "s3://b/runs/staged/k?endpoint_override=minio:9000&scheme=http"
+    )
+    assert join_uri("/nfs/runs/", "x") == "/nfs/runs/x"
+    assert is_uri("file:/mnt/runs") and is_uri("gs://b") and not is_uri("/mnt/runs") and not is_uri("runs")
+    storage = RunStorage("s3://b/runs?region=eu-west-1")
+    assert storage.child("run-1") == "s3://b/runs/run-1?region=eu-west-1"
 
 
 def test_deleting_a_run_goes_through_the_storage_filesystem(tmp_path):
@@ -149,8 +175,10 @@ def test_deleting_a_run_goes_through_the_storage_filesystem(tmp_path):
 # ---------------------------------------------------------------- a stage task on another node
 
 
-def _task(tokenizer: Path, mixture: Path, out: Path, scale: int) -> int:
-    """Stands for a stage's task: reads an In and a member of another, writes an Out."""
+def _task(tokenizer: Path, mixture: Path, out: Path, files: dict, log: Path, scale: int) -> int:
+    """Stands for a stage's task: reads Ins (members of one, one inside a dict), writes
+    two Outs (one positional, one by keyword)."""
+    (log / "bench.txt").write_text(files["conf/bench.jsonl"].read_text())
     names = sorted(p.name for p in mixture.iterdir())
     (out / "result.txt").write_text(f"{tokenizer.read_text()}|{','.join(names)}|{scale}")
     (out / "nested").mkdir()
@@ -163,22 +191,33 @@ def test_a_task_on_another_node_gets_its_inputs_and_its_outputs_land_in_the_driv
     tokenizer.write_text("TOKENIZER")
     mixture = _folder(tmp_path / "mixture")
     (mixture / "not-sent.bin").write_bytes(b"big")
-    out = tmp_path / "driver" / "mix"
+    bench = tmp_path / "elsewhere" / "bench.jsonl"
+    bench.parent.mkdir()
+    bench.write_text("BENCH")
+    out, log = tmp_path / "driver" / "mix", tmp_path / "driver" / "log"
     out.mkdir(parents=True)
     (out / "result.txt").write_text("stale")
     (out / "kept.txt").write_text("kept")
     (out / "nested").mkdir()
     (out / "nested" / "stale.bin").write_bytes(b"from an earlier run")
     args = [remote.In(tokenizer), remote.In(mixture, only=("a.bin", "sub/b.txt")), remote.Out(out)]
-    shipped = [remote._ship(v) for v in args]
-    assert all(isinstance(v, remote._Packed) for v in shipped)  # no driver path crosses
-    assert str(tmp_path) not in repr([v.name for v in shipped])
-    result, packed = remote._on_node(_task, shipped, {"scale": 3})
+    kwargs = {"files": {"conf/bench.jsonl": remote.In(bench)}, "log": remote.Out(log), "scale": 3}
+    shipped_args, shipped_kwargs = remote._ship(args), remote._ship(kwargs)
+    assert str(tmp_path) not in repr((shipped_args, shipped_kwargs)).replace(repr(b"TOKENIZER"), "")
+    result, packed = remote._on_node(_task, shipped_args, shipped_kwargs)
     assert result == 6
-    remote._land(packed[0], out)
+    assert set(packed) == {2, "log"}  # each Out's tar under its argument
+    for key, path in ((2, out), ("log", log)):
+        remote._land(packed[key], path)
     assert (out / "result.txt").read_text() == "TOKENIZER|a.bin,sub|3"
     assert _contents(out / "nested") == {"x.bin": b"\x07\x07\x07"}  # replaced, not merged
     assert (out / "kept.txt").read_text() == "kept"
+    assert _contents(log) == {"bench.txt": b"BENCH"}
+
+
+def test_an_out_inside_a_container_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="inside a container"):
+        remote._ship([[remote.Out(tmp_path)]])
 
 
 def test_a_returned_tar_cannot_write_outside_its_folder(tmp_path):
@@ -211,10 +250,28 @@ def test_a_rank_reading_the_validated_data_passes_the_check(job, tmp_path):
     assert local_inputs(job, staged=False) == job
     staged = stage_inputs(job, RunStorage(str(tmp_path / "shared")))
     assert staged.mixture_dir.startswith(str(tmp_path / "shared" / "staged" / "mixture-"))
-    fetched = local_inputs(staged, staged=True)
-    assert _contents(Path(fetched.mixture_dir)).keys() - {COMPLETE} == _contents(Path(job.mixture_dir)).keys()
-    shutil.rmtree(Path(fetched.mixture_dir))  # the node cache is /tmp: leave it as found
-    shutil.rmtree(Path(fetched.init_checkpoint))
+    assert staged.init_checkpoint.startswith(str(tmp_path / "shared" / "staged" / "checkpoint-"))
+    fetched = local_inputs(staged, staged=True, cache=tmp_path / "cache")
+    assert _contents(Path(fetched.mixture_dir)) == {**_contents(Path(job.mixture_dir)), COMPLETE: b""}
+    assert _contents(Path(fetched.init_checkpoint)) == {**_contents(Path(job.init_checkpoint)), COMPLETE: b""}
+
+
+def test_a_changed_staged_copy_stops_the_rank_and_leaves_its_node_cache(job, tmp_path):
+    staged = stage_inputs(job, RunStorage(str(tmp_path / "shared")))
+    manifest = json.loads((Path(job.mixture_dir) / "manifest.json").read_text())
+    name = sorted(manifest["files"])[-1]
+    with (Path(staged.mixture_dir) / name).open("ab") as f:
+        f.write(b"\x00")  # the shared copy changed after the driver validated it
+    with pytest.raises(InputMismatchError, match=name):
+        local_inputs(staged, staged=True, cache=tmp_path / "cache")
+    assert not any((tmp_path / "cache").rglob(name))  # dropped: a retry fetches again
+
+
+def test_the_checkpoint_is_staged_under_the_hash_of_all_its_files(job, tmp_path):
+    storage = RunStorage(str(tmp_path / "shared"))
+    first = stage_inputs(job, storage).init_checkpoint
+    (Path(job.init_checkpoint) / "meta.json").write_text("{}")  # same weights, other metadata
+    assert Path(stage_inputs(job, storage).init_checkpoint).parent != Path(first).parent
 
 
 def test_a_rank_reading_a_changed_data_file_stops_naming_it(job):
@@ -296,6 +353,9 @@ def test_rank_zero_store_listens_on_the_master_address_only(monkeypatch):
 
     from pipeline.runner.rendezvous import bind_store_to_master_addr
 
+    # Undone after the test: the wrapper goes into torch's module for the process.
+    rendezvous = importlib.import_module("torch.distributed.rendezvous")
+    monkeypatch.setattr(rendezvous, "_create_c10d_store", rendezvous._create_c10d_store)
     port = free_port()
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(port))
@@ -310,3 +370,31 @@ def test_rank_zero_store_listens_on_the_master_address_only(monkeypatch):
         assert tensor.tolist() == [1.0, 1.0]
     finally:
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- the mix task reads its node's sources
+
+
+def test_a_mix_task_on_a_node_with_other_source_data_stops_before_building(tmp_path, monkeypatch):
+    import platform
+
+    from pipeline.data.build import build_into, source_origins
+    from pipeline.data.document import DataError
+    from pipeline.recipe import compose, validate
+
+    data = validate(compose(["experiment=micro"])).data
+    mixtures = {name: getattr(data, name) for name in ("pretrain", "midtrain", "sft")}
+    checked = source_origins(mixtures)  # on the machine that checked the inputs
+    fortunes = next(k for k in checked if "kind fortunes" in k and k.startswith("data.pretrain"))
+    assert len(checked[fortunes]["fortune/fortunes"]) == 64
+    monkeypatch.setattr(platform, "python_version", lambda: "3.11.99")  # this node's interpreter
+    elsewhere = {**checked, fortunes: {**checked[fortunes], "fortune/fortunes": "0" * 64}}
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(DataError) as err:
+        build_into(out, *mixtures.values(), 4096, origins=elsewhere)
+    assert "data.pretrain.sources[2] ('python_docs', kind python_docs): python is 3.11.99 here" in str(err.value)
+    assert f"{fortunes}: fortune/fortunes is {checked[fortunes]['fortune/fortunes']} here, {'0' * 64} there" in str(
+        err.value
+    )
+    assert not any(out.iterdir())

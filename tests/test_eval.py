@@ -316,7 +316,7 @@ def test_the_suite_is_deterministic_and_joins_benchmark_files(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     for out in (a, b):
         out.mkdir()
-        build_suite(cfg, 0.1, out, base_dir=tmp_path)
+        build_suite(cfg, 0.1, out, files={"gsm8k.jsonl": bench})
     assert {p.name: p.read_bytes() for p in a.iterdir()} == {p.name: p.read_bytes() for p in b.iterdir()}
     record = json.loads((a / "suite.json").read_text())
     assert record["tasks"]["gsm8k"]["source"].startswith("gsm8k.jsonl sha256:")  # the path as configured

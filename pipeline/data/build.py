@@ -94,6 +94,44 @@ def build_all(
     return metrics
 
 
+def source_origins(mixtures: dict[str, MixtureConfig]) -> dict[str, dict[str, str]]:
+    """What every used source (weight > 0) reads from this machine, by source:
+    ``{"data.<role>.sources[i] ('name', kind k)": {what: sha256 or version}}`` (see
+    ``Kind.origin``). A source that cannot be read here says so instead of raising."""
+    from pipeline.data.sources import kind_of
+
+    origins: dict[str, dict[str, str]] = {}
+    for role, cfg in mixtures.items():
+        for i, src in enumerate(cfg.sources):
+            if src.weight <= 0:
+                continue
+            where = f"data.{role}.sources[{i}] ({src.name!r}, kind {src.kind})"
+            try:
+                origins[where] = kind_of(src.kind).origin(src.resolved_options())
+            except (DataError, OSError) as err:
+                origins[where] = {"unreadable": str(err)}
+    return origins
+
+
+def check_origins(expected: dict[str, dict[str, str]], mixtures: dict[str, MixtureConfig]) -> None:
+    """Raise DataError, naming each source and what differs, unless this machine's
+    :func:`source_origins` equal ``expected`` (those of the machine that checked the
+    stage's inputs): a mixture must not depend on which node built it."""
+    here = source_origins(mixtures)
+    diffs = []
+    for where in sorted(set(expected) | set(here)):
+        theirs, ours = expected.get(where, {}), here.get(where, {})
+        for what in sorted(set(theirs) | set(ours)):
+            if theirs.get(what) != ours.get(what):
+                diffs.append(f"{where}: {what} is {ours.get(what, 'absent')} here, {theirs.get(what, 'absent')} there")
+    if diffs:
+        raise DataError(
+            "this node reads other source data than the machine that checked the stage's inputs; give every node "
+            "the same environment (requirements.lock, the same Python and Debian packages, shared data paths): "
+            + "; ".join(diffs)
+        )
+
+
 def build_into(
     directory: Path,
     pretrain: MixtureConfig,
@@ -101,15 +139,20 @@ def build_into(
     sft: MixtureConfig,
     vocab_size: int,
     tokenizer_max_bytes: int = 4_000_000,
+    origins: dict[str, dict[str, str]] | None = None,
 ) -> dict:
     """Write tokenizer/ pretrain/ midtrain/ sft/ and metrics.json into the (empty)
     ``directory``; for a caller that publishes the result itself (the mix stage).
+    ``origins``: the sources as another machine sees them (:func:`source_origins`);
+    given, this machine must see the same (DataError otherwise, before any work).
 
     metrics.json holds only what the inputs determine (no timings), so rebuilding from
     the same inputs gives the same bytes."""
     t0 = time.perf_counter()
     mixtures = {"pretrain": pretrain, "midtrain": midtrain, "sft": sft}
     validate_all(mixtures, vocab_size)
+    if origins is not None:
+        check_origins(origins, mixtures)
     require(
         isinstance(tokenizer_max_bytes, int) and tokenizer_max_bytes > 0,
         "tokenizer_max_bytes",

@@ -16,6 +16,7 @@ from pathlib import Path
 from pipeline.data.chat import render_text, validate
 from pipeline.data.document import DataError, Document
 from pipeline.data.sources import Kind, Opt
+from pipeline.hashing import sha256_file
 
 TEXT_BUILDERS = ("json", "text", "csv")  # builders that read local files as UTF-8 text
 
@@ -171,8 +172,14 @@ _COMMON = {
     "streaming": Opt((bool,), False),
 }
 
+
+def _origin(options: dict) -> dict[str, str]:
+    # Local data files only: a hub dataset is fetched by every node from the same hub.
+    return {str(path): sha256_file(path) for path in local_files(options)}
+
+
 KINDS = [
-    Kind("hf", "text", None, {**_COMMON, "text_field": Opt((str,), "text")}, _text_iter, _check),
+    Kind("hf", "text", None, {**_COMMON, "text_field": Opt((str,), "text")}, _text_iter, _check, _origin),
     Kind(
         "hf_chat",
         "chat",
@@ -180,5 +187,6 @@ KINDS = [
         {**_COMMON, "messages_field": Opt((str,), "messages"), "task": Opt((str,), "hf_chat")},
         _chat_iter,
         _check,
+        _origin,
     ),
 ]

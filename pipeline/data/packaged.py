@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pipeline.data.document import DataError, Document
 from pipeline.data.sources import Kind, Opt
+from pipeline.hashing import sha256_file
 
 
 def _positive_int(v) -> bool:
@@ -171,6 +172,7 @@ KINDS = [
         },
         _bible_iter,
         _bible_check,
+        lambda options: {"kjv.jsonl": sha256_file(kjv_path())},
     ),
     Kind(
         "fortunes",
@@ -187,6 +189,7 @@ KINDS = [
         },
         _fortunes_iter,
         _fortunes_check,
+        lambda options: {f"fortune/{f}": sha256_file(fortune_dir(options["path"]) / f) for f in options["files"]},
     ),
     Kind(
         "wordnet",
@@ -203,5 +206,8 @@ KINDS = [
         },
         _wordnet_iter,
         _wordnet_check,
+        lambda options: {
+            f"wordnet/{p.name}": sha256_file(p) if p.is_file() else "absent" for p in _wordnet_files(options)
+        },
     ),
 ]

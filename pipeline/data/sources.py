@@ -53,6 +53,9 @@ class Kind:
     options: Mapping[str, Opt]
     iterate: Callable[[dict, SourceConfig], Iterator[Document]]
     check: Callable[[dict], None] = lambda options: None
+    # What the source reads from the machine (data files, the interpreter's stdlib) as
+    # {what: sha256 or version}: a build on another node must see the same (build.py).
+    origin: Callable[[dict], dict[str, str]] = lambda options: {}
 
 
 def _registry() -> dict[str, Kind]:

@@ -13,6 +13,7 @@ import ast
 import functools
 import hashlib
 import os
+import platform
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
@@ -226,6 +227,12 @@ _COMMON = {
     "max_chars": Opt((int,), 4000, _pos, "must be a positive integer"),
 }
 
+
+def _origin(options: dict) -> dict[str, str]:
+    # The stdlib's files are the interpreter's: the same version, the same sources.
+    return {"python": platform.python_version()}
+
+
 KINDS = [
     Kind(
         "python_code",
@@ -240,6 +247,7 @@ KINDS = [
         },
         _code_iter,
         _check,
+        _origin,
     ),
     Kind(
         "python_docs",
@@ -248,5 +256,6 @@ KINDS = [
         {**_COMMON, "max_chars": Opt((int,), 2000, _pos, "must be a positive integer"), "min_chars": Opt((int,), 40)},
         _docs_iter,
         _check,
+        _origin,
     ),
 ]

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -274,11 +274,12 @@ BUILDERS: dict[str, Callable[[int, random.Random, float, int], list[Item]]] = {
 }
 
 
-def build_suite(cfg: SuiteConfig, held_out: float, out: Path, base_dir: Path | None = None) -> dict:
+def build_suite(cfg: SuiteConfig, held_out: float, out: Path, files: Mapping[str, Path] | None = None) -> dict:
     """Write every task of ``cfg`` into ``out`` (an empty directory) with ``suite.json``;
     returns the suite record. ``held_out`` is the smallest val_fraction of the mixtures;
-    relative benchmark paths are relative to ``base_dir`` (the record keeps the path as
-    configured, with the file's sha256, so it names no machine).
+    ``files`` maps a benchmark's configured path to the file to read (a copy on this
+    node), else the path is read as it is. The record keeps the path as configured, with
+    the file's sha256, so it names no machine.
 
     Raises DataError when the held-out band cannot supply a task's item count (naming
     the task, the count found and how to get more), TaskFileError for a bad benchmark
@@ -299,7 +300,7 @@ def build_suite(cfg: SuiteConfig, held_out: float, out: Path, base_dir: Path | N
         spec = SPECS[name] if SPECS[name].kind != "generate" else replace(SPECS[name], max_tokens=cfg.max_tokens)
         tasks[name] = _write_task(out, spec, items, cfg.seed)
     for bench in cfg.benchmarks:
-        path = Path(bench.path) if base_dir is None else Path(base_dir) / bench.path
+        path = Path(files[bench.path]) if files else Path(bench.path)
         spec, items = load_benchmark(bench.layout, path, bench.name, bench.limit)
         tasks[spec.name] = _write_task(out, spec, items, cfg.seed, source=f"{bench.path} sha256:{sha256_file(path)}")
     record = {"version": SUITE_VERSION, "held_out": held_out, "seed": cfg.seed, "tasks": tasks}

@@ -6,7 +6,7 @@ stray cluster some earlier ``ray start`` left behind) unless ``ray.address`` or
 give *before* Ray starts: an embedded Ray cannot grow, so asking for more CPUs than the
 machine has is refused with the numbers; a cluster may grow (autoscaling), so a
 shortfall there is reported as pending instead of waited on in silence, and waited on
-for at most ``ray.start_timeout_s``.
+for at most ``ray.start_timeout_s`` (then the job fails naming what is missing).
 
 On a cluster nodes share no repository. What a node needs besides the pinned
 environment (``requirements.lock``) is shipped: the ``pipeline`` package travels with
@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from pathlib import Path
 
 from pipeline.configbase import ConfigError
 from pipeline.runner.errors import ResourceError
-from pipeline.runner.storage import RunStorage, run_storage
+from pipeline.runner.storage import RunStorage, is_uri, run_storage
 from pipeline.train.config import RayConfig
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # pipeline/, shipped to cluster workers
@@ -70,8 +69,8 @@ def check_cluster_config(cfg: RayConfig, tracking) -> None:
     from pipeline.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking)
-    scheme = uri.split(":", 1)[0] if ":" in uri else ""
-    if scheme in ("", "file", "sqlite"):
+    scheme = uri.split(":", 1)[0].lower() if is_uri(uri) else ""
+    if scheme in ("file", "sqlite") or (not scheme and uri != "databricks"):  # a path: a file store
         raise ConfigError(
             f"tracking.uri: {uri} is a store on this machine, but ray.address names a cluster whose "
             f"ranks on other nodes log to the same run; start a tracking server every node reaches "
@@ -145,14 +144,15 @@ def _report_pending(cfg: RayConfig) -> None:
             print(
                 f"resources pending: the job needs {amount} {resource}s ({cfg.num_workers} workers); the "
                 f"cluster has {free.get(resource, 0.0):g} free of {total.get(resource, 0.0):g}. Training "
-                f"starts when they are free (or an autoscaler adds nodes).",
+                f"starts when they are free (or an autoscaler adds nodes), waiting at most "
+                f"ray.start_timeout_s={cfg.start_timeout_s:g} s.",
                 flush=True,
             )
 
 
 def _room(nodes: list[dict], cfg: RayConfig) -> int:
     """How many workers of ``cfg`` the alive ``nodes`` (``ray.nodes()``) can hold at once."""
-    per_worker = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    per_worker = cfg.worker_resources()
     room = 0
     for node in nodes:
         if node.get("Alive"):
@@ -177,29 +177,6 @@ def missing_text(cfg: RayConfig, nodes: list[dict]) -> str:
         f"the job needs {ask}, each on one node; the cluster's nodes can hold {_room(nodes, cfg)} "
         f"({_nodes_text(nodes)})"
     )
-
-
-def wait_for_workers(cfg: RayConfig) -> None:
-    """Wait at most ``cfg.start_timeout_s`` until the alive nodes can hold every worker of
-    the job (capacity, not free resources: busy ones are Ray's queue to manage); then
-    raise ResourceError naming what is missing. Ray must be started."""
-    import ray
-
-    deadline = time.monotonic() + cfg.start_timeout_s
-    said = False
-    while True:
-        nodes = ray.nodes()
-        if _room(nodes, cfg) >= cfg.num_workers:
-            return
-        if time.monotonic() > deadline:
-            raise ResourceError(
-                f"no room for the training workers after ray.start_timeout_s={cfg.start_timeout_s:g} s: "
-                f"{missing_text(cfg, nodes)}; add nodes, or lower ray.num_workers / ray.cpus_per_worker"
-            )
-        if not said:
-            print(f"waiting up to {cfg.start_timeout_s:g} s for resources: {missing_text(cfg, nodes)}", flush=True)
-            said = True
-        time.sleep(1.0)
 
 
 def explain_start_failure(err: BaseException, cfg: RayConfig) -> None:

@@ -65,43 +65,65 @@ def _unpack(data: bytes, into: Path) -> None:
         tar.extractall(into, filter="data")  # no links out, no absolute paths, no devices
 
 
-def _plain(value: Any) -> Any:
-    return value.path if isinstance(value, (In, Out)) else value
-
-
-def _ship(value: Any) -> Any:
-    if isinstance(value, In):
-        if value.only is not None and not value.path.is_dir():
-            raise ValueError(f"In({value.path}, only=...): only a folder has members")
-        return _Packed("in", value.path.name, _pack(value.path, value.only))
-    if isinstance(value, Out):
-        return _Packed("out", value.path.name)
+def _map(value: Any, leaf: Callable[[Any], Any], depth: int = 0) -> Any:
+    """``value`` with ``leaf`` applied to every In/Out/_Packed in it, also inside lists,
+    tuples and dict values (e.g. ``{configured path: In(file)}``). ``value`` is the
+    argument list or keyword dict: an Out deeper than its items is refused (ValueError),
+    since only an argument's own Out comes back."""
+    if isinstance(value, (In, Out, _Packed)):
+        if depth > 1 and isinstance(value, Out):
+            raise ValueError(f"Out({value.path}) inside a container: pass it as an argument of its own")
+        return leaf(value)
+    if isinstance(value, dict):
+        return {k: _map(v, leaf, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map(v, leaf, depth + 1) for v in value)
     return value
 
 
-def _on_node(fn: Callable, args: list, kwargs: dict) -> tuple[Any, list[bytes]]:
-    """Runs on the task's node: unpack the inputs, call ``fn``, pack the outputs."""
-    root = Path(tempfile.mkdtemp(prefix="stage-task-"))
-    outs: list[Path] = []
+def _plain(value: Any) -> Any:
+    return _map(value, lambda v: v.path)
 
-    def local(value: Any, i: int) -> Any:
-        if not isinstance(value, _Packed):
-            return value
-        folder = root / f"{value.kind}{i}"
+
+def _ship_one(value: In | Out) -> _Packed:
+    if isinstance(value, Out):
+        return _Packed("out", value.path.name)
+    if value.only is not None and not value.path.is_dir():
+        raise ValueError(f"In({value.path}, only=...): only a folder has members")
+    return _Packed("in", value.path.name, _pack(value.path, value.only))
+
+
+def _ship(value: Any) -> Any:
+    return _map(value, _ship_one)
+
+
+def _outs(args: list, kwargs: dict) -> dict[int | str, Any]:
+    """The top-level Out arguments (or their packed forms), keyed by position or name."""
+    keyed = {**dict(enumerate(args)), **kwargs}
+    return {key: v for key, v in keyed.items() if isinstance(v, Out) or (isinstance(v, _Packed) and v.kind == "out")}
+
+
+def _on_node(fn: Callable, args: list, kwargs: dict) -> tuple[Any, dict[int | str, bytes]]:
+    """Runs on the task's node: unpack the inputs, call ``fn``, pack the outputs.
+
+    Returns ``fn``'s result and a tar of each top-level Out, keyed like :func:`_outs`."""
+    root = Path(tempfile.mkdtemp(prefix="stage-task-"))
+    made: dict[int, Path] = {}  # id of a packed Out -> its folder here
+
+    def local(value: _Packed) -> Path:
+        folder = root / f"{value.kind}{len(list(root.iterdir()))}"
         folder.mkdir()
         if value.kind == "out":
-            outs.append(folder / value.name)
-            outs[-1].mkdir()
-            return outs[-1]
+            made[id(value)] = folder / value.name
+            made[id(value)].mkdir()
+            return made[id(value)]
         if value.data:
             _unpack(value.data, folder)
         return folder / value.name
 
     try:
-        local_args = [local(v, i) for i, v in enumerate(args)]
-        local_kwargs = {k: local(v, len(args) + i) for i, (k, v) in enumerate(kwargs.items())}
-        result = fn(*local_args, **local_kwargs)
-        return result, [_pack(out) for out in outs]
+        result = fn(*_map(list(args), local), **_map(dict(kwargs), local))
+        return result, {key: _pack(made[id(v)]) for key, v in _outs(args, kwargs).items()}
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -109,23 +131,21 @@ def _on_node(fn: Callable, args: list, kwargs: dict) -> tuple[Any, list[bytes]]:
 def call(cfg: RayConfig, fn: Callable, *args: Any, num_cpus: int = 1, resources: dict | None = None, **kwargs: Any):
     """``fn(*args, **kwargs)`` as one Ray task (Ray started); returns its result.
 
-    On a cluster (``ray.address``), ``In``/``Out`` arguments are shipped as described in
-    the module doc; every ``Out`` folder on the driver receives what the task wrote there
-    (merged into what it holds, normally an empty scratch directory)."""
+    On a cluster (``ray.address``), ``In`` arguments (also inside lists, tuples and dict
+    values) and top-level ``Out`` arguments are shipped as described in the module doc;
+    every ``Out`` folder on the driver receives what the task wrote there (each entry
+    replacing the one of its name; normally the folder is an empty scratch directory)."""
     import ray
 
     from pipeline.runner.cluster import on_cluster
 
     options = {"num_cpus": num_cpus, "resources": resources or {}}
+    task = ray.remote(**options)
     if not on_cluster(cfg):
-        task = ray.remote(**options)(fn)
-        return ray.get(task.remote(*[_plain(v) for v in args], **{k: _plain(v) for k, v in kwargs.items()}))
-    outs = [v.path for v in [*args, *kwargs.values()] if isinstance(v, Out)]
-    result, packed = ray.get(
-        ray.remote(**options)(_on_node).remote(fn, [_ship(v) for v in args], {k: _ship(v) for k, v in kwargs.items()})
-    )
-    for path, data in zip(outs, packed, strict=True):
-        _land(data, path)
+        return ray.get(task(fn).remote(*_plain(list(args)), **_plain(dict(kwargs))))
+    result, packed = ray.get(task(_on_node).remote(fn, _ship(list(args)), _ship(dict(kwargs))))
+    for key, out in _outs(list(args), kwargs).items():
+        _land(packed[key], out.path)
     return result
 
 

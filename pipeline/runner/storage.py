@@ -1,22 +1,28 @@
 """Run storage: where Ray Train keeps its runs and where a stage stages its inputs.
 
 ``ray.storage_path`` is a URI (``s3://bucket/runs``, ``gs://bucket/runs``,
-``file:///mnt/shared/runs``) or a path. With the embedded Ray a relative path lies under
+``file:///mnt/shared/runs``, with pyarrow's query options such as
+``?endpoint_override=...``) or a path. With the embedded Ray a relative path lies under
 the repository (default ``checkpoints``). On a cluster every node reads and writes the
 storage, so it must be a URI or an absolute path on a mount every node shares; a
 relative path (a folder on the driver's machine only) is refused. URIs are never
 rewritten: every access goes through the pyarrow filesystem of the URI, the one Ray
 Train itself uses, so object stores work wherever pyarrow has them.
 
-Staged inputs (``<storage>/staged/<kind>-<sha256>/``) are content-addressed copies of a
-stage's input directories (a mixture, a starting checkpoint) that ranks on other nodes
-fetch into a node-local cache. A copy counts only once its ``.complete`` marker exists
-(object stores have no atomic rename of a folder); a partial one is replaced.
+Staged inputs are content-addressed copies of a stage's input folders (a mixture, a
+starting checkpoint): ``<storage>/staged/<key>/<copy>/`` where ``key`` names the content
+and ``copy`` is a fresh id per copy made. A copy counts once its ``.complete`` marker
+(written last) exists; object stores have no atomic rename of a folder, so a copy is
+never moved or replaced, and two drivers staging the same key at once each make their
+own copy instead of deleting the other's. Ranks fetch a staged copy into a node-local
+cache. Nothing here deletes staged copies: remove ``<storage>/staged`` when no run needs
+it (a copy a crash left without its marker is never used).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -27,12 +33,32 @@ from pipeline.configbase import ConfigError
 
 COMPLETE = ".complete"
 STAGED = "staged"
-# Node-local cache of fetched staged inputs (worker side).
-CACHE_DIR = Path(tempfile.gettempdir()) / "mobilemoe-staged"
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # two letters at least: not a drive letter
+
+
+def cache_dir() -> Path:
+    """This user's node-local cache of fetched staged inputs (worker side)."""
+    return Path(tempfile.gettempdir()) / f"mobilemoe-staged-{os.getuid()}"
+
+
+def _private(folder: Path) -> Path:
+    """``folder`` created private to this user; refused if someone else owns it (a
+    shared /tmp: nobody else may plant the inputs a rank trains on)."""
+    folder.mkdir(mode=0o700, exist_ok=True)
+    if folder.stat().st_uid != os.getuid():
+        raise PermissionError(f"{folder} belongs to another user: remove it, or set TMPDIR elsewhere")
+    return folder
 
 
 def is_uri(location: str) -> bool:
-    return "://" in location
+    """``s3://...``, ``file:///...``, ``file:/...``: anything with a scheme."""
+    return bool(_SCHEME.match(location))
+
+
+def join_uri(uri: str, *parts: str) -> str:
+    """``uri`` with ``parts`` appended to its path, its query (pyarrow's options) kept."""
+    base, sep, query = uri.partition("?")
+    return "/".join([base.rstrip("/"), *parts]) + sep + query
 
 
 @dataclass(frozen=True)
@@ -48,7 +74,7 @@ class RunStorage:
         return fs, "/".join([root.rstrip("/"), *parts]) if parts else root
 
     def child(self, *parts: str) -> str:
-        return "/".join([self.uri.rstrip("/"), *parts])
+        return join_uri(self.uri, *parts)
 
     def exists(self, *parts: str) -> bool:
         from pyarrow.fs import FileType
@@ -64,21 +90,38 @@ class RunStorage:
         if fs.get_file_info(path).type == FileType.Directory:
             fs.delete_dir(path)
 
-    def stage(self, local: Path, key: str) -> str:
-        """Copy the folder ``local`` to ``<storage>/staged/<key>`` unless a complete copy
-        is there already; return its URI. ``key`` must name the content (a hash)."""
-        from pyarrow.fs import FileType, LocalFileSystem, copy_files
+    def complete_copy(self, key: str) -> str | None:
+        """The URI of a complete staged copy of ``key``, or None."""
+        from pyarrow.fs import FileSelector, FileType
 
-        if self.exists(STAGED, key, COMPLETE):
-            return self.child(STAGED, key)
         fs, path = self._fs(STAGED, key)
-        if fs.get_file_info(path).type != FileType.NotFound:
-            fs.delete_dir(path)  # a copy interrupted before its marker
+        if fs.get_file_info(path).type != FileType.Directory:
+            return None
+        for copy in sorted(fs.get_file_info(FileSelector(path)), key=lambda info: info.path):
+            if copy.type == FileType.Directory and fs.get_file_info(f"{copy.path}/{COMPLETE}").type == FileType.File:
+                return self.child(STAGED, key, copy.base_name)
+        return None
+
+    def stage(self, local: Path, key: str) -> str:
+        """Copy the folder ``local`` to ``<storage>/staged/<key>/<copy>/`` unless a complete
+        copy of ``key`` is there already; return the copy's URI. ``key`` must name the
+        content (a hash of it): any complete copy of a key is as good as another."""
+        from pyarrow.fs import LocalFileSystem, copy_files
+
+        found = self.complete_copy(key)
+        if found:
+            return found
+        copy = uuid.uuid4().hex
+        fs, path = self._fs(STAGED, key, copy)
         fs.create_dir(path, recursive=True)
-        copy_files(str(local.resolve()), path, source_filesystem=LocalFileSystem(), destination_filesystem=fs)
-        with fs.open_output_stream(f"{path}/{COMPLETE}") as marker:
-            marker.write(b"")
-        return self.child(STAGED, key)
+        try:
+            copy_files(str(local.resolve()), path, source_filesystem=LocalFileSystem(), destination_filesystem=fs)
+            with fs.open_output_stream(f"{path}/{COMPLETE}") as marker:
+                marker.write(b"")
+        except BaseException:
+            fs.delete_dir(path)  # our own unfinished copy only
+            raise
+        return self.child(STAGED, key, copy)
 
 
 def run_storage(location: str, on_cluster: bool, repo_root: Path) -> RunStorage:
@@ -99,26 +142,30 @@ def run_storage(location: str, on_cluster: bool, repo_root: Path) -> RunStorage:
     return RunStorage(str((repo_root / path).resolve()))
 
 
-def fetch(uri: str, cache: Path = CACHE_DIR) -> Path:
-    """A node-local copy of the staged folder ``uri`` (fetched once per node and key).
+def fetch(uri: str, cache: Path | None = None) -> Path:
+    """A node-local copy of the staged copy ``uri`` (fetched once per node).
 
-    The copy is made in a private folder and renamed into place, so ranks that share a
-    node never read a half-fetched copy. Raises FileNotFoundError for a copy that was
-    never completed."""
+    ``cache``: default :func:`cache_dir` (created private to this user). The copy is made
+    in a private folder and renamed into place, so ranks that share a node never read a
+    half-fetched copy. Raises FileNotFoundError for a copy that was never completed."""
     from pyarrow.fs import FileSystem, FileType, LocalFileSystem, copy_files
 
     fs, path = FileSystem.from_uri(uri)
     if fs.get_file_info(f"{path}/{COMPLETE}").type != FileType.File:
         raise FileNotFoundError(f"staged input {uri} is missing or incomplete (no {COMPLETE} marker)")
-    target = cache / path.rstrip("/").rsplit("/", 1)[-1]
+    key, copy = path.rstrip("/").rsplit("/", 2)[-2:]
+    cache = cache or _private(cache_dir())
+    target = cache / key / copy
     if target.is_dir():
         return target
-    cache.mkdir(parents=True, exist_ok=True)
-    partial = cache / f".{target.name}.{uuid.uuid4().hex}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.parent / f".{copy}.{uuid.uuid4().hex}"
     partial.mkdir()
-    copy_files(path, str(partial), source_filesystem=fs, destination_filesystem=LocalFileSystem())
     try:
+        copy_files(path, str(partial), source_filesystem=fs, destination_filesystem=LocalFileSystem())
         os.rename(partial, target)
-    except OSError:  # another rank of this node got there first: same content
+    except OSError:
         shutil.rmtree(partial, ignore_errors=True)
+        if not target.is_dir():  # not another rank of this node getting there first
+            raise
     return target

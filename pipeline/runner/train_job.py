@@ -8,9 +8,10 @@ like every rank of every run, checks the mixture against the manifest hash the d
 validated before step 0, so two ranks can never train on different data.
 
 Faults: ``ray.max_failures`` restarts of the worker group (a lost node, a crashed
-worker), each resuming from the last checkpoint that every rank reported; the workers'
-resources are waited for at most ``ray.start_timeout_s`` (at the start and at each
-restart), after which the job fails naming what the cluster lacks.
+worker, but also a deterministic error, which fails again), each resuming from the last
+checkpoint that every rank reported; the workers' placement is waited for at most
+``ray.start_timeout_s`` (at the start and at each restart), after which the job fails
+naming what the cluster lacks.
 
 Resume: a run is named after a fingerprint of everything that determines its result
 (config, world size, data manifest, the starting checkpoint's bytes, the library's
@@ -26,12 +27,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.hashing import sha256_file, sha256_json
+from pipeline.hashing import sha256_file, sha256_json, sha256_tree
 from pipeline.runner.storage import RunStorage, fetch
 from pipeline.train.callbacks import BalanceCallback, CheckpointCallback, MetricsCallback, ProgressCallback
 from pipeline.train.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, load_checkpoint
@@ -66,19 +68,30 @@ class InputMismatchError(RuntimeError):
     """A rank's inputs differ from what the driver validated."""
 
 
-def local_inputs(job: WorkerJob, staged: bool) -> WorkerJob:
+def local_inputs(job: WorkerJob, staged: bool, cache: Path | None = None) -> WorkerJob:
     """``job`` with its mixture and starting checkpoint readable on this node, checked.
 
-    ``staged``: the paths are URIs of staged copies (fetched into the node's cache).
+    ``staged``: the paths are URIs of staged copies, fetched into ``cache`` (default: the
+    node's, see storage.fetch).
     Either way the mixture's manifest must hash to ``extra_meta["data_manifest_sha256"]``
     and every file it lists must match its sha256; the starting checkpoint's weights must
-    hash to ``extra_meta["init_sha256"]``. Raises InputMismatchError naming the file."""
-    mixture = fetch(job.mixture_dir) if staged else Path(job.mixture_dir)
-    init = (fetch(job.init_checkpoint) if staged else Path(job.init_checkpoint)) if job.init_checkpoint else None
-    verify_mixture(mixture, job.extra_meta.get("data_manifest_sha256"))
-    expected_init = job.extra_meta.get("init_sha256")
-    if init is not None and expected_init and sha256_file(init / "model.safetensors") != expected_init:
-        raise InputMismatchError(f"{init / 'model.safetensors'}: not the starting checkpoint the driver validated")
+    hash to ``extra_meta["init_sha256"]``. Raises InputMismatchError naming the file (a
+    fetched copy that fails is dropped from the cache first, so a retry fetches again)."""
+    mixture = fetch(job.mixture_dir, cache) if staged else Path(job.mixture_dir)
+    init = None
+    if job.init_checkpoint:
+        init = fetch(job.init_checkpoint, cache) if staged else Path(job.init_checkpoint)
+    try:
+        verify_mixture(mixture, job.extra_meta.get("data_manifest_sha256"))
+        expected_init = job.extra_meta.get("init_sha256")
+        if init is not None and expected_init and sha256_file(init / "model.safetensors") != expected_init:
+            raise InputMismatchError(f"{init / 'model.safetensors'}: not the starting checkpoint the driver validated")
+    except InputMismatchError:
+        if staged:
+            for fetched in (mixture, init):
+                if fetched is not None:
+                    shutil.rmtree(fetched, ignore_errors=True)
+        raise
     return replace(job, mixture_dir=str(mixture), init_checkpoint=str(init) if init else None)
 
 
@@ -101,11 +114,14 @@ def verify_mixture(mixture: Path, manifest_sha256: str | None) -> None:
 
 def stage_inputs(job: WorkerJob, storage: RunStorage) -> WorkerJob:
     """``job`` with its mixture and starting checkpoint staged into ``storage`` (for
-    ranks on nodes that cannot read the driver's disk); paths become URIs."""
-    mixture = storage.stage(Path(job.mixture_dir), f"mixture-{job.extra_meta['data_manifest_sha256'][:16]}")
+    ranks on nodes that cannot read the driver's disk); paths become URIs.
+
+    Keys: the mixture's manifest hash (the manifest holds every file's sha256); the
+    checkpoint folder's :func:`sha256_tree` (weights and metadata)."""
+    mixture = storage.stage(Path(job.mixture_dir), f"mixture-{job.extra_meta['data_manifest_sha256'][:32]}")
     init = None
     if job.init_checkpoint:
-        init = storage.stage(Path(job.init_checkpoint), f"checkpoint-{job.extra_meta['init_sha256'][:16]}")
+        init = storage.stage(Path(job.init_checkpoint), f"checkpoint-{sha256_tree(job.init_checkpoint)[:32]}")
     return replace(job, mixture_dir=mixture, init_checkpoint=init)
 
 
@@ -195,9 +211,9 @@ def fit(job: WorkerJob, cfg: RayConfig, storage: RunStorage, logger: Any = None,
     name = run_name(job, cfg)
     if staged:
         job = stage_inputs(job, storage)
-    cluster.wait_for_workers(cfg)
     # Ray Train reads it in the driver and hands it to its controller: how long one
-    # start (or restart) of the worker group waits for its placement.
+    # start (or restart) of the worker group waits for its placement. The placement's
+    # demand is what an autoscaler sees and adds nodes for.
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.start_timeout_s)
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.recipe import REPO_ROOT, repo_path
+from pipeline.recipe import repo_path
 from pipeline.runner.errors import StageInputError
 from pipeline.runner.inputs import ProgramInput, SuiteInput, TokenizerInput
 from pipeline.runner.spec import Stage, StageContext, StageResult
@@ -79,12 +79,10 @@ def _build_work(ctx: StageContext) -> StageResult:
 
     recipe, cfg = ctx.recipe, ctx.recipe.stage.evalsets
     cluster.start(recipe.ray)
-    # Relative benchmark paths are the repository's (the task may run in another cwd, on
-    # another node: then just those files travel with it).
-    relative = tuple(b.path for b in cfg.benchmarks if not Path(b.path).is_absolute())
-    record = remote.call(
-        recipe.ray, build_suite, cfg, held_out_fraction(recipe), remote.Out(ctx.scratch), remote.In(REPO_ROOT, relative)
-    )
+    # Every benchmark file travels with the task (it may run in another cwd, on another
+    # node), keyed by its path as configured (relative ones are the repository's).
+    files = {b.path: remote.In(repo_path(b.path)) for b in cfg.benchmarks}
+    record = remote.call(recipe.ray, build_suite, cfg, held_out_fraction(recipe), remote.Out(ctx.scratch), files)
     metrics = {"held_out": record["held_out"], "items": {name: t["items"] for name, t in record["tasks"].items()}}
 
     def log(run, out_dir: Path) -> None:

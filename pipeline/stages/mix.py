@@ -21,7 +21,7 @@ def _mixtures(recipe) -> dict:
 
 
 def _work(ctx: StageContext) -> StageResult:
-    from pipeline.data.build import build_into
+    from pipeline.data.build import build_into, source_origins
     from pipeline.runner import cluster, remote
 
     cluster.start(ctx.recipe.ray)
@@ -29,6 +29,7 @@ def _work(ctx: StageContext) -> StageResult:
     started = time.perf_counter()
     # One Ray task, so on a cluster the build lands on a worker like every other stage;
     # what it writes comes back into this machine's scratch (DVC's outputs are here).
+    # The sources it reads are its node's: they must be what was checked here.
     metrics = remote.call(
         ctx.recipe.ray,
         build_into,
@@ -37,6 +38,7 @@ def _work(ctx: StageContext) -> StageResult:
         mixtures["midtrain"],
         mixtures["sft"],
         ctx.recipe.model.vocab_size,
+        origins=source_origins(mixtures),
     )
     seconds = time.perf_counter() - started
 

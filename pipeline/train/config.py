@@ -137,9 +137,10 @@ class RayConfig:
         )
         require(self.start_timeout_s > 0, "start_timeout_s", f"must be > 0 seconds, got {self.start_timeout_s}")
 
+    def worker_resources(self) -> dict[str, int]:
+        """What one training worker occupies (on one node): ``{"CPU": c[, "GPU": 1]}``."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": 1} if self.use_gpu else {})}
+
     def job_resources(self) -> dict[str, int]:
         """What a training job of this config occupies: ``{"CPU": n[, "GPU": g]}``."""
-        need = {"CPU": self.num_workers * self.cpus_per_worker}
-        if self.use_gpu:
-            need["GPU"] = self.num_workers
-        return need
+        return {k: v * self.num_workers for k, v in self.worker_resources().items()}
