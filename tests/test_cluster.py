@@ -65,7 +65,7 @@ sys.stdin.read()
 
 # Long enough that the second node is lost mid-run, with checkpoints to resume from.
 PRETRAIN = [
-    "stage.pretrain.schedule.total_steps=40",
+    "stage.pretrain.schedule.total_steps=24",
     "stage.pretrain.checkpoint_every=4",
     "ray.num_workers=2",
     "ray.cpus_per_worker=1",
