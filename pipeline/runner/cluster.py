@@ -72,7 +72,7 @@ def check_cluster_config(cfg: RayConfig, tracking) -> None:
     scheme = uri.split(":", 1)[0].lower() if is_uri(uri) else ""
     if scheme in ("file", "sqlite") or (not scheme and uri != "databricks"):  # a path: a file store
         raise ConfigError(
-            f"tracking.uri: {uri} is a store on this machine, but ray.address names a cluster whose "
+            f"tracking.uri: {uri} is a store on this machine, but ray.address (or RAY_ADDRESS) names a cluster whose "
             f"ranks on other nodes log to the same run; start a tracking server every node reaches "
             f"(mlflow server --host <this host's address> ...) and set tracking.uri or MLFLOW_TRACKING_URI "
             f"to it (http://host:5000), or run with tracking.enabled=false"
