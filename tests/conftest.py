@@ -39,16 +39,26 @@ def micro_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def converted():
-    """The micro MoE (tests/shapes.py), weights made less uniform, converted to 8da4w."""
+def context_model():
+    """The micro MoE (tests/shapes.py) trained on the copy task: its predictions depend on
+    the context, so a wrong cache position or RoPE changes them (FP32, a few seconds)."""
+    from shapes import context_trained, micro_cfg
+
+    return context_trained(micro_cfg())
+
+
+@pytest.fixture(scope="session")
+def converted(context_model):
+    """``context_model`` converted to 8da4w (a copy: the FP32 model stays as it is)."""
+    import copy
+
     import torch
-    from shapes import micro_cfg, trained_like
 
     from pipeline.quant.config import QuantConfig
     from pipeline.quant.convert import post_training_quantize
 
     with torch.no_grad():
-        return post_training_quantize(trained_like(micro_cfg()), QuantConfig(group_size=32))
+        return post_training_quantize(copy.deepcopy(context_model), QuantConfig(group_size=32))
 
 
 @pytest.fixture(scope="session")

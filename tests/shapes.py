@@ -36,3 +36,34 @@ def trained_like(cfg: ModelConfig, seed: int = 0) -> Transformer:
         for moe in model.moe_layers():
             moe.router.expert_bias_E.uniform_(-0.05, 0.05)
     return model.eval()
+
+
+# The copy task of context_trained(): token t repeats token t - LAG, so after the first
+# LAG positions the next token is fully determined by the context, at a fixed distance.
+LAG = 3
+COPY_VOCAB = 48  # tokens the task draws (of VOCAB): small, so a few hundred steps learn it
+
+
+def copy_batch(batch: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    """(batch, length) sequences of the copy task: LAG random tokens, repeated."""
+    head_BL = torch.randint(2, COPY_VOCAB, (batch, LAG), generator=generator)
+    return head_BL.repeat(1, -(-length // LAG))[:, :length]
+
+
+def context_trained(cfg: ModelConfig, steps: int = 150, seed: int = 0) -> Transformer:
+    """A model whose predictions depend on the context: ``cfg`` trained (AdamW, a few
+    seconds on 2 cores) on the copy task. A random init's argmax barely depends on
+    earlier tokens, so an oracle built on it cannot see a wrong cache position or
+    RoPE; this model's next token is LAG positions back, so it sees both."""
+    torch.manual_seed(seed)
+    model = Transformer(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for _ in range(steps):
+        tokens_BL = copy_batch(16, 33, gen)
+        logits_BSV = model(tokens_BL[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits_BSV.flatten(0, 1), tokens_BL[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()

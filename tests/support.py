@@ -150,6 +150,60 @@ def mlflow_server(
     raise AssertionError("mlflow server exited at start on three free ports in a row")
 
 
+class ListenerWatch:
+    """Every TCP/UDP listening socket opened by a process tree while it runs.
+
+    A thread polls (every ``interval`` s) the listening sockets of ``pid`` and all its
+    descendants, with psutil, and keeps ``(process name, address, port)``. Short-lived
+    listeners between two polls can be missed; Ray's (GCS, raylet, workers) and the
+    rendezvous store live for a whole stage."""
+
+    def __init__(self, pid: int, interval: float = 0.25) -> None:
+        import threading
+
+        self.pid, self.interval = pid, interval
+        self.seen: set[tuple[str, str, int]] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self) -> ListenerWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _poll(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            try:
+                root = psutil.Process(self.pid)
+                tree = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                tree = []
+            for proc in tree:
+                try:
+                    for conn in proc.net_connections(kind="inet"):
+                        if conn.status == psutil.CONN_LISTEN or (conn.type == socket.SOCK_DGRAM and not conn.raddr):
+                            self.seen.add((proc.name(), conn.laddr.ip, conn.laddr.port))
+                except psutil.Error:  # gone between the listing and the look
+                    continue
+            self._stop.wait(self.interval)
+
+    def beyond_loopback(self) -> list[tuple[str, str, int]]:
+        """The listeners seen on any address that is not loopback (127.0.0.0/8, ::1)."""
+        import ipaddress
+
+        def loopback(ip: str) -> bool:
+            addr = ipaddress.ip_address(ip.split("%")[0])
+            mapped = getattr(addr, "ipv4_mapped", None)
+            return (mapped or addr).is_loopback
+
+        return sorted(item for item in self.seen if not loopback(item[1]))
+
+
 def ray_snapshot_checkpoints(run_dir: Path) -> list[str]:
     """Checkpoints Ray Train has *registered* for a run (the ones a rerun resumes from).
 

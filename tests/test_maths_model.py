@@ -526,3 +526,77 @@ def test_a_shared_expert_exists_exactly_when_configured():
     assert none.shared is None and not any(k.startswith("shared.") for k in none.state_dict())
     narrow = MoE(32, MoEConfig(num_experts=4, top_k=2, expert_ffn_dim=16, num_shared_experts=1, shared_ffn_dim=1))
     assert narrow.shared is not None and narrow.shared.w1.weight.shape == (1, 32)
+
+
+# --------------------------------------------------------------------------- decode paths, step by step
+
+
+def _generate_rows(model: Transformer, prompt: list[int], new: int, shift_first_decode: bool = False):
+    """``generate`` on ``prompt``, with the logits row it decided each new token from
+    (the prefill's last row, then one row per decode step): (new ids, rows (new, V)).
+    ``shift_first_decode`` plants a bug: the first decode step one position too far."""
+    from pipeline.model import generate
+
+    rows: list[torch.Tensor] = []
+
+    def shift(_module, args, kwargs):
+        if shift_first_decode and kwargs.get("start_pos") == len(prompt):
+            return args, {**kwargs, "start_pos": len(prompt) + 1}
+        return None
+
+    handles = [
+        model.register_forward_pre_hook(shift, with_kwargs=True),
+        model.register_forward_hook(lambda _m, _a, out: rows.append(out[0, -1].detach().double())),
+    ]
+    try:
+        ids = generate(model, torch.tensor([prompt]), max_new_tokens=new)[0].tolist()
+    finally:
+        for h in handles:
+            h.remove()
+    return ids, torch.stack(rows)
+
+
+def _runner_rows(model: Transformer, prompt: list[int], new: int, shift_first_decode: bool = False):
+    """The export stage's eager runner (the model's KV cache, driven by position) on
+    ``prompt`` and the greedy continuation that generate() makes: (ids, rows (new, V))."""
+    from pipeline.export.runner import EagerRunner
+
+    ids, _ = _generate_rows(model, prompt, new)
+    runner = EagerRunner(model, len(prompt) + new + 1)
+    rows = [runner.logits(prompt, 0)[-1]]
+    for i, token in enumerate(ids[:-1]):
+        pos = len(prompt) + i
+        rows.append(runner.logits([token], pos + 1 if shift_first_decode and i == 0 else pos)[0])
+    return ids, torch.stack(rows).double()
+
+
+@pytest.mark.parametrize("path", [_generate_rows, _runner_rows], ids=["generate", "EagerRunner"])
+def test_cached_decode_equals_a_full_forward_and_float64_step_by_step(path, context_model):
+    """Every decode step's logits, not only its argmax, against a full forward of the same
+    tokens (FP32, no cache) and the float64 reference, on a model whose next token
+    depends on the context (the copy task: conftest ``context_model``). The tolerance is
+    measured: the FP32 full forward's own distance to float64 on these tokens, times 8
+    (a cache changes only the order of FP32 sums, not their size); a wrong cache
+    position moves the rows by orders of magnitude more."""
+    from shapes import LAG, copy_batch
+
+    prompt = copy_batch(1, 8, torch.Generator().manual_seed(11))[0].tolist()
+    new = 12
+    ids, rows = path(context_model, prompt, new)
+    seq = prompt + ids
+    at = slice(len(prompt) - 1, len(seq) - 1)  # the row each new token was chosen from
+    with torch.no_grad():
+        full = context_model(torch.tensor([seq]))[0].double()[at]
+    ref = naive_forward(context_model, seq)[at]
+    tol = 8 * float((full - ref).abs().max())
+    assert 0 < tol < 1e-2, tol
+    assert float((rows - full).abs().max()) <= tol
+    assert float((rows - ref).abs().max()) <= tol
+    copied = list(prompt)
+    for _ in range(new):
+        copied.append(copied[-LAG])
+    assert ids == copied[len(prompt) :]  # the copy task, continued: the context decides
+
+    # The oracle can fail: the first decode step written one position too far.
+    _, bad = path(context_model, prompt, new, shift_first_decode=True)
+    assert float((bad - full).abs().max()) > 100 * tol

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import mlflow_server
+from support import ListenerWatch, mlflow_server
 
 from tools.drill import drill, env_for, scratch_copy
 
@@ -58,10 +58,30 @@ def repo(tmp_path_factory) -> Path:
     dest = tmp_path_factory.mktemp("e2e") / "repo"
     scratch_copy(dest, _env(dest), "micro")
     started = time.perf_counter()
-    proc = sh(dest, "make", "repro", timeout=900)
-    (dest / "repro.log").write_text(proc.stdout + proc.stderr)
+    log = dest / "repro.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(["make", "repro"], cwd=dest, env=_env(dest), stdout=out, stderr=subprocess.STDOUT)
+        with ListenerWatch(proc.pid) as watch:
+            code = proc.wait(timeout=900)
+    if code != 0:
+        raise AssertionError(f"make repro failed ({code}):\n{log.read_text()[-6000:]}")
     print(f"make repro (micro) took {time.perf_counter() - started:.0f}s")
+    REPRO_WATCH.append(watch)
     return dest
+
+
+REPRO_WATCH: list[ListenerWatch] = []  # the listening sockets of the fixture's `make repro`
+
+
+def test_nothing_the_recipe_starts_listens_beyond_loopback(repo):
+    """Every stage's process tree (the embedded Ray's GCS, raylet, workers; Ray Train's
+    workers and their rendezvous store; the stage processes) listens on 127.0.0.1 only."""
+    (watch,) = REPRO_WATCH
+    names = {name for name, _, _ in watch.seen}
+    # The watch saw the processes it is about (else the check below proves nothing).
+    assert {"gcs_server", "raylet"} <= names, sorted(watch.seen)
+    assert any(name.startswith("ray::") for name in names), sorted(watch.seen)
+    assert not watch.beyond_loopback(), f"listening beyond loopback: {watch.beyond_loopback()}"
 
 
 @pytest.fixture(scope="module")

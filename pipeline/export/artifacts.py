@@ -18,13 +18,22 @@ import numpy as np
 
 from pipeline.data.mixing import load_split
 from pipeline.data.tokenizer import BOS, EOS, PAD, Tokenizer
-from pipeline.export.checks import Thresholds, compare, prefill_matches_decode
+from pipeline.export.checks import Gate, compare, exact_compare
 from pipeline.export.config import ExportStageConfig
+from pipeline.export.noise import noise_floor
 from pipeline.export.runner import EagerRunner, HFRunner, Pt2Runner, PteRunner
 
 
 class ExportCheckError(RuntimeError):
-    """An exported artifact does not compute what the eager model computes."""
+    """An exported artifact does not compute what the eager model computes; ``details``
+    holds every failed check's numbers (the stage's MLflow run records them)."""
+
+    def __init__(self, message: str, details: dict) -> None:
+        super().__init__(message)
+        self.details = details
+
+    def __reduce__(self):  # through Ray's pickling with its details
+        return (type(self), (str(self), self.details))
 
 
 def held_out_prompts(mixture_dir: Path, n: int, length: int) -> list[list[int]]:
@@ -42,7 +51,14 @@ def export_all(cfg: ExportStageConfig, quantized: Path, tokenizer_path: Path, pr
     import torch
 
     from pipeline.export.hf import dequantized, load_hf, save_hf
-    from pipeline.export.lower import expert_weight_table, export_program, lower_to_pte, save_pt2
+    from pipeline.export.lower import (
+        INT4_GEMM_OP,
+        expected_int4_gemms,
+        expert_weight_table,
+        export_program,
+        lower_to_pte,
+        save_pt2,
+    )
     from pipeline.export.program import ExportableLM
     from pipeline.quant.format import load_quantized
 
@@ -51,7 +67,7 @@ def export_all(cfg: ExportStageConfig, quantized: Path, tokenizer_path: Path, pr
     model, q = load_quantized(quantized)
     tokenizer = Tokenizer.load(tokenizer_path)
     prompts = held_out_prompts(prompts_dir, cfg.prompts, cfg.prompt_tokens)
-    t = Thresholds(cfg.min_cosine, cfg.min_sqnr_db, cfg.greedy_tokens)
+    gate = Gate(cfg.max_excess_noise_db, cfg.max_position_excess_noise_db, cfg.tie_factor, cfg.greedy_tokens)
 
     started = time.perf_counter()
     program = ExportableLM(model, cfg.max_context)
@@ -80,26 +96,27 @@ def export_all(cfg: ExportStageConfig, quantized: Path, tokenizer_path: Path, pr
 
     started = time.perf_counter()
     eager = EagerRunner(model, cfg.max_context)
-    pte = PteRunner(out / "model.pte")
+    floor = noise_floor(model, prompts, cfg.noise_draws, cfg.noise_fraction)
     from transformers import AutoModelForCausalLM
 
     hf_model = AutoModelForCausalLM.from_pretrained(str(out / "hf"), dtype=torch.float32)
+    pte = PteRunner(out / "model.pte")
     checks = {
-        "pte": compare(eager, pte, prompts, t),
-        "pt2": compare(eager, Pt2Runner(out / "model.pt2", cfg.max_context), prompts, t),
+        "pte": compare(floor, eager, pte, prompts, gate),
+        "pt2": compare(floor, eager, Pt2Runner(out / "model.pt2", cfg.max_context), prompts, gate),
+        # The HF directory holds the dequantized weights: against the FP32 eager model
+        # with the same weights it must agree to float summation order.
+        "hf_vs_fp32": exact_compare(
+            EagerRunner(full_precision, cfg.max_context),
+            HFRunner(hf_model, cfg.max_context),
+            prompts,
+            cfg.hf_max_abs_diff,
+        ),
     }
-    # The HF directory holds the dequantized weights but runs FP32 activations: against
-    # the INT8-activation eager model it differs by activation quantization alone, which
-    # is reported; its gate is cosine, and exactness against the weights it holds.
-    hf_int4 = compare(eager, HFRunner(hf_model, cfg.max_context), prompts, t)
-    checks["hf"] = {**hf_int4, "passed": hf_int4["cosine_min"] > cfg.min_cosine}
-    hf_exact = compare(EagerRunner(full_precision, cfg.max_context), HFRunner(hf_model, cfg.max_context), prompts, t)
-    checks["hf_vs_fp32"] = {
-        **hf_exact,
-        "passed": hf_exact["max_abs_logit_diff"] < cfg.hf_max_abs_diff
-        and hf_exact["greedy_agree_tokens"] >= t.greedy_tokens,
-    }
-    checks["pte_prefill_then_decode"] = prefill_matches_decode(pte, prompts[0], t)
+    # It runs FP32 activations, so against the INT8-activation eager model it differs by
+    # the activation quantization itself: reported, not a check.
+    reported = {"hf_vs_int8_activations": compare(floor, eager, HFRunner(hf_model, cfg.max_context), prompts, gate)}
+    reported["hf_vs_int8_activations"].pop("passed")
     reread = load_hf(out / "hf")
     with torch.no_grad():
         ids = torch.tensor([prompts[0]])
@@ -107,9 +124,14 @@ def export_all(cfg: ExportStageConfig, quantized: Path, tokenizer_path: Path, pr
     checks["hf_reader"] = {"max_abs_logit_diff": reread_diff, "passed": reread_diff < cfg.hf_max_abs_diff}
     checks["pte_metadata"] = {**pte.metadata, "passed": pte.metadata == meta}
     ops = lowered.operators
+    int4_gemms = ops["delegated"].get(INT4_GEMM_OP, 0)
     checks["sparse_int4"] = {
         "portable_compute": ops["portable_compute"],
-        "passed": not ops["portable_compute"] and ops["delegate_calls"] > 0,
+        # Every linear, expert and head INT4: a layer left in full precision shows here
+        # on every machine, also where its numeric effect is within rounding noise.
+        "int4_gemms": int4_gemms,
+        "int4_gemms_expected": expected_int4_gemms(model.cfg),
+        "passed": not ops["portable_compute"] and int4_gemms == expected_int4_gemms(model.cfg),
     }
     seconds["checks"] = time.perf_counter() - started
 
@@ -123,6 +145,7 @@ def export_all(cfg: ExportStageConfig, quantized: Path, tokenizer_path: Path, pr
             "quantized_input": quantized.stat().st_size,
         },
         "checks": checks,
+        "reported": reported,
         "operators": {
             "delegate_calls": ops["delegate_calls"],
             "delegated_ops": sum(ops["delegated"].values()),
@@ -133,10 +156,10 @@ def export_all(cfg: ExportStageConfig, quantized: Path, tokenizer_path: Path, pr
         "prompts": len(prompts),
         "prompt_tokens": cfg.prompt_tokens,
     }
-    failed = [name for name, c in checks.items() if not c["passed"]]
+    failed = {name: c for name, c in checks.items() if not c["passed"]}
     if failed:
         raise ExportCheckError(
-            "export checks failed: " + "; ".join(f"{name}: {json.dumps(checks[name])}" for name in failed)
+            "export checks failed: " + "; ".join(f"{name}: {json.dumps(c)}" for name, c in failed.items()), failed
         )
     return metrics, seconds
 

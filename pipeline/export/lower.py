@@ -18,6 +18,22 @@ from torch.export import Dim, ExportedProgram
 
 from pipeline.export.program import ExportableLM, Int4Linear, SparseMoE
 
+# The dequantization of an INT4 weight that XNNPACK fuses into each 8da4w GEMM: one per
+# Int4Linear of the program, so counting it counts the INT4 GEMMs that were delegated.
+INT4_GEMM_OP = "quantized_decomposed.dequantize_per_channel_group.default"
+
+
+def expected_int4_gemms(cfg) -> int:
+    """INT4 GEMMs a program of model config ``cfg`` has when every weight is INT4: per
+    layer, attention's two (wq|wk|wv stacked, wo) and the FFN's two per SwiGLU (w1|w3
+    stacked, w2) for each routed and shared expert (or the dense FFN); plus the head."""
+    per_layer = 2
+    if cfg.moe is not None:
+        per_layer += 2 * cfg.moe.num_experts + (2 if cfg.moe.num_shared_experts else 0)
+    else:
+        per_layer += 2
+    return cfg.n_layers * per_layer + 1
+
 
 def example_inputs(program: ExportableLM, length: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     length = min(length, program.max_len)

@@ -59,16 +59,24 @@ class PteRunner(_Runner):
         return self._forward.execute([tokens_1S, torch.tensor([start], dtype=torch.long)])[0][0]
 
 
-class Pt2Runner(_Runner):
-    """The .pt2 exported program, run by PyTorch (its cache is a module buffer)."""
+class ProgramRunner(_Runner):
+    """A program module called as ``module(tokens_1S, input_pos_1) -> logits (1, S, V)``
+    (the eager ExportableLM, or an exported program's module), its cache a buffer."""
 
-    def __init__(self, path: Path, max_context: int) -> None:
-        self._module = torch.export.load(str(path)).module()
+    def __init__(self, module: torch.nn.Module, max_context: int) -> None:
+        self._module = module
         self.max_context = max_context
 
     def _run(self, tokens_1S, start):
         with torch.no_grad():
             return self._module(tokens_1S, torch.tensor([start], dtype=torch.long))[0]
+
+
+class Pt2Runner(ProgramRunner):
+    """The .pt2 exported program, run by PyTorch (its cache is a module buffer)."""
+
+    def __init__(self, path: Path, max_context: int) -> None:
+        super().__init__(torch.export.load(str(path)).module(), max_context)
 
 
 class EagerRunner(_Runner):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 from pipeline.configbase import ConfigError
@@ -107,13 +108,32 @@ def check_resources(cfg: RayConfig, need: dict[str, int]) -> None:
             )
 
 
+# Ray's switch for "this machine is a cluster node": on (Linux's default), the embedded
+# Ray binds GCS, raylet, object manager and every worker on all interfaces, with no
+# authentication unless token auth is on; off, every listener binds 127.0.0.1. Ray reads it
+# when it is imported (ray._private.ray_constants) and from the environment its processes
+# inherit.
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _loopback_only() -> None:
+    """Keep the embedded Ray of this process (and the processes it starts) on loopback."""
+    os.environ[LOOPBACK_ENV] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:  # ray was imported before the variable was set: Ray reads
+        constants.ENABLE_RAY_CLUSTER = False  # the flag from here when it picks its address
+
+
 def start(cfg: RayConfig) -> None:
-    """Start (or join) Ray for this process; idempotent."""
+    """Start (or join) Ray for this process; idempotent. The embedded Ray listens on
+    127.0.0.1 only (tests/test_listeners.py checks every process it starts)."""
+    address = cluster_address(cfg)
+    if not address and not _ray_initialized():
+        _loopback_only()
     import ray
 
     if ray.is_initialized():
         return
-    address = cluster_address(cfg)
     # Every worker process of our jobs runs worker_setup() first (see there).
     runtime_env: dict = {"env_vars": dict(WORKER_ENV), "worker_process_setup_hook": f"{__name__}.worker_setup"}
     if address:
@@ -133,6 +153,11 @@ def start(cfg: RayConfig) -> None:
         log_to_driver=True,
         runtime_env=runtime_env,
     )
+
+
+def _ray_initialized() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
 
 
 def _report_pending(cfg: RayConfig) -> None:

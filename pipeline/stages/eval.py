@@ -138,7 +138,7 @@ def _work(target: str):
     def work(ctx: StageContext) -> StageResult:
         from pipeline.eval.run import evaluate_model
         from pipeline.runner import cluster, remote
-        from pipeline.stages.mix import flat_numbers
+        from pipeline.tracking.keys import flat_numbers
 
         recipe, cfg = ctx.recipe, ctx.recipe.stage.eval
         t = cfg.targets.get(target)

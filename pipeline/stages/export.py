@@ -39,7 +39,7 @@ def _inputs(recipe) -> list:
 def _work(ctx: StageContext) -> StageResult:
     from pipeline.export.artifacts import export_all
     from pipeline.runner import cluster, remote
-    from pipeline.stages.mix import flat_numbers
+    from pipeline.tracking.keys import flat_numbers
 
     recipe, cfg = ctx.recipe, ctx.recipe.stage.export
     cluster.start(recipe.ray)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pipeline.runner.inputs import SourcesInput
 from pipeline.runner.spec import Stage, StageContext, StageResult
+from pipeline.tracking.keys import flat_numbers
 
 MIXTURES = ("pretrain", "midtrain", "sft")
 
@@ -52,18 +53,6 @@ def _work(ctx: StageContext) -> StageResult:
         run.log_metrics(flat_numbers(metrics))
 
     return StageResult(metrics, log=log, perf={"perf/build_seconds": seconds})
-
-
-def flat_numbers(d: dict, prefix: str = "") -> dict[str, float]:
-    """Nested numbers as ``{"a/b/c": value}`` (MLflow metric keys); bools and text skipped."""
-    out: dict[str, float] = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flat_numbers(value, name + "/"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[name] = float(value)
-    return out
 
 
 MIX = Stage(

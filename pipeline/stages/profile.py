@@ -43,7 +43,7 @@ def _work(ctx: StageContext) -> StageResult:
 
     from pipeline.profile.artifacts import profile_all
     from pipeline.runner import cluster, remote
-    from pipeline.stages.mix import flat_numbers
+    from pipeline.tracking.keys import flat_numbers
 
     recipe, cfg = ctx.recipe, ctx.recipe.stage.profile
     cluster.start(recipe.ray)

@@ -74,3 +74,15 @@ def str_tags(tags: Mapping[str, Any]) -> dict[str, str]:
     return {
         (k if k.startswith("mlflow.") else sanitize_key(k)): truncate(str(v), MAX_TAG_VALUE) for k, v in tags.items()
     }
+
+
+def flat_numbers(d: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Nested numbers as ``{"a/b/c": value}`` (MLflow metric keys); bools and text skipped."""
+    out: dict[str, float] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flat_numbers(value, name + "/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out

@@ -431,6 +431,23 @@ class StageRun:
             model.train(was_training)
         return info.model_uri if info is not None else None
 
+    def record_failure(self, err: BaseException) -> None:
+        """Say in the run why the stage failed (tracking/failure.py); best effort, never
+        raises over the stage's own error."""
+        if not self.enabled:
+            return
+        from pipeline.tracking.failure import failure_record
+
+        try:
+            record = failure_record(err)
+            self.set_tags(record["tags"])
+            self.log_metrics(record["metrics"])
+            self._guard("error.txt", _client(self._uri).log_text, self._run_id, record["traceback"], "error.txt")
+            if record["details"] is not None:
+                self.log_dict(record["details"], "error_details.json")
+        except Exception as record_err:  # noqa: BLE001 - the stage's own error is what propagates
+            log.warning("could not record why stage failed: %s: %s", type(record_err).__name__, record_err)
+
     def lost_summary(self) -> str | None:
         """What tracking failed to record in this process (None when nothing was lost)."""
         return self._guard.summary()
@@ -583,8 +600,9 @@ def stage_run(
     except KeyboardInterrupt:
         status = "KILLED"
         raise
-    except BaseException:
+    except BaseException as err:
         status = "FAILED"
+        run.record_failure(err)
         raise
     finally:
         _close(mlflow, client, guard, status, parent_id if own_parent else None)
