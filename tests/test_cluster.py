@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -166,7 +167,14 @@ def setup(tmp_path_factory):
     """The driver's repository copy, the shared storage, the tracking server and the cluster."""
     root = tmp_path_factory.mktemp("cluster")
     repo = root / "repo"
-    env = {**env_for(repo, RAY_TMPDIR), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    # Token authentication on, as the README's cluster commands set it: every node and
+    # the driver hold the cluster's token (here in the environment, RAY_AUTH_TOKEN).
+    env = {
+        **env_for(repo, RAY_TMPDIR),
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+    }
     scratch_copy(repo, env, "micro")
     shared = root / "shared"
     shared.mkdir()
@@ -213,6 +221,17 @@ def test_the_second_node_cannot_import_the_pipeline_on_its_own(setup):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "(False, False)"
+
+
+def test_a_driver_without_the_clusters_token_is_refused(setup):
+    c = setup["cluster"]
+    env = {k: v for k, v in setup["env"].items() if k != "RAY_AUTH_TOKEN"}
+    out = _run(
+        setup,
+        [str(VENV / "bin" / "python"), "-c", "import ray, sys; ray.init(address=sys.argv[1])", c.address],
+        env=env,
+    )
+    assert out.returncode != 0 and "AuthenticationError" in out.stderr, out.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")

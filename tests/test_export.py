@@ -24,7 +24,15 @@ from pipeline.export.hf import HFMappingError, dequantized, hf_config, load_hf, 
 from pipeline.export.lower import INT4_GEMM_OP, expected_int4_gemms, expert_weight_table, operator_table
 from pipeline.export.noise import noise_floor
 from pipeline.export.program import ExportableLM, ExportInputError
-from pipeline.export.runner import ContextOverflowError, EagerRunner, HFRunner, Pt2Runner, PteRunner, greedy
+from pipeline.export.runner import (
+    ContextOverflowError,
+    EagerRunner,
+    HFRunner,
+    ProgramRunner,
+    Pt2Runner,
+    PteRunner,
+    greedy,
+)
 from pipeline.model import ModelConfig, Transformer
 from pipeline.quant.config import QuantConfig
 from pipeline.quant.convert import post_training_quantize
@@ -179,7 +187,7 @@ def test_plain_transformers_loads_the_directory_and_generates_the_same_text(conv
         f"t = AutoTokenizer.from_pretrained({str(hf_dir)!r})\n"
         "ids = t(sys.argv[1], return_tensors='pt').input_ids\n"
         "out = m.generate(ids, max_new_tokens=16, do_sample=False)\n"
-        "print(repr(t.decode(out[0, ids.shape[1]:])))\n"
+        "print(out[0].tolist())\n"
         "assert 'pipeline' not in sys.modules\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -188,8 +196,16 @@ def test_plain_transformers_loads_the_directory_and_generates_the_same_text(conv
         [sys.executable, "-c", script, text], capture_output=True, text=True, cwd=hf_dir, env=env, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ours = greedy(EagerRunner(dequantized(converted), MAX_CONTEXT), tokenizer.encode(text), 16, tokenizer.eos_id)
-    assert proc.stdout.strip().splitlines()[-1] == repr(tokenizer.decode(ours))
+    theirs = json.loads(proc.stdout.strip().splitlines()[-1])
+    prompt = tokenizer.encode(text)
+    assert theirs[: len(prompt)] == prompt and len(theirs) == len(prompt) + 16
+    # Their continuation, teacher-forced through ours (the same FP32 weights): every token
+    # theirs chose is our argmax, except at a tie within FP32 summation noise (1e-4).
+    rows = EagerRunner(dequantized(converted), MAX_CONTEXT).logits(theirs[:-1], 0)[len(prompt) - 1 :]
+    top2 = rows.topk(2, dim=-1)
+    chosen = torch.tensor(theirs[len(prompt) :])
+    tied = (top2.values[:, 0] - top2.values[:, 1]) < 2e-4
+    assert bool(((top2.indices[:, 0] == chosen) | tied).all()), (theirs, top2)
 
 
 def test_dense_twin_maps_onto_qwen3_with_sliding_window_layers(tmp_path, micro_data, prompts):
@@ -320,17 +336,25 @@ def _eager_pair(cfg: ModelConfig, q: QuantConfig = Q) -> tuple[Transformer, Expo
     ],
 )
 def test_exportable_program_equals_the_converted_model_in_eager_mode(name, cfg, q):
-    """Without lowering (milliseconds): chunked prefill then decode, every position."""
+    """Without lowering (milliseconds): prefill in chunks of 8 tokens (each at
+    its position) and decode, every position, through the export gate: the two sides
+    quantize activations with other ops (torchao's, quantized_decomposed's), so they may
+    differ by rounding only."""
     model, program = _eager_pair(cfg, q)
-    tokens = torch.randint(0, VOCAB, (1, 13), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        ref_SV = model(tokens)[0]
-        got = [program(tokens[:, :8], torch.tensor([0])), program(tokens[:, 8:12], torch.tensor([8]))]
-        got.append(program(tokens[:, 12:], torch.tensor([12])))
-    got_SV = torch.cat([g[0] for g in got])
-    # Differences come only from per-token INT8 rounding (torchao's vs quantized_decomposed's).
-    assert float(cosine(ref_SV, got_SV).min()) > 0.999, name
-    assert float(sqnr_db(ref_SV, got_SV).min()) > 30, name
+
+    class Chunked(ProgramRunner):
+        def _run(self, tokens_1S, start):
+            parts = torch.split(tokens_1S, 8, dim=1) if tokens_1S.shape[1] > 8 else [tokens_1S]
+            rows, at = [], start
+            for part in parts:
+                rows.append(super()._run(part, at))
+                at += part.shape[1]
+            return torch.cat(rows)
+
+    prompts = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(3)).tolist()
+    floor = noise_floor(model, prompts, draws=8, fraction=0.05)
+    result = compare(floor, EagerRunner(model, MAX_CONTEXT), Chunked(program, MAX_CONTEXT), prompts, Gate())
+    assert result["passed"], (name, result)
 
 
 def test_sparse_moe_output_equals_the_converted_moe(converted):

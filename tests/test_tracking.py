@@ -278,6 +278,38 @@ def test_failure_marks_run_failed_and_stage_makes_own_parent(uri, repo):
     assert parent.info.run_name == "stage:sft"
     assert parent.info.status == "FAILED"
     assert mlflow.active_run() is None
+    # Why it failed, in the run: the message, the type, the traceback.
+    assert child.data.tags["error.type"] == "ValueError" and child.data.tags["error.message"] == "boom"
+    trace = mlflow.artifacts.load_text(f"{child.info.artifact_uri}/error.txt")
+    assert "raise ValueError" in trace and trace.rstrip().endswith("ValueError: boom")
+
+
+def test_a_failed_check_raised_in_a_ray_task_leaves_its_numbers_in_the_run(uri, repo):
+    """The export stage's checks run in a Ray task: the error arrives wrapped
+    (RayTaskError), and the run still holds the check's numbers as metrics and JSON."""
+    import mlflow
+    from ray.exceptions import RayTaskError
+
+    from pipeline.export.artifacts import ExportCheckError
+
+    details = {"pte": {"excess_noise_db_max": 31.5, "top1_disagree_beyond_noise": 3, "passed": False}}
+    try:
+        raise ExportCheckError("export checks failed: pte: ...", details)
+    except ExportCheckError as err:
+        assert pickle.loads(pickle.dumps(err)).details == details  # crosses Ray intact
+        wrapped = RayTaskError("export_all", "Traceback (most recent call last): ...", err).as_instanceof_cause()
+    cfg = TrackingConfig(uri=uri, experiment="failing")
+    with pytest.raises(ExportCheckError):
+        with stage_run(cfg, "export", repo_root=repo) as run:
+            raise wrapped
+    child = client_for(uri).get_run(run.run_id)
+    assert child.info.status == "FAILED"
+    assert child.data.tags["error.type"] == "ExportCheckError"
+    assert child.data.tags["error.message"].startswith("export checks failed: pte")
+    assert child.data.metrics["failed/pte/excess_noise_db_max"] == 31.5
+    assert child.data.metrics["failed/pte/top1_disagree_beyond_noise"] == 3
+    logged = mlflow.artifacts.load_dict(f"{child.info.artifact_uri}/error_details.json")
+    assert logged == details
 
 
 def test_stale_parent_id_is_a_clear_error(uri, repo, monkeypatch):
