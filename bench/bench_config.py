@@ -1,6 +1,6 @@
 """How long config validation takes, beside the Hydra composition it follows.
 
-DESIGN.md asks that a bad config fail "in well under a second", before Ray starts. The
+The recipe promises that a bad config fails "in well under a second", before Ray starts. The
 test suite only checks *that* a bad config is named (timings in tests flake on a busy
 machine); this benchmark prints how fast it is, as the ratio of validating to composing
 measured side by side in one run. Not a test: run `make bench-config`.

@@ -19,7 +19,7 @@ import torch
 from shapes import MAX_CONTEXT, VOCAB, micro_cfg, trained_like
 
 from pipeline.data.tokenizer import BOS, EOS, PAD, Tokenizer
-from pipeline.export.checks import Gate, compare, cosine, exact_compare, sqnr_db
+from pipeline.export.checks import Gate, compare, cosine, exact_compare, sqnr_db, top1_margin
 from pipeline.export.hf import HFMappingError, dequantized, hf_config, load_hf, save_hf
 from pipeline.export.lower import INT4_GEMM_OP, expected_int4_gemms, expert_weight_table, operator_table
 from pipeline.export.noise import noise_floor
@@ -170,7 +170,8 @@ def test_hf_directory_equals_the_fp32_weights_and_the_reader_reads_it_back(conve
     assert exact["passed"] and exact["max_abs_logit_diff"] < 1e-4, exact
     # FP32 activations against the INT8-activation model: apart by activation rounding only
     # (a wrong dequantization scale would pass the check above, whose reference shares it).
-    # Rounding every element (not 5% by one step) is about 2 dB more noise: within the gate.
+    # Rounding every element (not 5% by one step) is about 2 dB more noise: within the gate
+    # (the export stage's hf_vs_int8 check).
     floor = noise_floor(converted, prompts, 8, 0.05)
     against_int4 = compare(floor, EagerRunner(converted, MAX_CONTEXT), HFRunner(hf, MAX_CONTEXT), prompts, Gate())
     assert against_int4["passed"], against_int4
@@ -202,10 +203,9 @@ def test_plain_transformers_loads_the_directory_and_generates_the_same_text(conv
     # Their continuation, teacher-forced through ours (the same FP32 weights): every token
     # theirs chose is our argmax, except at a tie within FP32 summation noise (1e-4).
     rows = EagerRunner(dequantized(converted), MAX_CONTEXT).logits(theirs[:-1], 0)[len(prompt) - 1 :]
-    top2 = rows.topk(2, dim=-1)
     chosen = torch.tensor(theirs[len(prompt) :])
-    tied = (top2.values[:, 0] - top2.values[:, 1]) < 2e-4
-    assert bool(((top2.indices[:, 0] == chosen) | tied).all()), (theirs, top2)
+    tied = top1_margin(rows) < 2e-4
+    assert bool(((rows.argmax(-1) == chosen) | tied).all()), (theirs, rows.topk(2, dim=-1))
 
 
 def test_dense_twin_maps_onto_qwen3_with_sliding_window_layers(tmp_path, micro_data, prompts):
@@ -355,6 +355,8 @@ def test_exportable_program_equals_the_converted_model_in_eager_mode(name, cfg, 
     floor = noise_floor(model, prompts, draws=8, fraction=0.05)
     result = compare(floor, EagerRunner(model, MAX_CONTEXT), Chunked(program, MAX_CONTEXT), prompts, Gate())
     assert result["passed"], (name, result)
+    # Both sides are PyTorch ops on this CPU: far below the rounding noise, not just within.
+    assert max(result["prefill_excess_noise_db"], result["decode_excess_noise_db"]) < -20, (name, result)
 
 
 def test_sparse_moe_output_equals_the_converted_moe(converted):

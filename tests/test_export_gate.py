@@ -11,6 +11,7 @@ other random draws than the ones that measured the noise floor.
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -45,6 +46,22 @@ class ShiftedDecode(_Runner):
         return self.inner._run(tokens_1S, start + 1 if start > 0 else start)
 
 
+class ForgetfulDecode(ProgramRunner):
+    """A program whose decode step (S = 1) does not keep what it writes to the KV cache
+    (a lost mutable-buffer write-back): each step attends to its own key only where the
+    prefill left one."""
+
+    def _run(self, tokens_1S, start):
+        if tokens_1S.shape[1] > 1:
+            return super()._run(tokens_1S, start)
+        caches = [b for name, b in self._module.named_buffers() if name.endswith(("k_cache", "v_cache"))]
+        kept = [c.clone() for c in caches]
+        out = super()._run(tokens_1S, start)
+        for cache, old in zip(caches, kept, strict=True):
+            cache.copy_(old)
+        return out
+
+
 class PerturbedEager(EagerRunner):
     """The eager model with other one-step rounding draws than the floor's."""
 
@@ -77,6 +94,8 @@ def _planted(bug: str, fp32, converted, prompts) -> _Runner:
     program = ExportableLM(converted, MAX_CONTEXT)
     if bug == "wrong KV position":
         return ShiftedDecode(ProgramRunner(program, MAX_CONTEXT))
+    if bug == "decode forgets its cache write":
+        return ForgetfulDecode(program, MAX_CONTEXT)
     if bug == "missing expert":
         w2 = program.layers[0].ffn.experts[_busiest_expert(program, prompts)].w2
         w2.values_OI = torch.zeros_like(w2.values_OI)
@@ -104,7 +123,14 @@ def _planted(bug: str, fp32, converted, prompts) -> _Runner:
     return ProgramRunner(program, MAX_CONTEXT)
 
 
-BUGS = ("wrong KV position", "missing expert", "unquantized layer", "transposed weight", "wrong RoPE theta")
+BUGS = (
+    "wrong KV position",
+    "decode forgets its cache write",
+    "missing expert",
+    "unquantized layer",
+    "transposed weight",
+    "wrong RoPE theta",
+)
 
 
 @pytest.mark.parametrize("bug", BUGS)
@@ -121,7 +147,8 @@ def test_the_gate_fails_on_each_real_bug(bug, context_model, converted, prompts,
 def test_a_wrong_kv_position_shows_in_the_decode_rows_only(converted, prompts, floor):
     shifted = _planted("wrong KV position", None, converted, prompts)
     result = compare(floor, EagerRunner(converted, MAX_CONTEXT), shifted, prompts, Gate())
-    assert result["prefill_excess_noise_db"] < -60, result  # prefill rows: the same program, exact
+    # Prefill rows: the program's prefill, whose maths equals eager's to float rounding.
+    assert result["prefill_excess_noise_db"] < -60, result
     assert result["decode_excess_noise_db"] > 20 and result["top1_disagree_beyond_noise"] > 0, result
 
 
@@ -192,7 +219,7 @@ def test_teacher_forcing_feeds_every_prompt_token_at_its_own_position(converted,
 
     prefill, decode, where = teacher_forced(Recording(converted, MAX_CONTEXT), prompts[:1])
     n = len(prompts[0])
-    assert calls == [(0, n), (0, n // 2), *((pos, 1) for pos in range(n // 2, n))]
+    assert calls == [(0, n // 2), *((pos, 1) for pos in range(n // 2, n)), (0, n)]
     assert prefill.shape[0] == n and decode.shape[0] == n - n // 2
     assert where.tolist() == list(range(n // 2, n))
 
@@ -213,3 +240,16 @@ def test_a_random_init_hides_what_the_trained_model_shows(converted, prompts):
         return float((good.argmax(-1) != bad.argmax(-1)).double().mean())
 
     assert flips(converted) > 2 * flips(random)
+
+
+def test_trimmed_excess_leaves_out_the_worst_rows_by_hand():
+    from pipeline.export.checks import trimmed_excess_db
+
+    error = torch.tensor([1.0, 2.0, 1.0, 400.0], dtype=torch.float64)
+    energy = torch.tensor([1.0, 1.0, 2.0, 1.0], dtype=torch.float64)
+    # 25%: the row of ratio 400 goes; (1 + 2 + 1) / (1 + 1 + 2) = 1 -> 0 dB.
+    assert trimmed_excess_db(error, energy, 0.25) == pytest.approx(0.0)
+    # Nothing trimmed: 404 / 5.
+    assert trimmed_excess_db(error, energy, 0.0) == pytest.approx(10 * math.log10(404 / 5))
+    # Any fraction above zero drops at least one row (ceil): 2% of 4 rows is one row.
+    assert trimmed_excess_db(error, energy, 0.02) == pytest.approx(0.0)

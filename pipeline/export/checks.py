@@ -13,11 +13,13 @@ model's row at the same position:
 - Excess noise (dB): 10 log10(||ref - x||^2 / E||ref - ref'||^2), ref' the eager model
   with one-step rounding differences in its INT8 activations (noise.py). 0 dB means
   "as noisy as a kernel that rounds a ``fraction`` of the elements the other way".
-  Gated twice: summed over the prefill rows and over the decode rows, at most
-  ``max_excess_noise_db``; at any one position, at most ``max_position_excess_noise_db``
-  (one position's ratio is a ratio of two noisy energies: its tail is long). A bug (a
-  wrong cache position, a lost expert, a layer left in full precision, a transposed
-  weight, another RoPE) moves whole rows by far more than rounding does.
+  Gated summed over the prefill rows and over the decode rows: at most
+  ``max_excess_noise_db``, leaving the ``trim_fraction`` rows of largest excess out of
+  the sums. One position can be far off on any CPU: rounding can flip a discrete choice
+  (an expert, an attention peak) at a near-tie, and one row's ratio of two noisy
+  energies has a long tail; the worst position is reported. A bug (a wrong cache
+  position, a lost expert, a layer left in full precision, a transposed weight, another
+  RoPE) moves many rows by far more than rounding does.
 - Top-1 agreement beyond noise: a position where the argmax differs counts only when
   the eager model's top-1 margin exceeds ``tie_factor`` x 2 x the largest logit change
   that rounding caused at that position (two logits each move by at most that much, so
@@ -64,13 +66,23 @@ def top1_margin(logits_SV: torch.Tensor) -> torch.Tensor:
     return top2_S2[:, 0] - top2_S2[:, 1]
 
 
+def trimmed_excess_db(error_R: torch.Tensor, energy_R: torch.Tensor, trim_fraction: float) -> float:
+    """10 log10(sum error / sum noise energy) over the rows, leaving out the
+    ceil(trim_fraction x R) rows of largest error/energy ratio (module doc: a discrete
+    event, such as a routing or attention choice flipped at a near-tie, can put a row
+    far off on any CPU; a bug moves more rows than that)."""
+    drop = math.ceil(trim_fraction * error_R.numel())
+    keep_R = torch.argsort(error_R / energy_R)[: error_R.numel() - drop]
+    return float(10 * torch.log10(error_R[keep_R].sum() / energy_R[keep_R].sum()))
+
+
 @dataclass(frozen=True)
 class Gate:
     """What an artifact must meet against the eager model (see the module doc); the
     defaults are the export stage's (ExportStageConfig)."""
 
     max_excess_noise_db: float = 6.0  # over the prefill rows, and over the decode rows
-    max_position_excess_noise_db: float = 24.0  # at any one position
+    trim_fraction: float = 0.02  # the rows of largest excess left out of those sums
     tie_factor: float = 2.0
     greedy_tokens: int = 16  # reported only
 
@@ -83,18 +95,20 @@ def teacher_forced(runner: _Runner, prompts: list[list[int]]) -> tuple[torch.Ten
     """The runner's logits on ``prompts``, teacher-forced: (prefill rows (P, V), decode
     rows (Q, V), the index in 0..P-1 of each decode row's position).
 
-    Prefill rows: one call per prompt. Decode rows: prefill of the first half, then one
-    call per remaining token at its own position, so the runner's cache is written and
-    read at every position a generation would use."""
+    Per prompt, the decode pass comes first: a prefill of the first half, then one call
+    per remaining token at its own position, so every decode step reads cache rows that
+    only the steps before it wrote (the rows beyond the half hold the previous prompt's
+    keys and values, or the initial zeros: a step that does not write its row shows).
+    Then one prefill of the whole prompt gives the prefill rows."""
     prefill, decode, where = [], [], []
     offset = 0
     for prompt in prompts:
-        prefill.append(runner.logits(prompt, 0))
         half = max(1, len(prompt) // 2)
         runner.logits(prompt[:half], 0)
         for pos in range(half, len(prompt)):
             decode.append(runner.logits([prompt[pos]], pos))
             where.append(offset + pos)
+        prefill.append(runner.logits(prompt, 0))
         offset += len(prompt)
     return torch.cat(prefill), torch.cat(decode), torch.tensor(where, dtype=torch.long)
 
@@ -103,11 +117,12 @@ def compare(floor: NoiseFloor, eager: _Runner, candidate: _Runner, prompts: list
     """``candidate`` against the eager model's ``floor`` (measured on the same
     ``prompts``), teacher-forced; ``eager`` (the reference's runner) only gives the
     reported greedy agreement. Returns the metrics and ``passed`` (module doc)."""
+    if prompts != floor.prompts:
+        raise ValueError("the noise floor was measured on other prompts than the ones compared")
     prefill_PV, decode_QV, where_Q = teacher_forced(candidate, prompts)
-    if prefill_PV.shape != floor.logits_PV.shape:
-        raise ValueError(f"candidate rows {tuple(prefill_PV.shape)} != reference rows {tuple(floor.logits_PV.shape)}")
     rows = [("prefill", prefill_PV, torch.arange(prefill_PV.shape[0])), ("decode", decode_QV, where_Q)]
-    result: dict = {"positions": int(prefill_PV.shape[0] + decode_QV.shape[0])}
+    finite = bool(torch.isfinite(prefill_PV).all() and torch.isfinite(decode_QV).all())
+    result: dict = {"positions": int(prefill_PV.shape[0] + decode_QV.shape[0]), "finite": finite}
     excess_all, cos_all, sqnr_all = [], [], []
     beyond = 0
     max_abs = 0.0
@@ -122,7 +137,7 @@ def compare(floor: NoiseFloor, eager: _Runner, candidate: _Runner, prompts: list
         beyond += int(counted_R.sum())
         result[f"{name}_top1_agree"] = float(1 - flipped_R.double().mean())
         result[f"{name}_excess_noise_db_max"] = _capped(float(excess_R.max()))
-        result[f"{name}_excess_noise_db"] = _capped(float(10 * torch.log10(error_R.sum() / energy_R.sum())))
+        result[f"{name}_excess_noise_db"] = _capped(trimmed_excess_db(error_R, energy_R, gate.trim_fraction))
         excess_all.append(excess_R)
         cos_all.append(cosine(ref_RV, got_RV))
         sqnr_all.append(sqnr_db(ref_RV, got_RV))
@@ -143,9 +158,7 @@ def compare(floor: NoiseFloor, eager: _Runner, candidate: _Runner, prompts: list
             "sqnr_db_median": _capped(float(sqnr.median())),
             "max_abs_logit_diff": max_abs,
             "greedy_agree_tokens": agree,  # reported, never gated
-            "passed": overall <= gate.max_excess_noise_db
-            and float(excess.max()) <= gate.max_position_excess_noise_db
-            and beyond == 0,
+            "passed": finite and overall <= gate.max_excess_noise_db and beyond == 0,
         }
     )
     return result
@@ -160,6 +173,8 @@ def exact_compare(reference: _Runner, candidate: _Runner, prompts: list[list[int
     got_PV, got_QV, _ = teacher_forced(candidate, prompts)
     ref, got = torch.cat([ref_PV, ref_QV]).double(), torch.cat([got_PV, got_QV]).double()
     diff = float((got - ref).abs().max())
+    # Implied by diff < max_abs_diff (no logit moved far enough to flip such a margin);
+    # counted so that the report says which positions disagree when diff is too large.
     beyond = int(((got.argmax(-1) != ref.argmax(-1)) & (top1_margin(ref) > 2 * max_abs_diff)).sum())
     return {
         "max_abs_logit_diff": diff,

@@ -21,6 +21,8 @@ from pipeline.export.program import ExportableLM, Int4Linear, SparseMoE
 # The dequantization of an INT4 weight that XNNPACK fuses into each 8da4w GEMM: one per
 # Int4Linear of the program, so counting it counts the INT4 GEMMs that were delegated.
 INT4_GEMM_OP = "quantized_decomposed.dequantize_per_channel_group.default"
+# ... and the per-token INT8 activation it consumes (8da4w): one per GEMM as well.
+INT8_ACTIVATION_OP = "quantized_decomposed.dequantize_per_token.default"
 
 
 def expected_int4_gemms(cfg) -> int:

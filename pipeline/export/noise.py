@@ -84,11 +84,12 @@ def perturbed_rounding(model: nn.Module, fraction: float, seed: int) -> Iterator
 class NoiseFloor:
     """The eager model's logits and their one-step rounding noise, per position.
 
-    ``logits_PV``: the reference logits, the rows of every prompt one after another (P
-    positions in all). ``energy_P``: the mean over the draws of ||perturbed - reference||^2
-    per row. ``max_abs_P``: the largest |perturbed - reference| logit change per row over
-    every draw."""
+    ``prompts``: the token ids it was measured on. ``logits_PV``: the reference logits,
+    the rows of every prompt one after another (P positions in all). ``energy_P``: the
+    mean over the draws of ||perturbed - reference||^2 per row. ``max_abs_P``: the
+    largest |perturbed - reference| logit change per row over every draw."""
 
+    prompts: list[list[int]]
     logits_PV: torch.Tensor
     energy_P: torch.Tensor
     max_abs_P: torch.Tensor
@@ -113,4 +114,4 @@ def noise_floor(model: nn.Module, prompts: list[list[int]], draws: int, fraction
         diff = got - ref
         energy += diff.pow(2).sum(-1) / draws
         max_abs = torch.maximum(max_abs, diff.abs().amax(-1))
-    return NoiseFloor(ref, energy, max_abs, draws, fraction)
+    return NoiseFloor([list(p) for p in prompts], ref, energy, max_abs, draws, fraction)

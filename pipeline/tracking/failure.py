@@ -26,7 +26,7 @@ def _chain(err: BaseException) -> Iterator[BaseException]:
             continue
         seen.add(id(e))
         yield e
-        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+        todo += [getattr(e, "cause", None), e.__cause__]  # what raised it, not what it interrupted
 
 
 def root_error(err: BaseException) -> BaseException:
