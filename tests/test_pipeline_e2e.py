@@ -57,14 +57,14 @@ def repo(tmp_path_factory) -> Path:
     one `make repro` (the log is kept in repro.log)."""
     dest = tmp_path_factory.mktemp("e2e") / "repo"
     scratch_copy(dest, _env(dest), "micro")
-    started = time.perf_counter()
+    t0 = time.perf_counter()
     log = dest / "repro.log"
     with log.open("w") as out, started(["make", "repro"], cwd=dest, env=_env(dest), stdout=out, stderr=out) as proc:
         with ListenerWatch(proc.pid) as watch:
             code = proc.wait(timeout=900)
     if code != 0:
         raise AssertionError(f"make repro failed ({code}):\n{log.read_text()[-6000:]}")
-    print(f"make repro (micro) took {time.perf_counter() - started:.0f}s")
+    print(f"make repro (micro) took {time.perf_counter() - t0:.0f}s")
     REPRO_WATCH.append(watch)
     return dest
 

@@ -1,11 +1,11 @@
 """Equivalence of an exported artifact with the eager model, teacher-forced, position by
 position, against the rounding noise measured on the eager model (noise.py).
 
-Every artifact runs the same held-out prompts twice: one prefill of the whole prompt,
-and a prefill of its first half followed by one decode step per remaining token, each
-fed the prompt's own next token (teacher forcing: a near-tie never sends the two
-sides down different continuations). Every row of logits is compared with the eager
-model's row at the same position:
+Every artifact runs the same held-out prompts twice: a prefill of the first half followed
+by one decode step per remaining token, each fed the prompt's own next token (teacher
+forcing: a near-tie never sends the two sides down different continuations), then one
+prefill of the whole prompt (see teacher_forced). Every row of logits is compared with
+the eager model's row at the same position:
 
 - SQNR (signal-to-quantization-noise ratio, dB): 10 log10(||ref||^2 / ||ref - x||^2),
   the measure torchao and ExecuTorch use for quantized numerics, and cosine similarity:
