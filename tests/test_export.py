@@ -366,3 +366,25 @@ def test_sparse_moe_output_equals_the_converted_moe(converted):
         ref_TD = converted.layers[1].ffn(x_TD[None])[0][0]
         got_TD = program.layers[1].ffn(x_TD)
     assert float(sqnr_db(ref_TD, got_TD).min()) > 30
+
+
+def test_executorchs_own_llm_runner_runs_the_program_and_generates_what_eager_does(
+    converted, lowered, micro_data, prompts, tokenizer
+):
+    """TextLLMRunner (the runner a phone app links) reads the program's metadata, the
+    recipe's tokenizer.json, and decodes through the program's cache; its text parts from
+    the eager INT4 model's nowhere but at a near-tie."""
+    from pipeline.export.llm_runner import llm_runner_parity, runner_text
+
+    tok_json = micro_data / "tokenizer" / "tokenizer.json"
+    args = (lowered["dir"] / "model.pte", tok_json, tokenizer)
+    result = llm_runner_parity(*args, converted, prompts, 12, MAX_CONTEXT, 0.05, 8, 2.0)
+    assert result["passed"] and result["prompts"] == len(prompts), result
+    assert result["agreed"] + result["parted_at_near_tie"] == len(prompts), result
+    text = tokenizer.decode(prompts[0])
+    assert runner_text(lowered["dir"] / "model.pte", tok_json, text, 12) != ""
+    # The check can fail: against another model's greedy text, the runner parts far from any tie.
+    with torch.no_grad():
+        other = post_training_quantize(trained_like(micro_cfg(), seed=3), Q)
+    wrong = llm_runner_parity(*args, other, prompts, 12, MAX_CONTEXT, 0.05, 8, 2.0)
+    assert not wrong["passed"] and wrong["parted_beyond_noise"] > 0, wrong

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import ListenerWatch, mlflow_server
+from support import ListenerWatch, mlflow_server, started
 
 from tools.drill import drill, env_for, scratch_copy
 

@@ -20,6 +20,7 @@ from pipeline.data.mixing import load_split
 from pipeline.data.tokenizer import BOS, EOS, PAD, Tokenizer
 from pipeline.export.checks import Gate, compare, exact_compare
 from pipeline.export.config import ExportStageConfig
+from pipeline.export.llm_runner import llm_runner_parity
 from pipeline.export.noise import noise_floor
 from pipeline.export.runner import EagerRunner, HFRunner, Pt2Runner, PteRunner
 
@@ -125,6 +126,18 @@ def export_all(cfg: ExportStageConfig, quantized: Path, tokenizer_path: Path, pr
         reread_diff = float((reread(ids) - full_precision(ids)).abs().max())
     checks["hf_reader"] = {"max_abs_logit_diff": reread_diff, "passed": reread_diff < cfg.hf_max_abs_diff}
     checks["pte_metadata"] = {**pte.metadata, "passed": pte.metadata == meta}
+    checks["llm_runner"] = llm_runner_parity(
+        out / "model.pte",
+        tokenizer_path,
+        tokenizer,
+        model,
+        prompts,
+        cfg.greedy_tokens,
+        cfg.max_context,
+        cfg.noise_fraction,
+        cfg.noise_draws,
+        cfg.tie_factor,
+    )
     ops = lowered.operators
     expected = expected_int4_gemms(model.cfg)
     checks["sparse_int4"] = {

@@ -25,7 +25,7 @@ class ExportStageConfig:
     # A top-1 flip counts where eager's margin > tie_factor x 2 x the largest logit change
     # the rounding made at that position (smaller margins are ties rounding may break).
     tie_factor: float = 2.0
-    greedy_tokens: int = 16  # a free-running greedy continuation: reported, never gated
+    greedy_tokens: int = 16  # free-running tokens: greedy agreement (reported), the LLM runner check
     hf_max_abs_diff: float = 1e-4  # HF directory against the FP32 weights it holds
 
     def __post_init__(self) -> None:

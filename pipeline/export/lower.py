@@ -63,8 +63,28 @@ class Lowered:
     operators: dict  # the operator table (see operator_table)
 
 
+def llm_runner_metadata(metadata: dict[str, int]) -> dict:
+    """The constant methods ExecuTorch's LLM runner (``TextLLMRunner``, what a phone app
+    links) reads from a program, from the recipe's own ``max_context``, ``vocab_size``,
+    ``bos_id`` and ``eos_id``: without ``get_max_seq_len`` it refuses the program. The
+    program takes any prompt length up to its cache (dynamic shape), keeps its KV cache
+    inside, and attends with its own attention (not ExecuTorch's fused SDPA op)."""
+    return {
+        "get_max_seq_len": metadata["max_context"],
+        "get_max_context_len": metadata["max_context"],
+        "get_vocab_size": metadata["vocab_size"],
+        "get_bos_id": metadata["bos_id"],
+        "get_eos_ids": [metadata["eos_id"]],
+        "use_kv_cache": True,
+        "enable_dynamic_shape": True,
+        "use_sdpa_with_kv_cache": False,
+    }
+
+
 def lower_to_pte(exported: ExportedProgram, metadata: dict[str, int]) -> Lowered:
-    """XNNPACK lowering + ExecuTorch program bytes; ``metadata`` become constant methods."""
+    """XNNPACK lowering + ExecuTorch program bytes; ``metadata`` (max_context,
+    vocab_size, bos_id, eos_id) become constant methods, under their own names and
+    under the LLM runner's (:func:`llm_runner_metadata`)."""
     import executorch.kernels.quantized  # noqa: F401 - out variants of the quantized_decomposed ops
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
@@ -77,7 +97,7 @@ def lower_to_pte(exported: ExportedProgram, metadata: dict[str, int]) -> Lowered
         # data-dependent split sizes (it asks for a concrete int); the program is checked
         # by running it instead (pipeline/export/checks.py).
         compile_config=EdgeCompileConfig(_check_ir_validity=False),
-        constant_methods=dict(metadata),
+        constant_methods={**metadata, **llm_runner_metadata(metadata)},
     )
     table = operator_table(edge.exported_program())
     return Lowered(edge.to_executorch().buffer, table)
