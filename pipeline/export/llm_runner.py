@@ -3,7 +3,12 @@ against the eager converted model.
 
 The runner takes text, tokenizes it with ExecuTorch's C++ tokenizer (the recipe's
 ``tokenizer.json``), prefills, and decodes greedily through the program's KV cache. Its
-text is compared with the eager model's greedy continuation of the same token ids. A
+text is compared with the eager model's greedy continuation of the same token ids. The
+runner reads special-token strings inside the text ("<|end|>") as the special tokens,
+as the ``tokenizers`` library does by default; the recipe's own Tokenizer reads them as
+plain text (training data may quote them). The eager side is fed the runner's
+tokenization, and the prompts tokenized differently are counted: an app that passes
+user text to the runner lets that text end a turn. A
 free-running continuation flips at the first near-tie on some CPU (checks.py), so where
 the two texts part, the eager model's top-1 margin at that token must be within the
 rounding's reach (the same tie band as the export gate: ``tie_factor`` x 2 x the largest
@@ -48,10 +53,14 @@ def llm_runner_parity(
     runner's text against the eager ``model``'s greedy continuation (module doc).
     Returns agreeing prompts, the tokens each agreed for, the partings at a near-tie and
     those beyond it, and ``passed``. ``tokenizer`` is the recipe's Tokenizer."""
-    agreed, ties, beyond, tokens_equal = 0, 0, 0, []
+    from tokenizers import Tokenizer as RunnerTokenizer  # default settings: as the runner reads the file
+
+    as_runner = RunnerTokenizer.from_file(str(tokenizer_json))
+    agreed, ties, beyond, tokens_equal, unlike = 0, 0, 0, [], 0
     for ids in prompts:
         text = tokenizer.decode(ids)
-        prompt = tokenizer.encode(text)  # what the runner's tokenizer makes of the text
+        prompt = as_runner.encode(text, add_special_tokens=False).ids
+        unlike += prompt != tokenizer.encode(text)
         got = runner_text(pte, tokenizer_json, text, new_tokens)
         want = greedy(EagerRunner(model, max_context), prompt, new_tokens)
         same = 0
@@ -75,6 +84,6 @@ def llm_runner_parity(
         "parted_at_near_tie": ties,
         "parted_beyond_noise": beyond,
         "tokens_equal_min": min(tokens_equal),
+        "tokenized_unlike_the_recipe": unlike,
         "passed": beyond == 0,
     }
-
