@@ -11,7 +11,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYTHONPATH := $(CURDIR)
 export MLFLOW_DISABLE_TELEMETRY := true
 # The embedded Ray listens on 127.0.0.1 only (pipeline/runner/cluster.py); on a cluster,
-# set RAY_AUTH_MODE=token and the cluster's token (README: Running on a Ray cluster).
+# set RAY_AUTH_MODE=token and the cluster's token (docs/cluster.md).
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED := 0
 export HF_DATASETS_OFFLINE := 1

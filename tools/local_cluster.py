@@ -7,7 +7,7 @@ the start-up the CLI makes), prints the address, and stops every node it started
 Ctrl-C or SIGTERM. With ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (set here, and needed in
 the environment of every driver that joins) Ray keeps its listeners on loopback.
 A scaling sweep then runs its points concurrently, one Ray Train job per point (a
-cluster needs a tracking server and an absolute or URI run storage, see the README):
+cluster needs a tracking server and an absolute or URI run storage, see docs/cluster.md):
 
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 MLFLOW_TRACKING_URI=http://127.0.0.1:5000 make sweep SWEEP=micro_grid \\
         ARGS="hydra/launcher=joblib hydra.launcher.n_jobs=2 ray.address=<address> ray.cpus_per_worker=1 \\
