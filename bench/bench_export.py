@@ -77,7 +77,7 @@ def _layer_cfg(experts: int, top_k: int):
 
 
 def sparsity_cmd(args) -> None:
-    from executorch.runtime import Runtime
+    from pipeline.export.kernels import open_program
 
     rows = []
     # (32, 32): every expert active, what a compute-every-expert program would cost.
@@ -88,8 +88,8 @@ def sparsity_cmd(args) -> None:
         )
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "m.pte"
-            path.write_bytes(lowered.buffer)
-            method = Runtime.get().load_program(str(path)).load_method("forward")
+            lowered.write(path)
+            method = open_program(path).load_method("forward")
             gen = torch.Generator().manual_seed(0)
             timings = {}
             for name, length in (("decode_us", 1), ("prefill32_us", 32)):

@@ -78,6 +78,6 @@ def lowered(converted, tmp_path_factory) -> dict:
     save_pt2(exported, out / "model.pt2")
     meta = {"max_context": MAX_CONTEXT, "vocab_size": VOCAB, "bos_id": 0, "eos_id": 1}
     result = lower_to_pte(exported, meta)
-    (out / "model.pte").write_bytes(result.buffer)
+    result.write(out / "model.pte")
     save_quantized(converted, QuantConfig(group_size=32), out / "model.safetensors")
     return {"dir": out, "operators": result.operators, "program": program, "meta": meta}

@@ -128,6 +128,45 @@ def test_prompt_longer_than_the_context_is_refused_before_running(lowered):
         greedy(pte, list(range(60)), 16)
 
 
+BARE_RUNTIME = """
+import sys, torch
+from executorch.runtime import Runtime
+from pipeline.export.kernels import MissingKernelsError, check_runtime, load_kernels, read_requirements
+pte = sys.argv[1]
+try:
+    check_runtime(read_requirements(pte), pte)
+except MissingKernelsError as err:
+    print("REFUSED", err)
+load_kernels(pte)
+out = Runtime.get().load_program(pte).load_method("forward").execute([torch.tensor([[5, 6, 7]]), torch.tensor([0])])
+print("RAN", tuple(out[0].shape))
+"""
+
+
+def test_the_program_lists_its_kernel_libraries_and_a_bare_runtime_is_refused_naming_them(lowered, tmp_path):
+    pte = lowered["dir"] / "model.pte"
+    kernels = json.loads(pte.with_suffix(".kernels.json").read_text())
+    libraries = {lib["namespace"]: lib for lib in kernels["kernel_libraries"]}
+    assert set(libraries) == {"llama", "quantized_decomposed"}
+    assert {"llama::custom_sdpa.out", "llama::update_cache.out"} == set(libraries["llama"]["operators"])
+    assert libraries["quantized_decomposed"]["operators"] == ["quantized_decomposed::embedding_4bit.out"]
+    assert kernels["backends"] == ["XnnpackBackend"]
+    assert "aten::topk.values" in kernels["portable_operators"]
+    # A fresh process: ExecuTorch's runtime with none of the libraries loaded.
+    run = subprocess.run([sys.executable, "-c", BARE_RUNTIME, str(pte)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    refused = next(line for line in run.stdout.splitlines() if line.startswith("REFUSED"))
+    for lib in libraries.values():
+        assert lib["name"] in refused and lib["cmake_target"] in refused and lib["python_import"] in refused
+    assert "llama::custom_sdpa.out" in refused and "embedding_4bit" in refused
+    assert f"RAN (1, 3, {VOCAB})" in run.stdout
+    # A program without its list is refused, naming the file that is missing.
+    alone = tmp_path / "alone.pte"
+    alone.write_bytes(pte.read_bytes())
+    with pytest.raises(RuntimeError, match=r"alone\.kernels\.json: missing"):
+        PteRunner(alone)
+
+
 def test_unconverted_models_and_small_groups_are_refused_naming_the_weight():
     with torch.no_grad():
         small_groups = post_training_quantize(trained_like(micro_cfg()), QuantConfig(group_size=16))

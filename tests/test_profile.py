@@ -331,6 +331,9 @@ def test_program_inputs_name_a_missing_or_corrupt_file_and_a_prompt_too_long(mic
         missing.check()
     corrupt = tmp_path / "corrupt.pte"
     corrupt.write_bytes(path.read_bytes()[:200] + os.urandom(300))
+    with pytest.raises(StageInputError, match=r"corrupt.kernels.json: missing; the list of kernel libraries"):
+        ProgramInput("stage.profile.program", corrupt, 10, VOCAB).check()
+    _kernels_beside(corrupt, path)
     with pytest.raises(StageInputError, match=r"corrupt.pte: not a loadable ExecuTorch program"):
         ProgramInput("stage.profile.program", corrupt, 10, VOCAB).check()
     too_long = MAX_CONTEXT + 1
@@ -340,9 +343,17 @@ def test_program_inputs_name_a_missing_or_corrupt_file_and_a_prompt_too_long(mic
         ProgramInput("stage.profile.program", path, 10, 4096).check()
     wrong = tmp_path / "wrong_signature.pte"
     wrong.write_bytes(_program_with_metadata_but_another_forward())
+    _kernels_beside(wrong, path)
     with pytest.raises(ProgramError, match=r"wrong_signature.pte: its methods do not run as forward\(tokens"):
         load_program(wrong)
     assert ProgramInput("stage.profile.program", path, MAX_CONTEXT, VOCAB).check() == path
+
+
+def _kernels_beside(pte: Path, like: Path) -> None:
+    """The kernel list of program ``like`` written beside ``pte`` (what the export writes)."""
+    from pipeline.export.kernels import requirements_path
+
+    requirements_path(pte).write_text(requirements_path(like).read_text())
 
 
 def _program_with_metadata_but_another_forward() -> bytes:
@@ -390,6 +401,7 @@ def test_stage_refuses_a_corrupt_program_before_work_and_touches_nothing(tmp_pat
 
     corrupt = tmp_path / "model.pte"
     corrupt.write_bytes(b"PK\x03\x04 not an ExecuTorch program")
+    corrupt.with_suffix(".kernels.json").write_text('{"backends": [], "kernel_libraries": [], "portable_operators": []}')
     before = corrupt.read_bytes()
     out = tmp_path / "profile_out"
     raw = compose([f"stage.profile.program={corrupt}", f"stage.profile.out_dir={out}"])

@@ -97,7 +97,7 @@ def main(argv=None) -> None:
             started = time.perf_counter()
             model, balance = random_int4(replace(cfg, n_layers=n), args.group_size, n, batches, args.balance_rate)
             path = out / "programs" / f"{family}_{n}layers.pte"
-            path.write_bytes(lower_model(model, max_context, last_logits_only=True, bos_id=0, eos_id=1))
+            lower_model(model, max_context, last_logits_only=True, bos_id=0, eos_id=1).write(path)
             programs[name] = load_program(path)
             entries[name] = {
                 "layers": n,

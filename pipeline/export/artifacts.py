@@ -61,7 +61,7 @@ def export_all(cfg: ExportStageConfig, quantized: Path, tokenizer_path: Path, pr
         lower_to_pte,
         save_pt2,
     )
-    from pipeline.export.program import ExportableLM
+    from pipeline.export.program import ExportableLM, ExportInputError
     from pipeline.quant.format import load_quantized
 
     torch.manual_seed(0)
@@ -72,7 +72,11 @@ def export_all(cfg: ExportStageConfig, quantized: Path, tokenizer_path: Path, pr
     gate = Gate(cfg.max_excess_noise_db, cfg.trim_fraction, cfg.tie_factor, cfg.greedy_tokens)
 
     started = time.perf_counter()
-    program = ExportableLM(model, cfg.max_context)
+    if cfg.max_context > model.cfg.max_seq_len:
+        raise ExportInputError(
+            f"stage.export.max_context={cfg.max_context} is above the model's max_seq_len={model.cfg.max_seq_len}"
+        )
+    program = ExportableLM(model, cfg.max_context, kv_cache=cfg.kv_cache)
     exported = export_program(program)
     save_pt2(exported, out / "model.pt2")
     seconds["export"] = time.perf_counter() - started
@@ -85,7 +89,7 @@ def export_all(cfg: ExportStageConfig, quantized: Path, tokenizer_path: Path, pr
         "eos_id": tokenizer.eos_id,
     }
     lowered = lower_to_pte(exported, meta)
-    (out / "model.pte").write_bytes(lowered.buffer)
+    lowered.write(out / "model.pte")
     seconds["lower"] = time.perf_counter() - started
     experts = expert_weight_table(program)
     (out / "operators.json").write_text(json.dumps({"operators": lowered.operators, "experts": experts}, indent=2))

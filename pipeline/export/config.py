@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.configbase import require
+from pipeline.export.kv_cache import KV_CACHE_DTYPES
 
 
 @dataclass
@@ -14,6 +15,7 @@ class ExportStageConfig:
     prompts_mixture: str  # held-out prompts come from this mixture's val split
     out_dir: str = "outputs/export"
     max_context: int = 256  # KV-cache positions of the .pte (prompt + generated tokens)
+    kv_cache: str = "float32"  # the cache dtype: float32, float16, bfloat16, int8 (pipeline/export/kv_cache.py)
     prompts: int = 4  # held-out prompts the checks run
     prompt_tokens: int = 48  # tokens per prompt
     # The gate of every artifact against the eager converted model (checks.py, noise.py;
@@ -34,6 +36,11 @@ class ExportStageConfig:
         for key in ("max_context", "prompts", "prompt_tokens", "greedy_tokens", "noise_draws"):
             value = getattr(self, key)
             require(isinstance(value, int) and value >= 1, key, f"must be a positive int, got {value!r}")
+        require(
+            self.kv_cache in KV_CACHE_DTYPES,
+            "kv_cache",
+            f"must be one of {sorted(KV_CACHE_DTYPES)}, got {self.kv_cache!r}",
+        )
         require(self.prompt_tokens >= 2, "prompt_tokens", "must be >= 2 (prefill-then-decode splits a prompt)")
         require(
             self.prompt_tokens + self.greedy_tokens <= self.max_context,

@@ -27,8 +27,11 @@ from pipeline.export.runner import EagerRunner, greedy
 def runner_text(pte: Path, tokenizer_json: Path, prompt: str, new_tokens: int) -> str:
     """Greedy text of ``new_tokens`` tokens from ExecuTorch's ``TextLLMRunner`` (no BOS
     added: the caller's prompt is used as it is)."""
-    import executorch.kernels.quantized  # noqa: F401 - the INT4 embedding's kernel
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+
+    from pipeline.export.kernels import load_kernels
+
+    load_kernels(pte)
 
     runner = TextLLMRunner(str(pte), str(tokenizer_json))
     pieces: list[str] = []

@@ -3,8 +3,10 @@
 The .pte has one method, ``forward(tokens_1S, input_pos_1) -> logits_1SV``, with S
 dynamic in [1, max_len], and constant methods a runner reads: ``max_context``,
 ``vocab_size``, ``bos_id``, ``eos_id``. XNNPACK takes the 8da4w GEMMs (experts
-included, through :mod:`pipeline.export.xnnpack_shim`); routing, gathers and the KV
-cache update stay in portable kernels.
+included, through :mod:`pipeline.export.xnnpack_shim`); the KV cache update and SDPA
+run ExecuTorch's LLM custom ops, routing and gathers portable kernels. What a runtime
+needs beyond the portable kernels is written beside the program
+(:mod:`pipeline.export.kernels`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import torch
 from torch.export import Dim, ExportedProgram
 
+from pipeline.export.kernels import requirements, write_program
 from pipeline.export.program import ExportableLM, Int4Linear, SparseMoE
 
 # The dequantization of an INT4 weight that XNNPACK fuses into each 8da4w GEMM: one per
@@ -61,14 +64,19 @@ def save_pt2(exported: ExportedProgram, path: Path) -> None:
 class Lowered:
     buffer: bytes
     operators: dict  # the operator table (see operator_table)
+    kernels: dict  # what a runtime needs (pipeline.export.kernels.requirements)
+
+    def write(self, pte: Path) -> None:
+        """The program and, beside it, its kernel requirements (``.kernels.json``)."""
+        write_program(self.buffer, self.kernels, pte)
 
 
 def llm_runner_metadata(metadata: dict[str, int]) -> dict:
     """The constant methods ExecuTorch's LLM runner (``TextLLMRunner``, what a phone app
     links) reads from a program, from the recipe's own ``max_context``, ``vocab_size``,
     ``bos_id`` and ``eos_id``: without ``get_max_seq_len`` it refuses the program. The
-    program takes any prompt length up to its cache (dynamic shape), keeps its KV cache
-    inside, and attends with its own attention (not ExecuTorch's fused SDPA op)."""
+    program takes any prompt length up to its cache (dynamic shape) and keeps its KV cache
+    inside, attended by ExecuTorch's fused SDPA op (``llama::custom_sdpa``)."""
     return {
         "get_max_seq_len": metadata["max_context"],
         "get_max_context_len": metadata["max_context"],
@@ -77,7 +85,7 @@ def llm_runner_metadata(metadata: dict[str, int]) -> dict:
         "get_eos_ids": [metadata["eos_id"]],
         "use_kv_cache": True,
         "enable_dynamic_shape": True,
-        "use_sdpa_with_kv_cache": False,
+        "use_sdpa_with_kv_cache": True,
     }
 
 
@@ -87,6 +95,7 @@ def lower_to_pte(exported: ExportedProgram, metadata: dict[str, int]) -> Lowered
     under the LLM runner's (:func:`llm_runner_metadata`)."""
     import executorch.kernels.quantized  # noqa: F401 - out variants of the quantized_decomposed ops
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401 - llama:: ops (KV cache, SDPA)
 
     from pipeline.export.xnnpack_shim import sparse_partitioner
 
@@ -100,7 +109,8 @@ def lower_to_pte(exported: ExportedProgram, metadata: dict[str, int]) -> Lowered
         constant_methods={**metadata, **llm_runner_metadata(metadata)},
     )
     table = operator_table(edge.exported_program())
-    return Lowered(edge.to_executorch().buffer, table)
+    manager = edge.to_executorch()
+    return Lowered(manager.buffer, table, requirements(manager))
 
 
 def operator_table(lowered: ExportedProgram) -> dict:

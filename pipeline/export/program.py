@@ -6,8 +6,9 @@ E routed experts, K top-k, F expert width, n tokens routed to one expert.
 
 One method, ``forward(tokens_1S, input_pos_1) -> logits_1SV``, serves prefill (S > 1,
 ``input_pos`` = 0) and decode (S = 1, ``input_pos`` = tokens already in the cache). The
-KV cache lives in the program as mutable buffers of L positions; attention reads the
-whole cache under a mask built from positions, so no shape depends on ``input_pos``.
+KV cache lives in the program as mutable buffers of L positions, updated in place, and
+attention is ExecuTorch's fused SDPA, which reads only the positions filled so far
+(:mod:`pipeline.export.kv_cache`).
 
 Every matrix is 8da4w in the operator pattern XNNPACK delegates: INT4 weights (int8
 storage, one FP32 scale per group) dequantized by ``dequantize_per_channel_group``, the
@@ -32,7 +33,7 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401 - registers quantized_
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.model.attention import attention_mask
+from pipeline.export.kv_cache import KV_CACHE_DTYPES, KVCacheAttention, window_mask
 from pipeline.model.config import ModelConfig
 from pipeline.model.decoder import Transformer
 from pipeline.model.layers import RMSNorm, apply_rope, rope_tables
@@ -117,9 +118,11 @@ def frozen_norm(norm: RMSNorm) -> RMSNorm:
 
 
 class CachedAttention(nn.Module):
-    """GQA with QK-norm and RoPE over a KV cache of L positions held as buffers."""
+    """GQA with QK-norm and RoPE over a KV cache of L positions (:mod:`pipeline.export.kv_cache`)."""
 
-    def __init__(self, cfg: ModelConfig, attn, q: dict[str, QuantizedWeight], prefix: str, max_len: int) -> None:
+    def __init__(
+        self, cfg: ModelConfig, attn, q: dict[str, QuantizedWeight], prefix: str, max_len: int, kv_cache: str
+    ) -> None:
         super().__init__()
         self.H, self.Hkv, self.Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.window = attn.window
@@ -127,25 +130,20 @@ class CachedAttention(nn.Module):
         self.wo = Int4Linear(q[f"{prefix}.wo.weight"])
         self.q_norm = frozen_norm(attn.q_norm) if cfg.qk_norm else nn.Identity()
         self.k_norm = frozen_norm(attn.k_norm) if cfg.qk_norm else nn.Identity()
-        cache_shape = (1, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.register_buffer("k_cache", torch.zeros(cache_shape), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(cache_shape), persistent=False)
+        self.cache = KVCacheAttention(max_len, cfg.n_kv_heads, cfg.head_dim, kv_cache)
 
-    def forward(self, x_SD, cos_SDh2, sin_SDh2, pos_S, mask_SL) -> torch.Tensor:
+    def forward(self, x_SD, cos_SDh2, sin_SDh2, start_pos, mask_SL) -> torch.Tensor:
         S = x_SD.shape[0]
         H, Hkv, Dh = self.H, self.Hkv, self.Dh
         qkv = self.wqkv(x_SD)
         q_SHDh = self.q_norm(qkv[:, : H * Dh].reshape(S, H, Dh))
         k_SHkvDh = self.k_norm(qkv[:, H * Dh : (H + Hkv) * Dh].reshape(S, Hkv, Dh))
         v_SHkvDh = qkv[:, (H + Hkv) * Dh :].reshape(S, Hkv, Dh)
-        q_1HSDh = apply_rope(q_SHDh.transpose(0, 1)[None], cos_SDh2, sin_SDh2)
-        k_1HkvSDh = apply_rope(k_SHkvDh.transpose(0, 1)[None], cos_SDh2, sin_SDh2)
-        self.k_cache.index_copy_(2, pos_S, k_1HkvSDh)
-        self.v_cache.index_copy_(2, pos_S, v_SHkvDh.transpose(0, 1)[None])
-        k_1HLDh = self.k_cache.repeat_interleave(H // Hkv, dim=1)
-        v_1HLDh = self.v_cache.repeat_interleave(H // Hkv, dim=1)
-        out_1HSDh = F.scaled_dot_product_attention(q_1HSDh, k_1HLDh, v_1HLDh, attn_mask=mask_SL)
-        return self.wo(out_1HSDh[0].transpose(0, 1).reshape(S, H * Dh))
+        # apply_rope rotates [1, N, S, Dh]; the cache kernels take [1, S, N, Dh].
+        q_1SHDh = apply_rope(q_SHDh.transpose(0, 1)[None], cos_SDh2, sin_SDh2).transpose(1, 2).contiguous()
+        k_1SHkvDh = apply_rope(k_SHkvDh.transpose(0, 1)[None], cos_SDh2, sin_SDh2).transpose(1, 2).contiguous()
+        out_1SHDh = self.cache(q_1SHDh, k_1SHkvDh, v_SHkvDh[None].contiguous(), start_pos, mask_SL)
+        return self.wo(out_1SHDh.reshape(S, H * Dh))
 
 
 class Int4SwiGLU(nn.Module):
@@ -232,19 +230,21 @@ def sort_by_expert(experts_N: torch.Tensor, num_experts: int) -> tuple[torch.Ten
 
 
 class ExportBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, block, q: dict[str, QuantizedWeight], i: int, max_len: int) -> None:
+    def __init__(
+        self, cfg: ModelConfig, block, q: dict[str, QuantizedWeight], i: int, max_len: int, kv_cache: str
+    ) -> None:
         super().__init__()
         p = f"layers.{i}"
         self.attn_norm = frozen_norm(block.attn_norm)
-        self.attn = CachedAttention(cfg, block.attn, q, f"{p}.attn", max_len)
+        self.attn = CachedAttention(cfg, block.attn, q, f"{p}.attn", max_len, kv_cache)
         self.ffn_norm = frozen_norm(block.ffn_norm)
         if isinstance(block.ffn, MoE):
             self.ffn: nn.Module = SparseMoE(block.ffn)
         else:
             self.ffn = Int4SwiGLU(*(q[f"{p}.ffn.{w}.weight"] for w in ("w1", "w3", "w2")))
 
-    def forward(self, x_SD, cos_SDh2, sin_SDh2, pos_S, mask_SL) -> torch.Tensor:
-        x_SD = x_SD + self.attn(self.attn_norm(x_SD), cos_SDh2, sin_SDh2, pos_S, mask_SL)
+    def forward(self, x_SD, cos_SDh2, sin_SDh2, start_pos, mask_SL) -> torch.Tensor:
+        x_SD = x_SD + self.attn(self.attn_norm(x_SD), cos_SDh2, sin_SDh2, start_pos, mask_SL)
         return x_SD + self.ffn(self.ffn_norm(x_SD))
 
 
@@ -255,9 +255,13 @@ class ExportableLM(nn.Module):
     generating runner needs; ExecuTorch's LLM runner takes either). At a 128k vocabulary
     the head over every prompt position would dominate prefill; the export stage keeps
     every position because its checks compare them all.
+
+    ``kv_cache``: the cache dtype, one of :data:`pipeline.export.kv_cache.KV_CACHE_DTYPES`.
     """
 
-    def __init__(self, model: Transformer, max_len: int, last_logits_only: bool = False) -> None:
+    def __init__(
+        self, model: Transformer, max_len: int, last_logits_only: bool = False, kv_cache: str = "float32"
+    ) -> None:
         super().__init__()
         cfg = model.cfg
         require_converted(model)
@@ -266,31 +270,34 @@ class ExportableLM(nn.Module):
         self.cfg, self.max_len, self.last_logits_only = cfg, max_len, last_logits_only
         q = quantized_weights(model)
         self.embed = Int4Embedding(q["embed.weight"])
-        self.layers = nn.ModuleList(ExportBlock(cfg, b, q, i, max_len) for i, b in enumerate(model.layers))
+        if kv_cache not in KV_CACHE_DTYPES:
+            raise ExportInputError(f"kv_cache={kv_cache!r} is not one of {sorted(KV_CACHE_DTYPES)}")
+        self.layers = nn.ModuleList(ExportBlock(cfg, b, q, i, max_len, kv_cache) for i, b in enumerate(model.layers))
         self.norm = frozen_norm(model.norm)
         self.head = Int4Linear(q["embed.weight"] if cfg.tie_embeddings else q["head.weight"])
         cos, sin = rope_tables(cfg.head_dim, max_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.windows = sorted({cfg.layer_window(i) or 0 for i in range(cfg.n_layers)})
+        self.windows = sorted({w for i in range(cfg.n_layers) if (w := cfg.layer_window(i))})
 
     def forward(self, tokens_1S: torch.Tensor, input_pos_1: torch.Tensor) -> torch.Tensor:
         S = tokens_1S.shape[1]
+        start_pos = input_pos_1[0].item()
         pos_S = input_pos_1 + torch.arange(S, device=tokens_1S.device)
         cos_SDh2, sin_SDh2 = self.rope_cos.index_select(0, pos_S), self.rope_sin.index_select(0, pos_S)
-        k_pos_L = torch.arange(self.max_len, device=tokens_1S.device)
-        masks = {w: attention_mask(pos_S, k_pos_L, w or None) for w in self.windows}
+        # Global layers attend causally from start_pos (no mask); windowed ones by mask.
+        masks = {w: window_mask(pos_S, self.max_len, w) for w in self.windows}
         x_SD = self.embed(tokens_1S)[0]
         for layer in self.layers:
-            x_SD = layer(x_SD, cos_SDh2, sin_SDh2, pos_S, masks[layer.attn.window or 0])
+            window = layer.attn.window
+            x_SD = layer(x_SD, cos_SDh2, sin_SDh2, start_pos, masks[window] if window else None)
         if self.last_logits_only:
             x_SD = x_SD[-1:]
         return self.head(self.norm(x_SD))[None]
 
     def reset_cache(self) -> None:
         for layer in self.layers:
-            layer.attn.k_cache.zero_()
-            layer.attn.v_cache.zero_()
+            layer.attn.cache.reset()
 
 
 def require_converted(model: Transformer) -> None:

@@ -45,12 +45,11 @@ class PteRunner(_Runner):
     """The .pte through the ExecuTorch runtime (its own KV cache inside)."""
 
     def __init__(self, path: Path) -> None:
-        import executorch.kernels.quantized  # noqa: F401 - registers the INT4 embedding lookup's kernel
-        from executorch.runtime import Runtime
+        from pipeline.export.kernels import open_program
 
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: no such ExecuTorch program")
-        program = Runtime.get().load_program(str(path))
+        program = open_program(path)  # with the kernel libraries listed beside it
         self.metadata = {name: int(program.load_method(name).execute([])[0]) for name in CONSTANTS}
         self.max_context = self.metadata["max_context"]
         self._forward = program.load_method("forward")

@@ -132,7 +132,7 @@ def profile_all(
     for i, baseline in enumerate(cfg.baselines):
         started = time.perf_counter()
         twin = dense_twin(model_cfg, baseline.removeprefix("dense_"), multiple=cfg.group_size)
-        buffer = lower_model(
+        lowered = lower_model(
             random_int4(twin, cfg.group_size, cfg.seed + i)[0],
             moe.max_context,
             last_logits_only=not moe.full_logits,
@@ -140,7 +140,7 @@ def profile_all(
             eos_id=moe.metadata["eos_id"],
         )
         path = out / "programs" / f"{baseline}.pte"
-        path.write_bytes(buffer)
+        lowered.write(path)
         seconds[f"lower_{baseline}"] = time.perf_counter() - started
         programs[baseline] = _load_checked(path, cfg)
         memory = measure_memory(path, windows[0], cfg)

@@ -44,14 +44,15 @@ class LoadedProgram:
 
 def load_program(path: Path) -> LoadedProgram:
     """Load a .pte and read its metadata; ProgramError names the file and what is wrong."""
-    import executorch.kernels.quantized  # noqa: F401 - registers the INT4 embedding lookup's kernel
-    from executorch.runtime import Runtime
+    from pipeline.export.kernels import MissingKernelsError, open_program
 
     path = Path(path)
     if not path.is_file():
         raise ProgramError(f"{path}: no such ExecuTorch program (has the export stage run?)")
     try:
-        program = Runtime.get().load_program(str(path))
+        program = open_program(path)
+    except MissingKernelsError as err:
+        raise ProgramError(str(err)) from None
     except Exception as err:  # noqa: BLE001 - the runtime raises RuntimeError/ValueError for bad bytes
         raise ProgramError(f"{path}: not a loadable ExecuTorch program ({type(err).__name__}: {err})") from None
     missing = [m for m in (*CONSTANTS, "forward") if m not in program.method_names]
@@ -118,11 +119,14 @@ def balance_router(model: Transformer, batches: list[torch.Tensor], rate: float)
     return history
 
 
-def lower_model(model: Transformer, max_context: int, last_logits_only: bool, bos_id: int, eos_id: int) -> bytes:
-    """The export stage's path (``ExportableLM`` -> ``torch.export`` -> XNNPACK): .pte bytes."""
+def lower_model(
+    model: Transformer, max_context: int, last_logits_only: bool, bos_id: int, eos_id: int, kv_cache: str = "float32"
+):
+    """The export stage's path (``ExportableLM`` -> ``torch.export`` -> XNNPACK): a
+    :class:`pipeline.export.lower.Lowered` (``.write(path)`` writes the .pte and its kernel list)."""
     from pipeline.export.lower import export_program, lower_to_pte
     from pipeline.export.program import ExportableLM
 
-    program = ExportableLM(model, max_context, last_logits_only=last_logits_only)
+    program = ExportableLM(model, max_context, last_logits_only=last_logits_only, kv_cache=kv_cache)
     metadata = {"max_context": max_context, "vocab_size": model.cfg.vocab_size, "bos_id": bos_id, "eos_id": eos_id}
-    return lower_to_pte(export_program(program), metadata).buffer
+    return lower_to_pte(export_program(program), metadata)

@@ -5,7 +5,9 @@ Published into ``stage.export.out_dir``:
   model.pte       ExecuTorch program (XNNPACK, 8da4w, sparse MoE, KV cache); one method
                   ``forward(tokens[1, S], input_pos[1]) -> logits[1, S, V]`` for prefill
                   (S <= max_context) and decode (S = 1), and constant methods
-                  max_context, vocab_size, bos_id, eos_id
+                  max_context, vocab_size, bos_id, eos_id (and those ExecuTorch's LLM runner reads)
+  model.kernels.json  what a runtime needs to run model.pte beyond the portable kernels:
+                  kernel libraries (CMake target, Python import, operators) and backends
   model.pt2       the same program before lowering (torch.export.save)
   hf/             config.json, model.safetensors (dequantized FP32), tokenizer, generation
                   config: Glm4MoeForCausalLM for the MoE, Qwen3ForCausalLM for dense
@@ -56,7 +58,7 @@ def _work(ctx: StageContext) -> StageResult:
     (ctx.scratch / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
 
     def log(run, out_dir: Path) -> None:
-        for item in ("metrics.json", "operators.json", "sample.json", "model.pte", "model.pt2"):
+        for item in ("metrics.json", "operators.json", "sample.json", "model.pte", "model.kernels.json", "model.pt2"):
             run.log_artifact(out_dir / item)
         run.log_artifact(out_dir / "hf", "hf")
         run.log_metrics(flat_numbers(metrics))
@@ -70,6 +72,6 @@ EXPORT = Stage(
     inputs=_inputs,
     params=lambda raw: {"model": raw["model"], "stage": raw["stage"]["export"]},
     work=_work,
-    outputs=("model.pte", "model.pt2", "hf", "operators.json", "sample.json", "metrics.json"),
+    outputs=("model.pte", "model.kernels.json", "model.pt2", "hf", "operators.json", "sample.json", "metrics.json"),
     resources=lambda recipe: {"CPU": 1},
 )

@@ -1,0 +1,89 @@
+"""The program's attention on ExecuTorch's LLM kernels (pipeline/export/kv_cache.py):
+``llama::update_cache`` into a cache of each dtype and ``llama::custom_sdpa`` (or its
+quantized form), against the eager model, on a copy-task model with windowed layers.
+
+Run eagerly (the custom ops' own CPU kernels, as the .pte calls them); the .pte of the
+FP32 cache is checked in test_export.py and test_export_gate.py. Tolerances: FP32 caches
+hold what eager computes, so only summation order differs (1e-4 of logits of order 10);
+the 16-bit and INT8 caches round every key and value, and pass or fail the export gate,
+whose yardstick is the measured INT8 rounding noise of the model itself.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from shapes import MAX_CONTEXT, context_trained, copy_batch, micro_cfg
+
+from pipeline.configbase import ConfigError
+from pipeline.export.checks import Gate, compare
+from pipeline.export.config import ExportStageConfig
+from pipeline.export.kv_cache import KV_CACHE_DTYPES
+from pipeline.export.noise import noise_floor
+from pipeline.export.program import ExportableLM, ExportInputError
+from pipeline.export.runner import EagerRunner, ProgramRunner
+
+WINDOW = 5  # layer 0 windowed, layer 1 global (global_every 2); the copy task looks 3 back
+
+
+@pytest.fixture(scope="module")
+def windowed():
+    """The micro MoE with a windowed first layer, trained on the copy task, converted."""
+    from pipeline.quant.config import QuantConfig
+    from pipeline.quant.convert import post_training_quantize
+
+    model = context_trained(micro_cfg(sliding_window=WINDOW, global_every=2))
+    with torch.no_grad():
+        return post_training_quantize(model, QuantConfig(group_size=32))
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    return copy_batch(3, 24, torch.Generator().manual_seed(3)).tolist()
+
+
+def _chunked(runner, prompt: list[int]) -> torch.Tensor:
+    """Logits of every position, fed as a prefill, a decode step, and a second prefill
+    chunk starting mid-cache (the causal kernel's start position)."""
+    cut, end = len(prompt) // 2, len(prompt) - 5
+    return torch.cat(
+        [
+            runner.logits(prompt[:cut], 0),
+            runner.logits(prompt[cut : cut + 1], cut),
+            runner.logits(prompt[cut + 1 : end], cut + 1),
+            *(runner.logits([t], pos) for pos, t in enumerate(prompt[end:], start=end)),
+        ]
+    )
+
+
+def test_fp32_cache_equals_eager_at_every_position_prefill_chunks_and_decode(windowed, prompts):
+    assert windowed.cfg.layer_window(0) == WINDOW and windowed.cfg.layer_window(1) is None
+    for prompt in prompts:
+        eager = EagerRunner(windowed, MAX_CONTEXT).logits(prompt, 0)
+        program = _chunked(ProgramRunner(ExportableLM(windowed, MAX_CONTEXT), MAX_CONTEXT), prompt)
+        assert program.shape == eager.shape
+        torch.testing.assert_close(program, eager, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", sorted(KV_CACHE_DTYPES))
+def test_every_cache_dtype_passes_the_gate_and_a_lost_window_fails_it(windowed, prompts, dtype):
+    floor = noise_floor(windowed, prompts, draws=4, fraction=0.05)
+    eager = EagerRunner(windowed, MAX_CONTEXT)
+    program = ExportableLM(windowed, MAX_CONTEXT, kv_cache=dtype)
+    assert program.layers[0].attn.cache.k_cache.dtype == KV_CACHE_DTYPES[dtype]
+    result = compare(floor, eager, ProgramRunner(program, MAX_CONTEXT), prompts, Gate())
+    assert result["passed"], (dtype, result)
+    # The same cache with the window dropped (layer 0 attends to everything): the gate sees it.
+    program.windows = []
+    program.layers[0].attn.window = None
+    result = compare(floor, eager, ProgramRunner(program, MAX_CONTEXT), prompts, Gate())
+    assert not result["passed"], (dtype, result)
+
+
+def test_bad_cache_dtype_and_context_are_named_before_any_work(windowed):
+    with pytest.raises(ConfigError, match=r"kv_cache: must be one of .*'float16'.* got 'fp8'"):
+        ExportStageConfig(quantized="q", tokenizer="t", prompts_mixture="m", kv_cache="fp8")
+    with pytest.raises(ExportInputError, match="kv_cache='int4'"):
+        ExportableLM(windowed, MAX_CONTEXT, kv_cache="int4")
+    with pytest.raises(ExportInputError, match="max_len=.*max_seq_len"):
+        ExportableLM(windowed, windowed.cfg.max_seq_len + 1)
