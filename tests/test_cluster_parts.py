@@ -215,6 +215,24 @@ def test_a_task_on_another_node_gets_its_inputs_and_its_outputs_land_in_the_driv
     assert _contents(log) == {"bench.txt": b"BENCH"}
 
 
+def _read_pair(program: Path) -> str:
+    return program.read_text() + "|" + program.with_suffix(".kernels.json").read_text()
+
+
+def test_a_file_travels_with_the_files_beside_it_and_only_those(tmp_path):
+    program = tmp_path / "export" / "model.pte"
+    program.parent.mkdir()
+    program.write_text("PROGRAM")
+    program.with_suffix(".kernels.json").write_text("KERNELS")
+    (program.parent / "model.pt2").write_text("not sent")
+    shipped = remote._ship([remote.In(program, beside=("model.kernels.json",))])
+    assert b"not sent" not in shipped[0].data
+    result, _ = remote._on_node(_read_pair, shipped, {})
+    assert result == "PROGRAM|KERNELS"
+    with pytest.raises(ValueError, match="only a file has files beside it"):
+        remote._ship([remote.In(program.parent, beside=("x",))])
+
+
 def test_an_out_inside_a_container_is_refused(tmp_path):
     with pytest.raises(ValueError, match="inside a container"):
         remote._ship([[remote.Out(tmp_path)]])

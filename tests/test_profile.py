@@ -273,6 +273,7 @@ def profiled(micro_program, micro_data, tmp_path_factory) -> tuple[Path, dict, P
         program=str(path),
         quantized=str(quantized),
         prompts_mixture=str(micro_data / "pretrain"),
+        tokenizer=str(micro_data / "tokenizer" / "tokenizer.json"),
         threads=1,
         prompt_lengths=[6, 24],
         decode_tokens=5,
@@ -281,7 +282,9 @@ def profiled(micro_program, micro_data, tmp_path_factory) -> tuple[Path, dict, P
         bandwidth_mib=16,
         baselines=["dense_total"],  # one twin keeps the fixture cheap; the stage default runs both
     )
-    metrics, _ = profile_all(cfg, micro_cfg(), path, quantized, micro_data / "pretrain", out)
+    metrics, _ = profile_all(
+        cfg, micro_cfg(), path, quantized, micro_data / "pretrain", micro_data / "tokenizer" / "tokenizer.json", out
+    )
     return out, metrics, cfg
 
 
@@ -311,13 +314,23 @@ def test_profile_writes_the_report_and_its_numbers_follow_from_the_runs(profiled
             )
             assert len(ratios) == cfg.repeats
             assert metrics["speedup"][baseline]["decode"][n] == pytest.approx(ratios[len(ratios) // 2])
-    # The bound: bandwidth over the bytes a step reads; the fraction is measured over bound.
+    # The bound: bandwidth over the bytes an ideal step reads at that length (the prompt and
+    # half the decoded tokens cached); the fraction is measured over bound.
     entry = profile["programs"]["moe"]
-    read = decode_read_bytes(micro_cfg(), MAX_CONTEXT, 32, kv_dtype_bytes=4)
-    assert entry["decode_read_bytes"] == read
+    read = decode_read_bytes(micro_cfg(), 24 + 5 // 2, 32, kv_dtype_bytes=4)
+    assert entry["decode_read_bytes"]["24"] == read
+    assert entry["decode_read_bytes"]["6"]["kv_cache"] < read["kv_cache"]
     bound = profile["bandwidth"]["gb_s"] * 1e9 / read["total"]
     median = profile["summary"]["moe"]["24"]["decode_tok_s"]["median"]
     assert entry["decode_fraction_of_bound"]["24"] == pytest.approx(median / bound)
+    # ExecuTorch's own runner timed the same program from text prompts: its Stats per run.
+    for n in map(str, cfg.prompt_lengths):
+        runs = profile["runner"][n]["runs"]
+        assert len(runs) == cfg.repeats
+        for run in runs:
+            assert 1 <= run["num_generated_tokens"] <= cfg.decode_tokens and run["num_prompt_tokens"] >= 1
+            assert run["ttft_ms"] >= 0
+    assert "ExecuTorch's own LLM runner" in report
     assert 0 < entry["peak_rss_increment_mib"] < entry["peak_rss_mib"]
     # Expert load: top-2 x decode steps x measured runs, per layer.
     assert [sum(row) for row in profile["expert_load"]["counts"]] == [2 * cfg.decode_tokens * cfg.repeats] * 2
@@ -401,7 +414,8 @@ def test_stage_refuses_a_corrupt_program_before_work_and_touches_nothing(tmp_pat
 
     corrupt = tmp_path / "model.pte"
     corrupt.write_bytes(b"PK\x03\x04 not an ExecuTorch program")
-    corrupt.with_suffix(".kernels.json").write_text('{"backends": [], "kernel_libraries": [], "portable_operators": []}')
+    nothing_needed = {"backends": [], "kernel_libraries": [], "portable_operators": []}
+    corrupt.with_suffix(".kernels.json").write_text(json.dumps(nothing_needed))
     before = corrupt.read_bytes()
     out = tmp_path / "profile_out"
     raw = compose([f"stage.profile.program={corrupt}", f"stage.profile.out_dir={out}"])

@@ -125,8 +125,13 @@ def main(argv=None) -> None:
             }
             full[family][length] = extrapolate(by_depth, int(length), cfg.n_layers)
         a, b = fit_line([float(n) for n in args.layers], [entries[f"{family}@{n}"]["pte_bytes"] for n in args.layers])
-        read = decode_read_bytes(replace(cfg, sliding_window=None), max_context, args.group_size, kv_dtype_bytes=4)
-        bound = bandwidth["gb_s"] * 1e9 / read["total"]
+        # The ideal step's bytes at each length: the prompt and half the decoded tokens
+        # cached (windowed layers at most their window), FP32 cache (the default).
+        read = {
+            str(n): decode_read_bytes(cfg, n + args.decode_tokens // 2, args.group_size, kv_dtype_bytes=4)
+            for n in args.prompt_lengths
+        }
+        bound = {n: bandwidth["gb_s"] * 1e9 / r["total"] for n, r in read.items()}
         counts = param_counts(cfg)
         full[family]["model"] = {
             "config": cfg.name,
@@ -192,16 +197,17 @@ def report(p: dict) -> str:
         "interleaved runs on held-out prompts), extrapolated linearly to the full depth "
         "(pipeline/profile/depth.py). Last-position logits (the runner's form).",
         "",
-        "| model | layers | params total | params active | INT4 weights GB | decode reads MiB/token "
-        "(weights + KV cache, one pass) | decode bound tok/s |",
+        "| model | layers | params total | params active | INT4 weights GB | decode reads MiB/token at the "
+        "longest prompt (weights + KV cache) | decode bound tok/s |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
+    top = str(max(a["prompt_lengths"]))
     for family in ("moe", "dense"):
         x = full[family]["model"]
         lines.append(
             f"| {x['config']} | {x['layers']} | {x['params_total'] / 1e9:.2f}B | {x['params_active'] / 1e9:.3f}B "
-            f"| {x['int4_weight_bytes'] / 1e9:.2f} | {x['decode_read_bytes']['total'] / 2**20:.0f} "
-            f"| {x['decode_bound_tok_s']:.1f} |"
+            f"| {x['int4_weight_bytes'] / 1e9:.2f} | {x['decode_read_bytes'][top]['total'] / 2**20:.0f} "
+            f"| {x['decode_bound_tok_s'][top]:.1f} |"
         )
     lines += ["", "Measured (per depth, medians):", ""]
     lines += ["| program | prompt / context | TTFT ms | prefill tok/s | decode tok/s |", "|---|---:|---:|---:|---:|"]
@@ -217,8 +223,8 @@ def report(p: dict) -> str:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for family in ("moe", "dense"):
-        bound = full[family]["model"]["decode_bound_tok_s"]
         for length in map(str, a["prompt_lengths"]):
+            bound = full[family]["model"]["decode_bound_tok_s"][length]
             x = full[family][length]
             lines.append(
                 f"| {full[family]['model']['config']} | {length} | {x['ttft_ms'] / 1e3:.2f} | {x['prefill_tok_s']:.1f} "

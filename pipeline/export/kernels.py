@@ -87,6 +87,11 @@ def write_program(buffer: bytes, kernels: dict, pte: Path) -> None:
     requirements_path(pte).write_text(json.dumps(kernels, indent=2) + "\n")
 
 
+def beside(pte: Path | str) -> tuple[str, ...]:
+    """The files that go with a program wherever it is copied (``remote.In(pte, beside=...)``)."""
+    return (requirements_path(Path(pte)).name,)
+
+
 def read_requirements(pte: Path) -> dict:
     path = requirements_path(pte)
     if not path.is_file():

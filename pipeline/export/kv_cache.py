@@ -38,6 +38,7 @@ KV_CACHE_DTYPES = {
     "bfloat16": torch.bfloat16,
     "int8": torch.int8,
 }
+KV_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}  # per cached element
 INT8_MIN, INT8_MAX = -128, 127
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
+from pipeline.export.kv_cache import KV_BYTES
 from pipeline.model.accounting import decode_read_bytes, param_counts
 from pipeline.model.config import ModelConfig
 from pipeline.model.twins import dense_twin
@@ -20,6 +20,7 @@ from pipeline.profile.config import ProfileStageConfig
 from pipeline.profile.programs import LoadedProgram, ProgramError, load_program, lower_model, random_int4
 from pipeline.profile.report import markdown, plot_expert_load, plot_throughput
 from pipeline.profile.routing import decode_expert_load, load_summary
+from pipeline.profile.runner_stats import runner_timings
 from pipeline.profile.session import profile_interleaved, speedups, summarize
 from pipeline.profile.stats import timed_generation
 from pipeline.profile.system import PeakMemory, machine, read_bandwidth_gb_s, set_threads
@@ -85,16 +86,26 @@ def _load_checked(path: Path, cfg: ProfileStageConfig) -> LoadedProgram:
     return program
 
 
-def program_entry(model_cfg: ModelConfig, program: LoadedProgram, memory: dict[str, float], group_size: int) -> dict:
-    """What the report says of one program: sizes, memory, bytes one decode step reads.
+def program_entry(
+    model_cfg: ModelConfig, program: LoadedProgram, memory: dict[str, float], cfg: ProfileStageConfig
+) -> dict:
+    """What the report says of one program: sizes, memory, and per prompt length the
+    bytes an ideal decode step reads (the bound's denominator).
 
-    The program attends over its whole KV-cache buffer under a mask (no shape depends on
-    the position), so a decode step reads all ``max_context`` FP32 cache positions of
-    every layer, sliding-window layers included."""
+    Ideal: the active INT4 weights, and the KV cache of the positions filled during the
+    measured decode (prompt + half the decoded tokens, on average), a windowed layer at
+    most its window, at the cache's dtype (an INT8 cache also reads its per-head FP32
+    scale and INT8 zero point). The program reads exactly that on its global layers
+    (``custom_sdpa`` stops at the filled positions) and its whole cache on windowed ones
+    (the masked kernel has no start position): that excess counts against it."""
     counts = param_counts(model_cfg)
-    read = decode_read_bytes(
-        replace(model_cfg, sliding_window=None), program.max_context, group_size=group_size, kv_dtype_bytes=4
-    )
+    element = KV_BYTES[cfg.kv_cache] + (5 / model_cfg.head_dim if cfg.kv_cache == "int8" else 0)
+    read = {
+        str(n): decode_read_bytes(
+            model_cfg, n + cfg.decode_tokens // 2, group_size=cfg.group_size, kv_dtype_bytes=element
+        )
+        for n in cfg.prompt_lengths
+    }
     return {
         "config": model_cfg.name,
         "params_total": counts.total,
@@ -107,11 +118,19 @@ def program_entry(model_cfg: ModelConfig, program: LoadedProgram, memory: dict[s
 
 
 def profile_all(
-    cfg: ProfileStageConfig, model_cfg: ModelConfig, program_path: Path, quantized: Path, prompts_dir: Path, out: Path
+    cfg: ProfileStageConfig,
+    model_cfg: ModelConfig,
+    program_path: Path,
+    quantized: Path,
+    prompts_dir: Path,
+    tokenizer_json: Path,
+    out: Path,
 ) -> tuple[dict, dict[str, float]]:
     """Profile the exported MoE and its dense twins; returns (metrics, seconds)."""
+    from pipeline.data.tokenizer import Tokenizer
     from pipeline.quant.format import load_quantized
 
+    tokenizer = Tokenizer.load(tokenizer_json)
     seconds: dict[str, float] = {}
     set_threads(cfg.threads, f"{KEY}.threads")
     windows = distinct_prompts(prompts_dir, cfg.warmup + cfg.repeats, cfg.longest_run)
@@ -120,13 +139,19 @@ def profile_all(
     programs: dict[str, LoadedProgram] = {}
     entries: dict[str, dict] = {}
     moe = _load_checked(program_path, cfg)
+    runner = runner_timings(
+        program_path,
+        tokenizer_json,
+        {n: [tokenizer.decode(w[:n]) for w in windows[cfg.warmup :]] for n in cfg.prompt_lengths},
+        cfg.decode_tokens,
+    )
     if moe.metadata["vocab_size"] != model_cfg.vocab_size:
         raise ProgramError(
             f"{program_path}: vocab_size {moe.metadata['vocab_size']} differs from model.vocab_size "
             f"{model_cfg.vocab_size} (a program of another model?)"
         )
     memory = measure_memory(program_path, windows[0], cfg)
-    programs["moe"], entries["moe"] = moe, program_entry(model_cfg, moe, memory, cfg.group_size)
+    programs["moe"], entries["moe"] = moe, program_entry(model_cfg, moe, memory, cfg)
 
     (out / "programs").mkdir(parents=True, exist_ok=True)
     for i, baseline in enumerate(cfg.baselines):
@@ -138,13 +163,14 @@ def profile_all(
             last_logits_only=not moe.full_logits,
             bos_id=moe.metadata["bos_id"],
             eos_id=moe.metadata["eos_id"],
+            kv_cache=cfg.kv_cache,
         )
         path = out / "programs" / f"{baseline}.pte"
         lowered.write(path)
         seconds[f"lower_{baseline}"] = time.perf_counter() - started
         programs[baseline] = _load_checked(path, cfg)
         memory = measure_memory(path, windows[0], cfg)
-        entries[baseline] = program_entry(twin, programs[baseline], memory, cfg.group_size)
+        entries[baseline] = program_entry(twin, programs[baseline], memory, cfg)
 
     started = time.perf_counter()
     samples = profile_interleaved(
@@ -153,9 +179,12 @@ def profile_all(
     seconds["profile"] = time.perf_counter() - started
     summary = summarize(samples)
     for name, entry in entries.items():
-        bound = bandwidth["gb_s"] * 1e9 / entry["decode_read_bytes"]["total"]
-        entry["decode_bound_tok_s"] = bound
-        entry["decode_fraction_of_bound"] = {n: c["decode_tok_s"]["median"] / bound for n, c in summary[name].items()}
+        entry["decode_bound_tok_s"] = {
+            n: bandwidth["gb_s"] * 1e9 / read["total"] for n, read in entry["decode_read_bytes"].items()
+        }
+        entry["decode_fraction_of_bound"] = {
+            n: c["decode_tok_s"]["median"] / entry["decode_bound_tok_s"][n] for n, c in summary[name].items()
+        }
 
     model, _ = load_quantized(quantized)
     longest = max(cfg.prompt_lengths)
@@ -174,6 +203,7 @@ def profile_all(
         "programs": entries,
         "summary": summary,
         "speedups": {b: speedups(samples, "moe", b) for b in cfg.baselines},
+        "runner": {str(n): r for n, r in runner.items()},
         "expert_load": {"counts": counts_LE.tolist(), **load_summary(counts_LE, model_cfg.moe.top_k)},
         "samples": {n: {str(k): [s.as_dict() for s in v] for k, v in d.items()} for n, d in samples.items()},
         "note": None
@@ -198,6 +228,10 @@ def metrics_of(profile: dict) -> dict:
             for metric in ("ttft_ms", "prefill_tok_s", "decode_tok_s")
         },
         "decode_fraction_of_bound": {name: p["decode_fraction_of_bound"] for name, p in profile["programs"].items()},
+        "runner": {
+            metric: {n: r[metric] for n, r in profile["runner"].items() if r[metric] is not None}
+            for metric in ("ttft_ms", "prefill_tok_s", "decode_tok_s")
+        },
         "bandwidth_gb_s": profile["bandwidth"]["gb_s"],
         "moe_peak_rss_mib": moe["peak_rss_mib"],
         "expert_load": {k: v for k, v in profile["expert_load"].items() if k != "counts"},

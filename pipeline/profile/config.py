@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pipeline.configbase import require
+from pipeline.export.kv_cache import KV_CACHE_DTYPES
 
 BASELINES = ("dense_total", "dense_active")
 
@@ -14,6 +15,8 @@ class ProfileStageConfig:
     program: str  # the export stage's model.pte
     quantized: str  # QAT's converted model: the same weights, replayed eagerly for the expert load
     prompts_mixture: str  # held-out prompts come from this mixture's val split
+    tokenizer: str = ""  # tokenizer.json: ExecuTorch's LLM runner reads the prompts as text
+    kv_cache: str = "float32"  # the exported program's cache dtype: the twins get the same
     out_dir: str = "outputs/profile"
     # XNNPACK threads (the paper measured phones at 4 and 2); at most the device's cores.
     threads: int = 2
@@ -32,7 +35,7 @@ class ProfileStageConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for key in ("program", "quantized", "prompts_mixture", "out_dir"):
+        for key in ("program", "quantized", "prompts_mixture", "tokenizer", "out_dir"):
             require(bool(getattr(self, key)), key, "must be a non-empty path")
         for key in ("threads", "decode_tokens", "repeats", "group_size", "bandwidth_mib"):
             value = getattr(self, key)
@@ -44,6 +47,11 @@ class ProfileStageConfig:
             len(set(self.prompt_lengths)) == len(self.prompt_lengths),
             "prompt_lengths",
             f"has duplicates: {self.prompt_lengths}",
+        )
+        require(
+            self.kv_cache in KV_CACHE_DTYPES,
+            "kv_cache",
+            f"must be one of {sorted(KV_CACHE_DTYPES)}, got {self.kv_cache!r}",
         )
         unknown = sorted(set(self.baselines) - set(BASELINES))
         require(not unknown, "baselines", f"unknown {unknown}; known: {list(BASELINES)}")

@@ -4,7 +4,8 @@ DVC runs on the driver, so what a stage produces must end up in the driver's scr
 directory whatever node ran the task, and what MLflow records (read from the published
 outputs) is then what the task produced. Paths in a task's arguments are marked:
 
-- ``In(path)``: a file or folder the task reads (``only``: just these members of it);
+- ``In(path)``: a file or folder the task reads (``only``: just these members of it;
+  ``beside``: files next to a file that go with it, e.g. a program's kernel list);
 - ``Out(path)``: the folder the task writes (the stage's scratch directory).
 
 With the embedded Ray the task shares the driver's disk and gets the paths as they are.
@@ -33,6 +34,7 @@ from pipeline.train.config import RayConfig
 class In:
     path: Path
     only: tuple[str, ...] | None = None  # members (relative paths) to send; None: all
+    beside: tuple[str, ...] = ()  # files in the same folder that go with a file (a program's kernel list)
 
 
 @dataclass(frozen=True)
@@ -49,11 +51,13 @@ class _Packed:
     data: bytes = b""
 
 
-def _pack(path: Path, only: tuple[str, ...] | None = None) -> bytes:
+def _pack(path: Path, only: tuple[str, ...] | None = None, beside: tuple[str, ...] = ()) -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         if only is None:
             tar.add(path, arcname=path.name)
+            for name in beside:
+                tar.add(path.parent / name, arcname=name)
         else:
             for member in only:
                 tar.add(path / member, arcname=f"{path.name}/{member}")
@@ -90,7 +94,9 @@ def _ship_one(value: In | Out) -> _Packed:
         return _Packed("out", value.path.name)
     if value.only is not None and not value.path.is_dir():
         raise ValueError(f"In({value.path}, only=...): only a folder has members")
-    return _Packed("in", value.path.name, _pack(value.path, value.only))
+    if value.beside and not value.path.is_file():
+        raise ValueError(f"In({value.path}, beside=...): only a file has files beside it")
+    return _Packed("in", value.path.name, _pack(value.path, value.only, value.beside))
 
 
 def _ship(value: Any) -> Any:

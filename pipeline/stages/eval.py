@@ -137,6 +137,7 @@ def _model_input(key: str, path: Path, model):
 def _work(target: str):
     def work(ctx: StageContext) -> StageResult:
         from pipeline.eval.run import evaluate_model
+        from pipeline.export.kernels import beside
         from pipeline.runner import cluster, remote
         from pipeline.tracking.keys import flat_numbers
 
@@ -151,7 +152,7 @@ def _work(target: str):
             remote.In(repo_path(cfg.tokenizer)),
             remote.Out(ctx.scratch),
             t.chat,
-            remote.In(repo_path(t.program)) if t.program else None,
+            remote.In(repo_path(t.program), beside=beside(t.program)) if t.program else None,
             cfg.batch_size,
             num_cpus=recipe.ray.cpus_per_worker,
         )

@@ -19,7 +19,7 @@ from pathlib import Path
 from pipeline.recipe import repo_path
 from pipeline.runner.cluster import DEVICE
 from pipeline.runner.errors import ResourceError
-from pipeline.runner.inputs import MixtureInput, ProgramInput, QuantizedModelInput, ThreadsInput
+from pipeline.runner.inputs import MixtureInput, ProgramInput, QuantizedModelInput, ThreadsInput, TokenizerInput
 from pipeline.runner.spec import Stage, StageContext, StageResult
 
 KEY = "stage.profile"
@@ -35,12 +35,14 @@ def _inputs(recipe) -> list:
         ProgramInput(f"{KEY}.program", repo_path(cfg.program), cfg.longest_run, recipe.model.vocab_size),
         QuantizedModelInput(f"{KEY}.quantized", repo_path(cfg.quantized), recipe.model),
         MixtureInput(f"{KEY}.prompts_mixture", repo_path(cfg.prompts_mixture), cfg.longest_run),
+        TokenizerInput(f"{KEY}.tokenizer", repo_path(cfg.tokenizer), recipe.model.vocab_size),
     ]
 
 
 def _work(ctx: StageContext) -> StageResult:
     import ray
 
+    from pipeline.export.kernels import beside
     from pipeline.profile.artifacts import profile_all
     from pipeline.runner import cluster, remote
     from pipeline.tracking.keys import flat_numbers
@@ -58,9 +60,10 @@ def _work(ctx: StageContext) -> StageResult:
         profile_all,
         cfg,
         recipe.model,
-        remote.In(repo_path(cfg.program)),
+        remote.In(repo_path(cfg.program), beside=beside(cfg.program)),
         remote.In(repo_path(cfg.quantized)),
         remote.In(repo_path(cfg.prompts_mixture)),
+        remote.In(repo_path(cfg.tokenizer)),
         remote.Out(ctx.scratch),
         num_cpus=cfg.threads,
         resources={cluster.DEVICE: 1},
