@@ -81,8 +81,15 @@ def test_every_cache_dtype_passes_the_gate_and_a_lost_window_fails_it(windowed, 
 
 
 def test_bad_cache_dtype_and_context_are_named_before_any_work(windowed):
+    from pipeline.recipe import compose, validate
+
     with pytest.raises(ConfigError, match=r"kv_cache: must be one of .*'float16'.* got 'fp8'"):
         ExportStageConfig(quantized="q", tokenizer="t", prompts_mixture="m", kv_cache="fp8")
+    with pytest.raises(ConfigError, match=r"stage\.export\.kv_cache: must be one of"):
+        validate(compose(["stage.export.kv_cache=fp8"]))
+    assert validate(compose(["stage.export.kv_cache=int8"])).stage.profile.kv_cache == "int8"
+    with pytest.raises(ConfigError, match=r"stage\.export\.max_context: 9000 exceeds model\.max_seq_len"):
+        validate(compose(["stage.export.max_context=9000"]))
     with pytest.raises(ExportInputError, match="kv_cache='int4'"):
         ExportableLM(windowed, MAX_CONTEXT, kv_cache="int4")
     with pytest.raises(ExportInputError, match="max_len=.*max_seq_len"):
