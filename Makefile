@@ -24,7 +24,7 @@ endif
 
 STAGES := mix pretrain midtrain sft qat export profile evalsets eval_pretrain eval_midtrain eval_sft eval_qat report
 ARGS ?=
-.PHONY: setup lock params repro test lint drill sweep scaling-fit plan mutants bench-model bench-config bench-export bench-profile \
+.PHONY: setup lock params repro test lint drill sweep scaling-fit plan mutants bench-model bench-config bench-export bench-profile bench-peers \
 	profile-paper ui $(STAGES)
 
 setup: $(STAMP)
@@ -134,6 +134,23 @@ bench-profile: $(STAMP)
 # at a few layers extrapolated to full depth (tools/profile_paper.py; PAPER_ARGS go on).
 profile-paper: mix
 	$(PY) -m tools.profile_paper $(PAPER_ARGS)
+
+# Peers on the same weights (bench/bench_peers.py): this program, optimum-executorch's
+# export of the HF directory and llama.cpp on a GGUF of it, each runtime in its own venv
+# (optimum-executorch pins transformers 5.0.0rc1; llama-cpp-python builds llama.cpp, minutes).
+PEERS := .venv-peers
+$(PEERS)/optimum/.installed:
+	$(PYTHON_BASE) -m venv $(PEERS)/optimum
+	$(PEERS)/optimum/bin/pip install --disable-pip-version-check torch==2.13.0 executorch==1.5.1 \
+	  torchao==0.18.0 optimum-executorch==1.1.0 transformers==5.0.0rc1
+	touch $@
+$(PEERS)/llamacpp/.installed:
+	$(PYTHON_BASE) -m venv $(PEERS)/llamacpp
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" $(PEERS)/llamacpp/bin/pip install --disable-pip-version-check \
+	  llama-cpp-python==0.3.36 gguf==0.19.0 safetensors==0.8.0 numpy==2.4.6
+	touch $@
+bench-peers: mix $(PEERS)/optimum/.installed $(PEERS)/llamacpp/.installed
+	$(PY) bench/bench_peers.py run $(PEERS_ARGS)
 
 bench-model: $(STAMP)
 	$(PY) bench/bench_model.py
