@@ -49,13 +49,16 @@ def _model_cfg(layers: int):
 
 
 def build(out: Path, layers: int, max_context: int) -> dict:
-    """(main venv) ours.pte, hf/ and the eager reference logits of one prompt."""
+    """(main venv) ours.pte, hf/, int4.npz (the INT4 values and group scales under their HF
+    names) and the eager model's teacher-forced top-1 on one prompt."""
+    import numpy as np
     import torch
 
     from pipeline.data.tokenizer import BOS, EOS, PAD
-    from pipeline.export.hf import dequantized, save_hf
+    from pipeline.export.hf import dequantized, hf_names, save_hf
     from pipeline.export.runner import EagerRunner
     from pipeline.profile.programs import lower_model, random_int4
+    from pipeline.quant.coverage import quantized_weights
 
     out.mkdir(parents=True, exist_ok=True)
     cfg = _model_cfg(layers)
@@ -63,12 +66,8 @@ def build(out: Path, layers: int, max_context: int) -> dict:
     lower_model(model, max_context, last_logits_only=True, bos_id=0, eos_id=1).write(out / "ours.pte")
     tokenizer = ROOT / "data" / "mix" / "tokenizer" / "tokenizer.json"
     save_hf(dequantized(model), out / "hf", tokenizer, {"bos": BOS, "eos": EOS, "pad": PAD}, {"weights": "dequantized"})
-    import numpy as np
 
-    from pipeline.export.hf import _name_map
-    from pipeline.quant.coverage import quantized_weights
-
-    names = _name_map(model)
+    names = hf_names(model)
     int4 = {}
     for name, w in quantized_weights(model).items():
         if w.bits != 4 or w.group != 32:
@@ -179,20 +178,28 @@ def time_pte(path: Path, prompt_len: int, decode: int, threads: int, reference: 
     from executorch.runtime import Runtime
 
     portable_lib._unsafe_reset_threadpool(threads)
-    method = Runtime.get().load_program(str(path)).load_method("forward")
+    program = Runtime.get().load_program(str(path))
+    method = program.load_method("forward")
+    # This project's programs take the start position ([1]); optimum-executorch's the
+    # position of every new token (cache_position, [S]), as ExecuTorch's runner passes it.
+    per_token = program.metadata("forward").input_tensor_meta(1).sizes()[0] > 1
+
+    def positions(start: int, n: int):
+        return torch.arange(start, start + n) if per_token else torch.tensor([start])
+
     tokens = torch.randint(0, VOCAB, (1, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
     for _ in range(2):  # the first pass warms up (first-call allocations, caches); the second is timed
         started = time.perf_counter()
-        method.execute([tokens, torch.tensor([0], dtype=torch.long)])
+        method.execute([tokens, positions(0, prompt_len)])
         prefill = time.perf_counter() - started
         started = time.perf_counter()
         for i in range(decode):
-            method.execute([torch.tensor([[7]]), torch.tensor([prompt_len + i], dtype=torch.long)])
+            method.execute([torch.tensor([[7]]), positions(prompt_len + i, 1)])
         decoded = time.perf_counter() - started
     ref = json.loads(reference.read_text())
     top1 = []
     for pos, token in enumerate(ref["prompt"]):  # teacher-forced, one token per step
-        top1.append(int(method.execute([torch.tensor([[token]]), torch.tensor([pos])])[0].reshape(-1).argmax()))
+        top1.append(int(method.execute([torch.tensor([[token]]), positions(pos, 1)])[0].reshape(-1).argmax()))
     agree = sum(a == b for a, b in zip(top1, ref["top1"], strict=True)) / len(top1)
     return {"prefill_tok_s": prompt_len / prefill, "decode_tok_s": decode / decoded, "top1_agree": agree}
 
@@ -203,9 +210,12 @@ def time_gguf(path: Path, prompt_len: int, decode: int, threads: int, reference:
 
     import llama_cpp
 
+    # Threads for prefill too (it defaults to every core), and an FP32 KV cache like the
+    # other two programs' (llama.cpp defaults to F16).
     llm = llama_cpp.Llama(
-        str(path), n_ctx=prompt_len + decode + 8, n_batch=prompt_len, n_threads=threads, verbose=False
-    )
+        str(path), n_ctx=prompt_len + decode + 8, n_batch=prompt_len, n_threads=threads, n_threads_batch=threads,
+        type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, verbose=False,
+    )  # fmt: skip
     rng = random.Random(prompt_len)
     tokens = [rng.randrange(VOCAB) for _ in range(prompt_len)]
     for _ in range(2):  # as time_pte: the second pass is timed
@@ -244,6 +254,7 @@ def _in(python: str, *args: str) -> dict:
 def run(args) -> None:
     """(main venv) Build, export through each peer, time rounds side by side, print the table."""
     from pipeline.model.accounting import decode_read_bytes
+    from pipeline.profile.artifacts import decode_positions
     from pipeline.profile.system import machine, read_bandwidth_gb_s
 
     out = Path(args.out).resolve()
@@ -273,7 +284,8 @@ def run(args) -> None:
     cfg = _model_cfg(args.layers)
     rows = []
     for n in args.prompts:
-        bound = bandwidth * 1e9 / decode_read_bytes(cfg, n + args.decode // 2, 32, kv_dtype_bytes=4)["total"]
+        read = decode_read_bytes(cfg, decode_positions(n, args.decode), 32, kv_dtype_bytes=4)
+        bound = bandwidth * 1e9 / read["total"]
         ours = statistics.median(r["decode_tok_s"] for r in results["this project (.pte)"][n])
         for name in peers:
             runs = results[name][n]

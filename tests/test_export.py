@@ -165,6 +165,16 @@ def test_the_program_lists_its_kernel_libraries_and_a_bare_runtime_is_refused_na
     alone.write_bytes(pte.read_bytes())
     with pytest.raises(RuntimeError, match=r"alone\.kernels\.json: missing"):
         PteRunner(alone)
+    # A list that is not one, or that names a library this project does not know (the
+    # loader imports only its own modules, never a name from the file), is refused.
+    listed = alone.with_suffix(".kernels.json")
+    listed.write_text("{not json")
+    with pytest.raises(RuntimeError, match=r"alone\.kernels\.json: not a kernel list"):
+        PteRunner(alone)
+    foreign = {**kernels, "kernel_libraries": [{**libraries["llama"], "namespace": "os", "python_import": "os"}]}
+    listed.write_text(json.dumps(foreign))
+    with pytest.raises(RuntimeError, match=r"unknown namespace\(s\) \['os'\]"):
+        PteRunner(alone)
 
 
 def test_unconverted_models_and_small_groups_are_refused_naming_the_weight():

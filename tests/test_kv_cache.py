@@ -2,8 +2,9 @@
 ``llama::update_cache`` into a cache of each dtype and ``llama::custom_sdpa`` (or its
 quantized form), against the eager model, on a copy-task model with windowed layers.
 
-Run eagerly (the custom ops' own CPU kernels, as the .pte calls them); the .pte of the
-FP32 cache is checked in test_export.py and test_export_gate.py. Tolerances: FP32 caches
+Run eagerly (the custom ops' own CPU kernels, as the .pte calls them), and the INT8
+cache lowered; the .pte of the FP32 cache is checked in test_export.py and
+test_export_gate.py. Tolerances: FP32 caches
 hold what eager computes, so only summation order differs (1e-4 of logits of order 10);
 the 16-bit and INT8 caches round every key and value, and pass or fail the export gate,
 whose yardstick is the measured INT8 rounding noise of the model itself.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from shapes import MAX_CONTEXT, context_trained, copy_batch, micro_cfg
+from shapes import MAX_CONTEXT, VOCAB, context_trained, copy_batch, micro_cfg
 
 from pipeline.configbase import ConfigError
 from pipeline.export.checks import Gate, compare
@@ -78,6 +79,26 @@ def test_every_cache_dtype_passes_the_gate_and_a_lost_window_fails_it(windowed, 
     program.layers[0].attn.window = None
     result = compare(floor, eager, ProgramRunner(program, MAX_CONTEXT), prompts, Gate())
     assert not result["passed"], (dtype, result)
+
+
+def test_the_int8_cache_lowers_runs_within_the_gate_and_lists_its_kernels(windowed, prompts, tmp_path):
+    """The INT8 cache's per-token quantization sits beside XNNPACK's 8da4w patterns: the
+    lowered program (windowed layer included) must still pass the gate."""
+    import json
+
+    from pipeline.export.lower import export_program, lower_to_pte
+    from pipeline.export.runner import PteRunner
+
+    program = ExportableLM(windowed, MAX_CONTEXT, kv_cache="int8")
+    meta = {"max_context": MAX_CONTEXT, "vocab_size": VOCAB, "bos_id": 0, "eos_id": 1}
+    lower_to_pte(export_program(program), meta).write(tmp_path / "int8.pte")
+    kernels = json.loads((tmp_path / "int8.kernels.json").read_text())
+    ops = {op for lib in kernels["kernel_libraries"] for op in lib["operators"]}
+    assert {"llama::custom_quantized_sdpa.out", "quantized_decomposed::quantize_per_token.out"} <= ops
+    assert "llama::custom_sdpa.out" not in ops
+    floor = noise_floor(windowed, prompts, draws=4, fraction=0.05)
+    result = compare(floor, EagerRunner(windowed, MAX_CONTEXT), PteRunner(tmp_path / "int8.pte"), prompts, Gate())
+    assert result["passed"], result
 
 
 def test_bad_cache_dtype_and_context_are_named_before_any_work(windowed):

@@ -422,3 +422,20 @@ def test_stage_refuses_a_corrupt_program_before_work_and_touches_nothing(tmp_pat
     with pytest.raises(StageInputError, match=r"^stage.profile.program: .*not a loadable ExecuTorch program"):
         run_stage(PROFILE, raw, state_dir=tmp_path / "state")
     assert corrupt.read_bytes() == before and not out.exists()
+
+
+def test_runner_rates_follow_executorchs_definitions_from_its_stats():
+    from types import SimpleNamespace
+
+    from pipeline.profile.runner_stats import _rates
+
+    stats = SimpleNamespace(
+        inference_start_ms=1000, prompt_eval_end_ms=1040, first_token_ms=1041, inference_end_ms=1140,
+        num_prompt_tokens=80, num_generated_tokens=25, to_json_string=lambda: '{"generated_tokens": 25}',
+    )  # fmt: skip
+    rates = _rates(stats)
+    assert rates["prefill_tok_s"] == pytest.approx(80 / 0.040)  # prompt / (prompt_eval_end - inference_start)
+    assert rates["decode_tok_s"] == pytest.approx(25 / 0.100)  # generated / (inference_end - prompt_eval_end)
+    assert rates["ttft_ms"] == 41 and rates["stats"] == {"generated_tokens": 25}
+    frozen = SimpleNamespace(**{**vars(stats), "prompt_eval_end_ms": 1000, "inference_end_ms": 1000})
+    assert _rates(frozen)["prefill_tok_s"] is None and _rates(frozen)["decode_tok_s"] is None

@@ -34,6 +34,7 @@ import torch
 from pipeline.data.mixing import load_split
 from pipeline.export.artifacts import held_out_prompts
 from pipeline.model.accounting import decode_read_bytes, int4_weight_bytes, param_counts
+from pipeline.profile.artifacts import decode_positions
 from pipeline.profile.depth import extrapolate, fit_line
 from pipeline.profile.programs import load_program, lower_model, random_int4
 from pipeline.profile.report import expert_load_sentence, plot_expert_load
@@ -128,7 +129,7 @@ def main(argv=None) -> None:
         # The ideal step's bytes at each length: the prompt and half the decoded tokens
         # cached (windowed layers at most their window), FP32 cache (the default).
         read = {
-            str(n): decode_read_bytes(cfg, n + args.decode_tokens // 2, args.group_size, kv_dtype_bytes=4)
+            str(n): decode_read_bytes(cfg, decode_positions(n, args.decode_tokens), args.group_size, kv_dtype_bytes=4)
             for n in args.prompt_lengths
         }
         bound = {n: bandwidth["gb_s"] * 1e9 / r["total"] for n, r in read.items()}

@@ -210,7 +210,7 @@ def load_hf(path: Path) -> Transformer:
     model = Transformer(cfg)
     mine = model.state_dict()
     with torch.no_grad():
-        for ours, hf_name in _name_map(model).items():
+        for ours, hf_name in hf_names(model).items():
             mine[ours].copy_(theirs[hf_name])
         for i in range(cfg.n_layers if cfg.moe is not None else 0):
             w1_EFD, w3_EFD = theirs[f"model.layers.{i}.mlp.experts.gate_up_proj"].chunk(2, dim=1)
@@ -219,7 +219,7 @@ def load_hf(path: Path) -> Transformer:
     return model.eval()
 
 
-def _name_map(model: Transformer) -> dict[str, str]:
+def hf_names(model: Transformer) -> dict[str, str]:
     """Our state-dict name -> the transformers name (gate/up of experts: see load_hf)."""
     out = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
     if not model.cfg.tie_embeddings:

@@ -93,12 +93,23 @@ def beside(pte: Path | str) -> tuple[str, ...]:
 
 
 def read_requirements(pte: Path) -> dict:
+    """The list beside ``pte``; MissingKernelsError naming the file when it is missing,
+    not JSON, lacks a key, or names a kernel library this project does not know."""
     path = requirements_path(pte)
     if not path.is_file():
         raise MissingKernelsError(
             f"{path}: missing; the list of kernel libraries {Path(pte).name} needs is written beside it by the export"
         )
-    return json.loads(path.read_text())
+    try:
+        kernels = json.loads(path.read_text())
+        libraries = kernels["kernel_libraries"]
+        unknown = sorted({lib["namespace"] for lib in libraries} - set(LIBRARIES))
+        kernels["backends"], kernels["portable_operators"]  # noqa: B018 - the keys must be there
+    except (ValueError, KeyError, TypeError) as err:
+        raise MissingKernelsError(f"{path}: not a kernel list ({type(err).__name__}: {err})") from None
+    if unknown:
+        raise MissingKernelsError(f"{path}: kernel libraries of unknown namespace(s) {unknown}")
+    return kernels
 
 
 def check_runtime(kernels: dict, pte: Path | str = "the program") -> None:
@@ -125,8 +136,8 @@ def load_kernels(pte: Path) -> None:
     """Register the kernel libraries listed beside ``pte`` in ExecuTorch's Python runtime
     (which the LLM runner's binding shares) and check that nothing is missing."""
     kernels = read_requirements(pte)
-    for lib in kernels["kernel_libraries"]:
-        importlib.import_module(lib["python_import"])
+    for lib in kernels["kernel_libraries"]:  # what this project knows, not what the file says
+        importlib.import_module(LIBRARIES[lib["namespace"]].python_import)
     check_runtime(kernels, pte)
 
 

@@ -38,17 +38,22 @@ KV_CACHE_DTYPES = {
     "bfloat16": torch.bfloat16,
     "int8": torch.int8,
 }
-KV_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}  # per cached element
+
+
+def kv_element_bytes(dtype: str, head_dim: int) -> float:
+    """Bytes one cached key or value element costs in memory reads: the dtype's size; an
+    INT8 cache also reads, per position and head, a 4-byte FP32 scale and a 1-byte zero
+    point, spread over the head's ``head_dim`` elements."""
+    size = torch.empty((), dtype=KV_CACHE_DTYPES[dtype]).element_size()
+    return size + (5 / head_dim if dtype == "int8" else 0)
+
+
 INT8_MIN, INT8_MAX = -128, 127
 
 
 def register_custom_ops() -> None:
     """Load ExecuTorch's LLM custom ops (``torch.ops.llama.*``) for export and eager runs."""
     from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
-
-
-def _llama():
-    return torch.ops.llama
 
 
 def _check_start(start_pos, seq_len: int, max_len: int) -> None:
@@ -91,10 +96,12 @@ class KVCacheAttention(nn.Module):
         if self.dtype_name == "int8":
             return self._int8(q_1SHDh, k_1SHkvDh, v_1SHkvDh, start_pos, mask_SL)
         dtype = self.k_cache.dtype
-        _llama().update_cache(k_1SHkvDh.to(dtype), self.k_cache, start_pos)
-        _llama().update_cache(v_1SHkvDh.to(dtype), self.v_cache, start_pos)
+        torch.ops.llama.update_cache(k_1SHkvDh.to(dtype), self.k_cache, start_pos)
+        torch.ops.llama.update_cache(v_1SHkvDh.to(dtype), self.v_cache, start_pos)
         causal = mask_SL is None
-        out_1SHDh = _llama().custom_sdpa(q_1SHDh.to(dtype), self.k_cache, self.v_cache, start_pos, mask_SL, 0.0, causal)
+        out_1SHDh = torch.ops.llama.custom_sdpa(
+            q_1SHDh.to(dtype), self.k_cache, self.v_cache, start_pos, mask_SL, 0.0, causal
+        )
         return out_1SHDh.float()
 
     def _int8(self, q_1SHDh, k_1SHkvDh, v_1SHkvDh, start_pos, mask_SL) -> torch.Tensor:
@@ -103,11 +110,11 @@ class KVCacheAttention(nn.Module):
             (v_1SHkvDh, self.v_cache, self.v_scale, self.v_zero),
         ):
             xq, x_scale, x_zero = quantize_per_head(x)
-            _llama().update_cache(xq, cache, start_pos)
-            _llama().update_cache(x_scale, scale, start_pos)
-            _llama().update_cache(x_zero, zero, start_pos)
+            torch.ops.llama.update_cache(xq, cache, start_pos)
+            torch.ops.llama.update_cache(x_scale, scale, start_pos)
+            torch.ops.llama.update_cache(x_zero, zero, start_pos)
         qq, q_scale, q_zero = quantize_per_head(q_1SHDh)
-        return _llama().custom_quantized_sdpa(
+        return torch.ops.llama.custom_quantized_sdpa(
             qq,
             self.k_cache,
             self.v_cache,

@@ -7,8 +7,9 @@ E routed experts, K top-k, F expert width, n tokens routed to one expert.
 One method, ``forward(tokens_1S, input_pos_1) -> logits_1SV``, serves prefill (S > 1,
 ``input_pos`` = 0) and decode (S = 1, ``input_pos`` = tokens already in the cache). The
 KV cache lives in the program as mutable buffers of L positions, updated in place, and
-attention is ExecuTorch's fused SDPA, which reads only the positions filled so far
-(:mod:`pipeline.export.kv_cache`).
+attention is ExecuTorch's fused SDPA, which on a global layer reads only the positions
+filled so far (a windowed layer reads the whole cache under its mask;
+:mod:`pipeline.export.kv_cache`).
 
 Every matrix is 8da4w in the operator pattern XNNPACK delegates: INT4 weights (int8
 storage, one FP32 scale per group) dequantized by ``dequantize_per_channel_group``, the

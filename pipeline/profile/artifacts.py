@@ -12,7 +12,7 @@ import json
 import time
 from pathlib import Path
 
-from pipeline.export.kv_cache import KV_BYTES
+from pipeline.export.kv_cache import kv_element_bytes
 from pipeline.model.accounting import decode_read_bytes, param_counts
 from pipeline.model.config import ModelConfig
 from pipeline.model.twins import dense_twin
@@ -41,6 +41,27 @@ def distinct_prompts(mixture_dir: Path, n: int, length: int) -> list[list[int]]:
             f"tokens, but {mixture_dir}'s val split has {len(tokens)}"
         )
     return held_out_prompts(mixture_dir, n, length)
+
+
+def decode_positions(prompt: int, decode_tokens: int) -> int:
+    """KV positions a measured decode step reads on average: the prompt and half the
+    ``decode_tokens`` decoded after it (the bound's KV term at that prompt length)."""
+    return prompt + decode_tokens // 2
+
+
+def check_cache_dtype(program_path: Path, cfg: ProfileStageConfig) -> None:
+    """ProgramError unless ``stage.profile.kv_cache`` agrees with the program where the
+    program shows it: an INT8 cache is the one that calls ``custom_quantized_sdpa``.
+    (FP32 and the 16-bit caches call the same op: those cannot be told apart here.)"""
+    from pipeline.export.kernels import read_requirements
+
+    ops = {op for lib in read_requirements(program_path)["kernel_libraries"] for op in lib["operators"]}
+    quantized = "llama::custom_quantized_sdpa.out" in ops
+    if quantized != (cfg.kv_cache == "int8"):
+        raise ProgramError(
+            f"{KEY}.kv_cache={cfg.kv_cache!r}, but {program_path} {'has' if quantized else 'does not have'} "
+            "an INT8 KV cache: set it to the program's cache (stage.export.kv_cache)"
+        )
 
 
 def check_room(program: LoadedProgram, cfg: ProfileStageConfig) -> None:
@@ -99,10 +120,10 @@ def program_entry(
     (``custom_sdpa`` stops at the filled positions) and its whole cache on windowed ones
     (the masked kernel has no start position): that excess counts against it."""
     counts = param_counts(model_cfg)
-    element = KV_BYTES[cfg.kv_cache] + (5 / model_cfg.head_dim if cfg.kv_cache == "int8" else 0)
+    element = kv_element_bytes(cfg.kv_cache, model_cfg.head_dim)
     read = {
         str(n): decode_read_bytes(
-            model_cfg, n + cfg.decode_tokens // 2, group_size=cfg.group_size, kv_dtype_bytes=element
+            model_cfg, decode_positions(n, cfg.decode_tokens), group_size=cfg.group_size, kv_dtype_bytes=element
         )
         for n in cfg.prompt_lengths
     }
@@ -139,17 +160,18 @@ def profile_all(
     programs: dict[str, LoadedProgram] = {}
     entries: dict[str, dict] = {}
     moe = _load_checked(program_path, cfg)
+    if moe.metadata["vocab_size"] != model_cfg.vocab_size:
+        raise ProgramError(
+            f"{program_path}: vocab_size {moe.metadata['vocab_size']} differs from model.vocab_size "
+            f"{model_cfg.vocab_size} (a program of another model?)"
+        )
+    check_cache_dtype(program_path, cfg)
     runner = runner_timings(
         program_path,
         tokenizer_json,
         {n: [tokenizer.decode(w[:n]) for w in windows[cfg.warmup :]] for n in cfg.prompt_lengths},
         cfg.decode_tokens,
     )
-    if moe.metadata["vocab_size"] != model_cfg.vocab_size:
-        raise ProgramError(
-            f"{program_path}: vocab_size {moe.metadata['vocab_size']} differs from model.vocab_size "
-            f"{model_cfg.vocab_size} (a program of another model?)"
-        )
     memory = measure_memory(program_path, windows[0], cfg)
     programs["moe"], entries["moe"] = moe, program_entry(model_cfg, moe, memory, cfg)
 
