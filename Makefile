@@ -35,6 +35,7 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON_BASE) -m venv $(VENV)
 	$(VENV)/bin/pip install --disable-pip-version-check -r requirements.lock
 	$(VENV)/bin/pip install --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PY) -m pipeline.export.native  # the export's C++ MoE kernel, against the installed ExecuTorch
 	touch $(STAMP)
 
 # Regenerate the full pin set from the direct pins in requirements.txt.

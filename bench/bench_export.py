@@ -8,7 +8,12 @@ python bench/bench_export.py lower --model mobilemoe_s --layers 1
 python bench/bench_export.py sparsity
     one MoE layer lowered at several (experts, top-k); decode (1 token) and 32-token
     prefill latency in the ExecuTorch runtime, median of repeats, side by side in one
-    run. Sparse: time follows top-k, not the expert count.
+    run, for both MoE forms (fused kernel, per-expert XNNPACK). Sparse: time follows
+    top-k, not the expert count; the cost of an idle expert is printed per form.
+
+python bench/bench_export.py kernel --model mobilemoe_s
+    the fused MoE kernel alone at a layer's shape: decode and prefill time, decode
+    against the bytes it must read at this machine's read bandwidth (same run).
 """
 
 from __future__ import annotations
@@ -27,7 +32,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.export.lower import expert_weight_table, export_program, lower_to_pte  # noqa: E402
+from pipeline.export.lower import (  # noqa: E402
+    INT4_GEMM_OP,
+    MOE_KERNEL_OP,
+    expert_weight_table,
+    export_program,
+    lower_to_pte,
+)
 from pipeline.export.program import ExportableLM  # noqa: E402
 from pipeline.profile.programs import random_int4  # noqa: E402
 from pipeline.recipe import compose, validate  # noqa: E402
@@ -43,7 +54,7 @@ def lower_cmd(args) -> None:
     started = time.perf_counter()
     model = random_int4(cfg, 32, seed=0)[0]
     built = time.perf_counter() - started
-    program = ExportableLM(model, args.max_context)
+    program = ExportableLM(model, args.max_context, moe=args.moe)
     started = time.perf_counter()
     exported = export_program(program)
     exported_s = time.perf_counter() - started
@@ -55,13 +66,14 @@ def lower_cmd(args) -> None:
     report = {
         "model": args.model,
         "layers": cfg.n_layers,
+        "moe": args.moe,
         "seconds": {"build_and_quantize": built, "export": exported_s, "lower": lower_s},
         "peak_rss_gib": _peak_rss_gib(),
         "pte_bytes": len(lowered.buffer),
         "operators": {k: lowered.operators[k] for k in ("delegate_calls", "portable_compute")},
-        "delegated_int4_gemms": lowered.operators["delegated"].get(
-            "quantized_decomposed.dequantize_per_channel_group.default", 0
-        ),
+        "delegated_int4_gemms": lowered.operators["delegated"].get(INT4_GEMM_OP, 0),
+        "moe_kernels": lowered.operators["portable"].get(MOE_KERNEL_OP, 0),
+        "graph_nodes": sum(lowered.operators["portable"].values()) + lowered.operators["delegate_calls"],
         "experts": expert_weight_table(program)[:1],
     }
     print(json.dumps(report, indent=2))
@@ -81,33 +93,135 @@ def sparsity_cmd(args) -> None:
 
     rows = []
     # (32, 32): every expert active, what a compute-every-expert program would cost.
-    for experts, top_k in ((8, 1), (8, 4), (32, 1), (32, 4), (32, 32)):
-        program = ExportableLM(random_int4(_layer_cfg(experts, top_k), 32, seed=0)[0], 64)
-        lowered = lower_to_pte(
-            export_program(program), {"max_context": 64, "vocab_size": 512, "bos_id": 0, "eos_id": 1}
+    # Both MoE forms side by side in one run (program.py: fused kernel, per-expert XNNPACK).
+    for moe in ("fused", "xnnpack"):
+        for experts, top_k in ((8, 1), (8, 4), (32, 1), (32, 4), (32, 32)):
+            program = ExportableLM(random_int4(_layer_cfg(experts, top_k), 32, seed=0)[0], 64, moe=moe)
+            lowered = lower_to_pte(
+                export_program(program), {"max_context": 64, "vocab_size": 512, "bos_id": 0, "eos_id": 1}
+            )
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "m.pte"
+                lowered.write(path)
+                loaded = open_program(path)
+                method = loaded.load_method("forward")
+                gen = torch.Generator().manual_seed(0)
+                timings = {}
+                for name, length in (("decode_us", 1), ("prefill32_us", 32)):
+                    samples = []
+                    for r in range(args.repeats + 3):
+                        tokens = torch.randint(0, 512, (1, length), generator=gen)
+                        started = time.perf_counter()
+                        method.execute([tokens, torch.tensor([0])])
+                        if r >= 3:  # warm-up
+                            samples.append((time.perf_counter() - started) * 1e6)
+                    timings[name] = statistics.median(samples)
+            rows.append({"moe": moe, "experts": experts, "top_k": top_k, **timings})
+            print(json.dumps(rows[-1]), flush=True)
+    for moe in ("fused", "xnnpack"):
+        mine = {(r["experts"], r["top_k"]): r for r in rows if r["moe"] == moe}
+        base = mine[(8, 1)]
+        for (experts, top_k), row in mine.items():
+            ratio = {k: row[k] / base[k] for k in ("decode_us", "prefill32_us")}
+            print(
+                f"{moe:>7} E={experts:>2} K={top_k}: decode x{ratio['decode_us']:.2f}, "
+                f"prefill x{ratio['prefill32_us']:.2f} (vs its E=8 K=1)"
+            )
+        # 24 more experts at the same top-k, none of them routed during decode at K=1..4.
+        idle = [(mine[(32, k)]["decode_us"] - mine[(8, k)]["decode_us"]) / 24 for k in (1, 4)]
+        print(f"{moe:>7}: decode cost per idle expert {idle[0]:.2f} us (K=1), {idle[1]:.2f} us (K=4)")
+
+
+def kernel_cmd(args) -> None:
+    """The routed experts of one MoE layer of ``--model``'s shape, decode (1 token) and
+    ``--prefill``-token prefill through the fused kernel, against the bytes it must read
+    and this machine's read bandwidth measured in the same run."""
+    from executorch.exir import EdgeCompileConfig, to_edge
+    from torch.export import Dim, export
+
+    from pipeline.export import native
+    from pipeline.export.moe_op import moe_experts_int4, pack_int4
+    from pipeline.profile.system import read_bandwidth_gb_s
+
+    moe = validate(compose([f"model={args.model}"])).model.moe
+    E, K, D, F = (
+        moe.num_experts,
+        moe.top_k,
+        validate(compose([f"model={args.model}"])).model.d_model,
+        moe.expert_ffn_dim,
+    )
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+
+    class Layer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer(
+                "w13", torch.stack([pack_int4(torch.randint(-8, 8, (2 * F, D)), 32) for _ in range(E)])
+            )
+            self.register_buffer("w2", torch.stack([pack_int4(torch.randint(-8, 8, (D, F)), 32) for _ in range(E)]))
+            self.register_buffer("w13_scale", torch.rand(E, 2 * F, D // 32) * 0.01)
+            self.register_buffer("w2_scale", torch.rand(E, D, F // 32) * 0.01)
+
+        def forward(self, x_TD, experts_TK, gates_TK):
+            return moe_experts_int4(x_TD, experts_TK, gates_TK, self.w13, self.w13_scale, self.w2, self.w2_scale)
+
+    class Experts(torch.nn.Module):
+        """``--layers`` layers' routed experts in a row: their weights exceed the last-level
+        cache, as a whole model's do, so decode reads them from DRAM."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = torch.nn.ModuleList(Layer() for _ in range(args.layers))
+
+        def forward(self, x_TD, experts_TK, gates_TK):
+            for layer in self.layers:
+                x_TD = x_TD + layer(x_TD, experts_TK, gates_TK)
+            return x_TD
+
+    tokens = Dim("tokens", min=1, max=max(args.prefill, 2))
+    example = (torch.randn(2, D), torch.zeros(2, K, dtype=torch.long), torch.rand(2, K))
+    ep = export(Experts(), example, dynamic_shapes=({0: tokens}, {0: tokens}, {0: tokens}))
+    manager = to_edge(ep, compile_config=EdgeCompileConfig(_check_ir_validity=False)).to_executorch()
+    native.load()
+    from executorch.runtime import Runtime
+
+    program = Runtime.get().load_program(manager.buffer)
+    method = program.load_method("forward")
+    per_expert = 3 * F * D // 2 + 3 * F * D // 32 * 4  # INT4 values + FP32 scales per 32
+    rows = {}
+    for name, T in (("decode", 1), ("prefill", args.prefill)):
+        samples = []
+        for r in range(args.repeats + 3):
+            x = torch.randn(T, D, generator=gen)
+            experts = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])
+            started = time.perf_counter()
+            method.execute([x, experts, torch.rand(T, K, generator=gen)])
+            if r >= 3:
+                samples.append(time.perf_counter() - started)
+        rows[name] = statistics.median(samples)
+    bandwidth = read_bandwidth_gb_s(512, args.threads)["median"]
+    read = args.layers * K * per_expert
+    bound_us = read / (bandwidth * 1e9) * 1e6
+    macs = args.layers * args.prefill * K * 3 * F * D
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "experts": E,
+                "top_k": K,
+                "layers": args.layers,
+                "bytes_per_expert": per_expert,
+                "decode_us": rows["decode"] * 1e6,
+                "decode_bound_us": bound_us,
+                "decode_fraction_of_bound": bound_us / (rows["decode"] * 1e6),
+                "read_bandwidth_gb_s": bandwidth,
+                f"prefill{args.prefill}_us": rows["prefill"] * 1e6,
+                "prefill_gmac_s": macs / rows["prefill"] / 1e9,
+            },
+            indent=2,
         )
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "m.pte"
-            lowered.write(path)
-            method = open_program(path).load_method("forward")
-            gen = torch.Generator().manual_seed(0)
-            timings = {}
-            for name, length in (("decode_us", 1), ("prefill32_us", 32)):
-                samples = []
-                for r in range(args.repeats + 3):
-                    tokens = torch.randint(0, 512, (1, length), generator=gen)
-                    started = time.perf_counter()
-                    method.execute([tokens, torch.tensor([0])])
-                    if r >= 3:  # warm-up
-                        samples.append((time.perf_counter() - started) * 1e6)
-                timings[name] = statistics.median(samples)
-        rows.append({"experts": experts, "top_k": top_k, **timings})
-        print(json.dumps(rows[-1]), flush=True)
-    base = rows[0]
-    for row in rows:
-        ratio = {k: row[k] / base[k] for k in ("decode_us", "prefill32_us")}
-        label = f"E={row['experts']:>2} K={row['top_k']}"
-        print(f"{label}: decode x{ratio['decode_us']:.2f}, prefill x{ratio['prefill32_us']:.2f} (vs E=8 K=1)")
+    )
 
 
 def main() -> None:
@@ -117,10 +231,17 @@ def main() -> None:
     lower.add_argument("--model", default="tiny")
     lower.add_argument("--layers", type=int, default=0, help="keep the first N layers (0: all)")
     lower.add_argument("--max-context", type=int, default=256)
+    lower.add_argument("--moe", default="fused", choices=("fused", "xnnpack"), help="routed experts' form")
     sparsity = sub.add_parser("sparsity")
     sparsity.add_argument("--repeats", type=int, default=30)
+    kernel = sub.add_parser("kernel")
+    kernel.add_argument("--model", default="mobilemoe_s")
+    kernel.add_argument("--prefill", type=int, default=128)
+    kernel.add_argument("--layers", type=int, default=8, help="MoE layers in a row (weights beyond the L3)")
+    kernel.add_argument("--repeats", type=int, default=50)
+    kernel.add_argument("--threads", type=int, default=2, help="threads of the bandwidth measurement")
     args = parser.parse_args()
-    {"lower": lower_cmd, "sparsity": sparsity_cmd}[args.cmd](args)
+    {"lower": lower_cmd, "sparsity": sparsity_cmd, "kernel": kernel_cmd}[args.cmd](args)
 
 
 if __name__ == "__main__":

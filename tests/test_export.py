@@ -21,7 +21,14 @@ from shapes import MAX_CONTEXT, VOCAB, micro_cfg, trained_like
 from pipeline.data.tokenizer import BOS, EOS, PAD, Tokenizer
 from pipeline.export.checks import Gate, compare, cosine, exact_compare, sqnr_db, top1_margin
 from pipeline.export.hf import HFMappingError, dequantized, hf_config, load_hf, save_hf
-from pipeline.export.lower import INT4_GEMM_OP, expected_int4_gemms, expert_weight_table, operator_table
+from pipeline.export.lower import (
+    INT4_GEMM_OP,
+    MOE_KERNEL_OP,
+    expected_int4_gemms,
+    expected_moe_kernels,
+    expert_weight_table,
+    operator_table,
+)
 from pipeline.export.noise import noise_floor
 from pipeline.export.program import ExportableLM, ExportInputError
 from pipeline.export.runner import (
@@ -72,24 +79,40 @@ def test_pt2_matches_the_eager_converted_model(converted, lowered, prompts):
     assert result["passed"], result
 
 
-def test_every_expert_gemm_is_delegated_int4_and_nothing_dense_is_left(lowered):
+def test_every_gemm_is_int4_and_the_routed_experts_are_one_kernel_per_layer(lowered, converted):
     ops = lowered["operators"]
     assert ops["portable_compute"] == [], ops["portable"]
-    # Per layer: 4 experts x 2 GEMMs, the shared expert's 2, attention's 2; plus the head.
-    int4_gemms = 2 * (4 * 2 + 2 + 2) + 1
+    # Per layer: the shared expert's 2 GEMMs, attention's 2; plus the head. The routed
+    # experts (4 x 2 GEMMs per layer in the xnnpack form) run in one fused kernel per layer.
+    int4_gemms = 2 * (2 + 2) + 1
     assert expected_int4_gemms(micro_cfg()) == int4_gemms
+    assert expected_int4_gemms(micro_cfg(), "xnnpack") == 2 * (4 * 2 + 2 + 2) + 1
     assert expected_int4_gemms(micro_cfg(moe=None, ffn_dim=96, n_layers=3)) == 3 * (2 + 2) + 1
+    assert expected_moe_kernels(micro_cfg()) == 2 and expected_moe_kernels(micro_cfg(), "xnnpack") == 0
     assert ops["delegated"][INT4_GEMM_OP] == int4_gemms
     assert ops["delegated"]["quantized_decomposed.dequantize_per_token.default"] == int4_gemms
     assert ops["delegated"]["aten.linear.default"] == int4_gemms + 2  # + the FP32 routers
-    # One gather and one split per layer feed every expert its rows; nothing per expert.
-    assert ops["portable"]["aten.split_with_sizes_copy.default"] == 2
-    assert ops["portable"]["aten.index_select.default"] <= 2 * 4 + 3
+    assert ops["portable"][MOE_KERNEL_OP] == 2
+    # Nothing per expert is left in the graph: no split into per-expert blocks.
+    assert "aten.split_with_sizes_copy.default" not in ops["portable"]
     (row, _) = expert_weight_table(lowered["program"])
     # One expert: w1|w3 (64 x 64) and w2 (64 x 32), INT4 packed, FP32 scale per 32.
     by_hand = (64 * 64 + 64 * 32) // 2 + (64 * 64 // 32 + 64 * 32 // 32) * 4
     assert row["bytes_per_expert"] == by_hand and row["all_experts_equal"]
     assert row["bytes_read_per_token"] < row["bytes_all_experts"]
+    xnnpack_row = expert_weight_table(ExportableLM(converted, MAX_CONTEXT, moe="xnnpack"))[0]
+    assert xnnpack_row == row
+
+
+def test_the_fused_and_per_expert_forms_compute_the_same_moe(converted):
+    fused, per_expert = (ExportableLM(converted, MAX_CONTEXT, moe=form).layers[0].ffn for form in ("fused", "xnnpack"))
+    x_TD = torch.randn(9, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a, b = fused(x_TD), per_expert(x_TD)
+    # The same 8da4w maths in other operators: equal to float rounding.
+    assert torch.allclose(a, b, atol=1e-5 * float(b.abs().max())), float((a - b).abs().max())
+    with pytest.raises(ExportInputError, match="moe='dense'"):
+        ExportableLM(converted, MAX_CONTEXT, moe="dense")
 
 
 def test_counting_sort_groups_slots_by_expert_keeping_their_order():
@@ -105,10 +128,10 @@ def test_counting_sort_groups_slots_by_expert_keeping_their_order():
 
 
 def test_sparse_moe_runs_experts_on_their_routed_tokens_only(converted):
-    program = ExportableLM(converted, MAX_CONTEXT)
+    program = ExportableLM(converted, MAX_CONTEXT, moe="xnnpack")
     moe = program.layers[0].ffn
     calls: list[int] = []
-    for expert in moe.experts:
+    for expert in moe.routed.experts:
         expert.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
     x_TD = torch.randn(5, 64)
     with torch.no_grad():
@@ -147,7 +170,8 @@ def test_the_program_lists_its_kernel_libraries_and_a_bare_runtime_is_refused_na
     pte = lowered["dir"] / "model.pte"
     kernels = json.loads(pte.with_suffix(".kernels.json").read_text())
     libraries = {lib["namespace"]: lib for lib in kernels["kernel_libraries"]}
-    assert set(libraries) == {"llama", "quantized_decomposed"}
+    assert set(libraries) == {"llama", "quantized_decomposed", "mobilemoe"}
+    assert libraries["mobilemoe"]["operators"] == ["mobilemoe::moe_experts_int4.out"]
     assert {"llama::custom_sdpa.out", "llama::update_cache.out"} == set(libraries["llama"]["operators"])
     assert libraries["quantized_decomposed"]["operators"] == ["quantized_decomposed::embedding_4bit.out"]
     assert kernels["backends"] == ["XnnpackBackend"]
@@ -158,7 +182,7 @@ def test_the_program_lists_its_kernel_libraries_and_a_bare_runtime_is_refused_na
     refused = next(line for line in run.stdout.splitlines() if line.startswith("REFUSED"))
     for lib in libraries.values():
         assert lib["name"] in refused and lib["cmake_target"] in refused and lib["python_import"] in refused
-    assert "llama::custom_sdpa.out" in refused and "embedding_4bit" in refused
+    assert "llama::custom_sdpa.out" in refused and "embedding_4bit" in refused and "moe_experts_int4" in refused
     assert f"RAN (1, 3, {VOCAB})" in run.stdout
     # A program without its list is refused, naming the file that is missing.
     alone = tmp_path / "alone.pte"

@@ -18,6 +18,7 @@ import torch
 from shapes import COPY_VOCAB, MAX_CONTEXT, VOCAB, copy_batch, micro_cfg, trained_like
 
 from pipeline.export.checks import Gate, compare, teacher_forced
+from pipeline.export.moe_op import pack_int4
 from pipeline.export.noise import noise_floor, one_step, perturbed_rounding
 from pipeline.export.program import ExportableLM, Int4Linear
 from pipeline.export.runner import EagerRunner, ProgramRunner, PteRunner, _Runner
@@ -91,21 +92,23 @@ def _busiest_expert(program: ExportableLM, prompts: list[list[int]]) -> int:
 def _planted(bug: str, fp32, converted, prompts) -> _Runner:
     """A runner of the program with ``bug`` planted (buffers replaced, never written in
     place: the program shares the converted model's tensors)."""
-    program = ExportableLM(converted, MAX_CONTEXT)
+    # FP32 experts exist only in the per-expert form; every other bug is planted in the default.
+    program = ExportableLM(converted, MAX_CONTEXT, moe="xnnpack" if bug == "unquantized layer" else "fused")
     if bug == "wrong KV position":
         return ShiftedDecode(ProgramRunner(program, MAX_CONTEXT))
     if bug == "decode forgets its cache write":
         return ForgetfulDecode(program, MAX_CONTEXT)
     if bug == "missing expert":
-        w2 = program.layers[0].ffn.experts[_busiest_expert(program, prompts)].w2
-        w2.values_OI = torch.zeros_like(w2.values_OI)
+        routed = program.layers[0].ffn.routed
+        routed.w2_EDH[_busiest_expert(program, prompts)] = pack_int4(torch.zeros(1, 2), 2)[0, 0]  # all zeros
+
     elif bug == "unquantized layer":
         block, moe = fp32.layers[1], program.layers[1].ffn
         attn = block.attn
         program.layers[1].attn.wqkv = _fp32_linear(torch.cat([attn.wq.weight, attn.wk.weight, attn.wv.weight]))
         program.layers[1].attn.wo = _fp32_linear(attn.wo.weight)
         experts = block.ffn.experts
-        for e, expert in enumerate(moe.experts):
+        for e, expert in enumerate(moe.routed.experts):
             expert.w13 = _fp32_linear(torch.cat([experts.w1_EFD[e], experts.w3_EFD[e]]))
             expert.w2 = _fp32_linear(experts.w2_EDF[e])
         shared = block.ffn.shared

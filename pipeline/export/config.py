@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from pipeline.configbase import require
 from pipeline.export.kv_cache import KV_CACHE_DTYPES
+from pipeline.export.program import MOE_FORMS
 
 
 @dataclass
@@ -16,6 +17,7 @@ class ExportStageConfig:
     out_dir: str = "outputs/export"
     max_context: int = 256  # KV-cache positions of the .pte (prompt + generated tokens)
     kv_cache: str = "float32"  # the cache dtype: float32, float16, bfloat16, int8 (pipeline/export/kv_cache.py)
+    moe: str = "fused"  # routed experts: fused (the project's kernel) or xnnpack (stock ExecuTorch; program.py)
     prompts: int = 4  # held-out prompts the checks run
     prompt_tokens: int = 48  # tokens per prompt
     # The gate of every artifact against the eager converted model (checks.py, noise.py;
@@ -41,6 +43,7 @@ class ExportStageConfig:
             "kv_cache",
             f"must be one of {sorted(KV_CACHE_DTYPES)}, got {self.kv_cache!r}",
         )
+        require(self.moe in MOE_FORMS, "moe", f"must be one of {list(MOE_FORMS)}, got {self.moe!r}")
         require(self.prompt_tokens >= 2, "prompt_tokens", "must be >= 2 (prefill-then-decode splits a prompt)")
         require(
             self.prompt_tokens + self.greedy_tokens <= self.max_context,

@@ -1,14 +1,17 @@
 """What a runtime must have to run a program, written beside it (``<name>.kernels.json``).
 
 An ExecuTorch runtime has the portable kernels (``aten`` operators, prim ops). This
-project's programs also call operators from two other kernel libraries, and XNNPACK:
+project's programs also call operators from three other kernel libraries, and XNNPACK:
 
 - ``quantized_decomposed::*`` (the INT4 embedding lookup, per-token INT8 quantization of
   the INT8 KV cache): ExecuTorch's quantized kernels, CMake target ``quantized_ops_lib``,
   registered in Python by importing ``executorch.kernels.quantized``;
 - ``llama::*`` (``update_cache``, ``custom_sdpa``, ``custom_quantized_sdpa``): ExecuTorch's
   LLM custom ops, CMake target ``custom_ops``, registered in Python by importing
-  ``executorch.extension.llm.custom_ops.custom_ops``.
+  ``executorch.extension.llm.custom_ops.custom_ops``;
+- ``mobilemoe::moe_experts_int4`` (the routed experts of a layer): this project's C++
+  kernel, ``pipeline/export/native/moe_int4.cpp``, registered in Python by importing
+  ``pipeline.export.native.kernels`` (which builds it once when missing).
 
 A bare runtime without them fails at ``load_method`` with ``Missing operator: ...``, one
 operator at a time. :func:`open_program` reads the list, loads the Python side of each
@@ -40,6 +43,12 @@ LIBRARIES = {
         ),
         KernelLibrary(
             "llama", "ExecuTorch LLM custom ops", "custom_ops", "executorch.extension.llm.custom_ops.custom_ops"
+        ),
+        KernelLibrary(
+            "mobilemoe",
+            "MobileMoE kernels (pipeline/export/native/moe_int4.cpp)",
+            "moe_int4.cpp (compile into the app's kernels)",
+            "pipeline.export.native.kernels",
         ),
     )
 }

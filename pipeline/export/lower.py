@@ -2,9 +2,10 @@
 
 The .pte has one method, ``forward(tokens_1S, input_pos_1) -> logits_1SV``, with S
 dynamic in [1, max_len], and constant methods a runner reads: ``max_context``,
-``vocab_size``, ``bos_id``, ``eos_id``. XNNPACK takes the 8da4w GEMMs (experts
-included, through :mod:`pipeline.export.xnnpack_shim`); the KV cache update and SDPA
-run ExecuTorch's LLM custom ops, routing and gathers portable kernels. What a runtime
+``vocab_size``, ``bos_id``, ``eos_id``. XNNPACK takes the 8da4w GEMMs (in the
+``xnnpack`` MoE form the experts' too, through :mod:`pipeline.export.xnnpack_shim`);
+the ``fused`` form's routed experts run the project's kernel, the KV cache update and
+SDPA ExecuTorch's LLM custom ops, routing and gathers portable kernels. What a runtime
 needs beyond the portable kernels is written beside the program
 (:mod:`pipeline.export.kernels`).
 """
@@ -19,7 +20,7 @@ import torch
 from torch.export import Dim, ExportedProgram
 
 from pipeline.export.kernels import requirements, write_program
-from pipeline.export.program import ExportableLM, Int4Linear, SparseMoE
+from pipeline.export.program import ExportableLM, FusedExperts, Int4Linear, SparseMoE
 
 # The dequantization of an INT4 weight that XNNPACK fuses into each 8da4w GEMM: one per
 # Int4Linear of the program, so counting it counts the INT4 GEMMs that were delegated.
@@ -28,16 +29,27 @@ INT4_GEMM_OP = "quantized_decomposed.dequantize_per_channel_group.default"
 INT8_ACTIVATION_OP = "quantized_decomposed.dequantize_per_token.default"
 
 
-def expected_int4_gemms(cfg) -> int:
-    """INT4 GEMMs a program of model config ``cfg`` has when every weight is INT4: per
-    layer, attention's two (wq|wk|wv stacked, wo) and the FFN's two per SwiGLU (w1|w3
-    stacked, w2) for each routed and shared expert (or the dense FFN); plus the head."""
+# The routed experts of one MoE layer in the ``fused`` form (pipeline/export/moe_op.py).
+MOE_KERNEL_OP = "mobilemoe.moe_experts_int4.default"
+
+
+def expected_int4_gemms(cfg, moe: str = "fused") -> int:
+    """XNNPACK INT4 GEMMs a program of model config ``cfg`` has when every weight is INT4:
+    per layer, attention's two (wq|wk|wv stacked, wo) and the FFN's two per SwiGLU (w1|w3
+    stacked, w2) for the shared expert, for each routed expert in the ``xnnpack`` form
+    (the ``fused`` form runs them in :data:`MOE_KERNEL_OP`), or for the dense FFN; plus
+    the head."""
     per_layer = 2
     if cfg.moe is not None:
-        per_layer += 2 * cfg.moe.num_experts + (2 if cfg.moe.num_shared_experts else 0)
+        per_layer += (2 * cfg.moe.num_experts if moe == "xnnpack" else 0) + (2 if cfg.moe.num_shared_experts else 0)
     else:
         per_layer += 2
     return cfg.n_layers * per_layer + 1
+
+
+def expected_moe_kernels(cfg, moe: str = "fused") -> int:
+    """:data:`MOE_KERNEL_OP` nodes: one per MoE layer in the ``fused`` form, else none."""
+    return cfg.n_layers if cfg.moe is not None and moe == "fused" else 0
 
 
 def example_inputs(program: ExportableLM, length: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,7 +176,13 @@ def expert_weight_table(program: ExportableLM) -> list[dict]:
         if not isinstance(layer.ffn, SparseMoE):
             continue
         moe = layer.ffn
-        per_expert = [_int4_bytes(e.w13) + _int4_bytes(e.w2) for e in moe.experts]
+        routed = moe.routed
+        if isinstance(routed, FusedExperts):
+            per_expert = [
+                sum(int(t[e].numel()) * t.element_size() for t in routed.buffers()) for e in range(moe.cfg.num_experts)
+            ]
+        else:
+            per_expert = [_int4_bytes(e.w13) + _int4_bytes(e.w2) for e in routed.experts]
         shared = _int4_bytes(moe.shared.w13) + _int4_bytes(moe.shared.w2) if moe.shared is not None else 0
         rows.append(
             {

@@ -19,12 +19,16 @@ pattern into one dynamically quantized INT4 GEMM. These ops (rather than torchao
 tensor subclass) are used because their shape functions make no guard on the number of
 rows, which for an expert depends on the data.
 
-The MoE is sparse, with the paper's fused-MoE plan: the T*K routed slots are sorted by
-expert (a counting sort), the tokens gathered once in that order and split into one
-block of rows per expert (data-dependent sizes; most are empty during decode), each
-block run through its expert's two GEMMs, the results concatenated and added back to
-their tokens with their gate weights. An expert that receives no token runs its GEMMs
-on zero rows: XNNPACK reads none of its weights.
+The MoE is sparse: the router (FP32, in the graph) picks K experts per token, and the
+routed experts run in one of two forms (``moe``). ``fused`` (default): one
+``mobilemoe::moe_experts_int4`` node per layer, the project's C++ kernel
+(:mod:`pipeline.export.moe_op`), INT4 packed two per byte; only routed experts' weights
+are read, and the graph no longer grows with the number of experts. ``xnnpack``: the
+paper's fused-MoE plan in stock operators, for a runtime without the project's kernels:
+the T*K routed slots sorted by expert (a counting sort), the tokens gathered once in that
+order and split into one block of rows per expert (data-dependent sizes; most are empty
+during decode), each block run through its expert's two XNNPACK GEMMs, the results added
+back to their tokens with their gate weights; an idle expert still costs its dispatch.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.export.kv_cache import KV_CACHE_DTYPES, KVCacheAttention, window_mask
+from pipeline.export.moe_op import moe_experts_int4, pack_int4
 from pipeline.model.config import ModelConfig
 from pipeline.model.decoder import Transformer
 from pipeline.model.layers import RMSNorm, apply_rope, rope_tables
@@ -166,21 +171,76 @@ def _expert_slice(w: QuantizedWeight, e: int) -> QuantizedWeight:
     return QuantizedWeight(values, w.scale[e].reshape(values.shape[0], -1), w.bits, w.group)
 
 
-class SparseMoE(nn.Module):
-    """Router (FP32) + per-expert INT4 SwiGLUs run only on their routed tokens + shared."""
+MOE_FORMS = ("fused", "xnnpack")
 
-    def __init__(self, moe: MoE) -> None:
+
+class FusedExperts(nn.Module):
+    """All routed experts of a layer as one ``mobilemoe::moe_experts_int4`` node
+    (:mod:`pipeline.export.moe_op`): INT4 packed two per byte, only routed experts run."""
+
+    def __init__(self, qw: dict[str, QuantizedWeight]) -> None:
+        super().__init__()
+        w1, w3, w2 = qw["w1_EFD"], qw["w3_EFD"], qw["w2_EDF"]
+        E = w1.values.shape[0]
+
+        def packed(values_ERC: torch.Tensor, group: int) -> torch.Tensor:
+            return torch.stack([pack_int4(values_ERC[e], group) for e in range(E)])
+
+        def scales(w: QuantizedWeight) -> torch.Tensor:
+            return w.scale.float().reshape(E, w.values.shape[1], -1)
+
+        self.register_buffer("w13_EFH", packed(torch.cat([w1.values, w3.values], dim=1), w1.group))
+        self.register_buffer("w13_scale_EFG", torch.cat([scales(w1), scales(w3)], dim=1).contiguous())
+        self.register_buffer("w2_EDH", packed(w2.values, w2.group))
+        self.register_buffer("w2_scale_EDG", scales(w2).contiguous())
+
+    def forward(self, x_TD: torch.Tensor, gates_TK: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
+        return moe_experts_int4(
+            x_TD, experts_TK, gates_TK, self.w13_EFH, self.w13_scale_EFG, self.w2_EDH, self.w2_scale_EDG
+        )
+
+
+class PerExpertExperts(nn.Module):
+    """Each expert as its own pair of XNNPACK INT4 GEMMs over its routed rows: runs on a
+    stock ExecuTorch runtime, but costs graph nodes and dispatch per expert."""
+
+    def __init__(self, qw: dict[str, QuantizedWeight], num_experts: int, top_k: int) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.experts = nn.ModuleList(
+            Int4SwiGLU(*(_expert_slice(qw[k], e) for k in ("w1_EFD", "w3_EFD", "w2_EDF"))) for e in range(num_experts)
+        )
+
+    def forward(self, x_TD: torch.Tensor, gates_TK: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
+        order_N, counts_E = sort_by_expert(experts_TK.reshape(-1), self.num_experts)
+        token_N = order_N // self.top_k  # the token each sorted slot belongs to
+        x_ND = x_TD.index_select(0, token_N)  # one gather for every expert
+        sizes = counts_E.tolist()  # data-dependent rows per expert
+        for n in sizes:
+            torch._check(n <= x_ND.shape[0])  # a bound: memory is planned for it
+        torch._check(sum(sizes) == x_ND.shape[0])
+        y_ND = torch.cat([expert(rows) for expert, rows in zip(self.experts, torch.split(x_ND, sizes), strict=True)])
+        gate_N = gates_TK.reshape(-1).index_select(0, order_N)
+        return torch.zeros_like(x_TD).index_add(0, token_N, y_ND * gate_N[:, None])
+
+
+class SparseMoE(nn.Module):
+    """Router (FP32) + INT4 routed experts run only on their routed tokens + shared.
+
+    ``form``: ``fused`` (:class:`FusedExperts`, the project's kernel) or ``xnnpack``
+    (:class:`PerExpertExperts`, stock ExecuTorch)."""
+
+    def __init__(self, moe: MoE, form: str = "fused") -> None:
         super().__init__()
         if not isinstance(moe.experts, QuantizedExperts):
             raise ExportInputError(f"experts are {type(moe.experts).__name__}, not converted INT4 experts")
+        if form not in MOE_FORMS:
+            raise ExportInputError(f"moe={form!r} is not one of {list(MOE_FORMS)}")
         self.cfg = moe.cfg
         self.router_ED = nn.Parameter(moe.router.weight_ED.detach().float().clone(), requires_grad=False)
         self.register_buffer("expert_bias_E", moe.router.expert_bias_E.detach().float().clone())
         qw = moe.experts.qweights
-        self.experts = nn.ModuleList(
-            Int4SwiGLU(*(_expert_slice(qw[k], e) for k in ("w1_EFD", "w3_EFD", "w2_EDF")))
-            for e in range(moe.cfg.num_experts)
-        )
+        self.routed = FusedExperts(qw) if form == "fused" else PerExpertExperts(qw, moe.cfg.num_experts, moe.cfg.top_k)
         self.shared = None
         if moe.shared is not None:
             shared = quantized_weights(moe.shared)
@@ -197,17 +257,7 @@ class SparseMoE(nn.Module):
         return gates_TK * self.cfg.route_scale, experts_TK
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        gates_TK, experts_TK = self.route(x_TD)
-        order_N, counts_E = sort_by_expert(experts_TK.reshape(-1), self.cfg.num_experts)
-        token_N = order_N // self.cfg.top_k  # the token each sorted slot belongs to
-        x_ND = x_TD.index_select(0, token_N)  # one gather for every expert
-        sizes = counts_E.tolist()  # data-dependent rows per expert
-        for n in sizes:
-            torch._check(n <= x_ND.shape[0])  # a bound: memory is planned for it
-        torch._check(sum(sizes) == x_ND.shape[0])
-        y_ND = torch.cat([expert(rows) for expert, rows in zip(self.experts, torch.split(x_ND, sizes), strict=True)])
-        gate_N = gates_TK.reshape(-1).index_select(0, order_N)
-        out_TD = torch.zeros_like(x_TD).index_add(0, token_N, y_ND * gate_N[:, None])
+        out_TD = self.routed(x_TD, *self.route(x_TD))
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
         return out_TD
@@ -232,7 +282,7 @@ def sort_by_expert(experts_N: torch.Tensor, num_experts: int) -> tuple[torch.Ten
 
 class ExportBlock(nn.Module):
     def __init__(
-        self, cfg: ModelConfig, block, q: dict[str, QuantizedWeight], i: int, max_len: int, kv_cache: str
+        self, cfg: ModelConfig, block, q: dict[str, QuantizedWeight], i: int, max_len: int, kv_cache: str, moe: str
     ) -> None:
         super().__init__()
         p = f"layers.{i}"
@@ -240,7 +290,7 @@ class ExportBlock(nn.Module):
         self.attn = CachedAttention(cfg, block.attn, q, f"{p}.attn", max_len, kv_cache)
         self.ffn_norm = frozen_norm(block.ffn_norm)
         if isinstance(block.ffn, MoE):
-            self.ffn: nn.Module = SparseMoE(block.ffn)
+            self.ffn: nn.Module = SparseMoE(block.ffn, moe)
         else:
             self.ffn = Int4SwiGLU(*(q[f"{p}.ffn.{w}.weight"] for w in ("w1", "w3", "w2")))
 
@@ -258,10 +308,16 @@ class ExportableLM(nn.Module):
     every position because its checks compare them all.
 
     ``kv_cache``: the cache dtype, one of :data:`pipeline.export.kv_cache.KV_CACHE_DTYPES`.
+    ``moe``: the routed experts' form, one of :data:`MOE_FORMS` (:class:`SparseMoE`).
     """
 
     def __init__(
-        self, model: Transformer, max_len: int, last_logits_only: bool = False, kv_cache: str = "float32"
+        self,
+        model: Transformer,
+        max_len: int,
+        last_logits_only: bool = False,
+        kv_cache: str = "float32",
+        moe: str = "fused",
     ) -> None:
         super().__init__()
         cfg = model.cfg
@@ -273,7 +329,11 @@ class ExportableLM(nn.Module):
         self.embed = Int4Embedding(q["embed.weight"])
         if kv_cache not in KV_CACHE_DTYPES:
             raise ExportInputError(f"kv_cache={kv_cache!r} is not one of {sorted(KV_CACHE_DTYPES)}")
-        self.layers = nn.ModuleList(ExportBlock(cfg, b, q, i, max_len, kv_cache) for i, b in enumerate(model.layers))
+        if moe not in MOE_FORMS:
+            raise ExportInputError(f"moe={moe!r} is not one of {list(MOE_FORMS)}")
+        self.layers = nn.ModuleList(
+            ExportBlock(cfg, b, q, i, max_len, kv_cache, moe) for i, b in enumerate(model.layers)
+        )
         self.norm = frozen_norm(model.norm)
         self.head = Int4Linear(q["embed.weight"] if cfg.tie_embeddings else q["head.weight"])
         cos, sin = rope_tables(cfg.head_dim, max_len, cfg.rope_theta)

@@ -1,0 +1,111 @@
+"""The project's own ExecuTorch kernels (C++), built against the installed ExecuTorch.
+
+``moe_int4.cpp`` holds ``mobilemoe::moe_experts_int4.out`` (see
+:mod:`pipeline.export.moe_op` for the operator and its eager reference). It is compiled
+with the ExecuTorch headers and libraries that ship in the wheel, once per source,
+compiler flags, ExecuTorch version and CPU kind (``-march=native``: the library is built
+on the machine that runs it, so it is not copied between machine kinds), into
+``$MOBILEMOE_NATIVE_CACHE`` (default ``~/.cache/mobilemoe/native``). ``make setup``
+builds it; :func:`load` builds it when missing and registers its kernels in ExecuTorch's
+runtime (the Python runtime and the LLM runner's binding share that registry).
+
+A C++ app compiles ``moe_int4.cpp`` into its kernel libraries beside ExecuTorch's
+(it needs ``ET_USE_THREADPOOL`` and ``C10_USING_CUSTOM_GENERATED_MACROS``, as ExecuTorch's
+own CMake targets do).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("moe_int4.cpp")
+LIBRARY_NAME = "libmobilemoe_ops.so"
+FLAGS = ("-std=c++17", "-O3", "-march=native", "-fPIC", "-shared", "-DET_USE_THREADPOOL",
+         "-DC10_USING_CUSTOM_GENERATED_MACROS")  # fmt: skip
+_loaded: Path | None = None
+
+
+class NativeBuildError(RuntimeError):
+    """The kernel library could not be built; the message names the compiler or the error."""
+
+
+def _executorch_dirs() -> tuple[Path, Path]:
+    import executorch
+
+    root = Path(next(iter(executorch.__path__)))
+    return root / "include", root / "lib"
+
+
+def _cpu_kind() -> str:
+    """What -march=native depends on: the CPU's flags (Linux) or the platform string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.platform() + platform.processor()
+
+
+def library_path(compiler: str | None = None) -> Path:
+    """Where the library for this source, compiler, flags, ExecuTorch and CPU kind lives."""
+    from importlib.metadata import version
+
+    compiler = compiler or os.environ.get("CXX", "c++")
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), compiler.encode(), " ".join(FLAGS).encode(),
+                 version("executorch").encode(), _cpu_kind().encode()):  # fmt: skip
+        key.update(part)
+    cache = Path(os.environ.get("MOBILEMOE_NATIVE_CACHE", Path.home() / ".cache" / "mobilemoe" / "native"))
+    return cache / key.hexdigest()[:16] / LIBRARY_NAME
+
+
+def build(compiler: str | None = None) -> Path:
+    """Compile the kernel library unless it is already built; return its path.
+
+    Raises NativeBuildError naming the compiler when there is none, or with the
+    compiler's own message when it fails. Concurrent builds take a file lock."""
+    from filelock import FileLock
+
+    compiler = compiler or os.environ.get("CXX", "c++")
+    out = library_path(compiler)
+    if out.is_file():
+        return out
+    if shutil.which(compiler) is None:
+        raise NativeBuildError(
+            f"no C++ compiler {compiler!r} on PATH: the export's MoE kernel is C++ built against ExecuTorch "
+            "(install g++ or set CXX)"
+        )
+    include, lib = _executorch_dirs()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if out.is_file():
+            return out
+        tmp = out.with_suffix(".tmp.so")
+        cmd = [compiler, *FLAGS, f"-I{include}", f"-I{include}/executorch/runtime/core/portable_type/c10",
+               str(SOURCE), f"-L{lib}", "-lexecutorch", "-lexecutorch_threadpool", f"-Wl,-rpath,{lib}",
+               "-o", str(tmp)]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise NativeBuildError(f"building {SOURCE.name} failed ({' '.join(cmd)}):\n{done.stderr[-4000:]}")
+        tmp.replace(out)
+    return out
+
+
+def load() -> Path:
+    """Build if needed, then register the kernels in ExecuTorch's runtime (once per process)."""
+    global _loaded
+    if _loaded is None:
+        from executorch.extension.pybindings import portable_lib  # noqa: F401 - loads the runtime it registers into
+
+        path = build()
+        ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+        _loaded = path
+    return _loaded
