@@ -24,10 +24,12 @@ import resource
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 
+import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -48,6 +50,25 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+class RssSampler:
+    """The peak resident set size of this process while the block runs (sampled every 0.1 s)."""
+
+    def __enter__(self):
+        self.peak, self._done = psutil.Process().memory_info().rss, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        process = psutil.Process()
+        while not self._done.wait(0.1):
+            self.peak = max(self.peak, process.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+
+
 def lower_cmd(args) -> None:
     cfg = validate(compose([f"model={args.model}"])).model
     cfg = replace(cfg, n_layers=args.layers or cfg.n_layers)
@@ -58,10 +79,12 @@ def lower_cmd(args) -> None:
     started = time.perf_counter()
     exported = export_program(program)
     exported_s = time.perf_counter() - started
+    rss_before = psutil.Process().memory_info().rss
     started = time.perf_counter()
-    lowered = lower_to_pte(
-        exported, {"max_context": args.max_context, "vocab_size": cfg.vocab_size, "bos_id": 0, "eos_id": 1}
-    )
+    with RssSampler() as lowering_rss:
+        lowered = lower_to_pte(
+            exported, {"max_context": args.max_context, "vocab_size": cfg.vocab_size, "bos_id": 0, "eos_id": 1}
+        )
     lower_s = time.perf_counter() - started
     report = {
         "model": args.model,
@@ -69,6 +92,8 @@ def lower_cmd(args) -> None:
         "moe": args.moe,
         "seconds": {"build_and_quantize": built, "export": exported_s, "lower": lower_s},
         "peak_rss_gib": _peak_rss_gib(),
+        # RSS when lowering starts (weights, exported program) and its peak while lowering
+        "lowering_rss_gib": {"start": rss_before / 2**30, "peak": lowering_rss.peak / 2**30},
         "pte_bytes": len(lowered.buffer),
         "operators": {k: lowered.operators[k] for k in ("delegate_calls", "portable_compute")},
         "delegated_int4_gemms": lowered.operators["delegated"].get(INT4_GEMM_OP, 0),
@@ -200,7 +225,7 @@ def kernel_cmd(args) -> None:
             if r >= 3:
                 samples.append(time.perf_counter() - started)
         rows[name] = statistics.median(samples)
-    bandwidth = read_bandwidth_gb_s(512, args.threads)["median"]
+    bandwidth = read_bandwidth_gb_s(512, args.threads)["gb_s"]
     read = args.layers * K * per_expert
     bound_us = read / (bandwidth * 1e9) * 1e6
     macs = args.layers * args.prefill * K * 3 * F * D

@@ -351,3 +351,31 @@ def _request_tokens(spec, item, tok: Tokenizer) -> int:
         return 1 + max(len(tok.encode(item.context + c)) for c in item.choices)
     markers = 3 if spec.chat else 0  # <|user|> ... <|end|> <|assistant|>
     return 1 + markers + len(tok.encode(item.context)) + spec.max_tokens - 1  # the last token is not fed back
+
+
+@dataclass
+class LoweringMemoryInput:
+    """The export's lowering fits this machine's memory (estimated from the config,
+    :mod:`pipeline.export.budget`); checked on the driver, where the embedded Ray runs it."""
+
+    key: str  # the stage's config block
+    model: ModelConfig
+    moe: str
+    max_context: int
+    on_cluster: bool = False
+
+    def check(self) -> int:
+        from pipeline.export.budget import GIB, available_bytes, lowering_peak_bytes
+
+        need = lowering_peak_bytes(self.model, self.moe, self.max_context)
+        have = available_bytes()
+        if not self.on_cluster and need > have:
+            fused = lowering_peak_bytes(self.model, "fused", self.max_context)
+            hint = f"; {self.key}.moe=fused needs about {fused / GIB:.1f} GiB" if self.moe != "fused" else ""
+            raise StageInputError(
+                f"{self.key}: lowering model={self.model.name} ({self.model.n_layers} layers, vocab "
+                f"{self.model.vocab_size}) with {self.key}.moe={self.moe} and {self.key}.max_context="
+                f"{self.max_context} needs about {need / GIB:.1f} GiB; this machine has {have / GIB:.1f} GiB "
+                f"available{hint}"
+            )
+        return need

@@ -22,19 +22,28 @@ import json
 from pathlib import Path
 
 from pipeline.recipe import repo_path
-from pipeline.runner.inputs import HFMappableInput, MixtureInput, QuantizedModelInput, TokenizerInput
+from pipeline.runner.inputs import (
+    HFMappableInput,
+    LoweringMemoryInput,
+    MixtureInput,
+    QuantizedModelInput,
+    TokenizerInput,
+)
 from pipeline.runner.spec import Stage, StageContext, StageResult
 
 KEY = "stage.export"
 
 
 def _inputs(recipe) -> list:
+    from pipeline.runner.cluster import cluster_address
+
     cfg = recipe.stage.export
     return [
         QuantizedModelInput(f"{KEY}.quantized", repo_path(cfg.quantized), recipe.model),
         TokenizerInput(f"{KEY}.tokenizer", repo_path(cfg.tokenizer), recipe.model.vocab_size),
         MixtureInput(f"{KEY}.prompts_mixture", repo_path(cfg.prompts_mixture), cfg.prompt_tokens),
         HFMappableInput("model", recipe.model),
+        LoweringMemoryInput(KEY, recipe.model, cfg.moe, cfg.max_context, on_cluster=bool(cluster_address(recipe.ray))),
     ]
 
 

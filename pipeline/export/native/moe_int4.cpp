@@ -15,6 +15,10 @@
 // j + g/2 in its high nibble, each stored as value + 8 (so [-8, 7] -> [0, 15]). Splitting
 // a group into halves keeps the unpacking a pair of vector shifts and masks.
 //
+// Arithmetic: each weight row is dequantized to FP32 (value * group scale) once per work
+// item and dotted with the centred INT8 activations (as floats) of every slot of its expert,
+// times the activation scale: the 8da4w product up to FP32 summation order.
+//
 // Work split: slots are grouped by expert; one parallel_for runs over (expert, block of
 // output rows) for w1|w3 and one for w2, so a weight row is unpacked once and reused for
 // every slot of its expert (prefill), and decode's K GEMVs spread over all threads.
@@ -27,6 +31,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace mobilemoe {
@@ -38,6 +43,7 @@ using executorch::runtime::Error;
 using executorch::runtime::KernelRuntimeContext;
 
 constexpr int64_t kRowBlock = 16;  // output rows per work item: enough to amortize dispatch
+constexpr int64_t kDirectSlots = 2;  // up to this many rows of one expert: no dequantized copy
 
 // Per-token asymmetric INT8 of n values (the formulas of quantized_decomposed, whose scale is
 // float64 after choose_qparams: the quantization is done in double to round the same way).
@@ -62,31 +68,85 @@ double quantize_row(const float* x, int64_t n, int8_t* q, int32_t* zero) {
   return scale;
 }
 
-// Unpack one row of n INT4 values (n/2 bytes) in groups of g into int16 lanes.
-inline void unpack_row(const uint8_t* packed, int64_t n, int64_t g, int16_t* w) {
+// The hot loops use GCC/Clang vector extensions: 16 FP32 lanes, lowered to whatever
+// the target has (one AVX-512 register, two AVX2 ones, four NEON ones).
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+constexpr int64_t kLanes = 16;
+
+inline f32x16 load_f32(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store_f32(float* p, f32x16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// 16 bytes of a group -> its 16 low-nibble values (columns c..c+15) and 16 high-nibble
+// values (columns c+g/2..), as floats in [-8, 7].
+inline void unpack16(const uint8_t* p, f32x16* lo, f32x16* hi) {
+  i32x16 b;
+  for (int l = 0; l < kLanes; ++l) b[l] = p[l];  // a zero-extending load
+  *lo = __builtin_convertvector((b & 0xF) - 8, f32x16);
+  *hi = __builtin_convertvector((b >> 4) - 8, f32x16);
+}
+
+inline float hsum(f32x16 v) {
+  float s = 0.f;
+  for (int l = 0; l < kLanes; ++l) s += v[l];
+  return s;
+}
+
+// Dequantize one row of n INT4 values (n/2 bytes, groups of g, g a multiple of 32) to
+// float: value * scale.
+inline void dequant_row(const uint8_t* packed, const float* scale, int64_t n, int64_t g, float* w) {
   const int64_t half = g / 2;
-  for (int64_t start = 0; start < n; start += g) {
-    const uint8_t* p = packed + start / 2;
-    int16_t* lo = w + start;
-    int16_t* hi = w + start + half;
-    for (int64_t j = 0; j < half; ++j) {
-      lo[j] = static_cast<int16_t>(p[j] & 0xF) - 8;
-      hi[j] = static_cast<int16_t>(p[j] >> 4) - 8;
+  for (int64_t start = 0, grp = 0; start < n; start += g, ++grp) {
+    const float s = scale[grp];
+    for (int64_t c = 0; c < half; c += kLanes) {
+      f32x16 lo, hi;
+      unpack16(packed + start / 2 + c, &lo, &hi);
+      store_f32(w + start + c, lo * s);
+      store_f32(w + start + half + c, hi * s);
     }
   }
 }
 
-// sum over groups of w_scale[grp] * sum_{i in grp} w[i] * (xq[i] - zero)
-inline float dot_groups(const int16_t* w, const int16_t* xq, int64_t n, int64_t g, const float* w_scale) {
-  float acc = 0.f;
-  for (int64_t start = 0, grp = 0; start < n; start += g, ++grp) {
-    int32_t s = 0;
-    for (int64_t i = 0; i < g; ++i) {
-      s += static_cast<int32_t>(w[start + i]) * static_cast<int32_t>(xq[start + i]);
-    }
-    acc += w_scale[grp] * static_cast<float>(s);
+// sum_i w[i] * x[i] for a dequantized row: four accumulators, so consecutive FMAs do not
+// wait on each other. n is a multiple of 32 (the group).
+inline float dot(const float* w, const float* x, int64_t n) {
+  f32x16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+  int64_t i = 0;
+  for (; i + 4 * kLanes <= n; i += 4 * kLanes) {
+    a0 += load_f32(w + i) * load_f32(x + i);
+    a1 += load_f32(w + i + kLanes) * load_f32(x + i + kLanes);
+    a2 += load_f32(w + i + 2 * kLanes) * load_f32(x + i + 2 * kLanes);
+    a3 += load_f32(w + i + 3 * kLanes) * load_f32(x + i + 3 * kLanes);
   }
-  return acc;
+  for (; i < n; i += kLanes) a0 += load_f32(w + i) * load_f32(x + i);
+  return hsum((a0 + a1) + (a2 + a3));
+}
+
+// The same product straight from the packed row (no dequantized copy): what decode runs,
+// where each weight row meets one activation row.
+inline float dot_packed(const uint8_t* packed, const float* scale, const float* x, int64_t n, int64_t g) {
+  const int64_t half = g / 2;
+  f32x16 acc0 = {}, acc1 = {};
+  for (int64_t start = 0, grp = 0; start < n; start += g, ++grp) {
+    f32x16 t_lo = {}, t_hi = {};
+    for (int64_t c = 0; c < half; c += kLanes) {
+      f32x16 lo, hi;
+      unpack16(packed + start / 2 + c, &lo, &hi);
+      t_lo += lo * load_f32(x + start + c);
+      t_hi += hi * load_f32(x + start + half + c);
+    }
+    if (grp & 1) {
+      acc1 += (t_lo + t_hi) * scale[grp];
+    } else {
+      acc0 += (t_lo + t_hi) * scale[grp];
+    }
+  }
+  return hsum(acc0 + acc1);
 }
 
 struct Slots {
@@ -117,31 +177,38 @@ void plan_items(const Slots& s, int64_t E, int64_t rows, Slots& out) {
   }
 }
 
-// Quantized activations of every slot, centred (q - zero) as int16, with their scales.
+// INT8 activations of every row, centred (q - zero) and held as floats (exact small
+// integers), with their scales: y = scale * dot(dequantized weight row, centred row).
 struct QActs {
-  std::vector<int16_t> q;
+  std::vector<float> q;
   std::vector<float> scale;
 };
 
-void center(const int8_t* q, int64_t n, int32_t zero, int16_t* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<int16_t>(q[i] - zero);
+void center(const int8_t* q, int64_t n, int32_t zero, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(static_cast<int32_t>(q[i]) - zero);
 }
 
 // y[slot, r] = x_scale[slot] * dot(W[e, r], xq[slot]) for r in a block, every slot of e.
 void gemm_block(const uint8_t* w_packed, const float* w_scale, int64_t rows, int64_t n, int64_t g,
                 int64_t e, int64_t r0, const Slots& s, const QActs& a, int64_t a_row_of_slot_stride,
                 bool by_slot_index, float* y, int64_t y_stride) {
-  std::vector<int16_t> w(n);
   const int64_t groups = n / g;
   const int64_t r1 = std::min(rows, r0 + kRowBlock);
+  const int64_t slots = s.start[e + 1] - s.start[e];
+  // Few rows of activations (decode): read the packed row directly; many (prefill):
+  // dequantize it once and reuse it for every activation row.
+  std::vector<float> w(slots > kDirectSlots ? n : 0);
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t row = e * rows + r;
-    unpack_row(w_packed + row * (n / 2), n, g, w.data());
-    const float* ws = w_scale + row * groups;
+    const uint8_t* packed = w_packed + row * (n / 2);
+    const float* scale = w_scale + row * groups;
+    if (slots > kDirectSlots) dequant_row(packed, scale, n, g, w.data());
     for (int64_t i = s.start[e]; i < s.start[e + 1]; ++i) {
       const int64_t slot = s.slot[i];
       const int64_t arow = by_slot_index ? slot : slot / a_row_of_slot_stride;
-      y[slot * y_stride + r] = a.scale[arow] * dot_groups(w.data(), a.q.data() + arow * n, n, g, ws);
+      const float* x = a.q.data() + arow * n;
+      const float d = slots > kDirectSlots ? dot(w.data(), x, n) : dot_packed(packed, scale, x, n, g);
+      y[slot * y_stride + r] = a.scale[arow] * d;
     }
   }
 }
@@ -168,8 +235,8 @@ Tensor& moe_experts_int4_out(KernelRuntimeContext& ctx, const Tensor& x, const T
                           w2_scale.size(1) == D,
                       InvalidArgument, out, "weight shapes do not match x [T, D] and w13 [E, 2F, D/2]");
   const int64_t g1 = D / w13_scale.size(2), g2 = F / w2_scale.size(2);
-  ET_KERNEL_CHECK_MSG(ctx, g1 * w13_scale.size(2) == D && g2 * w2_scale.size(2) == F && g1 % 2 == 0 && g2 % 2 == 0,
-                      InvalidArgument, out, "group sizes must be even and divide D and F");
+  ET_KERNEL_CHECK_MSG(ctx, g1 * w13_scale.size(2) == D && g2 * w2_scale.size(2) == F && g1 % 32 == 0 && g2 % 32 == 0,
+                      InvalidArgument, out, "group sizes must be multiples of 32 dividing D and F");
   ET_KERNEL_CHECK_MSG(ctx, executorch::runtime::resize_tensor(out, x.sizes()) == Error::Ok, InvalidArgument, out,
                       "could not resize out to [T, D]");
 
@@ -181,7 +248,7 @@ Tensor& moe_experts_int4_out(KernelRuntimeContext& ctx, const Tensor& x, const T
   }
 
   // 1. Per-token INT8 of x (shared by the token's K slots).
-  QActs xa{std::vector<int16_t>(T * D), std::vector<float>(T)};
+  QActs xa{std::vector<float>(T * D), std::vector<float>(T)};
   {
     std::vector<int8_t> q(D);
     for (int64_t t = 0; t < T; ++t) {
@@ -204,7 +271,7 @@ Tensor& moe_experts_int4_out(KernelRuntimeContext& ctx, const Tensor& x, const T
   });
 
   // 3. a = silu(h1) * h3, quantized per slot.
-  QActs aa{std::vector<int16_t>(T * K * F), std::vector<float>(T * K)};
+  QActs aa{std::vector<float>(T * K * F), std::vector<float>(T * K)};
   {
     std::vector<float> a(F);
     std::vector<int8_t> q(F);
