@@ -144,6 +144,7 @@ inline float dot_packed(const uint8_t* packed, const float* scale, const int16_t
   const int64_t half = g / 2;
   const __m256i mask = _mm256_set1_epi16(0xF);
   __m256 facc0 = _mm256_setzero_ps(), facc1 = _mm256_setzero_ps();
+  float correction = 0.f;  // sum over groups of scale * sum xc, overlapping the vector work
   for (int64_t start = 0, grp = 0; start < n; start += g, ++grp) {
     __m256i acc = _mm256_setzero_si256();
     for (int64_t c = 0; c < half; c += 16) {
@@ -160,12 +161,8 @@ inline float dot_packed(const uint8_t* packed, const float* scale, const int16_t
     } else {
       facc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), s, facc0);
     }
+    correction += scale[grp] * static_cast<float>(xsum[grp]);
   }
-  // sum over groups of scale * sum xc, in four independent chains (no latency chain).
-  const int64_t groups = n / g;
-  float c[4] = {0.f, 0.f, 0.f, 0.f};
-  for (int64_t grp = 0; grp < groups; ++grp) c[grp & 3] += scale[grp] * static_cast<float>(xsum[grp]);
-  const float correction = (c[0] + c[1]) + (c[2] + c[3]);
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, _mm256_add_ps(facc0, facc1));
   float sum = 0.f;
