@@ -123,6 +123,7 @@ mutants: $(STAMP)
 bench-export: $(STAMP)
 	$(PY) bench/bench_export.py lower --model $(or $(MODEL),tiny) --layers $(or $(LAYERS),0)
 	$(PY) bench/bench_export.py sparsity
+	$(PY) bench/bench_export.py kernel --model $(if $(filter mobilemoe_%,$(MODEL)),$(MODEL),mobilemoe_s)
 
 # Profile: the exported MoE and its dense twins side by side in the ExecuTorch runtime
 # (interleaved repetitions, paired ratios), then where a decode step's time goes (ETDump).

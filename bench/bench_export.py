@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import resource
 import statistics
 import sys
@@ -116,33 +117,44 @@ def _layer_cfg(experts: int, top_k: int):
 def sparsity_cmd(args) -> None:
     from pipeline.export.kernels import open_program
 
-    rows = []
     # (32, 32): every expert active, what a compute-every-expert program would cost.
-    # Both MoE forms side by side in one run (program.py: fused kernel, per-expert XNNPACK).
-    for moe in ("fused", "xnnpack"):
-        for experts, top_k in ((8, 1), (8, 4), (32, 1), (32, 4), (32, 32)):
+    # Both MoE forms (program.py: fused kernel, per-expert XNNPACK), all programs loaded
+    # first and timed in interleaved rounds in a new random order each round, so that a slow
+    # stretch of this shared machine, or the cache a previous program left, hits every
+    # program alike.
+    shapes = [(moe, e, k) for moe in ("fused", "xnnpack") for e, k in ((8, 1), (8, 4), (32, 1), (32, 4), (32, 32))]
+    methods, keep = {}, []
+    with tempfile.TemporaryDirectory() as tmp:
+        for moe, experts, top_k in shapes:
             program = ExportableLM(random_int4(_layer_cfg(experts, top_k), 32, seed=0)[0], 64, moe=moe)
             lowered = lower_to_pte(
                 export_program(program), {"max_context": 64, "vocab_size": 512, "bos_id": 0, "eos_id": 1}
             )
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "m.pte"
-                lowered.write(path)
-                loaded = open_program(path)
-                method = loaded.load_method("forward")
-                gen = torch.Generator().manual_seed(0)
-                timings = {}
+            path = Path(tmp) / f"{moe}_{experts}_{top_k}.pte"
+            lowered.write(path)
+            loaded = open_program(path)
+            keep.append(loaded)  # a method reads its program's memory
+            methods[(moe, experts, top_k)] = loaded.load_method("forward")
+        gen = torch.Generator().manual_seed(0)
+        samples = {(key, name): [] for key in methods for name in ("decode_us", "prefill32_us")}
+        order = list(methods)
+        for r in range(args.repeats + 3):
+            random.Random(r).shuffle(order)
+            for key in order:
+                method = methods[key]
                 for name, length in (("decode_us", 1), ("prefill32_us", 32)):
-                    samples = []
-                    for r in range(args.repeats + 3):
-                        tokens = torch.randint(0, 512, (1, length), generator=gen)
-                        started = time.perf_counter()
-                        method.execute([tokens, torch.tensor([0])])
-                        if r >= 3:  # warm-up
-                            samples.append((time.perf_counter() - started) * 1e6)
-                    timings[name] = statistics.median(samples)
-            rows.append({"moe": moe, "experts": experts, "top_k": top_k, **timings})
-            print(json.dumps(rows[-1]), flush=True)
+                    tokens = torch.randint(0, 512, (1, length), generator=gen)
+                    started = time.perf_counter()
+                    method.execute([tokens, torch.tensor([0])])
+                    if r >= 3:  # warm-up
+                        samples[(key, name)].append((time.perf_counter() - started) * 1e6)
+    rows = []
+    for moe, experts, top_k in shapes:
+        timings = {
+            name: statistics.median(samples[((moe, experts, top_k), name)]) for name in ("decode_us", "prefill32_us")
+        }
+        rows.append({"moe": moe, "experts": experts, "top_k": top_k, **timings})
+        print(json.dumps(rows[-1]), flush=True)
     for moe in ("fused", "xnnpack"):
         mine = {(r["experts"], r["top_k"]): r for r in rows if r["moe"] == moe}
         base = mine[(8, 1)]

@@ -194,7 +194,10 @@ def _depths(layers: list[int], cfg) -> list[int]:
 
 
 def residual(x: dict, layers: list[int]) -> str:
-    """The fit's largest relative residual, or n/a: a line through two depths fits exactly."""
+    """The fit's largest relative residual, or n/a: a line through two depths fits exactly,
+    and a full-depth program (0 in --layers) is measured, not fitted."""
+    if 0 in layers:
+        return "measured"
     return "n/a (2 depths)" if len(set(layers)) < 3 else f"{x['fit_max_relative_residual']:.1%}"
 
 
