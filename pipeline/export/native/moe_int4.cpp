@@ -15,9 +15,13 @@
 // j + g/2 in its high nibble, each stored as value + 8 (so [-8, 7] -> [0, 15]). Splitting
 // a group into halves keeps the unpacking a pair of vector shifts and masks.
 //
-// Arithmetic: each weight row is dequantized to FP32 (value * group scale) once per work
-// item and dotted with the centred INT8 activations (as floats) of every slot of its expert,
-// times the activation scale: the 8da4w product up to FP32 summation order.
+// Arithmetic, two paths with the same result up to FP32 summation order:
+// - an expert with at most kDirectSlots slots (decode), on CPUs with AVX2: the packed
+//   nibbles times the centred INT8 activations in integers (pmaddwd, exact in int32),
+//   scaled per group in FP32;
+// - otherwise (prefill, or no AVX2): each weight row dequantized to FP32 once and dotted
+//   with the centred activations (as floats) of every slot of its expert.
+// Both times the activation's scale.
 //
 // Work split: slots are grouped by expert; one parallel_for runs over (expert, block of
 // output rows) for w1|w3 and one for w2, so a weight row is unpacked once and reused for
