@@ -223,6 +223,9 @@ def kernel_cmd(args) -> None:
     native.load()
     from executorch.runtime import Runtime
 
+    from pipeline.profile.system import set_threads
+
+    set_threads(args.threads, "--threads")  # the kernel's pool and the bandwidth measurement alike
     program = Runtime.get().load_program(manager.buffer)
     method = program.load_method("forward")
     per_expert = 3 * F * D // 2 + 3 * F * D // 32 * 4  # INT4 values + FP32 scales per 32
@@ -276,7 +279,7 @@ def main() -> None:
     kernel.add_argument("--prefill", type=int, default=128)
     kernel.add_argument("--layers", type=int, default=8, help="MoE layers in a row (weights beyond the L3)")
     kernel.add_argument("--repeats", type=int, default=50)
-    kernel.add_argument("--threads", type=int, default=2, help="threads of the bandwidth measurement")
+    kernel.add_argument("--threads", type=int, default=2, help="threads of the kernel and of the bandwidth measurement")
     args = parser.parse_args()
     {"lower": lower_cmd, "sparsity": sparsity_cmd, "kernel": kernel_cmd}[args.cmd](args)
 

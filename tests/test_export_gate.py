@@ -90,8 +90,9 @@ def _busiest_expert(program: ExportableLM, prompts: list[list[int]]) -> int:
 
 
 def _planted(bug: str, fp32, converted, prompts) -> _Runner:
-    """A runner of the program with ``bug`` planted (buffers replaced, never written in
-    place: the program shares the converted model's tensors)."""
+    """A runner of the program with ``bug`` planted (buffers replaced; written in place only
+    where the program owns them, as the packed expert weights, since most of its tensors
+    are the converted model's)."""
     # FP32 experts exist only in the per-expert form; every other bug is planted in the default.
     program = ExportableLM(converted, MAX_CONTEXT, moe="xnnpack" if bug == "unquantized layer" else "fused")
     if bug == "wrong KV position":
@@ -101,7 +102,6 @@ def _planted(bug: str, fp32, converted, prompts) -> _Runner:
     if bug == "missing expert":
         routed = program.layers[0].ffn.routed
         routed.w2_EDH[_busiest_expert(program, prompts)] = pack_int4(torch.zeros(1, 2), 2)[0, 0]  # all zeros
-
     elif bug == "unquantized layer":
         block, moe = fp32.layers[1], program.layers[1].ffn
         attn = block.attn

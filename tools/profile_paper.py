@@ -78,6 +78,12 @@ def main(argv=None) -> None:
         raise SystemExit(f"--mixture: {mixture} has no manifest.json; build the mixtures first (make mix)")
     cfgs = {name: validate(compose([f"model={name}"])).model for name in (args.moe, args.dense)}
     families = {"moe": cfgs[args.moe], "dense": cfgs[args.dense]}
+    for cfg in families.values():  # 0 stands for the full depth: distinct only once resolved
+        if len(set(_depths(args.layers, cfg))) < 2:
+            raise SystemExit(
+                f"--layers {args.layers}: two or more distinct depths are needed for {cfg.name} "
+                f"({cfg.n_layers} layers), got {_depths(args.layers, cfg)}"
+            )
     longest = max(args.prompt_lengths) + args.decode_tokens
     max_context = longest
 

@@ -12,6 +12,8 @@ not a prediction to plan with.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pipeline.model.accounting import param_counts
 from pipeline.model.config import ModelConfig
 
@@ -51,20 +53,29 @@ def lowering_peak_bytes(cfg: ModelConfig, moe: str, max_context: int) -> int:
 
 
 def available_bytes() -> int:
-    """Memory this process may still use: the machine's available memory, or less
-    under a cgroup limit."""
+    """Memory this process may still use: the machine's available memory, or less under
+    a cgroup limit (limit minus the working set: usage less the inactive file cache, which
+    the kernel reclaims before it kills, as container runtimes count it)."""
     import psutil
 
     available = psutil.virtual_memory().available
-    for path, usage in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    for limit_path, usage_path, stat_path, inactive_key in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat", "inactive_file"),
+        (
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+            "/sys/fs/cgroup/memory/memory.stat",
+            "total_inactive_file",
+        ),
     ):
         try:
-            with open(path) as f, open(usage) as g:
-                limit = f.read().strip()
-                if limit != "max":
-                    available = min(available, int(limit) - int(g.read().strip()))
+            limit = Path(limit_path).read_text().strip()
+            if limit == "max":
+                continue
+            usage = int(Path(usage_path).read_text())
+            stats = dict(line.split() for line in Path(stat_path).read_text().splitlines() if line.count(" ") == 1)
+            working_set = usage - int(stats.get(inactive_key, 0))
+            available = min(available, int(limit) - max(working_set, 0))
         except (OSError, ValueError):
             continue
     return available

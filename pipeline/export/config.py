@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 from pipeline.configbase import require
 from pipeline.export.kv_cache import KV_CACHE_DTYPES
-from pipeline.export.program import MOE_FORMS
+
+# The routed experts' forms in the program (pipeline/export/program.py: SparseMoE).
+MOE_FORMS = ("fused", "xnnpack")
 
 
 @dataclass

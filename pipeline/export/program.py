@@ -38,6 +38,7 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401 - registers quantized_
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.export.config import MOE_FORMS
 from pipeline.export.kv_cache import KV_CACHE_DTYPES, KVCacheAttention, window_mask
 from pipeline.export.moe_op import moe_experts_int4, pack_int4
 from pipeline.model.config import ModelConfig
@@ -169,9 +170,6 @@ class Int4SwiGLU(nn.Module):
 def _expert_slice(w: QuantizedWeight, e: int) -> QuantizedWeight:
     values = w.values[e]
     return QuantizedWeight(values, w.scale[e].reshape(values.shape[0], -1), w.bits, w.group)
-
-
-MOE_FORMS = ("fused", "xnnpack")
 
 
 class FusedExperts(nn.Module):

@@ -42,16 +42,23 @@ def _executorch_dirs() -> tuple[Path, Path]:
 
 
 def _cpu_kind() -> str:
-    """What -march=native depends on: the CPU's flags (Linux) or the platform string."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
+    """What -march=native depends on: the CPU's feature lines (x86 ``flags``; Arm
+    ``Features`` and ``CPU part``) on Linux, else the platform string."""
     import platform
 
-    return platform.platform() + platform.processor()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    features = sorted({line for line in lines if line.split(":")[0].strip() in ("flags", "Features", "CPU part")})
+    return "\n".join(features) or platform.platform() + platform.processor()
+
+
+def _compiler_version(compiler: str) -> str:
+    try:
+        return subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""  # no compiler: build() names it
 
 
 def library_path(compiler: str | None = None) -> Path:
@@ -60,8 +67,8 @@ def library_path(compiler: str | None = None) -> Path:
 
     compiler = compiler or os.environ.get("CXX", "c++")
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), compiler.encode(), " ".join(FLAGS).encode(),
-                 version("executorch").encode(), _cpu_kind().encode()):  # fmt: skip
+    for part in (SOURCE.read_bytes(), compiler.encode(), _compiler_version(compiler).encode(),
+                 " ".join(FLAGS).encode(), version("executorch").encode(), _cpu_kind().encode()):  # fmt: skip
         key.update(part)
     cache = Path(os.environ.get("MOBILEMOE_NATIVE_CACHE", Path.home() / ".cache" / "mobilemoe" / "native"))
     return cache / key.hexdigest()[:16] / LIBRARY_NAME

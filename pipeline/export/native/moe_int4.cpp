@@ -15,7 +15,8 @@
 // j + g/2 in its high nibble, each stored as value + 8 (so [-8, 7] -> [0, 15]). Splitting
 // a group into halves keeps the unpacking a pair of vector shifts and masks.
 //
-// Arithmetic, two paths with the same result up to FP32 summation order:
+// Arithmetic, two paths with the same result up to FP32 rounding (summation order, and
+// the integer path's +8 taken out after the sum):
 // - an expert with at most kDirectSlots slots (decode), on CPUs with AVX2: the packed
 //   nibbles times the centred INT8 activations in integers (pmaddwd, exact in int32),
 //   scaled per group in FP32;
@@ -280,7 +281,10 @@ Tensor& moe_experts_int4_out(KernelRuntimeContext& ctx, const Tensor& x, const T
                           w13.scalar_type() == ScalarType::Byte && w2.scalar_type() == ScalarType::Byte &&
                           w13_scale.scalar_type() == ScalarType::Float && w2_scale.scalar_type() == ScalarType::Float,
                       InvalidArgument, out, "weights must be uint8 [E, rows, cols/2] with float32 [E, rows, groups]");
+  ET_KERNEL_CHECK_MSG(ctx, out.scalar_type() == ScalarType::Float, InvalidArgument, out, "out must be float32");
   const int64_t E = w13.size(0), F2 = w13.size(1), F = F2 / 2;
+  ET_KERNEL_CHECK_MSG(ctx, D > 0 && E > 0 && F > 0 && F2 == 2 * F && w13_scale.size(2) > 0 && w2_scale.size(2) > 0,
+                      InvalidArgument, out, "D, E, F and the scale groups must be positive, w13's rows even (w1|w3)");
   ET_KERNEL_CHECK_MSG(ctx, w13.size(2) * 2 == D && w2.size(0) == E && w2.size(1) == D && w2.size(2) * 2 == F &&
                           w13_scale.size(0) == E && w13_scale.size(1) == F2 && w2_scale.size(0) == E &&
                           w2_scale.size(1) == D,
@@ -314,7 +318,7 @@ Tensor& moe_experts_int4_out(KernelRuntimeContext& ctx, const Tensor& x, const T
   // 2. h = x @ w13[e].T per slot: [T*K, 2F].
   std::vector<float> h(T * K * F2);
   plan_items(s, E, F2, items);
-  executorch::extension::parallel_for(0, static_cast<int64_t>(items.expert_of_item.size()), 1, [&](int64_t b, int64_t end) {
+  bool ran = executorch::extension::parallel_for(0, static_cast<int64_t>(items.expert_of_item.size()), 1, [&](int64_t b, int64_t end) {
     for (int64_t it = b; it < end; ++it) {
       gemm_block(w13.const_data_ptr<uint8_t>(), w13_scale.const_data_ptr<float>(), F2, D, g1,
                  items.expert_of_item[it], items.first_row_of_item[it], s, xa, K, false, h.data(), F2);
@@ -338,12 +342,14 @@ Tensor& moe_experts_int4_out(KernelRuntimeContext& ctx, const Tensor& x, const T
   // 4. y = a @ w2[e].T per slot: [T*K, D].
   std::vector<float> y(T * K * D);
   plan_items(s, E, D, items);
-  executorch::extension::parallel_for(0, static_cast<int64_t>(items.expert_of_item.size()), 1, [&](int64_t b, int64_t end) {
+  ran = ran && executorch::extension::parallel_for(0, static_cast<int64_t>(items.expert_of_item.size()), 1, [&](int64_t b, int64_t end) {
     for (int64_t it = b; it < end; ++it) {
       gemm_block(w2.const_data_ptr<uint8_t>(), w2_scale.const_data_ptr<float>(), D, F, g2,
                  items.expert_of_item[it], items.first_row_of_item[it], s, aa, 1, true, y.data(), D);
     }
   });
+
+  ET_KERNEL_CHECK_MSG(ctx, ran, Internal, out, "parallel_for refused the work split");
 
   // 5. out[t] = sum_k gate[t, k] * y[t, k] (k in order: deterministic).
   float* o_ptr = out.mutable_data_ptr<float>();
