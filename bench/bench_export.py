@@ -14,6 +14,11 @@ python bench/bench_export.py sparsity
 python bench/bench_export.py kernel --model mobilemoe_s
     the fused MoE kernel alone at a layer's shape: decode and prefill time, decode
     against the bytes it must read at this machine's read bandwidth (same run).
+
+python bench/bench_export.py head --model mobilemoe_s
+    the tied head at the model's vocabulary: the project's table kernel (the table stored
+    once) against XNNPACK's INT4 GEMM (a second copy), side by side in one run: program
+    bytes, decode (1 row) and prefill-head latency, decode against the read bound.
 """
 
 from __future__ import annotations
@@ -264,6 +269,93 @@ def kernel_cmd(args) -> None:
     )
 
 
+def _median_us(method, make_inputs, repeats: int) -> float:
+    samples = []
+    for r in range(repeats + 3):
+        inputs = make_inputs()
+        started = time.perf_counter()
+        method.execute(inputs)
+        if r >= 3:
+            samples.append(time.perf_counter() - started)
+    return statistics.median(samples) * 1e6
+
+
+def head_cmd(args) -> None:
+    """The tied head of ``--model`` (random INT4 table, groups of 32) in both forms."""
+    from executorch.exir import EdgeCompileConfig, to_edge, to_edge_transform_and_lower
+    from executorch.runtime import Runtime
+    from torch.export import Dim, export
+
+    from pipeline.export import native
+    from pipeline.export.program import Int4Linear, Int4TiedTable
+    from pipeline.export.xnnpack_shim import sparse_partitioner
+    from pipeline.profile.system import read_bandwidth_gb_s, set_threads
+    from pipeline.quant.convert import QuantizedWeight
+
+    cfg = validate(compose([f"model={args.model}"])).model
+    V, D = cfg.vocab_size, cfg.d_model
+    gen = torch.Generator().manual_seed(0)
+    weight = QuantizedWeight(
+        torch.randint(-8, 8, (V, D), generator=gen, dtype=torch.int8),
+        torch.rand(V, D // 32, generator=gen) * 0.01,
+        4,
+        32,
+    )
+    table = Int4TiedTable(weight)
+
+    class Head(torch.nn.Module):
+        def __init__(self, head) -> None:
+            super().__init__()
+            self.inner = head
+
+        def forward(self, x_SD):
+            return self.inner(x_SD)
+
+    rows = Dim("rows", min=1, max=max(args.prefill, 2))
+    example, dynamic = (torch.randn(2, D),), ({0: rows},)
+    config = EdgeCompileConfig(_check_ir_validity=False)
+    kernel_buf = (
+        to_edge(export(Head(table.head), example, dynamic_shapes=dynamic), compile_config=config).to_executorch().buffer
+    )
+    xnn_ep = export(Head(Int4Linear(weight)), example, dynamic_shapes=dynamic)
+    xnn_buf = (
+        to_edge_transform_and_lower(xnn_ep, partitioner=[sparse_partitioner()], compile_config=config)
+        .to_executorch()
+        .buffer
+    )
+    native.load()
+    set_threads(args.threads, "--threads")
+    programs = {name: Runtime.get().load_program(buf) for name, buf in (("kernel", kernel_buf), ("xnnpack", xnn_buf))}
+    methods = {name: p.load_method("forward") for name, p in programs.items()}
+    times: dict[str, dict[str, list[float]]] = {name: {"decode": [], "prefill": []} for name in methods}
+    for _ in range(args.rounds):  # interleaved: both forms see the same machine state
+        for name, method in methods.items():
+            times[name]["decode"].append(_median_us(method, lambda: [torch.randn(1, D, generator=gen)], args.repeats))
+            times[name]["prefill"].append(_median_us(method, lambda: [torch.randn(args.prefill, D, generator=gen)], 3))
+    bandwidth = read_bandwidth_gb_s(512, args.threads)["gb_s"]
+    table_bytes = V * D // 2 + V * D // 32 * 4
+    bound_us = table_bytes / (bandwidth * 1e9) * 1e6
+    result = {
+        "model": args.model,
+        "vocab": V,
+        "d_model": D,
+        "table_bytes": table_bytes,
+        "read_bandwidth_gb_s": bandwidth,
+    }
+    for name in methods:
+        decode, prefill = statistics.median(times[name]["decode"]), statistics.median(times[name]["prefill"])
+        result[name] = {
+            "pte_bytes": len(kernel_buf if name == "kernel" else xnn_buf),
+            "decode_us": decode,
+            "decode_fraction_of_bound": bound_us / decode,
+            f"prefill{args.prefill}_us": prefill,
+        }
+    result["kernel_over_xnnpack"] = {
+        k: result["kernel"][k] / result["xnnpack"][k] for k in ("pte_bytes", "decode_us", f"prefill{args.prefill}_us")
+    }
+    print(json.dumps(result, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -280,8 +372,16 @@ def main() -> None:
     kernel.add_argument("--layers", type=int, default=8, help="MoE layers in a row (weights beyond the L3)")
     kernel.add_argument("--repeats", type=int, default=50)
     kernel.add_argument("--threads", type=int, default=2, help="threads of the kernel and of the bandwidth measurement")
+    head = sub.add_parser("head")
+    head.add_argument("--model", default="mobilemoe_s")
+    head.add_argument(
+        "--prefill", type=int, default=64, help="rows through the head (a program returning every position)"
+    )
+    head.add_argument("--rounds", type=int, default=5)
+    head.add_argument("--repeats", type=int, default=20)
+    head.add_argument("--threads", type=int, default=2, help="threads of the kernels and of the bandwidth measurement")
     args = parser.parse_args()
-    {"lower": lower_cmd, "sparsity": sparsity_cmd, "kernel": kernel_cmd}[args.cmd](args)
+    {"lower": lower_cmd, "sparsity": sparsity_cmd, "kernel": kernel_cmd, "head": head_cmd}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,12 @@ from pipeline.data.tokenizer import BOS, EOS, PAD, Tokenizer
 from pipeline.export.checks import Gate, compare, cosine, exact_compare, sqnr_db, top1_margin
 from pipeline.export.hf import HFMappingError, dequantized, hf_config, load_hf, save_hf
 from pipeline.export.lower import (
+    EMBEDDING_KERNEL_OP,
+    HEAD_KERNEL_OP,
     INT4_GEMM_OP,
     MOE_KERNEL_OP,
     expected_int4_gemms,
-    expected_moe_kernels,
+    expected_project_kernels,
     expert_weight_table,
     operator_table,
 )
@@ -82,17 +84,26 @@ def test_pt2_matches_the_eager_converted_model(converted, lowered, prompts):
 def test_every_gemm_is_int4_and_the_routed_experts_are_one_kernel_per_layer(lowered, converted):
     ops = lowered["operators"]
     assert ops["portable_compute"] == [], ops["portable"]
-    # Per layer: the shared expert's 2 GEMMs, attention's 2; plus the head. The routed
-    # experts (4 x 2 GEMMs per layer in the xnnpack form) run in one fused kernel per layer.
-    int4_gemms = 2 * (2 + 2) + 1
+    # Per layer: the shared expert's 2 GEMMs, attention's 2. The routed experts (4 x 2
+    # GEMMs per layer in the xnnpack form) run in one fused kernel per layer, and the
+    # tied head in the project's table kernel (in the xnnpack form, one more GEMM).
+    int4_gemms = 2 * (2 + 2)
     assert expected_int4_gemms(micro_cfg()) == int4_gemms
     assert expected_int4_gemms(micro_cfg(), "xnnpack") == 2 * (4 * 2 + 2 + 2) + 1
-    assert expected_int4_gemms(micro_cfg(moe=None, ffn_dim=96, n_layers=3)) == 3 * (2 + 2) + 1
-    assert expected_moe_kernels(micro_cfg()) == 2 and expected_moe_kernels(micro_cfg(), "xnnpack") == 0
+    assert expected_int4_gemms(micro_cfg(moe=None, ffn_dim=96, n_layers=3)) == 3 * (2 + 2)
+    assert expected_int4_gemms(micro_cfg(tie_embeddings=False)) == int4_gemms + 1
+    fused = {MOE_KERNEL_OP: 2, EMBEDDING_KERNEL_OP: 1, HEAD_KERNEL_OP: 1}
+    assert expected_project_kernels(micro_cfg()) == fused
+    assert expected_project_kernels(micro_cfg(tie_embeddings=False)) == {
+        **fused,
+        EMBEDDING_KERNEL_OP: 0,
+        HEAD_KERNEL_OP: 0,
+    }
+    assert set(expected_project_kernels(micro_cfg(), "xnnpack").values()) == {0}
     assert ops["delegated"][INT4_GEMM_OP] == int4_gemms
     assert ops["delegated"]["quantized_decomposed.dequantize_per_token.default"] == int4_gemms
     assert ops["delegated"]["aten.linear.default"] == int4_gemms + 2  # + the FP32 routers
-    assert ops["portable"][MOE_KERNEL_OP] == 2
+    assert {op: ops["portable"][op] for op in fused} == fused
     # Nothing per expert is left in the graph: no split into per-expert blocks.
     assert "aten.split_with_sizes_copy.default" not in ops["portable"]
     (row, _) = expert_weight_table(lowered["program"])
@@ -170,10 +181,15 @@ def test_the_program_lists_its_kernel_libraries_and_a_bare_runtime_is_refused_na
     pte = lowered["dir"] / "model.pte"
     kernels = json.loads(pte.with_suffix(".kernels.json").read_text())
     libraries = {lib["namespace"]: lib for lib in kernels["kernel_libraries"]}
-    assert set(libraries) == {"llama", "quantized_decomposed", "mobilemoe"}
-    assert libraries["mobilemoe"]["operators"] == ["mobilemoe::moe_experts_int4.out"]
+    # The tied table's lookup is the project's kernel: ExecuTorch's quantized kernels are
+    # needed only by the INT8 KV cache or the xnnpack form.
+    assert set(libraries) == {"llama", "mobilemoe"}
+    assert libraries["mobilemoe"]["operators"] == [
+        "mobilemoe::embedding_int4.out",
+        "mobilemoe::linear_int4.out",
+        "mobilemoe::moe_experts_int4.out",
+    ]
     assert {"llama::custom_sdpa.out", "llama::update_cache.out"} == set(libraries["llama"]["operators"])
-    assert libraries["quantized_decomposed"]["operators"] == ["quantized_decomposed::embedding_4bit.out"]
     assert kernels["backends"] == ["XnnpackBackend"]
     assert "aten::topk.values" in kernels["portable_operators"]
     # A fresh process: ExecuTorch's runtime with none of the libraries loaded.
@@ -182,8 +198,8 @@ def test_the_program_lists_its_kernel_libraries_and_a_bare_runtime_is_refused_na
     refused = next(line for line in run.stdout.splitlines() if line.startswith("REFUSED"))
     for lib in libraries.values():
         assert lib["name"] in refused and lib["cmake_target"] in refused and lib["python_import"] in refused
-    assert "llama::custom_sdpa.out" in refused and "embedding_4bit" in refused and "moe_experts_int4" in refused
-    assert f"RAN (1, 3, {VOCAB})" in run.stdout
+    assert "llama::custom_sdpa.out" in refused and "linear_int4" in refused and "moe_experts_int4" in refused
+    assert f"RAN (1, 1, {VOCAB})" in run.stdout  # the last position's logits
     # A program without its list is refused, naming the file that is missing.
     alone = tmp_path / "alone.pte"
     alone.write_bytes(pte.read_bytes())

@@ -99,7 +99,9 @@ def teacher_forced(runner: _Runner, prompts: list[list[int]]) -> tuple[torch.Ten
     per remaining token at its own position, so every decode step reads cache rows that
     only the steps before it wrote (the rows beyond the half hold the previous prompt's
     keys and values, or the initial zeros: a step that does not write its row shows).
-    Then one prefill of the whole prompt gives the prefill rows."""
+    Then one prefill of the whole prompt gives the prefill rows; a program that returns
+    the last position's logits only (what a generating runner needs) is prefilled once
+    per prefix length instead, its last row standing for that position."""
     prefill, decode, where = [], [], []
     offset = 0
     for prompt in prompts:
@@ -108,7 +110,10 @@ def teacher_forced(runner: _Runner, prompts: list[list[int]]) -> tuple[torch.Ten
         for pos in range(half, len(prompt)):
             decode.append(runner.logits([prompt[pos]], pos))
             where.append(offset + pos)
-        prefill.append(runner.logits(prompt, 0))
+        rows_SV = runner.logits(prompt, 0)
+        if rows_SV.shape[0] != len(prompt):  # the last position only
+            rows_SV = torch.cat([*(runner.logits(prompt[:n], 0) for n in range(1, len(prompt))), rows_SV])
+        prefill.append(rows_SV)
         offset += len(prompt)
     return torch.cat(prefill), torch.cat(decode), torch.tensor(where, dtype=torch.long)
 

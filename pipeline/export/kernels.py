@@ -9,9 +9,10 @@ project's programs also call operators from three other kernel libraries, and XN
 - ``llama::*`` (``update_cache``, ``custom_sdpa``, ``custom_quantized_sdpa``): ExecuTorch's
   LLM custom ops, CMake target ``custom_ops``, registered in Python by importing
   ``executorch.extension.llm.custom_ops.custom_ops``;
-- ``mobilemoe::moe_experts_int4`` (the routed experts of a layer): this project's C++
-  kernel, ``pipeline/export/native/moe_int4.cpp``, registered in Python by importing
-  ``pipeline.export.native.kernels`` (which builds it once when missing).
+- ``mobilemoe::*`` (``moe_experts_int4``, the routed experts of a layer;
+  ``embedding_int4`` and ``linear_int4``, a tied vocabulary table's lookup and head):
+  this project's C++ kernels, ``pipeline/export/native/*.cpp``, registered in Python by
+  importing ``pipeline.export.native.kernels`` (which builds them once when missing).
 
 A bare runtime without them fails at ``load_method`` with ``Missing operator: ...``, one
 operator at a time. :func:`open_program` reads the list, loads the Python side of each
@@ -46,8 +47,8 @@ LIBRARIES = {
         ),
         KernelLibrary(
             "mobilemoe",
-            "MobileMoE kernels (pipeline/export/native/moe_int4.cpp)",
-            "moe_int4.cpp (compile into the app's kernels)",
+            "MobileMoE kernels (pipeline/export/native/*.cpp)",
+            "moe_int4.cpp and table_int4.cpp (compile into the app's kernels)",
             "pipeline.export.native.kernels",
         ),
     )

@@ -1,8 +1,8 @@
 """torch.export of the exportable model (.pt2) and its lowering to ExecuTorch (.pte).
 
-The .pte has one method, ``forward(tokens_1S, input_pos_1) -> logits_1SV``, with S
-dynamic in [1, max_len], and constant methods a runner reads: ``max_context``,
-``vocab_size``, ``bos_id``, ``eos_id``. XNNPACK takes the 8da4w GEMMs (in the
+The .pte has one method, ``forward(tokens_1S, input_pos_1) -> logits_1SV`` (or
+``logits_11V``, the last position's), with S dynamic in [1, max_len], and constant
+methods a runner reads: ``max_context``, ``vocab_size``, ``bos_id``, ``eos_id``. XNNPACK takes the 8da4w GEMMs (in the
 ``xnnpack`` MoE form the experts' too, through :mod:`pipeline.export.xnnpack_shim`);
 the ``fused`` form's routed experts run the project's kernel, the KV cache update and
 SDPA ExecuTorch's LLM custom ops, routing and gathers portable kernels. What a runtime
@@ -29,8 +29,16 @@ INT4_GEMM_OP = "quantized_decomposed.dequantize_per_channel_group.default"
 INT8_ACTIVATION_OP = "quantized_decomposed.dequantize_per_token.default"
 
 
-# The routed experts of one MoE layer in the ``fused`` form (pipeline/export/moe_op.py).
+# The project's kernels (pipeline/export/native) in the ``fused`` form: the routed
+# experts of one MoE layer (pipeline/export/moe_op.py), and a tied vocabulary table's
+# lookup and head (pipeline/export/table_ops.py).
 MOE_KERNEL_OP = "mobilemoe.moe_experts_int4.default"
+EMBEDDING_KERNEL_OP = "mobilemoe.embedding_int4.default"
+HEAD_KERNEL_OP = "mobilemoe.linear_int4.default"
+
+
+def _table_in_kernels(cfg, moe: str) -> bool:
+    return moe == "fused" and cfg.tie_embeddings
 
 
 def expected_int4_gemms(cfg, moe: str = "fused") -> int:
@@ -38,18 +46,24 @@ def expected_int4_gemms(cfg, moe: str = "fused") -> int:
     per layer, attention's two (wq|wk|wv stacked, wo) and the FFN's two per SwiGLU (w1|w3
     stacked, w2) for the shared expert, for each routed expert in the ``xnnpack`` form
     (the ``fused`` form runs them in :data:`MOE_KERNEL_OP`), or for the dense FFN; plus
-    the head."""
+    the head, unless it is a tied table in the ``fused`` form (:data:`HEAD_KERNEL_OP`)."""
     per_layer = 2
     if cfg.moe is not None:
         per_layer += (2 * cfg.moe.num_experts if moe == "xnnpack" else 0) + (2 if cfg.moe.num_shared_experts else 0)
     else:
         per_layer += 2
-    return cfg.n_layers * per_layer + 1
+    return cfg.n_layers * per_layer + (0 if _table_in_kernels(cfg, moe) else 1)
 
 
-def expected_moe_kernels(cfg, moe: str = "fused") -> int:
-    """:data:`MOE_KERNEL_OP` nodes: one per MoE layer in the ``fused`` form, else none."""
-    return cfg.n_layers if cfg.moe is not None and moe == "fused" else 0
+def expected_project_kernels(cfg, moe: str = "fused") -> dict[str, int]:
+    """Nodes of the project's kernels: in the ``fused`` form one :data:`MOE_KERNEL_OP` per
+    MoE layer, and with tied embeddings one lookup and one head; in the ``xnnpack`` form none."""
+    table = int(_table_in_kernels(cfg, moe))
+    return {
+        MOE_KERNEL_OP: cfg.n_layers if cfg.moe is not None and moe == "fused" else 0,
+        EMBEDDING_KERNEL_OP: table,
+        HEAD_KERNEL_OP: table,
+    }
 
 
 def example_inputs(program: ExportableLM, length: int = 4) -> tuple[torch.Tensor, torch.Tensor]:

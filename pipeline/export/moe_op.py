@@ -42,14 +42,15 @@ def unpack_int4(packed_RH: torch.Tensor, group: int) -> torch.Tensor:
     return (u.to(torch.int16) - 8).to(torch.int8).reshape(R, 2 * H)
 
 
-def _dequant_weight(packed_ERH: torch.Tensor, scale_ERG: torch.Tensor, e: int) -> torch.Tensor:
-    cols = packed_ERH.shape[2] * 2
-    group = cols // scale_ERG.shape[2]
-    w = unpack_int4(packed_ERH[e], group).float().reshape(-1, scale_ERG.shape[2], group)
-    return (w * scale_ERG[e][..., None]).reshape(-1, cols)
+def dequantize_int4(packed_RH: torch.Tensor, scale_RG: torch.Tensor) -> torch.Tensor:
+    """[R, C/2] packed INT4 (:func:`pack_int4`) with [R, C/g] scales -> [R, C] float32."""
+    cols = packed_RH.shape[1] * 2
+    group = cols // scale_RG.shape[1]
+    w = unpack_int4(packed_RH, group).float().reshape(-1, scale_RG.shape[1], group)
+    return (w * scale_RG.float()[..., None]).reshape(-1, cols)
 
 
-def _int8_per_token(x_ND: torch.Tensor) -> torch.Tensor:
+def int8_per_token(x_ND: torch.Tensor) -> torch.Tensor:
     """x rounded through per-token asymmetric INT8 (the activations of 8da4w)."""
     qd = torch.ops.quantized_decomposed
     scale, zero = qd.choose_qparams_per_token_asymmetric(x_ND, torch.int8)
@@ -62,13 +63,13 @@ def reference(x_TD, experts_TK, gates_TK, w13_EFH, w13_scale_EFG, w2_EDH, w2_sca
     SwiGLU (INT8 per-token activations into each GEMM, INT4 grouped weights)."""
     width = w13_EFH.shape[1] // 2
     x_TD = x_TD.float()
-    xq_TD = _int8_per_token(x_TD)
+    xq_TD = int8_per_token(x_TD)
     out_TD = torch.zeros_like(x_TD)
     for e in torch.unique(experts_TK).tolist():
         tok_N, k_N = (experts_TK == e).nonzero(as_tuple=True)
-        h_N2F = xq_TD[tok_N] @ _dequant_weight(w13_EFH, w13_scale_EFG, e).T
-        a_NF = _int8_per_token(F.silu(h_N2F[:, :width]) * h_N2F[:, width:])
-        y_ND = a_NF @ _dequant_weight(w2_EDH, w2_scale_EDG, e).T
+        h_N2F = xq_TD[tok_N] @ dequantize_int4(w13_EFH[e], w13_scale_EFG[e]).T
+        a_NF = int8_per_token(F.silu(h_N2F[:, :width]) * h_N2F[:, width:])
+        y_ND = a_NF @ dequantize_int4(w2_EDH[e], w2_scale_EDG[e]).T
         out_TD.index_add_(0, tok_N, y_ND * gates_TK[tok_N, k_N][:, None])
     return out_TD
 

@@ -41,6 +41,7 @@ from torch import nn
 from pipeline.export.config import MOE_FORMS
 from pipeline.export.kv_cache import KV_CACHE_DTYPES, KVCacheAttention, window_mask
 from pipeline.export.moe_op import moe_experts_int4, pack_int4
+from pipeline.export.table_ops import embedding_int4, linear_int4
 from pipeline.model.config import ModelConfig
 from pipeline.model.decoder import Transformer
 from pipeline.model.layers import RMSNorm, apply_rope, rope_tables
@@ -113,6 +114,25 @@ class Int4Embedding(nn.Module):
 
     def forward(self, tokens_1S: torch.Tensor) -> torch.Tensor:
         return _qd().embedding_4bit(self.packed_VD2, self.scale_VG, None, INT4_MIN, INT4_MAX, tokens_1S)
+
+
+class Int4TiedTable(nn.Module):
+    """A tied INT4 vocabulary table stored once, for the lookup and the head
+    (:mod:`pipeline.export.table_ops`, the project's kernels): ``[V, D/2]`` packed with
+    ``[V, D/g]`` FP32 scales."""
+
+    def __init__(self, weight: QuantizedWeight) -> None:
+        super().__init__()
+        self.register_buffer("packed_VH", pack_int4(weight.values, weight.group))
+        self.register_buffer("scale_VG", weight.scale.float().reshape(weight.values.shape[0], -1).contiguous())
+
+    def lookup(self, tokens_1S: torch.Tensor) -> torch.Tensor:
+        """[1, S, D] float32: the tokens' rows."""
+        return embedding_int4(self.packed_VH, self.scale_VG, tokens_1S)
+
+    def head(self, x_SD: torch.Tensor) -> torch.Tensor:
+        """[S, V] float32: 8da4w logits over the same table."""
+        return linear_int4(x_SD, self.packed_VH, self.scale_VG)
 
 
 def frozen_norm(norm: RMSNorm) -> RMSNorm:
@@ -301,12 +321,14 @@ class ExportableLM(nn.Module):
     """``forward(tokens_1S, input_pos_1) -> logits_1SV`` with the KV cache inside.
 
     ``last_logits_only``: return ``logits_11V``, the last position's only (what a
-    generating runner needs; ExecuTorch's LLM runner takes either). At a 128k vocabulary
-    the head over every prompt position would dominate prefill; the export stage keeps
-    every position because its checks compare them all.
+    generating runner needs, and what the export stage writes; ExecuTorch's LLM runner
+    takes either). At a 128k vocabulary the head over every prompt position would
+    dominate prefill.
 
     ``kv_cache``: the cache dtype, one of :data:`pipeline.export.kv_cache.KV_CACHE_DTYPES`.
-    ``moe``: the routed experts' form, one of :data:`MOE_FORMS` (:class:`SparseMoE`).
+    ``moe``: the routed experts' form, one of :data:`MOE_FORMS` (:class:`SparseMoE`); in
+    the ``fused`` form (the project's kernels) a tied vocabulary table is also stored
+    once (:class:`Int4TiedTable`).
     """
 
     def __init__(
@@ -323,17 +345,24 @@ class ExportableLM(nn.Module):
         if not 1 <= max_len <= cfg.max_seq_len:
             raise ExportInputError(f"max_len={max_len} must be in [1, model max_seq_len={cfg.max_seq_len}]")
         self.cfg, self.max_len, self.last_logits_only = cfg, max_len, last_logits_only
-        q = quantized_weights(model)
-        self.embed = Int4Embedding(q["embed.weight"])
         if kv_cache not in KV_CACHE_DTYPES:
             raise ExportInputError(f"kv_cache={kv_cache!r} is not one of {sorted(KV_CACHE_DTYPES)}")
         if moe not in MOE_FORMS:
             raise ExportInputError(f"moe={moe!r} is not one of {list(MOE_FORMS)}")
+        q = quantized_weights(model)
+        # The project's kernels (``fused``) hold a tied table once; a stock runtime takes
+        # ExecuTorch's lookup and an XNNPACK head, each with its own copy.
+        if moe == "fused" and cfg.tie_embeddings:
+            table = Int4TiedTable(q["embed.weight"])
+            self.embed, self.head = table.lookup, table.head
+            self.table = table
+        else:
+            self.embed = Int4Embedding(q["embed.weight"])
+            self.head = Int4Linear(q["embed.weight"] if cfg.tie_embeddings else q["head.weight"])
         self.layers = nn.ModuleList(
             ExportBlock(cfg, b, q, i, max_len, kv_cache, moe) for i, b in enumerate(model.layers)
         )
         self.norm = frozen_norm(model.norm)
-        self.head = Int4Linear(q["embed.weight"] if cfg.tie_embeddings else q["head.weight"])
         cos, sin = rope_tables(cfg.head_dim, max_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)

@@ -26,9 +26,14 @@ def usable_cores() -> int:
 
 
 def set_threads(threads: int, key: str = "threads") -> None:
-    """Size ExecuTorch's (XNNPACK's) thread pool and torch's to ``threads``; raise
-    ThreadsError, naming ``key``, when the machine has fewer cores (oversubscribed
-    threads measure the scheduler, not the program)."""
+    """Size ExecuTorch's thread pool (XNNPACK's and the project's kernels') to ``threads``
+    and torch's to one; raise ThreadsError, naming ``key``, when the machine has fewer
+    cores (oversubscribed threads measure the scheduler, not the program).
+
+    Torch only wraps the programs' inputs and outputs here, and its OpenMP workers
+    spin-wait after each parallel op, on the cores ExecuTorch's pool needs next: with
+    torch at 2 threads a 128k-row INT4 head took 4.4 ms per call on 2 cores, at 1 thread
+    2.4 ms (Zen 4, ``bench/bench_export.py head``)."""
     cores = usable_cores()
     if threads > cores:
         raise ThreadsError(f"{key}: {threads} threads requested, but this machine has {cores} usable cores")
@@ -36,7 +41,7 @@ def set_threads(threads: int, key: str = "threads") -> None:
     from executorch.extension.pybindings import portable_lib
 
     portable_lib._unsafe_reset_threadpool(threads)
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)
     got = portable_lib._threadpool_get_thread_count()
     if got != threads:
         raise RuntimeError(f"ExecuTorch's thread pool has {got} threads after asking for {threads}")
@@ -92,14 +97,18 @@ def read_bandwidth_gb_s(size_mib: int, threads: int, repeats: int = 7) -> dict[s
     per 4 bytes, so memory, not arithmetic, bounds it."""
     import torch
 
+    before = torch.get_num_threads()  # set_threads leaves torch at one thread: restored after
     torch.set_num_threads(threads)
-    buf = torch.ones(size_mib * 2**20 // 4, dtype=torch.float32)
-    buf.sum()  # warm-up: pages touched, threads started
-    samples = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        buf.sum()
-        samples.append(time.perf_counter() - started)
+    try:
+        buf = torch.ones(size_mib * 2**20 // 4, dtype=torch.float32)
+        buf.sum()  # warm-up: pages touched, threads started
+        samples = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            buf.sum()
+            samples.append(time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(before)
     seconds = statistics.median(samples)
     return {"gb_s": buf.numel() * 4 / seconds / 1e9, "bytes": buf.numel() * 4, "seconds": seconds}
 

@@ -3,8 +3,8 @@ Face directory, each checked against the eager converted model (pipeline/export)
 
 Published into ``stage.export.out_dir``:
   model.pte       ExecuTorch program (XNNPACK, 8da4w, sparse MoE, KV cache); one method
-                  ``forward(tokens[1, S], input_pos[1]) -> logits[1, S, V]`` for prefill
-                  (S <= max_context) and decode (S = 1), and constant methods
+                  ``forward(tokens[1, S], input_pos[1]) -> logits[1, 1, V]`` (the last
+                  position's) for prefill (S <= max_context) and decode (S = 1), and constant methods
                   max_context, vocab_size, bos_id, eos_id (and those ExecuTorch's LLM runner reads)
   model.kernels.json  what a runtime needs to run model.pte beyond the portable kernels:
                   kernel libraries (CMake target, Python import, operators) and backends

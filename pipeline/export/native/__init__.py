@@ -1,7 +1,10 @@
 """The project's own ExecuTorch kernels (C++), built against the installed ExecuTorch.
 
 ``moe_int4.cpp`` holds ``mobilemoe::moe_experts_int4.out`` (see
-:mod:`pipeline.export.moe_op` for the operator and its eager reference). It is compiled
+:mod:`pipeline.export.moe_op` for the operator and its eager reference), and
+``table_int4.cpp`` ``mobilemoe::embedding_int4.out`` and ``mobilemoe::linear_int4.out``
+(the tied table stored once, :mod:`pipeline.export.table_ops`); ``int4.h`` holds their
+shared INT4 x INT8 arithmetic. They are compiled
 with the ExecuTorch headers and libraries that ship in the wheel, once per source,
 compiler flags, ExecuTorch version and CPU kind (``-march=native``: the library is built
 on the machine that runs it, so it is not copied between machine kinds), into
@@ -9,7 +12,7 @@ on the machine that runs it, so it is not copied between machine kinds), into
 builds it; :func:`load` builds it when missing and registers its kernels in ExecuTorch's
 runtime (the Python runtime and the LLM runner's binding share that registry).
 
-A C++ app compiles ``moe_int4.cpp`` into its kernel libraries beside ExecuTorch's
+A C++ app compiles the ``.cpp`` files into its kernel libraries beside ExecuTorch's
 (it needs ``ET_USE_THREADPOOL`` and ``C10_USING_CUSTOM_GENERATED_MACROS``, as ExecuTorch's
 own CMake targets do).
 """
@@ -23,10 +26,20 @@ import shutil
 import subprocess
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("moe_int4.cpp")
+_HERE = Path(__file__).parent
+SOURCES = (_HERE / "moe_int4.cpp", _HERE / "table_int4.cpp")
+HEADERS = (_HERE / "int4.h",)
 LIBRARY_NAME = "libmobilemoe_ops.so"
-FLAGS = ("-std=c++17", "-O3", "-march=native", "-fPIC", "-shared", "-DET_USE_THREADPOOL",
-         "-DC10_USING_CUSTOM_GENERATED_MACROS")  # fmt: skip
+FLAGS = ("-std=c++17", "-O3", "-fPIC", "-shared", "-DET_USE_THREADPOOL", "-DC10_USING_CUSTOM_GENERATED_MACROS")
+
+
+def _march() -> str:
+    """The target ISA: this machine's (``native``) unless ``MOBILEMOE_NATIVE_MARCH`` names
+    another (``x86-64`` builds the portable path, ``x86-64-v3`` AVX2 without AVX-512:
+    how the tests run the paths this CPU would not take)."""
+    return "-march=" + os.environ.get("MOBILEMOE_NATIVE_MARCH", "native")
+
+
 _loaded: Path | None = None
 
 
@@ -62,14 +75,15 @@ def _compiler_version(compiler: str) -> str:
 
 
 def library_path(compiler: str | None = None) -> Path:
-    """Where the library for this source, compiler, flags, ExecuTorch and CPU kind lives."""
+    """Where the library for these sources, compiler, flags, ExecuTorch and CPU kind lives."""
     from importlib.metadata import version
 
     compiler = compiler or os.environ.get("CXX", "c++")
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), compiler.encode(), _compiler_version(compiler).encode(),
-                 " ".join(FLAGS).encode(), version("executorch").encode(), _cpu_kind().encode()):  # fmt: skip
-        key.update(part)
+    parts = [f.read_bytes() for f in SOURCES + HEADERS]
+    parts += [compiler, _compiler_version(compiler), " ".join((*FLAGS, _march())), version("executorch"), _cpu_kind()]
+    for part in parts:
+        key.update(part if isinstance(part, bytes) else part.encode())
     cache = Path(os.environ.get("MOBILEMOE_NATIVE_CACHE", Path.home() / ".cache" / "mobilemoe" / "native"))
     return cache / key.hexdigest()[:16] / LIBRARY_NAME
 
@@ -96,12 +110,12 @@ def build(compiler: str | None = None) -> Path:
         if out.is_file():
             return out
         tmp = out.with_suffix(".tmp.so")
-        cmd = [compiler, *FLAGS, f"-I{include}", f"-I{include}/executorch/runtime/core/portable_type/c10",
-               str(SOURCE), f"-L{lib}", "-lexecutorch", "-lexecutorch_threadpool", f"-Wl,-rpath,{lib}",
+        cmd = [compiler, *FLAGS, _march(), f"-I{include}", f"-I{include}/executorch/runtime/core/portable_type/c10",
+               *map(str, SOURCES), f"-L{lib}", "-lexecutorch", "-lexecutorch_threadpool", f"-Wl,-rpath,{lib}",
                "-o", str(tmp)]  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            raise NativeBuildError(f"building {SOURCE.name} failed ({' '.join(cmd)}):\n{done.stderr[-4000:]}")
+            raise NativeBuildError(f"building {LIBRARY_NAME} failed ({' '.join(cmd)}):\n{done.stderr[-4000:]}")
         tmp.replace(out)
     return out
 

@@ -32,16 +32,7 @@
 #include <executorch/runtime/kernel/kernel_includes.h>
 #include <executorch/runtime/kernel/thread_parallel_interface.h>
 
-#include <algorithm>
-#include <cfloat>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <vector>
-
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
+#include "int4.h"
 
 namespace mobilemoe {
 namespace {
@@ -52,136 +43,6 @@ using executorch::runtime::Error;
 using executorch::runtime::KernelRuntimeContext;
 
 constexpr int64_t kRowBlock = 16;  // output rows per work item: enough to amortize dispatch
-constexpr int64_t kDirectSlots = 2;  // up to this many rows of one expert: no dequantized copy
-
-// Per-token asymmetric INT8 of n values (the formulas of quantized_decomposed, whose scale is
-// float64 after choose_qparams: the quantization is done in double to round the same way).
-// Returns the scale; writes q and the zero point.
-double quantize_row(const float* x, int64_t n, int8_t* q, int32_t* zero) {
-  float lo = 0.f, hi = 0.f;
-  for (int64_t i = 0; i < n; ++i) {
-    lo = std::min(lo, x[i]);
-    hi = std::max(hi, x[i]);
-  }
-  float scale = (hi - lo) / 255.f;
-  scale = std::max(scale, FLT_EPSILON);
-  const float dmin = lo / scale, dmax = hi / scale;
-  float zp = (-128.f + dmin) + (127.f + dmax) > 0.f ? -128.f - dmin : 127.f - dmax;
-  zp = std::nearbyint(std::min(std::max(zp, -128.f), 127.f));
-  const double inv = 1.0 / static_cast<double>(scale);
-  for (int64_t i = 0; i < n; ++i) {
-    const double v = std::nearbyint(static_cast<double>(x[i]) * inv + zp);
-    q[i] = static_cast<int8_t>(std::min(std::max(v, -128.0), 127.0));
-  }
-  *zero = static_cast<int32_t>(zp);
-  return scale;
-}
-
-// The hot loops use GCC/Clang vector extensions: 16 FP32 lanes, lowered to whatever
-// the target has (one AVX-512 register, two AVX2 ones, four NEON ones).
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-constexpr int64_t kLanes = 16;
-
-inline f32x16 load_f32(const float* p) {
-  f32x16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void store_f32(float* p, f32x16 v) { std::memcpy(p, &v, sizeof(v)); }
-
-// 16 bytes of a group -> its 16 low-nibble values (columns c..c+15) and 16 high-nibble
-// values (columns c+g/2..), as floats in [-8, 7].
-inline void unpack16(const uint8_t* p, f32x16* lo, f32x16* hi) {
-  i32x16 b;
-  for (int l = 0; l < kLanes; ++l) b[l] = p[l];  // a zero-extending load
-  *lo = __builtin_convertvector((b & 0xF) - 8, f32x16);
-  *hi = __builtin_convertvector((b >> 4) - 8, f32x16);
-}
-
-inline float hsum(f32x16 v) {
-  float s = 0.f;
-  for (int l = 0; l < kLanes; ++l) s += v[l];
-  return s;
-}
-
-// Dequantize one row of n INT4 values (n/2 bytes, groups of g, g a multiple of 32) to
-// float: value * scale.
-inline void dequant_row(const uint8_t* packed, const float* scale, int64_t n, int64_t g, float* w) {
-  const int64_t half = g / 2;
-  for (int64_t start = 0, grp = 0; start < n; start += g, ++grp) {
-    const float s = scale[grp];
-    for (int64_t c = 0; c < half; c += kLanes) {
-      f32x16 lo, hi;
-      unpack16(packed + start / 2 + c, &lo, &hi);
-      store_f32(w + start + c, lo * s);
-      store_f32(w + start + half + c, hi * s);
-    }
-  }
-}
-
-// sum_i w[i] * x[i] for a dequantized row: four accumulators, so consecutive FMAs do not
-// wait on each other. n is a multiple of 32 (the group).
-inline float dot(const float* w, const float* x, int64_t n) {
-  f32x16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
-  int64_t i = 0;
-  for (; i + 4 * kLanes <= n; i += 4 * kLanes) {
-    a0 += load_f32(w + i) * load_f32(x + i);
-    a1 += load_f32(w + i + kLanes) * load_f32(x + i + kLanes);
-    a2 += load_f32(w + i + 2 * kLanes) * load_f32(x + i + 2 * kLanes);
-    a3 += load_f32(w + i + 3 * kLanes) * load_f32(x + i + 3 * kLanes);
-  }
-  for (; i < n; i += kLanes) a0 += load_f32(w + i) * load_f32(x + i);
-  return hsum((a0 + a1) + (a2 + a3));
-}
-
-#if defined(__AVX2__) && defined(__FMA__)
-constexpr bool kIntegerDot = true;
-
-// The same product straight from the packed row, in integers (what decode runs, where a
-// weight row meets one or two activation rows): the nibbles u = value + 8 widened to
-// int16 and multiplied by the centred INT8 activations xc with pmaddwd (16 products per
-// instruction, exact in int32), per group scaled in FP32. The +8 is taken out once per
-// group: sum (u - 8) xc = sum u xc - 8 sum xc, with sum xc precomputed per activation row.
-inline float dot_packed(const uint8_t* packed, const float* scale, const int16_t* xc, const int32_t* xsum,
-                        int64_t n, int64_t g) {
-  const int64_t half = g / 2;
-  const __m256i mask = _mm256_set1_epi16(0xF);
-  __m256 facc0 = _mm256_setzero_ps(), facc1 = _mm256_setzero_ps();
-  float correction = 0.f;  // sum over groups of scale * sum xc, overlapping the vector work
-  for (int64_t start = 0, grp = 0; start < n; start += g, ++grp) {
-    __m256i acc = _mm256_setzero_si256();
-    for (int64_t c = 0; c < half; c += 16) {
-      const __m256i b =
-          _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + start / 2 + c)));
-      const __m256i x_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc + start + c));
-      const __m256i x_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc + start + half + c));
-      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_and_si256(b, mask), x_lo));
-      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_srli_epi16(b, 4), x_hi));
-    }
-    const __m256 s = _mm256_set1_ps(scale[grp]);
-    if (grp & 1) {
-      facc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), s, facc1);
-    } else {
-      facc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), s, facc0);
-    }
-    correction += scale[grp] * static_cast<float>(xsum[grp]);
-  }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, _mm256_add_ps(facc0, facc1));
-  float sum = 0.f;
-  for (float v : lanes) sum += v;
-  return sum - 8.f * correction;
-}
-#else
-// Without AVX2 (e.g. Arm), decode takes the dequantize-then-dot path that prefill takes.
-constexpr bool kIntegerDot = false;
-
-inline float dot_packed(const uint8_t*, const float*, const int16_t*, const int32_t*, int64_t, int64_t) {
-  return 0.f;  // never called: kIntegerDot is false
-}
-#endif
 
 struct Slots {
   std::vector<int64_t> expert_of_item, first_row_of_item;  // work items
@@ -211,34 +72,6 @@ void plan_items(const Slots& s, int64_t E, int64_t rows, Slots& out) {
   }
 }
 
-// INT8 activations of every row, centred (q - zero), with their scales:
-// y = scale * dot(weight row, centred row). Held as floats (exact small integers) for the
-// dequantized path, as int16 with per-group sums for the integer one.
-struct QActs {
-  int64_t n, g;
-  std::vector<float> q;
-  std::vector<int16_t> q16;
-  std::vector<int32_t> sums;  // per row and group of g
-  std::vector<float> scale;
-
-  QActs(int64_t rows, int64_t n_, int64_t g_)
-      : n(n_), g(g_), q(rows * n_), q16(rows * n_), sums(rows * (n_ / g_)), scale(rows) {}
-
-  void set(int64_t row, const int8_t* qrow, int32_t zero, float s) {
-    scale[row] = s;
-    for (int64_t i = 0; i < n; ++i) {
-      const int32_t c = static_cast<int32_t>(qrow[i]) - zero;
-      q[row * n + i] = static_cast<float>(c);
-      q16[row * n + i] = static_cast<int16_t>(c);
-    }
-    for (int64_t grp = 0; grp < n / g; ++grp) {
-      int32_t sum = 0;
-      for (int64_t i = grp * g; i < (grp + 1) * g; ++i) sum += q16[row * n + i];
-      sums[row * (n / g) + grp] = sum;
-    }
-  }
-};
-
 // y[slot, r] = x_scale[slot] * dot(W[e, r], xq[slot]) for r in a block, every slot of e.
 void gemm_block(const uint8_t* w_packed, const float* w_scale, int64_t rows, int64_t n, int64_t g,
                 int64_t e, int64_t r0, const Slots& s, const QActs& a, int64_t a_row_of_slot_stride,
@@ -246,21 +79,26 @@ void gemm_block(const uint8_t* w_packed, const float* w_scale, int64_t rows, int
   const int64_t groups = n / g;
   const int64_t r1 = std::min(rows, r0 + kRowBlock);
   const int64_t slots = s.start[e + 1] - s.start[e];
-  // Few rows of activations (decode): read the packed row directly; many (prefill):
-  // dequantize it once and reuse it for every activation row.
-  const bool dequantize = slots > kDirectSlots || !kIntegerDot;
-  std::vector<float> w(dequantize ? n : 0);
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t row = e * rows + r;
-    const uint8_t* packed = w_packed + row * (n / 2);
-    const float* scale = w_scale + row * groups;
-    if (dequantize) dequant_row(packed, scale, n, g, w.data());
+  const uint8_t* block = w_packed + (e * rows + r0) * (n / 2);
+  const float* block_scale = w_scale + (e * rows + r0) * groups;
+  auto activation_row = [&](int64_t slot) { return by_slot_index ? slot : slot / a_row_of_slot_stride; };
+  if (slots <= kDirectSlots && kIntegerDot) {
+    // Few rows of activations (decode): the packed rows in integers, per slot.
+    float d[kRowBlock];
     for (int64_t i = s.start[e]; i < s.start[e + 1]; ++i) {
-      const int64_t slot = s.slot[i];
-      const int64_t arow = by_slot_index ? slot : slot / a_row_of_slot_stride;
-      const float d = dequantize ? dot(w.data(), a.q.data() + arow * n, n)
-                          : dot_packed(packed, scale, a.q16.data() + arow * n, a.sums.data() + arow * (n / g), n, g);
-      y[slot * y_stride + r] = a.scale[arow] * d;
+      const int64_t slot = s.slot[i], arow = activation_row(slot);
+      dot_packed_block(block, block_scale, r1 - r0, n, g, a.q16.data() + arow * n, d);
+      for (int64_t r = r0; r < r1; ++r) y[slot * y_stride + r] = a.scale[arow] * d[r - r0];
+    }
+    return;
+  }
+  // Many (prefill): each row dequantized once and reused for every slot of e.
+  std::vector<float> w(n);
+  for (int64_t r = r0; r < r1; ++r) {
+    dequant_row(block + (r - r0) * (n / 2), block_scale + (r - r0) * groups, n, g, w.data());
+    for (int64_t i = s.start[e]; i < s.start[e + 1]; ++i) {
+      const int64_t slot = s.slot[i], arow = activation_row(slot);
+      y[slot * y_stride + r] = a.scale[arow] * dot(w.data(), a.q.data() + arow * n, n);
     }
   }
 }
@@ -304,14 +142,7 @@ Tensor& moe_experts_int4_out(KernelRuntimeContext& ctx, const Tensor& x, const T
 
   // 1. Per-token INT8 of x (shared by the token's K slots).
   QActs xa(T, D, g1);
-  {
-    std::vector<int8_t> q(D);
-    for (int64_t t = 0; t < T; ++t) {
-      int32_t zero = 0;
-      const float scale = static_cast<float>(quantize_row(x_ptr + t * D, D, q.data(), &zero));
-      xa.set(t, q.data(), zero, scale);
-    }
-  }
+  for (int64_t t = 0; t < T; ++t) xa.quantize(t, x_ptr + t * D);
   Slots s, items;
   group_slots(e_ptr, T * K, E, s);
 
@@ -329,13 +160,10 @@ Tensor& moe_experts_int4_out(KernelRuntimeContext& ctx, const Tensor& x, const T
   QActs aa(T * K, F, g2);
   {
     std::vector<float> a(F);
-    std::vector<int8_t> q(F);
     for (int64_t n = 0; n < T * K; ++n) {
       const float* hn = h.data() + n * F2;
       for (int64_t j = 0; j < F; ++j) a[j] = hn[j] / (1.f + std::exp(-hn[j])) * hn[F + j];
-      int32_t zero = 0;
-      const float scale = static_cast<float>(quantize_row(a.data(), F, q.data(), &zero));
-      aa.set(n, q.data(), zero, scale);
+      aa.quantize(n, a.data());
     }
   }
 
