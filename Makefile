@@ -24,7 +24,7 @@ endif
 
 STAGES := mix pretrain midtrain sft qat export profile evalsets eval_pretrain eval_midtrain eval_sft eval_qat report
 ARGS ?=
-.PHONY: setup lock params repro test lint drill sweep scaling-fit plan mutants bench-model bench-config bench-export bench-profile bench-peers \
+.PHONY: setup lock params repro test test-fast lint drill sweep scaling-fit plan mutants bench-model bench-config bench-export bench-profile bench-peers \
 	profile-paper ui $(STAGES)
 
 setup: $(STAMP)
@@ -75,6 +75,11 @@ endef
 test: $(STAMP)
 	$(PY) -m pytest tests -q
 
+# The edit-test loop: everything but the tests marked slow (whole-recipe runs through
+# Ray, DVC and MLflow, the two-node cluster, kernel builds for other ISAs).
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -q -m "not slow"
+
 # Scaling (pipeline/scaling, conf/scaling.yaml; sweeps run beside the recipe, not in dvc.yaml):
 # `make sweep` runs the grid conf/sweep/$(SWEEP).yaml under one MLflow parent run
 # (resumable: finished points are not rerun; ARGS go to Hydra, e.g. ARGS='ray.address=auto');
@@ -124,6 +129,7 @@ bench-export: $(STAMP)
 	$(PY) bench/bench_export.py lower --model $(or $(MODEL),tiny) --layers $(or $(LAYERS),0)
 	$(PY) bench/bench_export.py sparsity
 	$(PY) bench/bench_export.py kernel --model $(if $(filter mobilemoe_%,$(MODEL)),$(MODEL),mobilemoe_s)
+	$(PY) bench/bench_export.py head --model $(if $(filter tiny micro,$(MODEL)),mobilemoe_s,$(or $(MODEL),mobilemoe_s))
 
 # Profile: the exported MoE and its dense twins side by side in the ExecuTorch runtime
 # (interleaved repetitions, paired ratios), then where a decode step's time goes (ETDump).

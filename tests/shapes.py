@@ -67,3 +67,36 @@ def context_trained(cfg: ModelConfig, steps: int = 150, seed: int = 0) -> Transf
         loss.backward()
         opt.step()
     return model.eval()
+
+
+def small_moe(**overrides) -> MoEConfig:
+    """8 experts of width 16, top-2, a shared expert, sigmoid router; ``overrides`` replace fields."""
+    base = dict(
+        num_experts=8,
+        top_k=2,
+        expert_ffn_dim=16,
+        num_shared_experts=1,
+        shared_ffn_dim=16,
+        score_func="sigmoid",
+        route_norm=True,
+        route_scale=2.5,
+    )
+    base.update(overrides)
+    return MoEConfig(**base)
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """A 2-layer MoE of width 32 at vocabulary 64 (``small_moe`` experts)."""
+    base = dict(
+        name="t",
+        vocab_size=64,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=8,
+        max_seq_len=64,
+        moe=small_moe(),
+    )
+    base.update(overrides)
+    return ModelConfig(**base)

@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
+import pytest
+
 from tools.drill import DrillError, kill_session
 
 T = TypeVar("T")
@@ -222,3 +224,18 @@ def ray_snapshot_checkpoints(run_dir: Path) -> list[str]:
         except ValueError:
             return []
     return [str(r.get("checkpoint_dir_name")) for r in state.get("checkpoint_results", [])]
+
+
+@pytest.fixture(autouse=True)
+def ray_never_starts():
+    """For a module that imports it: every case must stop before Ray (a started Ray would
+    also leak into later tests)."""
+    yield
+    import ray
+
+    assert not ray.is_initialized(), "the runner started Ray before rejecting the input"
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` by relative path: equal snapshots, untouched outputs."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}

@@ -10,9 +10,9 @@ What: partitioner configs that are the upstream ones except that an unbacked siz
 accepted when it has a finite upper bound (the program's ``torch._check`` calls give
 it one; memory planning needs it anyway). A tensor known to be empty is still refused.
 The XNNPACK runtime runs a GEMM over zero rows as a no-op, reading no weights (checked
-by tests/test_export.py, which runs such a program).
+by tests/export/test_export.py, which runs such a program).
 
-When to remove it: ``tests/test_export.py::test_shim_is_still_needed`` lowers an
+When to remove it: ``tests/export/test_export.py::test_shim_is_still_needed`` lowers an
 expert GEMM with a data-dependent row count through the upstream partitioner and
 expects it refused; when an upgrade makes upstream accept it, that test fails, and this
 module should go.

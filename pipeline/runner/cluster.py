@@ -126,7 +126,7 @@ def _loopback_only() -> None:
 
 def start(cfg: RayConfig) -> None:
     """Start (or join) Ray for this process; idempotent. The embedded Ray listens on
-    127.0.0.1 only (tests/test_pipeline_e2e.py lists every listener of `make repro`)."""
+    127.0.0.1 only (tests/e2e/test_pipeline_e2e.py lists every listener of `make repro`)."""
     address = cluster_address(cfg)
     if not address and not _ray_initialized():
         _loopback_only()

@@ -101,8 +101,9 @@ def test_a_briefly_locked_database_delays_the_start_instead_of_failing(store):
     assert run.lost_summary() is None
 
 
+@pytest.mark.slow
 def test_tracking_lost_during_training_never_stops_it(store, tmp_path, micro_data):
-    from test_train_loop import _callbacks, _job
+    from jobs import job_callbacks, micro_job
 
     from pipeline.train.callbacks import MetricsCallback
     from pipeline.train.loop import run_loop
@@ -112,9 +113,9 @@ def test_tracking_lost_during_training_never_stops_it(store, tmp_path, micro_dat
     journal = tmp_path / "journal.jsonl"
     with stage_run(cfg, "pretrain", params={"lr": 1}, journal=tmp_path / "driver.jsonl") as run:
         logger = run.remote_logger(journal=journal)
-        job = _job(micro_data, steps=6)
+        job = micro_job(micro_data, steps=6)
         with locked_sqlite(db):  # held for the rest of training: tracking is lost for good
-            state = run_loop(job, 0, 1, None, [*_callbacks(job, _Keep(tmp_path)), MetricsCallback(1, logger)])
+            state = run_loop(job, 0, 1, None, [*job_callbacks(job, _Keep(tmp_path)), MetricsCallback(1, logger)])
             run.log_metrics({"final/val_loss": 1.0})  # the driver's own calls are best effort too
     import mlflow
 

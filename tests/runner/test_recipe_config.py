@@ -117,6 +117,7 @@ def test_preflight_rejects_a_top_level_key_no_stage_reads(tmp_path):
     assert preflight(params).returncode == 0
 
 
+@pytest.mark.slow
 def test_regenerating_params_never_discards_a_hand_edit_in_silence(tmp_path):
     def regenerate(*extra: str) -> subprocess.CompletedProcess:
         return subprocess.run(

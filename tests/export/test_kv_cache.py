@@ -81,6 +81,7 @@ def test_every_cache_dtype_passes_the_gate_and_a_lost_window_fails_it(windowed, 
     assert not result["passed"], (dtype, result)
 
 
+@pytest.mark.slow
 def test_the_int8_cache_lowers_runs_within_the_gate_and_lists_its_kernels(windowed, prompts, tmp_path):
     """The INT8 cache's per-token quantization sits beside XNNPACK's 8da4w patterns: the
     lowered program (windowed layer included) must still pass the gate."""

@@ -2,7 +2,7 @@
 
 One module-scoped run of `make repro` (mix -> pretrain -> midtrain -> SFT) feeds every
 test here; then DVC's no-op re-run, metrics, `dvc exp run -S` and the kill-corrupt-rerun
-drill (resume with two workers on two nodes: tests/test_cluster.py). Everything is
+drill (resume with two workers on two nodes: tests/e2e/test_cluster.py). Everything is
 queried through the tools themselves (MLflow client, dvc CLI).
 """
 

@@ -85,8 +85,8 @@ def test_split_is_decided_by_the_document_key_not_its_text():
 # --------------------------------------------------------------------------- the step's gradient
 
 
-def _job(micro_data: Path, grad_accum: int):
-    from test_train_loop import _job as base_job
+def micro_job(micro_data: Path, grad_accum: int):
+    from jobs import micro_job as base_job
 
     job = base_job(micro_data, steps=3, mixture="sft")  # SFT: micro-batches differ in target counts
     job.train["grad_accum"] = grad_accum
@@ -145,7 +145,7 @@ def _reference_grads(job, batches: list[tuple[torch.Tensor, torch.Tensor]], worl
 def test_gradient_is_token_weighted_over_micro_batches(micro_data):
     from pipeline.train.loop import run_loop
 
-    job = _job(micro_data, grad_accum=3)
+    job = micro_job(micro_data, grad_accum=3)
     job.model["moe"]["aux_loss_coef"] = 0.01  # so the aux term's averaging is checked too
     probe = _GradsBeforeStep()
     run_loop(job, 0, 1, None, [probe])
@@ -168,7 +168,7 @@ def _ddp_grads_worker(rank: int, world: int, init_file: str, micro_data: Path, o
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        job = _job(micro_data, grad_accum=2)
+        job = micro_job(micro_data, grad_accum=2)
         probe = _GradsBeforeStep()
         run_loop(job, rank, world, None, [probe])
         save_file({k: v.contiguous() for k, v in probe.grads.items()}, str(out / f"rank{rank}.safetensors"))
@@ -181,7 +181,7 @@ def test_gradient_is_token_weighted_over_micro_batches_and_ranks(micro_data, tmp
     from safetensors.torch import load_file
 
     mp.spawn(_ddp_grads_worker, args=(2, str(tmp_path / "init"), micro_data, tmp_path), nprocs=2, join=True)
-    job = _job(micro_data, grad_accum=2)
+    job = micro_job(micro_data, grad_accum=2)
     data = TokenBatches(job.mixture_dir, "train", job.train["seq_len"], 3, job.seed)
     batches = [data.train_batch(0, m, r) for r in range(2) for m in range(2)]
     want = _reference_grads(job, batches, world=2)
@@ -220,10 +220,11 @@ print("points", calls["n"])
 """
 
 
+@pytest.mark.slow
 def test_checkpoint_writes_are_atomic_under_sigkill_at_every_write_point(tmp_path):
     from pipeline.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
 
     def attempt(root: Path, kill_at: int) -> subprocess.CompletedProcess:
         save_checkpoint(root, 1, {"w": torch.full((64,), 1.0), "b": torch.zeros(8)}, None, {"step": 1})

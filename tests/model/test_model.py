@@ -8,48 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from shapes import small_moe, tiny_config
 
 from pipeline.configbase import ConfigError, from_dict
 from pipeline.model import ExpertBiasBalancer, KVCache, ModelConfig, MoE, MoEConfig, Transformer, generate, param_counts
 from pipeline.model.layers import SwiGLU
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
 NAMED = sorted(p.stem for p in CONF.glob("*.yaml"))
 
 
 def load_model_config(name: str) -> ModelConfig:
     return from_dict(ModelConfig, yaml.safe_load((CONF / f"{name}.yaml").read_text()), "model")
-
-
-def small_moe(**overrides) -> MoEConfig:
-    base = dict(
-        num_experts=8,
-        top_k=2,
-        expert_ffn_dim=16,
-        num_shared_experts=1,
-        shared_ffn_dim=16,
-        score_func="sigmoid",
-        route_norm=True,
-        route_scale=2.5,
-    )
-    base.update(overrides)
-    return MoEConfig(**base)
-
-
-def tiny_config(**overrides) -> ModelConfig:
-    base = dict(
-        name="t",
-        vocab_size=64,
-        d_model=32,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        head_dim=8,
-        max_seq_len=64,
-        moe=small_moe(),
-    )
-    base.update(overrides)
-    return ModelConfig(**base)
 
 
 def test_named_configs_include_the_family():

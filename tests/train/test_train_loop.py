@@ -2,82 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import VOCAB
+from jobs import Reports, job_callbacks, micro_job
 
 from pipeline.model import ModelConfig, MoEConfig
 from pipeline.quant.fake import FakeQuantExperts
 from pipeline.train.batches import IGNORE_INDEX, TokenBatches
-from pipeline.train.callbacks import BalanceCallback, Callback, CheckpointCallback, MetricsCallback
+from pipeline.train.callbacks import BalanceCallback, Callback, MetricsCallback
 from pipeline.train.checkpoint import latest_checkpoint, load_checkpoint
 from pipeline.train.config import TrainStageConfig
-from pipeline.train.loop import WorkerJob, run_loop
-from pipeline.train.schedule import ScheduleConfig
-
-
-def _job(micro_data: Path, steps: int, mixture: str = "pretrain") -> WorkerJob:
-    model = ModelConfig(
-        name="t",
-        vocab_size=VOCAB,
-        d_model=32,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        head_dim=8,
-        max_seq_len=64,
-        moe=MoEConfig(
-            num_experts=4,
-            top_k=2,
-            expert_ffn_dim=16,
-            num_shared_experts=1,
-            shared_ffn_dim=16,
-            route_scale=2.5,
-            bias_update_rate=0.01,
-        ),
-    )
-    train = TrainStageConfig(
-        mixture=str(micro_data / mixture),
-        tokenizer=str(micro_data / "tokenizer" / "tokenizer.json"),
-        out_dir="unused",
-        seq_len=32,
-        batch_size=8,
-        schedule=ScheduleConfig(kind="cosine", lr=1e-2, warmup_steps=2, total_steps=steps),
-        log_every=1,
-        eval_every=5,
-        eval_batches=2,
-        checkpoint_every=5,
-    )
-    return WorkerJob(
-        stage="pretrain",
-        model=asdict(model),
-        train=asdict(train),
-        seed=0,
-        mixture_dir=str(micro_data / mixture),
-        bytes_per_token=3.0,
-    )
-
-
-class Reports:
-    """Stands in for ray.train.report: keeps the reported checkpoint roots."""
-
-    def __init__(self, keep_dir: Path) -> None:
-        self.keep_dir, self.roots = keep_dir, []
-
-    def __call__(self, metrics: dict, root: Path | None) -> None:
-        import shutil
-
-        dest = self.keep_dir / f"report_{len(self.roots)}"
-        shutil.copytree(root, dest)
-        self.roots.append(dest)
-
-
-def _callbacks(job: WorkerJob, reports: Reports) -> list:
-    return [BalanceCallback(), MetricsCallback(1, None), CheckpointCallback(5, {"model": job.model}, report=reports)]
+from pipeline.train.loop import run_loop
 
 
 def test_batches_mask_prompt_tokens_and_resample_identically(micro_data):
@@ -92,9 +31,9 @@ def test_batches_mask_prompt_tokens_and_resample_identically(micro_data):
 
 
 def test_loop_learns_and_balances(micro_data, tmp_path):
-    job = _job(micro_data, steps=30)
+    job = micro_job(micro_data, steps=30)
     reports = Reports(tmp_path)
-    state = run_loop(job, rank=0, world=1, resume=None, callbacks=_callbacks(job, reports))
+    state = run_loop(job, rank=0, world=1, resume=None, callbacks=job_callbacks(job, reports))
     losses = [v for _, v in state.history["train/loss"]]
     assert losses[-1] < losses[0] - 1.0, losses
     assert "val/loss" in state.history and "val/bpb" in state.history
@@ -110,14 +49,14 @@ QAT_8DA4W = {"scheme": "8da4w", "group_size": 8, "granularity": "per_group", "em
 
 @pytest.mark.parametrize("quant", [None, QAT_8DA4W], ids=["fp32", "qat"])
 def test_resume_from_checkpoint_equals_uninterrupted(micro_data, tmp_path, quant):
-    job = replace(_job(micro_data, steps=10), quant=quant)
-    straight = run_loop(job, 0, 1, None, _callbacks(job, Reports(tmp_path / "a")))
+    job = replace(micro_job(micro_data, steps=10), quant=quant)
+    straight = run_loop(job, 0, 1, None, job_callbacks(job, Reports(tmp_path / "a")))
     if quant is not None:  # the fake-quantized model is what trained
         assert isinstance(straight.model.layers[0].ffn.experts, FakeQuantExperts)
 
     reports = Reports(tmp_path / "b")
-    first_half = replace(_job(micro_data, steps=10), quant=quant)
-    callbacks = _callbacks(first_half, reports)
+    first_half = replace(micro_job(micro_data, steps=10), quant=quant)
+    callbacks = job_callbacks(first_half, reports)
 
     class InterruptError(Exception):
         pass
@@ -137,7 +76,7 @@ def test_resume_from_checkpoint_equals_uninterrupted(micro_data, tmp_path, quant
         run_loop(first_half, 0, 1, None, callbacks + [StopAfterFirstCheckpoint()])
     ckpt = load_checkpoint(latest_checkpoint(reports.roots[-1]))
     assert ckpt.step == 5
-    resumed = run_loop(job, 0, 1, ckpt, _callbacks(job, Reports(tmp_path / "c")))
+    resumed = run_loop(job, 0, 1, ckpt, job_callbacks(job, Reports(tmp_path / "c")))
     assert resumed.resumed_at == [5]
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
@@ -164,7 +103,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, micro_data: Path, out_dir
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        job = _job(micro_data, steps=8)
+        job = micro_job(micro_data, steps=8)
         job.train["grad_accum"] = 2
         state = run_loop(job, rank, world, None, [BalanceCallback(), MetricsCallback(1, None)])
         save_checkpoint(
@@ -210,7 +149,7 @@ def test_validation_is_split_by_domain_consistently(micro_data):
         expected = sum(s["tokens"]["val"] for s in manifest["sources"].values() if s["domain"] == name)
         assert int((np.asarray(domains) == i).sum()) == expected
 
-    job = _job(micro_data, steps=5)
+    job = micro_job(micro_data, steps=5)
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**{**job.model, "moe": MoEConfig(**job.model["moe"])}))
     val = TokenBatches(micro_data / "pretrain", "val", seq_len=32, batch_size=8, seed=0)
@@ -262,7 +201,7 @@ def _nan_aux_loss_in_layer(layer: int):
     ],
 )
 def test_non_finite_step_stops_before_the_optimizer_and_any_checkpoint(micro_data, tmp_path, plant, term, layer):
-    job = _job(micro_data, steps=12)
+    job = micro_job(micro_data, steps=12)
     reports = Reports(tmp_path)
     before = {}
 
@@ -273,7 +212,7 @@ def test_non_finite_step_stops_before_the_optimizer_and_any_checkpoint(micro_dat
 
     snap = Snapshot()
     with pytest.raises(FloatingPointError) as err:
-        run_loop(job, 0, 1, None, [_Plant(plant), snap, *_callbacks(job, reports)])
+        run_loop(job, 0, 1, None, [_Plant(plant), snap, *job_callbacks(job, reports)])
     message = str(err.value)
     assert "at step 1" in message and term in message, message
     if layer:

@@ -46,7 +46,7 @@ from pipeline.scaling.planner import (
     within,
 )
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 # A law with every coefficient away from its default start: a = 20, g = 40, γ = 0.6,
 # δ = 0.25, σ = 0.08, α = 0.32, b = 300, β = 0.3, c = 1.7.
 TRUE = ScalingLaw((math.log(20.0), math.log(40.0), 0.6, 0.25, 0.08, 0.32, math.log(300.0), 0.3, math.log(1.7)))
@@ -365,7 +365,7 @@ def _fit_cli(tmp_path: Path, uri: str, *overrides: str):
 
     from tools.drill import env_for
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     ray_dir = tempfile.mkdtemp(prefix="ray-scaling-", dir="/tmp")
     return subprocess.run(
         [
@@ -384,6 +384,7 @@ def _fit_cli(tmp_path: Path, uri: str, *overrides: str):
     )
 
 
+@pytest.mark.slow
 def test_scaling_fit_stage_reads_the_sweep_from_mlflow_fits_and_logs(tmp_path):
     import json
 

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from test_model import small_moe, tiny_config
+from shapes import small_moe, tiny_config
 from torch import nn
 from torchao.quantization import quantize_
 from torchao.quantization.qat import QATConfig

@@ -1,6 +1,6 @@
 """The parts that make a stage run on a cluster, each checked without one (fast).
 
-The two-node run itself is tests/test_cluster.py; here: what is refused before anything
+The two-node run itself is tests/e2e/test_cluster.py; here: what is refused before anything
 starts, the run storage (staging and fetching through pyarrow filesystems), a stage
 task's inputs and outputs as they cross to another node, the data check every rank
 makes before step 0, the capacity arithmetic of the start-up timeout's message, the

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import VOCAB
-from test_runner import ray_never_starts, snapshot  # noqa: F401 - the fixture applies here too
+from support import ray_never_starts, snapshot  # noqa: F401 - the fixture applies here too
 
 from pipeline.configbase import ConfigError, from_dict
 from pipeline.model import ModelConfig, Transformer

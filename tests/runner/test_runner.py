@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 from conftest import VOCAB
-from support import free_port, started
+from support import free_port, ray_never_starts, snapshot, started  # noqa: F401 - the fixture applies here
 
 from pipeline.configbase import ConfigError
 from pipeline.hashing import sha256_file
@@ -37,15 +37,6 @@ ENV = {
     "RAY_AUTH_MODE": "disabled",
     "RAY_USAGE_STATS_ENABLED": "0",
 }
-
-
-@pytest.fixture(autouse=True)
-def ray_never_starts():
-    """Every case here must stop before Ray; a started Ray would also leak into later tests."""
-    yield
-    import ray
-
-    assert not ray.is_initialized(), "the runner started Ray before rejecting the input"
 
 
 def micro(micro_data: Path, stage: str, *overrides: str) -> dict:
@@ -69,10 +60,6 @@ def earlier_output(tmp_path):
     (out / "model" / "keep.txt").write_text("earlier output")
     (out / "metrics.json").write_text('{"val_loss": 1.0}')
     return out
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def run(stage, raw, tmp_path):

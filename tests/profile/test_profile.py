@@ -288,6 +288,7 @@ def profiled(micro_program, micro_data, tmp_path_factory) -> tuple[Path, dict, P
     return out, metrics, cfg
 
 
+@pytest.mark.slow  # the whole profile stage's work on the micro program and its twin
 def test_profile_writes_the_report_and_its_numbers_follow_from_the_runs(profiled, micro_program):
     out, metrics, cfg = profiled
     profile = json.loads((out / "profile.json").read_text())

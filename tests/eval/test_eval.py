@@ -24,7 +24,7 @@ from pipeline.eval.scoring import aggregate, answer_number, centred, score_choic
 from pipeline.eval.suites import build_suite, load_suite
 from pipeline.eval.tasks import ChoiceItem, GenerateItem, RollingItem, TaskFileError, TaskSpec, read_items
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LM_EVAL_TASKS = REPO / "conf" / "lm_eval"
 
 
@@ -394,6 +394,7 @@ def test_lm_eval_scores_every_item_exactly_as_the_harness(micro_suite, lowered, 
     assert out["results"]["mobilemoe_continuation"]["acc,none"] == pytest.approx(ours["continuation"].metrics["acc"])
 
 
+@pytest.mark.slow
 def test_lm_eval_command_line_evaluates_a_recipe_checkpoint(micro_suite, lowered, micro_data, tmp_path):
     suite_dir, _ = micro_suite
     tok = micro_data / "tokenizer" / "tokenizer.json"
