@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DVC := $(VENV)/bin/dvc
 STAMP := $(VENV)/.installed
-# dvc.yaml runs `python stages/...`: the venv's python, wherever dvc is called from.
+# dvc.yaml runs `python -m pipeline.stages ...`: the venv's python, wherever dvc is called from.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYTHONPATH := $(CURDIR)
 export MLFLOW_DISABLE_TELEMETRY := true
@@ -22,7 +22,8 @@ ifneq ($(wildcard /opt/wheels),)
 export PIP_FIND_LINKS ?= /opt/wheels
 endif
 
-STAGES := mix pretrain midtrain sft qat export profile evalsets eval_pretrain eval_midtrain eval_sft eval_qat report
+# The recipe's stages, as the registry wrote them into dvc.yaml (pipeline/stages/registry.py).
+STAGES := $(shell sed -n 's/^  \([a-z0-9_]*\):$$/\1/p' dvc.yaml)
 ARGS ?=
 .PHONY: setup lock params repro test test-fast lint drill sweep scaling-fit plan mutants bench-model bench-config bench-export bench-profile bench-peers \
 	profile-paper ui $(STAGES)
@@ -47,8 +48,12 @@ lock: $(STAMP)
 # params.yaml is conf/ composed with its defaults: what `dvc repro` runs.
 # A params.yaml edited by hand (or by `dvc exp run -S`) is not overwritten: the command
 # names the keys that differ from conf/; FORCE=1 discards them.
-params: $(STAMP)
+# dvc.yaml is generated from the stages' declarations whenever one of them changes.
+params: $(STAMP) dvc.yaml
 	$(PY) -m pipeline.recipe params -o params.yaml $(if $(FORCE),--force)
+
+dvc.yaml: $(wildcard pipeline/stages/*.py) pipeline/runner/spec.py | $(STAMP)
+	$(PY) -m pipeline.stages dvc -o $@
 
 # The whole recipe under one MLflow parent run; DVC skips stages whose inputs are unchanged.
 # params.yaml is recomposed first, so an edit in conf/ is what runs, and the whole file is
@@ -90,19 +95,19 @@ sweep: params
 	$(DVC) repro mix
 	@run_id=$$($(PY) -m pipeline.tracking start --params params.yaml --name sweep:$(SWEEP) --owner-pid $$$$) \
 	  || exit 2; \
-	MOBILEMOE_PARENT_RUN_ID=$$run_id $(PY) stages/sweep.py -m sweep=$(SWEEP) $(ARGS); status=$$?; \
+	MOBILEMOE_PARENT_RUN_ID=$$run_id $(PY) -m pipeline.stages sweep -m sweep=$(SWEEP) $(ARGS); status=$$?; \
 	$(PY) -m pipeline.tracking end $$run_id --params params.yaml \
 	  --status $$([ $$status -eq 0 ] && echo FINISHED || echo FAILED); \
 	exit $$status
 
 scaling-fit: $(STAMP)
-	$(PY) stages/scaling_fit.py sweep=$(SWEEP) $(ARGS)
+	$(PY) -m pipeline.stages scaling_fit sweep=$(SWEEP) $(ARGS)
 
 MEMORY ?=
 FLOPS ?=
 NAME ?= planned
 plan: $(STAMP)
-	$(PY) stages/plan.py $(if $(MEMORY),--memory $(MEMORY)) $(if $(FLOPS),--flops $(FLOPS)) --name $(NAME) $(ARGS)
+	$(PY) -m pipeline.stages plan $(if $(MEMORY),--memory $(MEMORY)) $(if $(FLOPS),--flops $(FLOPS)) --name $(NAME) $(ARGS)
 
 # The layout as drawn (import-linter contracts in pyproject.toml) and ruff's lint and
 # format check; the test suite runs the same checks.

@@ -222,13 +222,13 @@ def drill(repo: Path, env: dict, stage: str = "pretrain", seed: int | None = Non
     # 1. By hand, with a corrupted checkpoint.
     if by_hand:
         step = rng.randrange(2, total)
-        cut = run_and_kill(repo, env, [sys.executable, f"stages/{stage}.py"], stage, step)
+        cut = run_and_kill(repo, env, [sys.executable, "-m", "pipeline.stages", stage], stage, step)
         damaged = corrupt_newest(repo, stage)
         report.say(
             f"by hand: killed after step {cut.killed_after_step} (registered checkpoints at steps {cut.registered}); "
             f"corrupted {damaged.relative_to(repo)}"
         )
-        rerun = run(repo, env, sys.executable, f"stages/{stage}.py")
+        rerun = run(repo, env, sys.executable, "-m", "pipeline.stages", stage)
         _said_how_it_resumed(rerun, report, "by hand")
         _check_result(repo, env, stage, reference, lock, report, "by hand")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.configbase import ConfigError, require
-from pipeline.data.document import DataError
+from pipeline.data.base import DataError
 from pipeline.data.mixing import MixtureConfig, build_mixture, collect, load_split, train_tokenizer_on_mixture
 from pipeline.data.sources import check_available
 from pipeline.data.tokenizer import MIN_VOCAB

@@ -11,8 +11,8 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from pipeline.data.document import Document
-from pipeline.data.sources import Kind, Opt
+from pipeline.configbase import require
+from pipeline.data.base import Document, Kind
 
 NAMES = [
     "Ann",
@@ -236,9 +236,16 @@ def _iter(generators):
     return iterate
 
 
-_OPTS = {"n_docs": Opt((int,), 5000, lambda v: v > 0, "must be a positive integer"), "seed": Opt((int,), 0)}
+@dataclass(frozen=True)
+class ProblemOptions:
+    n_docs: int = 5000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        require(self.n_docs > 0, "n_docs", "must be a positive integer")
+
 
 KINDS = [
-    Kind("arithmetic", "text", "CC0 (procedurally generated)", _OPTS, _iter(ARITHMETIC)),
-    Kind("reasoning", "text", "CC0 (procedurally generated)", _OPTS, _iter(REASONING)),
+    Kind("arithmetic", "text", "CC0 (procedurally generated)", ProblemOptions, _iter(ARITHMETIC)),
+    Kind("reasoning", "text", "CC0 (procedurally generated)", ProblemOptions, _iter(REASONING)),
 ]

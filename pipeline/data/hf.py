@@ -11,11 +11,12 @@ import functools
 import glob
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.configbase import require
+from pipeline.data.base import DataError, Document, Kind
 from pipeline.data.chat import render_text, validate
-from pipeline.data.document import DataError, Document
-from pipeline.data.sources import Kind, Opt
 from pipeline.hashing import sha256_file
 
 TEXT_BUILDERS = ("json", "text", "csv")  # builders that read local files as UTF-8 text
@@ -159,18 +160,31 @@ def _chat_iter(options: dict, cfg) -> Iterator[Document]:
         )
 
 
-def _str(v) -> bool:
-    return bool(v)
+@dataclass(frozen=True)
+class DatasetOptions:
+    """A dataset by builder or hub name (``datasets.load_dataset(path, name, ...)``)."""
+
+    path: str
+    licence: str
+    name: str | None = None
+    data_files: str | list | dict | None = None
+    split: str = "train"
+    streaming: bool = False
+
+    def __post_init__(self) -> None:
+        require(bool(self.path), "path", "must be a dataset name or builder")
+        require(bool(self.licence), "licence", "must name the dataset's licence")
 
 
-_COMMON = {
-    "path": Opt((str,), check=_str, why="must be a dataset name or builder"),
-    "licence": Opt((str,), check=_str, why="must name the dataset's licence"),
-    "name": Opt((str, type(None)), None),
-    "data_files": Opt((str, list, dict, type(None)), None),
-    "split": Opt((str,), "train"),
-    "streaming": Opt((bool,), False),
-}
+@dataclass(frozen=True)
+class TextOptions(DatasetOptions):
+    text_field: str = "text"
+
+
+@dataclass(frozen=True)
+class ChatOptions(DatasetOptions):
+    messages_field: str = "messages"
+    task: str = "hf_chat"
 
 
 def _origin(options: dict) -> dict[str, str]:
@@ -179,12 +193,12 @@ def _origin(options: dict) -> dict[str, str]:
 
 
 KINDS = [
-    Kind("hf", "text", None, {**_COMMON, "text_field": Opt((str,), "text")}, _text_iter, _check, _origin),
+    Kind("hf", "text", None, TextOptions, _text_iter, _check, _origin),
     Kind(
         "hf_chat",
         "chat",
         None,
-        {**_COMMON, "messages_field": Opt((str,), "messages"), "task": Opt((str,), "hf_chat")},
+        ChatOptions,
         _chat_iter,
         _check,
         _origin,

@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.configbase import ConfigError, from_dict, require
+from pipeline.data.base import DataError, Document, text_hash, unit_hash
 from pipeline.data.chat import render_many
-from pipeline.data.document import DataError, Document, text_hash, unit_hash
 from pipeline.data.sources import SourceConfig, check_available, licence_of, materialise
 from pipeline.data.tokenizer import Tokenizer, fingerprint
 from pipeline.hashing import sha256_file

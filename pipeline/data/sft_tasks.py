@@ -13,11 +13,12 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 
-from pipeline.data import generated
+from pipeline.configbase import require
+from pipeline.data import generated, packaged
+from pipeline.data.base import DataError, Document, Kind
 from pipeline.data.chat import render_text
-from pipeline.data.document import Document
-from pipeline.data.sources import Kind, Opt, SourceConfig, check_available, iter_documents
 from pipeline.data.stdlib import DEFAULT_EXCLUDE, docstring_summary, python_definitions, source_root
 
 SYSTEM_PROMPTS = [
@@ -38,8 +39,26 @@ def _doc(cfg, task: str, key: str, msgs: list[dict]) -> Document:
     return Document(render_text(msgs), cfg.domain, cfg.name, key=key, meta={"messages": msgs, "task": task})
 
 
-def _inner(cfg, kind: str, options: dict | None = None) -> SourceConfig:
-    return SourceConfig(name=f"{cfg.name}/{kind}", kind=kind, domain=cfg.domain, options=options or {})
+@dataclass(frozen=True)
+class _Inner:
+    """The text source a task draws from, named under the task's source."""
+
+    name: str
+    domain: str
+
+
+def _inner_docs(cfg, kind: str, options: dict | None = None) -> Iterator[Document]:
+    """The documents of text kind ``kind`` (a packaged corpus), called directly."""
+    inner = packaged.KIND[kind]
+    yield from inner.iterate(inner.resolve(options or {}), _Inner(f"{cfg.name}/{kind}", cfg.domain))
+
+
+def _check_inner(kind: str) -> None:
+    inner = packaged.KIND[kind]
+    try:
+        inner.check(inner.resolve({}))
+    except DataError as err:
+        raise DataError(f"source 'define/{kind}' ({kind}) unavailable: {err}") from None
 
 
 def _rng(options: dict, task: str) -> random.Random:
@@ -51,17 +70,13 @@ def _rng(options: dict, task: str) -> random.Random:
 
 def _define_check(options: dict) -> None:
     if options["corpus"] == "wordnet":
-        check_available(_inner_stub("wordnet"))
-
-
-def _inner_stub(kind: str) -> SourceConfig:
-    return SourceConfig(name=f"define/{kind}", kind=kind)
+        _check_inner("wordnet")
 
 
 def _define_iter(options: dict, cfg) -> Iterator[Document]:
     r = _rng(options, "define")
     if options["corpus"] == "wordnet":
-        for d in iter_documents(_inner(cfg, "wordnet")):
+        for d in _inner_docs(cfg, "wordnet"):
             term, pos, definition = d.meta["term"], d.meta["pos"], d.meta["definition"]
             q = r.choice(["What does the word '{t}' mean?", "Define '{t}'.", "What is the meaning of '{t}'?"])
             turns = [(q.format(t=term), f"{term} ({pos}): {definition}")]
@@ -102,14 +117,13 @@ def split_halves(text: str) -> tuple[str, str] | None:
 
 
 def _continue_check(options: dict) -> None:
-    check_available(_inner_stub(options["corpus"]))
+    _check_inner(options["corpus"])
 
 
 def _continue_iter(options: dict, cfg) -> Iterator[Document]:
     r = _rng(options, "continue")
     corpus = options["corpus"]
-    inner = _inner(cfg, corpus, {"verses_per_doc": 6} if corpus == "bible" else {})
-    for d in iter_documents(inner):
+    for d in _inner_docs(cfg, corpus, {"verses_per_doc": 6} if corpus == "bible" else {}):
         body = d.text.split("\n", 1)[1] if corpus == "bible" else d.text
         halves = split_halves(body)
         if halves is None or len(body) > options["max_chars"]:
@@ -167,11 +181,53 @@ def _problem_iter(task: str, generators):
     return iterate
 
 
-def _frac(v) -> bool:
-    return 0.0 <= v <= 1.0
+@dataclass(frozen=True)
+class TaskOptions:
+    seed: int = 0
+    multi_turn: float | int = 0.3  # the fraction of conversations with a follow-up turn
+
+    def __post_init__(self) -> None:
+        require(0.0 <= self.multi_turn <= 1.0, "multi_turn", "must be in [0, 1]")
 
 
-_BASE = {"seed": Opt((int,), 0), "multi_turn": Opt((float, int), 0.3, _frac, "must be in [0, 1]")}
+@dataclass(frozen=True)
+class DefineOptions(TaskOptions):
+    corpus: str = "python_docs"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.corpus in ("python_docs", "wordnet"), "corpus", "must be 'python_docs' or 'wordnet'")
+
+
+@dataclass(frozen=True)
+class ExplainOptions(TaskOptions):
+    max_chars: int = 1500
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.max_chars > 0, "max_chars", "must be a positive integer")
+
+
+@dataclass(frozen=True)
+class ContinueOptions(TaskOptions):
+    corpus: str = "bible"
+    max_chars: int = 1500
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.max_chars > 0, "max_chars", "must be a positive integer")
+        require(self.corpus in ("bible", "fortunes"), "corpus", "must be 'bible' or 'fortunes'")
+
+
+@dataclass(frozen=True)
+class ProblemTaskOptions(TaskOptions):
+    n_docs: int = 3000
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.n_docs > 0, "n_docs", "must be a positive integer")
+
+
 _LIC_PY = "PSF-2.0 (derived from Python standard library docstrings)"
 
 KINDS = [
@@ -179,12 +235,7 @@ KINDS = [
         "define",
         "chat",
         _LIC_PY + "; WordNet licence when corpus=wordnet",
-        {
-            **_BASE,
-            "corpus": Opt(
-                (str,), "python_docs", lambda v: v in ("python_docs", "wordnet"), "must be 'python_docs' or 'wordnet'"
-            ),
-        },
+        DefineOptions,
         _define_iter,
         _define_check,
     ),
@@ -192,11 +243,7 @@ KINDS = [
         "continue",
         "chat",
         "public domain (KJV) / BSD-3-Clause (fortunes)",
-        {
-            **_BASE,
-            "corpus": Opt((str,), "bible", lambda v: v in ("bible", "fortunes"), "must be 'bible' or 'fortunes'"),
-            "max_chars": Opt((int,), 1500, lambda v: v > 0, "must be a positive integer"),
-        },
+        ContinueOptions,
         _continue_iter,
         _continue_check,
     ),
@@ -204,21 +251,21 @@ KINDS = [
         "explain_code",
         "chat",
         _LIC_PY,
-        {**_BASE, "max_chars": Opt((int,), 1500, lambda v: v > 0, "must be a positive integer")},
+        ExplainOptions,
         _explain_iter,
     ),
     Kind(
         "math",
         "chat",
         "CC0 (procedurally generated)",
-        {**_BASE, "n_docs": Opt((int,), 3000, lambda v: v > 0, "must be a positive integer")},
+        ProblemTaskOptions,
         _problem_iter("math", generated.ARITHMETIC),
     ),
     Kind(
         "reason",
         "chat",
         "CC0 (procedurally generated)",
-        {**_BASE, "n_docs": Opt((int,), 3000, lambda v: v > 0, "must be a positive integer")},
+        ProblemTaskOptions,
         _problem_iter("reason", generated.REASONING),
     ),
 ]

@@ -1,29 +1,32 @@
 """Source configs and the registry of source kinds.
 
 A mixture is a list of :class:`SourceConfig`; each names a *kind* (bible, fortunes,
-python_code, hf, ...). A kind declares its options (validated at config time), its
-licence, a cheap availability check, and an iterator of :class:`Document`. Chat kinds
-(the SFT tasks) live in the same registry and yield documents whose ``meta`` carries
-the conversation; ``produces`` tells a mixture which kinds it may use.
+python_code, hf, ...). A kind (:class:`~pipeline.data.base.Kind`) declares its options
+(validated at config time), its licence, a cheap availability check, and an iterator of
+:class:`Document`. Chat kinds (the SFT tasks) live in the same registry and yield
+documents whose ``meta`` carries the conversation; ``produces`` tells a mixture which
+kinds it may use. The adapters import only :mod:`pipeline.data.base`; this module
+imports them all, so the registry is complete once it is imported.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.configbase import require
-from pipeline.data.document import DataError, Document
+from pipeline.configbase import ConfigError, from_dict, require
+from pipeline.data import generated, hf, packaged, sft_tasks, stdlib
+from pipeline.data.base import DataError, Document, Kind
 
 __all__ = [
     "DataError",
     "Document",
     "SourceConfig",
     "Kind",
-    "Opt",
     "KINDS",
     "kind_of",
     "check_available",
@@ -32,58 +35,13 @@ __all__ = [
     "licence_of",
 ]
 
-_REQUIRED = object()
-
-
-@dataclass(frozen=True)
-class Opt:
-    """One kind-specific option: accepted types, default (or required), extra check."""
-
-    types: tuple[type, ...]
-    default: Any = _REQUIRED
-    check: Callable[[Any], bool] | None = None
-    why: str = ""
-
-
-@dataclass(frozen=True)
-class Kind:
-    name: str
-    produces: str  # "text" or "chat"
-    licence: str | None  # None: taken from the required option "licence"
-    options: Mapping[str, Opt]
-    iterate: Callable[[dict, SourceConfig], Iterator[Document]]
-    check: Callable[[dict], None] = lambda options: None
-    # What the source reads from the machine (data files, the interpreter's stdlib) as
-    # {what: sha256 or version}: a build on another node must see the same (build.py).
-    origin: Callable[[dict], dict[str, str]] = lambda options: {}
-
-
-def _registry() -> dict[str, Kind]:
-    # Imported lazily: adapter modules import Kind/Opt from here at their top.
-    from pipeline.data import generated, hf, packaged, sft_tasks, stdlib
-
-    kinds: list[Kind] = [
-        *packaged.KINDS,
-        *stdlib.KINDS,
-        *generated.KINDS,
-        *hf.KINDS,
-        *sft_tasks.KINDS,
-    ]
-    return {k.name: k for k in kinds}
-
-
-_KINDS: dict[str, Kind] | None = None
-
-
-def KINDS() -> dict[str, Kind]:  # noqa: N802 - reads like the constant it caches
-    global _KINDS
-    if _KINDS is None:
-        _KINDS = _registry()
-    return _KINDS
+KINDS: dict[str, Kind] = {
+    k.name: k for k in (*packaged.KINDS, *stdlib.KINDS, *generated.KINDS, *hf.KINDS, *sft_tasks.KINDS)
+}
 
 
 def kind_of(name: str) -> Kind:
-    return KINDS()[name]
+    return KINDS[name]
 
 
 def _plain(value: Any) -> Any:
@@ -115,7 +73,7 @@ class SourceConfig:
     def __post_init__(self) -> None:
         where = f" (source {self.name!r})"
         require(isinstance(self.name, str) and bool(self.name), "name", "must be a non-empty string")
-        kinds = KINDS()
+        kinds = KINDS
         require(
             self.kind in kinds, "kind", f"unknown source kind {self.kind!r}{where} (known: {', '.join(sorted(kinds))})"
         )
@@ -137,22 +95,15 @@ class SourceConfig:
         self._validate_options(kinds[self.kind], where)
 
     def _validate_options(self, kind: Kind, where: str) -> None:
-        for key in self.options:
-            require(
-                key in kind.options,
-                f"options.{key}",
-                f"unknown option for kind {kind.name!r}{where} (known: {', '.join(sorted(kind.options)) or 'none'})",
-            )
-        for key, opt in kind.options.items():
-            if key not in self.options:
-                require(opt.default is not _REQUIRED, f"options.{key}", f"required for kind {kind.name!r}{where}")
-                continue
-            value = self.options[key]
-            ok_type = isinstance(value, opt.types) and not (isinstance(value, bool) and bool not in opt.types)
-            names = "/".join("null" if t is type(None) else t.__name__ for t in opt.types)
-            require(ok_type, f"options.{key}", f"must be {names}, got {value!r}{where}")
-            if opt.check is not None and value is not None:
-                require(opt.check(value), f"options.{key}", f"{opt.why or 'invalid value'}{where}")
+        fields = dataclasses.fields(kind.options)
+        for f in fields:  # named here: a dataclass would only say "missing argument"
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            missing = required and f.name not in self.options
+            require(not missing, f"options.{f.name}", f"required for kind {kind.name!r}{where}")
+        try:
+            from_dict(kind.options, self.options, "options")
+        except ConfigError as err:
+            raise ConfigError(f"{err} (kind {kind.name!r}{where.replace(' (', ', ')}") from None
 
     @property
     def produces(self) -> str:
@@ -160,8 +111,7 @@ class SourceConfig:
 
     def resolved_options(self) -> dict:
         """Options with every default filled in (what the adapter actually receives)."""
-        kind = kind_of(self.kind)
-        return {k: self.options.get(k, opt.default) for k, opt in kind.options.items()}
+        return kind_of(self.kind).resolve(self.options)
 
     def cache_key(self) -> str:
         return json.dumps([self.kind, self.domain, self.max_docs, self.resolved_options()], sort_keys=True, default=str)

@@ -16,10 +16,11 @@ import os
 import platform
 import sysconfig
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.data.document import DataError, Document
-from pipeline.data.sources import Kind, Opt
+from pipeline.configbase import require
+from pipeline.data.base import DataError, Document, Kind
 
 # Test suites, GUI toolkits, vendored wheels and codec tables are large and atypical.
 DEFAULT_EXCLUDE = [
@@ -217,15 +218,31 @@ def _docs_iter(options: dict, cfg) -> Iterator[Document]:
         )
 
 
-def _pos(v) -> bool:
-    return isinstance(v, int) and v > 0
+@dataclass(frozen=True)
+class StdlibOptions:
+    root: str | None = None  # None: this interpreter's standard library
+    exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
+    max_chars: int = 4000
+
+    def __post_init__(self) -> None:
+        require(self.max_chars > 0, "max_chars", "must be a positive integer")
 
 
-_COMMON = {
-    "root": Opt((str, type(None)), None),
-    "exclude": Opt((list,), DEFAULT_EXCLUDE, lambda v: all(isinstance(x, str) for x in v), "must be a list of names"),
-    "max_chars": Opt((int,), 4000, _pos, "must be a positive integer"),
-}
+@dataclass(frozen=True)
+class CodeOptions(StdlibOptions):
+    min_chars: int = 80
+    granularity: str = "definition"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        ok = self.granularity in ("definition", "module")
+        require(ok, "granularity", "must be 'definition' or 'module'")
+
+
+@dataclass(frozen=True)
+class DocsOptions(StdlibOptions):
+    max_chars: int = 2000
+    min_chars: int = 40
 
 
 def _origin(options: dict) -> dict[str, str]:
@@ -238,13 +255,7 @@ KINDS = [
         "python_code",
         "text",
         "PSF-2.0 (Python standard library source)",
-        {
-            **_COMMON,
-            "min_chars": Opt((int,), 80),
-            "granularity": Opt(
-                (str,), "definition", lambda v: v in ("definition", "module"), "must be 'definition' or 'module'"
-            ),
-        },
+        CodeOptions,
         _code_iter,
         _check,
         _origin,
@@ -253,7 +264,7 @@ KINDS = [
         "python_docs",
         "text",
         "PSF-2.0 (Python standard library docstrings)",
-        {**_COMMON, "max_chars": Opt((int,), 2000, _pos, "must be a positive integer"), "min_chars": Opt((int,), 40)},
+        DocsOptions,
         _docs_iter,
         _check,
         _origin,

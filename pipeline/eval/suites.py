@@ -32,7 +32,7 @@ from pathlib import Path
 
 from pipeline.configbase import from_dict, require
 from pipeline.data import generated
-from pipeline.data.document import DataError, normalise, unit_hash
+from pipeline.data.base import DataError, normalise, unit_hash
 from pipeline.data.sft_tasks import split_halves
 from pipeline.data.sources import SourceConfig, check_available, iter_documents
 from pipeline.data.stdlib import DEFAULT_EXCLUDE, python_definitions, source_root

@@ -20,20 +20,6 @@ from pipeline.model.config import ModelConfig
 
 MIXTURES = ("pretrain", "midtrain", "sft")
 TRAINING = ("pretrain", "midtrain", "sft", "qat")
-RUN_ORDER = (
-    "mix",
-    "pretrain",
-    "midtrain",
-    "sft",
-    "qat",
-    "export",
-    "profile",
-    "evalsets",
-    "eval_pretrain",
-    "eval_midtrain",
-    "eval_sft",
-    "eval_qat",
-)
 # outputs/qat/metrics.json: (key, label, reference key whose loss the gap is measured from)
 QUANT_ROWS = (
     ("sft_fp32", "SFT model, FP32", None),
@@ -63,6 +49,7 @@ class ReportInputs:
     export_dir: Path | None  # outputs/export
     profile_dir: Path | None  # outputs/profile
     runs: dict[str, dict]  # stage name -> {"run_id": str, "url": str} (MLflow; may be empty)
+    run_order: tuple[str, ...] = ()  # stage names in recipe order (the rest follow by name)
     title: str = "MobileMoE recipe report"
 
 
@@ -511,7 +498,7 @@ def collect(inputs: ReportInputs) -> ReportData:
         }
 
     runs = {}
-    for stage in _ordered(inputs.runs, RUN_ORDER):
+    for stage in _ordered(inputs.runs, inputs.run_order):
         ref = inputs.runs[stage]
         runs[stage] = RunRef(run_id=str(ref.get("run_id", "")), url=str(ref.get("url", "") or ""))
     return ReportData(

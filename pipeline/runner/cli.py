@@ -1,8 +1,8 @@
-"""How a stage script gets its config: from params.yaml under DVC, or from Hydra by hand.
+"""How a stage gets its config: from params.yaml under DVC, or from Hydra by hand.
 
-``python stages/X.py --params params.yaml`` reads the composed file that ``dvc repro``
-tracks (``dvc exp run -S key=value`` rewrites it through DVC's Hydra composition).
-``python stages/X.py [key=value ...] [-m]`` composes ``conf/`` with Hydra overrides;
+``python -m pipeline.stages X --params params.yaml`` reads the composed file that ``dvc
+repro`` tracks (``dvc exp run -S key=value`` rewrites it through DVC's Hydra composition).
+``python -m pipeline.stages X [key=value ...] [-m]`` composes ``conf/`` with Hydra overrides;
 with ``-m`` every sweep point is its own run with its own output directory.
 Either way the runner validates the whole config before the stage does any work, and a
 bad input ends the process with one line naming it (exit code 2), not a traceback.
@@ -47,7 +47,7 @@ def _run(stage: Stage, raw: dict, sweep_dir: Path | None, prepare: Prepare | Non
 
 
 def stage_main(stage: Stage, config_name: str = "config", prepare: Prepare | None = None) -> None:
-    """The entry point of a ``stages/`` script.
+    """Run ``stage`` with the config its command line names (``python -m pipeline.stages``).
 
     ``config_name``: the primary config in ``conf/``; ``prepare(raw, sweep_dir)`` turns
     the composed config into the stage's (e.g. a scaling sweep point's model) and may
@@ -55,7 +55,7 @@ def stage_main(stage: Stage, config_name: str = "config", prepare: Prepare | Non
     argv = sys.argv[1:]
     if argv[:1] == ["--params"]:
         if len(argv) != 2:
-            sys.exit(f"usage: python {sys.argv[0]} --params PARAMS.yaml")
+            sys.exit(f"usage: {sys.argv[0]} --params PARAMS.yaml")
         try:
             raw = load_params(argv[1])
         except ConfigError as err:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from pipeline.data.document import DataError
+from pipeline.data.base import DataError
 from pipeline.data.mixing import MixtureConfig, load_split
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.hashing import sha256_file

@@ -9,7 +9,41 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
+
+Kind = Literal["outs", "metrics", "plots"]
+
+
+@dataclass(frozen=True)
+class Out:
+    """One output as ``dvc.yaml`` declares it. ``path`` may use ``${...}`` keys of
+    params.yaml. Uncached outputs (timings, MLflow links) are measured again on every
+    run; every output persists, because the runner publishes atomically (a failed run
+    keeps the previous result)."""
+
+    path: str
+    kind: Kind = "outs"
+    cache: bool = True
+
+
+@dataclass(frozen=True)
+class Dvc:
+    """How the recipe's DAG declares a stage; ``dvc.yaml`` is generated from these
+    (``python -m pipeline.stages dvc``), never written by hand.
+
+    ``code``: the files and packages whose change changes the result (for training
+    stages also the code whose hash names a resumable run). ``deps``: data inputs,
+    ``${...}`` paths into params.yaml. ``params``: the params.yaml keys the stage reads.
+    ``order``: its place in the recipe (the report lists runs in this order).
+    """
+
+    order: int
+    desc: str
+    code: tuple[str, ...]
+    params: tuple[str, ...]
+    outs: tuple[Out, ...]
+    deps: tuple[str, ...] = ()
+
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.recipe import RecipeConfig
@@ -79,3 +113,20 @@ class Stage:
     raw_inputs: Callable[[dict], list[Input]] = lambda raw: []
     # The output directory when one of those sections names it (else ``out_dir``).
     raw_out_dir: Callable[[dict], str] | None = None
+    # Its place in dvc.yaml; None for work that runs beside the recipe (a sweep point).
+    dvc: Dvc | None = None
+
+
+def metric(path: str) -> Out:
+    """A DVC metrics file (``dvc metrics show``), not cached: it is small and always rewritten."""
+    return Out(path, "metrics", cache=False)
+
+
+def plot(path: str) -> Out:
+    """A DVC plots file (``dvc plots show``), not cached."""
+    return Out(path, "plots", cache=False)
+
+
+def uncached(path: str) -> Out:
+    """An output measured again on every run (timings, MLflow links): DVC keeps no copy."""
+    return Out(path, cache=False)

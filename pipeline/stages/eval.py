@@ -18,7 +18,7 @@ from pathlib import Path
 from pipeline.recipe import repo_path
 from pipeline.runner.errors import StageInputError
 from pipeline.runner.inputs import ProgramInput, SuiteInput, TokenizerInput
-from pipeline.runner.spec import Stage, StageContext, StageResult
+from pipeline.runner.spec import Dvc, Out, Stage, StageContext, StageResult, metric
 
 SUITE_KEY = "stage.evalsets"
 KEY = "stage.eval"
@@ -100,6 +100,20 @@ EVALSETS = Stage(
     outputs=("suite.json",),
     resources=lambda recipe: {"CPU": 1},
     owns_out_dir=True,
+    dvc=Dvc(
+        order=80,
+        desc="the evaluation suite: held-out items of the recipe's own sources, and any benchmark files configured",
+        code=(
+            "pipeline/stages/eval.py",
+            "pipeline/eval",
+            "pipeline/data",
+            "pipeline/configbase.py",
+            "pipeline/hashing.py",
+            "pipeline/recipe.py",
+        ),
+        params=("data", SUITE_KEY),
+        outs=(Out(f"${{{SUITE_KEY}.out_dir}}"),),
+    ),
 )
 
 
@@ -167,8 +181,35 @@ def _work(target: str):
     return work
 
 
-def eval_stage(target: str) -> Stage:
-    """The stage that scores ``stage.eval.targets.<target>`` on the suite."""
+def _dvc(target: str, order: int, desc: str, program: bool) -> Dvc:
+    out = f"${{{KEY}.out_dir}}/{target}"
+    deps = [f"${{{KEY}.suite}}", f"${{{KEY}.tokenizer}}", f"${{{KEY}.targets.{target}.model}}"]
+    if program:  # the .pte, and the kernel list beside the default program
+        deps += [f"${{{KEY}.targets.{target}.program}}", "${stage.export.out_dir}/model.kernels.json"]
+    return Dvc(
+        order=order,
+        desc=desc,
+        code=(
+            "pipeline/stages/eval.py",
+            "pipeline/eval",
+            "pipeline/model",
+            "pipeline/quant",
+            "pipeline/train/checkpoint.py",
+            "pipeline/export/runner.py",
+            "pipeline/data/tokenizer.py",
+            "pipeline/data/chat.py",
+            "pipeline/configbase.py",
+            "pipeline/recipe.py",
+        ),
+        deps=tuple(deps),
+        params=("model", *(f"{KEY}.{k}" for k in ("suite", "tokenizer", "batch_size", f"targets.{target}"))),
+        outs=(Out(f"{out}/items.jsonl"), metric(f"{out}/metrics.json")),
+    )
+
+
+def eval_stage(target: str, order: int, desc: str, program: bool = False) -> Stage:
+    """The stage that scores ``stage.eval.targets.<target>`` on the suite (and its
+    ``program``, the exported .pte, when the target has one)."""
     return Stage(
         name=f"eval_{target}",
         out_dir=lambda recipe: str(Path(recipe.stage.eval.out_dir) / target),
@@ -180,4 +221,14 @@ def eval_stage(target: str) -> Stage:
         work=_work(target),
         outputs=("metrics.json", "items.jsonl"),
         resources=lambda recipe: {"CPU": recipe.ray.cpus_per_worker},
+        dvc=_dvc(target, order, desc, program),
     )
+
+
+STAGES = (
+    EVALSETS,
+    eval_stage("pretrain", 81, "the pre-trained model"),
+    eval_stage("midtrain", 82, "the mid-trained model"),
+    eval_stage("sft", 83, "the instruction-tuned model, chat tasks included"),
+    eval_stage("qat", 84, "QAT's converted INT4 model, and its .pte on the generative tasks", program=True),
+)

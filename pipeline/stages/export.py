@@ -29,9 +29,10 @@ from pipeline.runner.inputs import (
     QuantizedModelInput,
     TokenizerInput,
 )
-from pipeline.runner.spec import Stage, StageContext, StageResult
+from pipeline.runner.spec import Dvc, Out, Stage, StageContext, StageResult, metric
 
 KEY = "stage.export"
+PUBLISHED = ("model.pte", "model.kernels.json", "model.pt2", "hf", "operators.json", "sample.json")
 
 
 def _inputs(recipe) -> list:
@@ -81,6 +82,25 @@ EXPORT = Stage(
     inputs=_inputs,
     params=lambda raw: {"model": raw["model"], "stage": raw["stage"]["export"]},
     work=_work,
-    outputs=("model.pte", "model.kernels.json", "model.pt2", "hf", "operators.json", "sample.json", "metrics.json"),
+    outputs=(*PUBLISHED, "metrics.json"),
     resources=lambda recipe: {"CPU": 1},
+    dvc=Dvc(
+        order=60,
+        desc="the converted model as .pte (ExecuTorch/XNNPACK, sparse MoE), .pt2 and a HF directory",
+        code=(
+            "pipeline/stages/export.py",
+            "pipeline/export",
+            "pipeline/model",
+            "pipeline/quant",
+            "pipeline/data/tokenizer.py",
+            "pipeline/data/mixing.py",
+            "pipeline/configbase.py",
+            "pipeline/recipe.py",
+        ),
+        deps=(f"${{{KEY}.quantized}}", f"${{{KEY}.tokenizer}}", f"${{{KEY}.prompts_mixture}}"),
+        params=("model", KEY),
+        outs=(*(Out(f"${{{KEY}.out_dir}}/{item}") for item in PUBLISHED), metric(f"${{{KEY}.out_dir}}/metrics.json")),
+    ),
 )
+
+STAGES = (EXPORT,)

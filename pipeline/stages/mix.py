@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from pipeline.runner.inputs import SourcesInput
-from pipeline.runner.spec import Stage, StageContext, StageResult
+from pipeline.runner.spec import Dvc, Out, Stage, StageContext, StageResult
 from pipeline.tracking.keys import flat_numbers
 
 MIXTURES = ("pretrain", "midtrain", "sft")
@@ -64,4 +64,19 @@ MIX = Stage(
     outputs=("tokenizer", *MIXTURES, "metrics.json"),
     resources=lambda recipe: {"CPU": 1},
     owns_out_dir=True,
+    dvc=Dvc(
+        order=10,
+        desc="the tokenizer and the pretrain/midtrain/sft mixtures from the configured sources",
+        code=(
+            "pipeline/stages/mix.py",
+            "pipeline/data",
+            "pipeline/configbase.py",
+            "pipeline/hashing.py",
+            "pipeline/recipe.py",
+        ),
+        params=("data", "model.vocab_size"),
+        outs=(Out("${data.out_dir}"),),
+    ),
 )
+
+STAGES = (MIX,)

@@ -1,7 +1,7 @@
 """``make plan``: the planner on the fitted law, as a command.
 
-    python stages/plan.py --memory 3GB --flops 2GFLOP [--name planned] [overrides ...]
-    python stages/plan.py --memory 1.5GB --decode-speed 40 --bandwidth 60GB/s
+    python -m pipeline.stages plan --memory 3GB --flops 2GFLOP [--name planned] [overrides ...]
+    python -m pipeline.stages plan --memory 1.5GB --decode-speed 40 --bandwidth 60GB/s
 
 Reads the law from ``outputs/scaling/fit.json`` (``make scaling-fit``) and the search
 space from ``scaling.plan`` in ``conf/scaling.yaml`` (Hydra overrides after the flags,
@@ -9,7 +9,7 @@ e.g. ``scaling.plan.space.n_layers=[2,4]``). Prints the best architectures withi
 budgets, the best per expansion (where the sparsity sweet spot lies), and where the
 reference models (the paper's MobileMoE-S/M/L, MobileLLM-Pro, and the dense twins of
 the first MoE) sit against the frontier. Writes the chosen architecture as
-``conf/model/<name>.yaml`` (which ``python stages/pretrain.py model=<name>`` trains as
+``conf/model/<name>.yaml`` (which ``python -m pipeline.stages pretrain model=<name>`` trains as
 it is) and ``outputs/scaling/plan/<name>/``: plan.json, plan.md and the frontier plots.
 Exit code 2 with one line for a bad budget, a missing fit, or a budget nothing fits.
 """
@@ -159,7 +159,7 @@ def write_config(model: ModelConfig, path: Path, header: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python stages/plan.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.stages plan", description=__doc__.split("\n\n")[0])
     parser.add_argument("--memory", help="INT4 weight budget, e.g. 3GB (SI) or 3GiB")
     parser.add_argument("--flops", help="decode FLOPs per token at scaling.plan.context, e.g. 2e9 or 2GFLOP")
     parser.add_argument("--decode-speed", help="target decode tokens/s (with --bandwidth)")

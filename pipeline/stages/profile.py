@@ -20,7 +20,7 @@ from pipeline.recipe import repo_path
 from pipeline.runner.cluster import DEVICE
 from pipeline.runner.errors import ResourceError
 from pipeline.runner.inputs import MixtureInput, ProgramInput, QuantizedModelInput, ThreadsInput, TokenizerInput
-from pipeline.runner.spec import Stage, StageContext, StageResult
+from pipeline.runner.spec import Dvc, Out, Stage, StageContext, StageResult, metric, uncached
 
 KEY = "stage.profile"
 OUTPUTS = ("programs", "profile.json", "report.md", "plots", "metrics.json")
@@ -87,4 +87,36 @@ PROFILE = Stage(
     work=_work,
     outputs=OUTPUTS,
     resources=lambda recipe: {"CPU": recipe.stage.profile.threads, DEVICE: 1},
+    dvc=Dvc(
+        order=70,
+        desc="the .pte against its dense twins in the ExecuTorch runtime: TTFT, prefill/decode tok/s",
+        code=(
+            "pipeline/stages/profile.py",
+            "pipeline/profile",
+            "pipeline/export",
+            "pipeline/model",
+            "pipeline/quant",
+            "pipeline/data/mixing.py",
+            "pipeline/configbase.py",
+            "pipeline/recipe.py",
+        ),
+        deps=(
+            f"${{{KEY}.program}}",
+            "${stage.export.out_dir}/model.kernels.json",  # the default program's kernel list
+            f"${{{KEY}.quantized}}",
+            f"${{{KEY}.prompts_mixture}}",
+            f"${{{KEY}.tokenizer}}",
+        ),
+        params=("model", KEY),
+        outs=(
+            Out(f"${{{KEY}.out_dir}}/programs"),
+            # Timings and the machine's name: never cached (a rerun measures again).
+            uncached(f"${{{KEY}.out_dir}}/profile.json"),
+            uncached(f"${{{KEY}.out_dir}}/report.md"),
+            uncached(f"${{{KEY}.out_dir}}/plots"),
+            metric(f"${{{KEY}.out_dir}}/metrics.json"),
+        ),
+    ),
 )
+
+STAGES = (PROFILE,)

@@ -42,12 +42,13 @@ from pipeline.stages.train import (
     code_fingerprint,
     final_metrics,
     train_to_end,
+    training_dvc,
     write_outputs,
 )
 from pipeline.train.loop import WorkerJob
 
 KEY = "stage.qat"
-# The code that determines this stage's result (dvc.yaml's code deps; a test keeps them equal).
+# The code that determines this stage's result (names a resumable run; its dvc.yaml code deps).
 QAT_RESULT_CODE = (*(e for e in RESULT_CODE if e != "quant/config.py"), "quant", "stages/qat.py")
 
 
@@ -223,4 +224,14 @@ QAT = Stage(
     outputs=("model", "quantized", "coverage.json", "metrics.json", "loss.csv", EXECUTION_FILE),
     resume_key=_resume_key,
     interrupted=_interrupted,
+    dvc=training_dvc(
+        "qat",
+        50,
+        "INT4 quantization-aware training of sft's model, against PTQ and an FP32 control",
+        QAT_RESULT_CODE,
+        ("mixture", "text_mixture", "tokenizer", "init_checkpoint"),
+        outs=("quantized", "coverage.json"),
+    ),
 )
+
+STAGES = (QAT,)

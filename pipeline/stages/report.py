@@ -12,25 +12,18 @@ import logging
 from pathlib import Path
 
 from pipeline.recipe import repo_path
-from pipeline.runner.spec import Stage, StageContext, StageResult
+from pipeline.runner.spec import Dvc, Stage, StageContext, StageResult, uncached
 
 log = logging.getLogger(__name__)
 
-# The MLflow stage names whose runs the report links, in recipe order.
-RUN_STAGES = (
-    "mix",
-    "pretrain",
-    "midtrain",
-    "sft",
-    "qat",
-    "export",
-    "profile",
-    "evalsets",
-    "eval_pretrain",
-    "eval_midtrain",
-    "eval_sft",
-    "eval_qat",
-)
+KEY = "stage.report"
+
+
+def run_stages() -> tuple[str, ...]:
+    """The stages whose MLflow runs the report links, in recipe order (the registry's)."""
+    from pipeline.stages.registry import recipe_stages
+
+    return tuple(stage.name for stage in recipe_stages() if stage.name != REPORT.name)
 
 
 def report_inputs(recipe, raw: dict, runs: dict):
@@ -50,6 +43,7 @@ def report_inputs(recipe, raw: dict, runs: dict):
         export_dir=repo_path(stage.export.out_dir),
         profile_dir=repo_path(stage.profile.out_dir),
         runs=runs,
+        run_order=run_stages(),
         title=stage.report.title,
     )
 
@@ -60,7 +54,7 @@ def _runs(recipe) -> dict:
     if not recipe.tracking.enabled:
         return {}
     try:
-        return latest_stage_runs(recipe.tracking, RUN_STAGES, recipe.stage.report.ui_url)
+        return latest_stage_runs(recipe.tracking, run_stages(), recipe.stage.report.ui_url)
     except TrackingError as err:  # the report stands without links
         log.warning("the report links no MLflow runs: %s", err)
         return {}
@@ -97,4 +91,27 @@ REPORT = Stage(
     work=_work,
     outputs=("report.md", "report.html", "plots"),
     resources=lambda recipe: {"CPU": 1},
+    dvc=Dvc(
+        order=100,
+        desc="last: the recipe's report (HTML + markdown) from every stage's outputs",
+        code=(
+            "pipeline/stages/report.py",
+            "pipeline/report",
+            "pipeline/model/accounting.py",
+            "pipeline/configbase.py",
+            "pipeline/recipe.py",
+        ),
+        deps=(
+            *(f"${{data.out_dir}}/{name}/manifest.json" for name in ("pretrain", "midtrain", "sft")),
+            *(f"${{stage.{name}.out_dir}}/metrics.json" for name in ("pretrain", "midtrain", "sft", "qat")),
+            "${stage.export.out_dir}/metrics.json",
+            "${stage.profile.out_dir}/metrics.json",
+            *(f"${{stage.eval.out_dir}}/{name}/metrics.json" for name in ("pretrain", "midtrain", "sft", "qat")),
+        ),
+        params=("model", KEY),
+        # Links to MLflow runs and the profile's timings: never cached.
+        outs=tuple(uncached(f"${{{KEY}.out_dir}}/{item}") for item in ("report.html", "report.md", "plots")),
+    ),
 )
+
+STAGES = (REPORT,)

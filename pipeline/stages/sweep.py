@@ -93,4 +93,5 @@ SWEEP_POINT = replace(
     tags=_tags,
     reuse_finished=True,
     extra_keys=("sweep_point",),
+    dvc=None,  # runs beside the recipe (make sweep), not in its DAG
 )

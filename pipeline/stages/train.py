@@ -30,7 +30,7 @@ from pathlib import Path
 from pipeline.hashing import sha256_file, sha256_json
 from pipeline.recipe import RecipeConfig, repo_path
 from pipeline.runner.inputs import CheckpointInput, MixtureInput, TokenizerInput
-from pipeline.runner.spec import Stage, StageContext, StageResult
+from pipeline.runner.spec import Dvc, Out, Stage, StageContext, StageResult, metric, plot
 from pipeline.train.config import TrainStageConfig
 from pipeline.train.loop import WorkerJob
 
@@ -222,8 +222,8 @@ def _write_loss_csv(path: Path, history: dict) -> None:
             writer.writerow([step, train.get(step, ""), val.get(step, "")])
 
 
-# The code that determines a training stage's result, relative to pipeline/ (dvc.yaml
-# lists the same paths as the stages' code deps; a test keeps them equal).
+# The code that determines a training stage's result, relative to pipeline/: it names a
+# resumable run (code_fingerprint) and is the stage's code deps in dvc.yaml.
 RESULT_CODE = (
     "stages/train.py",
     "runner/train_job.py",
@@ -248,7 +248,28 @@ def code_fingerprint(entries: tuple[str, ...] = RESULT_CODE) -> str:
     return digest.hexdigest()
 
 
-def training_stage(name: str) -> Stage:
+def training_dvc(name: str, order: int, desc: str, code: tuple[str, ...], deps: tuple[str, ...], outs=()) -> Dvc:
+    """The DAG entry of a training stage (``stage.<name>`` of params.yaml): its code,
+    data ``deps``, every stage's model/metrics/loss outputs plus ``outs``."""
+    out = f"${{stage.{name}.out_dir}}"
+    return Dvc(
+        order=order,
+        desc=desc,
+        code=tuple(f"pipeline/{entry}" for entry in code),
+        deps=tuple(f"${{stage.{name}.{key}}}" for key in deps),
+        params=("model", f"stage.{name}", "ray.num_workers", "ray.use_gpu", "seed"),
+        outs=(
+            Out(f"{out}/model"),
+            *(Out(f"{out}/{item}") for item in outs),
+            metric(f"{out}/metrics.json"),
+            plot(f"{out}/loss.csv"),
+        ),
+    )
+
+
+def training_stage(name: str, order: int, desc: str, from_checkpoint: bool) -> Stage:
+    """The stage that trains ``stage.<name>`` (from scratch, or from its init_checkpoint)."""
+    deps = ("mixture", "tokenizer", *(("init_checkpoint",) if from_checkpoint else ()))
     return Stage(
         name=name,
         out_dir=lambda recipe: _cfg(recipe, name).out_dir,
@@ -258,7 +279,11 @@ def training_stage(name: str) -> Stage:
         outputs=("model", "metrics.json", "loss.csv", "samples.json", EXECUTION_FILE),
         resume_key=partial(_resume_key, name),
         interrupted=_interrupted,
+        dvc=training_dvc(name, order, desc, RESULT_CODE, deps, outs=("samples.json",)),
     )
 
 
-PRETRAIN, MIDTRAIN, SFT = (training_stage(n) for n in ("pretrain", "midtrain", "sft"))
+PRETRAIN = training_stage("pretrain", 20, "pre-train from scratch", from_checkpoint=False)
+MIDTRAIN = training_stage("midtrain", 30, "continue from pretrain's model", from_checkpoint=True)
+SFT = training_stage("sft", 40, "instruction-tune midtrain's model", from_checkpoint=True)
+STAGES = (PRETRAIN, MIDTRAIN, SFT)

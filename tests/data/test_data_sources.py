@@ -205,7 +205,7 @@ def test_empty_source_is_an_error_naming_it(tmp_path):
         ({"name": "x", "kind": "bible", "colour": 1}, r"^colour: unknown key"),
         (
             {"name": "x", "kind": "bible", "options": {"chapters": 3}},
-            r"^options\.chapters: unknown option for kind 'bible'",
+            r"^options\.chapters: unknown key \(known keys: books, verses_per_doc\) \(kind 'bible', source 'x'\)",
         ),
         ({"name": "x", "kind": "hf", "options": {"path": "json"}}, r"^options\.licence: required for kind 'hf'"),
         ({"name": "x", "kind": "arithmetic", "options": {"n_docs": "many"}}, r"^options\.n_docs: must be int"),

@@ -188,8 +188,8 @@ def setup(tmp_path_factory):
             cluster.stop()
 
 
-def _stage(setup: dict, script: str, *overrides: str, cluster: bool = True) -> list[str]:
-    args = [str(VENV / "bin" / "python"), f"stages/{script}", *overrides]
+def _stage(setup: dict, stage: str, *overrides: str, cluster: bool = True) -> list[str]:
+    args = [str(VENV / "bin" / "python"), "-m", "pipeline.stages", stage, *overrides]
     if cluster:
         args += [f"ray.address={setup['cluster'].address}", f"ray.storage_path={setup['shared'] / 'runs'}"]
     return args
@@ -246,7 +246,7 @@ def mixed(setup) -> dict:
         assert holder.stdout.readline().strip() == "held"
         pids = _session_pids([*c.procs, holder])
         seen = {"listeners": _listeners(pids), "beyond_loopback": _beyond_loopback(pids)}
-        mix = _run(setup, _stage(setup, "mix.py"))
+        mix = _run(setup, _stage(setup, "mix"))
         holder.stdin.close()
     assert mix.returncode == 0, mix.stdout[-2000:] + mix.stderr[-5000:]
     return {"proc": mix, **seen}
@@ -289,14 +289,14 @@ def test_pretrain_on_two_nodes_survives_a_lost_node_and_equals_one_machine(setup
     # depends on timing.
     local_args = _stage(
         setup,
-        "pretrain.py",
+        "pretrain",
         *PRETRAIN,
         "stage.pretrain.out_dir=outputs/one_machine",
         "tracking.enabled=false",
         cluster=False,
     )
     runs = setup["shared"] / "runs"
-    args = _stage(setup, "pretrain.py", *PRETRAIN, "stage.pretrain.out_dir=outputs/two_nodes")
+    args = _stage(setup, "pretrain", *PRETRAIN, "stage.pretrain.out_dir=outputs/two_nodes")
     local_log, log = (setup["root"] / "one_machine.log").open("w"), (setup["root"] / "pretrain.log").open("w")
     with (
         started(local_args, cwd=repo, env=setup["env"], stdout=local_log, stderr=subprocess.STDOUT) as local,
@@ -330,7 +330,7 @@ def test_a_job_the_cluster_cannot_hold_fails_naming_what_is_missing(setup, mixed
         setup,
         _stage(
             setup,
-            "pretrain.py",
+            "pretrain",
             "ray.num_workers=3",
             "ray.cpus_per_worker=1",
             "ray.start_timeout_s=1",

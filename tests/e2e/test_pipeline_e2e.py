@@ -410,7 +410,7 @@ def test_scaling_sweep_runs_each_point_once_and_a_rerun_skips_the_finished_ones(
     for arch in ("dense", "e8k4"):
         metrics = json.loads((repo / f"outputs/sweep/micro_grid/xs-{arch}-1024/metrics.json").read_text())
         assert metrics["tokens_seen"] == 1024 and metrics["step"] == 4
-    again = sh(repo, ".venv/bin/python", "stages/sweep.py", "-m", "sweep=micro_grid", timeout=300)
+    again = sh(repo, ".venv/bin/python", "-m", "pipeline.stages", "sweep", "-m", "sweep=micro_grid", timeout=300)
     assert again.stdout.count("already finished") == 2, again.stdout[-2000:]
     assert len(mlflow_client.search_runs([exp.experiment_id], query)) == 2
     # what a rerun looks up: the fingerprint and the sweep, not the stage alone

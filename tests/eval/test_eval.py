@@ -16,7 +16,7 @@ import torch
 import yaml
 from shapes import micro_cfg, trained_like
 
-from pipeline.data.document import normalise
+from pipeline.data.base import normalise
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.eval.config import SuiteConfig
 from pipeline.eval.harness import GenerationRequest, ProgramLM, TorchLM
@@ -423,9 +423,9 @@ def test_lm_eval_command_line_evaluates_a_recipe_checkpoint(micro_suite, lowered
 # --- bad input through the stages' command line -------------------------------------------------
 
 
-def _stage(script: str, *args: str) -> subprocess.CompletedProcess:
+def _stage(stage: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(REPO / "stages" / script), *args, "experiment=micro", "tracking.enabled=false"],
+        [sys.executable, "-m", "pipeline.stages", stage, *args, "experiment=micro", "tracking.enabled=false"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -454,8 +454,7 @@ def test_the_eval_stage_names_a_bad_item_with_its_file_and_line_before_any_work(
     before = {p: p.read_bytes() for p in copy.iterdir()}
     out = tmp_path / "out"
     proc = _stage(
-        "eval.py",
-        "pretrain",
+        "eval_pretrain",
         f"stage.eval.suite={copy}",
         f"stage.eval.tokenizer={micro_data / 'tokenizer' / 'tokenizer.json'}",
         f"stage.eval.out_dir={out}",
@@ -469,7 +468,7 @@ def test_the_evalsets_stage_names_a_benchmark_file_in_the_wrong_layout(tmp_path)
     bench = tmp_path / "gsm8k.jsonl"
     bench.write_text(json.dumps({"question": "What is 2 + 2?", "answer": "2 + 2 = 4\n#### 4"}) + "\n")
     proc = _stage(
-        "evalsets.py",
+        "evalsets",
         f"stage.evalsets.out_dir={tmp_path / 'suite'}",
         f"stage.evalsets.benchmarks=[{{layout: hellaswag, path: '{bench}'}}]",
     )

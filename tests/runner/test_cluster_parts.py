@@ -396,8 +396,8 @@ def test_rank_zero_store_listens_on_the_master_address_only(monkeypatch):
 def test_a_mix_task_on_a_node_with_other_source_data_stops_before_building(tmp_path, monkeypatch):
     import platform
 
+    from pipeline.data.base import DataError
     from pipeline.data.build import build_into, source_origins
-    from pipeline.data.document import DataError
     from pipeline.recipe import compose, validate
 
     data = validate(compose(["experiment=micro"])).data

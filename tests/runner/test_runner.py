@@ -227,7 +227,7 @@ def test_a_second_run_of_the_same_work_into_other_outputs_stops_too(micro_data, 
 def stage_cli(stage: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     # The timeout only catches a hang: MLflow's own client retried a closed port for minutes.
     return subprocess.run(
-        [sys.executable, str(REPO_ROOT / "stages" / f"{stage}.py"), *args],
+        [sys.executable, "-m", "pipeline.stages", stage, *args],
         cwd=REPO_ROOT,
         env=env or ENV,
         capture_output=True,

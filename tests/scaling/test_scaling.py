@@ -357,7 +357,7 @@ def _seed_sweep(
 
 
 def _fit_cli(tmp_path: Path, uri: str, *overrides: str):
-    """``stages/scaling_fit.py`` on the store at ``uri``, its Ray session files in a
+    """``python -m pipeline.stages scaling_fit`` on the store at ``uri``, its Ray session files in a
     private directory (Unix socket paths must stay short: under /tmp)."""
     import subprocess
     import sys
@@ -370,7 +370,9 @@ def _fit_cli(tmp_path: Path, uri: str, *overrides: str):
     return subprocess.run(
         [
             sys.executable,
-            "stages/scaling_fit.py",
+            "-m",
+            "pipeline.stages",
+            "scaling_fit",
             f"tracking.uri={uri}",
             f"scaling.out_dir={tmp_path / 'out'}",
             "scaling.pairs=[]",

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.data.document import Document
+from pipeline.data.base import Document
 from pipeline.train.batches import IGNORE_INDEX, TokenBatches
 
 # --------------------------------------------------------------------------- labels and masks
@@ -55,7 +55,7 @@ def test_windows_depend_on_seed_step_micro_and_rank_only(tmp_path):
 # --------------------------------------------------------------------------- the split rule
 
 
-def test_split_is_decided_by_the_document_key_not_its_text():
+def test_split_is_decided_by_the_document_key_not_its_text(monkeypatch):
     from pipeline.data.mixing import MixtureConfig, collect
     from pipeline.data.sources import SourceConfig
 
@@ -65,17 +65,17 @@ def test_split_is_decided_by_the_document_key_not_its_text():
 
     keys = [f"chapter-{i}" for i in range(60)]
     docs = [Document(f"{k} part {p}: " + "text " * (p + 3), "books", "s", key=k) for k in keys for p in range(3)]
+    from dataclasses import make_dataclass
+
     import pipeline.data.sources as sources
 
-    sources_kind = sources.Kind("fixed_docs", "text", "CC0", {}, lambda options, cfg: iter(docs))
-    registry = {**sources.KINDS(), "fixed_docs": sources_kind}
-    original = sources._KINDS
-    sources._KINDS = registry
-    try:
-        mix = MixtureConfig(sources=[SourceConfig(name="s", kind="fixed_docs")], total_tokens=100, val_fraction=0.3)
-        [sd] = collect(mix).sources
-    finally:
-        sources._KINDS = original
+    monkeypatch.setitem(
+        sources.KINDS,
+        "fixed_docs",
+        sources.Kind("fixed_docs", "text", "CC0", make_dataclass("NoOptions", []), lambda options, cfg: iter(docs)),
+    )
+    mix = MixtureConfig(sources=[SourceConfig(name="s", kind="fixed_docs")], total_tokens=100, val_fraction=0.3)
+    [sd] = collect(mix).sources
     got = {d.key: "train" for d in sd.train} | {d.key: "val" for d in sd.val}
     assert got == {k: side(k, 0.3) for k in keys}
     # every part of a chapter on the same side, and both sides used
@@ -307,7 +307,7 @@ def test_constant_schedule_by_hand():
 
 
 def test_normalise_by_hand():
-    from pipeline.data.document import normalise
+    from pipeline.data.base import normalise
 
     # NFC (e + combining acute -> é), any run of whitespace -> one space, ends trimmed
     assert normalise("  Cafe\u0301 \t au\n\nlait ") == "Caf\u00e9 au lait"

@@ -1,0 +1,78 @@
+"""``python -m pipeline.stages NAME [--params params.yaml | overrides ... [-m]]``: run a stage.
+
+NAME is any declared stage (``list`` prints them in recipe order), or one of the tools
+beside the recipe: ``sweep`` (a Hydra multirun of sweep points over ``conf/scaling.yaml``),
+``scaling_fit`` and ``plan`` (the planner's own flags, see ``plan --help``).
+``python -m pipeline.stages dvc [-o dvc.yaml]`` writes dvc.yaml from the declarations.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def _sweep() -> None:
+    from pipeline.runner.cli import stage_main
+    from pipeline.stages.sweep import SWEEP_POINT, point_config
+
+    stage_main(SWEEP_POINT, config_name="scaling", prepare=point_config)
+
+
+def _scaling_fit() -> None:
+    from pipeline.runner.cli import stage_main
+    from pipeline.stages.scaling import SCALING_FIT, prepare_fit
+
+    stage_main(SCALING_FIT, config_name="scaling", prepare=prepare_fit)
+
+
+def _plan() -> None:
+    from pipeline.stages.plan import main
+
+    sys.exit(main())
+
+
+def _dvc() -> None:
+    import argparse
+    from pathlib import Path
+
+    from pipeline.stages import dvcfile, registry
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.stages dvc")
+    parser.add_argument("-o", "--output", help="write here (dvc.yaml) instead of stdout")
+    args = parser.parse_args()
+    text = dvcfile.render(registry.recipe_stages())
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+
+
+def _list() -> None:
+    from pipeline.stages import registry
+
+    print("\n".join(stage.name for stage in registry.recipe_stages()))
+
+
+TOOLS = {"sweep": _sweep, "scaling_fit": _scaling_fit, "plan": _plan, "dvc": _dvc, "list": _list}
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
+        sys.exit(__doc__)
+    name = sys.argv.pop(1)
+    sys.argv[0] = f"python -m pipeline.stages {name}"  # what usage lines and Hydra show
+    if name in TOOLS:
+        TOOLS[name]()
+        return
+    from pipeline.runner.cli import stage_main
+    from pipeline.stages import registry
+
+    try:
+        stage = registry.get(name)
+    except KeyError as err:
+        sys.exit(f"python -m pipeline.stages: {err.args[0]}; or one of: {', '.join(TOOLS)}")
+    stage_main(stage)
+
+
+if __name__ == "__main__":
+    main()
