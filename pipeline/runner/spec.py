@@ -48,7 +48,7 @@ class Dvc:
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.recipe import RecipeConfig
     from pipeline.runner.inputs import Input
-    from pipeline.tracking import StageRun
+    from pipeline.tracking import RunLogger
 
 
 @dataclass
@@ -62,7 +62,7 @@ class StageContext:
     out_dir: Path  # the stage's output directory (a sweep point's own, in a multirun)
     inputs: dict[str, Any]  # config key -> what that input's check read
     scratch: Path | None = None
-    run: StageRun | None = None
+    run: RunLogger | None = None
     state: dict[str, Any] = field(default_factory=dict)  # shared by the stage's own callables
 
 
@@ -72,7 +72,7 @@ class StageResult:
 
     metrics: dict[str, Any]  # final metrics (the numbers also go to MLflow as final/*)
     # Logs artifacts from the *published* out_dir into the stage's run.
-    log: Callable[[StageRun, Path], None] | None = None
+    log: Callable[[RunLogger, Path], None] | None = None
     # Runs once the tracking run is closed: e.g. delete a finished Ray run's storage.
     on_published: Callable[[], None] | None = None
     # Numbers that describe this execution rather than its result (seconds, tokens/s):

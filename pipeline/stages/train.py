@@ -103,7 +103,7 @@ def _work(name: str, ctx: StageContext) -> StageResult:
 
     from pipeline.configbase import from_dict
     from pipeline.model import ModelConfig, Transformer
-    from pipeline.runner import cluster, train_job
+    from pipeline.runner import artifacts, cluster, train_job
 
     recipe, cfg, job = ctx.recipe, _cfg(ctx.recipe, name), ctx.state["job"]
     storage = cluster.storage(recipe.ray)
@@ -136,11 +136,11 @@ def _work(name: str, ctx: StageContext) -> StageResult:
         run.log_dataset(ctx.inputs[f"stage.{name}.mixture"], name=f"{name}-mixture", context="training")
         if final.meta.get("expert_load"):
             run.log_dict({"tokens_per_layer_expert": final.meta["expert_load"]}, "moe_load_histogram.json")
-        run.log_figure_loss_curve(_curves(final.meta["history"]), f"{name}_loss.png")
+        artifacts.log_loss_curve(run, _curves(final.meta["history"]), f"{name}_loss.png")
         # The logged model is a torch.export program; the grouped GEMM does not export
         # on CPU in fp32, so it is traced with the equivalent gather dispatch.
         example = torch.zeros(2, min(16, cfg.seq_len), dtype=torch.long)  # batch 2 stays a dynamic dim
-        run.log_model(model.eval().set_moe_dispatch("gather"), example, name=f"{name}-model")
+        artifacts.log_model(run, model.eval().set_moe_dispatch("gather"), example, name=f"{name}-model")
 
     return StageResult(
         metrics,
@@ -159,7 +159,7 @@ def train_to_end(job: WorkerJob, ctx: StageContext, metric_prefix: str = ""):
 
     ray_cfg = ctx.recipe.ray
     journal = ctx.state["journal"].with_suffix(".workers.jsonl")
-    logger = ctx.run.remote_logger(journal=journal, prefix=metric_prefix)
+    logger = ctx.run.for_workers(journal=journal, prefix=metric_prefix)
     final_dir = train_job.fit(job, ray_cfg, cluster.storage(ray_cfg), logger, staged=cluster.on_cluster(ray_cfg))
     try:
         return load_checkpoint(latest_checkpoint(final_dir))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipeline.configbase import ConfigError, from_dict
 from pipeline.tracking.config import DEFAULT_EXPERIMENT, TrackingConfig, TrackingError, check_store
-from pipeline.tracking.runs import end_recipe_run, start_recipe_run
+from pipeline.tracking.lifecycle import end_recipe_run, start_recipe_run
 
 
 def main(argv: Sequence[str] | None = None) -> int:

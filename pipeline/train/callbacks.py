@@ -62,7 +62,7 @@ class MetricsCallback(Callback):
 
     def __init__(self, log_every: int, logger: Any | None) -> None:
         self.log_every = log_every
-        self.logger = logger  # a tracking.RemoteMetricLogger, or None when disabled
+        self.logger = logger  # a tracking.RunLogger, or None when disabled
 
     def on_eval(self, state, metrics: dict[str, float]) -> None:
         self._record(state, metrics)
