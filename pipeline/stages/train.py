@@ -3,7 +3,7 @@
 Each trains the model on its mixture as a Ray Train job (from scratch, or from the
 upstream stage's final model) and publishes into ``stage.<name>.out_dir``:
 
-  model/          final checkpoint root (latest.json + step_N/, weights without optimizer)
+  model/          the final checkpoint (weights without optimizer state), one directory
   metrics.json    final train/val loss (overall and per domain), bits per byte, tokens,
                   steps (DVC metrics)
   loss.csv        step, train_loss, val_loss (DVC plots)
@@ -155,14 +155,14 @@ def train_to_end(job: WorkerJob, ctx: StageContext, metric_prefix: str = ""):
     return its final checkpoint, loaded. Rank 0's metrics go to the stage's MLflow run,
     named with ``metric_prefix`` in front."""
     from pipeline.runner import cluster, train_job
-    from pipeline.train.checkpoint import latest_checkpoint, load_checkpoint
+    from pipeline.train.checkpoint import load_checkpoint
 
     ray_cfg = ctx.recipe.ray
     journal = ctx.state["journal"].with_suffix(".workers.jsonl")
     logger = ctx.run.for_workers(journal=journal, prefix=metric_prefix)
     final_dir = train_job.fit(job, ray_cfg, cluster.storage(ray_cfg), logger, staged=cluster.on_cluster(ray_cfg))
     try:
-        return load_checkpoint(latest_checkpoint(final_dir))
+        return load_checkpoint(final_dir)
     finally:
         shutil.rmtree(final_dir, ignore_errors=True)
 
@@ -198,7 +198,7 @@ def write_outputs(scratch: Path, final, metrics: dict, samples: list) -> None:
     from pipeline.train.checkpoint import save_checkpoint
 
     meta = {k: v for k, v in final.meta.items() if k != "checkpoint" and k not in EXECUTION_META}
-    save_checkpoint(scratch / "model", final.step, final.model_state, None, meta=meta, keep_last=1)
+    save_checkpoint(scratch / "model", final.step, final.model_state, None, meta=meta)
     (scratch / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     _write_loss_csv(scratch / "loss.csv", final.meta["history"])
     (scratch / "samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False))
