@@ -171,7 +171,9 @@ bench-model: $(STAMP)
 bench-config: $(STAMP)
 	$(PY) bench/bench_config.py
 
-# The MLflow UI over the embedded store, on loopback only.
+# The MLflow UI over the embedded store, on loopback only. It prints the address of the
+# recipe's runs first: the UI's front page is MLflow's GenAI overview, not training runs.
 ui: $(STAMP)
+	@echo "the recipe's runs: $$($(PY) -m pipeline.tracking url --params params.yaml --ui http://127.0.0.1:$(UI_PORT))"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui \
 	  --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(UI_PORT)

@@ -28,6 +28,20 @@ def runs_of_parent(parent_run_id: str, tracking_uri: str | None = None) -> list[
     )
 
 
+def runs_page(cfg: TrackingConfig, ui_url: str) -> str | None:
+    """The address of the experiment's training runs under ``ui_url`` (the MLflow UI),
+    or None before the experiment exists. A bare UI address opens MLflow's GenAI
+    overview instead. Raises TrackingError when the store cannot be read."""
+    uri = resolve_tracking_uri(cfg)
+    try:
+        experiment = client_for(uri).get_experiment_by_name(cfg.experiment)
+    except Exception as err:  # noqa: BLE001 - any store failure: say which store
+        raise TrackingError(f"cannot read the experiments of {uri}: {type(err).__name__}: {err}") from None
+    if experiment is None:
+        return None
+    return f"{ui_url.rstrip('/')}/#/experiments/{experiment.experiment_id}/runs"
+
+
 def latest_stage_runs(cfg: TrackingConfig, stages: Sequence[str], ui_url: str) -> dict[str, dict[str, str]]:
     """The newest FINISHED run of each stage in the experiment, as
     ``{stage: {"run_id", "url"}}`` with ``url`` the run's page under ``ui_url`` (the

@@ -365,6 +365,19 @@ def test_worker_logger_from_spawned_process(uri, repo, tmp_path):
     assert [a.path for a in client.list_artifacts(run.run_id, "workers")] == ["workers/worker.txt"]
 
 
+def test_cli_url_prints_the_address_of_the_experiments_runs(uri, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    from pipeline.tracking.__main__ import main
+
+    assert main(["url", "--ui", "http://127.0.0.1:5999/", "--experiment", "ui-page"]) == 0
+    assert "no runs of experiment 'ui-page' yet" in capsys.readouterr().out
+    assert main(["start", "--experiment", "ui-page"]) == 0
+    run_id = capsys.readouterr().out.strip()
+    experiment = client_for(uri).get_run(run_id).info.experiment_id
+    assert main(["url", "--ui", "http://127.0.0.1:5999/", "--experiment", "ui-page"]) == 0
+    assert capsys.readouterr().out.strip() == f"http://127.0.0.1:5999/#/experiments/{experiment}/runs"
+
+
 def test_cli_start_prints_only_the_run_id(uri, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     from pipeline.tracking.__main__ import main
