@@ -33,7 +33,7 @@ from pathlib import Path
 from pipeline.hashing import sha256_file, sha256_json
 from pipeline.recipe import RecipeConfig, repo_path
 from pipeline.runner.inputs import CheckpointInput, MixtureInput, TokenizerInput
-from pipeline.runner.spec import Stage, StageContext, StageResult
+from pipeline.runner.spec import ResumePlan, Stage, StageContext, StageResult
 from pipeline.stages.train import (
     EXECUTION_FILE,
     RESULT_CODE,
@@ -91,20 +91,13 @@ def _jobs(ctx: StageContext) -> list[WorkerJob]:
     return jobs
 
 
-def _resume_key(ctx: StageContext) -> str:
+def _resume(ctx: StageContext) -> ResumePlan:
+    """QAT and its control: two Ray Train runs, named together by the key."""
     from pipeline.runner import train_job
 
-    ctx.state["jobs"] = _jobs(ctx)
-    names = [train_job.run_name(job, ctx.recipe.ray) for job in ctx.state["jobs"]]
-    ctx.state["run_names"] = names
-    return f"qat-{sha256_json(names)[:12]}"
-
-
-def _interrupted(ctx: StageContext, key: str) -> bool:
-    from pipeline.runner import cluster
-
-    storage = cluster.storage(ctx.recipe.ray)
-    return any(storage.exists(name) for name in ctx.state.get("run_names", []))
+    jobs = _jobs(ctx)
+    names = tuple(train_job.run_name(job, ctx.recipe.ray) for job in jobs)
+    return ResumePlan(key=f"qat-{sha256_json(list(names))[:12]}", jobs=tuple(jobs), runs=names)
 
 
 def _work(ctx: StageContext) -> StageResult:
@@ -116,7 +109,7 @@ def _work(ctx: StageContext) -> StageResult:
 
     recipe, cfg = ctx.recipe, ctx.recipe.stage.qat
     q = cfg.quant()
-    jobs = ctx.state["jobs"]
+    jobs = ctx.resume.jobs
     cluster.start(recipe.ray)
     qat_final = train_to_end(jobs[0], ctx)
     control_final = train_to_end(jobs[1], ctx, metric_prefix="control/") if cfg.control else None
@@ -175,8 +168,7 @@ QAT = Stage(
     params=_params,
     work=_work,
     outputs=("model", "quantized", "coverage.json", "metrics.json", "loss.csv", EXECUTION_FILE),
-    resume_key=_resume_key,
-    interrupted=_interrupted,
+    resume=_resume,
     dvc=training_dvc(
         "qat",
         50,

@@ -30,7 +30,7 @@ from pathlib import Path
 from pipeline.hashing import sha256_file, sha256_json
 from pipeline.recipe import RecipeConfig, repo_path
 from pipeline.runner.inputs import CheckpointInput, MixtureInput, TokenizerInput
-from pipeline.runner.spec import Dvc, Out, Stage, StageContext, StageResult, metric, plot
+from pipeline.runner.spec import Dvc, Out, ResumePlan, Stage, StageContext, StageResult, metric, plot
 from pipeline.train.config import TrainStageConfig
 from pipeline.train.loop import WorkerJob
 
@@ -84,18 +84,13 @@ def _job(name: str, ctx: StageContext) -> WorkerJob:
     )
 
 
-def _resume_key(name: str, ctx: StageContext) -> str:
+def _resume(name: str, ctx: StageContext) -> ResumePlan:
+    """One Ray Train job, whose run name (a hash of what determines it) is the key."""
     from pipeline.runner import train_job
 
-    ctx.state["job"] = _job(name, ctx)
-    return train_job.run_name(ctx.state["job"], ctx.recipe.ray)
-
-
-def _interrupted(ctx: StageContext, key: str) -> bool:
-    """An interrupted run left its Ray Train folder (a finished one deletes it)."""
-    from pipeline.runner import cluster
-
-    return cluster.storage(ctx.recipe.ray).exists(key)
+    job = _job(name, ctx)
+    run = train_job.run_name(job, ctx.recipe.ray)
+    return ResumePlan(key=run, jobs=(job,), runs=(run,))
 
 
 def _work(name: str, ctx: StageContext) -> StageResult:
@@ -105,7 +100,7 @@ def _work(name: str, ctx: StageContext) -> StageResult:
     from pipeline.model import ModelConfig, Transformer
     from pipeline.runner import artifacts, cluster, train_job
 
-    recipe, cfg, job = ctx.recipe, _cfg(ctx.recipe, name), ctx.state["job"]
+    recipe, cfg, (job,) = ctx.recipe, _cfg(ctx.recipe, name), ctx.resume.jobs
     storage = cluster.storage(recipe.ray)
     cluster.start(recipe.ray)
     final = train_to_end(job, ctx)
@@ -158,7 +153,7 @@ def train_to_end(job: WorkerJob, ctx: StageContext, metric_prefix: str = ""):
     from pipeline.train.checkpoint import load_checkpoint
 
     ray_cfg = ctx.recipe.ray
-    journal = ctx.state["journal"].with_suffix(".workers.jsonl")
+    journal = ctx.journal.with_suffix(".workers.jsonl")
     logger = ctx.run.for_workers(journal=journal, prefix=metric_prefix)
     final_dir = train_job.fit(job, ray_cfg, cluster.storage(ray_cfg), logger, staged=cluster.on_cluster(ray_cfg))
     try:
@@ -277,8 +272,7 @@ def training_stage(name: str, order: int, desc: str, from_checkpoint: bool) -> S
         params=partial(_params, name),
         work=partial(_work, name),
         outputs=("model", "metrics.json", "loss.csv", "samples.json", EXECUTION_FILE),
-        resume_key=partial(_resume_key, name),
-        interrupted=_interrupted,
+        resume=partial(_resume, name),
         dvc=training_dvc(name, order, desc, RESULT_CODE, deps, outs=("samples.json",)),
     )
 

@@ -219,7 +219,7 @@ def test_a_second_run_of_the_same_work_into_other_outputs_stops_too(micro_data, 
     raw = micro(micro_data, "pretrain")
     recipe = validate(raw)
     inputs = {item.key: item.check() for item in PRETRAIN.inputs(recipe)}
-    key = PRETRAIN.resume_key(StageContext("pretrain", recipe, raw, tmp_path / "by_hand", inputs))
+    key = PRETRAIN.resume(StageContext("pretrain", recipe, raw, tmp_path / "by_hand", inputs)).key
     with stage_lock(tmp_path / "state" / "locks", "pretrain", f"run {key}"):
         with pytest.raises(StageLockedError, match=rf"already running \(run {key};"):
             run_stage(PRETRAIN, raw, sweep_dir=tmp_path / "sweep_point_0", state_dir=tmp_path / "state")
