@@ -66,12 +66,13 @@ $(STAGES): params
 	@$(call recipe_run,$@)
 
 # The parent run's owner is this recipe's shell ($$$$): if make is killed, the next start
-# closes the run as KILLED instead of leaving it RUNNING.
+# closes the run as KILLED instead of leaving it RUNNING. Every stage joins one Ray,
+# started before DVC and stopped after it (pipeline/runner/recipe_ray.py).
 define recipe_run
 $(PY) -m pipeline.runner.preflight params.yaml || exit 2; \
 run_id=$$($(PY) -m pipeline.tracking start --params params.yaml --name recipe$(if $(1),:$(1)) --owner-pid $$$$) \
   || exit 2; \
-MOBILEMOE_PARENT_RUN_ID=$$run_id $(DVC) repro $(DVC_FLAGS) $(1); status=$$?; \
+MOBILEMOE_PARENT_RUN_ID=$$run_id $(PY) -m pipeline.runner.recipe_ray $(DVC) repro $(DVC_FLAGS) $(1); status=$$?; \
 [ -z "$$run_id" ] || $(PY) -m pipeline.tracking end $$run_id --params params.yaml \
   --status $$([ $$status -eq 0 ] && echo FINISHED || echo FAILED); \
 exit $$status
@@ -171,7 +172,9 @@ bench-model: $(STAMP)
 bench-config: $(STAMP)
 	$(PY) bench/bench_config.py
 
-# The MLflow UI over the embedded store, on loopback only.
+# The MLflow UI over the embedded store, on loopback only. It prints the address of the
+# recipe's runs first: the UI's front page is MLflow's GenAI overview, not training runs.
 ui: $(STAMP)
+	@echo "the recipe's runs: $$($(PY) -m pipeline.tracking url --params params.yaml --ui http://127.0.0.1:$(UI_PORT))"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui \
 	  --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(UI_PORT)

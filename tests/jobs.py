@@ -58,16 +58,16 @@ def micro_job(micro_data: Path, steps: int, mixture: str = "pretrain") -> Worker
 
 
 class Reports:
-    """Stands in for ray.train.report: keeps the reported checkpoint roots."""
+    """Stands in for ray.train.report: keeps a copy of each reported checkpoint."""
 
     def __init__(self, keep_dir: Path) -> None:
         self.keep_dir, self.roots = keep_dir, []
 
-    def __call__(self, metrics: dict, root: Path | None) -> None:
+    def __call__(self, metrics: dict, checkpoint: Path | None) -> None:
         import shutil
 
         dest = self.keep_dir / f"report_{len(self.roots)}"
-        shutil.copytree(root, dest)
+        shutil.copytree(checkpoint, dest)
         self.roots.append(dest)
 
 

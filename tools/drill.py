@@ -93,11 +93,10 @@ def registered_checkpoints(storage: Path, stage: str) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def weights_digest(root: Path) -> str:
+def weights_digest(checkpoint: Path) -> str:
     from pipeline.hashing import sha256_file
 
-    pointer = json.loads((root / "latest.json").read_text())
-    return sha256_file(root / pointer["dir"] / "model.safetensors")
+    return sha256_file(checkpoint / "model.safetensors")
 
 
 @dataclass
@@ -177,8 +176,8 @@ def kill_session(sid: int, sig: int = signal.SIGKILL, timeout: float = 60) -> No
 
 def corrupt_newest(repo: Path, stage: str) -> Path:
     """Flip one byte inside the weights of the newest registered checkpoint (size kept)."""
-    step, folder = registered_checkpoints(repo / "checkpoints", stage)[-1]
-    target = folder / f"step_{step}" / "model.safetensors"
+    _step, folder = registered_checkpoints(repo / "checkpoints", stage)[-1]
+    target = folder / "model.safetensors"
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0xFF
     target.write_bytes(bytes(data))

@@ -15,12 +15,11 @@ from pipeline.model import ModelConfig, Transformer
 def load_model(path: str | Path, model_cfg: ModelConfig | None = None) -> tuple[Transformer, str]:
     """``(model in eval mode, form)`` where form is ``"fp32"`` or ``"int4"``.
 
-    ``path``: a ``.safetensors`` written by QAT's conversion (``int4``), a checkpoint
-    root with ``latest.json`` (a stage's ``model/``), or one ``step_*`` directory. A
-    checkpoint's architecture is read from its own metadata unless ``model_cfg`` is
+    ``path``: a ``.safetensors`` written by QAT's conversion (``int4``), or a checkpoint
+    directory (a stage's ``model/``). A checkpoint's architecture is read from its own metadata unless ``model_cfg`` is
     given. Raises FileNotFoundError / CheckpointError / QuantizedFormatError naming the
     path."""
-    from pipeline.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+    from pipeline.train.checkpoint import CheckpointError, load_checkpoint
 
     path = Path(path)
     if path.suffix == ".safetensors":
@@ -32,14 +31,11 @@ def load_model(path: str | Path, model_cfg: ModelConfig | None = None) -> tuple[
         return model.eval(), "int4"
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: neither a checkpoint directory nor a converted .safetensors")
-    step_dir = latest_checkpoint(path) if not (path / "meta.json").is_file() else path
-    if step_dir is None:
-        raise CheckpointError(f"{path}: no complete checkpoint")
-    ckpt = load_checkpoint(step_dir)
+    ckpt = load_checkpoint(path)
     if model_cfg is None:
         raw = ckpt.meta.get("model")
         if raw is None:
-            raise CheckpointError(f"{step_dir}: the checkpoint does not record its model config; pass one")
+            raise CheckpointError(f"{path}: the checkpoint does not record its model config; pass one")
         model_cfg = from_dict(ModelConfig, json.loads(raw) if isinstance(raw, str) else raw, "model")
     torch.manual_seed(0)
     model = Transformer(model_cfg)

@@ -57,6 +57,27 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.where(both >= 8, both - 16, both)
 
 
+def _sort_metadata(path: Path) -> None:
+    """Rewrite the file's header with its ``__metadata__`` keys in sorted order, in place.
+
+    safetensors writes the metadata map in hash order, which differs from process to
+    process: the same model would give different bytes on every run, and DVC would see a
+    new output each time. The header keeps its length (same JSON, other order; the
+    padding to 8 bytes stays), so the tensor data does not move."""
+    import struct
+
+    with open(path, "r+b") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(length)
+        header = json.loads(raw)
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        text = json.dumps(header, separators=(",", ":")).encode()
+        if len(text) > length:  # cannot happen for a reordering; never corrupt the file
+            raise QuantizedFormatError(f"{path}: the reordered header is longer than the original")
+        f.seek(8)
+        f.write(text + b" " * (length - len(text)))
+
+
 def save_quantized(model: Transformer, q: QuantConfig, path: Path) -> None:
     """Write a converted ``model`` to ``path`` atomically (temp file + rename)."""
     qweights = quantized_weights(model)
@@ -82,6 +103,7 @@ def save_quantized(model: Transformer, q: QuantConfig, path: Path) -> None:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=header)
+        _sort_metadata(Path(tmp))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates it private; the model is an ordinary output

@@ -334,17 +334,13 @@ def read_loss_csv(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, 
 
 
 def read_expert_load(model_dir: Path) -> tuple[str | None, list[list[float]] | None]:
-    """(checkpoint dir name, tokens per [layer][expert]) of the final checkpoint named by
-    ``model_dir/latest.json``; (None, None) when there is none or it records no load."""
-    latest_path = Path(model_dir) / "latest.json"
-    latest = read_json(latest_path)
-    if latest is None:
-        return None, None
-    name = _get(latest, "dir", latest_path, str)
-    meta_path = Path(model_dir) / name / "meta.json"
+    """(``step_<N>``, tokens per [layer][expert]) of the final checkpoint ``model_dir``;
+    (None, None) when there is none, (name, None) when it records no load."""
+    meta_path = Path(model_dir) / "meta.json"
     meta = read_json(meta_path)
     if meta is None:
-        return name, None
+        return None, None
+    name = f"step_{int(_num(meta, 'step', meta_path) or 0)}"
     load = _get(meta, "expert_load", meta_path, (str, list), default=None)
     if isinstance(load, str):  # stored JSON-encoded (a string metric) by some writers
         try:

@@ -2,7 +2,8 @@
 
 Ray starts embedded (``address="local"``: a new instance sized to this machine, never a
 stray cluster some earlier ``ray start`` left behind) unless ``ray.address`` or
-``RAY_ADDRESS`` names a cluster. What a job asks for is checked against what Ray can
+``RAY_ADDRESS`` names a cluster; under ``make repro`` every stage joins the recipe's one
+embedded Ray instead (recipe_ray.py). What a job asks for is checked against what Ray can
 give *before* Ray starts: an embedded Ray cannot grow, so asking for more CPUs than the
 machine has is refused with the numbers; a cluster may grow (autoscaling), so a
 shortfall there is reported as pending instead of waited on in silence, and waited on
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 # worker prints appear twice in the driver (once printed, once logged); off.
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 EMBEDDED_FLAG = "MOBILEMOE_EMBEDDED_RAY"  # set for the worker processes of the embedded Ray
+# The address of the recipe's one embedded Ray, set by recipe_ray.py for the stages it runs.
+RECIPE_RAY_ENV = "MOBILEMOE_RECIPE_RAY"
 
 # The custom resource of the node that stands for the phone: the profile stage's task
 # requests it. The embedded Ray declares one (this machine is the device); on a cluster,
@@ -145,6 +148,10 @@ def start(cfg: RayConfig) -> None:
         _report_pending(cfg)
         return
     runtime_env["env_vars"][EMBEDDED_FLAG] = "1"
+    recipe_ray = os.environ.get(RECIPE_RAY_ENV)
+    if recipe_ray:  # the recipe's one embedded Ray (recipe_ray.py): join it, do not start another
+        ray.init(address=recipe_ray, log_to_driver=True, runtime_env=runtime_env)
+        return
     ray.init(
         address="local",
         num_cpus=local_cpus(),

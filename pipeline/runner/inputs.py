@@ -22,8 +22,7 @@ from pipeline.runner.errors import StageInputError
 from pipeline.train.checkpoint import (
     CheckpointError,
     check_fits,
-    latest_checkpoint,
-    newest_problem,
+    problem,
     spec_of,
     tensor_specs,
     verify_checkpoint,
@@ -114,19 +113,19 @@ class TokenizerInput:
 
 @dataclass
 class CheckpointInput:
-    """The newest complete checkpoint under a root, intact, for exactly this model."""
+    """A complete checkpoint directory, intact, for exactly this model."""
 
     key: str
-    root: Path
+    path: Path
     model: ModelConfig
 
     def check(self) -> Path:
-        path = latest_checkpoint(self.root)
-        if path is None:
-            newest = newest_problem(self.root)
-            if newest is not None:  # there is a checkpoint, but it is damaged: say how
-                raise StageInputError(f"{self.key}: no complete checkpoint under {self.root}; newest: {newest}")
-            raise StageInputError(f"{self.key}: no complete checkpoint under {self.root} (has the upstream stage run?)")
+        path = self.path
+        if not path.exists():
+            raise StageInputError(f"{self.key}: no checkpoint at {path} (has the upstream stage run?)")
+        why = problem(path)
+        if why is not None:  # there is something, but not a checkpoint this code reads: say why
+            raise StageInputError(f"{self.key}: {path}: {why}")
         try:
             verify_checkpoint(path)
             meta = json.loads((path / "meta.json").read_text())
@@ -209,7 +208,7 @@ class QuantizedModelInput:
 
         from pipeline.quant.format import FORMAT, VERSION
 
-        if self.path.is_dir() or (self.path.parent / "latest.json").exists():
+        if self.path.is_dir() or (self.path.parent / "meta.json").exists():
             raise StageInputError(
                 f"{self.key}: {self.path} is a training checkpoint, not a converted INT4 model "
                 "(give QAT's quantized/model.safetensors)"

@@ -65,7 +65,8 @@ def run_stage(stage: Stage, raw: dict, sweep_dir: Path | None = None, state_dir:
     with stage_lock(locks, stage.name, f"outputs {out_dir.resolve()}"):
         remove_stale_scratch(out_dir)  # left by a killed run; we hold the lock, nobody else writes here
         ctx = StageContext(stage.name, recipe, raw, out_dir, inputs)
-        key = stage.resume_key(ctx)
+        ctx.resume = stage.resume(ctx)
+        key = ctx.resume.key if ctx.resume else None
         tags = stage.tags(ctx)
         if stage.reuse_finished and key and recipe.tracking.enabled:
             done = tracking.finished_stage_run(recipe.tracking, stage.name, key, tags)
@@ -77,7 +78,7 @@ def run_stage(stage: Stage, raw: dict, sweep_dir: Path | None = None, state_dir:
         with stage_lock(locks, stage.name, f"run {key}") if key else contextlib.nullcontext():
             attempt = f"{stage.name}-{key or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
             journal = state_dir / "untracked" / f"{attempt}.jsonl"
-            ctx.state["journal"] = journal
+            ctx.journal = journal
             started = time.perf_counter()
             with tracking.stage_run(
                 recipe.tracking,
@@ -85,7 +86,7 @@ def run_stage(stage: Stage, raw: dict, sweep_dir: Path | None = None, state_dir:
                 params=stage.params(raw),
                 tags=tags,
                 resume_key=key,
-                continue_run=bool(key) and stage.interrupted(ctx, key),
+                continue_run=_interrupted(ctx.resume, recipe),
                 journal=journal,
             ) as run:
                 ctx.run = run
@@ -100,6 +101,15 @@ def run_stage(stage: Stage, raw: dict, sweep_dir: Path | None = None, state_dir:
                 result.on_published()  # still under the locks: no rerun can race it
         _report_lost(stage.name, run, journal)
     return result.metrics
+
+
+def _interrupted(plan, recipe) -> bool:
+    """Whether an interrupted execution of the plan's work left a Ray Train run folder
+    (a finished run deletes its own): only then is its MLflow run continued."""
+    if plan is None:
+        return False
+    storage = cluster.storage(recipe.ray)
+    return any(storage.exists(name) for name in plan.runs)
 
 
 def _log_published(run, result: StageResult, out_dir: Path, seconds: float) -> None:

@@ -48,7 +48,7 @@ class Dvc:
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.recipe import RecipeConfig
     from pipeline.runner.inputs import Input
-    from pipeline.tracking import StageRun
+    from pipeline.tracking import RunLogger
 
 
 @dataclass
@@ -62,8 +62,24 @@ class StageContext:
     out_dir: Path  # the stage's output directory (a sweep point's own, in a multirun)
     inputs: dict[str, Any]  # config key -> what that input's check read
     scratch: Path | None = None
-    run: StageRun | None = None
-    state: dict[str, Any] = field(default_factory=dict)  # shared by the stage's own callables
+    run: RunLogger | None = None
+    journal: Path | None = None  # where tracking writes what it could not record
+    resume: ResumePlan | None = None  # the stage's resume plan, once the runner asked for it
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """How a resumable stage's work is named, and found again after an interruption.
+
+    ``key`` fingerprints everything that determines the result (recorded on the MLflow
+    run; a finished run of the same key may stand for the work). ``jobs`` are the Ray
+    Train jobs the work runs, in order, and ``runs`` their Ray Train run names: a run
+    folder left in the run storage means an interrupted execution, whose MLflow run is
+    then continued rather than duplicated."""
+
+    key: str
+    jobs: tuple[Any, ...]
+    runs: tuple[str, ...]
 
 
 @dataclass
@@ -72,7 +88,7 @@ class StageResult:
 
     metrics: dict[str, Any]  # final metrics (the numbers also go to MLflow as final/*)
     # Logs artifacts from the *published* out_dir into the stage's run.
-    log: Callable[[StageRun, Path], None] | None = None
+    log: Callable[[RunLogger, Path], None] | None = None
     # Runs once the tracking run is closed: e.g. delete a finished Ray run's storage.
     on_published: Callable[[], None] | None = None
     # Numbers that describe this execution rather than its result (seconds, tokens/s):
@@ -89,12 +105,8 @@ class Stage:
     work: Callable[[StageContext], StageResult]
     # The items the work must leave in scratch; nothing is published unless all are there.
     outputs: tuple[str, ...]
-    # A fingerprint of everything that determines the result (it names the Ray Train run
-    # and is recorded on the MLflow run), or None for a stage that cannot resume.
-    resume_key: Callable[[StageContext], str | None] = lambda ctx: None
-    # Whether an interrupted run of this key left something to resume; only then is its
-    # MLflow run continued (otherwise it is closed as KILLED and a new one opens).
-    interrupted: Callable[[StageContext, str], bool] = lambda ctx, key: False
+    # How the work resumes (ResumePlan), or None for a stage that cannot resume.
+    resume: Callable[[StageContext], ResumePlan | None] = lambda ctx: None
     # What the stage's Ray work occupies, {"CPU": n, "GPU": g}; checked against the
     # embedded Ray before it starts. Default: the training job's workers.
     resources: Callable[[RecipeConfig], dict[str, int]] = lambda recipe: recipe.ray.job_resources()

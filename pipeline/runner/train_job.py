@@ -36,7 +36,7 @@ from typing import Any
 from pipeline.hashing import sha256_file, sha256_json, sha256_tree
 from pipeline.runner.storage import RunStorage, fetch
 from pipeline.train.callbacks import BalanceCallback, CheckpointCallback, MetricsCallback, ProgressCallback
-from pipeline.train.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, load_checkpoint
+from pipeline.train.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from pipeline.train.config import RayConfig
 from pipeline.train.loop import WorkerJob, run_loop
 
@@ -144,11 +144,8 @@ def resume_point(latest: Any, device: Any = "cpu", say: Any = None) -> Checkpoin
     say = say or (lambda message: None)
     for candidate in [latest, *_other_checkpoints(latest)]:
         try:
-            with candidate.as_directory() as root:
-                path = latest_checkpoint(Path(root))
-                if path is None:
-                    raise CheckpointError(f"{candidate.path}: no complete step_* directory")
-                ckpt = load_checkpoint(path, map_location=device)
+            with candidate.as_directory() as path:
+                ckpt = load_checkpoint(Path(path), map_location=device)
         except CheckpointError as err:
             say(f"resume: checkpoint {candidate.path} is unusable ({err}); trying the previous one")
             continue
@@ -197,7 +194,7 @@ def discard_run(job: WorkerJob, cfg: RayConfig, storage: RunStorage) -> None:
 
 
 def fit(job: WorkerJob, cfg: RayConfig, storage: RunStorage, logger: Any = None, staged: bool = False) -> Path:
-    """Train on Ray; return a local directory holding the final checkpoint root.
+    """Train on Ray; return a local copy of the final checkpoint (Ray Train's latest).
 
     ``logger`` (a picklable MLflow logger, or None) receives rank 0's metrics.
     ``staged``: stage the inputs into ``storage`` first (ranks on other nodes).

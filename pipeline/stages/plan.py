@@ -17,27 +17,20 @@ Exit code 2 with one line for a bad budget, a missing fit, or a budget nothing f
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
-
-from tabulate import tabulate
 
 from pipeline.configbase import ConfigError, from_dict
 from pipeline.model.config import ModelConfig
 from pipeline.model.twins import dense_twin
 from pipeline.recipe import CONF_DIR, REPO_ROOT, repo_path, validate
-from pipeline.scaling import plots
 from pipeline.scaling.config import ScalingStageConfig
-from pipeline.scaling.law import ScalingLaw
+from pipeline.scaling.plan_report import load_law, plan_header, write_plan
 from pipeline.scaling.planner import (
     Budget,
-    Candidate,
-    Plan,
     PlanError,
     evaluate,
-    frontier_loss_at,
     model_yaml,
     parse_bandwidth,
     parse_bytes,
@@ -73,20 +66,6 @@ def load_model(name: str, conf_dir: Path = CONF_DIR) -> ModelConfig:
     return from_dict(ModelConfig, yaml.safe_load(path.read_text()), f"model {name}")
 
 
-def load_law(path: Path) -> tuple[ScalingLaw, dict]:
-    """The fitted law and the fit's summary from ``fit.json``."""
-    if not path.is_file():
-        raise PlanError(f"--fit {path}: no fitted law there; run `make scaling-fit` first")
-    try:
-        summary = json.loads(path.read_text())
-        coefficients = summary["coefficients"]
-        from pipeline.scaling.law import COEFFICIENTS
-
-        return ScalingLaw(tuple(float(coefficients[k]) for k in COEFFICIENTS)), summary
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise PlanError(f"--fit {path}: not a fit written by make scaling-fit ({type(err).__name__}: {err})") from None
-
-
 def budget_from_args(args: argparse.Namespace) -> Budget:
     """The budgets of the command line (PlanError naming the flag for a bad value)."""
     decode_bytes = None
@@ -112,40 +91,6 @@ def references(cfg: ScalingStageConfig, conf_dir: Path = CONF_DIR) -> list[Model
             dense_twin(first_moe, "total", cfg.plan.group_size),
         ]
     return models
-
-
-def _table(candidates: list[Candidate]) -> str:
-    rows = [c.row() for c in candidates]
-    return tabulate(rows, headers="keys", tablefmt="github") if rows else "(none)"
-
-
-def reference_rows(result: Plan, refs: list[Candidate]) -> list[dict]:
-    """Each reference's counts and predicted loss, and the frontier's best predicted
-    loss at no more INT4 memory (and no more FLOPs) than it uses."""
-    rows = []
-    for ref in refs:
-        at_memory = frontier_loss_at(result.frontier_memory, "int4_bytes", ref.int4_bytes)
-        at_flops = frontier_loss_at(result.frontier_flops, "flops_per_token", ref.flops_per_token)
-        rows.append(
-            {
-                **{k: v for k, v in ref.row().items() if k not in ("decode_read_GB",)},
-                "frontier_loss_same_memory": None if at_memory is None else round(at_memory, 4),
-                "gap_memory": None if at_memory is None else round(ref.loss - at_memory, 4),
-                "frontier_loss_same_flops": None if at_flops is None else round(at_flops, 4),
-                "gap_flops": None if at_flops is None else round(ref.loss - at_flops, 4),
-            }
-        )
-    return rows
-
-
-def by_expansion(feasible: list[Candidate]) -> list[dict]:
-    """The best candidate within budget per expansion (the sparsity sweet spot)."""
-    best: dict[float, Candidate] = {}
-    for c in feasible:
-        key = round(c.inputs.expansion, 2)
-        if key not in best or c.loss < best[key].loss:
-            best[key] = c
-    return [best[k].row() for k in sorted(best)]
 
 
 def write_config(model: ModelConfig, path: Path, header: str) -> None:
@@ -196,68 +141,16 @@ def _plan(args: argparse.Namespace) -> int:
         cfg.plan.top,
         embedding_bits,
     )
-    chosen = result.chosen
-    model = replace(chosen.model, name=args.name)
+    model = replace(result.chosen.model, name=args.name)
     recipe = {k: v for k, v in raw.items() if k not in ("sweep", "scaling")}
     validate({**recipe, "model": asdict(model)})  # the recipe trains it as it is
     refs = evaluate(references(cfg), law, cfg.plan.tokens, cfg.plan.context, cfg.plan.group_size, embedding_bits)
     out = repo_path(OUT_ROOT) / args.name
     out.mkdir(parents=True, exist_ok=True)
-    sweet = by_expansion(result.feasible)
-    header = (
-        f"Budget: {budget.describe()} (context {cfg.plan.context}); law fitted on sweep {fit.get('sweep', '?')}: "
-        f"{fit['formula']}\n"
-        f"Predicted loss at {cfg.plan.tokens:.3g} tokens: {chosen.loss:.4f}; INT4 {chosen.int4_bytes / 1e9:.3f} GB; "
-        f"{chosen.flops_per_token / 1e9:.3f} GFLOPs/token (decode); {chosen.inputs.n_active / 1e6:.1f}M active."
-    )
+    header = plan_header(result, budget, fit, cfg.plan.tokens, cfg.plan.context)
     config_path = Path(args.conf_dir) / "model" / f"{args.name}.yaml"
     write_config(model, config_path, header)
-    n_max, d_max = _sweep_max(fit, "n_active"), _sweep_max(fit, "tokens")
-    beyond = chosen.inputs.n_active > n_max or cfg.plan.tokens > d_max
-    extrapolation = (
-        f"The sweep's points reach N = {n_max:.3g}, D = {d_max:.3g}; the chosen model is at N = "
-        f"{chosen.inputs.n_active:.3g}, D = {cfg.plan.tokens:.3g}"
-        + (": the losses are extrapolations, read them as a ranking." if beyond else ".")
-    )
-    sections = [
-        f"# Plan {args.name}",
-        header.replace("\n", "  \n"),
-        f"{result.enumerated} architectures enumerated, {len(result.feasible)} within budget.",
-        "## Best within budget\n\n" + _table(result.best),
-        "## Best within budget per expansion (total / active FFN width)\n\n"
-        + tabulate(sweet, headers="keys", tablefmt="github"),
-        "## Reference models against the frontier (gap > 0: the frontier predicts a lower loss)\n\n"
-        + tabulate(reference_rows(result, refs), headers="keys", tablefmt="github"),
-        extrapolation,
-    ]
-    frontiers = [
-        "## Frontier: predicted loss vs INT4 memory\n\n" + _table(result.frontier_memory),
-        "## Frontier: predicted loss vs decode FLOPs per token\n\n" + _table(result.frontier_flops),
-    ]
-    text = "\n\n".join(sections)
-    (out / "plan.md").write_text("\n\n".join([*sections, *frontiers]) + "\n")
-    (out / "plan.json").write_text(
-        json.dumps(
-            {
-                "budget": asdict(budget),
-                "chosen": chosen.row(),
-                "best": [c.row() for c in result.best],
-                "by_expansion": sweet,
-                "references": reference_rows(result, refs),
-                "frontier_memory": [c.row() for c in result.frontier_memory],
-                "frontier_flops": [c.row() for c in result.frontier_flops],
-                "config": str(config_path),
-            },
-            indent=2,
-        )
-    )
-    plots.frontier(result.frontier_memory, refs, chosen, "int4_bytes", out / "frontier_memory.png", budget.memory_bytes)
-    plots.frontier(result.frontier_flops, refs, chosen, "flops_per_token", out / "frontier_flops.png",
-                   budget.flops_per_token)  # fmt: skip
+    text = write_plan(out, args.name, result, refs, budget, header, fit, cfg.plan.tokens, config_path)
     print(text)
     print(f"\nwrote {config_path} and {out.relative_to(REPO_ROOT) if out.is_relative_to(REPO_ROOT) else out}/")
     return 0
-
-
-def _sweep_max(fit: dict, key: str) -> float:
-    return float(fit.get("range", {}).get(key, float("nan")))

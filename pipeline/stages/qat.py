@@ -26,16 +26,14 @@ Published into ``stage.qat.out_dir``:
 
 from __future__ import annotations
 
-import copy
 import json
-import math
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from pipeline.hashing import sha256_file, sha256_json
 from pipeline.recipe import RecipeConfig, repo_path
 from pipeline.runner.inputs import CheckpointInput, MixtureInput, TokenizerInput
-from pipeline.runner.spec import Stage, StageContext, StageResult
+from pipeline.runner.spec import ResumePlan, Stage, StageContext, StageResult
 from pipeline.stages.train import (
     EXECUTION_FILE,
     RESULT_CODE,
@@ -93,104 +91,52 @@ def _jobs(ctx: StageContext) -> list[WorkerJob]:
     return jobs
 
 
-def _resume_key(ctx: StageContext) -> str:
+def _resume(ctx: StageContext) -> ResumePlan:
+    """QAT and its control: two Ray Train runs, named together by the key."""
     from pipeline.runner import train_job
 
-    ctx.state["jobs"] = _jobs(ctx)
-    names = [train_job.run_name(job, ctx.recipe.ray) for job in ctx.state["jobs"]]
-    ctx.state["run_names"] = names
-    return f"qat-{sha256_json(names)[:12]}"
-
-
-def _interrupted(ctx: StageContext, key: str) -> bool:
-    from pipeline.runner import cluster
-
-    storage = cluster.storage(ctx.recipe.ray)
-    return any(storage.exists(name) for name in ctx.state.get("run_names", []))
-
-
-def _model(ctx: StageContext, state: dict):
-    from pipeline.model import Transformer
-
-    model = Transformer(ctx.recipe.model)
-    model.load_state_dict(state)
-    return model.eval()
+    jobs = _jobs(ctx)
+    names = tuple(train_job.run_name(job, ctx.recipe.ray) for job in jobs)
+    return ResumePlan(key=f"qat-{sha256_json(list(names))[:12]}", jobs=tuple(jobs), runs=names)
 
 
 def _work(ctx: StageContext) -> StageResult:
-    import torch
-
-    from pipeline.quant.convert import convert, post_training_quantize
-    from pipeline.quant.coverage import coverage, require_coverage, table
-    from pipeline.quant.fake import prepare
     from pipeline.quant.format import save_quantized, weight_bytes
     from pipeline.runner import cluster, train_job
     from pipeline.train.batches import TokenBatches
     from pipeline.train.checkpoint import load_checkpoint
-    from pipeline.train.compare import evaluate_models, recovered_fraction
+    from pipeline.train.compare import compare_quantized
 
     recipe, cfg = ctx.recipe, ctx.recipe.stage.qat
     q = cfg.quant()
-    jobs = ctx.state["jobs"]
+    jobs = ctx.resume.jobs
     cluster.start(recipe.ray)
     qat_final = train_to_end(jobs[0], ctx)
     control_final = train_to_end(jobs[1], ctx, metric_prefix="control/") if cfg.control else None
 
-    sft = _model(ctx, load_checkpoint(ctx.inputs[f"{KEY}.init_checkpoint"]).model_state)
-    qat_fake = prepare(_model(ctx, qat_final.model_state), q)
-    prepared_rows = coverage(qat_fake)
-    require_coverage(prepared_rows)
-    with torch.no_grad():
-        qat_int4 = convert(qat_fake, q)
-        ptq = post_training_quantize(copy.deepcopy(sft), q)
-        per_channel = replace(q, granularity="per_channel")
-        ptq_per_channel = post_training_quantize(copy.deepcopy(sft), per_channel)
-    converted_rows = coverage(qat_int4)
-    require_coverage(converted_rows)
-
-    models = {"sft_fp32": sft, "ptq": ptq, "qat_int4": qat_int4}
-    if control_final is not None:
-        # The control's own PTQ: QAT against "train as long in FP32, then quantize".
-        models["control_fp32"] = _model(ctx, control_final.model_state)
-        with torch.no_grad():
-            models["control_ptq"] = post_training_quantize(copy.deepcopy(models["control_fp32"]), q)
-    models["ptq_per_channel"] = ptq_per_channel
-    chat_val = TokenBatches(repo_path(cfg.mixture), "val", cfg.seq_len, cfg.batch_size, recipe.seed)
-    text_val = TokenBatches(repo_path(cfg.text_mixture), "val", cfg.seq_len, cfg.batch_size, recipe.seed)
     text_totals = ctx.inputs[f"{KEY}.text_mixture"]["totals"]["val"]
-    bytes_per_token = text_totals["bytes"] / max(text_totals["target_tokens"], 1)
-    chat = evaluate_models(models, chat_val, cfg.compare_batches)
-    text = evaluate_models(models, text_val, cfg.compare_batches, bytes_per_token)
-
+    compared = compare_quantized(
+        recipe.model,
+        q,
+        load_checkpoint(ctx.inputs[f"{KEY}.init_checkpoint"]).model_state,
+        qat_final.model_state,
+        control_final.model_state if control_final is not None else None,
+        TokenBatches(repo_path(cfg.mixture), "val", cfg.seq_len, cfg.batch_size, recipe.seed),
+        TokenBatches(repo_path(cfg.text_mixture), "val", cfg.seq_len, cfg.batch_size, recipe.seed),
+        cfg.compare_batches,
+        text_totals["bytes"] / max(text_totals["target_tokens"], 1),
+    )
     metrics = final_metrics(qat_final.meta)  # QAT's own training: fake-quant losses, expert load
     metrics = {f"qat_train_{k}" if k not in ("step", "tokens_seen") else k: v for k, v in metrics.items()}
-    for name in models:
-        metrics[f"loss_{name}"] = chat[name]["loss"]
-        metrics[f"bpb_{name}"] = text[name]["bpb"]
-    metrics["ptq_gap"] = chat["ptq"]["loss"] - chat["sft_fp32"]["loss"]
-    metrics["qat_gap"] = chat["qat_int4"]["loss"] - chat["sft_fp32"]["loss"]
-    metrics["ptq_per_channel_gap"] = chat["ptq_per_channel"]["loss"] - chat["sft_fp32"]["loss"]
-    metrics["recovered_vs_sft"] = recovered_fraction(
-        chat["ptq"]["loss"], chat["qat_int4"]["loss"], chat["sft_fp32"]["loss"]
-    )
-    if control_final is not None:
-        # Same steps on both sides: the control's PTQ gap, and how much of it QAT closes.
-        metrics["control_ptq_gap"] = chat["control_ptq"]["loss"] - chat["control_fp32"]["loss"]
-        metrics["recovered_vs_control"] = recovered_fraction(
-            chat["control_ptq"]["loss"], chat["qat_int4"]["loss"], chat["control_fp32"]["loss"]
-        )
-    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
-    if bad:
-        raise RuntimeError(f"stage qat: non-finite metrics {bad}")
+    metrics.update(compared.metrics)
 
     write_outputs(ctx.scratch, qat_final, metrics, samples=[])
     (ctx.scratch / "samples.json").unlink()
     quantized = ctx.scratch / "quantized" / "model.safetensors"
-    save_quantized(qat_int4, q, quantized)
+    save_quantized(compared.qat_int4, q, quantized)
     metrics["weight_bytes"] = weight_bytes(quantized)
     (ctx.scratch / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    tables = {"scheme": asdict(q), "after_prepare": table(prepared_rows), "after_convert": table(converted_rows)}
-    (ctx.scratch / "coverage.json").write_text(json.dumps(tables, indent=2))
+    (ctx.scratch / "coverage.json").write_text(json.dumps(compared.tables, indent=2))
     resumed = {job.stage: [] for job in jobs}
     resumed["qat"] = qat_final.meta.get("resumed_at", [])
     if control_final is not None:
@@ -222,8 +168,7 @@ QAT = Stage(
     params=_params,
     work=_work,
     outputs=("model", "quantized", "coverage.json", "metrics.json", "loss.csv", EXECUTION_FILE),
-    resume_key=_resume_key,
-    interrupted=_interrupted,
+    resume=_resume,
     dvc=training_dvc(
         "qat",
         50,

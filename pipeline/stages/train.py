@@ -3,7 +3,7 @@
 Each trains the model on its mixture as a Ray Train job (from scratch, or from the
 upstream stage's final model) and publishes into ``stage.<name>.out_dir``:
 
-  model/          final checkpoint root (latest.json + step_N/, weights without optimizer)
+  model/          the final checkpoint (weights without optimizer state), one directory
   metrics.json    final train/val loss (overall and per domain), bits per byte, tokens,
                   steps (DVC metrics)
   loss.csv        step, train_loss, val_loss (DVC plots)
@@ -30,7 +30,7 @@ from pathlib import Path
 from pipeline.hashing import sha256_file, sha256_json
 from pipeline.recipe import RecipeConfig, repo_path
 from pipeline.runner.inputs import CheckpointInput, MixtureInput, TokenizerInput
-from pipeline.runner.spec import Dvc, Out, Stage, StageContext, StageResult, metric, plot
+from pipeline.runner.spec import Dvc, Out, ResumePlan, Stage, StageContext, StageResult, metric, plot
 from pipeline.train.config import TrainStageConfig
 from pipeline.train.loop import WorkerJob
 
@@ -84,18 +84,13 @@ def _job(name: str, ctx: StageContext) -> WorkerJob:
     )
 
 
-def _resume_key(name: str, ctx: StageContext) -> str:
+def _resume(name: str, ctx: StageContext) -> ResumePlan:
+    """One Ray Train job, whose run name (a hash of what determines it) is the key."""
     from pipeline.runner import train_job
 
-    ctx.state["job"] = _job(name, ctx)
-    return train_job.run_name(ctx.state["job"], ctx.recipe.ray)
-
-
-def _interrupted(ctx: StageContext, key: str) -> bool:
-    """An interrupted run left its Ray Train folder (a finished one deletes it)."""
-    from pipeline.runner import cluster
-
-    return cluster.storage(ctx.recipe.ray).exists(key)
+    job = _job(name, ctx)
+    run = train_job.run_name(job, ctx.recipe.ray)
+    return ResumePlan(key=run, jobs=(job,), runs=(run,))
 
 
 def _work(name: str, ctx: StageContext) -> StageResult:
@@ -103,9 +98,9 @@ def _work(name: str, ctx: StageContext) -> StageResult:
 
     from pipeline.configbase import from_dict
     from pipeline.model import ModelConfig, Transformer
-    from pipeline.runner import cluster, train_job
+    from pipeline.runner import artifacts, cluster, train_job
 
-    recipe, cfg, job = ctx.recipe, _cfg(ctx.recipe, name), ctx.state["job"]
+    recipe, cfg, (job,) = ctx.recipe, _cfg(ctx.recipe, name), ctx.resume.jobs
     storage = cluster.storage(recipe.ray)
     cluster.start(recipe.ray)
     final = train_to_end(job, ctx)
@@ -136,11 +131,11 @@ def _work(name: str, ctx: StageContext) -> StageResult:
         run.log_dataset(ctx.inputs[f"stage.{name}.mixture"], name=f"{name}-mixture", context="training")
         if final.meta.get("expert_load"):
             run.log_dict({"tokens_per_layer_expert": final.meta["expert_load"]}, "moe_load_histogram.json")
-        run.log_figure_loss_curve(_curves(final.meta["history"]), f"{name}_loss.png")
+        artifacts.log_loss_curve(run, _curves(final.meta["history"]), f"{name}_loss.png")
         # The logged model is a torch.export program; the grouped GEMM does not export
         # on CPU in fp32, so it is traced with the equivalent gather dispatch.
         example = torch.zeros(2, min(16, cfg.seq_len), dtype=torch.long)  # batch 2 stays a dynamic dim
-        run.log_model(model.eval().set_moe_dispatch("gather"), example, name=f"{name}-model")
+        artifacts.log_model(run, model.eval().set_moe_dispatch("gather"), example, name=f"{name}-model")
 
     return StageResult(
         metrics,
@@ -155,14 +150,14 @@ def train_to_end(job: WorkerJob, ctx: StageContext, metric_prefix: str = ""):
     return its final checkpoint, loaded. Rank 0's metrics go to the stage's MLflow run,
     named with ``metric_prefix`` in front."""
     from pipeline.runner import cluster, train_job
-    from pipeline.train.checkpoint import latest_checkpoint, load_checkpoint
+    from pipeline.train.checkpoint import load_checkpoint
 
     ray_cfg = ctx.recipe.ray
-    journal = ctx.state["journal"].with_suffix(".workers.jsonl")
-    logger = ctx.run.remote_logger(journal=journal, prefix=metric_prefix)
+    journal = ctx.journal.with_suffix(".workers.jsonl")
+    logger = ctx.run.for_workers(journal=journal, prefix=metric_prefix)
     final_dir = train_job.fit(job, ray_cfg, cluster.storage(ray_cfg), logger, staged=cluster.on_cluster(ray_cfg))
     try:
-        return load_checkpoint(latest_checkpoint(final_dir))
+        return load_checkpoint(final_dir)
     finally:
         shutil.rmtree(final_dir, ignore_errors=True)
 
@@ -198,7 +193,7 @@ def write_outputs(scratch: Path, final, metrics: dict, samples: list) -> None:
     from pipeline.train.checkpoint import save_checkpoint
 
     meta = {k: v for k, v in final.meta.items() if k != "checkpoint" and k not in EXECUTION_META}
-    save_checkpoint(scratch / "model", final.step, final.model_state, None, meta=meta, keep_last=1)
+    save_checkpoint(scratch / "model", final.step, final.model_state, None, meta=meta)
     (scratch / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     _write_loss_csv(scratch / "loss.csv", final.meta["history"])
     (scratch / "samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False))
@@ -277,8 +272,7 @@ def training_stage(name: str, order: int, desc: str, from_checkpoint: bool) -> S
         params=partial(_params, name),
         work=partial(_work, name),
         outputs=("model", "metrics.json", "loss.csv", "samples.json", EXECUTION_FILE),
-        resume_key=partial(_resume_key, name),
-        interrupted=_interrupted,
+        resume=partial(_resume, name),
         dvc=training_dvc(name, order, desc, RESULT_CODE, deps, outs=("samples.json",)),
     )
 

@@ -1,10 +1,12 @@
-"""MLflow, in one place: stores, run layout, lineage tags, artifacts, models, datasets.
+"""MLflow, in one place: stores, run layout, lineage tags, artifacts, datasets.
 
 - :mod:`.config`    where tracking goes (``TrackingConfig``) and a fast reachability check
 - :mod:`.keys`      legal, collision-free MLflow keys from nested config
 - :mod:`.resilient` retries with backoff; tracking that is lost never stops training
 - :mod:`.lineage`   git commit and DVC input hashes of a stage run
-- :mod:`.runs`      parent/nested runs, orphan closing, resume, the worker-side logger
+- :mod:`.lifecycle` the experiment, parent and nested runs, orphan closing, resume
+- :mod:`.logger`    one picklable logger for a run, used by the driver and Ray workers
+- :mod:`.queries`   a recipe's runs, each stage's latest run, a sweep's finished points
 
 Nothing here runs at import: mlflow is imported lazily so that ``import pipeline`` stays
 cheap and side-effect free (importing mlflow takes seconds).
@@ -28,22 +30,18 @@ from pipeline.tracking.keys import (
     flatten_params,
     sanitize_key,
 )
-from pipeline.tracking.lineage import dvc_input_hashes, git_tags
-from pipeline.tracking.resilient import Resilient, read_journal
-from pipeline.tracking.runs import (
+from pipeline.tracking.lifecycle import (
     PARENT_ENV,
-    RemoteMetricLogger,
-    StageRun,
     close_orphans,
     end_recipe_run,
     ensure_experiment,
-    finished_stage_run,
-    latest_stage_runs,
-    runs_of_parent,
     stage_run,
     start_recipe_run,
-    tagged_runs,
 )
+from pipeline.tracking.lineage import dvc_input_hashes, git_tags
+from pipeline.tracking.logger import RunLogger
+from pipeline.tracking.queries import finished_stage_run, latest_stage_runs, runs_of_parent, tagged_runs
+from pipeline.tracking.resilient import Resilient, read_journal
 
 __all__ = [
     "DEFAULT_EXPERIMENT",
@@ -54,9 +52,8 @@ __all__ = [
     "MAX_TAG_VALUE",
     "PARENT_ENV",
     "REPO_ROOT",
-    "RemoteMetricLogger",
     "Resilient",
-    "StageRun",
+    "RunLogger",
     "TrackingConfig",
     "TrackingError",
     "check_store",

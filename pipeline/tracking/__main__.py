@@ -1,10 +1,12 @@
-"""``python -m pipeline.tracking start|end``: the recipe's parent run, for ``make repro``.
+"""``python -m pipeline.tracking start|end|url``: the recipe's parent run, for ``make repro``.
 
 ``start [--params params.yaml] [--name N] [--tag k=v ...] [--owner-pid PID]`` prints only
 the new parent run's id (so ``ID=$(python -m pipeline.tracking start)`` works), or nothing
 when the params file disables tracking; the store and experiment are the params file's
 ``tracking`` section (the stages use the same). ``PID`` is the process whose death means
 the recipe was killed (make's shell). ``end ID [--params ...] [--status S]`` closes it.
+``url --ui http://127.0.0.1:5000 [--params ...]`` prints the address of the recipe's
+runs in the MLflow UI (``make ui``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from pipeline.configbase import ConfigError, from_dict
 from pipeline.tracking.config import DEFAULT_EXPERIMENT, TrackingConfig, TrackingError, check_store
-from pipeline.tracking.runs import end_recipe_run, start_recipe_run
+from pipeline.tracking.lifecycle import end_recipe_run, start_recipe_run
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -33,6 +35,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     end.add_argument("--params", type=Path, default=None, help="read tracking.* from this params file")
     end.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
     end.add_argument("--status", default="FINISHED", choices=["FINISHED", "FAILED", "KILLED"])
+    url = sub.add_parser("url", help="print the address of the recipe's runs in the MLflow UI")
+    url.add_argument("--ui", required=True, help="the UI's address, e.g. http://127.0.0.1:5000")
+    url.add_argument("--params", type=Path, default=None, help="read tracking.* from this params file")
+    url.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
     args = parser.parse_args(argv)
     try:
         cfg = _config(args.params, args.experiment)
@@ -41,6 +47,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if not cfg.enabled:
         return 0  # nothing to open or close; the stages do not track either
+    if args.cmd == "url":
+        from pipeline.tracking.queries import runs_page
+
+        try:
+            page = runs_page(cfg, args.ui)
+        except TrackingError as err:
+            print(f"tracking: {err}", file=sys.stderr)
+            return 2
+        print(page or f"{args.ui} (no runs of experiment {cfg.experiment!r} yet: run `make repro`)")
+        return 0
     if args.cmd == "start":
         bad = [t for t in args.tag if "=" not in t]
         if bad:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from pipeline.model import ExpertBiasBalancer
-from pipeline.train.checkpoint import capture_rng_state, optimizer_param_names, save_checkpoint
+from pipeline.train.checkpoint import capture_rng_state, save_checkpoint, training_state
 
 
 class Callback:
@@ -62,7 +62,7 @@ class MetricsCallback(Callback):
 
     def __init__(self, log_every: int, logger: Any | None) -> None:
         self.log_every = log_every
-        self.logger = logger  # a tracking.RemoteMetricLogger, or None when disabled
+        self.logger = logger  # a tracking.RunLogger, or None when disabled
 
     def on_eval(self, state, metrics: dict[str, float]) -> None:
         self._record(state, metrics)
@@ -149,7 +149,7 @@ class _LineStream:
 class CheckpointCallback(Callback):
     """Every ``every`` steps and at the end: rank 0 writes a checkpoint (atomically, via
     checkpoint.py) into a scratch directory and every rank calls ``report(metrics,
-    checkpoint_root or None)``; under Ray Train that reports to Ray, which persists it
+    checkpoint_dir or None)``; under Ray Train that reports to Ray, which persists it
     under the run's storage path, and resume reads it back from there."""
 
     def __init__(self, every: int, meta: dict, report: Callable[[dict, Path | None], None]) -> None:
@@ -171,13 +171,14 @@ class CheckpointCallback(Callback):
         if state.rank != 0:
             self.report(metrics, None)
             return
+        model_state, optimizer_state = training_state(state.model, state.optimizer)
         with tempfile.TemporaryDirectory(prefix="ckpt-") as scratch:
-            root = Path(scratch)
+            path = Path(scratch) / "checkpoint"
             save_checkpoint(
-                root,
+                path,
                 state.step,
-                state.model.state_dict(),
-                state.optimizer,
+                model_state,
+                optimizer_state,
                 meta={
                     **self.meta,
                     "step": state.step,
@@ -186,8 +187,6 @@ class CheckpointCallback(Callback):
                     "resumed_at": state.resumed_at,
                     "expert_load": state.expert_load,
                 },
-                keep_last=1,
-                param_names=optimizer_param_names(state.model, state.optimizer),
                 extra=capture_rng_state(),
             )
-            self.report(metrics, root)
+            self.report(metrics, path)

@@ -33,13 +33,7 @@ from pipeline.configbase import from_dict
 from pipeline.model import ModelConfig, Transformer
 from pipeline.quant import QuantConfig
 from pipeline.train.batches import IGNORE_INDEX, TokenBatches
-from pipeline.train.checkpoint import (
-    Checkpoint,
-    load_checkpoint,
-    optimizer_param_names,
-    restore_optimizer,
-    restore_rng_state,
-)
+from pipeline.train.checkpoint import Checkpoint, load_checkpoint, restore_rng_state, restore_training_state
 from pipeline.train.config import TrainStageConfig
 from pipeline.train.schedule import lr_at
 
@@ -53,7 +47,7 @@ class WorkerJob:
     train: dict  # the stage's TrainStageConfig as configured (paths as written in conf/)
     seed: int
     mixture_dir: str  # the mixture to read, resolved for this machine
-    init_checkpoint: str | None = None  # absolute path of a checkpoint step dir
+    init_checkpoint: str | None = None  # absolute path of a checkpoint directory
     bytes_per_token: float = 0.0  # validation bytes / tokens, for bits per byte
     extra_meta: dict = field(default_factory=dict)  # recorded in every checkpoint
     quant: dict | None = None  # a QuantConfig: train the fake-quantized model (QAT)
@@ -186,8 +180,7 @@ def run_loop(
     optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.schedule.lr, betas=train.betas)
     state = LoopState(step=0, tokens_seen=0, rank=rank, world=world, model=model, optimizer=optimizer, history={})
     if resume is not None:
-        model.load_state_dict(resume.model_state)
-        restore_optimizer(optimizer, optimizer_param_names(model, optimizer), resume)
+        restore_training_state(model, optimizer, resume)
         restore_rng_state(resume.extra)
         state.step = resume.step
         state.tokens_seen = int(resume.meta["tokens_seen"])

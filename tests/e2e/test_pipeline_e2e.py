@@ -112,7 +112,7 @@ def test_outputs_and_dvc_lock(repo):
     for stage in TRAIN_STAGES:
         metrics = json.loads((repo / "outputs" / stage / "metrics.json").read_text())
         assert metrics["step"] == 6 and metrics["val_loss"] > 0
-        assert (repo / "outputs" / stage / "model" / "latest.json").is_file()
+        assert (repo / "outputs" / stage / "model" / "meta.json").is_file()
     samples = json.loads((repo / "outputs" / "sft" / "samples.json").read_text())
     assert {s["task"] for s in samples} == {"define", "continue", "math", "reason"}
 

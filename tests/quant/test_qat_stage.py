@@ -62,7 +62,7 @@ def _expect(raw: dict, tmp_path: Path, error: type, pattern: str, watched: list[
 def test_a_missing_sft_checkpoint_is_named(setting, tmp_path):
     micro_data, sft, out = setting
     raw = qat_raw(micro_data, sft, out)
-    _expect(raw, tmp_path, StageInputError, r"^stage\.qat\.init_checkpoint: no complete checkpoint under", [out])
+    _expect(raw, tmp_path, StageInputError, r"^stage\.qat\.init_checkpoint: no checkpoint at ", [out])
 
 
 def test_a_truncated_sft_checkpoint_is_named(setting, tmp_path):

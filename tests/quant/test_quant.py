@@ -192,3 +192,36 @@ def test_int8_embedding_needs_no_groups():
         QuantConfig(group_size=32).check_fits(cfg)
     with pytest.raises(ConfigError, match=r"of layers\.0\.attn\.wq\.weight"):  # the next one it misses
         QuantConfig(group_size=32, embedding="int8").check_fits(cfg)
+
+
+_SAVE_IN_A_NEW_PROCESS = """
+import sys, torch
+sys.path.insert(0, sys.argv[2])
+from shapes import tiny_config
+from pipeline.model import Transformer
+from pipeline.quant import QuantConfig
+from pipeline.quant.convert import post_training_quantize
+from pipeline.quant.format import save_quantized
+from pathlib import Path
+torch.manual_seed(0)
+q = QuantConfig(group_size=16)
+save_quantized(post_training_quantize(Transformer(tiny_config()), q), q, Path(sys.argv[1]))
+"""
+
+
+def test_the_same_model_gives_the_same_bytes_in_every_process(tmp_path):
+    # safetensors writes its metadata map in a per-process hash order: without sorting
+    # it, DVC would see a new quantized model on every run of the same inputs.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests_dir = str(Path(__file__).resolve().parents[1])
+    files = [tmp_path / f"{i}.safetensors" for i in range(3)]
+    for f in files:
+        proc = subprocess.run(
+            [sys.executable, "-c", _SAVE_IN_A_NEW_PROCESS, str(f), tests_dir], capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert files[0].read_bytes() == files[1].read_bytes() == files[2].read_bytes()
+    load_quantized(files[0])  # still a safetensors file this format reads

@@ -101,9 +101,8 @@ def _training(out: Path, stage: str, steps: int, encode_load: bool) -> None:
     ]
     _write(out / "loss.csv", "\n".join(rows) + "\n")
     load_LE = [[30.0, 10.0, 20.0, 20.0], [25.0, 25.0, 25.0, 5.0]]
-    _write(out / "model" / "latest.json", {"step": steps, "dir": f"step_{steps}"})
     meta = {"step": steps, "expert_load": json.dumps(load_LE) if encode_load else load_LE}
-    _write(out / "model" / f"step_{steps}" / "meta.json", meta)
+    _write(out / "model" / "meta.json", meta)
 
 
 def make_inputs(root: Path, profile: bool = False) -> ReportInputs:
@@ -291,7 +290,7 @@ def test_a_malformed_file_is_named_and_a_missing_one_is_a_missing_stage(tmp_path
     with pytest.raises(ReportInputError, match=re.escape(f"{tmp_path / 'pretrain' / 'loss.csv'}:2")):
         collect(inputs)
     (tmp_path / "pretrain" / "loss.csv").unlink()
-    _write(tmp_path / "qat" / "model" / "step_100" / "meta.json", {"expert_load": [[1, 2], [3]]})
+    _write(tmp_path / "qat" / "model" / "meta.json", {"step": 100, "expert_load": [[1, 2], [3]]})
     with pytest.raises(ReportInputError, match="meta.json: field 'expert_load'"):
         collect(inputs)
     (tmp_path / "qat" / "metrics.json").unlink()

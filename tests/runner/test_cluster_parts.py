@@ -30,7 +30,7 @@ from pipeline.runner.cluster import _room, check_cluster_config, missing_text
 from pipeline.runner.storage import COMPLETE, RunStorage, fetch, is_uri, join_uri, run_storage
 from pipeline.runner.train_job import InputMismatchError, local_inputs, stage_inputs, verify_mixture
 from pipeline.tracking.config import TrackingConfig
-from pipeline.tracking.runs import artifact_url
+from pipeline.tracking.logger import artifact_url
 from pipeline.train.config import RayConfig
 from pipeline.train.loop import WorkerJob
 

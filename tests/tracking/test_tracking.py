@@ -16,6 +16,7 @@ import yaml
 
 from pipeline import tracking
 from pipeline.configbase import ConfigError
+from pipeline.runner import artifacts
 from pipeline.tracking import (
     PARENT_ENV,
     TrackingConfig,
@@ -211,8 +212,8 @@ def test_recipe_with_two_nested_stages(uri, repo, monkeypatch, tmp_path):
         for step in range(5):
             run.log_metrics({"train/loss": 3.0 - 0.1 * step, "lr": 1e-3}, step=step)
             history.append((step, 3.0 - 0.1 * step))
-        run.log_figure_loss_curve({"train": history, "val": history[::2]}, "loss")
-        model_uri = run.log_model(model, ids, "final")
+        artifacts.log_loss_curve(run, {"train": history, "val": history[::2]}, "loss")
+        model_uri = artifacts.log_model(run, model, ids, "final")
     end_recipe_run(parent, "FINISHED", cfg)
 
     client = client_for(uri)
@@ -328,7 +329,7 @@ def test_model_that_torch_export_cannot_trace_raises(uri, repo):
 
     with stage_run(TrackingConfig(uri=uri, experiment="export-fail"), "export", repo_root=repo) as run:
         with pytest.raises(TrackingError, match="torch.export"):
-            run.log_model(DataDependent(), torch.ones(1, 4, dtype=torch.int64), "bad")
+            artifacts.log_model(run, DataDependent(), torch.ones(1, 4, dtype=torch.int64), "bad")
 
 
 def test_disabled_tracking_is_a_no_op(tmp_path):
@@ -336,7 +337,7 @@ def test_disabled_tracking_is_a_no_op(tmp_path):
     with stage_run(cfg, "data", {"a": 1}) as run:
         run.log_metrics({"x": 1.0}, step=1)
         run.log_dataset({"a": 1}, "d", "training")
-        assert run.run_id is None and run.remote_logger() is None
+        assert run.run_id is None and run.for_workers() is None
     assert not (tmp_path / "never.db").exists()
 
 
@@ -349,9 +350,9 @@ def _worker(logger, tmp_dir):
 
 
 @pytest.mark.slow
-def test_remote_logger_from_spawned_process(uri, repo, tmp_path):
+def test_worker_logger_from_spawned_process(uri, repo, tmp_path):
     with stage_run(TrackingConfig(uri=uri, experiment="remote"), "pretrain", repo_root=repo) as run:
-        logger = run.remote_logger()
+        logger = run.for_workers()
         logger.log_metrics({"driver/loss": 1.0}, step=1)  # builds a client ...
         assert b"MlflowClient" not in pickle.dumps(logger)  # ... that never travels
         proc = multiprocessing.get_context("spawn").Process(target=_worker, args=(logger, str(tmp_path)))
@@ -362,6 +363,19 @@ def test_remote_logger_from_spawned_process(uri, repo, tmp_path):
     (metric,) = client.get_metric_history(run.run_id, "worker/loss")
     assert (metric.step, metric.value) == (7, 0.5)
     assert [a.path for a in client.list_artifacts(run.run_id, "workers")] == ["workers/worker.txt"]
+
+
+def test_cli_url_prints_the_address_of_the_experiments_runs(uri, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    from pipeline.tracking.__main__ import main
+
+    assert main(["url", "--ui", "http://127.0.0.1:5999/", "--experiment", "ui-page"]) == 0
+    assert "no runs of experiment 'ui-page' yet" in capsys.readouterr().out
+    assert main(["start", "--experiment", "ui-page"]) == 0
+    run_id = capsys.readouterr().out.strip()
+    experiment = client_for(uri).get_run(run_id).info.experiment_id
+    assert main(["url", "--ui", "http://127.0.0.1:5999/", "--experiment", "ui-page"]) == 0
+    assert capsys.readouterr().out.strip() == f"http://127.0.0.1:5999/#/experiments/{experiment}/runs"
 
 
 def test_cli_start_prints_only_the_run_id(uri, monkeypatch, capsys):

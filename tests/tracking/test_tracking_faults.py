@@ -21,7 +21,7 @@ from support import free_port, stop_session
 from pipeline.process import ProcessId
 from pipeline.tracking import (
     PARENT_ENV,
-    RemoteMetricLogger,
+    RunLogger,
     TrackingConfig,
     TrackingError,
     check_store,
@@ -112,7 +112,7 @@ def test_tracking_lost_during_training_never_stops_it(store, tmp_path, micro_dat
     cfg = TrackingConfig(uri=uri, experiment="lost", retry_seconds=0.5)
     journal = tmp_path / "journal.jsonl"
     with stage_run(cfg, "pretrain", params={"lr": 1}, journal=tmp_path / "driver.jsonl") as run:
-        logger = run.remote_logger(journal=journal)
+        logger = run.for_workers(journal=journal)
         job = micro_job(micro_data, steps=6)
         with locked_sqlite(db):  # held for the rest of training: tracking is lost for good
             state = run_loop(job, 0, 1, None, [*job_callbacks(job, _Keep(tmp_path)), MetricsCallback(1, logger)])
@@ -204,7 +204,7 @@ def test_an_unfinished_run_with_nothing_left_to_resume_is_closed_not_continued(s
 def test_logger_pickles_without_its_client_and_keeps_its_budget(tmp_path):
     import pickle
 
-    logger = RemoteMetricLogger("sqlite:///x.db", "abc", retry_seconds=7.0, journal=tmp_path / "j.jsonl")
+    logger = RunLogger("sqlite:///x.db", "abc", retry_seconds=7.0, journal=tmp_path / "j.jsonl")
     clone = pickle.loads(pickle.dumps(logger))
     assert (clone.run_id, clone.retry_seconds, clone.journal) == ("abc", 7.0, str(tmp_path / "j.jsonl"))
     assert clone.guard.retry_seconds == 7.0

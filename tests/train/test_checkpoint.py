@@ -9,14 +9,14 @@ from pipeline.train.checkpoint import (
     CheckpointError,
     capture_rng_state,
     check_fits,
-    latest_checkpoint,
     load_checkpoint,
-    optimizer_param_names,
-    restore_optimizer,
+    problem,
     restore_rng_state,
+    restore_training_state,
     save_checkpoint,
     spec_of,
     tensor_specs,
+    training_state,
 )
 
 V, D = 17, 8
@@ -62,7 +62,7 @@ def test_resume_matches_uninterrupted_training_with_tied_weights_and_reordered_p
     opt = make_optimizer(model.parameters())
     for s in range(3):
         train_step(model, opt, batch(s))
-    path = save_checkpoint(tmp_path, 3, model.state_dict(), opt, {"tokens_seen": 30})
+    path = save_checkpoint(tmp_path / "ck", 3, *training_state(model, opt), {"tokens_seen": 30})
     train_step(model, opt, batch(3))
     expected = {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -70,12 +70,11 @@ def test_resume_matches_uninterrupted_training_with_tied_weights_and_reordered_p
     resumed = TinyLM()
     # Reversed order: restore must map optimizer state by name, not by position.
     opt2 = make_optimizer(list(resumed.parameters())[::-1])
-    ck = load_checkpoint(latest_checkpoint(tmp_path))
+    ck = load_checkpoint(path)
     assert ck.path == path and ck.step == 3 and ck.meta == {"tokens_seen": 30}
     check_fits({k: spec_of(v) for k, v in resumed.state_dict().items()}, tensor_specs(ck.path), str(ck.path))
-    resumed.load_state_dict(ck.model_state)
+    restore_training_state(resumed, opt2, ck)  # torch's set_state_dict: by FQN
     assert resumed.head.weight is resumed.embed.weight
-    restore_optimizer(opt2, optimizer_param_names(resumed, opt2), ck)
     assert opt2.param_groups[0]["betas"] == (0.9, 0.95)
     train_step(resumed, opt2, batch(3))
 
@@ -88,7 +87,7 @@ def test_resume_matches_uninterrupted_training_with_tied_weights_and_reordered_p
 
 def test_tied_weight_is_stored_once_and_comes_back_under_both_names(tmp_path):
     model = TinyLM()
-    path = save_checkpoint(tmp_path, 1, model.state_dict(), None, {})
+    path = save_checkpoint(tmp_path / "ck", 1, model.state_dict(), None, {})
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
     assert ("embed.weight" in keys) != ("head.weight" in keys)
@@ -100,7 +99,7 @@ def test_tied_weight_is_stored_once_and_comes_back_under_both_names(tmp_path):
 def test_partially_overlapping_views_are_cloned(tmp_path):
     base = torch.arange(12.0)
     state = {"a": base, "b": base[:6].view(2, 3)}  # same storage, different view
-    ck = load_checkpoint(save_checkpoint(tmp_path, 0, state, None, {}))
+    ck = load_checkpoint(save_checkpoint(tmp_path / "ck", 0, state, None, {}))
     assert torch.equal(ck.model_state["b"], torch.arange(6.0).view(2, 3))
     assert torch.equal(ck.model_state["a"], base)
 
@@ -111,93 +110,60 @@ def test_regrouped_optimizer_takes_hparams_by_parameter_name(tmp_path):
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}])
     train_step(model, opt, batch(0))
-    names = optimizer_param_names(model, opt)
-    path = save_checkpoint(tmp_path, 1, model.state_dict(), opt, {}, param_names=names)
+    path = save_checkpoint(tmp_path / "ck", 1, *training_state(model, opt), {})
 
     opt2 = torch.optim.AdamW([{"params": no_decay[::-1], "weight_decay": 0.5}, {"params": decay, "weight_decay": 0.5}])
-    restore_optimizer(opt2, optimizer_param_names(model, opt2), load_checkpoint(path))
+    restore_training_state(model, opt2, load_checkpoint(path))
     assert [g["weight_decay"] for g in opt2.param_groups] == [0.0, 0.1]
     for p in model.parameters():
         assert torch.equal(opt2.state[p]["exp_avg"], opt.state[p]["exp_avg"])
 
-    mixed = torch.optim.AdamW([{"params": [decay[0], no_decay[0]]}, {"params": decay[1:] + no_decay[1:]}])
-    with pytest.raises(CheckpointError, match="mixes parameters"):
-        restore_optimizer(mixed, optimizer_param_names(model, mixed), load_checkpoint(path))
 
-
-def test_restore_rejects_missing_parameter_names(tmp_path):
+def test_restore_rejects_an_optimizer_over_other_parameters(tmp_path):
     model = TinyLM()
     opt = make_optimizer(model.parameters())
     train_step(model, opt, batch(0))
-    ck = load_checkpoint(save_checkpoint(tmp_path, 1, model.state_dict(), opt, {}))
-    names = optimizer_param_names(model, opt)
-    names[0] = "renamed.weight"
-    with pytest.raises(CheckpointError, match="renamed.weight"):
-        restore_optimizer(make_optimizer(model.parameters()), names, ck)
+    ck = load_checkpoint(save_checkpoint(tmp_path / "ck", 1, *training_state(model, opt), {}))
+    fewer = make_optimizer([model.mlp.weight, model.mlp.bias])
+    with pytest.raises(
+        CheckpointError, match=r"optimizer parameters differ: missing \[\], unexpected \['embed.weight'"
+    ):
+        restore_training_state(model, fewer, ck)
+    without = load_checkpoint(save_checkpoint(tmp_path / "weights", 1, model.state_dict(), None, {}))
+    with pytest.raises(CheckpointError, match="no optimizer state"):
+        restore_training_state(model, opt, without)
 
 
-def test_unmatched_optimizer_params_need_explicit_names(tmp_path):
+def test_crash_during_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     model = TinyLM()
     opt = make_optimizer(model.parameters())
-    copied = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(CheckpointError, match="param_names"):
-        save_checkpoint(tmp_path, 1, copied, opt, {})
-    assert not any(tmp_path.iterdir() if tmp_path.exists() else [])
+    path = tmp_path / "ck"
+    save_checkpoint(path, 1, *training_state(model, opt), {"n": 1})
+    real_save = ckpt_mod.save_tensors
 
-
-def test_crash_during_write_leaves_previous_latest(tmp_path, monkeypatch):
-    model = TinyLM()
-    opt = make_optimizer(model.parameters())
-    first = save_checkpoint(tmp_path, 1, model.state_dict(), opt, {"n": 1})
-    real_save = ckpt_mod._save_tensors
-
-    def crash(path, tensors, header):
-        real_save(path, tensors, header)
-        if path.name == "optimizer.safetensors":
+    def crash(file, tensors, header):
+        real_save(file, tensors, header)
+        if file.name == "optimizer.safetensors":
             raise KeyboardInterrupt("killed mid-write")
 
-    monkeypatch.setattr(ckpt_mod, "_save_tensors", crash)
+    monkeypatch.setattr(ckpt_mod, "save_tensors", crash)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(tmp_path, 2, model.state_dict(), opt, {"n": 2})
-    assert not (tmp_path / "step_2").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "step_1"]
-    assert json.loads((tmp_path / "latest.json").read_text())["step"] == 1
-    assert latest_checkpoint(tmp_path) == first
+        save_checkpoint(tmp_path / "ck2", 2, *training_state(model, opt), {"n": 2})
+    with pytest.raises(CheckpointError, match="exists: a checkpoint directory is written once"):
+        save_checkpoint(path, 2, model.state_dict(), None, {"n": 2})
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temporary left behind
+    assert load_checkpoint(path).meta == {"n": 1}
 
 
-def test_leftover_tmp_dir_and_stale_pointer_are_ignored(tmp_path):
-    model = TinyLM()
-    save_checkpoint(tmp_path, 1, model.state_dict(), None, {})
-    second = save_checkpoint(tmp_path, 2, model.state_dict(), None, {})
-    # A hard kill (no cleanup) leaves a complete-looking temp dir behind.
-    leftover = tmp_path / ".tmp-step_3-deadbeef"
-    leftover.mkdir()
-    for f in second.iterdir():
-        (leftover / f.name).write_bytes(f.read_bytes())
-    assert latest_checkpoint(tmp_path) == second
-    # Pointer lost or pointing at something deleted: newest complete step dir wins.
-    (tmp_path / "latest.json").write_text('{"dir": "step_99"}')
-    assert latest_checkpoint(tmp_path) == second
-    (tmp_path / "latest.json").write_text("{not json")
-    assert latest_checkpoint(tmp_path) == second
-    assert latest_checkpoint(tmp_path / "nothing_here") is None
-
-
-def test_prune_keeps_last_n_and_never_the_new_one(tmp_path):
-    state = TinyLM().state_dict()
-    for step in range(1, 6):
-        save_checkpoint(tmp_path, step, state, None, {}, keep_last=2)
-    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_4", "step_5"]
-    # Saving an older step (re-run from an earlier point) keeps it and the newest other.
-    save_checkpoint(tmp_path, 3, state, None, {}, keep_last=2)
-    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_3", "step_5"]
-    assert latest_checkpoint(tmp_path) == tmp_path / "step_3"
-    save_checkpoint(tmp_path, 3, state, None, {"again": True}, keep_last=1)
-    assert [p.name for p in tmp_path.glob("step_*")] == ["step_3"]
-    assert load_checkpoint(tmp_path / "step_3").meta == {"again": True}
-    assert not list(tmp_path.glob(".tmp-*"))
-    save_checkpoint(tmp_path, 7, state, None, {}, keep_last=None)
-    assert len(list(tmp_path.glob("step_*"))) == 2
+def test_a_root_of_the_older_layout_is_refused_with_how_to_flatten_it(tmp_path):
+    # Formats 1 and 2 published latest.json + step_N/; the step directory itself reads.
+    root = tmp_path / "model"
+    step = save_checkpoint(root / "step_7", 7, TinyLM().state_dict(), None, {"a": 1})
+    (root / "latest.json").write_text(json.dumps({"step": 7, "dir": "step_7"}))
+    assert load_checkpoint(step).meta == {"a": 1}
+    with pytest.raises(CheckpointError, match=rf"older layout .* mv {root}/step_7/\* {root}/ && rm -r"):
+        load_checkpoint(root)
+    assert "older layout" in problem(root)
 
 
 @pytest.fixture
@@ -205,7 +171,7 @@ def saved(tmp_path):
     model = TinyLM()
     opt = make_optimizer(model.parameters())
     train_step(model, opt, batch(0))
-    return save_checkpoint(tmp_path / "ck", 1, model.state_dict(), opt, {"step_hint": 1})
+    return save_checkpoint(tmp_path / "step_1", 1, *training_state(model, opt), {"step_hint": 1})
 
 
 def test_truncated_safetensors_is_reported(saved):
@@ -213,7 +179,7 @@ def test_truncated_safetensors_is_reported(saved):
     f.write_bytes(f.read_bytes()[:-10])
     with pytest.raises(CheckpointError, match=r"step_1.*model.safetensors.*truncated"):
         load_checkpoint(saved)
-    assert latest_checkpoint(saved.parent) is None
+    assert "truncated" in problem(saved)
 
 
 def test_garbage_safetensors_of_right_size_is_reported(saved):
@@ -240,13 +206,13 @@ def test_non_finite_tensors_are_never_written(tmp_path):
     for bad in (float("nan"), float("inf")):
         state = {"ok": torch.ones(2), "layers.3.w": torch.tensor([1.0, bad])}
         with pytest.raises(CheckpointError, match=r"model tensor 'layers.3.w' holds non-finite"):
-            save_checkpoint(tmp_path, 1, state, None, {})
+            save_checkpoint(tmp_path / "ck", 1, state, None, {})
     model = TinyLM()
     opt = make_optimizer(model.parameters())
     train_step(model, opt, batch(0))
     next(iter(opt.state.values()))["exp_avg"].view(-1)[0] = float("nan")
-    with pytest.raises(CheckpointError, match=r"optimizer tensor '0/exp_avg' holds non-finite"):
-        save_checkpoint(tmp_path, 1, model.state_dict(), opt, {})
+    with pytest.raises(CheckpointError, match=r"optimizer tensor 'embed.weight/exp_avg' holds non-finite"):
+        save_checkpoint(tmp_path / "ck", 1, *training_state(model, opt), {})
     assert [p.name for p in tmp_path.iterdir()] == []
 
 
@@ -296,7 +262,7 @@ def test_extra_tensors_and_rng_state_round_trip(tmp_path):
     assert rng["rng/cpu"].dtype == torch.uint8
     want = torch.rand(4)
     extra = {**rng, "loader/position": torch.tensor([3, 9])}
-    ck = load_checkpoint(save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, None, {}, extra=extra))
+    ck = load_checkpoint(save_checkpoint(tmp_path / "ck", 1, {"w": torch.ones(2)}, None, {}, extra=extra))
     assert torch.equal(ck.extra["loader/position"], torch.tensor([3, 9]))
     torch.rand(100)
     restore_rng_state(ck.extra)
@@ -306,11 +272,9 @@ def test_extra_tensors_and_rng_state_round_trip(tmp_path):
 def test_bad_meta_and_arguments_are_rejected_without_leaving_files(tmp_path):
     state = {"w": torch.ones(2)}
     with pytest.raises(CheckpointError, match="reserved"):
-        save_checkpoint(tmp_path, 1, state, None, {"checkpoint": 1})
+        save_checkpoint(tmp_path / "ck", 1, state, None, {"checkpoint": 1})
     with pytest.raises(CheckpointError, match="JSON"):
-        save_checkpoint(tmp_path, 1, state, None, {"obj": object()})
-    with pytest.raises(CheckpointError, match="keep_last"):
-        save_checkpoint(tmp_path, 1, state, None, {}, keep_last=0)
+        save_checkpoint(tmp_path / "ck", 1, state, None, {"obj": object()})
     with pytest.raises(CheckpointError, match="step"):
-        save_checkpoint(tmp_path, -1, state, None, {})
+        save_checkpoint(tmp_path / "ck", -1, state, None, {})
     assert [p.name for p in tmp_path.iterdir()] == []

@@ -14,7 +14,7 @@ from pipeline.model import ModelConfig, MoEConfig
 from pipeline.quant.fake import FakeQuantExperts
 from pipeline.train.batches import IGNORE_INDEX, TokenBatches
 from pipeline.train.callbacks import BalanceCallback, Callback, MetricsCallback
-from pipeline.train.checkpoint import latest_checkpoint, load_checkpoint
+from pipeline.train.checkpoint import load_checkpoint
 from pipeline.train.config import TrainStageConfig
 from pipeline.train.loop import run_loop
 
@@ -74,7 +74,7 @@ def test_resume_from_checkpoint_equals_uninterrupted(micro_data, tmp_path, quant
 
     with pytest.raises(InterruptError):
         run_loop(first_half, 0, 1, None, callbacks + [StopAfterFirstCheckpoint()])
-    ckpt = load_checkpoint(latest_checkpoint(reports.roots[-1]))
+    ckpt = load_checkpoint(reports.roots[-1])
     assert ckpt.step == 5
     resumed = run_loop(job, 0, 1, ckpt, job_callbacks(job, Reports(tmp_path / "c")))
     assert resumed.resumed_at == [5]
@@ -112,7 +112,6 @@ def _ddp_worker(rank: int, world: int, init_file: str, micro_data: Path, out_dir
             state.model.state_dict(),
             None,
             meta={"history": state.history},
-            keep_last=1,
         )
     finally:
         dist.destroy_process_group()
@@ -122,8 +121,8 @@ def test_ddp_two_ranks_with_grad_accumulation_stay_in_lockstep(micro_data, tmp_p
     import torch.multiprocessing as mp
 
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), micro_data, tmp_path), nprocs=2, join=True)
-    r0 = load_checkpoint(latest_checkpoint(tmp_path / "rank0"))
-    r1 = load_checkpoint(latest_checkpoint(tmp_path / "rank1"))
+    r0 = load_checkpoint(tmp_path / "rank0")
+    r1 = load_checkpoint(tmp_path / "rank1")
     assert r0.step == r1.step == 8
     for name, tensor in r0.model_state.items():
         # weights via DDP's gradient all-reduce, expert biases via all-reduced token counts

@@ -1,0 +1,134 @@
+"""The planner's report: the chosen architecture, the best within budget, the best per
+expansion, the reference models against the frontier, the frontiers themselves, as
+``plan.md``, ``plan.json`` and two frontier plots."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from tabulate import tabulate
+
+from pipeline.scaling import plots
+from pipeline.scaling.law import ScalingLaw
+from pipeline.scaling.planner import Budget, Candidate, Plan, PlanError, frontier_loss_at
+
+
+def load_law(path: Path) -> tuple[ScalingLaw, dict]:
+    """The fitted law and the fit's summary from ``fit.json`` (``make scaling-fit``);
+    PlanError naming the file when it is absent or not a fit."""
+    if not path.is_file():
+        raise PlanError(f"--fit {path}: no fitted law there; run `make scaling-fit` first")
+    try:
+        summary = json.loads(path.read_text())
+        coefficients = summary["coefficients"]
+        from pipeline.scaling.law import COEFFICIENTS
+
+        return ScalingLaw(tuple(float(coefficients[k]) for k in COEFFICIENTS)), summary
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise PlanError(f"--fit {path}: not a fit written by make scaling-fit ({type(err).__name__}: {err})") from None
+
+
+def _table(candidates: list[Candidate]) -> str:
+    rows = [c.row() for c in candidates]
+    return tabulate(rows, headers="keys", tablefmt="github") if rows else "(none)"
+
+
+def reference_rows(result: Plan, refs: list[Candidate]) -> list[dict]:
+    """Each reference's counts and predicted loss, and the frontier's best predicted
+    loss at no more INT4 memory (and no more FLOPs) than it uses."""
+    rows = []
+    for ref in refs:
+        at_memory = frontier_loss_at(result.frontier_memory, "int4_bytes", ref.int4_bytes)
+        at_flops = frontier_loss_at(result.frontier_flops, "flops_per_token", ref.flops_per_token)
+        rows.append(
+            {
+                **{k: v for k, v in ref.row().items() if k not in ("decode_read_GB",)},
+                "frontier_loss_same_memory": None if at_memory is None else round(at_memory, 4),
+                "gap_memory": None if at_memory is None else round(ref.loss - at_memory, 4),
+                "frontier_loss_same_flops": None if at_flops is None else round(at_flops, 4),
+                "gap_flops": None if at_flops is None else round(ref.loss - at_flops, 4),
+            }
+        )
+    return rows
+
+
+def by_expansion(feasible: list[Candidate]) -> list[dict]:
+    """The best candidate within budget per expansion (the sparsity sweet spot)."""
+    best: dict[float, Candidate] = {}
+    for c in feasible:
+        key = round(c.inputs.expansion, 2)
+        if key not in best or c.loss < best[key].loss:
+            best[key] = c
+    return [best[k].row() for k in sorted(best)]
+
+
+def plan_header(result: Plan, budget: Budget, fit: dict, tokens: float, context: int) -> str:
+    """Two lines: the budget and the law, then the chosen model's predicted loss and costs."""
+    chosen = result.chosen
+    return (
+        f"Budget: {budget.describe()} (context {context}); law fitted on sweep {fit.get('sweep', '?')}: "
+        f"{fit['formula']}\n"
+        f"Predicted loss at {tokens:.3g} tokens: {chosen.loss:.4f}; INT4 {chosen.int4_bytes / 1e9:.3f} GB; "
+        f"{chosen.flops_per_token / 1e9:.3f} GFLOPs/token (decode); {chosen.inputs.n_active / 1e6:.1f}M active."
+    )
+
+
+def write_plan(
+    out: Path,
+    name: str,
+    result: Plan,
+    refs: list[Candidate],
+    budget: Budget,
+    header: str,
+    fit: dict,
+    tokens: float,
+    config_path: Path,
+) -> str:
+    """Write ``plan.md``, ``plan.json`` and the frontier plots into ``out``; return the
+    report's text without the frontier tables (what the command prints)."""
+    chosen = result.chosen
+    sweet = by_expansion(result.feasible)
+    n_max, d_max = _sweep_max(fit, "n_active"), _sweep_max(fit, "tokens")
+    beyond = chosen.inputs.n_active > n_max or tokens > d_max
+    extrapolation = (
+        f"The sweep's points reach N = {n_max:.3g}, D = {d_max:.3g}; the chosen model is at N = "
+        f"{chosen.inputs.n_active:.3g}, D = {tokens:.3g}"
+        + (": the losses are extrapolations, read them as a ranking." if beyond else ".")
+    )
+    sections = [
+        f"# Plan {name}",
+        header.replace("\n", "  \n"),
+        f"{result.enumerated} architectures enumerated, {len(result.feasible)} within budget.",
+        "## Best within budget\n\n" + _table(result.best),
+        "## Best within budget per expansion (total / active FFN width)\n\n"
+        + tabulate(sweet, headers="keys", tablefmt="github"),
+        "## Reference models against the frontier (gap > 0: the frontier predicts a lower loss)\n\n"
+        + tabulate(reference_rows(result, refs), headers="keys", tablefmt="github"),
+        extrapolation,
+    ]
+    frontiers = [
+        "## Frontier: predicted loss vs INT4 memory\n\n" + _table(result.frontier_memory),
+        "## Frontier: predicted loss vs decode FLOPs per token\n\n" + _table(result.frontier_flops),
+    ]
+    (out / "plan.md").write_text("\n\n".join([*sections, *frontiers]) + "\n")
+    record = {
+        "budget": asdict(budget),
+        "chosen": chosen.row(),
+        "best": [c.row() for c in result.best],
+        "by_expansion": sweet,
+        "references": reference_rows(result, refs),
+        "frontier_memory": [c.row() for c in result.frontier_memory],
+        "frontier_flops": [c.row() for c in result.frontier_flops],
+        "config": str(config_path),
+    }
+    (out / "plan.json").write_text(json.dumps(record, indent=2))
+    plots.frontier(result.frontier_memory, refs, chosen, "int4_bytes", out / "frontier_memory.png", budget.memory_bytes)
+    plots.frontier(result.frontier_flops, refs, chosen, "flops_per_token", out / "frontier_flops.png",
+                   budget.flops_per_token)  # fmt: skip
+    return "\n\n".join(sections)
+
+
+def _sweep_max(fit: dict, key: str) -> float:
+    return float(fit.get("range", {}).get(key, float("nan")))
