@@ -72,7 +72,7 @@ define recipe_run
 $(PY) -m pipeline.runner.preflight params.yaml || exit 2; \
 run_id=$$($(PY) -m pipeline.tracking start --params params.yaml --name recipe$(if $(1),:$(1)) --owner-pid $$$$) \
   || exit 2; \
-MOBILEMOE_PARENT_RUN_ID=$$run_id $(PY) -m pipeline.runner.recipe_ray $(DVC) repro $(DVC_FLAGS) $(1); status=$$?; \
+MOBILEMOE_PARENT_RUN_ID=$$run_id $(PY) -m pipeline.runner.recipe_ray --params params.yaml $(DVC) repro $(DVC_FLAGS) $(1); status=$$?; \
 [ -z "$$run_id" ] || $(PY) -m pipeline.tracking end $$run_id --params params.yaml \
   --status $$([ $$status -eq 0 ] && echo FINISHED || echo FAILED); \
 exit $$status

@@ -5,8 +5,9 @@ python_code, hf, ...). A kind (:class:`~pipeline.data.base.Kind`) declares its o
 (validated at config time), its licence, a cheap availability check, and an iterator of
 :class:`Document`. Chat kinds (the SFT tasks) live in the same registry and yield
 documents whose ``meta`` carries the conversation; ``produces`` tells a mixture which
-kinds it may use. The adapters import only :mod:`pipeline.data.base`; this module
-imports them all, so the registry is complete once it is imported.
+kinds it may use. No adapter imports this module (they build on
+:mod:`pipeline.data.base`, and the SFT tasks call the corpora's adapters directly); this
+module imports them all at its top, so the registry is complete once it is imported.
 """
 
 from __future__ import annotations

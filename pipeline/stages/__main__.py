@@ -64,13 +64,15 @@ def main() -> None:
     if name in TOOLS:
         TOOLS[name]()
         return
+
     from pipeline.runner.cli import stage_main
     from pipeline.stages import registry
 
     try:
         stage = registry.get(name)
     except KeyError as err:
-        sys.exit(f"python -m pipeline.stages: {err.args[0]}; or one of: {', '.join(TOOLS)}")
+        print(f"python -m pipeline.stages: {err.args[0]}; or one of: {', '.join(TOOLS)}", file=sys.stderr)
+        sys.exit(2)
     stage_main(stage)
 
 

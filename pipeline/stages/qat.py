@@ -27,6 +27,7 @@ Published into ``stage.qat.out_dir``:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -129,6 +130,9 @@ def _work(ctx: StageContext) -> StageResult:
     metrics = final_metrics(qat_final.meta)  # QAT's own training: fake-quant losses, expert load
     metrics = {f"qat_train_{k}" if k not in ("step", "tokens_seen") else k: v for k, v in metrics.items()}
     metrics.update(compared.metrics)
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:  # QAT's own training numbers as well as the comparison's
+        raise RuntimeError(f"stage qat: non-finite metrics {bad}")
 
     write_outputs(ctx.scratch, qat_final, metrics, samples=[])
     (ctx.scratch / "samples.json").unlink()

@@ -36,6 +36,11 @@ def all_stages() -> dict[str, Stage]:
             if stage.name in found:
                 raise ValueError(f"stage {stage.name!r} is declared twice (again in {module.__name__})")
             found[stage.name] = stage
+    from pipeline.stages.__main__ import TOOLS
+
+    shadowed = sorted(set(found) & set(TOOLS))
+    if shadowed:  # `python -m pipeline.stages NAME` would run the tool, never the stage
+        raise ValueError(f"stage {shadowed[0]!r} has the name of a command of python -m pipeline.stages")
     places: dict[int, str] = {}
     for stage in found.values():
         if stage.dvc is not None:

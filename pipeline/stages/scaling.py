@@ -1,6 +1,6 @@
 """Stage ``scaling_fit``: fit the scaling law to a sweep's finished points (MLflow).
 
-``python stages/scaling_fit.py`` (``make scaling-fit``) reads every FINISHED
+``python -m pipeline.stages scaling_fit`` (``make scaling-fit``) reads every FINISHED
 ``sweep_point`` run tagged with ``scaling.sweep`` from MLflow (the newest run of each
 size x arch x tokens), fits the law with the sizes in ``scaling.hold_out_sizes`` at the
 largest token budget held out, and publishes into ``outputs/scaling/``: ``fit.json``

@@ -1,6 +1,6 @@
 """Stage ``sweep_point``: one point of a scaling sweep, a short pre-training run.
 
-``python stages/sweep.py -m sweep=moe_grid`` (``make sweep``) is a Hydra multirun over
+``python -m pipeline.stages sweep -m sweep=moe_grid`` (``make sweep``) is a Hydra multirun over
 the sweep's sizes x architectures x token budgets (``conf/sweep/``). Each point is the
 pretrain stage's own Ray Train job on the pretrain mixture, with the point's model and
 ``stage.pretrain.schedule.total_steps`` set from its token budget, published into

@@ -168,10 +168,11 @@ class CheckpointCallback(Callback):
     def _save(self, state) -> None:
         metrics = {k: v for k, v in self.last_metrics.items() if not k.startswith("moe/") and not is_perf(k)}
         metrics["step"] = state.step
+        # On every rank: with sharded parameters (FSDP2) gathering them is collective.
+        model_state, optimizer_state = training_state(state.model, state.optimizer)
         if state.rank != 0:
             self.report(metrics, None)
             return
-        model_state, optimizer_state = training_state(state.model, state.optimizer)
         with tempfile.TemporaryDirectory(prefix="ckpt-") as scratch:
             path = Path(scratch) / "checkpoint"
             save_checkpoint(

@@ -220,7 +220,10 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], header: dict) -> dict
     state: dict[str, dict[str, Any]] = {}
     for key, tensor in tensors.items():
         name, _, sub = key.rpartition("/")
-        state.setdefault(name, {})[sub] = tensor
+        # Optimizers that are neither fused nor capturable keep "step" on the CPU (a
+        # device tensor would cost a synchronisation per parameter and step);
+        # load_state_dict moves it to the device itself for those that want it there.
+        state.setdefault(name, {})[sub] = tensor.cpu() if sub == "step" else tensor
     for name, values in header.get("scalars", {}).items():
         state.setdefault(name, {}).update(values)
     groups = [{**g["hparams"], "params": list(g["params"])} for g in header["param_groups"]]

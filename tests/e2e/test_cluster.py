@@ -4,7 +4,7 @@ Everything runs on 127.0.0.1 and is stopped by PID: a Ray head (1 CPU), a second
 (1 CPU) started in its own mount namespace where the repository and the editable
 install are hidden (only the venv's packages remain, as on a node built from
 ``requirements.lock``), a shared folder standing in for NFS or object storage
-(``ray.storage_path``), and an ``mlflow server``. The driver runs the stage scripts in a
+(``ray.storage_path``), and an ``mlflow server``. The driver runs the stages in a
 git copy of the repository on the micro preset, as a user would on the cluster's login
 node.
 

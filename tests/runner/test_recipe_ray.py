@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
+import time
 
 import pytest
+import yaml
 
 from pipeline.recipe import REPO_ROOT
 from tools.drill import env_for
@@ -22,6 +24,7 @@ from pipeline.train.config import RayConfig
 cluster.start(RayConfig())
 print(ray.get_runtime_context().gcs_address, os.environ.get(cluster.RECIPE_RAY_ENV), ray.cluster_resources()["device"])
 """
+PARAMS = str(REPO_ROOT / "params.yaml")
 
 
 def _listening(address: str) -> bool:
@@ -31,35 +34,71 @@ def _listening(address: str) -> bool:
         return s.connect_ex((host, int(port))) == 0
 
 
-@pytest.mark.slow
-def test_every_stage_of_a_recipe_joins_one_ray_that_stops_with_it():
+@pytest.fixture
+def env():
     ray_dir = tempfile.mkdtemp(prefix="ray-recipe-", dir="/tmp")  # Unix socket paths stay short
-    try:
-        env = env_for(REPO_ROOT, ray_dir)
-        stages = f"{sys.executable} -c '{STAGE}' && {sys.executable} -c '{STAGE}' && exit 3"
-        proc = subprocess.run(
-            [sys.executable, "-m", "pipeline.runner.recipe_ray", "sh", "-c", stages],
-            cwd=REPO_ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert proc.returncode == 3, proc.stderr[-3000:]  # the command's own exit code
-        lines = [line.split() for line in proc.stdout.splitlines() if line.startswith("127.0.0.1:")]
-        assert len(lines) == 2, proc.stdout
-        (first, recipe, device), (second, _, _) = lines
-        # Both stages joined the recipe's Ray (the one embedded Ray, with the device resource) ...
-        assert first == second == recipe and float(device) == 1.0
-        assert first.startswith("127.0.0.1:")
-        # ... which stopped with the command.
-        assert not _listening(first)
-    finally:
-        shutil.rmtree(ray_dir, ignore_errors=True)
+    yield env_for(REPO_ROOT, ray_dir)
+    shutil.rmtree(ray_dir, ignore_errors=True)
 
 
-def test_without_a_command_it_says_how_to_use_it():
+def _wrapped(*command: str, params: str = PARAMS) -> list[str]:
+    return [sys.executable, "-m", "pipeline.runner.recipe_ray", "--params", params, *command]
+
+
+@pytest.mark.slow
+def test_every_stage_of_a_recipe_joins_one_ray_that_stops_with_it(env):
+    stages = f"{sys.executable} -c '{STAGE}' && {sys.executable} -c '{STAGE}' && exit 3"
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.runner.recipe_ray"], cwd=Path(REPO_ROOT), capture_output=True, text=True
+        _wrapped("sh", "-c", stages), cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
     )
-    assert proc.returncode == 2 and "python -m pipeline.runner.recipe_ray CMD" in proc.stderr
+    assert proc.returncode == 3, proc.stderr[-3000:]  # the command's own exit code
+    lines = [line.split() for line in proc.stdout.splitlines() if line.startswith("127.0.0.1:")]
+    assert len(lines) == 2, proc.stdout
+    (first, recipe, device), (second, _, _) = lines
+    # Both stages joined the recipe's Ray (the one embedded Ray, with the device resource) ...
+    assert first == second == recipe and float(device) == 1.0
+    # ... which stopped with the command.
+    assert not _listening(first)
+
+
+@pytest.mark.slow
+def test_sigterm_reaches_the_running_stage_before_ray_stops(env, tmp_path):
+    # The command stands for DVC running a stage: a grandchild that records the signal.
+    stage = tmp_path / "stage.py"
+    stage.write_text(
+        "import signal, sys, time, pathlib\n"
+        f"signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path({str(tmp_path / 'got')!r}).write_text('TERM'), "
+        "sys.exit(143)))\n"
+        f"pathlib.Path({str(tmp_path / 'ready')!r}).write_text('')\n"
+        "time.sleep(300)\n"
+    )
+    # The shell stays the parent (as DVC is), the stage its child: both must get the signal.
+    proc = subprocess.Popen(_wrapped("sh", "-c", f"{sys.executable} {stage}; exit 0"), cwd=REPO_ROOT, env=env)
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "ready").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the stage never started"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    assert (tmp_path / "got").read_text() == "TERM"
+
+
+def test_on_a_cluster_the_command_runs_as_it_is(env, tmp_path):
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["ray"]["address"] = "ray://head:10001"
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    script = "import os; print(os.environ.get('MOBILEMOE_RECIPE_RAY', 'unset'))"
+    proc = subprocess.run(
+        _wrapped(sys.executable, "-c", script, params=str(path)), cwd=REPO_ROOT, env=env, capture_output=True, text=True
+    )
+    assert (proc.returncode, proc.stdout.strip()) == (0, "unset"), proc.stderr[-2000:]
+
+
+def test_bad_use_and_a_bad_params_file_are_named(tmp_path):
+    usage = subprocess.run([sys.executable, "-m", "pipeline.runner.recipe_ray"], capture_output=True, text=True)
+    assert usage.returncode == 2 and "recipe_ray --params params.yaml CMD" in usage.stderr
+    bad = tmp_path / "params.yaml"
+    bad.write_text("ray:\n  num_workers: many\n")
+    proc = subprocess.run(_wrapped("true", params=str(bad)), cwd=REPO_ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "ray.num_workers" in proc.stderr, proc.stderr
