@@ -11,6 +11,7 @@ method is a no-op.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import warnings
@@ -33,7 +34,10 @@ PARENT_TAG = "mlflow.parentRunId"
 _STATE = ("tracking_uri", "run_id", "retry_seconds", "journal", "prefix", "resumes")
 
 
+@functools.lru_cache(maxsize=8)
 def client_for(uri: str) -> MlflowClient:
+    """One MlflowClient per store URI in this process: building one opens the store (for
+    SQLite, a schema check of about 1.5 s), which a stage would otherwise pay per call."""
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
