@@ -23,7 +23,7 @@ export PIP_FIND_LINKS ?= /opt/wheels
 endif
 
 # The recipe's stages, as the registry wrote them into dvc.yaml (pipeline/stages/registry.py).
-STAGES := $(shell sed -n 's/^  \([a-z0-9_]*\):$$/\1/p' dvc.yaml)
+STAGES := mix pretrain midtrain sft qat export profile evalsets eval_pretrain eval_midtrain eval_sft eval_qat report
 ARGS ?=
 .PHONY: setup lock params repro test test-fast lint drill sweep scaling-fit plan mutants bench-model bench-config bench-export bench-profile bench-peers \
 	profile-paper ui $(STAGES)

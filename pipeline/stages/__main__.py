@@ -3,7 +3,8 @@
 NAME is any declared stage (``list`` prints them in recipe order), or one of the tools
 beside the recipe: ``sweep`` (a Hydra multirun of sweep points over ``conf/scaling.yaml``),
 ``scaling_fit`` and ``plan`` (the planner's own flags, see ``plan --help``).
-``python -m pipeline.stages dvc [-o dvc.yaml]`` writes dvc.yaml from the declarations.
+``python -m pipeline.stages dvc [-o dvc.yaml]`` writes dvc.yaml from the declarations (and,
+with ``-o``, the Makefile's ``STAGES`` line: one ``make <stage>`` target per stage).
 """
 
 from __future__ import annotations
@@ -39,10 +40,13 @@ def _dvc() -> None:
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.stages dvc")
     parser.add_argument("-o", "--output", help="write here (dvc.yaml) instead of stdout")
+    parser.add_argument("--makefile", default="Makefile", help="whose STAGES line to update with -o")
     args = parser.parse_args()
-    text = dvcfile.render(registry.recipe_stages())
+    stages = registry.recipe_stages()
+    text = dvcfile.render(stages)
     if args.output:
         Path(args.output).write_text(text)
+        dvcfile.sync_makefile(Path(args.makefile), stages)  # `make <stage>` for every stage
     else:
         sys.stdout.write(text)
 

@@ -1,4 +1,5 @@
-"""``dvc.yaml``, generated from the stage registry (``python -m pipeline.stages dvc``).
+"""``dvc.yaml`` and the Makefile's stage targets, generated from the stage registry
+(``python -m pipeline.stages dvc``).
 
 Each stage's entry is its :class:`~pipeline.runner.spec.Dvc` declaration: the command
 runs the stage by name, the code and data deps, params and outputs are the declared
@@ -60,6 +61,35 @@ def render(stages: list[Stage]) -> str:
     if plots:
         body["plots"] = [{path: PLOT_AXES} for path in plots]
     return HEADER + yaml.safe_dump(body, sort_keys=False, width=120)
+
+
+MAKE_STAGES = "STAGES := "  # the Makefile line that lists one target per stage
+
+
+def make_stages_line(stages: list[Stage]) -> str:
+    """The Makefile's ``STAGES := ...`` line: a `make <stage>` target per recipe stage."""
+    return MAKE_STAGES + " ".join(s.name for s in stages if s.dvc is not None)
+
+
+def sync_makefile(path: Path, stages: list[Stage]) -> bool:
+    """Rewrite the ``STAGES :=`` line of the Makefile at ``path`` if it differs; returns
+    whether it changed. Raises ValueError when the Makefile has no such line."""
+    lines = path.read_text().splitlines(keepends=True)
+    found = [i for i, line in enumerate(lines) if line.startswith(MAKE_STAGES)]
+    if len(found) != 1:
+        raise ValueError(f"{path}: expected one line starting with {MAKE_STAGES!r}, found {len(found)}")
+    want = make_stages_line(stages) + "\n"
+    if lines[found[0]] == want:
+        return False
+    lines[found[0]] = want
+    path.write_text("".join(lines))
+    return True
+
+
+def makefile_drift(path: Path, stages: list[Stage]) -> bool:
+    """Whether the Makefile's stage line differs from the registry's stages."""
+    lines = [line.rstrip("\n") for line in path.read_text().splitlines() if line.startswith(MAKE_STAGES)]
+    return lines != [make_stages_line(stages)]
 
 
 def drift(path: Path, stages: list[Stage]) -> bool:

@@ -23,6 +23,20 @@ def test_dvc_yaml_is_what_the_registry_generates():
     )
 
 
+def test_the_makefile_has_a_target_for_every_stage():
+    assert not dvcfile.makefile_drift(REPO_ROOT / "Makefile", registry.recipe_stages()), (
+        "the Makefile's STAGES line drifted from the stage declarations: run `make params`"
+    )
+    listed = subprocess.run(
+        ["make", "-s", "-n", *(s.name for s in registry.recipe_stages())],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert listed.returncode == 0, listed.stderr[-2000:]  # every name is a target make knows
+
+
 def test_every_output_persists_through_a_failed_run():
     # DVC deletes a stage's outputs before running it unless they are `persist: true`;
     # the runner publishes atomically, so persisting them is what keeps a failed run
