@@ -65,26 +65,24 @@ repro: params
 $(STAGES): params
 	@$(call recipe_run,$@)
 
-# The parent run's owner is this recipe's shell ($$$$): if make is killed, the next start
-# closes the run as KILLED instead of leaving it RUNNING. Every stage joins one Ray,
-# started before DVC and stopped after it (pipeline/runner/recipe_ray.py).
+# Validate params.yaml, stop at once when DVC has nothing to run, else open the MLflow
+# parent run and run `dvc repro` inside one Ray that every stage joins
+# (pipeline/runner/repro.py).
 define recipe_run
-$(PY) -m pipeline.runner.preflight params.yaml || exit 2; \
-run_id=$$($(PY) -m pipeline.tracking start --params params.yaml --name recipe$(if $(1),:$(1)) --owner-pid $$$$) \
-  || exit 2; \
-MOBILEMOE_PARENT_RUN_ID=$$run_id $(PY) -m pipeline.runner.recipe_ray --params params.yaml $(DVC) repro $(DVC_FLAGS) $(1); status=$$?; \
-[ -z "$$run_id" ] || $(PY) -m pipeline.tracking end $$run_id --params params.yaml \
-  --status $$([ $$status -eq 0 ] && echo FINISHED || echo FAILED); \
-exit $$status
+$(PY) -m pipeline.runner.repro --params params.yaml $(1) -- $(DVC_FLAGS)
 endef
-
+# Two pytest workers (CI's 2 cores; TEST_JOBS=1 runs in one process). xdist hands out whole
+# modules (--dist loadscope), so a module's shared fixture (the e2e `make repro`) runs once
+# while the other worker runs the rest.
+TEST_JOBS ?= 2
+TEST_WORKERS = $(if $(filter 1,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadscope)
 test: $(STAMP)
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q $(TEST_WORKERS)
 
 # The edit-test loop: everything but the tests marked slow (whole-recipe runs through
 # Ray, DVC and MLflow, the two-node cluster, kernel builds for other ISAs).
 test-fast: $(STAMP)
-	$(PY) -m pytest tests -q -m "not slow"
+	$(PY) -m pytest tests -q -m "not slow" $(TEST_WORKERS)
 
 # Scaling (pipeline/scaling, conf/scaling.yaml; sweeps run beside the recipe, not in dvc.yaml):
 # `make sweep` runs the grid conf/sweep/$(SWEEP).yaml under one MLflow parent run

@@ -1,9 +1,12 @@
 """Forward+backward time of the MoE layer, side by side with its comparisons.
 
 Prints, for each shape, the grouped-GEMM MoE layer against (a) a dense SwiGLU with the
-same *active* parameters per token and (b) the reference Python loop over experts, as
-ratios measured in one run with interleaved repetitions (machines are noisy; only
-ratios mean anything). Not a test: run `make bench-model`.
+same *active* parameters per token, (b) the reference Python loop over experts and
+(c) a bound on what better expert GEMMs could give: the same layer with every routed
+slot sent through one expert's weights as one plain GEMM (wrong maths, timing only: the
+router, the dispatch and the combine are unchanged), as ratios measured in one run with
+interleaved repetitions (machines are noisy; only ratios mean anything). Not a test: run
+`make bench-model`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,20 @@ SHAPES = {
         1024,
     ),
 }
+
+
+class OneGemmBound(torch.nn.Module):
+    """GroupedExperts' interface with all slots through expert 0 as one GEMM per
+    projection: the time a perfectly efficient grouped GEMM would approach."""
+
+    def __init__(self, experts: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = experts
+
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:  # noqa: ARG002
+        w1_EFD, w3_EFD, w2_EDF = self.inner.expert_weights()
+        h_NF = torch.nn.functional.silu(x_ND @ w1_EFD[0].T) * (x_ND @ w3_EFD[0].T)
+        return h_NF @ w2_EDF[0].T
 
 
 def fwd_bwd(module: torch.nn.Module, x: torch.Tensor) -> None:
@@ -56,7 +73,15 @@ def bench_shape(name: str, reps: int) -> dict[str, float]:
     active_ffn = cfg.top_k * cfg.expert_ffn_dim + cfg.num_shared_experts * cfg.shared_ffn_dim
     dense = SwiGLU(d_model, active_ffn)
     x = torch.randn(1, tokens, d_model, requires_grad=True)
-    candidates = {"moe_grouped": moe, "dense_same_active": dense, "moe_reference_loop": reference}
+    bound = MoE(d_model, cfg)
+    bound.load_state_dict(moe.state_dict())
+    bound.experts = OneGemmBound(bound.experts)
+    candidates = {
+        "moe_grouped": moe,
+        "dense_same_active": dense,
+        "moe_reference_loop": reference,
+        "moe_one_gemm_bound": bound,
+    }
     for module in candidates.values():  # warm-up
         fwd_bwd(module, x)
     samples: dict[str, list[float]] = {k: [] for k in candidates}
@@ -80,6 +105,10 @@ def main() -> None:
         )
         print(f"  grouped / dense(same active) = {t['moe_grouped'] / t['dense_same_active']:.2f}x")
         print(f"  reference loop / grouped     = {t['moe_reference_loop'] / t['moe_grouped']:.2f}x")
+        print(
+            f"  one-GEMM bound / dense       = {t['moe_one_gemm_bound'] / t['dense_same_active']:.2f}x "
+            "(router, dispatch and combine as they are; experts as one plain GEMM)"
+        )
 
 
 if __name__ == "__main__":

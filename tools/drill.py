@@ -9,8 +9,9 @@ In a scratch git+DVC copy of this repository (micro preset by default):
 3. under DVC: ``make <stage> DVC_FLAGS="--force --single-item"``, SIGKILL it at a random
    step, rerun the same command;
 
-then check: the final weights equal the reference's bit for bit, ``dvc status`` is clean,
-``dvc.lock`` is unchanged (the outputs are a function of the inputs), no MLflow run is
+then check: the final weights equal the reference's bit for bit, ``dvc status`` of the
+stage and its upstream is clean, ``dvc.lock`` is unchanged (the outputs are a function of
+the inputs), no MLflow run is
 left RUNNING, each interrupted stage execution is one MLflow run with ``resumes == 1``,
 and no Ray run folder is left behind. Exit code 0 when every check holds.
 
@@ -259,9 +260,10 @@ def _check_result(
     got = weights_digest(repo / "outputs" / stage / "model")
     if got != reference:
         raise DrillError(f"{phase}: final weights differ from the uninterrupted run's ({got} vs {reference})")
-    status = run(repo, env, "dvc", "status").stdout
+    # The stage and its upstream (a copy may not have run the stages downstream).
+    status = run(repo, env, "dvc", "status", "--with-deps", stage).stdout
     if "Data and pipelines are up to date" not in status:
-        raise DrillError(f"{phase}: dvc status is not clean:\n{status}")
+        raise DrillError(f"{phase}: dvc status {stage} is not clean:\n{status}")
     if (repo / "dvc.lock").read_text() != lock:
         raise DrillError(f"{phase}: dvc.lock changed although the inputs did not")
     report.say(f"{phase}: weights equal the uninterrupted run's; dvc status clean; dvc.lock unchanged")

@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.configbase import require
-from pipeline.export.kv_cache import KV_CACHE_DTYPES
 
+# The KV cache's element types (torch dtypes by these names: pipeline/export/kv_cache.py).
+# Names only, so that validating a config never imports torch.
+KV_CACHE_DTYPE_NAMES = ("float32", "float16", "bfloat16", "int8")
 # The routed experts' forms in the program (pipeline/export/program.py: SparseMoE).
 MOE_FORMS = ("fused", "xnnpack")
 
@@ -41,9 +43,9 @@ class ExportStageConfig:
             value = getattr(self, key)
             require(isinstance(value, int) and value >= 1, key, f"must be a positive int, got {value!r}")
         require(
-            self.kv_cache in KV_CACHE_DTYPES,
+            self.kv_cache in KV_CACHE_DTYPE_NAMES,
             "kv_cache",
-            f"must be one of {sorted(KV_CACHE_DTYPES)}, got {self.kv_cache!r}",
+            f"must be one of {sorted(KV_CACHE_DTYPE_NAMES)}, got {self.kv_cache!r}",
         )
         require(self.moe in MOE_FORMS, "moe", f"must be one of {list(MOE_FORMS)}, got {self.moe!r}")
         require(self.prompt_tokens >= 2, "prompt_tokens", "must be >= 2 (prefill-then-decode splits a prompt)")

@@ -32,12 +32,9 @@ import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401 - registers quantized_decomposed ops
 from torch import nn
 
-KV_CACHE_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int8": torch.int8,
-}
+from pipeline.export.config import KV_CACHE_DTYPE_NAMES
+
+KV_CACHE_DTYPES = {name: getattr(torch, name) for name in KV_CACHE_DTYPE_NAMES}
 
 
 def kv_element_bytes(dtype: str, head_dim: int) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pipeline.configbase import require
-from pipeline.export.kv_cache import KV_CACHE_DTYPES
+from pipeline.export.config import KV_CACHE_DTYPE_NAMES
 
 BASELINES = ("dense_total", "dense_active")
 
@@ -49,9 +49,9 @@ class ProfileStageConfig:
             f"has duplicates: {self.prompt_lengths}",
         )
         require(
-            self.kv_cache in KV_CACHE_DTYPES,
+            self.kv_cache in KV_CACHE_DTYPE_NAMES,
             "kv_cache",
-            f"must be one of {sorted(KV_CACHE_DTYPES)}, got {self.kv_cache!r}",
+            f"must be one of {sorted(KV_CACHE_DTYPE_NAMES)}, got {self.kv_cache!r}",
         )
         unknown = sorted(set(self.baselines) - set(BASELINES))
         require(not unknown, "baselines", f"unknown {unknown}; known: {list(BASELINES)}")

@@ -7,10 +7,11 @@ work on Ray, publish, close). Stages declare themselves with :class:`Stage` in
 - :mod:`.inputs`    checks of mixtures, tokenizers, checkpoints, data sources
 - :mod:`.lock`      one run per stage output at a time
 - :mod:`.cluster`   embedded or cluster Ray, resources checked before it starts
-- :mod:`.recipe_ray` one embedded Ray for a whole ``make repro``, every stage joins it
+- :mod:`.repro`     ``make repro``: validate, no-op check, parent run, ``dvc repro`` in one Ray
+- :mod:`.recipe_ray` one embedded Ray for a whole recipe, every stage joins it
 - :mod:`.train_job` the training loop as a Ray Train TorchTrainer job
 - :mod:`.publish`   atomic publication of outputs
 - :mod:`.artifacts` a training stage's loss-curve figure and pt2 LoggedModel
 - :mod:`.cli`       a stage's command line (params.yaml or Hydra)
-- :mod:`.preflight` whole-file validation of params.yaml for make
+- :mod:`.preflight` whole-file validation of params.yaml
 """

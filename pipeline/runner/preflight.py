@@ -11,10 +11,18 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from pipeline.configbase import ConfigError
-from pipeline.recipe import load_params, validate
+from pipeline.recipe import RecipeConfig, load_params, validate
 from pipeline.runner.cluster import check_cluster_config
+
+
+def check_params(path: str | Path) -> RecipeConfig:
+    """The params file at ``path``, validated whole; ConfigError names the bad key."""
+    recipe = validate(load_params(path))
+    check_cluster_config(recipe.ray, recipe.tracking)
+    return recipe
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -23,8 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("usage: python -m pipeline.runner.preflight PARAMS.yaml", file=sys.stderr)
         return 2
     try:
-        recipe = validate(load_params(args[0]))
-        check_cluster_config(recipe.ray, recipe.tracking)
+        check_params(args[0])
     except ConfigError as err:
         print(f"{args[0]}: config error: {err}", file=sys.stderr)
         return 2

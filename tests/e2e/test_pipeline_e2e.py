@@ -1,8 +1,9 @@
 """The whole chain on the micro preset through real Ray, DVC and MLflow, in a copy of the repo.
 
-One module-scoped run of `make repro` (mix -> pretrain -> midtrain -> SFT) feeds every
-test here; then DVC's no-op re-run, metrics, `dvc exp run -S` and the kill-corrupt-rerun
-drill (resume with two workers on two nodes: tests/e2e/test_cluster.py). Everything is
+One module-scoped run of `make repro` (every stage) feeds every test here; then the no-op
+re-run, metrics, a bad config, `dvc exp run -S` (the drill and the sweep:
+tests/e2e/test_recovery_and_sweep.py; resume with two workers on two nodes:
+tests/e2e/test_cluster.py). Everything is
 queried through the tools themselves (MLflow client, dvc CLI).
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 from support import ListenerWatch, mlflow_server, started
 
-from tools.drill import drill, env_for, scratch_copy
+from tools.drill import env_for, scratch_copy
 
 pytestmark = pytest.mark.slow
 TRAIN_STAGES = ("pretrain", "midtrain", "sft")
@@ -301,9 +302,15 @@ def test_logged_model_loads_and_predicts(repo, mlflow_client):
     assert logits.shape == (1, 5, 512)
 
 
-def test_second_repro_is_a_noop_and_metrics_show(repo):
+def test_second_repro_is_a_noop_and_metrics_show(repo, mlflow_client):
     # Correctness only: how long the no-op takes is not this test's business (sh's
-    # timeout catches a hang).
+    # timeout catches a hang). `make repro` asks DVC first and starts nothing.
+    exp_id = mlflow_client.get_experiment_by_name("mobilemoe").experiment_id
+    runs_before = len(mlflow_client.search_runs([exp_id]))
+    proc = sh(repo, "make", "repro")
+    assert "every stage: up to date (dvc status); nothing to run" in proc.stdout, proc.stdout
+    assert "Ray" not in proc.stdout + proc.stderr, proc.stderr[-2000:]  # no Ray started or joined
+    assert len(mlflow_client.search_runs([exp_id])) == runs_before  # no parent run for nothing
     proc = sh(repo, ".venv/bin/dvc", "repro")
     assert "Data and pipelines are up to date" in proc.stdout, proc.stdout
     shown = sh(repo, ".venv/bin/dvc", "metrics", "show").stdout
@@ -323,15 +330,6 @@ def test_driver_log_has_one_line_per_event_and_a_progress_bar(repo, mlflow_clien
         assert re.search(rf"{stage}: 100%\|[#]+\| 6/6 ", log), stage
     exp = mlflow_client.get_experiment_by_name("mobilemoe")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on training runs
-
-
-def test_drill_kill_corrupt_rerun_gives_the_uninterrupted_result(repo):
-    # Kill pretrain at a random step under dvc repro and corrupt its newest checkpoint; the
-    # rerun must reproduce the reference bit for bit. See tools/drill.py (`make drill` also
-    # runs the by-hand phase; a by-hand kill and resume is the next test).
-    report = drill(repo, _env(repo), "pretrain", by_hand=False)
-    assert report.notes[-1] == "every check held"
-    print("\n".join(report.notes))
 
 
 def _outputs_snapshot(repo: Path) -> dict[str, bytes]:
@@ -388,40 +386,6 @@ def test_dvc_exp_run_with_hydra_override_reruns_only_what_changed(repo):
     assert float(experiments[-1][column]) == pytest.approx(sft["centred_acc"])
     column = next(c for c in experiments[-1] if c.endswith("loss_qat_int4"))
     assert float(experiments[-1][column]) > 0
-
-
-def test_scaling_sweep_runs_each_point_once_and_a_rerun_skips_the_finished_ones(repo, mlflow_client):
-    """`make sweep` is a Hydra multirun of pretrain points (the dense twin and an MoE of
-    conf/sweep/micro_grid.yaml), each its own tagged MLflow run and output directory;
-    run again (the sweep script alone: make's set-up is not what is tested twice), it finds
-    both points FINISHED with the same fingerprint and trains nothing."""
-    sh(repo, "make", "params", "FORCE=1")  # `dvc exp run -S` above left params.yaml edited
-    sh(repo, "make", "sweep", "SWEEP=micro_grid", timeout=600)
-    exp = mlflow_client.get_experiment_by_name("mobilemoe")
-    query = "tags.stage = 'sweep_point' and tags.sweep = 'micro_grid'"
-    runs = mlflow_client.search_runs([exp.experiment_id], query)
-    assert sorted(r.data.tags["sweep.arch"] for r in runs) == ["dense", "e8k4"]
-    assert {r.info.status for r in runs} == {"FINISHED"}
-    (parent,) = {r.data.tags["mlflow.parentRunId"] for r in runs}
-    assert mlflow_client.get_run(parent).info.run_name == "sweep:micro_grid"
-    models = {r.data.tags["sweep.arch"]: json.loads(r.data.tags["sweep.model"]) for r in runs}
-    assert models["dense"]["moe"] is None and models["dense"]["ffn_dim"] == 4 * 64
-    assert models["e8k4"]["moe"]["num_experts"] == 8 and models["e8k4"]["moe"]["expert_ffn_dim"] == 64
-    for arch in ("dense", "e8k4"):
-        metrics = json.loads((repo / f"outputs/sweep/micro_grid/xs-{arch}-1024/metrics.json").read_text())
-        assert metrics["tokens_seen"] == 1024 and metrics["step"] == 4
-    again = sh(repo, ".venv/bin/python", "-m", "pipeline.stages", "sweep", "-m", "sweep=micro_grid", timeout=300)
-    assert again.stdout.count("already finished") == 2, again.stdout[-2000:]
-    assert len(mlflow_client.search_runs([exp.experiment_id], query)) == 2
-    # what a rerun looks up: the fingerprint and the sweep, not the stage alone
-    from pipeline.tracking import TrackingConfig, finished_stage_run
-
-    cfg = TrackingConfig(uri=f"sqlite:///{repo / 'mlflow.db'}")
-    run = runs[0]
-    key, tags = run.data.tags["resume_key"], {"sweep": "micro_grid"}
-    assert finished_stage_run(cfg, "sweep_point", key, tags)["run_id"] == run.info.run_id
-    assert finished_stage_run(cfg, "sweep_point", "pretrain-" + "0" * 12, tags) is None
-    assert finished_stage_run(cfg, "sweep_point", key, {"sweep": "another_sweep"}) is None
 
 
 def test_mlflow_ui_serves_the_runs(repo):

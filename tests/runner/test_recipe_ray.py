@@ -102,3 +102,17 @@ def test_bad_use_and_a_bad_params_file_are_named(tmp_path):
     bad.write_text("ray:\n  num_workers: many\n")
     proc = subprocess.run(_wrapped("true", params=str(bad)), cwd=REPO_ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "ray.num_workers" in proc.stderr, proc.stderr
+
+
+def test_repro_names_a_bad_params_file_before_dvc_ray_or_mlflow(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text((REPO_ROOT / "params.yaml").read_text().replace("num_workers: 1", "num_workers: many", 1))
+    assert "num_workers: many" in bad.read_text()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.runner.repro", "--params", str(bad)],
+        cwd=tmp_path,  # no dvc.yaml, no mlflow.db here: reaching either would fail differently
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "ray.num_workers" in proc.stderr, proc.stderr
+    assert not (tmp_path / "mlflow.db").exists()

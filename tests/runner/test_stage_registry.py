@@ -144,7 +144,7 @@ def test_a_new_stage_is_one_module_found_by_dvc_make_and_the_report(tmp_path):
     # DVC itself reads the generated file and places the stage after export's output.
     sh("git", "init", "-q")
     assert "toy" in sh(".venv/bin/dvc", "stage", "list").split()
-    assert "dvc repro  toy" in sh("make", "-n", "toy")
+    assert "-m pipeline.runner.repro --params params.yaml toy" in sh("make", "-n", "toy")
     order = sh(".venv/bin/python", "-c", "from pipeline.stages.report import run_stages; print(*run_stages())")
     assert order.split().index("toy") == order.split().index("profile") + 1
     # ... and it runs by name, through the runner, publishing its declared outputs.

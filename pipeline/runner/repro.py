@@ -1,0 +1,93 @@
+"""``python -m pipeline.runner.repro --params params.yaml [STAGE ...] [-- DVC_FLAGS ...]``.
+
+What ``make repro`` and ``make <stage>`` run, in one process:
+
+1. validate the whole params file (a bad value or an unknown key anywhere stops here,
+   naming the key, before DVC touches anything; :mod:`pipeline.runner.preflight`);
+2. ask DVC whether anything is to run (``dvc status``, with the stages' upstream when
+   STAGEs are named); when nothing is, say so and stop: no Ray, no MLflow run (a no-op
+   costs about as much as ``dvc status`` itself). Skipped when DVC_FLAGS are given
+   (``-f`` must run);
+3. open the recipe's MLflow parent run, owned by this process (if it dies, the next
+   run closes the parent as KILLED);
+4. run ``dvc repro [DVC_FLAGS] [STAGE ...]`` inside one embedded Ray that every stage
+   joins (:func:`pipeline.runner.recipe_ray.run_in_ray`), Ctrl-C and SIGTERM passed on;
+5. close the parent run: FINISHED, FAILED, or KILLED when a signal ended DVC.
+
+Exit code: DVC's (128 + N after signal N), 2 for a bad params file or an unreachable
+tracking store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline.configbase import ConfigError
+from pipeline.runner.preflight import check_params
+
+
+def dvc_executable() -> str:
+    """The ``dvc`` beside this interpreter (the project's venv), else the one on PATH."""
+    local = Path(sys.executable).with_name("dvc")
+    return str(local) if local.exists() else "dvc"
+
+
+def up_to_date(stages: Sequence[str]) -> bool:
+    """Whether ``dvc status`` finds nothing to run for ``stages`` (all when empty) and
+    their upstream. Any other answer (changes, or an error DVC will report again when
+    ``dvc repro`` runs) counts as not up to date."""
+    cmd = [dvc_executable(), "status", "--quiet", *(["--with-deps", *stages] if stages else [])]
+    return subprocess.run(cmd, stdin=subprocess.DEVNULL).returncode == 0
+
+
+def _status(code: int) -> str:
+    return "FINISHED" if code == 0 else "KILLED" if code > 128 else "FAILED"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    dvc_flags = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(prog="python -m pipeline.runner.repro", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, required=True)
+    parser.add_argument("stages", nargs="*", help="run these and what they need upstream (default: every stage)")
+    args = parser.parse_args(argv)
+    try:
+        recipe = check_params(args.params)
+    except ConfigError as err:
+        print(f"{args.params}: config error: {err}", file=sys.stderr)
+        return 2
+    if not dvc_flags and up_to_date(args.stages):
+        print(f"{' '.join(args.stages) or 'every stage'}: up to date (dvc status); nothing to run")
+        return 0
+
+    from pipeline import tracking
+    from pipeline.runner.recipe_ray import run_in_ray
+
+    name = "recipe" + "".join(f":{s}" for s in args.stages)
+    env = {}
+    if recipe.tracking.enabled:
+        try:
+            tracking.check_store(recipe.tracking)
+            env[tracking.PARENT_ENV] = tracking.start_recipe_run(recipe.tracking, name=name)
+        except tracking.TrackingError as err:
+            print(f"tracking: {err}", file=sys.stderr)
+            return 2
+    code = 130  # interrupted before DVC ran
+    try:
+        code = run_in_ray(recipe.ray, [dvc_executable(), "repro", *dvc_flags, *args.stages], env)
+    finally:
+        if tracking.PARENT_ENV in env:
+            try:
+                tracking.end_recipe_run(env[tracking.PARENT_ENV], _status(code), recipe.tracking)
+            except Exception as err:  # noqa: BLE001 - the recipe's result stands; the next start closes the run
+                print(f"tracking: could not close the recipe run: {type(err).__name__}: {err}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
