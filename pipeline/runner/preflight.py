@@ -1,6 +1,7 @@
 """``python -m pipeline.runner.preflight params.yaml``: the whole file, validated.
 
-``make repro`` and ``make <stage>`` run this before DVC touches anything: a bad value
+``make repro`` and ``make <stage>`` run this check (:mod:`pipeline.runner.repro`)
+before DVC touches anything: a bad value
 or an unknown key anywhere in params.yaml (even one no stage reads, which DVC would
 otherwise ignore without a word) stops the recipe here, naming the key, with every
 earlier output as it was. So does a cluster (``ray.address`` / ``RAY_ADDRESS``) with a

@@ -1,10 +1,11 @@
-"""``python -m pipeline.tracking start|end|url``: the recipe's parent run, for ``make repro``.
+"""``python -m pipeline.tracking start|end|url``: a parent run from the shell (``make sweep``).
 
 ``start [--params params.yaml] [--name N] [--tag k=v ...] [--owner-pid PID]`` prints only
 the new parent run's id (so ``ID=$(python -m pipeline.tracking start)`` works), or nothing
 when the params file disables tracking; the store and experiment are the params file's
 ``tracking`` section (the stages use the same). ``PID`` is the process whose death means
-the recipe was killed (make's shell). ``end ID [--params ...] [--status S]`` closes it.
+the run's work was killed (make's shell). ``make repro`` opens its parent in-process
+(:mod:`pipeline.runner.repro`). ``end ID [--params ...] [--status S]`` closes it.
 ``url --ui http://127.0.0.1:5000 [--params ...]`` prints the address of the recipe's
 runs in the MLflow UI (``make ui``).
 """

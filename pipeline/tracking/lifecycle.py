@@ -2,8 +2,8 @@
 
 One parent run per recipe execution, one nested run per stage. DVC runs each stage as
 its own process, so the parent's id travels in the environment variable
-``MOBILEMOE_PARENT_RUN_ID`` (``make repro`` calls ``python -m pipeline.tracking start``
-before ``dvc repro`` and ``... end`` after it). A stage started without it (by hand, or
+``MOBILEMOE_PARENT_RUN_ID`` (``make repro`` opens the parent before ``dvc repro`` and
+closes it after: :mod:`pipeline.runner.repro`). A stage started without it (by hand, or
 by ``dvc repro`` alone) makes its own parent named ``stage:<stage>``, so the layout is
 always parent -> nested.
 
