@@ -25,7 +25,7 @@ endif
 # The recipe's stages, as the registry wrote them into dvc.yaml (pipeline/stages/registry.py).
 STAGES := mix pretrain midtrain sft qat export profile evalsets eval_pretrain eval_midtrain eval_sft eval_qat report
 ARGS ?=
-.PHONY: setup lock params repro test test-fast lint drill sweep scaling-fit plan mutants bench-model bench-config bench-export bench-profile bench-peers \
+.PHONY: setup lock params repro test test-fast lint drill sweep scaling-fit plan mutants bench-model bench-train bench-config bench-export bench-profile bench-peers \
 	profile-paper ui $(STAGES)
 
 setup: $(STAMP)
@@ -166,6 +166,9 @@ bench-peers: mix $(PEERS)/optimum/.installed $(PEERS)/llamacpp/.installed
 
 bench-model: $(STAMP)
 	$(PY) bench/bench_model.py
+
+bench-train: $(STAMP)
+	$(PY) bench/bench_train.py
 
 bench-config: $(STAMP)
 	$(PY) bench/bench_config.py

@@ -103,11 +103,15 @@ def check_resources(cfg: RayConfig, need: dict[str, int]) -> None:
         have["GPU"] = torch.cuda.device_count()
     for resource, amount in need.items():
         if amount > have.get(resource, 0):
+            fix = (
+                "set ray.use_gpu=false or lower ray.num_workers"
+                if resource == "GPU"
+                else "lower ray.num_workers or ray.cpus_per_worker"
+            )
             raise ResourceError(
                 f"the job needs {amount} {resource}s (ray.num_workers={cfg.num_workers} x "
                 f"ray.cpus_per_worker={cfg.cpus_per_worker}, ray.use_gpu={str(cfg.use_gpu).lower()}), but the "
-                f"embedded Ray has this machine's {have.get(resource, 0)}; lower ray.num_workers or "
-                f"ray.cpus_per_worker, or set ray.address to a cluster"
+                f"embedded Ray has this machine's {have.get(resource, 0)}; {fix}, or set ray.address to a cluster"
             )
 
 

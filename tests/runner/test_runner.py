@@ -187,6 +187,14 @@ def test_more_workers_than_the_machine_has_cpus_is_refused_with_the_numbers(micr
     assert "needs 128 CPUs" in str(err.value) and "ray.num_workers=64" in str(err.value)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_gpu_where_there_is_none_is_refused_before_ray_starts(micro_data, tmp_path):
+    raw = micro(micro_data, "pretrain", "ray.use_gpu=true")
+    with pytest.raises(ResourceError) as err:
+        run(PRETRAIN, raw, tmp_path)
+    assert "needs 1 GPUs" in str(err.value) and "set ray.use_gpu=false" in str(err.value), str(err.value)
+
+
 def test_a_second_run_into_the_same_outputs_stops_naming_the_holder(micro_data, tmp_path):
     raw = micro(micro_data, "pretrain", f"stage.pretrain.out_dir={tmp_path / 'out'}")
     code = (
