@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -239,3 +240,25 @@ def ray_never_starts():
 def snapshot(root: Path) -> dict[str, bytes]:
     """Every file under ``root`` by relative path: equal snapshots, untouched outputs."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+class PrivateRayDir:
+    """A test module's own Ray session directory (sockets, logs), so that nothing there
+    sees or joins a Ray started by another test or by the user. Created on first use: a
+    module that an xdist worker only imports leaves nothing behind. It sits in /tmp rather
+    than under pytest's tmp_path: Unix socket paths must stay under 108 bytes."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self._path: str | None = None
+
+    @property
+    def path(self) -> str:
+        if self._path is None:
+            self._path = tempfile.mkdtemp(prefix=self.prefix, dir="/tmp")
+        return self._path
+
+    def remove(self) -> None:
+        if self._path is not None:
+            shutil.rmtree(self._path, ignore_errors=True)
+            self._path = None

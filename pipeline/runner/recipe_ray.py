@@ -20,7 +20,7 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.train.config import RayConfig
@@ -40,34 +40,59 @@ def exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def run_in_ray(ray_cfg: RayConfig, command: Sequence[str], env: Mapping[str, str] | None = None) -> int:
-    """Run ``command`` (its own process group, ``env`` added to ours) inside one embedded
-    Ray that every stage it starts joins; stop Ray when it ends. On a cluster, or inside
-    a recipe's Ray already, ``command`` runs as it is. Returns :func:`exit_code`."""
-    from pipeline.runner import cluster
+class Outcome(NamedTuple):
+    """How a command ended: its :func:`exit_code`, and whether it was interrupted (a
+    SIGINT or SIGTERM passed on to it, or a signal ended it) rather than failing alone."""
 
-    child_env = {**os.environ, **(env or {})}
-    if cluster.on_cluster(ray_cfg) or os.environ.get(cluster.RECIPE_RAY_ENV):
-        return exit_code(subprocess.call(list(command), env=child_env))
-    import ray
+    code: int
+    interrupted: bool
 
-    cluster.start(ray_cfg)
-    child_env[cluster.RECIPE_RAY_ENV] = ray.get_runtime_context().gcs_address
-    # Its own process group: a signal reaches DVC and the stage it runs together.
-    child = subprocess.Popen(list(command), env=child_env, process_group=0)
+
+def run_forwarding_signals(command: Sequence[str], env: Mapping[str, str]) -> Outcome:
+    """Run ``command`` in its own process group and wait for it; SIGINT and SIGTERM sent
+    to this process go to that whole group (DVC and the stage it runs) instead."""
+    forwarded: list[int] = []
+    children: list[subprocess.Popen] = []
 
     def forward(signum, frame):  # noqa: ARG001 - the handler's signature
-        try:
-            os.killpg(child.pid, signum)
-        except ProcessLookupError:  # already gone
-            pass
+        forwarded.append(signum)
+        for child in children:
+            try:
+                os.killpg(child.pid, signum)
+            except ProcessLookupError:  # already gone
+                pass
 
+    # Handlers first: a signal that comes while the command starts is passed on too.
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return exit_code(child.wait())
+        children.append(subprocess.Popen(list(command), env=dict(env), process_group=0))
+        if forwarded:
+            forward(forwarded[-1], None)
+        returncode = children[0].wait()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    return Outcome(exit_code(returncode), bool(forwarded) or returncode < 0)
+
+
+def run_in_ray(ray_cfg: RayConfig, command: Sequence[str], env: Mapping[str, str] | None = None) -> Outcome:
+    """Run ``command`` (``env`` added to ours; signals passed on, see
+    :func:`run_forwarding_signals`) inside one embedded Ray that every stage it starts
+    joins, and stop Ray when it ends. On a cluster, or inside a recipe's Ray already,
+    ``command`` runs without starting one."""
+    from pipeline.runner import cluster
+
+    child_env = {**os.environ, **(env or {})}
+    joined = cluster.on_cluster(ray_cfg) or bool(os.environ.get(cluster.RECIPE_RAY_ENV))
+    if joined:
+        return run_forwarding_signals(command, child_env)
+    import ray
+
+    cluster.start(ray_cfg)
+    try:
+        child_env[cluster.RECIPE_RAY_ENV] = ray.get_runtime_context().gcs_address
+        return run_forwarding_signals(command, child_env)
+    finally:
         ray.shutdown()
 
 
@@ -84,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"recipe_ray: {params}: {err}", file=sys.stderr)
         return 2
-    return run_in_ray(ray_cfg, command)
+    return run_in_ray(ray_cfg, command).code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,10 +9,11 @@ What ``make repro`` and ``make <stage>`` run, in one process:
    costs about as much as ``dvc status`` itself). Skipped when DVC_FLAGS are given
    (``-f`` must run);
 3. open the recipe's MLflow parent run, owned by this process (if it dies, the next
-   run closes the parent as KILLED);
+   run that opens an MLflow run closes the parent as KILLED; a no-op opens none);
 4. run ``dvc repro [DVC_FLAGS] [STAGE ...]`` inside one embedded Ray that every stage
    joins (:func:`pipeline.runner.recipe_ray.run_in_ray`), Ctrl-C and SIGTERM passed on;
-5. close the parent run: FINISHED, FAILED, or KILLED when a signal ended DVC.
+5. close the parent run: FINISHED, FAILED, or KILLED when DVC was interrupted
+   (:func:`parent_status`).
 
 Exit code: DVC's (128 + N after signal N), 2 for a bad params file or an unreachable
 tracking store.
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from pipeline.configbase import ConfigError
 from pipeline.runner.preflight import check_params
+from pipeline.runner.recipe_ray import Outcome, run_in_ray
 
 
 def dvc_executable() -> str:
@@ -44,8 +46,13 @@ def up_to_date(stages: Sequence[str]) -> bool:
     return subprocess.run(cmd, stdin=subprocess.DEVNULL).returncode == 0
 
 
-def _status(code: int) -> str:
-    return "FINISHED" if code == 0 else "KILLED" if code > 128 else "FAILED"
+def parent_status(outcome: Outcome) -> str:
+    """The parent run's end: FINISHED when DVC succeeded, KILLED when it was interrupted,
+    FAILED otherwise. DVC reports a failed stage with codes of its own (255, ...), so the
+    code alone cannot tell a kill from a failure."""
+    if outcome.interrupted:
+        return "KILLED"
+    return "FINISHED" if outcome.code == 0 else "FAILED"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -66,7 +73,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     from pipeline import tracking
-    from pipeline.runner.recipe_ray import run_in_ray
 
     name = "recipe" + "".join(f":{s}" for s in args.stages)
     env = {}
@@ -77,16 +83,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         except tracking.TrackingError as err:
             print(f"tracking: {err}", file=sys.stderr)
             return 2
-    code = 130  # interrupted before DVC ran
+    outcome, status = None, "FAILED"  # an error before DVC ran (Ray would not start, say)
     try:
-        code = run_in_ray(recipe.ray, [dvc_executable(), "repro", *dvc_flags, *args.stages], env)
+        outcome = run_in_ray(recipe.ray, [dvc_executable(), "repro", *dvc_flags, *args.stages], env)
+        status = parent_status(outcome)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
         if tracking.PARENT_ENV in env:
             try:
-                tracking.end_recipe_run(env[tracking.PARENT_ENV], _status(code), recipe.tracking)
-            except Exception as err:  # noqa: BLE001 - the recipe's result stands; the next start closes the run
+                tracking.end_recipe_run(env[tracking.PARENT_ENV], status, recipe.tracking)
+            except Exception as err:  # noqa: BLE001 - the recipe's result stands; a later run closes it
                 print(f"tracking: could not close the recipe run: {type(err).__name__}: {err}", file=sys.stderr)
-    return code
+    return outcome.code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -24,12 +24,19 @@ import secrets
 import shutil
 import subprocess
 import sys
-import tempfile
 import urllib.request
 from pathlib import Path
 
 import pytest
-from support import crash_session, mlflow_server, ray_snapshot_checkpoints, started, stop_session, wait_for
+from support import (
+    PrivateRayDir,
+    crash_session,
+    mlflow_server,
+    ray_snapshot_checkpoints,
+    started,
+    stop_session,
+    wait_for,
+)
 
 from pipeline.hashing import sha256_file, sha256_json
 from tools.drill import env_for, scratch_copy
@@ -37,8 +44,8 @@ from tools.scratch import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
-# Ray's session files; in /tmp because Unix socket paths must stay under 108 bytes.
-RAY_TMPDIR = tempfile.mkdtemp(prefix="ray-cl-", dir="/tmp")
+# Ray's session files (support.PrivateRayDir).
+RAY_DIR = PrivateRayDir("ray-cl-")
 VENV = Path(sys.prefix)
 
 # The second node: bind the venv aside, cover the repositories with empty tmpfs mounts
@@ -76,7 +83,7 @@ PRETRAIN = [
 @pytest.fixture(scope="module", autouse=True)
 def _private_ray_dir():
     yield
-    shutil.rmtree(RAY_TMPDIR, ignore_errors=True)
+    RAY_DIR.remove()
 
 
 class Cluster:
@@ -170,7 +177,7 @@ def setup(tmp_path_factory):
     # Token authentication on, as the README's cluster commands set it: every node and
     # the driver hold the cluster's token (here in the environment, RAY_AUTH_TOKEN).
     env = {
-        **env_for(repo, RAY_TMPDIR),
+        **env_for(repo, RAY_DIR.path),
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": secrets.token_hex(32),

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from support import ListenerWatch, mlflow_server, started
+from support import ListenerWatch, PrivateRayDir, mlflow_server, started
 
 from tools.drill import env_for, scratch_copy
 
@@ -27,14 +25,12 @@ TRAIN_STAGES = ("pretrain", "midtrain", "sft")
 EVAL_TARGETS = ("pretrain", "midtrain", "sft", "qat")
 
 
-# Ray's session files (sockets, logs) of this module's runs live in a private directory,
-# so nothing here sees or joins a Ray started by another test or by the user. It sits in
-# /tmp rather than under pytest's tmp_path: Unix socket paths must stay under 108 bytes.
-RAY_TMPDIR = tempfile.mkdtemp(prefix="ray-e2e-", dir="/tmp")
+# Ray's session files of this module's runs: its own (nothing here joins another Ray).
+RAY_DIR = PrivateRayDir("ray-e2e-")
 
 
 def _env(repo: Path) -> dict:
-    return env_for(repo, RAY_TMPDIR)
+    return env_for(repo, RAY_DIR.path)
 
 
 def sh(repo: Path, *cmd: str, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
@@ -49,7 +45,7 @@ def sh(repo: Path, *cmd: str, timeout: int = 600, check: bool = True) -> subproc
 @pytest.fixture(scope="module", autouse=True)
 def _private_ray_dir():
     yield
-    shutil.rmtree(RAY_TMPDIR, ignore_errors=True)
+    RAY_DIR.remove()
 
 
 @pytest.fixture(scope="module")

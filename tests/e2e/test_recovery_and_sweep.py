@@ -9,32 +9,33 @@ and run beside it when the suite runs on two workers (`make test`).
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
+from support import PrivateRayDir
 
 from tools.drill import drill, env_for, run, scratch_copy
 
 pytestmark = pytest.mark.slow
 
-# Private Ray session files (see test_pipeline_e2e.py): short Unix socket paths.
-RAY_TMPDIR = tempfile.mkdtemp(prefix="ray-e2e-rec-", dir="/tmp")
+# Ray's session files of this module's runs: its own (support.PrivateRayDir).
+RAY_DIR = PrivateRayDir("ray-e2e-rec-")
 
 
 def _env(repo: Path) -> dict:
-    return env_for(repo, RAY_TMPDIR)
+    return env_for(repo, RAY_DIR.path)
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
     """A git+DVC copy of the project (micro preset) after `make pretrain`."""
     dest = tmp_path_factory.mktemp("e2e-recovery") / "repo"
-    scratch_copy(dest, _env(dest), "micro")
-    run(dest, _env(dest), "make", "pretrain")
-    yield dest
-    shutil.rmtree(RAY_TMPDIR, ignore_errors=True)
+    try:
+        scratch_copy(dest, _env(dest), "micro")
+        run(dest, _env(dest), "make", "pretrain")
+        yield dest
+    finally:
+        RAY_DIR.remove()
 
 
 @pytest.fixture(scope="module")

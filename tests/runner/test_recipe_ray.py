@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
 import yaml
 
 from pipeline.recipe import REPO_ROOT
+from pipeline.train.config import RayConfig
 from tools.drill import env_for
 
 # What a stage does first: start (or join) Ray; then it says where it is.
@@ -116,3 +119,43 @@ def test_repro_names_a_bad_params_file_before_dvc_ray_or_mlflow(tmp_path):
     )
     assert proc.returncode == 2 and "ray.num_workers" in proc.stderr, proc.stderr
     assert not (tmp_path / "mlflow.db").exists()
+
+
+CLUSTER = RayConfig(address="ray://head:10001")  # on a cluster: the command runs without a Ray here
+
+
+@pytest.mark.parametrize(
+    ("script", "code", "status"),
+    [
+        ("exit 0", 0, "FINISHED"),
+        ("exit 255", 255, "FAILED"),  # DVC's code for a failed stage: a failure, not a kill
+        ("kill -TERM $$", 128 + signal.SIGTERM, "KILLED"),  # a signal ended it
+    ],
+)
+def test_the_parent_run_ends_failed_or_killed_by_how_dvc_ended(script, code, status):
+    from pipeline.runner.recipe_ray import run_in_ray
+    from pipeline.runner.repro import parent_status
+
+    outcome = run_in_ray(CLUSTER, ["sh", "-c", script])
+    assert (outcome.code, parent_status(outcome)) == (code, status)
+
+
+def test_a_signal_passed_on_counts_as_a_kill_whatever_the_command_returns(tmp_path):
+    # The command stands for DVC: it traps SIGTERM and exits with a code of its own.
+    from pipeline.runner.recipe_ray import run_in_ray
+    from pipeline.runner.repro import parent_status
+
+    ready = tmp_path / "ready"
+    script = f"trap 'exit 3' TERM; touch {ready}; while :; do sleep 0.1; done"
+    timer = threading.Thread(target=_signal_when, args=(ready, signal.SIGTERM))
+    timer.start()
+    outcome = run_in_ray(CLUSTER, ["sh", "-c", script])
+    timer.join()
+    assert (outcome.code, parent_status(outcome)) == (3, "KILLED")
+
+
+def _signal_when(ready, signum) -> None:
+    deadline = time.monotonic() + 60
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(os.getpid(), signum)  # to this process: run_in_ray passes it on to the command's group
