@@ -361,29 +361,33 @@ def _fit_cli(tmp_path: Path, uri: str, *overrides: str):
     private directory (Unix socket paths must stay short: under /tmp)."""
     import subprocess
     import sys
-    import tempfile
+
+    from support import PrivateRayDir
 
     from tools.drill import env_for
 
     repo = Path(__file__).resolve().parents[2]
-    ray_dir = tempfile.mkdtemp(prefix="ray-scaling-", dir="/tmp")
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.stages",
-            "scaling_fit",
-            f"tracking.uri={uri}",
-            f"scaling.out_dir={tmp_path / 'out'}",
-            "scaling.pairs=[]",
-            *overrides,
-        ],  # fmt: skip
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=repo,
-        env=env_for(repo, str(ray_dir)),
-    )
+    ray_dir = PrivateRayDir("ray-scaling-")
+    try:
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pipeline.stages",
+                "scaling_fit",
+                f"tracking.uri={uri}",
+                f"scaling.out_dir={tmp_path / 'out'}",
+                "scaling.pairs=[]",
+                *overrides,
+            ],  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=repo,
+            env=env_for(repo, ray_dir.path),
+        )
+    finally:
+        ray_dir.remove()
 
 
 @pytest.mark.slow
