@@ -97,9 +97,16 @@ class GroupedExperts(nn.Module):
         return x_ND
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """``x_ND`` holds slots sorted by expert; ``counts_E`` how many each expert got."""
+        """``x_ND`` holds slots sorted by expert; ``counts_E`` how many each expert got.
+
+        Returns (N, D) in the compute dtype: ``x_ND``'s, or autocast's where it is on.
+        Autocast does not cover ``_grouped_mm``, so the cast is made here, as autocast
+        would for a linear layer: on CUDA only BF16 operands take the grouped kernel (an
+        FP32 call falls back to a host-synchronised loop over experts)."""
         w1_EFD, w3_EFD, w2_EDF = self.expert_weights()
-        dtype = x_ND.dtype
+        device_type = x_ND.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x_ND.dtype
+        x_ND = x_ND.to(dtype)
         offsets_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
         x_ND = self.quantize_input(x_ND)
         h1_NF = torch._grouped_mm(x_ND, w1_EFD.to(dtype).transpose(-2, -1), offs=offsets_E)
@@ -192,7 +199,8 @@ class MoE(nn.Module):
         else:
             raise ValueError(f"unknown MoE dispatch {self.dispatch!r}")
         gate_N = route.gates_TK.reshape(-1).index_select(0, order_N).to(y_ND.dtype)
-        return torch.zeros_like(x_TD).index_add_(0, token_N, y_ND * gate_N[:, None])
+        # Under autocast y_ND is BF16 while the residual stream stays FP32.
+        return torch.zeros_like(x_TD).index_add_(0, token_N, (y_ND * gate_N[:, None]).to(x_TD.dtype))
 
     def _aux_loss(self, route: RouterOutput, counts_E: torch.Tensor, n_tokens: int) -> torch.Tensor:
         loss = route.logits_TE.new_zeros(())

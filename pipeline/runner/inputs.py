@@ -378,3 +378,25 @@ class LoweringMemoryInput:
                 f"available{hint}"
             )
         return need
+
+
+@dataclass
+class CompilerInput:
+    """``torch.compile`` on CPU: inductor builds its kernels with the machine's C++
+    compiler (``$CXX``, else ``c++``/``g++``/``clang++`` on PATH). Without one the first
+    training step would fail after the model and data were loaded."""
+
+    key: str
+
+    def check(self) -> str:
+        import os
+        import shutil
+
+        names = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
+        found = next((path for name in names if (path := shutil.which(name))), None)
+        if found is None:
+            raise StageInputError(
+                f"{self.key}: torch.compile on CPU needs a C++ compiler and none of {', '.join(names)} is on "
+                f"PATH; install one or set {self.key}=false"
+            )
+        return found

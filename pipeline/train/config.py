@@ -32,6 +32,13 @@ class TrainStageConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # How the ranks share the model (pipeline/train/parallel.py): "ddp" replicates it
+    # and all-reduces gradients; "fsdp2" shards parameters, gradients and optimizer
+    # state over the ranks (torch's fully_shard), for models that do not fit one device.
+    # Checkpoints are the same full tensors either way.
+    parallel: Literal["ddp", "fsdp2"] = "ddp"
+    # torch.compile each transformer block (the grouped expert GEMM stays eager).
+    compile: bool = False
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 8
@@ -64,6 +71,7 @@ class TrainStageConfig:
         require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         require(self.grad_clip > 0, "grad_clip", "must be > 0")
         require(self.dtype in ("float32", "bfloat16"), "dtype", f"must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        require(self.parallel in ("ddp", "fsdp2"), "parallel", f"must be 'ddp' or 'fsdp2', got {self.parallel!r}")
         require(self.sample_prompts >= 0, "sample_prompts", "must be >= 0")
 
     @property

@@ -35,6 +35,7 @@ from pipeline.quant import QuantConfig
 from pipeline.train.batches import IGNORE_INDEX, TokenBatches
 from pipeline.train.checkpoint import Checkpoint, load_checkpoint, restore_rng_state, restore_training_state
 from pipeline.train.config import TrainStageConfig
+from pipeline.train.parallel import compile_blocks, full_value, gradient_sync, is_sharded, local_tensor, shard
 from pipeline.train.schedule import lr_at
 
 
@@ -104,7 +105,15 @@ def evaluate(
     model.eval()
     # [loss sum, target count] per domain; the overall mean is derived from them.
     sums_D2 = torch.zeros(len(val.domain_names), 2, dtype=torch.float64)
-    for inputs_BS, labels_BS, domains_BS in val.eval_batches(n_batches, rank, world):
+    batches = list(val.eval_batches(n_batches, rank, world))
+    if is_sharded(model):
+        # Every forward of a sharded model is collective: a rank with fewer batches
+        # (n_batches not a multiple of world) runs a filler batch and drops the result.
+        filler_BS = (batches[-1] if batches else next(iter(val.eval_batches(n_batches, 0, world))))[0]
+        for _ in range(-(-n_batches // world) - len(batches)):
+            with _autocast(dtype, device):
+                model(filler_BS.to(device))
+    for inputs_BS, labels_BS, domains_BS in batches:
         with _autocast(dtype, device):
             logits_BSV = model(inputs_BS.to(device))
         loss_N = (
@@ -139,7 +148,12 @@ def _require_finite(stage: str, step: int, model: torch.nn.Module, terms: dict[s
     if not bad:
         return
     layer = next(
-        (name for name, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()), None
+        (
+            name
+            for name, p in model.named_parameters()
+            if p.grad is not None and not torch.isfinite(local_tensor(p.grad)).all()
+        ),
+        None,
     )
     where = f"; first non-finite gradient: {layer}" if layer else "; every gradient is finite"
     raise FloatingPointError(
@@ -177,6 +191,10 @@ def run_loop(
 
         prepare(model, from_dict(QuantConfig, job.quant, f"stage.{job.stage}"))
     model.to(device)
+    if train.compile:
+        compile_blocks(model)
+    if train.parallel == "fsdp2" and world > 1:
+        shard(model)  # before the optimizer: it must hold the sharded parameters
     optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.schedule.lr, betas=train.betas)
     state = LoopState(step=0, tokens_seen=0, rank=rank, world=world, model=model, optimizer=optimizer, history={})
     if resume is not None:
@@ -190,7 +208,7 @@ def run_loop(
 
     # Expert-bias updates come from all-reduced counts, so every rank applies the same
     # update; broadcasting buffers from rank 0 would instead clobber each rank's counts.
-    ddp = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    ddp = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 and not is_sharded(model) else model
     data = TokenBatches(job.mixture_dir, "train", train.seq_len, train.batch_size, job.seed)
     val = TokenBatches(job.mixture_dir, "val", train.seq_len, train.batch_size, job.seed)
     for cb in callbacks:
@@ -226,15 +244,14 @@ def run_loop(
         loss_sum, aux_sum = 0.0, 0.0
         for micro, (inputs_BS, labels_BS) in enumerate(batches):
             last = micro == train.grad_accum - 1
-            sync = contextlib.nullcontext() if (last or world == 1) else ddp.no_sync()
-            with sync:
+            with gradient_sync(ddp, sync=last or world == 1):
                 with _autocast(train.dtype, device):
                     logits_BSV, aux = ddp(inputs_BS.to(device), return_aux=True)
                 loss, _ = summed_loss(logits_BSV, labels_BS.to(device))
                 (loss * scale + aux / train.grad_accum).backward()
             loss_sum += loss.item()
             aux_sum += float(aux) / train.grad_accum
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip))
+        grad_norm = full_value(torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip))
         loss_sum, aux_sum = all_reduce_sum([loss_sum, aux_sum], device)
         step_loss = loss_sum / max(global_targets, 1.0)
         _require_finite(

@@ -468,6 +468,25 @@ def test_grouped_experts_compute_in_the_input_dtype():
     torch.testing.assert_close(low.float(), full, rtol=0.05, atol=0.02)
 
 
+def test_grouped_experts_run_in_bf16_under_autocast_and_the_layer_returns_the_stream_dtype():
+    """Autocast does not cover ``_grouped_mm``; the experts cast to autocast's dtype as a
+    linear layer would (on CUDA only BF16 takes the grouped kernel), and the combined
+    output goes back to the FP32 residual stream's dtype."""
+    torch.manual_seed(0)
+    moe = MoE(32, MoEConfig(num_experts=4, top_k=2, expert_ffn_dim=16))
+    counts_E = torch.tensor([3, 0, 2, 1])
+    x_ND = torch.randn(6, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = moe.experts(x_ND, counts_E)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low, moe.experts(x_ND.bfloat16(), counts_E), rtol=0, atol=0)
+    x_BSD = torch.randn(2, 3, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_BSD, _ = moe(x_BSD)
+    assert out_BSD.dtype == torch.float32
+    torch.testing.assert_close(out_BSD, moe(x_BSD)[0], rtol=0.05, atol=0.02)
+
+
 def test_routed_token_counts_add_up_over_forwards_until_the_balancer_reads_them():
     torch.manual_seed(0)
     moe = MoE(32, MoEConfig(num_experts=4, top_k=2, expert_ffn_dim=16)).train()

@@ -195,6 +195,18 @@ def test_a_gpu_where_there_is_none_is_refused_before_ray_starts(micro_data, tmp_
     assert "needs 1 GPUs" in str(err.value) and "set ray.use_gpu=false" in str(err.value), str(err.value)
 
 
+def test_compile_on_cpu_without_a_cxx_compiler_is_named_before_ray_starts(micro_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.delenv("CXX", raising=False)
+    raw = micro(micro_data, "pretrain", "stage.pretrain.compile=true")
+    with pytest.raises(StageInputError, match=r"^stage.pretrain.compile: torch.compile on CPU needs a C\+\+ compiler"):
+        run(PRETRAIN, raw, tmp_path)
+    # A $CXX that is not there is named as well.
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.raises(StageInputError, match="none of no-such-compiler is on PATH"):
+        run(PRETRAIN, raw, tmp_path)
+
+
 def test_a_second_run_into_the_same_outputs_stops_naming_the_holder(micro_data, tmp_path):
     raw = micro(micro_data, "pretrain", f"stage.pretrain.out_dir={tmp_path / 'out'}")
     code = (
