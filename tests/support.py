@@ -153,6 +153,68 @@ def mlflow_server(
     raise AssertionError("mlflow server exited at start on three free ports in a row")
 
 
+# The requests moto serves before it starts authenticating (IAM user, its key, its
+# policy, the bucket): everything after must be signed with the user's key.
+_S3_SETUP_REQUESTS = 4
+
+
+@contextmanager
+def s3_server(moto_bin: Path, bucket: str, env: dict | None = None) -> Iterator[dict]:
+    """An S3 API (moto's server mode) on a free loopback port, stopped by PID.
+
+    IAM authentication is on: the server creates a user with an S3 policy and an access
+    key, and the bucket, in its first requests; afterwards a request signed with any
+    other key is refused. Yields ``{"endpoint": "127.0.0.1:PORT", "bucket", "env"}``,
+    where ``env`` holds the user's credentials as the AWS SDK reads them from the
+    environment (and the region), and ``uri(path)`` the ``s3://`` URI pyarrow and Ray
+    Train take, with the endpoint in its query."""
+    import boto3
+
+    env = {**(env or os.environ), "INITIAL_NO_AUTH_ACTION_COUNT": str(_S3_SETUP_REQUESTS)}
+    for _attempt in range(3):
+        port = free_port()
+        endpoint = f"127.0.0.1:{port}"
+        log = tempfile.TemporaryFile()
+        args = [str(moto_bin), "-H", "127.0.0.1", "-p", str(port)]
+        with started(args, env=env, stdout=log, stderr=subprocess.STDOUT) as server:
+            try:
+                wait_for(
+                    lambda url=f"http://{endpoint}/moto-api/": _healthy(url),
+                    f"moto server on {endpoint}",
+                    timeout=60,
+                    interval=0.2,
+                    alive=server,
+                )
+            except AssertionError:
+                if server.poll() is not None:  # exited (port taken?): try another port
+                    continue
+                log.seek(0)
+                raise AssertionError(
+                    f"moto server on {endpoint} never answered:\n{log.read()[-3000:].decode()}"
+                ) from None
+            setup = {"endpoint_url": f"http://{endpoint}", "region_name": "us-east-1"}
+            setup |= {"aws_access_key_id": "setup", "aws_secret_access_key": "setup"}
+            iam = boto3.client("iam", **setup)
+            iam.create_user(UserName="recipe")
+            key = iam.create_access_key(UserName="recipe")["AccessKey"]
+            policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+            iam.put_user_policy(UserName="recipe", PolicyName="s3", PolicyDocument=json.dumps(policy))
+            boto3.client("s3", **setup).create_bucket(Bucket=bucket)
+            yield {
+                "endpoint": endpoint,
+                "bucket": bucket,
+                "env": {
+                    "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+                    "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+                    "AWS_DEFAULT_REGION": "us-east-1",
+                    "AWS_EC2_METADATA_DISABLED": "true",
+                },
+                "uri": lambda path, b=bucket, e=endpoint: f"s3://{b}/{path}?endpoint_override={e}&scheme=http",
+            }
+            return
+    raise AssertionError("moto server exited at start on three free ports in a row")
+
+
 class ListenerWatch:
     """Every TCP/UDP listening socket opened by a process tree while it runs.
 
@@ -214,11 +276,19 @@ def ray_snapshot_checkpoints(run_dir: Path) -> list[str]:
     checkpoint-manager snapshot; only recorded ones are handed back by
     ``ray.train.get_checkpoint()``, so a test that interrupts a run waits for this list.
     """
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
     try:
-        state = json.loads(snapshot.read_text())
-    except (OSError, ValueError):
-        return []  # absent, or caught mid-write
+        return registered_checkpoints((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except OSError:
+        return []  # not written yet
+
+
+def registered_checkpoints(snapshot: str) -> list[str]:
+    """The checkpoint folder names in the text of a run's checkpoint-manager snapshot
+    (see :func:`ray_snapshot_checkpoints`); [] for a snapshot caught mid-write."""
+    try:
+        state = json.loads(snapshot)
+    except ValueError:
+        return []
     if isinstance(state, str):  # Ray stores the pydantic JSON as a JSON string
         try:
             state = json.loads(state)

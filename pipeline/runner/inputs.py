@@ -400,3 +400,42 @@ class CompilerInput:
                 f"PATH; install one or set {self.key}=false"
             )
         return found
+
+
+@dataclass
+class StorageInput:
+    """The run storage (``ray.storage_path``) a training job checkpoints into and stages
+    its inputs through: writable from here, checked with a probe object before Ray
+    starts. For an object store the credentials come from this process's environment
+    (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, a profile, or the instance's role,
+    as the AWS SDK finds them); every node of a cluster needs the same."""
+
+    key: str
+    storage: Any  # a runner.storage.RunStorage
+
+    def check(self) -> Any:
+        from pipeline.runner.storage import redacted
+
+        try:
+            self.storage.check_writable()
+        except (OSError, ValueError) as err:  # pyarrow: OSError from the store, ArrowInvalid for the URI
+            hint = ""
+            if self.storage.uri.startswith("s3://"):
+                hint = (
+                    "; check the bucket's name and the credentials in this environment (AWS_ACCESS_KEY_ID and "
+                    "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE), which every node of a cluster needs as well"
+                )
+            raise StageInputError(
+                f"{self.key}: cannot write to {redacted(self.storage.uri)}: {str(err).splitlines()[0]}{hint}"
+            ) from None
+        return self.storage
+
+
+def storage_inputs(recipe: Any) -> list[StorageInput]:
+    """The run storage as an input of a training stage, where it is a URI (an object store,
+    or ``file://`` on a shared mount); a plain path is a folder Ray Train creates."""
+    from pipeline.runner import cluster
+    from pipeline.runner.storage import is_uri
+
+    storage = cluster.storage(recipe.ray)
+    return [StorageInput("ray.storage_path", storage)] if is_uri(storage.uri) else []

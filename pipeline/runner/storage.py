@@ -90,6 +90,17 @@ class RunStorage:
         if fs.get_file_info(path).type == FileType.Directory:
             fs.delete_dir(path)
 
+    def check_writable(self) -> None:
+        """Write and delete a probe object under the root, so a missing bucket or refused
+        credentials are found before a job starts, not at its first checkpoint. Raises
+        OSError with the filesystem's message (pyarrow names the AWS error code)."""
+        fs, root = self._fs()
+        probe = f"{root.rstrip('/')}/.probe-{uuid.uuid4().hex}"
+        fs.create_dir(root, recursive=True)
+        with fs.open_output_stream(probe) as out:
+            out.write(b"")
+        fs.delete_file(probe)
+
     def complete_copy(self, key: str) -> str | None:
         """The URI of a complete staged copy of ``key``, or None."""
         from pyarrow.fs import FileSelector, FileType
@@ -122,6 +133,15 @@ class RunStorage:
             fs.delete_dir(path)  # our own unfinished copy only
             raise
         return self.child(STAGED, key, copy)
+
+
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@")
+
+
+def redacted(uri: str) -> str:
+    """``uri`` without the credentials pyarrow takes from its user part
+    (``s3://KEY:SECRET@bucket/path``), for messages and logs."""
+    return _USERINFO.sub(r"\1***@", uri)
 
 
 def run_storage(location: str, on_cluster: bool, repo_root: Path) -> RunStorage:

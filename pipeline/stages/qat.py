@@ -33,7 +33,7 @@ from pathlib import Path
 
 from pipeline.hashing import sha256_file, sha256_json
 from pipeline.recipe import RecipeConfig, repo_path
-from pipeline.runner.inputs import CheckpointInput, CompilerInput, MixtureInput, TokenizerInput
+from pipeline.runner.inputs import CheckpointInput, CompilerInput, MixtureInput, TokenizerInput, storage_inputs
 from pipeline.runner.spec import ResumePlan, Stage, StageContext, StageResult
 from pipeline.stages.train import (
     EXECUTION_FILE,
@@ -59,6 +59,7 @@ def _inputs(recipe: RecipeConfig) -> list:
         TokenizerInput(f"{KEY}.tokenizer", repo_path(cfg.tokenizer), recipe.model.vocab_size),
         CheckpointInput(f"{KEY}.init_checkpoint", repo_path(cfg.init_checkpoint), recipe.model),
         *([CompilerInput(f"{KEY}.compile")] if cfg.compile and not recipe.ray.use_gpu else []),
+        *storage_inputs(recipe),
     ]
 
 

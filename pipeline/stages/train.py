@@ -29,7 +29,7 @@ from pathlib import Path
 
 from pipeline.hashing import sha256_file, sha256_json
 from pipeline.recipe import RecipeConfig, repo_path
-from pipeline.runner.inputs import CheckpointInput, CompilerInput, MixtureInput, TokenizerInput
+from pipeline.runner.inputs import CheckpointInput, CompilerInput, MixtureInput, TokenizerInput, storage_inputs
 from pipeline.runner.spec import Dvc, Out, ResumePlan, Stage, StageContext, StageResult, metric, plot
 from pipeline.train.config import TrainStageConfig
 from pipeline.train.loop import WorkerJob
@@ -56,7 +56,7 @@ def _inputs(name: str, recipe: RecipeConfig) -> list:
         items.append(CheckpointInput(f"stage.{name}.init_checkpoint", repo_path(cfg.init_checkpoint), recipe.model))
     if cfg.compile and not recipe.ray.use_gpu:
         items.append(CompilerInput(f"stage.{name}.compile"))
-    return items
+    return [*items, *storage_inputs(recipe)]
 
 
 def _params(name: str, raw: dict) -> dict:

@@ -3,8 +3,10 @@
 Everything runs on 127.0.0.1 and is stopped by PID: a Ray head (1 CPU), a second node
 (1 CPU) started in its own mount namespace where the repository and the editable
 install are hidden (only the venv's packages remain, as on a node built from
-``requirements.lock``), a shared folder standing in for NFS or object storage
-(``ray.storage_path``), and an ``mlflow server``. The driver runs the stages in a
+``requirements.lock``), an S3 API (moto's server, IAM authentication on) as the run
+storage (``ray.storage_path``: staged inputs, Ray Train's checkpoints), whose
+credentials every node and the driver read from their environment, and an ``mlflow
+server``. The driver runs the stages in a
 git copy of the repository on the micro preset, as a user would on the cluster's login
 node.
 
@@ -32,7 +34,8 @@ from support import (
     PrivateRayDir,
     crash_session,
     mlflow_server,
-    ray_snapshot_checkpoints,
+    registered_checkpoints,
+    s3_server,
     started,
     stop_session,
     wait_for,
@@ -183,22 +186,45 @@ def setup(tmp_path_factory):
         "RAY_AUTH_TOKEN": secrets.token_hex(32),
     }
     scratch_copy(repo, env, "micro")
-    shared = root / "shared"
-    shared.mkdir()
-    cluster_env = {**env, "PYTHONPATH": ""}
-    with mlflow_server(VENV / "bin" / "mlflow", f"sqlite:///{root / 'mlflow.db'}", env=env, cwd=root) as url:
-        cluster = Cluster(root, cluster_env, hide=[REPO_ROOT, repo])
+    with (
+        s3_server(VENV / "bin" / "moto_server", "recipe-runs", env=env) as s3,
+        mlflow_server(VENV / "bin" / "mlflow", f"sqlite:///{root / 'mlflow.db'}", env=env, cwd=root) as url,
+    ):
+        env = {**env, **s3["env"]}  # the credentials, as each node's and the driver's environment holds them
+        cluster = Cluster(root, {**env, "PYTHONPATH": ""}, hide=[REPO_ROOT, repo])
         try:
             env = {**env, "MLFLOW_TRACKING_URI": url}
-            yield {"repo": repo, "root": root, "shared": shared, "env": env, "url": url, "cluster": cluster}
+            yield {"repo": repo, "root": root, "s3": s3, "env": env, "url": url, "cluster": cluster}
         finally:
             cluster.stop()
+
+
+def _runs(setup: dict):
+    """The run storage's filesystem (as the test's own S3 client) and its root path."""
+    from pyarrow.fs import S3FileSystem
+
+    s3 = setup["s3"]
+    fs = S3FileSystem(
+        access_key=s3["env"]["AWS_ACCESS_KEY_ID"],
+        secret_key=s3["env"]["AWS_SECRET_ACCESS_KEY"],
+        region="us-east-1",
+        endpoint_override=s3["endpoint"],
+        scheme="http",
+    )
+    return fs, f"{s3['bucket']}/runs"
+
+
+def _listing(fs, path: str) -> list:
+    from pyarrow.fs import FileSelector
+
+    return fs.get_file_info(FileSelector(path, allow_not_found=True))
 
 
 def _stage(setup: dict, stage: str, *overrides: str, cluster: bool = True) -> list[str]:
     args = [str(VENV / "bin" / "python"), "-m", "pipeline.stages", stage, *overrides]
     if cluster:
-        args += [f"ray.address={setup['cluster'].address}", f"ray.storage_path={setup['shared'] / 'runs'}"]
+        # Quoted for Hydra: the URI's query (the S3 endpoint) holds '=' and '&'.
+        args += [f"ray.address={setup['cluster'].address}", f"ray.storage_path='{setup['s3']['uri']('runs')}'"]
     return args
 
 
@@ -302,7 +328,7 @@ def test_pretrain_on_two_nodes_survives_a_lost_node_and_equals_one_machine(setup
         "tracking.enabled=false",
         cluster=False,
     )
-    runs = setup["shared"] / "runs"
+    fs, runs = _runs(setup)
     args = _stage(setup, "pretrain", *PRETRAIN, "stage.pretrain.out_dir=outputs/two_nodes")
     local_log, log = (setup["root"] / "one_machine.log").open("w"), (setup["root"] / "pretrain.log").open("w")
     with (
@@ -311,8 +337,14 @@ def test_pretrain_on_two_nodes_survives_a_lost_node_and_equals_one_machine(setup
     ):
 
         def registered() -> list[str]:
-            found = [p for p in runs.glob("pretrain-*") if p.is_dir()] if runs.is_dir() else []
-            return ray_snapshot_checkpoints(found[0]) if found else []
+            found = [i.path for i in _listing(fs, runs) if i.base_name.startswith("pretrain-")]
+            if not found:
+                return []
+            try:
+                with fs.open_input_stream(f"{found[0]}/checkpoint_manager_snapshot.json") as snapshot:
+                    return registered_checkpoints(snapshot.read().decode())
+            except OSError:  # not written yet
+                return []
 
         wait_for(registered, "the two-node run to register a checkpoint", timeout=300, interval=0.1, alive=driver)
         raylet = c.node["pids"]["raylet"][0]
@@ -329,7 +361,13 @@ def test_pretrain_on_two_nodes_survives_a_lost_node_and_equals_one_machine(setup
     execution = json.loads((two / "execution.json").read_text())
     assert execution["resumes"] == 1 and execution["resumed_at_steps"][0] % 4 == 0, execution
     assert json.loads((one / "execution.json").read_text())["resumes"] == 0
-    assert not list(runs.glob("pretrain-*")), "the finished run's storage is removed"
+    names = [i.base_name for i in _listing(fs, runs)]
+    assert not [n for n in names if n.startswith("pretrain-")], "the finished run's storage is removed"
+    # The ranks read their inputs from copies staged in the object store (the second
+    # node cannot see the driver's disk): the mixture, complete.
+    (mixture,) = [i for i in _listing(fs, f"{runs}/staged") if i.base_name.startswith("mixture-")]
+    (copy,) = _listing(fs, mixture.path)
+    assert fs.get_file_info(f"{copy.path}/.complete").is_file and fs.get_file_info(f"{copy.path}/manifest.json").is_file
 
 
 def test_a_job_the_cluster_cannot_hold_fails_naming_what_is_missing(setup, mixed):
