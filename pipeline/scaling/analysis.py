@@ -5,10 +5,19 @@ active compute (the ``dense`` twin has the MoE's active FFN width) and equal tok
 how much lower is each MoE's validation loss? And its qualitative findings, each as
 paired differences over every (size, tokens) cell where both architectures ran:
 finer granularity at the same expansion, a shared expert, and more sparsity.
+
+The same questions at equal training seconds: an MoE step costs more wall-clock than
+its dense twin's on the same hardware, so at the dense run's seconds the MoE has seen
+fewer tokens. A family's loss at a given time is read off its own runs of that size:
+``log loss`` interpolated linearly in ``log seconds`` between the two runs whose
+training seconds bracket it (a power law in time between neighbouring budgets, the
+law's own form in D); outside the family's measured range there is no value
+(interpolation only, never extrapolation).
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 
@@ -69,3 +78,59 @@ def findings(points: list[Observation], pairs: list[tuple[str, str, str]]) -> li
     """The paired comparisons ``(a, b, label)`` that both families of the sweep have."""
     names = {p.family for p in points}
     return [paired(points, a, b, label) for a, b, label in pairs if a in names and b in names]
+
+
+def loss_at_seconds(points: list[Observation], family: str, size: str, seconds: float) -> float | None:
+    """``family``'s validation loss at ``seconds`` of training at ``size``, interpolated
+    (see the module doc) between its two runs that bracket it; None outside its range
+    or where its runs have no seconds. Units: nats/token; seconds of training steps."""
+    runs = sorted(
+        (p.seconds, p.loss)
+        for p in points
+        if p.family == family and p.name.split("-")[0] == size and p.seconds is not None and p.seconds > 0
+    )
+    for (t0, l0), (t1, l1) in zip(runs, runs[1:]):
+        if t0 <= seconds <= t1 and t1 > t0:
+            w = (math.log(seconds) - math.log(t0)) / (math.log(t1) - math.log(t0))
+            return math.exp((1 - w) * math.log(l0) + w * math.log(l1))
+    if runs and any(t == seconds for t, _ in runs):
+        return next(loss for t, loss in runs if t == seconds)
+    return None
+
+
+def paired_at_seconds(points: list[Observation], a: str, b: str, label: str) -> Comparison:
+    """loss(b) - loss_a(b's training seconds), in every cell where b ran with known
+    seconds and a's runs of that size bracket them: positive when a, given the same
+    wall-clock, reaches a lower loss."""
+    deltas = []
+    for (size, _), cell in sorted(_cells(points).items()):
+        if b in cell and cell[b].seconds:
+            at = loss_at_seconds(points, a, size, cell[b].seconds)
+            if at is not None:
+                deltas.append(cell[b].loss - at)
+    return Comparison(label, a, b, tuple(deltas))
+
+
+def vs_dense_seconds_table(points: list[Observation], dense: str = "dense") -> tuple[list[str], list[list]]:
+    """Header and rows: per (size, tokens) of the dense twin, its training seconds and
+    loss, and every other family's loss at the same seconds minus it (None where that
+    family's runs do not bracket the time)."""
+    families = sorted({p.family for p in points} - {dense})
+    header = ["size", "dense tokens", "seconds", f"{dense} loss", *[f"{f} - {dense}" for f in families]]
+    rows = []
+    for (size, tokens), cell in sorted(_cells(points).items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        if dense not in cell or not cell[dense].seconds:
+            continue
+        base, seconds = cell[dense].loss, cell[dense].seconds
+        deltas = [loss_at_seconds(points, f, size, seconds) for f in families]
+        rows.append(
+            [size, int(tokens), round(seconds, 1), round(base, 4)]
+            + [round(d - base, 4) if d is not None else None for d in deltas]
+        )
+    return header, rows
+
+
+def findings_at_seconds(points: list[Observation], pairs: list[tuple[str, str, str]]) -> list[Comparison]:
+    """:func:`findings` at equal training seconds."""
+    names = {p.family for p in points}
+    return [paired_at_seconds(points, a, b, label) for a, b, label in pairs if a in names and b in names]

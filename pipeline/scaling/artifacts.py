@@ -35,14 +35,17 @@ def write_fit(
     with (out / "points.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["name", "family", "n_active", "tokens", "expansion", "granularity", "shared", "held_out",
-                         "loss", "predicted"])  # fmt: skip
+                         "loss", "predicted", "train_seconds"])  # fmt: skip
         for p in sorted(points, key=lambda p: p.name):
             x = p.inputs
             writer.writerow([p.name, p.family, int(x.n_active), int(x.tokens), f"{x.expansion:.4g}",
                              f"{x.granularity:.4g}", int(x.shared), int(p.held_out), f"{p.loss:.6f}",
-                             f"{result.predictions[p.name]:.6f}"])  # fmt: skip
+                             f"{result.predictions[p.name]:.6f}",
+                             "" if p.seconds is None else f"{p.seconds:.2f}"])  # fmt: skip
     header, rows = analysis.vs_dense_table(points, dense)
     found = analysis.findings(points, pairs)
+    seconds_header, seconds_rows = analysis.vs_dense_seconds_table(points, dense)
+    found_seconds = analysis.findings_at_seconds(points, pairs)
     lines = [
         "# What the sweep measured",
         "",
@@ -63,19 +66,49 @@ def write_fit(
         "",
         "loss(b) − loss(a) in each (size, tokens) cell where both ran: positive means a is better.",
         "",
-        tabulate(
-            [[c.label, c.a, c.b, f"{c.mean:+.4f}", f"{c.wins}/{len(c.deltas)}"] for c in found],
-            headers=["comparison", "a", "b", "mean loss(b) − loss(a)", "cells where a is better"],
-            tablefmt="github",
-        ),
+        _paired_table(found),
+        "",
+        "## At equal training seconds",
+        "",
+        "The same questions with each run's own training time (its `perf/train_seconds` in MLflow: seconds in "
+        "training steps, validation excluded; resumed runs left out). A family's loss at a time is interpolated "
+        "between its two runs of that size whose seconds bracket it (log loss linear in log seconds); `–` where "
+        "its runs do not reach that time. The seconds are this sweep's machine's, under whatever else ran "
+        f"beside it: {_seconds_coverage(points)}.",
+        "",
+        f"### Each architecture minus `{dense}`, at the `{dense}` run's seconds",
+        "",
+        tabulate(seconds_rows, headers=seconds_header, tablefmt="github", missingval="–"),
+        "",
+        "### Paired differences at equal seconds",
+        "",
+        "loss(b) − loss of a at b's training seconds: positive means a, given the same time, is better.",
+        "",
+        _paired_table(found_seconds),
         "",
     ]
     (out / "comparison.md").write_text("\n".join(lines))
     plots.predicted_vs_measured(points, result, out / "predicted_vs_measured.png")
     plots.loss_vs_params(points, result, out / "loss_vs_params.png")
-    summary["comparisons"] = [
-        {"label": c.label, "a": c.a, "b": c.b, "mean_delta": c.mean, "a_better": c.wins, "cells": len(c.deltas)}
-        for c in found
-    ]
+    summary["comparisons"] = [_comparison_json(c) for c in found]
+    summary["comparisons_at_equal_seconds"] = [_comparison_json(c) for c in found_seconds]
     (out / "fit.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     return summary
+
+
+def _paired_table(found: list[analysis.Comparison]) -> str:
+    return tabulate(
+        [[c.label, c.a, c.b, f"{c.mean:+.4f}" if c.deltas else "–", f"{c.wins}/{len(c.deltas)}"] for c in found],
+        headers=["comparison", "a", "b", "mean loss(b) − loss(a)", "cells where a is better"],
+        tablefmt="github",
+    )
+
+
+def _seconds_coverage(points: list[Observation]) -> str:
+    timed = sum(p.seconds is not None for p in points)
+    return f"{timed} of {len(points)} runs have their training seconds"
+
+
+def _comparison_json(c: analysis.Comparison) -> dict:
+    mean = c.mean if c.deltas else None  # no cell to compare: null, not NaN (strict JSON)
+    return {"label": c.label, "a": c.a, "b": c.b, "mean_delta": mean, "a_better": c.wins, "cells": len(c.deltas)}

@@ -58,6 +58,9 @@ class Observation:
     inputs: LawInputs
     loss: float
     held_out: bool = False
+    # Seconds the run spent in training steps (its MLflow perf/train_seconds); None when
+    # unknown or when the run was resumed (its clock restarted). For the equal-time tables.
+    seconds: float | None = None
 
 
 @dataclass

@@ -40,8 +40,10 @@ def observations(runs: list, hold_out_sizes: list[str], hold_out_budgets: str = 
 
     Each run's ``sweep.model`` tag is the model config (JSON); N and the FFN shape are
     computed from it with the model's accounting, D is ``final/tokens_seen``, the loss
-    ``final/val_loss``. Points of ``hold_out_sizes`` at the largest token budget (or at
-    every budget, ``hold_out_budgets="all"``) are marked held out. Raises
+    ``final/val_loss``, the training seconds ``perf/train_seconds`` (left out for a run
+    that was resumed, ``perf/resumes`` > 0: its clock restarted). Points of
+    ``hold_out_sizes`` at the largest token budget (or at every budget,
+    ``hold_out_budgets="all"``) are marked held out. Raises
     ScalingFitError naming a run whose tags or metrics are missing, or a held-out size
     the sweep has no point of."""
     latest: dict[str, tuple[dict, dict]] = {}
@@ -72,6 +74,7 @@ def observations(runs: list, hold_out_sizes: list[str], hold_out_budgets: str = 
                 loss=float(metrics["final/val_loss"]),
                 held_out=tags["sweep.size"] in hold_out_sizes
                 and (hold_out_budgets == "all" or int(tags["sweep.tokens"]) == largest),
+                seconds=metrics.get("perf/train_seconds") if not metrics.get("perf/resumes") else None,
             )
         )
     return points

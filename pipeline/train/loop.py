@@ -68,6 +68,10 @@ class LoopState:
     history: dict[str, list[list[float]]]  # metric -> [[step, value], ...], rank 0 only
     resumed_at: list[int] = field(default_factory=list)  # steps this run was resumed from
     expert_load: list[list[float]] = field(default_factory=list)  # tokens per (layer, expert)
+    # Seconds spent in training steps by this process (validation excluded); execution,
+    # not result: logged as perf/train_seconds, never checkpointed, so it restarts at 0
+    # in a resumed run.
+    train_seconds: float = 0.0
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -266,12 +270,14 @@ def run_loop(
         step_inputs = world * sum(inputs.numel() for inputs, _ in batches)
         state.tokens_seen += step_inputs
         elapsed = time.perf_counter() - started
+        state.train_seconds += elapsed
         metrics = {
             "train/loss": step_loss,
             "train/aux_loss": aux_sum / world,
             "train/lr": lr,
             "train/grad_norm": grad_norm,
             "perf/tokens_per_s": step_inputs / max(elapsed, 1e-9),
+            "perf/train_seconds": state.train_seconds,
             "train/target_tokens": global_targets,
             "train/tokens_seen": float(state.tokens_seen),
         }

@@ -324,6 +324,52 @@ def test_planned_config_round_trips_as_a_recipe_model():
 # --------------------------------------------------------------------------- the fit stage
 
 
+def _timed(name: str, family: str, tokens: float, seconds: float | None, loss: float) -> Observation:
+    return Observation(name, family, LawInputs(1e6, tokens, 4.0, 4.0, False), loss, seconds=seconds)
+
+
+def test_loss_at_equal_seconds_interpolates_log_loss_in_log_seconds_by_hand():
+    from pipeline.scaling.analysis import loss_at_seconds
+
+    points = [
+        _timed("s-e16k4-100", "e16k4", 100, 10.0, 5.0),
+        _timed("s-e16k4-400", "e16k4", 400, 40.0, 4.0),
+        _timed("s-e16k4-1600", "e16k4", 1600, 160.0, 3.5),
+        _timed("m-e16k4-400", "e16k4", 400, 25.0, 1.0),  # another size: never used for s
+        _timed("s-e16k4-800", "e16k4", 800, None, 0.5),  # no seconds (resumed): never used
+    ]
+    # Halfway in log seconds between 10 s and 40 s: the geometric mean of the losses.
+    assert loss_at_seconds(points, "e16k4", "s", 20.0) == pytest.approx(math.sqrt(5.0 * 4.0), rel=1e-12)
+    w = math.log(100 / 40) / math.log(160 / 40)
+    assert loss_at_seconds(points, "e16k4", "s", 100.0) == pytest.approx(4.0 ** (1 - w) * 3.5**w, rel=1e-12)
+    assert loss_at_seconds(points, "e16k4", "s", 40.0) == 4.0
+    for outside in (9.9, 160.1):  # interpolation only
+        assert loss_at_seconds(points, "e16k4", "s", outside) is None
+    assert loss_at_seconds(points, "dense", "s", 20.0) is None
+
+
+def test_the_equal_seconds_tables_by_hand():
+    from pipeline.scaling.analysis import paired_at_seconds, vs_dense_seconds_table
+
+    points = [
+        _timed("s-dense-100", "dense", 100, 20.0, 4.6),
+        _timed("s-dense-400", "dense", 400, 80.0, 3.9),
+        _timed("s-e16k4-100", "e16k4", 100, 10.0, 5.0),
+        _timed("s-e16k4-400", "e16k4", 400, 40.0, 4.0),
+        _timed("s-e16k4-1600", "e16k4", 1600, 160.0, 3.5),
+    ]
+    header, rows = vs_dense_seconds_table(points)
+    assert header == ["size", "dense tokens", "seconds", "dense loss", "e16k4 - dense"]
+    assert rows == [
+        ["s", 100, 20.0, 4.6, round(math.sqrt(20.0) - 4.6, 4)],
+        ["s", 400, 80.0, 3.9, round(math.sqrt(14.0) - 3.9, 4)],
+    ]
+    moe = paired_at_seconds(points, "e16k4", "dense", "moe")
+    assert moe.deltas == pytest.approx((4.6 - math.sqrt(20.0), 3.9 - math.sqrt(14.0))) and moe.wins == 2
+    # The other way round: dense at the MoE runs' seconds; 10 s and 160 s lie outside dense's runs.
+    assert paired_at_seconds(points, "dense", "e16k4", "x").deltas == pytest.approx((4.0 - math.sqrt(4.6 * 3.9),))
+
+
 def _seed_sweep(
     uri: str, sweep: str, sizes: list[str], tokens: list[int], noise: float, arch_only: str = "", scale: float = 1.0
 ) -> int:
@@ -349,8 +395,12 @@ def _seed_sweep(
         tags = {"stage": "sweep_point", "sweep": sweep, "sweep.size": size, "sweep.arch": arch,
                 "sweep.tokens": str(budget), "sweep.model": json.dumps(asdict(cfg))}  # fmt: skip
         run = client.create_run(exp, tags=tags)
+        seconds = budget / (1000.0 if arch.startswith("dense") else 800.0)  # MoE steps: 0.8x the tokens/s
+        resumes = 1.0 if (size, arch, budget) == ("s", "e8k2", tokens[-1]) else 0.0
         client.log_batch(run.info.run_id, metrics=[Metric("final/val_loss", loss, 0, 0),
-                                                   Metric("final/tokens_seen", budget, 0, 0)])  # fmt: skip
+                                                   Metric("final/tokens_seen", budget, 0, 0),
+                                                   Metric("perf/train_seconds", seconds, 0, 0),
+                                                   Metric("perf/resumes", resumes, 0, 0)])  # fmt: skip
         client.set_terminated(run.info.run_id, "FINISHED")
         count += 1
     return count
@@ -377,7 +427,7 @@ def _fit_cli(tmp_path: Path, uri: str, *overrides: str):
                 "scaling_fit",
                 f"tracking.uri={uri}",
                 f"scaling.out_dir={tmp_path / 'out'}",
-                "scaling.pairs=[]",
+                *([] if any(o.startswith("scaling.pairs=") for o in overrides) else ["scaling.pairs=[]"]),
                 *overrides,
             ],  # fmt: skip
             capture_output=True,
@@ -407,7 +457,8 @@ def test_scaling_fit_stage_reads_the_sweep_from_mlflow_fits_and_logs(tmp_path):
     # an older run of one point with a wrong loss: the newest run of a point is the one fitted
     _seed_sweep(uri, "synth", ["xs"], [120000], noise=0.0, arch_only="e16k4", scale=2.0)
     n = _seed_sweep(uri, "synth", ["xs", "s", "m"], [120000, 600000], noise=0.002)
-    proc = _fit_cli(tmp_path, uri, "scaling.sweep=synth", "scaling.hold_out_sizes=[m]")
+    moe_pair = "scaling.pairs=[{a: e16k4, b: dense, label: moe}]"
+    proc = _fit_cli(tmp_path, uri, "scaling.sweep=synth", "scaling.hold_out_sizes=[m]", moe_pair)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "out"
     fit = json.loads((out / "fit.json").read_text())
@@ -418,7 +469,15 @@ def test_scaling_fit_stage_reads_the_sweep_from_mlflow_fits_and_logs(tmp_path):
     assert fit["range"]["tokens"] == 600000
     for name in ("predicted_vs_measured.png", "loss_vs_params.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "e16k4 - dense" in (out / "comparison.md").read_text()
+    comparison = (out / "comparison.md").read_text()
+    assert "e16k4 - dense" in comparison and "## At equal training seconds" in comparison
+    assert "41 of 42 runs have their training seconds" in comparison  # the resumed run is left out
+    rows = {r.split(",")[0]: r.split(",") for r in (out / "points.csv").read_text().splitlines()[1:]}
+    assert float(rows["m-dense-600000"][-1]) == 600.0 and rows["s-e8k2-600000"][-1] == ""
+    # MoE runs are slower per token here: at the dense run's seconds they have fewer tokens.
+    (moe_vs_dense,) = [c for c in fit["comparisons_at_equal_seconds"] if c["label"] == "moe"]
+    (at_tokens,) = [c for c in fit["comparisons"] if c["label"] == "moe"]
+    assert moe_vs_dense["cells"] == 3 and moe_vs_dense["mean_delta"] < at_tokens["mean_delta"]
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("mobilemoe")
     (run,) = client.search_runs([exp.experiment_id], "tags.stage = 'scaling_fit'")
