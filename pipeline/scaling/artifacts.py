@@ -10,21 +10,32 @@ from pathlib import Path
 from tabulate import tabulate
 
 from pipeline.scaling import analysis, plots
-from pipeline.scaling.fit import Observation, fit_law
+from pipeline.scaling.bootstrap import Intervals, bootstrap
+from pipeline.scaling.fit import FitResult, Observation, fit_law
 
 FIGURES = ("predicted_vs_measured.png", "loss_vs_params.png")
 OUTPUTS = ("fit.json", "points.csv", "comparison.md", *FIGURES)
 
 
 def write_fit(
-    points: list[Observation], pairs: list[tuple[str, str, str]], out: Path, dense: str = "dense", sweep: str = ""
+    points: list[Observation],
+    pairs: list[tuple[str, str, str]],
+    out: Path,
+    dense: str = "dense",
+    sweep: str = "",
+    replicates: int = 200,
 ) -> dict:
-    """Fit the law to ``points``, write :data:`OUTPUTS` into ``out`` and return the
-    fit's summary (``fit.json``'s content). Raises ScalingFitError before writing when
-    the points cannot determine the law."""
+    """Fit the law to ``points``, bootstrap it (``replicates`` refits), write
+    :data:`OUTPUTS` into ``out`` and return the fit's summary (``fit.json``'s content).
+    Raises ScalingFitError before writing when the points cannot determine the law."""
     result = fit_law(points)
+    intervals, _ = bootstrap(points, result, replicates=replicates)
+    held = [p for p in points if p.held_out]
+    inside = sum(intervals.contains(p.name, p.loss) for p in held)
     summary = {
         **result.to_dict(),
+        "intervals": intervals.to_dict(),
+        "held_out_inside_interval": inside,
         "sweep": sweep,
         "points": len(points),
         "held_out_points": sum(p.held_out for p in points),
@@ -35,12 +46,13 @@ def write_fit(
     with (out / "points.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["name", "family", "n_active", "tokens", "expansion", "granularity", "shared", "held_out",
-                         "loss", "predicted", "train_seconds"])  # fmt: skip
+                         "loss", "predicted", "interval_low", "interval_high", "train_seconds"])  # fmt: skip
         for p in sorted(points, key=lambda p: p.name):
             x = p.inputs
             writer.writerow([p.name, p.family, int(x.n_active), int(x.tokens), f"{x.expansion:.4g}",
                              f"{x.granularity:.4g}", int(x.shared), int(p.held_out), f"{p.loss:.6f}",
                              f"{result.predictions[p.name]:.6f}",
+                             *(f"{v:.6f}" for v in intervals.predictions[p.name]),
                              "" if p.seconds is None else f"{p.seconds:.2f}"])  # fmt: skip
     header, rows = analysis.vs_dense_table(points, dense)
     found = analysis.findings(points, pairs)
@@ -53,7 +65,11 @@ def write_fit(
         "",
         f"Fit error (relative, {result.fit.count} points): RMS {result.fit.rms:.2%}, max {result.fit.max:.2%}. "
         f"Held out ({result.held_out.count} of the largest runs): RMS {result.held_out.rms:.2%}, max "
-        f"{result.held_out.max:.2%}, against the fit's band ±{result.band:.2%} (3 × the fit's RMS).",
+        f"{result.held_out.max:.2%}, against the fit's band ±{result.band:.2%} (3 × the fit's RMS); "
+        f"{inside} of {len(held)} inside their {intervals.level:.0%} bootstrap prediction intervals "
+        f"({intervals.replicates} refits of resampled points; the interval holds a fresh measurement's noise too).",
+        "",
+        _coefficient_table(result, intervals),
         "",
         f"## Each architecture minus the `{dense}` twin at the same size and tokens, nats/token",
         "",
@@ -112,3 +128,10 @@ def _seconds_coverage(points: list[Observation]) -> str:
 def _comparison_json(c: analysis.Comparison) -> dict:
     mean = c.mean if c.deltas else None  # no cell to compare: null, not NaN (strict JSON)
     return {"label": c.label, "a": c.a, "b": c.b, "mean_delta": mean, "a_better": c.wins, "cells": len(c.deltas)}
+
+
+def _coefficient_table(result: FitResult, intervals: Intervals) -> str:
+    level = f"{intervals.level:.0%} interval"
+    rows = [[name, f"{value:.4g}", f"[{intervals.coefficients[name][0]:.4g}, {intervals.coefficients[name][1]:.4g}]"]
+            for name, value in result.law.coefficients.items()]  # fmt: skip
+    return tabulate(rows, headers=["coefficient", "fitted", level], tablefmt="github")

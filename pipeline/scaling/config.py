@@ -60,10 +60,17 @@ class ScalingStageConfig:
     dense: str = "dense"  # the family that is the dense twin at equal active width
     pairs: list[PairSpec] = field(default_factory=list)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    # Bootstrap refits for the intervals of every coefficient and prediction (bootstrap.py).
+    bootstrap_replicates: int = 200
 
     def __post_init__(self) -> None:
         require(bool(self.sweep), "sweep", "must name a sweep (conf/sweep/<name>.yaml)")
         require(bool(self.out_dir), "out_dir", "must be a non-empty path")
+        require(
+            self.bootstrap_replicates >= 20,
+            "bootstrap_replicates",
+            f"must be >= 20 for a 95% percentile interval, got {self.bootstrap_replicates}",
+        )
         require(
             self.hold_out_budgets in ("largest", "all"),
             "hold_out_budgets",

@@ -118,7 +118,15 @@ def _work(ctx: StageContext) -> StageResult:
     pairs = [(p.a, p.b, p.label) for p in cfg.pairs]
     cluster.start(ctx.recipe.ray)
     summary = remote.call(
-        ctx.recipe.ray, write_fit, points, pairs, remote.Out(ctx.scratch), cfg.dense, cfg.sweep, num_cpus=1
+        ctx.recipe.ray,
+        write_fit,
+        points,
+        pairs,
+        remote.Out(ctx.scratch),
+        cfg.dense,
+        cfg.sweep,
+        cfg.bootstrap_replicates,
+        num_cpus=1,
     )
     metrics = {
         "points": summary["points"],
@@ -128,6 +136,7 @@ def _work(ctx: StageContext) -> StageResult:
         "held_out_rms_rel_error": summary["held_out_error"]["rms"],
         "held_out_max_rel_error": summary["held_out_error"]["max"],
         "prediction_band": summary["prediction_band"],
+        "held_out_inside_interval": summary["held_out_inside_interval"],
         **{f"coef_{k}": v for k, v in summary["coefficients"].items()},
     }
 

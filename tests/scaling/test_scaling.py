@@ -118,6 +118,32 @@ def test_held_out_points_are_predicted_within_the_error_the_fit_reports():
     assert summary["held_out_within_band"] is True and summary["prediction_band"] == pytest.approx(3 * result.fit.rms)
 
 
+def test_bootstrap_prediction_intervals_cover_fresh_measurements_at_their_level():
+    """95% predictive intervals of the held-out points must hold about 95% of fresh
+    measurements (new noise draws around the true loss). Intervals of the law's mean
+    alone (no residual added) cover about a quarter of them here: that bug fails this."""
+    from pipeline.scaling.bootstrap import bootstrap
+
+    noise = 0.02
+    points = _synthetic(noise=noise, seed=4)
+    result = fit_law(points)
+    intervals, draws = bootstrap(points, result, replicates=120, seed=1)
+    assert draws.shape == (120, len(points)) and intervals.level == 0.95
+    rng = np.random.default_rng(9)
+    held = [p for p in points if p.held_out]
+    inside = [
+        intervals.contains(p.name, TRUE.predict_one(p.inputs) * math.exp(rng.normal(0, noise)))
+        for p in held
+        for _ in range(100)
+    ]
+    assert 0.85 <= np.mean(inside) <= 1.0, np.mean(inside)
+    widths = [math.log(hi / lo) for lo, hi in intervals.predictions.values()]
+    assert 2 * 1.96 * noise * 0.7 < np.median(widths) < 2 * 1.96 * noise * 2.0  # about the noise's own width
+    for name in ("alpha", "beta"):
+        low, high = intervals.coefficients[name]
+        assert low < result.law.coefficients[name] < high and high - low < 0.5, (name, low, high)
+
+
 def test_fewer_points_than_coefficients_is_refused_before_fitting():
     points = _synthetic(noise=0.0)[:9]
     with pytest.raises(ScalingFitError, match=r"9 sweep point\(s\) to fit .* 9 coefficients .* at least 10"):
@@ -472,8 +498,15 @@ def test_scaling_fit_stage_reads_the_sweep_from_mlflow_fits_and_logs(tmp_path):
     comparison = (out / "comparison.md").read_text()
     assert "e16k4 - dense" in comparison and "## At equal training seconds" in comparison
     assert "41 of 42 runs have their training seconds" in comparison  # the resumed run is left out
-    rows = {r.split(",")[0]: r.split(",") for r in (out / "points.csv").read_text().splitlines()[1:]}
+    header, *lines = (out / "points.csv").read_text().splitlines()
+    rows = {r.split(",")[0]: r.split(",") for r in lines}
     assert float(rows["m-dense-600000"][-1]) == 600.0 and rows["s-e8k2-600000"][-1] == ""
+    assert header.split(",")[-4:] == ["predicted", "interval_low", "interval_high", "train_seconds"]
+    for row in rows.values():  # each prediction inside its bootstrap interval
+        predicted, low, high = map(float, row[-4:-1])
+        assert low < predicted < high, row
+    assert fit["intervals"]["replicates"] == 200 and 0 <= fit["held_out_inside_interval"] <= 7
+    assert "bootstrap prediction intervals" in (out / "comparison.md").read_text()
     # MoE runs are slower per token here: at the dense run's seconds they have fewer tokens.
     (moe_vs_dense,) = [c for c in fit["comparisons_at_equal_seconds"] if c["label"] == "moe"]
     (at_tokens,) = [c for c in fit["comparisons"] if c["label"] == "moe"]

@@ -1,0 +1,110 @@
+"""How sure the fit is: bootstrap intervals for every coefficient and every prediction.
+
+Case resampling (Efron & Tibshirani 1993, ch. 6 and 9): draw the fitted points with
+replacement, refit (L-BFGS-B from the full fit's optimum, the same Huber objective),
+and read the spread of the refits. A coefficient's interval is the percentile interval
+of its refitted values. A *prediction* interval is for the loss a new run would
+measure, not only for the law's mean: each replicate's predicted log loss plus one of
+that replicate's own residuals drawn at random (a residual-resampling predictive
+interval, Davison & Hinkley 1997, section 6.3.3), so the run-to-run noise the fit sees
+is part of the interval as well as the uncertainty of the coefficients.
+
+A replicate that draws too few distinct values of N, D, Ê, G or S to determine the law
+(:func:`pipeline.scaling.fit.check_identifiable`) is drawn again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import minimize
+from threadpoolctl import threadpool_limits
+
+from pipeline.scaling.fit import BOUNDS, HUBER_DELTA, FitResult, Observation, ScalingFitError, check_identifiable, huber
+from pipeline.scaling.law import COEFFICIENTS, LawInputs, design_matrix, log_loss, log_loss_and_jacobian
+
+
+@dataclass
+class Intervals:
+    """Percentile intervals at ``level`` from ``replicates`` bootstrap refits."""
+
+    replicates: int
+    level: float
+    coefficients: dict[str, tuple[float, float]]
+    # per point name: the interval a fresh measurement of that point's loss should fall in
+    predictions: dict[str, tuple[float, float]]
+
+    def contains(self, name: str, loss: float) -> bool:
+        low, high = self.predictions[name]
+        return low <= loss <= high
+
+    def to_dict(self) -> dict:
+        return {
+            "replicates": self.replicates,
+            "level": self.level,
+            "coefficients": {k: list(v) for k, v in self.coefficients.items()},
+            "predictions": {k: list(v) for k, v in self.predictions.items()},
+        }
+
+
+def bootstrap(
+    points: list[Observation],
+    result: FitResult,
+    replicates: int = 200,
+    level: float = 0.95,
+    seed: int = 0,
+    extra: list[LawInputs] | None = None,
+) -> tuple[Intervals, np.ndarray]:
+    """Bootstrap ``result`` (the fit of ``points``' non-held-out points).
+
+    Returns the intervals over every point (held out too) and the predictive draws of
+    log loss, shape (replicates, len(points) + len(extra)), for callers that compare
+    candidates (``extra``: more law inputs to predict, e.g. a planner's candidates).
+    Raises ScalingFitError if no identifiable resample is found in 50 draws."""
+    fitted = [p for p in points if not p.held_out]
+    X_fit = design_matrix([p.inputs for p in fitted])
+    y_fit = np.log([p.loss for p in fitted])
+    X_all = design_matrix([p.inputs for p in points] + list(extra or []))
+    theta0 = np.array(result.law.theta, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    thetas, draws = [], []
+    with threadpool_limits(limits=1):
+        for _ in range(replicates):
+            idx = _identifiable_resample(fitted, rng)
+            theta = _refit(theta0, X_fit[idx], y_fit[idx])
+            residuals = y_fit[idx] - log_loss(theta, X_fit[idx])
+            thetas.append(theta)
+            draws.append(log_loss(theta, X_all) + rng.choice(residuals, size=X_all.shape[0]))
+    thetas_RC, draws_RP = np.array(thetas), np.array(draws)
+    tail = (1.0 - level) / 2.0 * 100.0
+    lo_C, hi_C = np.percentile(thetas_RC, [tail, 100.0 - tail], axis=0)
+    lo_P, hi_P = np.exp(np.percentile(draws_RP, [tail, 100.0 - tail], axis=0))
+    intervals = Intervals(
+        replicates=replicates,
+        level=level,
+        coefficients={name: (float(lo_C[i]), float(hi_C[i])) for i, name in enumerate(COEFFICIENTS)},
+        predictions={p.name: (float(lo_P[i]), float(hi_P[i])) for i, p in enumerate(points)},
+    )
+    return intervals, draws_RP
+
+
+def _identifiable_resample(fitted: list[Observation], rng: np.random.Generator) -> np.ndarray:
+    for _ in range(50):
+        idx = rng.integers(0, len(fitted), size=len(fitted))
+        try:
+            check_identifiable([fitted[i] for i in idx])
+        except ScalingFitError:
+            continue
+        return idx
+    raise ScalingFitError("bootstrap: 50 resamples in a row could not determine the law; the sweep is too thin")
+
+
+def _refit(theta0: np.ndarray, X: np.ndarray, y: np.ndarray, delta: float = HUBER_DELTA) -> np.ndarray:
+    def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        pred, jac = log_loss_and_jacobian(theta, X)
+        r = pred - y
+        return float(np.sum(huber(r, delta))), np.clip(r, -delta, delta) @ jac
+
+    res = minimize(objective, theta0, jac=True, method="L-BFGS-B", bounds=BOUNDS, options={"maxiter": 5000})
+    return res.x
