@@ -25,7 +25,7 @@ endif
 # The recipe's stages, as the registry wrote them into dvc.yaml (pipeline/stages/registry.py).
 STAGES := mix pretrain midtrain sft qat export profile evalsets eval_pretrain eval_midtrain eval_sft eval_qat report
 ARGS ?=
-.PHONY: setup lock params repro test test-fast lint drill sweep scaling-fit plan mutants bench-model bench-train bench-config bench-export bench-profile bench-peers \
+.PHONY: setup lock params repro test test-fast lint drill sweep scaling-fit closed-loop plan mutants bench-model bench-train bench-config bench-export bench-profile bench-peers \
 	profile-paper ui $(STAGES)
 
 setup: $(STAMP)
@@ -101,6 +101,13 @@ sweep: params
 
 scaling-fit: $(STAMP)
 	$(PY) -m pipeline.stages scaling_fit sweep=$(SWEEP) $(ARGS)
+
+# The planner's choice at the tiny budget trained like the sweep's largest points, and the
+# law's prediction for it checked against the run (after make sweep and make scaling-fit).
+closed-loop: $(STAMP)
+	$(MAKE) sweep SWEEP=closed_loop
+	$(PY) -m pipeline.stages closed_loop --params params.yaml --sweep closed_loop --fit outputs/scaling/fit.json \
+	  --out outputs/scaling
 
 MEMORY ?=
 FLOPS ?=

@@ -5,9 +5,11 @@ replacement, refit (L-BFGS-B from the full fit's optimum, the same Huber objecti
 and read the spread of the refits. A coefficient's interval is the percentile interval
 of its refitted values. A *prediction* interval is for the loss a new run would
 measure, not only for the law's mean: each replicate's predicted log loss plus one of
-that replicate's own residuals drawn at random (a residual-resampling predictive
-interval, Davison & Hinkley 1997, section 6.3.3), so the run-to-run noise the fit sees
-is part of the interval as well as the uncertainty of the coefficients.
+the full fit's residuals drawn at random (a predictive interval in the manner of
+Davison & Hinkley 1997, section 6.3.3), so the run-to-run noise the fit sees is part of
+the interval as well as the uncertainty of the coefficients. The refits' coefficients
+and the residuals are kept (``fit.json``), so the planner and the closed loop draw
+intervals for architectures the sweep never ran (:func:`predictive_draws`).
 
 A replicate that draws too few distinct values of N, D, Ê, G or S to determine the law
 (:func:`pipeline.scaling.fit.check_identifiable`) is drawn again.
@@ -34,6 +36,8 @@ class Intervals:
     coefficients: dict[str, tuple[float, float]]
     # per point name: the interval a fresh measurement of that point's loss should fall in
     predictions: dict[str, tuple[float, float]]
+    thetas: list[list[float]]  # each refit's coefficients (COEFFICIENTS order)
+    residuals: list[float]  # the full fit's log-loss residuals (measured - predicted)
 
     def contains(self, name: str, loss: float) -> bool:
         low, high = self.predictions[name]
@@ -45,6 +49,8 @@ class Intervals:
             "level": self.level,
             "coefficients": {k: list(v) for k, v in self.coefficients.items()},
             "predictions": {k: list(v) for k, v in self.predictions.items()},
+            "thetas": self.thetas,
+            "residuals": self.residuals,
         }
 
 
@@ -65,18 +71,12 @@ def bootstrap(
     fitted = [p for p in points if not p.held_out]
     X_fit = design_matrix([p.inputs for p in fitted])
     y_fit = np.log([p.loss for p in fitted])
-    X_all = design_matrix([p.inputs for p in points] + list(extra or []))
     theta0 = np.array(result.law.theta, dtype=np.float64)
+    residuals_F = y_fit - log_loss(theta0, X_fit)
     rng = np.random.default_rng(seed)
-    thetas, draws = [], []
     with threadpool_limits(limits=1):
-        for _ in range(replicates):
-            idx = _identifiable_resample(fitted, rng)
-            theta = _refit(theta0, X_fit[idx], y_fit[idx])
-            residuals = y_fit[idx] - log_loss(theta, X_fit[idx])
-            thetas.append(theta)
-            draws.append(log_loss(theta, X_all) + rng.choice(residuals, size=X_all.shape[0]))
-    thetas_RC, draws_RP = np.array(thetas), np.array(draws)
+        thetas_RC = np.array([_refit(theta0, X_fit[idx], y_fit[idx]) for idx in _resamples(fitted, rng, replicates)])
+    draws_RP = predictive_draws(thetas_RC, residuals_F, [p.inputs for p in points] + list(extra or []), rng)
     tail = (1.0 - level) / 2.0 * 100.0
     lo_C, hi_C = np.percentile(thetas_RC, [tail, 100.0 - tail], axis=0)
     lo_P, hi_P = np.exp(np.percentile(draws_RP, [tail, 100.0 - tail], axis=0))
@@ -85,19 +85,46 @@ def bootstrap(
         level=level,
         coefficients={name: (float(lo_C[i]), float(hi_C[i])) for i, name in enumerate(COEFFICIENTS)},
         predictions={p.name: (float(lo_P[i]), float(hi_P[i])) for i, p in enumerate(points)},
+        thetas=thetas_RC.tolist(),
+        residuals=residuals_F.tolist(),
     )
     return intervals, draws_RP
 
 
-def _identifiable_resample(fitted: list[Observation], rng: np.random.Generator) -> np.ndarray:
-    for _ in range(50):
-        idx = rng.integers(0, len(fitted), size=len(fitted))
-        try:
-            check_identifiable([fitted[i] for i in idx])
-        except ScalingFitError:
-            continue
-        return idx
-    raise ScalingFitError("bootstrap: 50 resamples in a row could not determine the law; the sweep is too thin")
+def predictive_draws(
+    thetas_RC: np.ndarray, residuals: np.ndarray, inputs: list[LawInputs], rng: np.random.Generator
+) -> np.ndarray:
+    """Draws of a fresh measurement's log loss, (R, len(inputs)): refit r's prediction
+    plus a residual drawn from ``residuals``, independently per input."""
+    X = design_matrix(inputs)
+    residuals = np.asarray(residuals, dtype=np.float64)
+    return np.array([log_loss(theta, X) for theta in np.asarray(thetas_RC)]) + rng.choice(
+        residuals, size=(len(thetas_RC), len(inputs))
+    )
+
+
+def interval(draws_R: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """The percentile interval of loss from draws of log loss."""
+    tail = (1.0 - level) / 2.0 * 100.0
+    low, high = np.exp(np.percentile(draws_R, [tail, 100.0 - tail]))
+    return float(low), float(high)
+
+
+def _resamples(fitted: list[Observation], rng: np.random.Generator, count: int) -> list[np.ndarray]:
+    """``count`` index draws with replacement, each able to determine the law."""
+    out = []
+    while len(out) < count:
+        for _ in range(50):
+            idx = rng.integers(0, len(fitted), size=len(fitted))
+            try:
+                check_identifiable([fitted[i] for i in idx])
+            except ScalingFitError:
+                continue
+            out.append(idx)
+            break
+        else:
+            raise ScalingFitError("bootstrap: 50 resamples in a row could not determine the law; the sweep is too thin")
+    return out
 
 
 def _refit(theta0: np.ndarray, X: np.ndarray, y: np.ndarray, delta: float = HUBER_DELTA) -> np.ndarray:

@@ -8,10 +8,12 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 from tabulate import tabulate
 
 from pipeline.scaling import plots
-from pipeline.scaling.law import ScalingLaw
+from pipeline.scaling.bootstrap import interval, predictive_draws
+from pipeline.scaling.law import ScalingLaw, design_matrix, log_loss
 from pipeline.scaling.planner import Budget, Candidate, Plan, PlanError, frontier_loss_at
 
 
@@ -64,6 +66,59 @@ def by_expansion(feasible: list[Candidate]) -> list[dict]:
     return [best[k].row() for k in sorted(best)]
 
 
+# A candidate counts as told apart from the chosen one when the chosen one is predicted
+# lower in at least this share of the bootstrap refits (a one-sided 97.5% level).
+TOLD_APART = 0.975
+
+
+def uncertainty(result: Plan, fit: dict, seed: int = 0) -> dict | None:
+    """The chosen model's predictive interval and, for each of the best candidates, the
+    share of bootstrap refits of the law that predict it a lower loss than the chosen
+    one (paired: the same refit for both); None for a fit.json without refits.
+
+    Returns ``{"interval": [low, high], "level", "rows": [{name, pred_loss,
+    share_lower_than_chosen, told_apart}]}``. Told apart: the chosen one is lower in at
+    least :data:`TOLD_APART` of the refits."""
+    boot = fit.get("intervals") or {}
+    if "thetas" not in boot:
+        return None
+    thetas_RC = np.array(boot["thetas"])
+    best = result.best
+    mean_RB = np.array([log_loss(theta, design_matrix([c.inputs for c in best])) for theta in thetas_RC])
+    draws_R = predictive_draws(thetas_RC, np.array(boot["residuals"]), [best[0].inputs], np.random.default_rng(seed))
+    low, high = interval(draws_R[:, 0], boot["level"])
+    rows = []
+    for i, c in enumerate(best[1:], start=1):
+        lower = float(np.mean(mean_RB[:, i] < mean_RB[:, 0]))
+        rows.append(
+            {
+                "name": c.model.name,
+                "pred_loss": round(c.loss, 4),
+                "share_lower_than_chosen": round(lower, 3),
+                "told_apart": 1.0 - lower >= TOLD_APART,
+            }
+        )
+    return {"interval": [low, high], "level": boot["level"], "rows": rows}
+
+
+def uncertainty_text(result: Plan, sure: dict | None) -> str:
+    if sure is None:
+        return "No bootstrap refits in the fit (an older fit.json): run `make scaling-fit` for intervals."
+    low, high = sure["interval"]
+    apart = [r["name"] for r in sure["rows"] if not r["told_apart"]]
+    verdict = (
+        f"cannot be told apart from {len(apart)} of the next {len(sure['rows'])}: {', '.join(apart)} (the law's "
+        f"refits do not agree on which is lower in at least {TOLD_APART:.1%} of them)"
+        if apart
+        else f"is predicted lower than each of the next {len(sure['rows'])} in at least {TOLD_APART:.1%} of the refits"
+    )
+    return (
+        f"{result.chosen.model.name}: predicted loss {result.chosen.loss:.4f}, {sure['level']:.0%} interval for a "
+        f"measured run [{low:.4f}, {high:.4f}]; it {verdict}.\n\n"
+        + tabulate(sure["rows"], headers="keys", tablefmt="github")
+    )
+
+
 def plan_header(result: Plan, budget: Budget, fit: dict, tokens: float, context: int) -> str:
     """Two lines: the budget and the law, then the chosen model's predicted loss and costs."""
     chosen = result.chosen
@@ -97,11 +152,13 @@ def write_plan(
         f"{chosen.inputs.n_active:.3g}, D = {tokens:.3g}"
         + (": the losses are extrapolations, read them as a ranking." if beyond else ".")
     )
+    sure = uncertainty(result, fit)
     sections = [
         f"# Plan {name}",
         header.replace("\n", "  \n"),
         f"{result.enumerated} architectures enumerated, {len(result.feasible)} within budget.",
         "## Best within budget\n\n" + _table(result.best),
+        "## How sure (bootstrap refits of the law)\n\n" + uncertainty_text(result, sure),
         "## Best within budget per expansion (total / active FFN width)\n\n"
         + tabulate(sweet, headers="keys", tablefmt="github"),
         "## Reference models against the frontier (gap > 0: the frontier predicts a lower loss)\n\n"
@@ -116,6 +173,7 @@ def write_plan(
     record = {
         "budget": asdict(budget),
         "chosen": chosen.row(),
+        "uncertainty": sure,
         "best": [c.row() for c in result.best],
         "by_expansion": sweet,
         "references": reference_rows(result, refs),

@@ -2,7 +2,8 @@
 
 NAME is any declared stage (``list`` prints them in recipe order), or one of the tools
 beside the recipe: ``sweep`` (a Hydra multirun of sweep points over ``conf/scaling.yaml``),
-``scaling_fit`` and ``plan`` (the planner's own flags, see ``plan --help``).
+``scaling_fit``, ``plan`` (the planner's own flags, see ``plan --help``) and
+``closed_loop`` (the law's prediction for the planner's choice against its run).
 ``python -m pipeline.stages dvc [-o dvc.yaml]`` writes dvc.yaml from the declarations (and,
 with ``-o``, the Makefile's ``STAGES`` line: one ``make <stage>`` target per stage).
 """
@@ -32,6 +33,12 @@ def _plan() -> None:
     sys.exit(main())
 
 
+def _closed_loop() -> None:
+    from pipeline.stages.closed_loop import main
+
+    sys.exit(main())
+
+
 def _dvc() -> None:
     import argparse
     from pathlib import Path
@@ -57,7 +64,14 @@ def _list() -> None:
     print("\n".join(stage.name for stage in registry.recipe_stages()))
 
 
-TOOLS = {"sweep": _sweep, "scaling_fit": _scaling_fit, "plan": _plan, "dvc": _dvc, "list": _list}
+TOOLS = {
+    "sweep": _sweep,
+    "scaling_fit": _scaling_fit,
+    "plan": _plan,
+    "closed_loop": _closed_loop,
+    "dvc": _dvc,
+    "list": _list,
+}
 
 
 def main() -> None:

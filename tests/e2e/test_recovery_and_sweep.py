@@ -9,6 +9,7 @@ and run beside it when the suite runs on two workers (`make test`).
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,11 @@ def test_scaling_sweep_runs_each_point_once_and_a_rerun_skips_the_finished_ones(
     for arch in ("dense", "e8k4"):
         metrics = json.loads((repo / f"outputs/sweep/micro_grid/xs-{arch}-1024/metrics.json").read_text())
         assert metrics["tokens_seen"] == 1024 and metrics["step"] == 4
+    # Each point's own training seconds, in MLflow only (the equal-time tables read them).
+    assert all(r.data.metrics["perf/train_seconds"] > 0 for r in runs)
+    for arch in ("dense", "e8k4"):  # and never in a file DVC hashes
+        assert "seconds" not in (repo / f"outputs/sweep/micro_grid/xs-{arch}-1024/metrics.json").read_text()
+    _closed_loop_on(repo, runs)
     again = run(
         repo, _env(repo), ".venv/bin/python", "-m", "pipeline.stages", "sweep", "-m", "sweep=micro_grid", timeout=300
     )
@@ -88,3 +94,35 @@ def test_scaling_sweep_runs_each_point_once_and_a_rerun_skips_the_finished_ones(
     assert finished_stage_run(cfg, "sweep_point", key, tags)["run_id"] == point.info.run_id
     assert finished_stage_run(cfg, "sweep_point", "pretrain-" + "0" * 12, tags) is None
     assert finished_stage_run(cfg, "sweep_point", key, {"sweep": "another_sweep"}) is None
+
+
+def _closed_loop_on(repo: Path, runs: list) -> None:
+    """``python -m pipeline.stages closed_loop`` on a point of the micro sweep, against a
+    synthetic fit whose every refit is one law: the prediction is that law's, the
+    interval its residuals' spread, and the verdict follows the measured loss."""
+    import math
+
+    from pipeline.scaling.law import COEFFICIENTS, ScalingLaw
+    from pipeline.stages.scaling import observations
+
+    law = ScalingLaw((math.log(20.0), math.log(40.0), 0.6, 0.25, 0.08, 0.32, math.log(300.0), 0.3, math.log(1.7)))
+    fit = {
+        "coefficients": law.coefficients,
+        "formula": law.formula(),
+        "sweep": "synthetic",
+        "intervals": {"thetas": [list(law.theta)] * 200, "residuals": [-0.02, 0.02], "level": 0.95},
+    }
+    (repo / "synthetic_fit.json").write_text(json.dumps(fit))
+    args = [".venv/bin/python", "-m", "pipeline.stages", "closed_loop", "--sweep", "micro_grid",
+            "--fit", "synthetic_fit.json", "--out", "closed"]  # fmt: skip
+    two = subprocess.run(args, cwd=repo, env=_env(repo), capture_output=True, text=True, timeout=120)
+    assert two.returncode == 2 and "2 points" in two.stderr and "--point" in two.stderr, two.stderr[-2000:]
+    done = run(repo, _env(repo), *args, "--point", "xs-e8k4-1024", timeout=120)
+    result = json.loads((repo / "closed" / "closed_loop.json").read_text())
+    (point,) = [p for p in observations(runs, []) if p.name == "xs-e8k4-1024"]
+    predicted = law.predict_one(point.inputs)
+    assert result["measured"] == pytest.approx(point.loss) and result["predicted"] == pytest.approx(predicted)
+    assert result["interval"] == pytest.approx([predicted * math.exp(-0.02), predicted * math.exp(0.02)])
+    assert result["inside"] == (abs(math.log(point.loss / predicted)) <= 0.02)
+    assert (repo / "closed" / "closed_loop.md").read_text() in done.stdout
+    assert set(COEFFICIENTS) == set(fit["coefficients"])

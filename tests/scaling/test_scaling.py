@@ -144,6 +144,30 @@ def test_bootstrap_prediction_intervals_cover_fresh_measurements_at_their_level(
         assert low < result.law.coefficients[name] < high and high - low < 0.5, (name, low, high)
 
 
+def test_the_closed_loop_compares_a_run_with_the_predicted_interval_by_hand():
+    """Every refit equal to TRUE and residuals of -1%, 0, +1% (log): the predictive
+    draws take three values, so the 95% interval is exp(log L_pred -/+ 0.01) exactly."""
+    from pipeline.scaling.closed_loop import compare, report
+
+    fit = {
+        "coefficients": TRUE.coefficients,
+        "formula": TRUE.formula(),
+        "sweep": "synthetic",
+        "intervals": {"thetas": [list(TRUE.theta)] * 400, "residuals": [-0.01, 0.0, 0.01], "level": 0.95},
+    }
+    x = LawInputs(2e6, 6e5, 2.0, 8.0, True)
+    predicted = TRUE.predict_one(x)
+    inside = compare(fit, Observation("l6-e14k6s2-600000", "e14k6s2", x, predicted * 1.005, seconds=12.5))
+    assert inside["predicted"] == pytest.approx(predicted, rel=1e-12)
+    assert inside["interval"] == pytest.approx([predicted * math.exp(-0.01), predicted * math.exp(0.01)], rel=1e-12)
+    assert inside["inside"] and inside["miss"] == 0.0 and inside["relative_error"] == pytest.approx(0.005)
+    above = compare(fit, Observation("p", "f", x, predicted * 1.03))
+    assert not above["inside"] and above["miss"] == pytest.approx(1.03 / math.exp(0.01) - 1, rel=1e-9)
+    below = compare(fit, Observation("p", "f", x, predicted * 0.95))
+    assert below["miss"] == pytest.approx(0.95 / math.exp(-0.01) - 1, rel=1e-9) and below["miss"] < 0
+    assert "inside the interval" in report(inside, fit) and "above it" in report(above, fit)
+
+
 def test_fewer_points_than_coefficients_is_refused_before_fitting():
     points = _synthetic(noise=0.0)[:9]
     with pytest.raises(ScalingFitError, match=r"9 sweep point\(s\) to fit .* 9 coefficients .* at least 10"):
@@ -541,9 +565,37 @@ TINY_SPACE_OVERRIDES = [
 def _write_fit(path: Path) -> Path:
     import json
 
+    intervals = {"thetas": [list(TRUE.theta)] * 50, "residuals": [-0.01, 0.01], "level": 0.95}
     path.write_text(json.dumps({"coefficients": TRUE.coefficients, "formula": TRUE.formula(), "sweep": "synthetic",
-                                "range": {"n_active": 3e7, "tokens": 1e7}}))  # fmt: skip
+                                "range": {"n_active": 3e7, "tokens": 1e7}, "intervals": intervals}))  # fmt: skip
     return path
+
+
+def test_the_plan_says_how_sure_and_which_candidates_cannot_be_told_apart():
+    """Refits: 360 of TRUE, 40 with the granularity term reversed (gamma < 0), under which
+    the coarser B is lower than the chosen A: 10% of the refits put B lower, so the two
+    cannot be told apart at 97.5%; C (fewer parameters) is never lower."""
+    from pipeline.scaling.plan_report import uncertainty, uncertainty_text
+    from pipeline.scaling.planner import Budget, Candidate, Plan
+
+    base = model("tiny")
+    inputs = {"A": LawInputs(2e6, 6e5, 2.0, 8.0, True), "B": LawInputs(2e6, 6e5, 2.0, 4.0, True),
+              "C": LawInputs(1e6, 6e5, 2.0, 8.0, True)}  # fmt: skip
+    cands = [Candidate(replace(base, name=k), 1, 1.0, 1, x, TRUE.predict_one(x)) for k, x in inputs.items()]
+    assert cands[0].loss < cands[1].loss < cands[2].loss
+    plan = Plan(Budget(memory_bytes=10**9), cands, [], [], enumerated=3)
+    reversed_gamma = list(TRUE.theta)
+    reversed_gamma[2] = -0.5
+    fit = {"intervals": {"thetas": [list(TRUE.theta)] * 360 + [reversed_gamma] * 40, "residuals": [0.0], "level": 0.9}}
+    sure = uncertainty(plan, fit)
+    assert [r["name"] for r in sure["rows"]] == ["B", "C"]
+    assert sure["rows"][0]["share_lower_than_chosen"] == 0.1 and sure["rows"][0]["told_apart"] is False
+    assert sure["rows"][1]["share_lower_than_chosen"] == 0.0 and sure["rows"][1]["told_apart"] is True
+    # residuals of 0: the interval is the spread of the refits' predictions for A
+    lows = [math.exp(log_loss(np.array(t), design_matrix([inputs["A"]]))[0]) for t in (TRUE.theta, reversed_gamma)]
+    assert sure["interval"] == pytest.approx(sorted(lows), rel=1e-9) and sure["level"] == 0.9
+    assert "cannot be told apart from 1 of the next 2: B" in uncertainty_text(plan, sure)
+    assert "No bootstrap refits" in uncertainty_text(plan, uncertainty(plan, {}))
 
 
 def test_plan_command_writes_a_config_the_recipe_composes_and_builds(tmp_path, capsys):
@@ -567,6 +619,7 @@ def test_plan_command_writes_a_config_the_recipe_composes_and_builds(tmp_path, c
     assert plan_cli.main([*argv, *TINY_SPACE_OVERRIDES]) == 0
     printed = capsys.readouterr().out
     assert "Best within budget" in printed and "tiny_dense_active" in printed  # the references table
+    assert "## How sure (bootstrap refits of the law)" in printed and "95% interval for a measured run" in printed
     written = conf / "model" / "planned_test.yaml"
     assert written.read_text().startswith(f"# {plan_cli.MARKER}")
     # the recipe composes it by name (here through Hydra's search path) and accepts it

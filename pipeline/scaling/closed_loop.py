@@ -1,0 +1,74 @@
+"""The loop closed: the law's prediction for an architecture it chose, against a run.
+
+``make closed-loop`` trains the planner's choice at the tiny budget
+(``conf/model/planned_tiny.yaml``, not a point of the sweep the law was fitted on) as a
+one-point sweep (``conf/sweep/closed_loop.yaml``: the fitted sweep's stage settings, its
+largest token budget), then ``python -m pipeline.stages closed_loop``
+(pipeline/stages/closed_loop.py), which reads that point from MLflow and calls
+:func:`compare`: the loss the fitted law predicts and its bootstrap predictive interval
+(``fit.json``'s refits and residuals, :mod:`pipeline.scaling.bootstrap`) against the
+measured loss: inside the interval or not, and by how much it misses.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.scaling.bootstrap import interval, predictive_draws
+from pipeline.scaling.fit import Observation
+from pipeline.scaling.law import COEFFICIENTS, ScalingLaw
+
+
+def compare(fit: dict, point: Observation, seed: int = 0) -> dict:
+    """The law's prediction and predictive interval for ``point``, against its loss.
+
+    ``fit`` is ``fit.json``'s content (coefficients and ``intervals`` with ``thetas``,
+    ``residuals``, ``level``). ``miss``: 0 inside the interval, else the measured loss's
+    relative distance to the nearer bound (positive above, negative below). Raises
+    KeyError naming what a fit.json without intervals lacks."""
+    law = ScalingLaw(tuple(fit["coefficients"][name] for name in COEFFICIENTS))
+    boot = fit["intervals"]
+    draws_R = predictive_draws(
+        np.array(boot["thetas"]), np.array(boot["residuals"]), [point.inputs], np.random.default_rng(seed)
+    )[:, 0]
+    low, high = interval(draws_R, boot["level"])
+    predicted = law.predict_one(point.inputs)
+    inside = low <= point.loss <= high
+    miss = 0.0 if inside else (point.loss / high - 1.0 if point.loss > high else point.loss / low - 1.0)
+    return {
+        "point": point.name,
+        "inputs": vars(point.inputs),
+        "measured": point.loss,
+        "predicted": predicted,
+        "relative_error": point.loss / predicted - 1.0,
+        "interval": [low, high],
+        "level": boot["level"],
+        "inside": inside,
+        "miss": miss,
+        "train_seconds": point.seconds,
+    }
+
+
+def report(result: dict, fit: dict) -> str:
+    low, high = result["interval"]
+    side = "above" if result["miss"] > 0 else "below"
+    verdict = (
+        "inside the interval"
+        if result["inside"]
+        else f"outside the interval, {abs(result['miss']):.2%} of the loss {side} it"
+    )
+    x = result["inputs"]
+    return "\n".join(
+        [
+            "# The loop closed",
+            "",
+            f"Law fitted on sweep `{fit.get('sweep', '?')}`: `{fit['formula']}`.",
+            "",
+            f"Run `{result['point']}` (N = {x['n_active']:.4g} active, D = {x['tokens']:.4g} tokens, "
+            f"Ê = {x['expansion']:.3g}, G = {x['granularity']:.3g}, shared expert: {x['shared']}): "
+            f"measured {result['measured']:.4f}, predicted {result['predicted']:.4f} "
+            f"({result['relative_error']:+.2%}), {result['level']:.0%} predictive interval "
+            f"[{low:.4f}, {high:.4f}]: {verdict}.",
+            "",
+        ]
+    )

@@ -1,0 +1,66 @@
+"""``python -m pipeline.stages closed_loop``: the law's prediction for the architecture it
+chose, against the run that trained it (``make closed-loop``; the maths is
+pipeline/scaling/closed_loop.py).
+
+Reads the newest FINISHED point of ``--sweep`` (default ``closed_loop``, a one-point
+sweep of the planner's choice) from the MLflow store of ``--params``, and ``--fit``
+(``make scaling-fit``'s ``fit.json``, with its bootstrap refits); writes
+``closed_loop.json`` and ``closed_loop.md`` into ``--out``. Exit 2 with one line when
+either is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from pipeline import tracking
+    from pipeline.configbase import ConfigError
+    from pipeline.recipe import load_params, validate
+    from pipeline.scaling.closed_loop import compare, report
+    from pipeline.scaling.fit import ScalingFitError
+    from pipeline.stages.scaling import observations
+    from pipeline.stages.sweep import STAGE
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--sweep", default="closed_loop")
+    parser.add_argument("--fit", type=Path, default=Path("outputs/scaling/fit.json"))
+    parser.add_argument("--out", type=Path, default=Path("outputs/scaling"))
+    parser.add_argument("--point", help="which point of the sweep, e.g. l6-e14k6s2-600000 (default: its only one)")
+    args = parser.parse_args(argv)
+    try:
+        fit = json.loads(args.fit.read_text())
+        if "intervals" not in fit or "thetas" not in fit["intervals"]:
+            raise ConfigError(f"--fit {args.fit}: no bootstrap refits in it; run `make scaling-fit` again")
+        cfg = validate(load_params(args.params)).tracking
+        runs = tracking.tagged_runs(cfg, {"stage": STAGE, "sweep": args.sweep})
+        points = observations(runs, hold_out_sizes=[])
+        if args.point:
+            chosen = [p for p in points if p.name == args.point]
+            if not chosen:
+                names = ", ".join(p.name for p in points) or "none"
+                raise ConfigError(f"--point {args.point}: not a finished point of sweep {args.sweep} ({names})")
+            points = chosen
+        if len(points) != 1:
+            found = "no FINISHED point" if not points else f"{len(points)} points ({', '.join(p.name for p in points)})"
+            raise ConfigError(f"--sweep {args.sweep}: {found} in MLflow; name one with --point")
+    except (OSError, ValueError, ConfigError, ScalingFitError, tracking.TrackingError) as err:
+        print(f"closed_loop: {err}", file=sys.stderr)
+        return 2
+    result = compare(fit, points[0])
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "closed_loop.json").write_text(json.dumps(result, indent=2, sort_keys=True))
+    text = report(result, fit)
+    (args.out / "closed_loop.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
