@@ -13,7 +13,7 @@ import gpu_check  # noqa: E402
 
 
 def test_the_gpu_check_runs_parity_and_throughput_on_cpu(micro_data, capsys):
-    args = ["--device", "cpu", "--mixture", str(micro_data / "pretrain"), "--model", "tiny"]
+    args = ["--device", "cpu", "--mixture", str(micro_data / "pretrain"), "--model", "micro", "--parity-model", "micro"]
     args += ["--parity-steps", "4", "--steps", "4", "--warmup", "1", "--batch", "2", "--seq-len", "64"]
     assert gpu_check.main([*args, "--eval-batches", "2"]) == 0
     out = capsys.readouterr().out
@@ -21,7 +21,7 @@ def test_the_gpu_check_runs_parity_and_throughput_on_cpu(micro_data, capsys):
     assert parity and "PASS" in out, out
     fp32, _, bf16, gap = map(float, parity.groups())
     assert gap == pytest.approx(abs(bf16 - fp32), abs=2e-4) and 0 < gap  # BF16 did run: not FP32 twice
-    rate = re.search(r"throughput \(tiny on cpu, BF16, 4 steps of 2x64\): ([\d,]+) tokens/s", out)
+    rate = re.search(r"throughput \(micro on cpu, BF16, 4 steps of 2x64\): ([\d,]+) tokens/s", out)
     assert rate and int(rate.group(1).replace(",", "")) > 0, out
     assert "peak RSS" in out
 
