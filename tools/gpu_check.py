@@ -8,10 +8,11 @@ FP32 at the tiny shape, then the paper's S trained for a few hundred steps.
 Both parts run the recipe's own training loop (``pipeline.train.loop.run_loop``) on a
 built mixture (``make mix``'s ``data/mix/pretrain`` by default), on one device, no Ray.
 
-1. Parity: the tiny model trained three times from the same initialisation: FP32 seed 0,
-   FP32 seed 1, BF16 (autocast) seed 0. The seed's effect on the final validation loss is
-   the noise a user accepts anyway; BF16 passes when it moves the loss by at most twice
-   that, or 1% of the loss, whichever is larger. Exits 1 when it does not.
+1. Parity: the tiny model trained three times: FP32 seed 0, FP32 seed 1 (another
+   initialisation and data order), BF16 (autocast) seed 0 (FP32 seed 0's initialisation
+   and data). The seed's effect on the final validation loss is the noise a user accepts
+   anyway; BF16 passes when it moves the loss by at most twice that, or 1% of the loss,
+   whichever is larger. Exits 1 when it does not.
 2. Throughput: the S config (``conf/model/mobilemoe_s.yaml``) in BF16 for ``--steps``
    steps; prints tokens/s (median over the steps after ``--warmup``), model FLOP/s
    utilisation against the device's datasheet BF16 peak where the table below knows it
@@ -40,8 +41,16 @@ from pipeline.train.config import TrainStageConfig  # noqa: E402
 from pipeline.train.loop import WorkerJob, run_loop  # noqa: E402
 from pipeline.train.schedule import ScheduleConfig  # noqa: E402
 
-# Dense BF16 tensor-core peaks from the vendors' datasheets (FLOP/s, without sparsity).
-DATASHEET_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
+# Dense BF16 tensor-core peaks from the vendors' datasheets (FLOP/s, without sparsity),
+# by the name torch reports; the first key found in the name wins (PCIe before SXM).
+DATASHEET_BF16_PEAK = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,  # SXM
+    "H200": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+}
 
 
 class StepMetrics:

@@ -382,24 +382,40 @@ class LoweringMemoryInput:
 
 @dataclass
 class CompilerInput:
-    """``torch.compile`` on CPU: inductor builds its kernels with the machine's C++
-    compiler (``$CXX``, else ``c++``/``g++``/``clang++`` on PATH). Without one the first
-    training step would fail after the model and data were loaded."""
+    """``torch.compile``'s compilers, found the way torch finds them: on CPU inductor's
+    C++ compiler (``$CXX``, else ``g++``: ``torch._inductor.cpp_builder``'s own search),
+    on CUDA Triton's C compiler for its launcher (``$CC``, else ``cc``/``gcc``/``clang``).
+    Without one the first training step would fail after the model and data were
+    loaded. Checked on the driver; on a cluster each node needs the same."""
 
     key: str
+    gpu: bool = False
 
     def check(self) -> str:
         import os
         import shutil
 
-        names = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
-        found = next((path for name in names if (path := shutil.which(name))), None)
-        if found is None:
+        if self.gpu:
+            names = [os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc", "clang"]
+            found = next((path for name in names if (path := shutil.which(name))), None)
+            if found is None:
+                raise StageInputError(
+                    f"{self.key}: torch.compile on CUDA (Triton) needs a C compiler and none of {', '.join(names)} "
+                    f"is on PATH; install one or set {self.key}=false"
+                )
+            return found
+        from torch._inductor import config, exc
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        try:
+            return get_cpp_compiler()
+        except exc.InvalidCxxCompiler:
+            tried = config.cpp.cxx if isinstance(config.cpp.cxx, (list, tuple)) else (config.cpp.cxx,)
+            names = ", ".join(str(c) for c in tried if c)
             raise StageInputError(
-                f"{self.key}: torch.compile on CPU needs a C++ compiler and none of {', '.join(names)} is on "
-                f"PATH; install one or set {self.key}=false"
-            )
-        return found
+                f"{self.key}: torch.compile on CPU needs a C++ compiler and inductor found none ({names}, as "
+                f"$CXX or on PATH); install one or set {self.key}=false"
+            ) from None
 
 
 @dataclass
@@ -425,9 +441,8 @@ class StorageInput:
                     "; check the bucket's name and the credentials in this environment (AWS_ACCESS_KEY_ID and "
                     "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE), which every node of a cluster needs as well"
                 )
-            raise StageInputError(
-                f"{self.key}: cannot write to {redacted(self.storage.uri)}: {str(err).splitlines()[0]}{hint}"
-            ) from None
+            message = f"cannot write to {self.storage.uri}: {str(err).splitlines()[0]}"
+            raise StageInputError(f"{self.key}: {redacted(message)}{hint}") from None
         return self.storage
 
 

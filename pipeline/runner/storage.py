@@ -135,13 +135,16 @@ class RunStorage:
         return self.child(STAGED, key, copy)
 
 
-_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@")
+# A URI's user part runs to the last "@" before the end of the URI (a secret key may
+# hold "/" or "+"); the URI ends at whitespace or a quote, as in pyarrow's messages.
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^\s'\"]*@")
 
 
-def redacted(uri: str) -> str:
-    """``uri`` without the credentials pyarrow takes from its user part
-    (``s3://KEY:SECRET@bucket/path``), for messages and logs."""
-    return _USERINFO.sub(r"\1***@", uri)
+def redacted(text: str) -> str:
+    """``text`` (a URI, or a message that quotes one, as pyarrow's errors do) with the
+    user part of every URI (``s3://KEY:SECRET@bucket/path``: pyarrow takes credentials
+    from it) replaced by ``***``."""
+    return _USERINFO.sub(r"\1***@", text)
 
 
 def run_storage(location: str, on_cluster: bool, repo_root: Path) -> RunStorage:

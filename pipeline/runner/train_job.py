@@ -50,7 +50,9 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    resume = resume_point(ray.train.get_checkpoint(), device, say=print if rank == 0 else None)
+    # Read on the CPU: the loop copies into the model (each rank only its shards, when
+    # sharded), so no device ever holds a second full copy of a large model.
+    resume = resume_point(ray.train.get_checkpoint(), "cpu", say=print if rank == 0 else None)
     callbacks = [
         BalanceCallback(),
         ProgressCallback(job.train["schedule"]["total_steps"], job.stage),

@@ -7,7 +7,10 @@ of its refitted values. A *prediction* interval is for the loss a new run would
 measure, not only for the law's mean: each replicate's predicted log loss plus one of
 the full fit's residuals drawn at random (a predictive interval in the manner of
 Davison & Hinkley 1997, section 6.3.3), so the run-to-run noise the fit sees is part of
-the interval as well as the uncertainty of the coefficients. The refits' coefficients
+the interval as well as the uncertainty of the coefficients. The residuals are centred
+(the Huber fit need not make their mean 0) and inflated by sqrt(n / (n - p)): in-sample
+residuals of a fit with p coefficients to n points understate the noise by about that
+factor, which matters for a thin sweep. The refits' coefficients
 and the residuals are kept (``fit.json``), so the planner and the closed loop draw
 intervals for architectures the sweep never ran (:func:`predictive_draws`).
 
@@ -37,7 +40,7 @@ class Intervals:
     # per point name: the interval a fresh measurement of that point's loss should fall in
     predictions: dict[str, tuple[float, float]]
     thetas: list[list[float]]  # each refit's coefficients (COEFFICIENTS order)
-    residuals: list[float]  # the full fit's log-loss residuals (measured - predicted)
+    residuals: list[float]  # the full fit's log-loss residuals, centred and inflated (module doc)
 
     def contains(self, name: str, loss: float) -> bool:
         low, high = self.predictions[name]
@@ -72,7 +75,9 @@ def bootstrap(
     X_fit = design_matrix([p.inputs for p in fitted])
     y_fit = np.log([p.loss for p in fitted])
     theta0 = np.array(result.law.theta, dtype=np.float64)
-    residuals_F = y_fit - log_loss(theta0, X_fit)
+    raw_F = y_fit - log_loss(theta0, X_fit)
+    n, p = len(fitted), len(COEFFICIENTS)  # check_identifiable: n > p
+    residuals_F = (raw_F - raw_F.mean()) * np.sqrt(n / (n - p))
     rng = np.random.default_rng(seed)
     with threadpool_limits(limits=1):
         thetas_RC = np.array([_refit(theta0, X_fit[idx], y_fit[idx]) for idx in _resamples(fitted, rng, replicates)])

@@ -58,7 +58,7 @@ def _inputs(recipe: RecipeConfig) -> list:
         MixtureInput(f"{KEY}.text_mixture", repo_path(cfg.text_mixture), cfg.seq_len),
         TokenizerInput(f"{KEY}.tokenizer", repo_path(cfg.tokenizer), recipe.model.vocab_size),
         CheckpointInput(f"{KEY}.init_checkpoint", repo_path(cfg.init_checkpoint), recipe.model),
-        *([CompilerInput(f"{KEY}.compile")] if cfg.compile and not recipe.ray.use_gpu else []),
+        *([CompilerInput(f"{KEY}.compile", gpu=recipe.ray.use_gpu)] if cfg.compile else []),
         *storage_inputs(recipe),
     ]
 

@@ -54,8 +54,8 @@ def _inputs(name: str, recipe: RecipeConfig) -> list:
     ]
     if cfg.init_checkpoint:
         items.append(CheckpointInput(f"stage.{name}.init_checkpoint", repo_path(cfg.init_checkpoint), recipe.model))
-    if cfg.compile and not recipe.ray.use_gpu:
-        items.append(CompilerInput(f"stage.{name}.compile"))
+    if cfg.compile:
+        items.append(CompilerInput(f"stage.{name}.compile", gpu=recipe.ray.use_gpu))
     return [*items, *storage_inputs(recipe)]
 
 

@@ -89,21 +89,28 @@ class Checkpoint:
 # --------------------------------------------------------------------------- through torch
 
 
-def _options(model: torch.nn.Module):
+def _options(model: torch.nn.Module, saving: bool):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
     from torch.distributed.tensor import DTensor
 
-    # Full tensors where parameters are sharded (FSDP2 gathers them; loading scatters);
-    # a model that is not sharded takes the plain path (the full-state load path wants
-    # optimizer state that a fresh optimizer does not have yet).
-    return StateDictOptions(full_state_dict=any(isinstance(p, DTensor) for p in model.parameters()))
+    # Full tensors where parameters are sharded: saving gathers them into rank 0's CPU
+    # memory only (cpu_offload; the other ranks get empty dicts), so no device ever holds
+    # the whole model and optimizer state, the case FSDP2 is for; loading takes each
+    # rank's shards from the full tensors read from the file. A model that is not sharded
+    # takes the plain path (the full-state load path wants optimizer state that a fresh
+    # optimizer does not have yet).
+    sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    return StateDictOptions(full_state_dict=sharded, cpu_offload=sharded and saving)
 
 
 def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """(model state, optimizer state) keyed by FQN, from torch's ``get_state_dict``."""
+    """(model state, optimizer state) keyed by FQN, from torch's ``get_state_dict``.
+
+    Collective for a sharded model (every rank calls it); then only rank 0 receives the
+    state (full tensors on the CPU), the other ranks empty dicts."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    return get_state_dict(model, optimizer, options=_options(model))
+    return get_state_dict(model, optimizer, options=_options(model, saving=True))
 
 
 def restore_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckpt: Checkpoint) -> None:
@@ -115,7 +122,10 @@ def restore_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimi
     if ckpt.optimizer_state is None:
         raise CheckpointError(f"{ckpt.path}: checkpoint has no optimizer state")
     saved = {p for g in ckpt.optimizer_state["param_groups"] for p in g["params"]}
-    current = {p for g in training_state(model, optimizer)[1]["param_groups"] for p in g["params"]}
+    # The names of the parameters this optimizer holds, as get_state_dict keys them (the
+    # module tree's names), found without gathering a sharded model.
+    names = {id(p): name for name, p in model.named_parameters()}
+    current = {names.get(id(p), "<not a parameter of the model>") for g in optimizer.param_groups for p in g["params"]}
     if saved != current:
         raise CheckpointError(
             f"{ckpt.path}: optimizer parameters differ: missing {sorted(current - saved)[:10]}, "
@@ -128,7 +138,13 @@ def restore_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimi
         for g in ckpt.optimizer_state["param_groups"]
     ]
     optim = {"state": ckpt.optimizer_state["state"], "param_groups": groups}
-    set_state_dict(model, optimizer, model_state_dict=ckpt.model_state, optim_state_dict=optim, options=_options(model))
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=ckpt.model_state,
+        optim_state_dict=optim,
+        options=_options(model, saving=False),
+    )
 
 
 # --------------------------------------------------------------------------- saving

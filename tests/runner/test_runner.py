@@ -195,16 +195,20 @@ def test_a_gpu_where_there_is_none_is_refused_before_ray_starts(micro_data, tmp_
     assert "needs 1 GPUs" in str(err.value) and "set ray.use_gpu=false" in str(err.value), str(err.value)
 
 
-def test_compile_on_cpu_without_a_cxx_compiler_is_named_before_ray_starts(micro_data, tmp_path, monkeypatch):
+def test_compile_without_the_compilers_torch_needs_is_named_before_ray_starts(micro_data, tmp_path, monkeypatch):
+    """On CPU inductor's own compiler search (its $CXX or g++) runs with an empty PATH;
+    on CUDA, Triton's C compiler."""
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.delenv("CC", raising=False)
     raw = micro(micro_data, "pretrain", "stage.pretrain.compile=true")
     with pytest.raises(StageInputError, match=r"^stage.pretrain.compile: torch.compile on CPU needs a C\+\+ compiler"):
         run(PRETRAIN, raw, tmp_path)
-    # A $CXX that is not there is named as well.
-    monkeypatch.setenv("CXX", "no-such-compiler")
-    with pytest.raises(StageInputError, match="none of no-such-compiler is on PATH"):
-        run(PRETRAIN, raw, tmp_path)
+    from pipeline.runner.inputs import CompilerInput
+
+    with pytest.raises(
+        StageInputError, match=r"^stage.sft.compile: torch.compile on CUDA \(Triton\) needs a C compiler"
+    ):
+        CompilerInput("stage.sft.compile", gpu=True).check()
 
 
 def test_a_second_run_into_the_same_outputs_stops_naming_the_holder(micro_data, tmp_path):

@@ -529,7 +529,9 @@ def test_scaling_fit_stage_reads_the_sweep_from_mlflow_fits_and_logs(tmp_path):
     for row in rows.values():  # each prediction inside its bootstrap interval
         predicted, low, high = map(float, row[-4:-1])
         assert low < predicted < high, row
-    assert fit["intervals"]["replicates"] == 200 and 0 <= fit["held_out_inside_interval"] <= 7
+    held = [r for r in rows.values() if r[7] == "1"]
+    inside = sum(float(r[-3]) <= float(r[8]) <= float(r[-2]) for r in held)
+    assert fit["intervals"]["replicates"] == 200 and fit["held_out_inside_interval"] == inside >= 4
     assert "bootstrap prediction intervals" in (out / "comparison.md").read_text()
     # MoE runs are slower per token here: at the dense run's seconds they have fewer tokens.
     (moe_vs_dense,) = [c for c in fit["comparisons_at_equal_seconds"] if c["label"] == "moe"]

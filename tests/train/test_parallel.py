@@ -14,6 +14,7 @@ weights."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -56,7 +57,13 @@ def _train_two_ranks(micro_data: Path, out: Path, parallel: str, resume: Path | 
     """Checkpoint directories rank 0 reported (steps 5 and 10, or 10 when resumed)."""
     out.mkdir()
     args = (2, str(out / "init"), micro_data, out, parallel, str(resume) if resume else None)
-    mp.spawn(_worker, args=args, nprocs=2, join=True)
+    ranks = mp.spawn(_worker, args=args, nprocs=2, join=False)
+    deadline = time.monotonic() + 300
+    while not ranks.join(timeout=5):  # raises if a rank failed
+        if time.monotonic() > deadline:
+            for proc in ranks.processes:
+                proc.kill()
+            pytest.fail(f"{parallel}: two ranks did not finish in 300 s (a collective one rank skipped?)")
     return sorted(out.glob("report_*"))
 
 
