@@ -99,6 +99,45 @@ def _healthy(url: str) -> bool:
 
 
 @contextmanager
+def server_on_free_port(
+    what: str,
+    command: Callable[[int], list[str]],
+    health: Callable[[int], str],
+    env: dict,
+    cwd: Path | None = None,
+    timeout: float = 180.0,
+) -> Iterator[int]:
+    """A server (``command(port)``) on a free loopback port, stopped by PID; yields the
+    port once ``health(port)`` (a URL) answers 200.
+
+    A port taken between :func:`free_port` and the server's bind makes the server exit;
+    that start is retried on another port (up to three times). A server that stays up
+    without answering fails, with the end of its log."""
+    for _attempt in range(3):
+        port = free_port()
+        log = tempfile.TemporaryFile()
+        with started(command(port), cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT) as server:
+            try:
+                wait_for(
+                    lambda url=health(port): _healthy(url),
+                    f"{what} on 127.0.0.1:{port} to answer {health(port)}",
+                    timeout=timeout,
+                    interval=0.2,
+                    alive=server,
+                )
+            except AssertionError:
+                if server.poll() is not None:  # exited (port taken?): try another port
+                    continue
+                log.seek(0)
+                raise AssertionError(
+                    f"{what} on 127.0.0.1:{port} never answered:\n{log.read()[-3000:].decode()}"
+                ) from None
+            yield port
+            return
+    raise AssertionError(f"{what} exited at start on three free ports in a row")
+
+
+@contextmanager
 def mlflow_server(
     mlflow_bin: Path,
     backend_uri: str,
@@ -106,51 +145,18 @@ def mlflow_server(
     cwd: Path | None = None,
     extra_args: tuple[str, ...] = (),
 ) -> Iterator[str]:
-    """An ``mlflow server`` on a free loopback port; yields its URL, stops it by PID.
-
-    A port taken between :func:`free_port` and the server's bind makes the server exit;
-    that start is retried on another port (up to three times).
-    """
+    """An ``mlflow server`` on a free loopback port (:func:`server_on_free_port`); yields
+    its URL."""
     env = {**(env or os.environ), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    for _attempt in range(3):
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        log = tempfile.TemporaryFile()
-        with started(
-            [
-                str(mlflow_bin),
-                "server",
-                "--backend-store-uri",
-                backend_uri,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--workers",
-                "1",
-                *extra_args,
-            ],
-            cwd=cwd,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        ) as server:
-            try:
-                wait_for(
-                    lambda health=f"{url}/health": _healthy(health),
-                    f"mlflow server on {url} to answer /health",
-                    timeout=180,
-                    interval=0.5,
-                    alive=server,
-                )
-            except AssertionError:
-                if server.poll() is not None:  # exited (port taken?): try another port
-                    continue
-                log.seek(0)
-                raise AssertionError(f"mlflow server on {url} never answered:\n{log.read()[-3000:].decode()}") from None
-            yield url
-            return
-    raise AssertionError("mlflow server exited at start on three free ports in a row")
+
+    def command(port: int) -> list[str]:
+        return [str(mlflow_bin), "server", "--backend-store-uri", backend_uri, "--host", "127.0.0.1",
+                "--port", str(port), "--workers", "1", *extra_args]  # fmt: skip
+
+    with server_on_free_port(
+        "mlflow server", command, lambda port: f"http://127.0.0.1:{port}/health", env, cwd
+    ) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 # The requests moto serves before it starts authenticating (IAM user, its key, its
@@ -171,48 +177,33 @@ def s3_server(moto_bin: Path, bucket: str, env: dict | None = None) -> Iterator[
     import boto3
 
     env = {**(env or os.environ), "INITIAL_NO_AUTH_ACTION_COUNT": str(_S3_SETUP_REQUESTS)}
-    for _attempt in range(3):
-        port = free_port()
+    with server_on_free_port(
+        "moto server",
+        lambda port: [str(moto_bin), "-H", "127.0.0.1", "-p", str(port)],
+        lambda port: f"http://127.0.0.1:{port}/moto-api/",
+        env,
+        timeout=60,
+    ) as port:
         endpoint = f"127.0.0.1:{port}"
-        log = tempfile.TemporaryFile()
-        args = [str(moto_bin), "-H", "127.0.0.1", "-p", str(port)]
-        with started(args, env=env, stdout=log, stderr=subprocess.STDOUT) as server:
-            try:
-                wait_for(
-                    lambda url=f"http://{endpoint}/moto-api/": _healthy(url),
-                    f"moto server on {endpoint}",
-                    timeout=60,
-                    interval=0.2,
-                    alive=server,
-                )
-            except AssertionError:
-                if server.poll() is not None:  # exited (port taken?): try another port
-                    continue
-                log.seek(0)
-                raise AssertionError(
-                    f"moto server on {endpoint} never answered:\n{log.read()[-3000:].decode()}"
-                ) from None
-            setup = {"endpoint_url": f"http://{endpoint}", "region_name": "us-east-1"}
-            setup |= {"aws_access_key_id": "setup", "aws_secret_access_key": "setup"}
-            iam = boto3.client("iam", **setup)
-            iam.create_user(UserName="recipe")
-            key = iam.create_access_key(UserName="recipe")["AccessKey"]
-            policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
-            iam.put_user_policy(UserName="recipe", PolicyName="s3", PolicyDocument=json.dumps(policy))
-            boto3.client("s3", **setup).create_bucket(Bucket=bucket)
-            yield {
-                "endpoint": endpoint,
-                "bucket": bucket,
-                "env": {
-                    "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
-                    "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
-                    "AWS_DEFAULT_REGION": "us-east-1",
-                    "AWS_EC2_METADATA_DISABLED": "true",
-                },
-                "uri": lambda path, b=bucket, e=endpoint: f"s3://{b}/{path}?endpoint_override={e}&scheme=http",
-            }
-            return
-    raise AssertionError("moto server exited at start on three free ports in a row")
+        setup = {"endpoint_url": f"http://{endpoint}", "region_name": "us-east-1"}
+        setup |= {"aws_access_key_id": "setup", "aws_secret_access_key": "setup"}
+        iam = boto3.client("iam", **setup)
+        iam.create_user(UserName="recipe")
+        key = iam.create_access_key(UserName="recipe")["AccessKey"]
+        policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+        iam.put_user_policy(UserName="recipe", PolicyName="s3", PolicyDocument=json.dumps(policy))
+        boto3.client("s3", **setup).create_bucket(Bucket=bucket)
+        yield {
+            "endpoint": endpoint,
+            "bucket": bucket,
+            "env": {
+                "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+                "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+                "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_EC2_METADATA_DISABLED": "true",
+            },
+            "uri": lambda path: f"s3://{bucket}/{path}?endpoint_override={endpoint}&scheme=http",
+        }
 
 
 class ListenerWatch:
