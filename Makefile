@@ -25,7 +25,7 @@ endif
 # The recipe's stages, as the registry wrote them into dvc.yaml (pipeline/stages/registry.py).
 STAGES := mix pretrain midtrain sft qat export profile evalsets eval_pretrain eval_midtrain eval_sft eval_qat report
 ARGS ?=
-.PHONY: setup lock params repro test test-fast lint drill sweep scaling-fit closed-loop plan mutants bench-model bench-train bench-config bench-export bench-profile bench-peers \
+.PHONY: setup lock params repro test test-fast lint drill sweep seeds scaling-fit closed-loop plan mutants bench-model bench-train bench-config bench-export bench-profile bench-peers \
 	profile-paper ui $(STAGES)
 
 setup: $(STAMP)
@@ -98,6 +98,13 @@ sweep: params
 	$(PY) -m pipeline.tracking end $$run_id --params params.yaml \
 	  --status $$([ $$status -eq 0 ] && echo FINISHED || echo FAILED); \
 	exit $$status
+
+# Seed replicates of moe_grid's key cells at its largest runs (the noise floor the fit's
+# errors are read against): seeds 0-2 of the dense twin and the granularity-1/2/4 MoEs at
+# size m and 600000 tokens, points of moe_grid itself (seed 0 is not rerun when it finished).
+SEED_CELLS ?= dense,e4k1,e8k2,e16k4
+seeds:
+	$(MAKE) sweep SWEEP=moe_grid ARGS="sweep.size=m sweep.tokens=600000 sweep.arch=$(SEED_CELLS) seed=0,1,2 $(ARGS)"
 
 scaling-fit: $(STAMP)
 	$(PY) -m pipeline.stages scaling_fit sweep=$(SWEEP) $(ARGS)

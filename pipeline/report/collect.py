@@ -51,6 +51,8 @@ class ReportInputs:
     runs: dict[str, dict]  # stage name -> {"run_id": str, "url": str} (MLflow; may be empty)
     run_order: tuple[str, ...] = ()  # stage names in recipe order (the rest follow by name)
     title: str = "MobileMoE recipe report"
+    scaling_dir: Path | None = None  # outputs/scaling (make scaling-fit, make plan, make closed-loop)
+    scaling_plan: str = "planned_tiny"  # the plan under scaling_dir/plan/ the report shows
 
 
 @dataclass
@@ -203,6 +205,7 @@ class ReportData:
     export: ExportSummary | None
     profile: ProfileSummary | None
     runs: dict[str, RunRef]
+    scaling: Any = None  # pipeline.report.scaling.ScalingSummary; None: no fit
 
     def missing(self) -> list[str]:
         """The parts whose stage has not run, e.g. ``["eval/midtrain", "profile"]``."""
@@ -210,7 +213,8 @@ class ReportData:
         out += [f"train/{k}" for k, v in self.training.items() if v is None]
         out += [f"eval/{k}" for k, v in self.evals.items() if v is None]
         # (the FP/PTQ/QAT comparison comes from train/qat's own metrics.json)
-        return out + [name for name, v in (("export", self.export), ("profile", self.profile)) if v is None]
+        parts = (("export", self.export), ("profile", self.profile), ("scaling", self.scaling))
+        return out + [name for name, v in parts if v is None]
 
 
 # -- readers ------------------------------------------------------------------------
@@ -481,6 +485,14 @@ def _ordered(keys, order) -> list[str]:
     return [k for k in order if k in keys] + sorted(k for k in keys if k not in order)
 
 
+def read_scaling(scaling_dir: Path, plan: str):
+    """:func:`pipeline.report.scaling.read_scaling` (imported here: that module reads
+    files with this one's helpers)."""
+    from pipeline.report.scaling import read_scaling as read
+
+    return read(scaling_dir, plan)
+
+
 def collect(inputs: ReportInputs) -> ReportData:
     """Read every stage's outputs named by ``inputs`` into a :class:`ReportData`.
 
@@ -507,4 +519,5 @@ def collect(inputs: ReportInputs) -> ReportData:
         export=read_export(inputs.export_dir) if inputs.export_dir is not None else None,
         profile=read_profile(inputs.profile_dir) if inputs.profile_dir is not None else None,
         runs=runs,
+        scaling=read_scaling(inputs.scaling_dir, inputs.scaling_plan) if inputs.scaling_dir is not None else None,
     )

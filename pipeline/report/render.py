@@ -56,6 +56,7 @@ def render_markdown(data: ReportData, plots: dict[str, str]) -> str:
         "profile_plots": {k.removeprefix("profile_"): v for k, v in plots.items() if k.startswith("profile_")},
         "experts": views.expert_table(data),
         "runs": views.runs_table(data),
+        "scaling": views.scaling_view(data),
     }
     env = _environment(autoescape=False)
     env.filters["esc"] = views.esc
@@ -110,6 +111,9 @@ def write_plots(data: ReportData, plot_dir: Path) -> dict[str, Path]:
             dst = plot_dir / f"profile_{name}.png"
             shutil.copyfile(src, dst)
             written[f"profile_{name}"] = dst
+    if data.scaling is not None and data.scaling.figure is not None:
+        written["scaling_fit"] = plot_dir / "scaling_fit.png"
+        shutil.copyfile(data.scaling.figure, written["scaling_fit"])
     return written
 
 

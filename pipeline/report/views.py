@@ -328,3 +328,23 @@ def runs_table(data: ReportData) -> Table | None:
             run = f"[{run}](<{ref.url.replace('>', '%3E').replace(' ', '%20')}>)"
         t.rows.append([esc(stage), run])
     return t
+
+
+def scaling_view(data: ReportData) -> dict | None:
+    """The scaling section: sentences and the forms and comparison tables; None when
+    no fit was published."""
+    from pipeline.report import scaling
+
+    if data.scaling is None:
+        return None
+    forms = scaling.forms_rows(data.scaling)
+    return {
+        "lines": scaling.scaling_lines(data.scaling),
+        "forms": Table(["form", "coefficients", "fit RMS / max", "leave-one-size-out", "held out"], forms)
+        if forms
+        else None,
+        "comparisons": Table(
+            ["comparison (a vs b)", "at equal tokens", "at equal training seconds"],
+            [[esc(label), *cells] for label, *cells in scaling.comparison_rows(data.scaling)],
+        ),
+    }

@@ -18,18 +18,58 @@ law's own form in D); outside the family's measured range there is no value
 from __future__ import annotations
 
 import math
+import re
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pipeline.scaling.fit import Observation
 
 
 def _cells(points: list[Observation]) -> dict[tuple[str, float], dict[str, Observation]]:
-    """``{(size, tokens): {family: point}}``; ``size`` is the name's first field."""
-    cells: dict[tuple[str, float], dict[str, Observation]] = {}
+    """``{(size, tokens): {family: point}}``; ``size`` is the name's first field. Seed
+    replicates of a point are one point: the mean of their losses, and the training
+    seconds of the grid's own run (seed 0; None without it): replicates are often run
+    later, beside other work or on another machine, and the equal-time tables compare
+    seconds of one sweep on one machine."""
+    runs: dict[tuple[str, float, str], list[Observation]] = {}
     for p in points:
-        cells.setdefault((p.name.split("-")[0], p.inputs.tokens), {})[p.family] = p
+        runs.setdefault((p.name.split("-")[0], p.inputs.tokens, p.family), []).append(p)
+    cells: dict[tuple[str, float], dict[str, Observation]] = {}
+    for (size, tokens, family), reps in runs.items():
+        grid_run = next((r for r in reps if replicate_of(r.name) == r.name), None)
+        merged = replace(reps[0], loss=statistics.fmean(r.loss for r in reps),
+                         seconds=None if grid_run is None else grid_run.seconds)  # fmt: skip
+        cells.setdefault((size, tokens), {})[family] = merged
     return cells
+
+
+def replicate_of(name: str) -> str:
+    """The point a run replicates: its name without the ``-seed<n>`` suffix."""
+    return re.sub(r"-seed\d+$", "", name)
+
+
+@dataclass
+class SeedNoise:
+    """Run-to-run noise of the loss from seed replicates: per cell, the sample SD of
+    ``log L`` over its seeds (ddof 1: a relative SD of the loss); pooled over cells as
+    the root mean of the variances (equal seeds per cell weigh equally)."""
+
+    cells: dict[str, tuple[int, float]]  # point -> (seeds, SD of log loss)
+    pooled: float  # nan without a replicated cell
+
+    def to_dict(self) -> dict:
+        return {"cells": {k: {"seeds": n, "sd_log_loss": sd} for k, (n, sd) in self.cells.items()},
+                "pooled_sd_log_loss": None if math.isnan(self.pooled) else self.pooled}  # fmt: skip
+
+
+def seed_noise(points: list[Observation]) -> SeedNoise:
+    """:class:`SeedNoise` of the cells with two or more seeds."""
+    groups: dict[str, list[float]] = {}
+    for p in points:
+        groups.setdefault(replicate_of(p.name), []).append(math.log(p.loss))
+    cells = {k: (len(v), statistics.stdev(v)) for k, v in sorted(groups.items()) if len(v) >= 2}
+    pooled = math.sqrt(statistics.fmean(sd**2 for _, sd in cells.values())) if cells else math.nan
+    return SeedNoise(cells, pooled)
 
 
 @dataclass(frozen=True)
@@ -85,9 +125,9 @@ def loss_at_seconds(points: list[Observation], family: str, size: str, seconds: 
     (see the module doc) between its two runs that bracket it; None outside its range
     or where its runs have no seconds. Units: nats/token; seconds of training steps."""
     runs = sorted(
-        (p.seconds, p.loss)
-        for p in points
-        if p.family == family and p.name.split("-")[0] == size and p.seconds is not None and p.seconds > 0
+        (cell[family].seconds, cell[family].loss)
+        for (cell_size, _), cell in _cells(points).items()  # seed replicates merged
+        if cell_size == size and family in cell and cell[family].seconds is not None and cell[family].seconds > 0
     )
     for (t0, l0), (t1, l1) in zip(runs, runs[1:]):
         if t0 <= seconds <= t1 and t1 > t0:

@@ -26,8 +26,8 @@ import numpy as np
 from scipy.optimize import minimize
 from threadpoolctl import threadpool_limits
 
-from pipeline.scaling.fit import BOUNDS, HUBER_DELTA, FitResult, Observation, ScalingFitError, check_identifiable, huber
-from pipeline.scaling.law import COEFFICIENTS, LawInputs, design_matrix, log_loss, log_loss_and_jacobian
+from pipeline.scaling.fit import HUBER_DELTA, FitResult, Observation, ScalingFitError, check_identifiable, huber
+from pipeline.scaling.law import LawForm, LawInputs, design_matrix
 
 
 @dataclass
@@ -39,7 +39,7 @@ class Intervals:
     coefficients: dict[str, tuple[float, float]]
     # per point name: the interval a fresh measurement of that point's loss should fall in
     predictions: dict[str, tuple[float, float]]
-    thetas: list[list[float]]  # each refit's coefficients (COEFFICIENTS order)
+    thetas: list[list[float]]  # each refit's coefficients (the form's order)
     residuals: list[float]  # the full fit's log-loss residuals, centred and inflated (module doc)
 
     def contains(self, name: str, loss: float) -> bool:
@@ -74,21 +74,23 @@ def bootstrap(
     fitted = [p for p in points if not p.held_out]
     X_fit = design_matrix([p.inputs for p in fitted])
     y_fit = np.log([p.loss for p in fitted])
+    form = result.law.form
     theta0 = np.array(result.law.theta, dtype=np.float64)
-    raw_F = y_fit - log_loss(theta0, X_fit)
-    n, p = len(fitted), len(COEFFICIENTS)  # check_identifiable: n > p
+    raw_F = y_fit - form.log_loss(theta0, X_fit)
+    n, p = len(fitted), len(form.coefficients)  # check_identifiable: n > p
     residuals_F = (raw_F - raw_F.mean()) * np.sqrt(n / (n - p))
     rng = np.random.default_rng(seed)
+    resamples = _resamples(fitted, rng, replicates, form)
     with threadpool_limits(limits=1):
-        thetas_RC = np.array([_refit(theta0, X_fit[idx], y_fit[idx]) for idx in _resamples(fitted, rng, replicates)])
-    draws_RP = predictive_draws(thetas_RC, residuals_F, [p.inputs for p in points] + list(extra or []), rng)
+        thetas_RC = np.array([_refit(form, theta0, X_fit[idx], y_fit[idx]) for idx in resamples])
+    draws_RP = predictive_draws(form, thetas_RC, residuals_F, [p.inputs for p in points] + list(extra or []), rng)
     tail = (1.0 - level) / 2.0 * 100.0
     lo_C, hi_C = np.percentile(thetas_RC, [tail, 100.0 - tail], axis=0)
     lo_P, hi_P = np.exp(np.percentile(draws_RP, [tail, 100.0 - tail], axis=0))
     intervals = Intervals(
         replicates=replicates,
         level=level,
-        coefficients={name: (float(lo_C[i]), float(hi_C[i])) for i, name in enumerate(COEFFICIENTS)},
+        coefficients={name: (float(lo_C[i]), float(hi_C[i])) for i, name in enumerate(form.coefficients)},
         predictions={p.name: (float(lo_P[i]), float(hi_P[i])) for i, p in enumerate(points)},
         thetas=thetas_RC.tolist(),
         residuals=residuals_F.tolist(),
@@ -97,13 +99,13 @@ def bootstrap(
 
 
 def predictive_draws(
-    thetas_RC: np.ndarray, residuals: np.ndarray, inputs: list[LawInputs], rng: np.random.Generator
+    form: LawForm, thetas_RC: np.ndarray, residuals: np.ndarray, inputs: list[LawInputs], rng: np.random.Generator
 ) -> np.ndarray:
     """Draws of a fresh measurement's log loss, (R, len(inputs)): refit r's prediction
-    plus a residual drawn from ``residuals``, independently per input."""
+    (coefficients of ``form``) plus a residual drawn from ``residuals``, independently per input."""
     X = design_matrix(inputs)
     residuals = np.asarray(residuals, dtype=np.float64)
-    return np.array([log_loss(theta, X) for theta in np.asarray(thetas_RC)]) + rng.choice(
+    return np.array([form.log_loss(theta, X) for theta in np.asarray(thetas_RC)]) + rng.choice(
         residuals, size=(len(thetas_RC), len(inputs))
     )
 
@@ -115,14 +117,14 @@ def interval(draws_R: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def _resamples(fitted: list[Observation], rng: np.random.Generator, count: int) -> list[np.ndarray]:
-    """``count`` index draws with replacement, each able to determine the law."""
+def _resamples(fitted: list[Observation], rng: np.random.Generator, count: int, form: LawForm) -> list[np.ndarray]:
+    """``count`` index draws with replacement, each able to determine the law ``form``."""
     out = []
     while len(out) < count:
         for _ in range(50):
             idx = rng.integers(0, len(fitted), size=len(fitted))
             try:
-                check_identifiable([fitted[i] for i in idx])
+                check_identifiable([fitted[i] for i in idx], form)
             except ScalingFitError:
                 continue
             out.append(idx)
@@ -132,11 +134,11 @@ def _resamples(fitted: list[Observation], rng: np.random.Generator, count: int) 
     return out
 
 
-def _refit(theta0: np.ndarray, X: np.ndarray, y: np.ndarray, delta: float = HUBER_DELTA) -> np.ndarray:
+def _refit(form: LawForm, theta0: np.ndarray, X: np.ndarray, y: np.ndarray, delta: float = HUBER_DELTA) -> np.ndarray:
     def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        pred, jac = log_loss_and_jacobian(theta, X)
+        pred, jac = form.log_loss_and_jacobian(theta, X)
         r = pred - y
         return float(np.sum(huber(r, delta))), np.clip(r, -delta, delta) @ jac
 
-    res = minimize(objective, theta0, jac=True, method="L-BFGS-B", bounds=BOUNDS, options={"maxiter": 5000})
+    res = minimize(objective, theta0, jac=True, method="L-BFGS-B", bounds=form.bounds, options={"maxiter": 5000})
     return res.x

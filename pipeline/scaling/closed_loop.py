@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline.scaling.bootstrap import interval, predictive_draws
 from pipeline.scaling.fit import Observation
-from pipeline.scaling.law import COEFFICIENTS, ScalingLaw
+from pipeline.scaling.forms import law_from_fit
 
 
 def compare(fit: dict, point: Observation, seed: int = 0) -> dict:
@@ -26,10 +26,10 @@ def compare(fit: dict, point: Observation, seed: int = 0) -> dict:
     ``residuals``, ``level``). ``miss``: 0 inside the interval, else the measured loss's
     relative distance to the nearer bound (positive above, negative below). Raises
     KeyError naming what a fit.json without intervals lacks."""
-    law = ScalingLaw(tuple(fit["coefficients"][name] for name in COEFFICIENTS))
+    law = law_from_fit(fit)
     boot = fit["intervals"]
     draws_R = predictive_draws(
-        np.array(boot["thetas"]), np.array(boot["residuals"]), [point.inputs], np.random.default_rng(seed)
+        law.form, np.array(boot["thetas"]), np.array(boot["residuals"]), [point.inputs], np.random.default_rng(seed)
     )[:, 0]
     low, high = interval(draws_R, boot["level"])
     predicted = law.predict_one(point.inputs)

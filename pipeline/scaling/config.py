@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pipeline.configbase import require
+from pipeline.scaling.forms import FORMS
 from pipeline.scaling.planner import SearchSpace
 
 # The paper's released configs and dense baseline: placed against the planner's frontier.
@@ -62,6 +63,12 @@ class ScalingStageConfig:
     plan: PlanConfig = field(default_factory=PlanConfig)
     # Bootstrap refits for the intervals of every coefficient and prediction (bootstrap.py).
     bootstrap_replicates: int = 200
+    # The candidate law forms (pipeline/scaling/forms.py); the one with the lowest
+    # leave-one-size-out error is the law (select.py).
+    forms: list[str] = field(default_factory=lambda: list(FORMS))
+    # A points table of an earlier fit (its points.csv) to fit with the sweep's runs in
+    # MLflow: a refit without the tracking store that measured them.
+    points_csv: str | None = None
 
     def __post_init__(self) -> None:
         require(bool(self.sweep), "sweep", "must name a sweep (conf/sweep/<name>.yaml)")
@@ -76,3 +83,7 @@ class ScalingStageConfig:
             "hold_out_budgets",
             f"must be 'largest' or 'all', got {self.hold_out_budgets!r}",
         )
+        require(bool(self.forms), "forms", f"must name one or more law forms of {', '.join(FORMS)}")
+        unknown = [f for f in self.forms if f not in FORMS]
+        require(not unknown, "forms", f"unknown law form(s) {unknown}; the forms are {', '.join(FORMS)}")
+        require(len(set(self.forms)) == len(self.forms), "forms", f"lists a form twice: {self.forms}")

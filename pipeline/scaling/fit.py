@@ -18,23 +18,11 @@ import numpy as np
 from scipy.optimize import minimize
 from threadpoolctl import threadpool_limits
 
-from pipeline.scaling.law import COEFFICIENTS, LawInputs, ScalingLaw, design_matrix, log_loss_and_jacobian
+from pipeline.scaling.law import JOINT, LawForm, LawInputs, ScalingLaw, design_matrix
 
 HUBER_DELTA = 1e-3
-# Bounds per coefficient (COEFFICIENTS order): exponents of a power law in N or D stay
-# in [0, 2.5]; δ and σ may come out negative (experts or a shared expert that hurt).
-BOUNDS = (
-    (-20.0, 30.0),  # log_a
-    (-20.0, 30.0),  # log_g
-    (0.0, 3.0),  # gamma
-    (-2.0, 3.0),  # delta
-    (-3.0, 3.0),  # sigma
-    (0.0, 2.5),  # alpha
-    (-20.0, 40.0),  # log_b
-    (0.0, 2.5),  # beta
-    (-5.0, 3.0),  # log_c
-)
-# The default grid of starting points: 3 x 3 x 3 x 3 x 2 = 162 starts.
+# The default grid of starting points: 3 x 3 x 3 x 3 x 2 = 162 starts (coefficients
+# every form has; the others start at the form's start_defaults).
 START_GRID = {
     "alpha": (0.1, 0.3, 0.6),
     "beta": (0.1, 0.3, 0.6),
@@ -42,7 +30,6 @@ START_GRID = {
     "log_b": (2.0, 6.0, 10.0),
     "log_c": (0.0, 1.0),
 }
-START_DEFAULTS = {"log_g": None, "gamma": 0.5, "delta": 0.3, "sigma": 0.0}  # log_g starts at log_a
 
 
 class ScalingFitError(ValueError):
@@ -61,6 +48,7 @@ class Observation:
     # Seconds the run spent in training steps (its MLflow perf/train_seconds); None when
     # unknown or when the run was resumed (its clock restarted). For the equal-time tables.
     seconds: float | None = None
+    size: str = ""  # the sweep's size name, e.g. "m": leave-one-size-out folds (select.py)
 
 
 @dataclass
@@ -99,7 +87,8 @@ class FitResult:
 
     def to_dict(self) -> dict:
         return {
-            "form": "L = c + (a + g G^-gamma) Ehat^-delta exp(-sigma S) N^-alpha + b D^-beta",
+            "form": self.law.form.form,
+            "form_name": self.law.form.name,
             "formula": self.law.formula(),
             "coefficients": self.law.coefficients,
             "fit_error": vars(self.fit),
@@ -119,37 +108,39 @@ def huber(r: np.ndarray, delta: float = HUBER_DELTA) -> np.ndarray:
     return np.where(a <= delta, 0.5 * r**2, delta * (a - 0.5 * delta))
 
 
-def starting_points(grid: dict[str, tuple[float, ...]] = START_GRID) -> list[np.ndarray]:
-    """The Cartesian grid of starting θ (COEFFICIENTS order)."""
+def starting_points(grid: dict[str, tuple[float, ...]] = START_GRID, form: LawForm = JOINT) -> list[np.ndarray]:
+    """The Cartesian grid of starting θ (``form.coefficients`` order)."""
     keys = list(grid)
     starts = []
     for values in itertools.product(*(grid[k] for k in keys)):
-        chosen = {**START_DEFAULTS, **dict(zip(keys, values))}
-        chosen["log_g"] = chosen["log_a"] if chosen["log_g"] is None else chosen["log_g"]
-        starts.append(np.array([chosen[k] for k in COEFFICIENTS], dtype=np.float64))
+        chosen = {**form.start_defaults, **dict(zip(keys, values))}
+        chosen = {k: chosen["log_a"] if v is None else v for k, v in chosen.items()}
+        starts.append(np.array([chosen[k] for k in form.coefficients], dtype=np.float64))
     return starts
 
 
-def check_identifiable(points: list[Observation]) -> None:
-    """Raise ScalingFitError unless the fitted points can determine every coefficient:
-    more points than coefficients; two or more values of N, of D and of Ê; three or
-    more of G (the granularity term ``a + g G^-γ`` has three unknowns); and points with
-    and without a shared expert (σ)."""
+def check_identifiable(points: list[Observation], form: LawForm = JOINT) -> None:
+    """Raise ScalingFitError unless the fitted points can determine every coefficient of
+    ``form``: more points than coefficients; two or more values of N and of D; points
+    with and without a shared expert (σ); and the spread in Ê and G the form names in
+    ``needs`` (the joint form's ``a + g G^-γ`` has three unknowns: three granularities;
+    a quadratic in ln Ê: three expansions)."""
     fitted = [p for p in points if not p.held_out]
-    need = len(COEFFICIENTS) + 1
+    names = form.coefficients
+    need = len(names) + 1
     if len(fitted) < need:
         raise ScalingFitError(
-            f"{len(fitted)} sweep point(s) to fit ({len(points) - len(fitted)} held out), but the law has "
-            f"{len(COEFFICIENTS)} coefficients ({', '.join(COEFFICIENTS)}): at least {need} are needed; "
+            f"{len(fitted)} sweep point(s) to fit ({len(points) - len(fitted)} held out), but the {form.name} law "
+            f"has {len(names)} coefficients ({', '.join(names)}): at least {need} are needed; "
             f"run more of the sweep (make sweep) or hold fewer out"
         )
-    spreads = (
+    X = design_matrix([p.inputs for p in fitted])
+    spreads = [
         ("active parameter counts N", {p.inputs.n_active for p in fitted}, 2, "alpha"),
         ("token budgets D", {p.inputs.tokens for p in fitted}, 2, "beta"),
-        ("expansions", {round(p.inputs.expansion, 6) for p in fitted}, 2, "delta"),
-        ("granularities", {round(p.inputs.granularity, 6) for p in fitted}, 3, "a, g, gamma"),
         ("shared-expert settings", {p.inputs.shared for p in fitted}, 2, "sigma"),
-    )
+    ]
+    spreads += [(what, set(np.round(np.exp(X[:, col]), 6)), least, coef) for col, least, what, coef in form.needs]
     for what, values, least, coefficient in spreads:
         if len(values) < least:
             shown = ", ".join(f"{v:g}" for v in sorted(values))
@@ -159,11 +150,11 @@ def check_identifiable(points: list[Observation]) -> None:
             )
 
 
-def _best_start(objective, starts: list[np.ndarray]) -> tuple[np.ndarray, float]:
+def _best_start(objective, starts: list[np.ndarray], bounds) -> tuple[np.ndarray, float]:
     """L-BFGS-B from every start; the optimum with the lowest objective."""
     best_theta, best_value = None, math.inf
     for theta0 in starts:
-        res = minimize(objective, theta0, jac=True, method="L-BFGS-B", bounds=BOUNDS, options={"maxiter": 5000})
+        res = minimize(objective, theta0, jac=True, method="L-BFGS-B", bounds=bounds, options={"maxiter": 5000})
         if np.isfinite(res.fun) and res.fun < best_value:
             best_theta, best_value = res.x, float(res.fun)
     if best_theta is None:  # pragma: no cover - every start diverged
@@ -171,11 +162,16 @@ def _best_start(objective, starts: list[np.ndarray]) -> tuple[np.ndarray, float]
     return best_theta, best_value
 
 
-def fit_law(points: list[Observation], starts: list[np.ndarray] | None = None, delta: float = HUBER_DELTA) -> FitResult:
-    """Fit the law to the points not held out; report fit and held-out errors.
+def fit_law(
+    points: list[Observation],
+    starts: list[np.ndarray] | None = None,
+    delta: float = HUBER_DELTA,
+    form: LawForm = JOINT,
+) -> FitResult:
+    """Fit the law ``form`` to the points not held out; report fit and held-out errors.
 
     Raises ScalingFitError (see :func:`check_identifiable`) before any optimisation."""
-    check_identifiable(points)
+    check_identifiable(points, form)
     for p in points:
         if not (math.isfinite(p.loss) and p.loss > 0):
             raise ScalingFitError(f"point {p.name}: loss must be finite and > 0, got {p.loss}")
@@ -184,15 +180,15 @@ def fit_law(points: list[Observation], starts: list[np.ndarray] | None = None, d
     y = np.log([p.loss for p in fitted])
 
     def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        pred, jac = log_loss_and_jacobian(theta, X)
+        pred, jac = form.log_loss_and_jacobian(theta, X)
         r = pred - y
         return float(np.sum(huber(r, delta))), np.clip(r, -delta, delta) @ jac  # ψ(r) = Huber'(r)
 
-    starts = starting_points() if starts is None else starts
-    # BLAS threads on [P, 9] products only contend (20x slower on 2 busy cores).
+    starts = starting_points(form=form) if starts is None else starts
+    # BLAS threads on [P, C] products only contend (20x slower on 2 busy cores).
     with threadpool_limits(limits=1):
-        best_theta, best_value = _best_start(objective, starts)
-    law = ScalingLaw(tuple(float(t) for t in best_theta))
+        best_theta, best_value = _best_start(objective, starts, form.bounds)
+    law = ScalingLaw(tuple(float(t) for t in best_theta), form)
     predicted = law.predict([p.inputs for p in points])
     rel = predicted / np.array([p.loss for p in points]) - 1.0
     held = np.array([p.held_out for p in points])

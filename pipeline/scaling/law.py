@@ -26,6 +26,7 @@ with ``T_N = log(a + g G^-γ) - δ log Ê - σ S - α log N`` and ``T_D = log b 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,32 +115,91 @@ def log_loss_and_jacobian(theta: np.ndarray, X_P5: np.ndarray) -> tuple[np.ndarr
     return out, jac
 
 
-@dataclass(frozen=True)
-class ScalingLaw:
-    """Fitted coefficients of the law; ``predict`` gives the loss (nats/token)."""
+def formula(theta: np.ndarray) -> str:
+    """The joint law with its fitted numbers, for reports."""
+    k, e = dict(zip(COEFFICIENTS, (float(t) for t in theta))), np.exp
+    return (
+        f"L = {e(k['log_c']):.4g} + ({e(k['log_a']):.4g} + {e(k['log_g']):.4g}·G^{-k['gamma']:.3g})"
+        f" · Ê^{-k['delta']:.3g} · exp({-k['sigma']:.3g}·S) · N^{-k['alpha']:.3g}"
+        f" + {e(k['log_b']):.4g} · D^{-k['beta']:.3g}"
+    )
 
-    theta: tuple[float, ...]
+
+@dataclass(frozen=True)
+class LawForm:
+    """One functional form of the law: its coefficients (θ order), their bounds, the
+    values the fit starts unlisted coefficients at, what the points must spread over
+    to determine it, and its maths. :data:`JOINT` is the form above; the candidates
+    chosen between by held-out error are in :mod:`pipeline.scaling.forms`."""
+
+    name: str
+    form: str  # the formula in words, for fit.json and reports
+    coefficients: tuple[str, ...]
+    bounds: tuple[tuple[float, float], ...]
+    # start of each coefficient outside the fit's start grid; None: the value of log_a
+    start_defaults: dict[str, float | None]
+    # least distinct values of (column of design_matrix, what) the fitted points need
+    needs: tuple[tuple[int, int, str, str], ...]  # (column, least, what, coefficients)
+    log_loss: Callable[[np.ndarray, np.ndarray], np.ndarray]  # (θ, X [P, 5]) -> log L [P]
+    log_loss_and_jacobian: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]  # and [P, C]
+    formula: Callable[[np.ndarray], str]
 
     def __post_init__(self) -> None:
-        if len(self.theta) != len(COEFFICIENTS):
-            raise ValueError(f"the law has {len(COEFFICIENTS)} coefficients {COEFFICIENTS}, got {len(self.theta)}")
+        if len(self.bounds) != len(self.coefficients):
+            raise ValueError(f"form {self.name}: {len(self.coefficients)} coefficients, {len(self.bounds)} bounds")
+
+
+# Columns of design_matrix, for LawForm.needs.
+COL_N, COL_D, COL_E, COL_G, COL_S = range(5)
+
+JOINT = LawForm(
+    name="joint",
+    form="L = c + (a + g G^-gamma) Ehat^-delta exp(-sigma S) N^-alpha + b D^-beta",
+    coefficients=COEFFICIENTS,
+    bounds=(
+        (-20.0, 30.0),  # log_a
+        (-20.0, 30.0),  # log_g
+        (0.0, 3.0),  # gamma
+        (-2.0, 3.0),  # delta: experts may hurt
+        (-3.0, 3.0),  # sigma: so may a shared expert
+        (0.0, 2.5),  # alpha
+        (-20.0, 40.0),  # log_b
+        (0.0, 2.5),  # beta
+        (-5.0, 3.0),  # log_c
+    ),
+    start_defaults={"log_g": None, "gamma": 0.5, "delta": 0.3, "sigma": 0.0},
+    # the granularity term a + g G^-γ has three unknowns: three granularities
+    needs=((COL_E, 2, "expansions", "delta"), (COL_G, 3, "granularities", "a, g, gamma")),
+    log_loss=log_loss,
+    log_loss_and_jacobian=log_loss_and_jacobian,
+    formula=formula,
+)
+
+
+@dataclass(frozen=True)
+class ScalingLaw:
+    """Fitted coefficients ``theta`` of a law ``form``; ``predict`` gives the loss
+    (nats/token)."""
+
+    theta: tuple[float, ...]
+    form: LawForm = JOINT
+
+    def __post_init__(self) -> None:
+        names = self.form.coefficients
+        if len(self.theta) != len(names):
+            raise ValueError(f"the {self.form.name} law has {len(names)} coefficients {names}, got {len(self.theta)}")
 
     @property
     def coefficients(self) -> dict[str, float]:
-        return dict(zip(COEFFICIENTS, (float(t) for t in self.theta)))
+        return dict(zip(self.form.coefficients, (float(t) for t in self.theta)))
 
     def predict(self, points: list[LawInputs]) -> np.ndarray:
         """Predicted validation loss of each point, ``[P]``."""
-        return np.exp(log_loss(np.asarray(self.theta), design_matrix(points)))
+        return np.exp(self.form.log_loss(np.asarray(self.theta), design_matrix(points)))
 
     def predict_one(self, point: LawInputs) -> float:
         return float(self.predict([point])[0])
 
     def formula(self) -> str:
         """The law with its fitted numbers, for reports."""
-        k, e = self.coefficients, np.exp
-        return (
-            f"L = {e(k['log_c']):.4g} + ({e(k['log_a']):.4g} + {e(k['log_g']):.4g}·G^{-k['gamma']:.3g})"
-            f" · Ê^{-k['delta']:.3g} · exp({-k['sigma']:.3g}·S) · N^{-k['alpha']:.3g}"
-            f" + {e(k['log_b']):.4g} · D^{-k['beta']:.3g}"
-        )
+        return self.form.formula(np.asarray(self.theta))

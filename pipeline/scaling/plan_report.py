@@ -13,7 +13,8 @@ from tabulate import tabulate
 
 from pipeline.scaling import plots
 from pipeline.scaling.bootstrap import interval, predictive_draws
-from pipeline.scaling.law import ScalingLaw, design_matrix, log_loss
+from pipeline.scaling.forms import form_of, law_from_fit
+from pipeline.scaling.law import ScalingLaw, design_matrix
 from pipeline.scaling.planner import Budget, Candidate, Plan, PlanError, frontier_loss_at
 
 
@@ -24,10 +25,7 @@ def load_law(path: Path) -> tuple[ScalingLaw, dict]:
         raise PlanError(f"--fit {path}: no fitted law there; run `make scaling-fit` first")
     try:
         summary = json.loads(path.read_text())
-        coefficients = summary["coefficients"]
-        from pipeline.scaling.law import COEFFICIENTS
-
-        return ScalingLaw(tuple(float(coefficients[k]) for k in COEFFICIENTS)), summary
+        return law_from_fit(summary), summary
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise PlanError(f"--fit {path}: not a fit written by make scaling-fit ({type(err).__name__}: {err})") from None
 
@@ -84,8 +82,11 @@ def uncertainty(result: Plan, fit: dict, seed: int = 0) -> dict | None:
         return None
     thetas_RC = np.array(boot["thetas"])
     best = result.best
-    mean_RB = np.array([log_loss(theta, design_matrix([c.inputs for c in best])) for theta in thetas_RC])
-    draws_R = predictive_draws(thetas_RC, np.array(boot["residuals"]), [best[0].inputs], np.random.default_rng(seed))
+    form = form_of(fit)
+    mean_RB = np.array([form.log_loss(theta, design_matrix([c.inputs for c in best])) for theta in thetas_RC])
+    draws_R = predictive_draws(
+        form, thetas_RC, np.array(boot["residuals"]), [best[0].inputs], np.random.default_rng(seed)
+    )
     low, high = interval(draws_R[:, 0], boot["level"])
     rows = []
     for i, c in enumerate(best[1:], start=1):

@@ -45,6 +45,8 @@ def report_inputs(recipe, raw: dict, runs: dict):
         runs=runs,
         run_order=run_stages(),
         title=stage.report.title,
+        scaling_dir=repo_path(stage.report.scaling_dir),
+        scaling_plan=stage.report.scaling_plan,
     )
 
 
@@ -107,6 +109,11 @@ REPORT = Stage(
             "${stage.export.out_dir}/metrics.json",
             "${stage.profile.out_dir}/metrics.json",
             *(f"${{stage.eval.out_dir}}/{name}/metrics.json" for name in ("pretrain", "midtrain", "sft", "qat")),
+            # the scaling tools' published results (committed; make scaling-fit / plan / closed-loop)
+            f"${{{KEY}.scaling_dir}}/fit.json",
+            f"${{{KEY}.scaling_dir}}/predicted_vs_measured.png",
+            f"${{{KEY}.scaling_dir}}/closed_loop.json",
+            f"${{{KEY}.scaling_dir}}/plan/${{{KEY}.scaling_plan}}/plan.json",
         ),
         params=("model", KEY),
         # Links to MLflow runs and the profile's timings: never cached.

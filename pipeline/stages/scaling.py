@@ -15,18 +15,20 @@ beside the recipe (DESIGN: "Sweeps (scaling) run pretrain points beside the reci
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pipeline.configbase import ConfigError, from_dict
 from pipeline.model.config import ModelConfig
 from pipeline.runner.errors import StageInputError
 from pipeline.runner.spec import Stage, StageContext, StageResult
-from pipeline.scaling.artifacts import OUTPUTS, write_fit
+from pipeline.scaling import forms
+from pipeline.scaling.artifacts import OUTPUTS, read_points, write_fit
 from pipeline.scaling.config import ScalingStageConfig
 from pipeline.scaling.fit import Observation, ScalingFitError, check_identifiable
 from pipeline.scaling.law import law_inputs
 from pipeline.stages.sweep import STAGE as SWEEP_STAGE
+from pipeline.stages.sweep import point_name
 
 OUT_DIR = "outputs/scaling"
 
@@ -35,68 +37,90 @@ def scaling_config(raw: dict) -> ScalingStageConfig:
     return from_dict(ScalingStageConfig, raw.get("scaling") or {}, "scaling")
 
 
-def observations(runs: list, hold_out_sizes: list[str], hold_out_budgets: str = "largest") -> list[Observation]:
-    """Sweep points from MLflow runs (oldest first; a later run of the same point wins).
+def observations(
+    runs: list, hold_out_sizes: list[str], hold_out_budgets: str = "largest", saved: list[Observation] = ()
+) -> list[Observation]:
+    """Sweep points from MLflow runs (oldest first; a later run of the same point wins)
+    and from ``saved`` points (a points table read by
+    :func:`pipeline.scaling.artifacts.read_points`; a run in MLflow wins over a saved
+    point of the same name).
 
     Each run's ``sweep.model`` tag is the model config (JSON); N and the FFN shape are
     computed from it with the model's accounting, D is ``final/tokens_seen``, the loss
     ``final/val_loss``, the training seconds ``perf/train_seconds`` (left out for a run
-    that was resumed, ``perf/resumes`` > 0: its clock restarted). Points of
-    ``hold_out_sizes`` at the largest token budget (or at every budget,
-    ``hold_out_budgets="all"``) are marked held out. Raises
-    ScalingFitError naming a run whose tags or metrics are missing, or a held-out size
-    the sweep has no point of."""
-    latest: dict[str, tuple[dict, dict]] = {}
+    that was resumed, ``perf/resumes`` > 0: its clock restarted). Then the points are
+    marked held out by :func:`hold_out`. Raises ScalingFitError naming a run whose tags
+    or metrics are missing, or a held-out size the sweep has no point of."""
+    latest: dict[str, Observation] = {p.name: p for p in saved}
     for run in runs:
         tags, metrics = run.data.tags, run.data.metrics
         missing = [k for k in ("sweep.size", "sweep.arch", "sweep.tokens", "sweep.model") if k not in tags]
         missing += [k for k in ("final/val_loss", "final/tokens_seen") if k not in metrics]
         if missing:
             raise ScalingFitError(f"MLflow run {run.info.run_id} is missing {', '.join(missing)}")
-        latest[f"{tags['sweep.size']}-{tags['sweep.arch']}-{tags['sweep.tokens']}"] = (tags, metrics)
-    budgets = [int(tags["sweep.tokens"]) for tags, _ in latest.values()]
-    largest = max(budgets) if budgets else 0
-    sizes = {tags["sweep.size"] for tags, _ in latest.values()}
-    absent = [s for s in hold_out_sizes if s not in sizes]
-    if absent and latest:
-        raise ScalingFitError(f"hold_out_sizes {absent}: no point of that size (sizes: {sorted(sizes)})")
-    points = []
-    for name, (tags, metrics) in sorted(latest.items()):
+        name = point_name(tags["sweep.size"], tags["sweep.arch"], tags["sweep.tokens"], tags.get("sweep.seed", "0"))
         try:
             model = from_dict(ModelConfig, json.loads(tags["sweep.model"]), "model")
         except (ConfigError, json.JSONDecodeError) as err:
             raise ScalingFitError(f"sweep point {name}: its sweep.model tag is not a model config: {err}") from None
-        points.append(
-            Observation(
-                name=name,
-                family=tags["sweep.arch"],
-                inputs=law_inputs(model, metrics["final/tokens_seen"]),
-                loss=float(metrics["final/val_loss"]),
-                held_out=tags["sweep.size"] in hold_out_sizes
-                and (hold_out_budgets == "all" or int(tags["sweep.tokens"]) == largest),
-                seconds=metrics.get("perf/train_seconds") if not metrics.get("perf/resumes") else None,
-            )
+        latest[name] = Observation(
+            name=name,
+            family=tags["sweep.arch"],
+            inputs=law_inputs(model, metrics["final/tokens_seen"]),
+            loss=float(metrics["final/val_loss"]),
+            seconds=metrics.get("perf/train_seconds") if not metrics.get("perf/resumes") else None,
+            size=tags["sweep.size"],
         )
-    return points
+    return hold_out([latest[name] for name in sorted(latest)], hold_out_sizes, hold_out_budgets)
+
+
+def hold_out(points: list[Observation], sizes: list[str], budgets: str = "largest") -> list[Observation]:
+    """``points`` with those of ``sizes`` at the largest token budget (or at every
+    budget, ``budgets="all"``) marked held out, every other point not. The budget is the
+    point name's third field (:func:`pipeline.stages.sweep.point_name`). Raises
+    ScalingFitError for a size no point has."""
+    budget = {p.name: int(p.name.split("-")[2]) for p in points}
+    largest = max(budget.values(), default=0)
+    present = {p.size for p in points}
+    absent = [s for s in sizes if s not in present]
+    if absent and points:
+        raise ScalingFitError(f"hold_out_sizes {absent}: no point of that size (sizes: {sorted(present)})")
+    return [replace(p, held_out=p.size in sizes and (budgets == "all" or budget[p.name] == largest)) for p in points]
 
 
 @dataclass
 class SweepPointsInput:
-    """The finished points of a sweep in MLflow: enough of them to fit the law."""
+    """The finished points of a sweep in MLflow (and those of a saved points table):
+    enough of them to fit at least one of the candidate law forms."""
 
     key: str
     tracking: object  # TrackingConfig
     sweep: str
     hold_out_sizes: list[str]
     hold_out_budgets: str = "largest"
+    points_csv: str | None = None
+    forms: list[str] = field(default_factory=lambda: ["joint"])
 
     def check(self) -> list[Observation]:
         from pipeline import tracking
 
+        try:
+            saved = read_points(Path(self.points_csv)) if self.points_csv else []
+        except ScalingFitError as err:
+            raise StageInputError(f"scaling.points_csv: {err}") from None
         runs = tracking.tagged_runs(self.tracking, {"stage": SWEEP_STAGE, "sweep": self.sweep})
         try:
-            points = observations(runs, self.hold_out_sizes, self.hold_out_budgets)
-            check_identifiable(points)
+            points = observations(runs, self.hold_out_sizes, self.hold_out_budgets, saved)
+            if len(self.forms) == 1:
+                check_identifiable(points, forms.get(self.forms[0]))
+            errors = []
+            for name in self.forms:
+                try:
+                    check_identifiable(points, forms.get(name))
+                except ScalingFitError as err:
+                    errors.append(f"{name}: {err}")
+            if len(errors) == len(self.forms):
+                raise ScalingFitError("no candidate law form can be fitted: " + "; ".join(errors))
         except ScalingFitError as err:
             raise StageInputError(f"{self.key}: sweep {self.sweep!r}: {err}") from None
         return points
@@ -107,7 +131,12 @@ def _raw_inputs(raw: dict) -> list:
 
     cfg = scaling_config(raw)
     recipe = validate({k: v for k, v in raw.items() if k not in ("sweep", "scaling")})
-    return [SweepPointsInput("scaling.sweep", recipe.tracking, cfg.sweep, cfg.hold_out_sizes, cfg.hold_out_budgets)]
+    return [
+        SweepPointsInput(
+            "scaling.sweep", recipe.tracking, cfg.sweep, cfg.hold_out_sizes, cfg.hold_out_budgets, cfg.points_csv,
+            cfg.forms,
+        )
+    ]  # fmt: skip
 
 
 def _work(ctx: StageContext) -> StageResult:
@@ -126,6 +155,7 @@ def _work(ctx: StageContext) -> StageResult:
         cfg.dense,
         cfg.sweep,
         cfg.bootstrap_replicates,
+        cfg.forms,
         num_cpus=1,
     )
     metrics = {

@@ -4,9 +4,11 @@
 the sweep's sizes x architectures x token budgets (``conf/sweep/``). Each point is the
 pretrain stage's own Ray Train job on the pretrain mixture, with the point's model and
 ``stage.pretrain.schedule.total_steps`` set from its token budget, published into
-``outputs/sweep/<sweep>/<size>-<arch>-<tokens>/`` and tracked in MLflow with the tags
-``sweep``, ``sweep.size``, ``sweep.arch``, ``sweep.tokens`` and ``sweep.model`` (the
-model config as JSON, from which the fit computes the point's active parameters).
+``outputs/sweep/<sweep>/<point>/`` and tracked in MLflow with the tags ``sweep``,
+``sweep.size``, ``sweep.arch``, ``sweep.tokens``, ``sweep.seed`` and ``sweep.model`` (the
+model config as JSON, from which the fit computes the point's active parameters). The
+point is ``<size>-<arch>-<tokens>``, with ``-seed<n>`` for a recipe ``seed`` other than
+0: seed replicates (``make seeds``) are points of their own.
 
 A point whose fingerprint (the training run's resume key: model, schedule, data,
 code, world size) already has a FINISHED run tagged with the same sweep is not run
@@ -51,12 +53,18 @@ def point_config(raw: dict, sweep_dir: Path | None = None) -> tuple[dict, None]:
     train = raw["stage"]["pretrain"]
     tokens_per_step = train["seq_len"] * train["batch_size"] * train["grad_accum"] * base.ray.num_workers
     train["schedule"]["total_steps"] = steps_for_tokens(sweep.tokens, tokens_per_step)
-    train["out_dir"] = f"{OUT_ROOT}/{sweep.name}/{sweep.size}-{sweep.arch}-{sweep.tokens}"
+    train["out_dir"] = f"{OUT_ROOT}/{sweep.name}/{point_name(sweep.size, sweep.arch, sweep.tokens, base.seed)}"
     train["sample_prompts"] = 0
-    raw["sweep_point"] = {"sweep": sweep.name, "size": sweep.size, "arch": sweep.arch, "tokens": sweep.tokens}
+    raw["sweep_point"] = {"sweep": sweep.name, "size": sweep.size, "arch": sweep.arch, "tokens": sweep.tokens,
+                          "seed": base.seed}  # fmt: skip
     validate({k: v for k, v in raw.items() if k != "sweep_point"})
     # The point's own directory, not Hydra's per-job one: a rerun finds its outputs.
     return raw, None
+
+
+def point_name(size: str, arch: str, tokens: int | str, seed: int) -> str:
+    """A sweep point's name: ``<size>-<arch>-<tokens>``, ``-seed<n>`` for a seed other than 0."""
+    return f"{size}-{arch}-{tokens}" + (f"-seed{seed}" if int(seed) else "")
 
 
 def _point(ctx: StageContext) -> dict:
@@ -70,6 +78,7 @@ def _tags(ctx: StageContext) -> dict[str, str]:
         "sweep.size": point["size"],
         "sweep.arch": point["arch"],
         "sweep.tokens": str(point["tokens"]),
+        "sweep.seed": str(point["seed"]),
         "sweep.model": json.dumps(asdict(ctx.recipe.model), sort_keys=True),
     }
 

@@ -41,7 +41,8 @@ SCORES = {  # stage -> (continuation acc, heldout bits/byte, centred, instruct o
 PTE_CONTINUATION, PTE_INSTRUCT = 0.329, 0.405
 LOSS = {"sft_fp32": 3.0311, "ptq": 3.0393, "ptq_per_channel": 3.0446, "qat_int4": 3.0344, "control_fp32": 3.0348}
 RUN_URL = "http://127.0.0.1:5000/#/experiments/1/runs/abc123"
-N_TABLES = 10  # model, domains, 3 mixtures, training, eval, FP/PTQ/QAT, expert load, runs (no profile)
+# model, domains, 3 mixtures, training, eval, FP/PTQ/QAT, expert load, scaling forms and comparisons, runs
+N_TABLES = 12  # (no profile)
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
@@ -127,6 +128,7 @@ def make_inputs(root: Path, profile: bool = False) -> ReportInputs:
     _write(root / "export" / "metrics.json", {"bytes": {"pte": 234567}, "checks": {"pte": {"passed": True}}})
     if profile:
         _profile(root / "profile")
+    _scaling(root / "scaling")
     return ReportInputs(
         model=MODEL,
         mixtures={k: root / "mix" / k for k in mixtures},
@@ -135,7 +137,62 @@ def make_inputs(root: Path, profile: bool = False) -> ReportInputs:
         export_dir=root / "export",
         profile_dir=root / "profile",
         runs={"pretrain": {"run_id": "abc123", "url": RUN_URL}},
+        scaling_dir=root / "scaling",
+        scaling_plan="tiny_plan",
     )
+
+
+def _scaling(out: Path) -> None:
+    """Planted outputs of make scaling-fit, make plan and make closed-loop."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def stats(count, rms, high):
+        return {"count": count, "rms": rms, "max": high}
+
+    fit = {
+        "form_name": "interior",
+        "sweep": "synth",
+        "formula": "L = 1.7 + exp(3 - 0.32 ln N) + exp(5.7 - 0.3 ln D)",
+        "fit_error": stats(64, 0.0123, 0.0456),
+        "held_out_error": stats(8, 0.0211, 0.0322),
+        "prediction_band": 0.0369,
+        "held_out_inside_interval": 7,
+        "seed_noise": {"cells": {"m-dense-600000": {}, "m-e16k4-600000": {}}, "pooled_sd_log_loss": 0.0171},
+        "form_selection": [
+            {
+                "form": "power",
+                "coefficients": 8,
+                "fit_error": stats(64, 0.0131, 0.05),
+                "cv_error": stats(64, 0.0222, 0.061),
+                "held_out_error": stats(8, 0.0293, 0.0359),
+            },  # fmt: skip
+            {
+                "form": "interior",
+                "coefficients": 10,
+                "fit_error": stats(64, 0.0123, 0.0456),
+                "cv_error": stats(64, 0.0196, 0.0596),
+                "held_out_error": stats(8, 0.0211, 0.0322),
+            },  # fmt: skip
+        ],
+        "comparisons": [
+            {"label": "MoE vs dense", "a": "e16k4", "b": "dense", "mean_delta": 0.17, "a_better": 7, "cells": 9}
+        ],  # fmt: skip
+        "comparisons_at_equal_seconds": [
+            {"label": "MoE vs dense", "a": "e16k4", "b": "dense", "mean_delta": -0.00123, "a_better": 3, "cells": 6}
+        ],  # fmt: skip
+    }
+    _write(out / "fit.json", fit)
+    plan = {"chosen": {"name": "l6_x", "pred_loss": 4.2538},
+            "uncertainty": {"interval": [4.0799, 4.4399], "rows": [{"name": "l4_dense", "told_apart": False},
+                                                                   {"name": "l2_y", "told_apart": True}]}}  # fmt: skip
+    _write(out / "plan" / "tiny_plan" / "plan.json", plan)
+    closed = {"point": "l6-x-600000", "measured": 4.5374, "predicted": 4.2538, "interval": [4.0799, 4.4399],
+              "inside": False, "miss": 0.02196}  # fmt: skip
+    _write(out / "closed_loop.json", closed)
+    plt.imsave(out / "predicted_vs_measured.png", [[0.0, 1.0], [1.0, 0.0]])
 
 
 def _profile(out: Path) -> None:
@@ -231,6 +288,32 @@ def test_eval_table_holds_the_planted_scores_in_markdown_and_html(built):
     assert instruct[2:] == ["—", "—", "0.423", "0.417", "0.405"]
 
 
+def test_the_scaling_section_shows_the_planted_fit_plan_and_closed_loop(built, tmp_path):
+    md = built["md"]
+    section = md[md.index("## 8. Scaling law") : md.index("## 9. Runs")]
+    assert "Law (form `interior`, sweep `synth`): `L = 1.7 + exp(3 - 0.32 ln N) + exp(5.7 - 0.3 ln D)`." in section
+    assert "Fit error over 64 runs: RMS 1.23%, max 4.56%." in section
+    assert "Held out (8 of the largest runs, never fitted): RMS 2.11%, max 3.22% against the band ±3.69%" in section
+    assert "7 of 8 inside their 95% bootstrap intervals" in section
+    assert "Run-to-run noise (seed replicates of 2 points): SD 1.71% of the loss." in section
+    assert "Plan `tiny_plan`: `l6\\_x`" not in section  # names are code spans, not escaped text
+    assert "Plan `tiny_plan`: `l6_x`, predicted loss 4.254, 95% interval [4.080, 4.440]" in section
+    assert "cannot be told apart from 1 of the next 2 (`l4_dense`)" in section
+    assert "measured 4.537 against 4.254 predicted, interval [4.080, 4.440]: outside, 2.20% of the loss" in section
+    assert _md_row(section, "**interior**") == ["**interior**", "10", "1.23% / 4.56%", "1.96% / 5.96%", "2.11% / 3.22%"]
+    assert _md_row(section, "power")[3] == "2.22% / 6.10%"
+    assert _md_row(section, "MoE vs dense") == ["MoE vs dense", "+0.170 (7/9)", "-0.00123 (3/6)"]
+    assert "![Scaling law: predicted against measured loss](plots/scaling_fit.png)" in section
+    assert (Path(built["summary"]["markdown"]).parent / "plots" / "scaling_fit.png").is_file()
+    # no fit: the section says so and the part is named missing; a malformed fit is named
+    inputs = make_inputs(tmp_path / "run")
+    (tmp_path / "run" / "scaling" / "fit.json").unlink()
+    assert "scaling" in collect(inputs).missing()
+    _write(tmp_path / "run" / "scaling" / "fit.json", {"formula": "L"})
+    with pytest.raises(ReportInputError, match=r"fit\.json: no 'fit_error'"):
+        collect(inputs)
+
+
 def test_missing_stages_are_named_in_the_report(built):
     assert built["summary"]["missing"] == ["eval/midtrain", "profile"]
     md = built["md"]
@@ -257,7 +340,7 @@ def test_html_is_one_self_contained_file(built):
     html, md = built["html"], built["md"]
     assert 'src="plots/' not in html
     sources = re.findall(r'<img src="([^"]*)"', html)
-    assert len(sources) == md.count("](plots/") == 2  # loss curves, expert load (no profile plots)
+    assert len(sources) == md.count("](plots/") == 3  # loss curves, expert load, scaling fit (no profile plots)
     for src in sources:
         head, _, payload = src.partition(",")
         assert head == "data:image/png;base64"
@@ -277,7 +360,7 @@ def test_profile_section_embeds_its_plots_and_headline_numbers(tmp_path):
     assert _md_row(md, "dense, same total params (equal INT4 memory)")[1:] == ["16", "0.50x", "1.25x", "0.50x"]
     assert "partly beats the dense, same total params (equal INT4 memory) at a 64-token prompt" in md
     html = Path(summary["html"]).read_text()
-    assert len(re.findall(r'<img src="data:image/png;base64,', html)) == 4
+    assert len(re.findall(r'<img src="data:image/png;base64,', html)) == 5  # with the scaling fit's
 
 
 def test_a_malformed_file_is_named_and_a_missing_one_is_a_missing_stage(tmp_path):
@@ -348,7 +431,7 @@ def test_report_renders_in_headless_chromium(built, chromium, tmp_path):
         driver.set_window_size(1200, 900)
         driver.get(Path(built["summary"]["html"]).resolve().as_uri())
         images = driver.execute_script("return Array.from(document.images, i => [i.complete, i.naturalWidth])")
-        assert len(images) == 2 and all(done and width > 0 for done, width in images)
+        assert len(images) == 3 and all(done and width > 0 for done, width in images)
         assert driver.execute_script("return document.querySelectorAll('table').length") == N_TABLES
         assert len(re.findall(r"^\|(?:-{3}:?\|)+$", built["md"], re.M)) == N_TABLES
         for value in ("0.312", "0.347", "0.338", "0.329", "2.41", "0.423", "3.0344"):

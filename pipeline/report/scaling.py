@@ -1,0 +1,120 @@
+"""The report's scaling section: the law the sweep fitted, how well it predicts runs it
+did not see, what the sweep measured, the plan made with it and the planned model's
+run held against its prediction.
+
+Read from the scaling tools' published files (``make scaling-fit``, ``make plan``,
+``make closed-loop``: ``outputs/scaling/``), which the sweep's MLflow runs produced
+beside the recipe; the report's DVC stage depends on them, so a new fit re-renders it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.report.collect import ReportInputError, read_json
+from pipeline.report.fmt import DASH, pct, signed
+
+FIT, CLOSED_LOOP, FIGURE = "fit.json", "closed_loop.json", "predicted_vs_measured.png"
+
+
+@dataclass
+class ScalingSummary:
+    """What the report shows of the scaling law; ``plan`` and ``closed_loop`` are None
+    when that step has not been run. ``figure``: the fit's predicted-vs-measured plot."""
+
+    fit: dict[str, Any]
+    plan_name: str
+    plan: dict[str, Any] | None
+    closed_loop: dict[str, Any] | None
+    figure: Path | None
+
+
+def read_scaling(scaling_dir: Path, plan_name: str) -> ScalingSummary | None:
+    """The scaling files under ``scaling_dir`` (``plan/<plan_name>/plan.json`` for the
+    plan); None when there is no ``fit.json`` (no fit: the section is missing).
+    Raises ReportInputError naming a file that is not valid JSON or lacks a field the
+    section shows."""
+    fit = read_json(scaling_dir / FIT)
+    if fit is None:
+        return None
+    for key in ("formula", "fit_error", "held_out_error", "prediction_band", "comparisons"):
+        if key not in fit:
+            raise ReportInputError(f"{scaling_dir / FIT}: no {key!r}: not a fit written by make scaling-fit")
+    plan_path = scaling_dir / "plan" / plan_name / "plan.json"
+    plan = read_json(plan_path)
+    if plan is not None and "chosen" not in plan:
+        raise ReportInputError(f"{plan_path}: no 'chosen': not a plan written by make plan")
+    closed = read_json(scaling_dir / CLOSED_LOOP)
+    if closed is not None and not {"measured", "predicted", "interval", "inside"} <= set(closed):
+        raise ReportInputError(f"{scaling_dir / CLOSED_LOOP}: not a closed-loop result of make closed-loop")
+    figure = scaling_dir / FIGURE
+    return ScalingSummary(fit, plan_name, plan, closed, figure if figure.is_file() else None)
+
+
+def _errors(stats: dict | None) -> str:
+    return DASH if not stats else f"{pct(stats['rms'])} / {pct(stats['max'])}"
+
+
+def scaling_lines(s: ScalingSummary) -> list[str]:
+    """The section's sentences (markdown; numbers only, from the files)."""
+    fit, held = s.fit, s.fit["held_out_error"]
+    lines = [
+        f"Law (form `{fit.get('form_name', 'joint')}`, sweep `{fit.get('sweep', '?')}`): `{fit['formula']}`.",
+        f"Fit error over {fit['fit_error']['count']} runs: RMS {pct(fit['fit_error']['rms'])}, max "
+        f"{pct(fit['fit_error']['max'])}. Held out ({held['count']} of the largest runs, never fitted): RMS "
+        f"{pct(held['rms'])}, max {pct(held['max'])} against the band ±{pct(fit['prediction_band'])}; "
+        f"{fit.get('held_out_inside_interval', DASH)} of {held['count']} inside their 95% bootstrap intervals.",
+    ]
+    noise = (fit.get("seed_noise") or {}).get("pooled_sd_log_loss")
+    if noise is not None:
+        cells = len(fit["seed_noise"]["cells"])
+        lines.append(f"Run-to-run noise (seed replicates of {cells} points): SD {pct(noise)} of the loss.")
+    if s.plan is not None:
+        chosen, sure = s.plan["chosen"], s.plan.get("uncertainty") or {}
+        line = f"Plan `{s.plan_name}`: `{chosen['name']}`, predicted loss {chosen['pred_loss']:.3f}"
+        if sure.get("interval"):
+            low, high = sure["interval"]
+            apart = [r["name"] for r in sure.get("rows", []) if not r["told_apart"]]
+            line += f", 95% interval [{low:.3f}, {high:.3f}]; cannot be told apart from {len(apart)} of the next "
+            line += f"{len(sure.get('rows', []))}" + (f" ({', '.join(f'`{a}`' for a in apart)})" if apart else "")
+        lines.append(line + ".")
+    if s.closed_loop is not None:
+        c = s.closed_loop
+        low, high = c["interval"]
+        verdict = "inside" if c["inside"] else f"outside, {pct(abs(c['miss']))} of the loss beyond the nearer bound"
+        lines.append(
+            f"Closed loop: `{c['point']}` trained at the sweep's largest budget measured {c['measured']:.3f} "
+            f"against {c['predicted']:.3f} predicted, interval [{low:.3f}, {high:.3f}]: {verdict}."
+        )
+    return lines
+
+
+def forms_rows(s: ScalingSummary) -> list[list[str]]:
+    """Rows of the candidate laws: form, coefficients, fit / leave-one-size-out / held-out
+    errors (RMS / max); the chosen form in bold."""
+    chosen = s.fit.get("form_name", "joint")
+    return [
+        [
+            f"**{r['form']}**" if r["form"] == chosen else r["form"],
+            str(r["coefficients"]),
+            _errors(r["fit_error"]),
+            _errors(r["cv_error"]),
+            _errors(r["held_out_error"]),
+        ]  # fmt: skip
+        for r in s.fit.get("form_selection", [])
+    ]
+
+
+def comparison_rows(s: ScalingSummary) -> list[list[str]]:
+    """Rows of the paired comparisons at equal tokens and at equal training seconds:
+    label, mean loss(b) - loss(a) (nats) and the cells where a is better."""
+    at_seconds = {c["label"]: c for c in s.fit.get("comparisons_at_equal_seconds", [])}
+
+    def cell(c: dict | None) -> str:
+        if not c or c["mean_delta"] is None:
+            return DASH
+        return f"{signed(c['mean_delta'])} ({c['a_better']}/{c['cells']})"
+
+    return [[c["label"], cell(c), cell(at_seconds.get(c["label"]))] for c in s.fit["comparisons"]]

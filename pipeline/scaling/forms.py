@@ -1,0 +1,141 @@
+"""Candidate forms of the law, chosen between by held-out error (:mod:`pipeline.scaling.select`).
+
+Besides the joint form of :mod:`pipeline.scaling.law`, the candidates are log-linear
+in their coefficients inside each term:
+
+    L = c + exp(t_N) + exp(t_D),   t_N = Σ θ_k f_k(N, Ê, G, S),   t_D = Σ θ_k f_k(D, Ê)
+
+- ``power``: ``t_N = log a - α ln N - δ ln Ê - γ ln G - σ S``, ``t_D = log b - β ln D``:
+  monotone power laws in Ê and G (no saturation in G: the joint form's ``a + g G^-γ``
+  is replaced by ``G^-γ``).
+- ``interior``: ``power`` plus ``+ δ₂ (ln Ê)² + γ₂ (ln G)²`` in t_N. With δ₂ > 0 the
+  loss has an interior optimum in expansion at ``ln Ê* = δ / (2 δ₂)`` (likewise in G):
+  the sweep's finding that expansion 4 beats both 2 and 8 is a shape the monotone
+  forms cannot hold.
+- ``interaction``: Ludziejewski et al. 2025 (Joint MoE scaling laws, eq. 5): the
+  exponents of N and D move with ln Ê, ``N^-(α + ι ln Ê)`` and ``D^-(β + ζ ln Ê)``, and
+  the data term has its own expert factor ``Ê^-ω``. The logs of N and D in the
+  interactions are centred at 1e6 (``ln N - ln 1e6``): the same family of laws, with δ
+  and ω read at N, D = 1e6, and a fit that is not ill-conditioned by ln N ≈ 14 times ln Ê.
+- ``interior_interaction``: both.
+
+Coefficients are named so that a positive value lowers the loss as its variable grows
+(δ₂ and γ₂: a positive value is a convex bowl, an interior optimum).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.special import logsumexp
+
+from pipeline.scaling.law import COL_D, COL_E, COL_G, COL_N, COL_S, JOINT, LawForm, ScalingLaw
+
+LOG_REF = math.log(1e6)  # the centre of ln N and ln D in the interaction features
+
+# coefficient -> (term, feature of X [P, 5] -> [P], bounds, start)
+_FEATURES = {
+    "log_a": ("N", lambda X: np.ones(len(X)), (-20.0, 30.0), None),
+    "alpha": ("N", lambda X: -X[:, COL_N], (0.0, 2.5), None),
+    "delta": ("N", lambda X: -X[:, COL_E], (-2.0, 3.0), 0.1),
+    "gamma": ("N", lambda X: -X[:, COL_G], (-2.0, 3.0), 0.05),
+    "sigma": ("N", lambda X: -X[:, COL_S], (-3.0, 3.0), 0.0),
+    "delta2": ("N", lambda X: X[:, COL_E] ** 2, (-2.0, 2.0), 0.0),
+    "gamma2": ("N", lambda X: X[:, COL_G] ** 2, (-2.0, 2.0), 0.0),
+    "iota": ("N", lambda X: -X[:, COL_E] * (X[:, COL_N] - LOG_REF), (-1.0, 1.0), 0.0),
+    "log_b": ("D", lambda X: np.ones(len(X)), (-20.0, 40.0), None),
+    "beta": ("D", lambda X: -X[:, COL_D], (0.0, 2.5), None),
+    "omega": ("D", lambda X: -X[:, COL_E], (-2.0, 3.0), 0.0),
+    "zeta": ("D", lambda X: -X[:, COL_E] * (X[:, COL_D] - LOG_REF), (-1.0, 1.0), 0.0),
+    "log_c": ("c", None, (-5.0, 3.0), None),
+}
+# coefficient -> (sign, feature in the formula with numbers, the term in words for fit.json)
+_SHOWN = {
+    "delta2": ("+", "(ln Ê)²", "delta2 (ln Ehat)^2"),
+    "gamma2": ("+", "(ln G)²", "gamma2 (ln G)^2"),
+    "iota": ("-", "ln Ê·(ln N - ln 1e6)", "iota ln Ehat (ln N - ln 1e6)"),
+    "omega": ("-", "ln Ê", "omega ln Ehat"),
+    "zeta": ("-", "ln Ê·(ln D - ln 1e6)", "zeta ln Ehat (ln D - ln 1e6)"),
+}
+
+
+def _log_linear(name: str, extra_n: tuple[str, ...], extra_d: tuple[str, ...], needs_e: int, needs_g: int) -> LawForm:
+    """A log-linear candidate: power's coefficients plus ``extra_n`` in t_N, ``extra_d`` in t_D."""
+    names = ("log_a", "alpha", "delta", "gamma", "sigma", *extra_n, "log_b", "beta", *extra_d, "log_c")
+    in_n = [k for k in names if _FEATURES[k][0] == "N"]
+    in_d = [k for k in names if _FEATURES[k][0] == "D"]
+
+    def terms(theta: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        coef = dict(zip(names, theta))
+        phi_N = np.stack([_FEATURES[k][1](X) for k in in_n], axis=1)  # [P, |in_n|]
+        phi_D = np.stack([_FEATURES[k][1](X) for k in in_d], axis=1)
+        t_N = phi_N @ np.array([coef[k] for k in in_n])
+        t_D = phi_D @ np.array([coef[k] for k in in_d])
+        return np.stack([t_N, t_D, np.full(len(X), coef["log_c"])]), phi_N, phi_D
+
+    def log_loss(theta: np.ndarray, X: np.ndarray) -> np.ndarray:
+        return logsumexp(terms(np.asarray(theta), X)[0], axis=0)
+
+    def log_loss_and_jacobian(theta: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        terms_3P, phi_N, phi_D = terms(np.asarray(theta), X)
+        out = logsumexp(terms_3P, axis=0)
+        w_N, w_D, w_c = np.exp(terms_3P - out)  # softmax: ∂ log L / ∂ term
+        columns = {**{k: w_N * phi_N[:, i] for i, k in enumerate(in_n)},
+                   **{k: w_D * phi_D[:, i] for i, k in enumerate(in_d)}, "log_c": w_c}  # fmt: skip
+        return out, np.stack([columns[k] for k in names], axis=1)
+
+    def formula(theta: np.ndarray) -> str:
+        k = dict(zip(names, (float(t) for t in theta)))
+        n_extra = "".join(f" {_SHOWN[x][0]} {k[x]:.3g}·{_SHOWN[x][1]}" for x in extra_n)
+        d_extra = "".join(f" {_SHOWN[x][0]} {k[x]:.3g}·{_SHOWN[x][1]}" for x in extra_d)
+        return (
+            f"L = {math.exp(k['log_c']):.4g} + exp({k['log_a']:.4g} - {k['alpha']:.3g} ln N - {k['delta']:.3g} ln Ê"
+            f" - {k['gamma']:.3g} ln G - {k['sigma']:.3g} S{n_extra}) + exp({k['log_b']:.4g} - {k['beta']:.3g} ln D"
+            f"{d_extra})"
+        )
+
+    words_n = "".join(f" {_SHOWN[x][0]} {_SHOWN[x][2]}" for x in extra_n)
+    words_d = "".join(f" {_SHOWN[x][0]} {_SHOWN[x][2]}" for x in extra_d)
+    needs = [(COL_E, needs_e, "expansions", "delta" + (", delta2" if needs_e > 2 else ""))]
+    needs.append((COL_G, needs_g, "granularities", "gamma" + (", gamma2" if needs_g > 2 else "")))
+    return LawForm(
+        name=name,
+        form=f"L = c + exp(log a - alpha ln N - delta ln Ehat - gamma ln G - sigma S{words_n})"
+        f" + exp(log b - beta ln D{words_d})",
+        coefficients=names,
+        bounds=tuple(_FEATURES[k][2] for k in names),
+        start_defaults={k: _FEATURES[k][3] for k in names if _FEATURES[k][3] is not None},
+        needs=tuple(needs),
+        log_loss=log_loss,
+        log_loss_and_jacobian=log_loss_and_jacobian,
+        formula=formula,
+    )
+
+
+POWER = _log_linear("power", (), (), needs_e=2, needs_g=2)
+INTERIOR = _log_linear("interior", ("delta2", "gamma2"), (), needs_e=3, needs_g=3)
+INTERACTION = _log_linear("interaction", ("iota",), ("omega", "zeta"), needs_e=2, needs_g=2)
+INTERIOR_INTERACTION = _log_linear("interior_interaction", ("delta2", "gamma2", "iota"), ("omega", "zeta"), 3, 3)
+FORMS = {f.name: f for f in (JOINT, POWER, INTERIOR, INTERACTION, INTERIOR_INTERACTION)}
+
+
+def get(name: str) -> LawForm:
+    """The form called ``name``; KeyError listing the forms otherwise."""
+    if name not in FORMS:
+        raise KeyError(f"no law form {name!r}; the forms are {', '.join(FORMS)}")
+    return FORMS[name]
+
+
+def form_of(summary: dict) -> LawForm:
+    """The form of the law a ``fit.json`` holds (``form_name``; ``joint`` in a fit
+    written before forms were chosen); KeyError for a name no form has."""
+    return get(summary.get("form_name", JOINT.name))
+
+
+def law_from_fit(summary: dict) -> ScalingLaw:
+    """The law a ``fit.json`` holds: its form (:func:`form_of`) and coefficients.
+    KeyError/TypeError/ValueError when the summary lacks them."""
+    form = form_of(summary)
+    coefficients = summary["coefficients"]
+    return ScalingLaw(tuple(float(coefficients[k]) for k in form.coefficients), form)

@@ -1,0 +1,263 @@
+"""The law's candidate forms and the choice between them by held-out error
+(pipeline/scaling/forms.py, select.py), the points table read back, seed replicates."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from pipeline.configbase import ConfigError, from_dict
+from pipeline.scaling import forms
+from pipeline.scaling.artifacts import read_points, write_fit
+from pipeline.scaling.config import ScalingStageConfig
+from pipeline.scaling.fit import Observation, ScalingFitError, check_identifiable, fit_law, starting_points
+from pipeline.scaling.law import JOINT, LawInputs, ScalingLaw, design_matrix
+from pipeline.scaling.select import choose_form, leave_one_size_out
+from pipeline.stages.scaling import hold_out
+from pipeline.stages.sweep import point_name
+
+# An interior law away from every start: a granularity optimum at ln G* = γ / (2 γ₂)
+# = 0.6 / 0.7 (G* ≈ 2.4), expansion still improving over the sweep's range.
+INTERIOR_TRUE = dict(log_a=3.0, alpha=0.32, delta=0.3, gamma=0.6, sigma=0.08, delta2=0.05, gamma2=0.35,
+                     log_b=math.log(300.0), beta=0.3, log_c=math.log(1.7))  # fmt: skip
+INTERACTION_TRUE = dict(log_a=3.0, alpha=0.32, delta=0.3, gamma=0.1, sigma=0.08, iota=0.02, log_b=math.log(300.0),
+                        beta=0.3, omega=0.05, zeta=0.01, log_c=math.log(1.7))  # fmt: skip
+# A few starts: the tests fit many times, and the synthetic laws are well inside the grid.
+FEW = {"alpha": (0.2, 0.5), "beta": (0.3,), "log_a": (3.0,), "log_b": (6.0,), "log_c": (0.0, 0.5)}
+
+
+def law_of(form, values: dict) -> ScalingLaw:
+    return ScalingLaw(tuple(values[k] for k in form.coefficients), form)
+
+
+def interior_by_hand(N, D, E, G, S, k=INTERIOR_TRUE) -> float:
+    """The interior form written out as products of powers (not forms.py's features)."""
+    lnE, lnG = math.log(E), math.log(G)
+    n_term = math.exp(k["log_a"]) * N ** -k["alpha"] * E ** -k["delta"] * G ** -k["gamma"] * math.exp(-k["sigma"] * S)
+    n_term *= math.exp(k["delta2"] * lnE**2 + k["gamma2"] * lnG**2)
+    return math.exp(k["log_c"]) + n_term + math.exp(k["log_b"]) * D ** -k["beta"]
+
+
+def interaction_by_hand(N, D, E, G, S, k=INTERACTION_TRUE) -> float:
+    """Ludziejewski et al.'s exponents moving with ln Ê, centred at 1e6, as products."""
+    lnE = math.log(E)
+    n_term = math.exp(k["log_a"]) * N ** -k["alpha"] * E ** -k["delta"] * G ** -k["gamma"] * math.exp(-k["sigma"] * S)
+    n_term *= (N / 1e6) ** (-k["iota"] * lnE)
+    d_term = math.exp(k["log_b"]) * D ** -k["beta"] * E ** -k["omega"] * (D / 1e6) ** (-k["zeta"] * lnE)
+    return math.exp(k["log_c"]) + n_term + d_term
+
+
+CASES = [(3e5, 1e6, 1, 1, 0), (2.7e8, 6e12, 8, 8, 1), (1e6, 3e5, 4, 2, 0), (3e6, 2e7, 2, 4, 1)]
+
+
+def test_interior_and_interaction_forms_match_their_formulas_written_out():
+    interior = law_of(forms.INTERIOR, INTERIOR_TRUE)
+    interaction = law_of(forms.INTERACTION, INTERACTION_TRUE)
+    for N, D, E, G, S in CASES:
+        x = LawInputs(N, D, E, G, bool(S))
+        assert interior.predict_one(x) == pytest.approx(interior_by_hand(N, D, E, G, S), rel=1e-12)
+        assert interaction.predict_one(x) == pytest.approx(interaction_by_hand(N, D, E, G, S), rel=1e-12)
+    # the interior form has its optimum in G where the formula says: ln G* = γ / (2 γ₂)
+    grid = np.exp(np.linspace(0.0, 2.0, 2001))
+    losses = interior.predict([LawInputs(1e6, 1e7, 4, g, False) for g in grid])
+    assert math.log(grid[np.argmin(losses)]) == pytest.approx(0.6 / 0.7, abs=1e-3)
+
+
+@pytest.mark.parametrize("name", list(forms.FORMS))
+def test_each_form_s_jacobian_matches_finite_differences(name):
+    form = forms.get(name)
+    X = design_matrix([LawInputs(3e5 * 3**i, 1e6 * 2**i, 1 + i, 2**i, bool(i % 2)) for i in range(6)])
+    rng = np.random.default_rng(3)
+    lows, highs = np.array(form.bounds).T
+    theta = np.clip(starting_points(form=form)[7] + rng.normal(0, 0.05, len(form.coefficients)), lows, highs)
+    value, jac = form.log_loss_and_jacobian(theta, X)
+    assert value == pytest.approx(form.log_loss(theta, X), rel=1e-12)
+    eps = 1e-6
+    steps = np.eye(len(theta)) * eps
+    numeric = np.stack([(form.log_loss(theta + e, X) - form.log_loss(theta - e, X)) / (2 * eps) for e in steps], 1)
+    assert np.allclose(jac, numeric, atol=1e-7)
+
+
+def _sweep(truth: ScalingLaw, noise: float, seed: int = 0) -> list[Observation]:
+    """Four sizes x three budgets x eight shapes drawn from ``truth`` with log-normal
+    noise; the largest size at the largest budget held out."""
+    rng = np.random.default_rng(seed)
+    shapes = [(1, 1, 0), (4, 1, 0), (4, 2, 0), (4, 4, 0), (4, 4, 1), (2, 4, 0), (8, 4, 0), (4, 8, 0)]
+    points = []
+    for (size, N), D, (E, G, S) in itertools.product(
+        [("a", 3e5), ("b", 1e6), ("c", 3e6), ("d", 1e7)], [1e6, 3e6, 1e7], shapes
+    ):
+        x = LawInputs(N, D, E, G, bool(S))
+        loss = truth.predict_one(x) * math.exp(rng.normal(0, noise))
+        arch = f"e{E}g{G}s{S}"
+        points.append(Observation(point_name(size, arch, int(D), 0), arch, x, loss, size=size))
+    return hold_out(points, ["d"])
+
+
+def _few(form):
+    return starting_points(FEW, form)
+
+
+def test_the_form_that_holds_the_shape_is_chosen_by_leave_one_size_out_not_by_fit():
+    """Points from an interior law (a granularity optimum): the monotone ``power`` form
+    cannot hold it, so its leave-one-size-out error is larger and ``interior`` is the law.
+    The held-out points take no part: making them absurd changes neither the scores nor
+    the choice."""
+    truth = law_of(forms.INTERIOR, INTERIOR_TRUE)
+    points = _sweep(truth, noise=0.002)
+    result, scores = choose_form(points, [forms.POWER, forms.INTERIOR], _few)
+    by = {s.form: s for s in scores}
+    assert result.law.form is forms.INTERIOR
+    assert by["interior"].cross_validated.rms < 0.004 < by["power"].cross_validated.rms
+    assert by["power"].folds == ["a", "b", "c", "d"] and by["interior"].coefficients == 10
+    assert result.held_out.max < 0.01
+    absurd = [replace(p, loss=p.loss * 3) if p.held_out else p for p in points]
+    again, scores_again = choose_form(absurd, [forms.POWER, forms.INTERIOR], _few)
+    assert again.law.form is forms.INTERIOR
+    for s, t in zip(scores, scores_again):
+        assert t.cross_validated.rms == pytest.approx(s.cross_validated.rms, rel=1e-9)
+    assert again.held_out.max > 0.5
+
+
+def test_a_form_that_fits_better_but_predicts_worse_is_not_chosen():
+    """Noisy points from a monotone power law: the 13-coefficient form fits them a
+    little better (it also fits noise) and predicts the sizes it did not see worse.
+    Choosing by fit error would take it; the choice is the power law."""
+    truth = law_of(forms.POWER, {k: v for k, v in INTERIOR_TRUE.items() if k in forms.POWER.coefficients})
+    points = _sweep(truth, noise=0.03, seed=2)
+    result, scores = choose_form(points, [forms.POWER, forms.INTERIOR_INTERACTION], _few)
+    power, bigger = scores
+    assert bigger.fit.rms < power.fit.rms and bigger.cross_validated.rms > 1.2 * power.cross_validated.rms
+    assert result.law.form is forms.POWER
+
+
+def test_leave_one_size_out_predicts_each_size_from_the_others_by_hand():
+    truth = law_of(forms.INTERIOR, INTERIOR_TRUE)
+    points = [p for p in _sweep(truth, noise=0.01, seed=2) if p.size != "d"]
+    got = leave_one_size_out(points, forms.POWER, _few(forms.POWER))
+    errors = []
+    for size in ("a", "b", "c"):
+        fold = [replace(p, held_out=p.size == size) for p in points]
+        fitted = fit_law(fold, starts=_few(forms.POWER), form=forms.POWER)
+        errors += [fitted.predictions[p.name] / p.loss - 1 for p in fold if p.held_out]
+    assert got.count == len(points) == 72
+    assert got.rms == pytest.approx(math.sqrt(np.mean(np.square(errors))), rel=1e-9)
+    with pytest.raises(ScalingFitError, match="two or more sizes"):
+        leave_one_size_out([p for p in points if p.size == "a"], forms.POWER)
+
+
+def test_each_form_names_the_spread_it_needs():
+    truth = law_of(forms.INTERIOR, INTERIOR_TRUE)
+    two_expansions = [p for p in _sweep(truth, 0.0) if p.inputs.expansion in (1, 4)]
+    check_identifiable(two_expansions, forms.POWER)
+    check_identifiable(two_expansions, forms.INTERACTION)
+    with pytest.raises(ScalingFitError, match=r"2 distinct expansions \(1, 4\); delta, delta2 needs 3"):
+        check_identifiable(two_expansions, forms.INTERIOR)
+    few = _sweep(truth, 0.0)[:11]
+    with pytest.raises(ScalingFitError, match="interior_interaction law has 13 coefficients"):
+        check_identifiable(few, forms.INTERIOR_INTERACTION)
+
+
+def test_a_fit_json_names_its_form_and_an_older_one_is_the_joint_law(tmp_path):
+    truth = law_of(forms.INTERACTION, INTERACTION_TRUE)
+    summary = {"form_name": "interaction", "coefficients": truth.coefficients}
+    assert forms.law_from_fit(summary) == truth
+    joint = ScalingLaw(tuple(0.1 * i for i in range(9)))
+    assert forms.law_from_fit({"coefficients": joint.coefficients}).form is JOINT
+    with pytest.raises(KeyError, match="no law form 'cubic'"):
+        forms.law_from_fit({"form_name": "cubic", "coefficients": {}})
+    with pytest.raises(ConfigError, match=r"scaling\.forms.*unknown law form\(s\) \['cubic'\]"):
+        from_dict(ScalingStageConfig, {"forms": ["joint", "cubic"]}, "scaling")
+    with pytest.raises(ConfigError, match="lists a form twice"):
+        from_dict(ScalingStageConfig, {"forms": ["joint", "joint"]}, "scaling")
+
+
+def test_the_points_table_reads_back_what_the_fit_wrote_and_names_a_bad_row(tmp_path):
+    truth = law_of(forms.INTERIOR, INTERIOR_TRUE)
+    points = [replace(p, seconds=None if i % 5 else 10.0 + i) for i, p in enumerate(_sweep(truth, noise=0.01))]
+    summary = write_fit(points, [], tmp_path, dense="e1g1s0", replicates=20, form_names=["power", "interior"],
+                        starts_for=_few)  # fmt: skip
+    assert summary["form_name"] == "interior"
+    assert [s["form"] for s in summary["form_selection"]] == ["power", "interior"]
+    assert "## Which law" in (tmp_path / "comparison.md").read_text()
+    back = sorted(hold_out(read_points(tmp_path / "points.csv"), ["d"]), key=lambda p: p.name)
+    wrote = sorted(points, key=lambda p: p.name)
+    assert [replace(p, loss=0.0) for p in back] == [replace(p, loss=0.0) for p in wrote]
+    assert [p.loss for p in back] == pytest.approx([p.loss for p in wrote], abs=5e-7)  # written to 6 decimals
+    fit = json.loads((tmp_path / "fit.json").read_text())
+    assert forms.law_from_fit(fit).form is forms.INTERIOR
+    text = (tmp_path / "points.csv").read_text().splitlines()
+    (tmp_path / "bad.csv").write_text("\n".join([text[0], text[1], text[2].replace(text[2].split(",")[9], "nan?")]))
+    with pytest.raises(ScalingFitError, match=r"bad\.csv, row 3"):
+        read_points(tmp_path / "bad.csv")
+    (tmp_path / "cols.csv").write_text("name,loss\nx,1\n")
+    with pytest.raises(ScalingFitError, match="no column\\(s\\) family, size"):
+        read_points(tmp_path / "cols.csv")
+
+
+def test_seed_replicates_are_points_of_their_own():
+    assert point_name("m", "e16k4", 600000, 0) == "m-e16k4-600000"
+    assert point_name("m", "e16k4", "600000", 2) == "m-e16k4-600000-seed2"
+    points = [Observation(point_name("m", "dense", 600000, s), "dense", LawInputs(1e6, 6e5, 1, 1, False), 4.5,
+                          size="m") for s in (0, 1)]  # fmt: skip
+    points.append(Observation("m-dense-120000", "dense", LawInputs(1e6, 1.2e5, 1, 1, False), 5.5, size="m"))
+    marked = {p.name: p.held_out for p in hold_out(points, ["m"])}
+    assert marked == {"m-dense-600000": True, "m-dense-600000-seed1": True, "m-dense-120000": False}
+    with pytest.raises(ScalingFitError, match=r"hold_out_sizes \['l'\]"):
+        hold_out(points, ["l"])
+
+
+def test_seed_noise_and_the_tables_read_replicates_by_hand():
+    from pipeline.scaling import analysis
+
+    def obs(name, family, tokens, loss, seconds):
+        return Observation(name, family, LawInputs(1e6, tokens, 1, 1, False), loss, seconds=seconds, size="m")
+
+    points = [
+        obs("m-dense-600000", "dense", 6e5, 4.0, 60.0),
+        obs("m-dense-600000-seed1", "dense", 6e5, 4.4, 999.0),  # another machine's clock: not read
+        obs("m-dense-600000-seed2", "dense", 6e5, 4.2, None),
+        obs("m-moe-600000", "moe", 6e5, 3.9, 80.0),
+        obs("m-moe-600000-seed1", "moe", 6e5, 4.1, 1.0),
+        obs("m-moe-300000", "moe", 3e5, 4.6, 40.0),
+    ]
+    noise = analysis.seed_noise(points)
+    sd_dense = np.std(np.log([4.0, 4.4, 4.2]), ddof=1)
+    sd_moe = np.std(np.log([3.9, 4.1]), ddof=1)
+    assert noise.cells == {"m-dense-600000": (3, pytest.approx(sd_dense)), "m-moe-600000": (2, pytest.approx(sd_moe))}
+    assert noise.pooled == pytest.approx(math.sqrt((sd_dense**2 + sd_moe**2) / 2))
+    # paired at equal tokens: the means of the replicates (4.2 and 4.0)
+    (cmp,) = analysis.findings(points, [("moe", "dense", "moe vs dense")])
+    assert cmp.deltas == pytest.approx((0.2,))
+    # at equal seconds: the grid runs' seconds only (dense 60 s; moe 40 s and 80 s)
+    at = analysis.loss_at_seconds(points, "moe", "m", 60.0)
+    w = (math.log(60) - math.log(40)) / (math.log(80) - math.log(40))
+    assert at == pytest.approx(math.exp((1 - w) * math.log(4.6) + w * math.log(4.0)))
+    assert analysis.seed_noise(points[3:4]).cells == {} and math.isnan(analysis.seed_noise(points[3:4]).pooled)
+
+
+def test_the_fit_reads_a_saved_points_table_beside_an_empty_store_and_names_a_bad_one(tmp_path):
+    from pipeline.runner.errors import StageInputError
+    from pipeline.stages.scaling import SweepPointsInput
+    from pipeline.tracking import TrackingConfig
+
+    truth = law_of(forms.INTERIOR, INTERIOR_TRUE)
+    points = _sweep(truth, noise=0.01)
+    write_fit(points, [], tmp_path, dense="e1g1s0", replicates=20, starts_for=_few)
+    store = TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}")  # no run of the sweep in it
+    source = SweepPointsInput("scaling.sweep", store, "synth", ["d"], "largest", str(tmp_path / "points.csv"),
+                              ["interior", "interior_interaction"])  # fmt: skip
+    got = source.check()
+    assert [p.name for p in got] == sorted(p.name for p in points) and sum(p.held_out for p in got) == 8
+    # held out again by this config, not by the table's old marks
+    assert sum(p.held_out for p in replace(source, hold_out_sizes=["c"]).check()) == 8
+    assert {p.size for p in replace(source, hold_out_sizes=["c"]).check() if p.held_out} == {"c"}
+    with pytest.raises(StageInputError, match=r"scaling\.points_csv: .*nowhere\.csv: no points table there"):
+        replace(source, points_csv=str(tmp_path / "nowhere.csv")).check()
+    with pytest.raises(StageInputError, match="no candidate law form can be fitted: interior: .*interior_interaction"):
+        replace(source, hold_out_sizes=["a", "b", "c", "d"], hold_out_budgets="all").check()
