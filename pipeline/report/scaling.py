@@ -79,7 +79,7 @@ def scaling_lines(s: ScalingSummary) -> list[str]:
             apart = [r["name"] for r in sure.get("rows", []) if not r["told_apart"]]
             line += f", 95% interval [{low:.3f}, {high:.3f}]; cannot be told apart from {len(apart)} of the next "
             line += f"{len(sure.get('rows', []))}" + (f" ({', '.join(f'`{a}`' for a in apart)})" if apart else "")
-        lines.append(line + ".")
+        lines.append(line + "." + _other_law(s.plan, s.fit))
     if s.closed_loop is not None:
         c = s.closed_loop
         low, high = c["interval"]
@@ -87,8 +87,18 @@ def scaling_lines(s: ScalingSummary) -> list[str]:
         lines.append(
             f"Closed loop: `{c['point']}` trained at the sweep's largest budget measured {c['measured']:.3f} "
             f"against {c['predicted']:.3f} predicted, interval [{low:.3f}, {high:.3f}]: {verdict}."
+            + _other_law(c, s.fit)
         )
     return lines
+
+
+def _other_law(record: dict, fit: dict) -> str:
+    """A warning when a plan or closed-loop result was made with another law than the fit
+    shown (its ``law.formula``; results written before they recorded it say nothing)."""
+    law = record.get("law") or {}
+    if law.get("formula") in (None, fit["formula"]):
+        return ""
+    return f" (Made with an earlier fit, form `{law.get('form_name', '?')}`: rerun it with this law.)"
 
 
 def forms_rows(s: ScalingSummary) -> list[list[str]]:

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
+import numpy as np
 from tabulate import tabulate
 
 from pipeline.scaling import analysis, forms, plots
 from pipeline.scaling.bootstrap import Intervals, bootstrap
-from pipeline.scaling.fit import FitResult, Observation, ScalingFitError
+from pipeline.scaling.fit import ErrorStats, FitResult, Observation, ScalingFitError
 from pipeline.scaling.law import LawInputs
 from pipeline.scaling.select import FormScore, choose_form
 
@@ -38,17 +40,22 @@ def write_fit(
     held = [p for p in points if p.held_out]
     inside = sum(intervals.contains(p.name, p.loss) for p in held)
     noise = analysis.seed_noise(points)
+    held_means = _held_out_seed_means(points, result)
     summary = {
         **result.to_dict(),
         "intervals": intervals.to_dict(),
         "held_out_inside_interval": inside,
         "form_selection": [s.to_dict() for s in scores],
         "seed_noise": noise.to_dict(),
+        # the held-out points with a point's seeds averaged: replicates are not independent points
+        "held_out_error_seed_means": vars(held_means),
         "sweep": sweep,
         "points": len(points),
         "held_out_points": sum(p.held_out for p in points),
         # how far the points reach: a prediction beyond is an extrapolation
-        "range": {"n_active": max(p.inputs.n_active for p in points), "tokens": max(p.inputs.tokens for p in points)},
+        "range": {
+            k: max(getattr(p.inputs, k) for p in points) for k in ("n_active", "tokens", "expansion", "granularity")
+        },  # fmt: skip
     }
     (out / "fit.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     with (out / "points.csv").open("w", newline="") as f:
@@ -80,7 +87,7 @@ def write_fit(
         "",
         "## Seed replicates: the noise floor",
         "",
-        _noise_text(noise, result),
+        _noise_text(noise, result, held_means),
         "",
         f"Fit error (relative, {result.fit.count} points): RMS {result.fit.rms:.2%}, max {result.fit.max:.2%}. "
         f"Held out ({result.held_out.count} of the largest runs): RMS {result.held_out.rms:.2%}, max "
@@ -135,44 +142,65 @@ POINT_COLUMNS = ["name", "family", "size", "n_active", "tokens", "expansion", "g
                  "loss", "predicted", "interval_low", "interval_high", "train_seconds"]  # fmt: skip
 
 
+POINT_NAME = re.compile(r"[^-]+-[^-]+-\d+(-seed\d+)?")
+
+
 def read_points(path: Path) -> list[Observation]:
     """The measured points of a ``points.csv`` written by :func:`write_fit` (name,
     family, size, law inputs, loss, training seconds; its predictions and held-out marks
-    are the old fit's and are not read). Raises ScalingFitError naming the file and row
-    for a missing file or column, or a value that is not a number."""
+    are the old fit's and are not read). A table without a ``size`` column (written
+    before replicates existed) takes it from the name. Raises ScalingFitError naming the
+    file and row for a missing file or column, a name that is not a sweep point's
+    (``<size>-<arch>-<tokens>[-seed<n>]``), or a value that is not a number."""
     if not path.is_file():
         raise ScalingFitError(f"{path}: no points table there (a points.csv written by make scaling-fit)")
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
-        missing = [c for c in ("name", "family", "size", "n_active", "tokens", "expansion", "granularity", "shared",
+        missing = [c for c in ("name", "family", "n_active", "tokens", "expansion", "granularity", "shared",
                                "loss", "train_seconds") if c not in (reader.fieldnames or [])]  # fmt: skip
         if missing:
             raise ScalingFitError(f"{path}: not a points table of make scaling-fit: no column(s) {', '.join(missing)}")
         points = []
         for row_no, row in enumerate(reader, start=2):
             try:
+                if not POINT_NAME.fullmatch(row["name"] or ""):
+                    raise ValueError(f"{row['name']!r} is not a sweep point's name (<size>-<arch>-<tokens>[-seed<n>])")
                 inputs = LawInputs(float(row["n_active"]), float(row["tokens"]), float(row["expansion"]),
                                    float(row["granularity"]), bool(int(row["shared"])))  # fmt: skip
                 seconds = float(row["train_seconds"]) if row["train_seconds"] else None
+                size = row.get("size") or row["name"].split("-")[0]
                 points.append(Observation(row["name"], row["family"], inputs, float(row["loss"]), seconds=seconds,
-                                          size=row["size"]))  # fmt: skip
-            except ValueError as err:
+                                          size=size))  # fmt: skip
+            except (ValueError, TypeError) as err:  # TypeError: a short row's missing cells are None
                 raise ScalingFitError(f"{path}, row {row_no}: {err}") from None
     if not points:
         raise ScalingFitError(f"{path}: the points table has no rows")
     return points
 
 
-def _noise_text(noise: analysis.SeedNoise, result: FitResult) -> str:
+def _held_out_seed_means(points: list[Observation], result: FitResult) -> ErrorStats:
+    """Relative errors of the held-out points with each point's seeds averaged (the
+    replicates of a point share its law inputs, so one prediction)."""
+    groups: dict[str, list[Observation]] = {}
+    for p in points:
+        if p.held_out:
+            groups.setdefault(analysis.replicate_of(p.name), []).append(p)
+    errors = [result.predictions[r[0].name] / (sum(x.loss for x in r) / len(r)) - 1 for r in groups.values()]
+    return ErrorStats.of(np.array(errors))
+
+
+def _noise_text(noise: analysis.SeedNoise, result: FitResult, held_means: ErrorStats) -> str:
     if not noise.cells:
         return "No point was run with more than one seed (`make seeds`): the run-to-run noise is not measured."
     rows = [[name, n, f"{sd:.2%}"] for name, (n, sd) in noise.cells.items()]
     table = tabulate(rows, headers=["point", "seeds", "SD of the loss (relative)"], tablefmt="github")
     return (
         f"{table}\n\nPooled run-to-run SD {noise.pooled:.2%} of the loss: a law that were exactly right would "
-        f"still miss a single run by about ±{2 * noise.pooled:.2%} (2 SD) and the held-out RMS could not go much "
-        f"below {noise.pooled:.2%}; measured held-out RMS {result.held_out.rms:.2%}, max {result.held_out.max:.2%}. "
-        "Every replicate is a point of the fit; the tables below use the mean of a point's seeds."
+        f"still miss a single run by about ±{2 * noise.pooled:.2%} (2 SD), and the held-out RMS could not go much "
+        f"below {noise.pooled:.2%}. Measured: held-out RMS {result.held_out.rms:.2%}, max {result.held_out.max:.2%} "
+        f"over {result.held_out.count} runs; with each point's seeds averaged, RMS {held_means.rms:.2%}, max "
+        f"{held_means.max:.2%} over {held_means.count} points. A replicate is a point of its own: fitted, or held "
+        "out with the point it replicates; the tables below use the mean of a point's seeds."
     )
 
 

@@ -46,6 +46,7 @@ def compare(fit: dict, point: Observation, seed: int = 0) -> dict:
         "inside": inside,
         "miss": miss,
         "train_seconds": point.seconds,
+        "law": {"form_name": law.form.name, "formula": law.formula()},
     }
 
 

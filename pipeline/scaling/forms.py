@@ -1,4 +1,4 @@
-"""Candidate forms of the law, chosen between by held-out error (:mod:`pipeline.scaling.select`).
+"""Candidate forms of the law, chosen between by leave-one-size-out error (:mod:`pipeline.scaling.select`).
 
 Besides the joint form of :mod:`pipeline.scaling.law`, the candidates are log-linear
 in their coefficients inside each term:
@@ -41,8 +41,10 @@ _FEATURES = {
     "delta": ("N", lambda X: -X[:, COL_E], (-2.0, 3.0), 0.1),
     "gamma": ("N", lambda X: -X[:, COL_G], (-2.0, 3.0), 0.05),
     "sigma": ("N", lambda X: -X[:, COL_S], (-3.0, 3.0), 0.0),
-    "delta2": ("N", lambda X: X[:, COL_E] ** 2, (-2.0, 2.0), 0.0),
-    "gamma2": ("N", lambda X: X[:, COL_G] ** 2, (-2.0, 2.0), 0.0),
+    # >= 0: a bowl (an interior optimum, or none in range), never a cap whose loss keeps
+    # falling beyond the sweep's range, where a plan extrapolates
+    "delta2": ("N", lambda X: X[:, COL_E] ** 2, (0.0, 2.0), 0.0),
+    "gamma2": ("N", lambda X: X[:, COL_G] ** 2, (0.0, 2.0), 0.0),
     "iota": ("N", lambda X: -X[:, COL_E] * (X[:, COL_N] - LOG_REF), (-1.0, 1.0), 0.0),
     "log_b": ("D", lambda X: np.ones(len(X)), (-20.0, 40.0), None),
     "beta": ("D", lambda X: -X[:, COL_D], (0.0, 2.5), None),
@@ -87,12 +89,17 @@ def _log_linear(name: str, extra_n: tuple[str, ...], extra_d: tuple[str, ...], n
 
     def formula(theta: np.ndarray) -> str:
         k = dict(zip(names, (float(t) for t in theta)))
-        n_extra = "".join(f" {_SHOWN[x][0]} {k[x]:.3g}·{_SHOWN[x][1]}" for x in extra_n)
-        d_extra = "".join(f" {_SHOWN[x][0]} {k[x]:.3g}·{_SHOWN[x][1]}" for x in extra_d)
+
+        def term(sign: str, value: float, what: str) -> str:  # " - 0.3·ln N"; a negative value flips the sign
+            flip = (sign == "-") != (value < 0)
+            return f" {'-' if flip else '+'} {abs(value):.3g}·{what}"
+
+        n_terms = [("-", k["alpha"], "ln N"), ("-", k["delta"], "ln Ê"), ("-", k["gamma"], "ln G"),
+                   ("-", k["sigma"], "S"), *((_SHOWN[x][0], k[x], _SHOWN[x][1]) for x in extra_n)]  # fmt: skip
+        d_terms = [("-", k["beta"], "ln D"), *((_SHOWN[x][0], k[x], _SHOWN[x][1]) for x in extra_d)]
         return (
-            f"L = {math.exp(k['log_c']):.4g} + exp({k['log_a']:.4g} - {k['alpha']:.3g} ln N - {k['delta']:.3g} ln Ê"
-            f" - {k['gamma']:.3g} ln G - {k['sigma']:.3g} S{n_extra}) + exp({k['log_b']:.4g} - {k['beta']:.3g} ln D"
-            f"{d_extra})"
+            f"L = {math.exp(k['log_c']):.4g} + exp({k['log_a']:.4g}{''.join(term(*t) for t in n_terms)})"
+            f" + exp({k['log_b']:.4g}{''.join(term(*t) for t in d_terms)})"
         )
 
     words_n = "".join(f" {_SHOWN[x][0]} {_SHOWN[x][2]}" for x in extra_n)

@@ -130,7 +130,7 @@ class LawForm:
     """One functional form of the law: its coefficients (θ order), their bounds, the
     values the fit starts unlisted coefficients at, what the points must spread over
     to determine it, and its maths. :data:`JOINT` is the form above; the candidates
-    chosen between by held-out error are in :mod:`pipeline.scaling.forms`."""
+    chosen between by leave-one-size-out error are in :mod:`pipeline.scaling.forms`."""
 
     name: str
     form: str  # the formula in words, for fit.json and reports

@@ -150,10 +150,13 @@ def write_plan(
     chosen = result.chosen
     sweet = by_expansion(result.feasible)
     n_max, d_max = _sweep_max(fit, "n_active"), _sweep_max(fit, "tokens")
-    beyond = chosen.inputs.n_active > n_max or tokens > d_max
+    e_max, g_max = _sweep_max(fit, "expansion"), _sweep_max(fit, "granularity")
+    x = chosen.inputs
+    # NaN (a fit.json without the range) compares False: not flagged for the shape
+    beyond = x.n_active > n_max or tokens > d_max or x.expansion > e_max or x.granularity > g_max
     extrapolation = (
-        f"The sweep's points reach N = {n_max:.3g}, D = {d_max:.3g}; the chosen model is at N = "
-        f"{chosen.inputs.n_active:.3g}, D = {tokens:.3g}"
+        f"The sweep's points reach N = {n_max:.3g}, D = {d_max:.3g}, Ê = {e_max:.3g}, G = {g_max:.3g}; the chosen "
+        f"model is at N = {x.n_active:.3g}, D = {tokens:.3g}, Ê = {x.expansion:.3g}, G = {x.granularity:.3g}"
         + (": the losses are extrapolations, read them as a ranking." if beyond else ".")
     )
     sure = uncertainty(result, fit)
@@ -184,6 +187,8 @@ def write_plan(
         "frontier_memory": [c.row() for c in result.frontier_memory],
         "frontier_flops": [c.row() for c in result.frontier_flops],
         "config": str(config_path),
+        # the law this plan was made with: a report beside a newer fit says so
+        "law": {"form_name": form_of(fit).name, "formula": fit.get("formula")},
     }
     (out / "plan.json").write_text(json.dumps(record, indent=2))
     plots.frontier(result.frontier_memory, refs, chosen, "int4_bytes", out / "frontier_memory.png", budget.memory_bytes)

@@ -12,11 +12,12 @@ choice: their error, reported for every form, stays an out-of-sample test of the
 chosen. Choosing by it would make the reported held-out error a selected minimum,
 biased low.
 
-Each fold's fit starts from the full grid and from the form's optimum on all fitted
-points, and keeps its own lowest objective: a fold fitted from a few starts lands in
-whichever local optimum is nearest, and the scores then measure the starts, not the
-forms (seen on moe_grid: a 16-start fold grid moved the ranking). Five forms x four
-fits x 162 starts take minutes on 2 cores; ``make scaling-fit`` is run once per sweep.
+Each fold's fit starts from the full grid, as the fit to all points does, and keeps
+its own lowest objective; it never starts from the optimum of all points (that fit saw
+the size the fold predicts). A fold fitted from a few starts lands in whichever local
+optimum is nearest, and the scores then measure the starts, not the forms (seen on
+moe_grid: a 16-start fold grid moved the ranking). Five forms x four fits x 162 starts
+take minutes on 2 cores; ``make scaling-fit`` is run once per sweep.
 
 A form that some fold's points cannot determine (:func:`pipeline.scaling.fit.check_identifiable`)
 gets no score and cannot be chosen; it is listed with the reason.
@@ -79,8 +80,7 @@ def choose_form(points: list[Observation], forms: list[LawForm], starts_for=None
     the lowest-scoring form and every form's scores (in ``forms`` order).
 
     ``starts_for(form)``: every fit's starting points for a form (default: the full
-    grid; the folds start from the full fit's optimum as well). With one form there is
-    nothing to choose: it is fitted and not cross-validated.
+    grid). With one form there is nothing to choose: it is fitted and not cross-validated.
     Raises ScalingFitError when no form can be scored and there are several, or when
     the single form cannot be fitted."""
     results: dict[str, FitResult] = {}
@@ -93,8 +93,7 @@ def choose_form(points: list[Observation], forms: list[LawForm], starts_for=None
             if len(forms) == 1:
                 cv, unscored = None, "the only form: not cross-validated"
             else:
-                grid = starting_points(form=form) if starts is None else starts
-                cv = leave_one_size_out(points, form, [np.array(results[form.name].law.theta), *grid])
+                cv = leave_one_size_out(points, form, starting_points(form=form) if starts is None else starts)
                 unscored = ""
         except ScalingFitError as err:
             if len(forms) == 1 and form.name not in results:

@@ -113,6 +113,13 @@ class SweepPointsInput:
             points = observations(runs, self.hold_out_sizes, self.hold_out_budgets, saved)
             if len(self.forms) == 1:
                 check_identifiable(points, forms.get(self.forms[0]))
+            sizes = sorted({p.size for p in points if not p.held_out})
+            if len(self.forms) > 1 and len(sizes) < 2:
+                raise ScalingFitError(
+                    f"the fitted points have {len(sizes)} size(s) {sizes}: choosing between the law forms "
+                    f"{self.forms} predicts each size from the others and needs two or more; fit one form "
+                    "(scaling.forms=[joint]) or run more sizes"
+                )
             errors = []
             for name in self.forms:
                 try:
@@ -127,16 +134,16 @@ class SweepPointsInput:
 
 
 def _raw_inputs(raw: dict) -> list:
-    from pipeline.recipe import validate
+    from pipeline.recipe import repo_path, validate
 
     cfg = scaling_config(raw)
     recipe = validate({k: v for k, v in raw.items() if k not in ("sweep", "scaling")})
+    table = str(repo_path(cfg.points_csv)) if cfg.points_csv else None  # relative to the repository, as out_dir
     return [
         SweepPointsInput(
-            "scaling.sweep", recipe.tracking, cfg.sweep, cfg.hold_out_sizes, cfg.hold_out_budgets, cfg.points_csv,
-            cfg.forms,
+            "scaling.sweep", recipe.tracking, cfg.sweep, cfg.hold_out_sizes, cfg.hold_out_budgets, table, cfg.forms
         )
-    ]  # fmt: skip
+    ]
 
 
 def _work(ctx: StageContext) -> StageResult:

@@ -5,8 +5,10 @@ the sweep's sizes x architectures x token budgets (``conf/sweep/``). Each point 
 pretrain stage's own Ray Train job on the pretrain mixture, with the point's model and
 ``stage.pretrain.schedule.total_steps`` set from its token budget, published into
 ``outputs/sweep/<sweep>/<point>/`` and tracked in MLflow with the tags ``sweep``,
-``sweep.size``, ``sweep.arch``, ``sweep.tokens``, ``sweep.seed`` and ``sweep.model`` (the
-model config as JSON, from which the fit computes the point's active parameters). The
+``sweep.size``, ``sweep.arch``, ``sweep.tokens``, ``sweep.model`` (the
+model config as JSON, from which the fit computes the point's active parameters) and,
+for a seed other than 0, ``sweep.seed`` (absent for seed 0, so the runs of a sweep made
+before replicates existed still count as finished: a rerun looks them up by tags). The
 point is ``<size>-<arch>-<tokens>``, with ``-seed<n>`` for a recipe ``seed`` other than
 0: seed replicates (``make seeds``) are points of their own.
 
@@ -78,8 +80,8 @@ def _tags(ctx: StageContext) -> dict[str, str]:
         "sweep.size": point["size"],
         "sweep.arch": point["arch"],
         "sweep.tokens": str(point["tokens"]),
-        "sweep.seed": str(point["seed"]),
         "sweep.model": json.dumps(asdict(ctx.recipe.model), sort_keys=True),
+        **({"sweep.seed": str(point["seed"])} if int(point["seed"]) else {}),
     }
 
 

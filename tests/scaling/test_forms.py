@@ -1,4 +1,4 @@
-"""The law's candidate forms and the choice between them by held-out error
+"""The law's candidate forms and the choice between them by leave-one-size-out error
 (pipeline/scaling/forms.py, select.py), the points table read back, seed replicates."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,8 +197,22 @@ def test_the_points_table_reads_back_what_the_fit_wrote_and_names_a_bad_row(tmp_
     with pytest.raises(ScalingFitError, match=r"bad\.csv, row 3"):
         read_points(tmp_path / "bad.csv")
     (tmp_path / "cols.csv").write_text("name,loss\nx,1\n")
-    with pytest.raises(ScalingFitError, match="no column\\(s\\) family, size"):
+    with pytest.raises(ScalingFitError, match="no column\\(s\\) family, n_active"):
         read_points(tmp_path / "cols.csv")
+    (tmp_path / "short.csv").write_text("\n".join([text[0], text[1], ",".join(text[2].split(",")[:5])]))
+    with pytest.raises(ScalingFitError, match=r"short\.csv, row 3"):  # missing cells, not a traceback
+        read_points(tmp_path / "short.csv")
+    (tmp_path / "name.csv").write_text("\n".join([text[0], "x" + text[1].replace("-", "_", 1)]))
+    with pytest.raises(ScalingFitError, match="row 2: .* is not a sweep point's name"):
+        read_points(tmp_path / "name.csv")
+    # a table written before replicates (no size column): the size is the name's first field
+    header = text[0].split(",")
+    drop = header.index("size")
+    older = [",".join(c for i, c in enumerate(line.split(",")) if i != drop) for line in text]
+    (tmp_path / "older.csv").write_text("\n".join(older) + "\n")
+    assert [p.size for p in read_points(tmp_path / "older.csv")] == [
+        p.size for p in read_points(tmp_path / "points.csv")
+    ]
 
 
 def test_seed_replicates_are_points_of_their_own():
@@ -259,5 +274,32 @@ def test_the_fit_reads_a_saved_points_table_beside_an_empty_store_and_names_a_ba
     assert {p.size for p in replace(source, hold_out_sizes=["c"]).check() if p.held_out} == {"c"}
     with pytest.raises(StageInputError, match=r"scaling\.points_csv: .*nowhere\.csv: no points table there"):
         replace(source, points_csv=str(tmp_path / "nowhere.csv")).check()
-    with pytest.raises(StageInputError, match="no candidate law form can be fitted: interior: .*interior_interaction"):
-        replace(source, hold_out_sizes=["a", "b", "c", "d"], hold_out_budgets="all").check()
+    with pytest.raises(StageInputError, match=r"1 size\(s\) \['a'\]: choosing between .*scaling\.forms=\[joint\]"):
+        replace(source, hold_out_sizes=["b", "c", "d"], hold_out_budgets="all").check()
+    lines = (tmp_path / "points.csv").read_text().splitlines()
+    column = lines[0].split(",").index("expansion")
+    two_expansions = [lines[0]] + [row for row in lines[1:] if row.split(",")[column] in ("1", "4")]
+    (tmp_path / "two.csv").write_text("\n".join(two_expansions) + "\n")
+    with pytest.raises(
+        StageInputError, match="no candidate law form can be fitted: interior: .*; interior_interaction"
+    ):
+        replace(source, points_csv=str(tmp_path / "two.csv")).check()
+
+
+def test_seed_zero_points_carry_no_seed_tag_so_older_finished_runs_still_match():
+    """A rerun finds a finished point by its tags: a seed-0 point tagged ``sweep.seed``
+    would never match the runs of a sweep made before replicates existed."""
+    from types import SimpleNamespace
+
+    import yaml
+
+    from pipeline.model.config import ModelConfig
+    from pipeline.stages.sweep import _tags
+
+    conf = Path(__file__).resolve().parents[2] / "conf" / "model" / "tiny.yaml"
+    recipe = SimpleNamespace(model=from_dict(ModelConfig, yaml.safe_load(conf.read_text()), "model"))
+    point = {"sweep": "g", "size": "m", "arch": "e16k4", "tokens": 600000}
+    zero = _tags(SimpleNamespace(raw={"sweep_point": {**point, "seed": 0}}, recipe=recipe))
+    two = _tags(SimpleNamespace(raw={"sweep_point": {**point, "seed": 2}}, recipe=recipe))
+    assert "sweep.seed" not in zero and two["sweep.seed"] == "2"
+    assert {k: v for k, v in two.items() if k != "sweep.seed"} == zero
