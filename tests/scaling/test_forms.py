@@ -303,3 +303,24 @@ def test_seed_zero_points_carry_no_seed_tag_so_older_finished_runs_still_match()
     two = _tags(SimpleNamespace(raw={"sweep_point": {**point, "seed": 2}}, recipe=recipe))
     assert "sweep.seed" not in zero and two["sweep.seed"] == "2"
     assert {k: v for k, v in two.items() if k != "sweep.seed"} == zero
+
+
+def test_the_closed_loop_trains_the_planned_model_s_law_inputs():
+    """``make closed-loop``'s one point (conf/sweep/closed_loop.yaml) must be the model
+    ``make plan`` wrote (conf/model/planned_tiny.yaml), as the law sees it: otherwise the
+    loop holds a measured loss against another model's prediction."""
+    import yaml
+
+    from pipeline.model.config import ModelConfig
+    from pipeline.scaling.grid import SweepConfig, point_model
+    from pipeline.scaling.law import law_inputs
+
+    conf = Path(__file__).resolve().parents[2] / "conf"
+
+    def model(name: str) -> ModelConfig:
+        return from_dict(ModelConfig, yaml.safe_load((conf / "model" / f"{name}.yaml").read_text()), name)
+
+    grid = from_dict(SweepConfig, yaml.safe_load((conf / "sweep" / "closed_loop.yaml").read_text())["sweep"], "sweep")
+    trained = point_model(grid, model("tiny"))
+    assert law_inputs(trained, grid.tokens) == law_inputs(model("planned_tiny"), grid.tokens)
+    assert (trained.n_layers, trained.d_model) == (model("planned_tiny").n_layers, model("planned_tiny").d_model)
