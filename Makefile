@@ -73,9 +73,10 @@ $(PY) -m pipeline.runner.repro --params params.yaml $(1) -- $(DVC_FLAGS)
 endef
 # Two pytest workers (CI's 2 cores; TEST_JOBS=1 runs in one process). xdist hands out whole
 # modules (--dist loadscope), so a module's shared fixture (the e2e `make repro`) runs once
-# while the other worker runs the rest.
+# while the other worker runs the rest; the longest modules start first (tests/conftest.py:
+# LONG_MODULES; xdist's own reorder would put the few-test e2e modules last).
 TEST_JOBS ?= 2
-TEST_WORKERS = $(if $(filter 1,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadscope)
+TEST_WORKERS = $(if $(filter 1,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadscope --no-loadscope-reorder)
 test: $(STAMP)
 	$(PY) -m pytest tests -q $(TEST_WORKERS)
 
