@@ -37,6 +37,7 @@ $(STAMP): requirements.lock pyproject.toml
 	$(VENV)/bin/pip install --disable-pip-version-check -r requirements.lock
 	$(VENV)/bin/pip install --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(PY) -m pipeline.export.native  # the export's C++ MoE kernel, against the installed ExecuTorch
+	$(PY) -m pipeline.model.kernels  # the MoE layer's CPU training kernel, against the installed torch
 	touch $(STAMP)
 
 # Regenerate the full pin set from the direct pins in requirements.txt.

@@ -104,7 +104,7 @@ class Transformer(nn.Module):
         return [block.ffn for block in self.layers if isinstance(block.ffn, MoE)]
 
     def set_moe_dispatch(self, dispatch: str) -> Transformer:
-        """Switch every MoE layer's dispatch ("grouped", "gather" or "loop")."""
+        """Switch every MoE layer's dispatch ("auto", "fused", "grouped", "gather" or "loop"; see MoE)."""
         for moe in self.moe_layers():
             moe.dispatch = dispatch
         return self

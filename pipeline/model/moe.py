@@ -6,10 +6,12 @@ Shape legend:
   F  hidden width of one routed expert     N  routed slots = T * K
 
 Routing is dropless: every token reaches its K experts. Slots are sorted by expert so
-each expert's tokens are contiguous, and one grouped GEMM (``torch._grouped_mm``) runs
-all experts at once over the 3-D expert weights ``w1_EFD``, ``w3_EFD``, ``w2_EDF``. The
-3-D parameters are what QAT fake-quantizes and what export lowers; there is no list of
-per-expert modules.
+each expert's tokens are contiguous, and the experts run over the 3-D expert weights
+``w1_EFD``, ``w3_EFD``, ``w2_EDF``: on CPU in FP32 through the project's fused kernel
+(:mod:`pipeline.model.kernels`: gather, GEMMs, SwiGLU, gate and combine in one pass per
+expert), elsewhere (CUDA, BF16 autocast, QAT's fake-quantized activations, torch.compile)
+through one grouped GEMM per projection (``torch._grouped_mm``). The 3-D parameters are
+what QAT fake-quantizes and what export lowers; there is no list of per-expert modules.
 """
 
 from __future__ import annotations
@@ -115,6 +117,19 @@ class GroupedExperts(nn.Module):
         return torch._grouped_mm(h_NF, w2_EDF.to(dtype).transpose(-2, -1), offs=offsets_E)
 
 
+def fused_applies(experts: GroupedExperts, x_TD: torch.Tensor) -> bool:
+    """Whether the CPU kernel computes what ``experts`` would: CPU, FP32/FP64 without
+    autocast, activations not fake-quantized (QAT's experts override quantize_input), and
+    not under torch.compile (the op has no compiler kernel; the grouped path is traced)."""
+    return (
+        x_TD.device.type == "cpu"
+        and x_TD.dtype in (torch.float32, torch.float64)
+        and not torch.is_autocast_enabled("cpu")
+        and type(experts).quantize_input is GroupedExperts.quantize_input
+        and not torch.compiler.is_compiling()
+    )
+
+
 def gathered_experts(
     experts: GroupedExperts, x_TD: torch.Tensor, experts_TK: torch.Tensor, gates_TK: torch.Tensor
 ) -> torch.Tensor:
@@ -159,9 +174,10 @@ class MoE(nn.Module):
         # Several shared experts are mathematically one wider SwiGLU; keep one module.
         shared_width = cfg.num_shared_experts * cfg.shared_ffn_dim
         self.shared = SwiGLU(d_model, shared_width) if shared_width > 0 else None
-        # "grouped": sorted dispatch + grouped GEMM (training and prefill);
+        # "auto": "fused" where it applies (fused_applies), else "grouped";
+        # "fused": the CPU kernel; "grouped": sorted dispatch + torch's grouped GEMM;
         # "gather": export-friendly (see gathered_experts); "loop": reference, tests only.
-        self.dispatch = "grouped"
+        self.dispatch = "auto"
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, S, D = x_BSD.shape
@@ -173,10 +189,15 @@ class MoE(nn.Module):
         counts_E = torch.zeros(self.cfg.num_experts, dtype=torch.long, device=x_TD.device).scatter_add_(
             0, experts_N, torch.ones_like(experts_N)
         )
-        if self.dispatch == "gather":
+        dispatch = self.dispatch
+        if dispatch == "auto":
+            dispatch = "fused" if fused_applies(self.experts, x_TD) else "grouped"
+        if dispatch == "gather":
             out_TD = gathered_experts(self.experts, x_TD, route.experts_TK, route.gates_TK)
+        elif dispatch == "fused":
+            out_TD = self._fused(x_TD, route)
         else:
-            out_TD = self._sorted_dispatch(x_TD, route, counts_E)
+            out_TD = self._sorted_dispatch(x_TD, route, counts_E, dispatch)
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
 
@@ -186,18 +207,37 @@ class MoE(nn.Module):
         aux_loss = self._aux_loss(route, counts_E, B * S)
         return out_TD.view(B, S, D), aux_loss
 
-    def _sorted_dispatch(self, x_TD: torch.Tensor, route: RouterOutput, counts_E: torch.Tensor) -> torch.Tensor:
+    def _fused(self, x_TD: torch.Tensor, route: RouterOutput) -> torch.Tensor:
+        """The routed experts through the CPU kernel (same maths as _sorted_dispatch)."""
+        from pipeline.model import kernels
+
+        if not fused_applies(self.experts, x_TD):
+            raise ValueError(
+                "MoE dispatch 'fused' needs CPU tensors in float32/float64 without autocast, plain experts "
+                "(no fake-quantized activations) and no torch.compile; use 'auto' or 'grouped'"
+            )
+        order_N, offsets_E1 = kernels.sort_slots(route.experts_TK, self.cfg.num_experts)
+        w1_EFD, w3_EFD, w2_EDF = self.experts.expert_weights()
+        dtype = x_TD.dtype
+        gates_TK = route.gates_TK.to(dtype)
+        return kernels.routed_experts(
+            x_TD, gates_TK, w1_EFD.to(dtype), w3_EFD.to(dtype), w2_EDF.to(dtype), order_N, offsets_E1
+        )
+
+    def _sorted_dispatch(
+        self, x_TD: torch.Tensor, route: RouterOutput, counts_E: torch.Tensor, dispatch: str
+    ) -> torch.Tensor:
         """Sort slots by expert, run the experts on contiguous groups, scatter back."""
         experts_N = route.experts_TK.reshape(-1)
         order_N = torch.argsort(experts_N, stable=True)  # slots grouped by expert
         token_N = order_N // self.cfg.top_k  # which token each sorted slot came from
         x_ND = x_TD.index_select(0, token_N)
-        if self.dispatch == "loop":
+        if dispatch == "loop":
             y_ND = reference_experts(self.experts, x_ND, counts_E)
-        elif self.dispatch == "grouped":
+        elif dispatch == "grouped":
             y_ND = self.experts(x_ND, counts_E)
         else:
-            raise ValueError(f"unknown MoE dispatch {self.dispatch!r}")
+            raise ValueError(f"unknown MoE dispatch {dispatch!r} (known: auto, fused, grouped, gather, loop)")
         gate_N = route.gates_TK.reshape(-1).index_select(0, order_N).to(y_ND.dtype)
         # Under autocast y_ND is BF16 while the residual stream stays FP32.
         return torch.zeros_like(x_TD).index_add_(0, token_N, (y_ND * gate_N[:, None]).to(x_TD.dtype))

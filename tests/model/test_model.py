@@ -62,9 +62,11 @@ def test_dense_twins_match_tiny():
     assert abs(same_total.total - tiny.total) / tiny.total < 0.01
 
 
-def test_grouped_dispatch_equals_reference_forward_and_backward():
+@pytest.mark.parametrize("dispatch", ["grouped", "fused"])
+def test_grouped_dispatch_equals_reference_forward_and_backward(dispatch):
     torch.manual_seed(0)
     moe = MoE(32, small_moe())
+    moe.dispatch = dispatch
     for p in moe.parameters():
         torch.nn.init.normal_(p, 0, 0.2)
     x = torch.randn(3, 5, 32)
@@ -94,9 +96,11 @@ def test_gather_dispatch_equals_grouped_and_exports():
     torch.testing.assert_close(program.module()(tokens[:, :5]), model(tokens[:, :5]), rtol=1e-5, atol=1e-5)
 
 
-def test_grouped_dispatch_handles_experts_with_no_tokens():
+@pytest.mark.parametrize("dispatch", ["grouped", "fused"])
+def test_grouped_dispatch_handles_experts_with_no_tokens(dispatch):
     torch.manual_seed(1)
     moe = MoE(32, small_moe(num_experts=8, top_k=1))
+    moe.dispatch = dispatch
     torch.nn.init.normal_(moe.router.weight_ED, 0, 0.1)
     torch.nn.init.normal_(moe.experts.w1_EFD, 0, 0.1)
     moe.router.expert_bias_E[3] = 100.0  # every token goes to expert 3

@@ -1,0 +1,122 @@
+"""The MoE training kernel (pipeline/model/kernels, C++) against the eager layer: values,
+every gradient (and torch's finite-difference gradcheck in float64), the slot sort, when
+the layer takes it, and what it refuses."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from shapes import small_moe
+
+from pipeline.model import MoE
+from pipeline.model.kernels import routed_experts, sort_slots
+from pipeline.model.moe import fused_applies
+
+
+def _layer(num_experts=6, top_k=3, d=24, seed=0, **kw) -> MoE:
+    torch.manual_seed(seed)
+    moe = MoE(d, small_moe(num_experts=num_experts, top_k=top_k, **kw))
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, 0, 0.3)
+    return moe
+
+
+def _grads(moe: MoE, x: torch.Tensor, weight: torch.Tensor):
+    x = x.clone().requires_grad_()
+    y, aux = moe(x)
+    ((y * weight).sum() + aux).backward()
+    return y.detach(), x.grad, {n: p.grad.clone() for n, p in moe.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(("num_experts", "top_k", "tokens"), [(6, 3, 11), (16, 1, 40), (5, 5, 7)])
+def test_fused_equals_the_loop_reference_values_and_every_gradient(num_experts, top_k, tokens):
+    fused = _layer(num_experts, top_k)
+    fused.dispatch = "fused"
+    ref = copy.deepcopy(fused)
+    ref.dispatch = "loop"
+    x = torch.randn(1, tokens, 24)
+    weight = torch.randn(1, tokens, 24)  # a non-uniform upstream gradient
+    y1, dx1, g1 = _grads(fused, x, weight)
+    y2, dx2, g2 = _grads(ref, x, weight)
+    # FP32 sums in another order (per-expert GEMMs, the combine over k): a few ulps of
+    # values of order 1.
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx1, dx2, rtol=1e-5, atol=1e-5)
+    assert g1.keys() == g2.keys() and "experts.w2_EDF" in g1 and "router.weight_ED" in g1
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_the_kernel_passes_gradcheck_in_float64():
+    torch.manual_seed(3)
+    T, K, E, D, F = 7, 2, 4, 5, 3
+    x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
+    gates = torch.rand(T, K, dtype=torch.float64, requires_grad=True)
+    w1 = torch.randn(E, F, D, dtype=torch.float64, requires_grad=True)
+    w3 = torch.randn(E, F, D, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(E, D, F, dtype=torch.float64, requires_grad=True)
+    experts = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+    experts[:, 0] = torch.where(experts[:, 0] == 3, 0, experts[:, 0])  # expert 3 kept rare
+    order, offsets = sort_slots(experts, E)
+    assert torch.autograd.gradcheck(
+        lambda *a: routed_experts(*a, order, offsets), (x, gates, w1, w3, w2), eps=1e-6, atol=1e-7
+    )
+
+
+def test_an_expert_without_slots_gets_a_zero_gradient():
+    torch.manual_seed(0)
+    T, K, E, D, F = 5, 1, 4, 6, 3
+    x = torch.randn(T, D)
+    gates = torch.rand(T, K)
+    w = [torch.randn(E, F, D, requires_grad=True), torch.randn(E, F, D, requires_grad=True)]
+    w2 = torch.randn(E, D, F, requires_grad=True)
+    # Gradients are written in place per expert; an expert nobody chose must read 0, not
+    # whatever memory the output was allocated on.
+    order, offsets = sort_slots(torch.tensor([[0], [2], [0], [2], [0]]), E)
+    routed_experts(x, gates, w[0], w[1], w2, order, offsets).sum().backward()
+    for grad in (w[0].grad, w[1].grad, w2.grad):
+        assert torch.all(grad[1] == 0) and torch.all(grad[3] == 0)
+        assert grad[0].abs().sum() > 0 and grad[2].abs().sum() > 0
+
+
+def test_sort_slots_is_the_stable_argsort_and_names_a_bad_expert():
+    torch.manual_seed(0)
+    experts = torch.randint(0, 9, (50, 3))
+    order, offsets = sort_slots(experts, 9)
+    assert torch.equal(order, torch.argsort(experts.view(-1), stable=True))
+    counts = torch.bincount(experts.view(-1), minlength=9)
+    assert torch.equal(offsets, torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]))
+    with pytest.raises(RuntimeError, match="expert id 9 out of range"):
+        sort_slots(torch.tensor([[1, 9]]), 9)
+
+
+def test_auto_takes_the_kernel_only_where_it_computes_the_same_thing():
+    from shapes import tiny_config
+
+    from pipeline.model import Transformer
+    from pipeline.quant import QuantConfig
+    from pipeline.quant.fake import prepare
+
+    moe = _layer()
+    x = torch.randn(4, 24)
+    assert fused_applies(moe.experts, x)
+    assert not fused_applies(moe.experts, x.to(torch.bfloat16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fused_applies(moe.experts, x)
+    # QAT fake-quantizes each expert's input rows, which the kernel does not: grouped.
+    qat = prepare(Transformer(tiny_config()), QuantConfig(group_size=16))
+    (layer,) = [m for m in qat.modules() if isinstance(m, MoE)][:1]
+    assert not fused_applies(layer.experts, x)
+    layer.dispatch = "fused"
+    with pytest.raises(ValueError, match="dispatch 'fused' needs"):
+        layer(torch.randn(1, 3, tiny_config().d_model))
+
+
+def test_the_kernel_refuses_mixed_dtypes():
+    order, offsets = sort_slots(torch.tensor([[0], [1]]), 2)
+    x, gates = torch.randn(2, 4), torch.rand(2, 1, dtype=torch.float64)
+    w1, w3, w2 = torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(2, 4, 3)
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        routed_experts(x, gates, w1, w3, w2, order, offsets)
