@@ -6,7 +6,9 @@ same *active* parameters per token, (b) the reference Python loop over experts a
 (c) a bound on what better expert GEMMs could give: the grouped layer with every routed
 slot sent through one expert's weights as one plain GEMM (wrong maths, timing only: the
 router, the dispatch and the combine are unchanged), as ratios measured in one run with
-interleaved repetitions (machines are noisy; only ratios mean anything). Not a test: run
+interleaved repetitions (machines are noisy; only ratios mean anything). BF16 autocast
+(the grouped GEMM; the fused kernel is FP32) is timed beside them, against the FP32 layer
+and the BF16 dense twin. `--tokens N` overrides every shape's token count. Not a test: run
 `make bench-model`.
 """
 
@@ -46,8 +48,9 @@ class OneGemmBound(torch.nn.Module):
         return h_NF @ w2_EDF[0].T
 
 
-def fwd_bwd(module: torch.nn.Module, x: torch.Tensor) -> None:
-    out = module(x)
+def fwd_bwd(module: torch.nn.Module, x: torch.Tensor, autocast: bool = False) -> None:
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = module(x)
     out = out[0] if isinstance(out, tuple) else out
     out.backward(torch.ones_like(out) * 1e-3)  # materialised: grouped_mm's backward needs strides
 
@@ -61,8 +64,9 @@ def timed(fn, reps: int) -> list[float]:
     return times
 
 
-def bench_shape(name: str, reps: int) -> dict[str, float]:
-    d_model, moe_kwargs, tokens = SHAPES[name]
+def bench_shape(name: str, reps: int, tokens: int | None = None) -> dict[str, float]:
+    d_model, moe_kwargs, default_tokens = SHAPES[name]
+    tokens = tokens or default_tokens
     cfg = MoEConfig(score_func="sigmoid", route_scale=2.5, **moe_kwargs)
     torch.manual_seed(0)
     moe = MoE(d_model, cfg)
@@ -82,32 +86,35 @@ def bench_shape(name: str, reps: int) -> dict[str, float]:
     bound.load_state_dict(moe.state_dict())
     bound.experts = OneGemmBound(bound.experts)
     bound.dispatch = "grouped"
-    candidates = {
-        "moe_fused": moe,
-        "moe_grouped": grouped,
-        "dense_same_active": dense,
-        "moe_reference_loop": reference,
-        "moe_one_gemm_bound": bound,
+    candidates = {  # (module, BF16 autocast)
+        "moe_fused": (moe, False),
+        "moe_grouped": (grouped, False),
+        "dense_same_active": (dense, False),
+        "moe_reference_loop": (reference, False),
+        "moe_one_gemm_bound": (bound, False),
+        "moe_bf16": (grouped, True),  # "auto" under autocast is the grouped GEMM
+        "dense_bf16": (dense, True),
     }
-    for module in candidates.values():  # warm-up
-        fwd_bwd(module, x)
+    for module, autocast in candidates.values():  # warm-up
+        fwd_bwd(module, x, autocast)
     samples: dict[str, list[float]] = {k: [] for k in candidates}
     for _ in range(reps):  # interleave so drift hits every candidate alike
-        for key, module in candidates.items():
-            samples[key] += timed(lambda m=module: fwd_bwd(m, x), 1)
-    return {k: statistics.median(v) for k, v in samples.items()}
+        for key, (module, autocast) in candidates.items():
+            samples[key] += timed(lambda m=module, a=autocast: fwd_bwd(m, x, a), 1)
+    return {k: statistics.median(v) for k, v in samples.items()} | {"tokens": tokens}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    parser.add_argument("--tokens", type=int, default=None, help="tokens per step for every shape")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, reps {args.reps} (median)")
     for name in args.shapes:
-        t = bench_shape(name, args.reps)
+        t = bench_shape(name, args.reps, args.tokens)
         print(
-            f"{name}: fused {t['moe_fused'] * 1e3:.1f} ms | grouped {t['moe_grouped'] * 1e3:.1f} ms | "
+            f"{name} ({t['tokens']} tokens): fused {t['moe_fused'] * 1e3:.1f} ms | grouped {t['moe_grouped'] * 1e3:.1f} ms | "
             f"dense(same active) {t['dense_same_active'] * 1e3:.1f} ms | "
             f"reference loop {t['moe_reference_loop'] * 1e3:.1f} ms"
         )
@@ -117,6 +124,10 @@ def main() -> None:
         print(
             f"  one-GEMM bound / dense       = {t['moe_one_gemm_bound'] / t['dense_same_active']:.2f}x "
             "(router, dispatch and combine as they are; experts as one plain GEMM)"
+        )
+        print(
+            f"  BF16 autocast: MoE {t['moe_bf16'] * 1e3:.1f} ms = {t['moe_bf16'] / t['moe_fused']:.2f}x the FP32 "
+            f"layer (target <= 1x on CPUs with BF16 units), {t['moe_bf16'] / t['dense_bf16']:.2f}x the BF16 dense twin"
         )
 
 
