@@ -114,7 +114,8 @@ def main() -> None:
     for name in args.shapes:
         t = bench_shape(name, args.reps, args.tokens)
         print(
-            f"{name} ({t['tokens']} tokens): fused {t['moe_fused'] * 1e3:.1f} ms | grouped {t['moe_grouped'] * 1e3:.1f} ms | "
+            f"{name} ({t['tokens']} tokens): fused {t['moe_fused'] * 1e3:.1f} ms | "
+            f"grouped {t['moe_grouped'] * 1e3:.1f} ms | "
             f"dense(same active) {t['dense_same_active'] * 1e3:.1f} ms | "
             f"reference loop {t['moe_reference_loop'] * 1e3:.1f} ms"
         )
