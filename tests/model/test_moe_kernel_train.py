@@ -120,3 +120,58 @@ def test_the_kernel_refuses_mixed_dtypes():
     w1, w3, w2 = torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(2, 4, 3)
     with pytest.raises(RuntimeError, match="share one dtype"):
         routed_experts(x, gates, w1, w3, w2, order, offsets)
+
+
+def test_two_threads_and_inference_mode_give_the_reference():
+    # The suite runs one thread per xdist worker, where parallel_for is serial: the
+    # parallel loop over experts (and thread-local state that does not reach its other
+    # threads, e.g. inference mode) is exercised here.
+    fused = _layer(8, 2)
+    fused.dispatch = "fused"
+    ref = copy.deepcopy(fused)
+    ref.dispatch = "loop"
+    x = torch.randn(2, 33, 24)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            torch.testing.assert_close(fused(x)[0], ref(x)[0], rtol=1e-5, atol=1e-5)
+        weight = torch.randn(2, 33, 24)
+        y1, dx1, g1 = _grads(fused, x, weight)
+        y2, dx2, g2 = _grads(ref, x, weight)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(dx1, dx2, rtol=1e-5, atol=1e-5)
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_auto_calls_the_kernel_on_cpu_fp32(monkeypatch):
+    from pipeline.model import kernels
+
+    calls = []
+    real = kernels.routed_experts
+    monkeypatch.setattr(kernels, "routed_experts", lambda *a: calls.append(1) or real(*a))
+    moe = _layer()
+    assert moe.dispatch == "auto"
+    moe(torch.randn(1, 5, 24))
+    assert calls == [1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        moe(torch.randn(1, 5, 24))
+    assert calls == [1]  # autocast: the grouped GEMM
+
+
+def test_bad_offsets_order_and_dtype_are_refused_before_any_work():
+    x, gates = torch.randn(3, 4), torch.rand(3, 1)
+    w1, w3, w2 = torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(2, 4, 3)
+    order, offsets = sort_slots(torch.tensor([[0], [1], [1]]), 2)
+    with pytest.raises(RuntimeError, match="offsets must run 0..N"):
+        routed_experts(x, gates, w1, w3, w2, order, torch.tensor([0, 1, 5]))
+    with pytest.raises(RuntimeError, match="must not decrease"):
+        routed_experts(x, gates, w1, w3, w2, order, torch.tensor([0, 4, 3]))
+    with pytest.raises(RuntimeError, match="permutation"):
+        routed_experts(x, gates, w1, w3, w2, torch.tensor([0, 0, 2]), offsets)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        routed_experts(*(t.to(torch.bfloat16) for t in (x, gates, w1, w3, w2)), order, offsets)
+    with pytest.raises(RuntimeError, match="w3 must have w1's shape"):
+        routed_experts(x, gates, w1, torch.randn(2, 2, 4), w2, order, offsets)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from pipeline.cbuild import build, compiler, library_path
 
@@ -28,7 +29,8 @@ _loaded: Path | None = None
 def _torch_flags() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Include and link flags for torch's C++ API, from the installed wheel. ``-fopenmp``
     compiles ATen's parallel_for; the wheel's own libgomp (same soname) is the runtime."""
-    root = Path(torch.__file__).parent
+    # Resolved: a venv reached through a symlink is the same torch, so the same library.
+    root = Path(torch.__file__).resolve().parent
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
     include = (abi, f"-I{root / 'include'}", f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}")
     lib = root / "lib"
@@ -62,6 +64,7 @@ class _RoutedExperts(torch.autograd.Function):
         return out_TD
 
     @staticmethod
+    @once_differentiable  # the op's backward is not itself differentiable: say so, not zeros
     def backward(ctx, dout_TD):  # noqa: ANN001
         dx_TD, dgates_TK, dw1_EFD, dw3_EFD, dw2_EDF = torch.ops.mobilemoe_train.moe_backward(
             dout_TD, *ctx.saved_tensors
@@ -93,7 +96,9 @@ def routed_experts(
     """``out[t] = sum_k gates[t,k] * W2_e (silu(W1_e x_t) * W3_e x_t)``, e the k-th expert
     of token t, for every token: (T, D), differentiable in ``x_TD``, ``gates_TK`` and the
     three (E, F, D) / (E, D, F) weights. ``order_N``/``offsets_E1`` from :func:`sort_slots`.
-    CPU only, float32 or float64, all in one dtype (the op raises otherwise). Saves the two
-    (T*K, F) hidden projections for the backward, as the eager path does."""
+    CPU only, float32 or float64, all in one dtype; bad shapes, offsets or an order that is
+    not a permutation are refused before any work (RuntimeError). Saves the two (T*K, F)
+    hidden projections for the backward, as the eager path does. Not twice differentiable.
+    Tools that count operators (e.g. ``FlopCounterMode``) do not see inside the op."""
     load()
     return _RoutedExperts.apply(x_TD, gates_TK, w1_EFD, w3_EFD, w2_EDF, order_N, offsets_E1)

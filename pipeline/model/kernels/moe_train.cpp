@@ -4,8 +4,10 @@
 //
 // with the gather of each token's rows, the SwiGLU, the gate and the combine fused around
 // the per-expert GEMMs (ATen's, i.e. MKL/oneDNN). Experts run in parallel, one thread
-// each, so every GEMM works on one expert's rows while they sit in that core's cache;
-// nothing of size (slots x model dim) is written but the expert outputs the combine reads.
+// each, so every GEMM works on one expert's rows while they sit in that core's cache:
+// the gathered rows and the hidden activations live per expert, and the only buffers of
+// size (slots x model dim) are the expert outputs (forward) and the per-slot input
+// gradients (backward) that the combine sums per token.
 // The eager reference is pipeline/model/moe.py (MoE with dispatch "grouped" or "loop");
 // tests/model/test_moe_kernel_train.py checks values and every gradient against it.
 //
@@ -14,6 +16,7 @@
 // each expert's run of sorted slots (E+1 entries, the last N).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -24,17 +27,31 @@ namespace {
 void check_inputs(const at::Tensor& x_TD, const at::Tensor& gates_TK, const at::Tensor& w1_EFD,
                   const at::Tensor& w3_EFD, const at::Tensor& w2_EDF, const at::Tensor& order_N,
                   const at::Tensor& offsets_E1) {
-  TORCH_CHECK(x_TD.device().is_cpu(), "moe_train: CPU tensors only");
-  TORCH_CHECK(x_TD.dim() == 2 && gates_TK.dim() == 2 && w1_EFD.dim() == 3, "moe_train: bad ranks");
+  for (const auto* t : {&x_TD, &gates_TK, &w1_EFD, &w3_EFD, &w2_EDF, &order_N, &offsets_E1}) {
+    TORCH_CHECK(t->device().is_cpu(), "moe_train: CPU tensors only");
+  }
+  TORCH_CHECK(x_TD.dim() == 2 && gates_TK.dim() == 2 && w1_EFD.dim() == 3 && w2_EDF.dim() == 3,
+              "moe_train: x (T, D), gates (T, K), w1/w3 (E, F, D), w2 (E, D, F)");
+  TORCH_CHECK(x_TD.scalar_type() == at::kFloat || x_TD.scalar_type() == at::kDouble,
+              "moe_train: float32 or float64 only, got ", x_TD.scalar_type());
   TORCH_CHECK(x_TD.scalar_type() == gates_TK.scalar_type() && x_TD.scalar_type() == w1_EFD.scalar_type() &&
                   x_TD.scalar_type() == w3_EFD.scalar_type() && x_TD.scalar_type() == w2_EDF.scalar_type(),
               "moe_train: activations, gates and weights must share one dtype");
-  TORCH_CHECK(order_N.scalar_type() == at::kLong && offsets_E1.scalar_type() == at::kLong,
-              "moe_train: order and offsets are int64");
-  TORCH_CHECK(order_N.numel() == gates_TK.numel() && gates_TK.size(0) == x_TD.size(0), "moe_train: slot count");
-  TORCH_CHECK(offsets_E1.numel() == w1_EFD.size(0) + 1, "moe_train: offsets need E+1 entries");
-  TORCH_CHECK(w1_EFD.size(2) == x_TD.size(1) && w2_EDF.size(1) == x_TD.size(1) && w2_EDF.size(2) == w1_EFD.size(1),
+  TORCH_CHECK(w3_EFD.sizes() == w1_EFD.sizes(), "moe_train: w3 must have w1's shape");
+  TORCH_CHECK(w1_EFD.size(2) == x_TD.size(1) && w2_EDF.size(0) == w1_EFD.size(0) && w2_EDF.size(1) == x_TD.size(1) &&
+                  w2_EDF.size(2) == w1_EFD.size(1),
               "moe_train: weight shapes");
+  TORCH_CHECK(order_N.scalar_type() == at::kLong && offsets_E1.scalar_type() == at::kLong && order_N.is_contiguous() &&
+                  offsets_E1.is_contiguous(),
+              "moe_train: order and offsets are contiguous int64 (from sort_slots)");
+  TORCH_CHECK(gates_TK.size(0) == x_TD.size(0) && order_N.numel() == gates_TK.numel(), "moe_train: slot count");
+  TORCH_CHECK(offsets_E1.numel() == w1_EFD.size(0) + 1, "moe_train: offsets need E+1 entries");
+  // Bad offsets or order would read and write out of bounds: checked, O(E + N).
+  const int64_t* offsets = offsets_E1.data_ptr<int64_t>();
+  TORCH_CHECK(offsets[0] == 0 && offsets[w1_EFD.size(0)] == order_N.numel(), "moe_train: offsets must run 0..N");
+  for (int64_t e = 0; e < w1_EFD.size(0); ++e) {
+    TORCH_CHECK(offsets[e] <= offsets[e + 1], "moe_train: offsets must not decrease");
+  }
 }
 
 // rows_ND[r] = sum over the K slots of token t of slots_ND[position of slot], for each t:
@@ -56,11 +73,17 @@ void sum_slots(const scalar_t* slots_ND, const int64_t* position_N, int64_t T, i
 }
 
 at::Tensor positions(const at::Tensor& order_N) {
-  // position_N[slot] = where that slot sits in the sorted order (the inverse permutation).
-  auto position_N = at::empty_like(order_N);
+  // position_N[slot] = where that slot sits in the sorted order (the inverse permutation);
+  // an order that is not a permutation of 0..N-1 is refused.
+  const int64_t N = order_N.numel();
+  auto position_N = at::full({N}, -1, order_N.options());
   const int64_t* order = order_N.data_ptr<int64_t>();
   int64_t* position = position_N.data_ptr<int64_t>();
-  for (int64_t r = 0; r < order_N.numel(); ++r) position[order[r]] = r;
+  for (int64_t r = 0; r < N; ++r) {
+    TORCH_CHECK(order[r] >= 0 && order[r] < N && position[order[r]] < 0,
+                "moe_train: order must be a permutation of the slots (from sort_slots)");
+    position[order[r]] = r;
+  }
   return position_N;
 }
 
@@ -80,8 +103,12 @@ std::vector<at::Tensor> forward(const at::Tensor& x_TD_in, const at::Tensor& gat
   auto y_ND = at::empty({N, D}, x_TD.options());  // gated expert outputs, sorted order
   const int64_t* offsets = offsets_E1.data_ptr<int64_t>();
   const auto gates_N = gates_TK.view(-1);
+  auto position_N = positions(order_N);
   {
     at::parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
+      // Thread-local state does not reach parallel_for's other threads: without this the
+      // out= GEMMs into views of tensors made under inference_mode fail there.
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
       for (int64_t e = e0; e < e1; ++e) {
         const int64_t start = offsets[e], n = offsets[e + 1] - start;
         if (n == 0) continue;
@@ -99,7 +126,6 @@ std::vector<at::Tensor> forward(const at::Tensor& x_TD_in, const at::Tensor& gat
       }
     });
   }
-  auto position_N = positions(order_N);
   auto out_TD = at::empty({T, D}, x_TD.options());
   AT_DISPATCH_FLOATING_TYPES(x_TD.scalar_type(), "moe_train_combine", [&] {
     sum_slots<scalar_t>(y_ND.data_ptr<scalar_t>(), position_N.data_ptr<int64_t>(), T, K, D,
@@ -127,9 +153,11 @@ std::vector<at::Tensor> backward(const at::Tensor& dout_TD_in, const at::Tensor&
   auto dx_ND = at::empty({N, D}, x_TD.options());  // each slot's input gradient, sorted order
   const int64_t* offsets = offsets_E1.data_ptr<int64_t>();
   const auto gates_N = gates_TK.view(-1);
-  auto dgates_N = dgates_TK.view(-1);
+  auto dgates_sorted_N = at::empty({N}, x_TD.options());  // per sorted slot; scattered after the loop
+  auto position_N = positions(order_N);
   {
     at::parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
       for (int64_t e = e0; e < e1; ++e) {
         const int64_t start = offsets[e], n = offsets[e + 1] - start;
         if (n == 0) {
@@ -144,7 +172,7 @@ std::vector<at::Tensor> backward(const at::Tensor& dout_TD_in, const at::Tensor&
         auto dg_nF = at::mm(dy_nD, w2_EDF[e]);  // d loss / d (gate * silu(h1) * h3)
         auto silu_nF = at::silu(h1_nF);
         auto a_nF = silu_nF * h3_nF;
-        dgates_N.index_put_({slots_n}, (dg_nF * a_nF).sum(1));
+        dgates_sorted_N.narrow(0, start, n).copy_((dg_nF * a_nF).sum(1));
         auto s_nF = a_nF.mul_(g_n1);  // the forward's gated activations, recomputed
         auto da_nF = dg_nF.mul_(g_n1);
         auto dh3_nF = da_nF * silu_nF;
@@ -160,7 +188,7 @@ std::vector<at::Tensor> backward(const at::Tensor& dout_TD_in, const at::Tensor&
       }
     });
   }
-  auto position_N = positions(order_N);
+  dgates_TK.view(-1).index_copy_(0, order_N, dgates_sorted_N);
   auto dx_TD = at::empty({T, D}, x_TD.options());
   AT_DISPATCH_FLOATING_TYPES(x_TD.scalar_type(), "moe_train_dx", [&] {
     sum_slots<scalar_t>(dx_ND.data_ptr<scalar_t>(), position_N.data_ptr<int64_t>(), T, K, D,
