@@ -6,8 +6,17 @@ from dataclasses import dataclass, field
 
 from pipeline.configbase import require
 
-TASKS = ("continuation", "knowledge", "code", "math", "instruct", "heldout_bpb")
-DEFAULT_ITEMS = {"continuation": 100, "knowledge": 48, "code": 80, "math": 80, "instruct": 40, "heldout_bpb": 48}
+TASKS = ("continuation", "knowledge", "code", "math", "worked_answer", "compare", "instruct", "heldout_bpb")
+DEFAULT_ITEMS = {
+    "continuation": 100,
+    "knowledge": 48,
+    "code": 80,
+    "math": 80,
+    "worked_answer": 200,
+    "compare": 400,
+    "instruct": 80,
+    "heldout_bpb": 48,
+}
 TARGETS = ("pretrain", "midtrain", "sft", "qat")
 
 

@@ -14,6 +14,11 @@ Definitions (the standard harnesses'):
   bits_per_byte  -sum log2 p(text) / sum utf-8 bytes over the task's texts
   centred   (score - chance) / (1 - chance): 0 at chance, 1 perfect (OLMo's centred
             accuracy); the headline is its mean over the base tasks.
+  stderr    of a 0/1 score over n items: sqrt(p (1 - p) / (n - 1)), the sample standard
+            deviation over sqrt(n) (lm-eval's ``mean_stderr``)
+  z_vs_chance  (score - chance) / sqrt(chance (1 - chance) / n): how many standard errors
+            of a uniform guesser the score lies above chance (multiple choice only: a
+            binomial test's z; 3 is p < 0.0014 one-sided)
 """
 
 from __future__ import annotations
@@ -43,12 +48,16 @@ class TaskResult:
         return None if self.spec.kind == "rolling" else centred(self.score, self.spec.chance)
 
     def summary(self) -> dict:
+        n = len(self.items)
+        choice = self.spec.kind == "multiple_choice"
         return {
             "metric": self.spec.metric if self.spec.match != "format" else "format",
             "score": self.score,
             "chance": None if self.spec.kind == "rolling" else self.spec.chance,
             "centred": self.centred,
-            "n": len(self.items),
+            "stderr": None if self.spec.kind == "rolling" else binomial_stderr(self.score, n),
+            "z_vs_chance": z_vs_chance(self.score, self.spec.chance, n) if choice else None,
+            "n": n,
             "chat": self.spec.chat,
             **{k: v for k, v in self.metrics.items() if k != "score"},
         }
@@ -59,6 +68,25 @@ def centred(score: float, chance: float) -> float:
     if not 0.0 <= chance < 1.0:
         raise ValueError(f"chance must be in [0, 1), got {chance}")
     return (score - chance) / (1.0 - chance)
+
+
+def binomial_stderr(score: float, n: int) -> float | None:
+    """Standard error of the mean of ``n`` 0/1 outcomes whose mean is ``score``:
+    ``sqrt(p (1 - p) / (n - 1))`` (the sample standard deviation over sqrt(n), as
+    lm-eval's ``mean_stderr``); None when ``n < 2``."""
+    if n < 2:
+        return None
+    return math.sqrt(score * (1.0 - score) / (n - 1))
+
+
+def z_vs_chance(score: float, chance: float, n: int) -> float | None:
+    """``(score - chance) / sqrt(chance (1 - chance) / n)``: the score's distance above
+    chance in standard errors of a uniform guesser over ``n`` items (the normal
+    approximation of a one-sided binomial test). None unless ``0 < chance < 1`` and
+    ``n >= 1``."""
+    if not (0.0 < chance < 1.0) or n < 1:
+        return None
+    return (score - chance) / math.sqrt(chance * (1.0 - chance) / n)
 
 
 def last_number(text: str) -> str | None:

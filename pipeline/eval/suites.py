@@ -14,8 +14,17 @@ Tasks (kind, what it probes, chance):
   knowledge      multiple choice, 4   what a stdlib function does, what a word means (ARC/MMLU-like)
   code           multiple choice, 4   the next line of a stdlib function
   math           generate, numeric    a word or arithmetic problem (GSM8K-like)
-  instruct       generate, format     a chat question answered in the form instruction tuning
-                                      teaches ("... The answer is N."), for chat models
+  worked_answer  multiple choice, 4   the answer a worked solution reaches: a held-out generated
+                                      problem and its steps, then "The answer is"; the choices
+                                      are numbers of the steps (reading a solution to its end,
+                                      not computing it)
+  compare        multiple choice, 2   which of two decimals is larger, as the solution states
+                                      it ("a < b." or "a > b."): number sense, held out
+  instruct       generate, format     a chat question (half arithmetic, half reasoning: the SFT
+                                      mixture's math and reason tasks) answered in the form
+                                      instruction tuning teaches ("... The answer is X."); run
+                                      on the chat models and, as the before-SFT reference, on
+                                      midtrain's; exact_match needs X right as well
   heldout_bpb    rolling              bits per byte on held-out text of every domain
 
 A suite directory holds ``suite.json`` (specs, counts, sha256 per file) and one
@@ -26,6 +35,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -58,13 +68,16 @@ SPECS = {
     "knowledge": TaskSpec("knowledge", "multiple_choice", "knowledge", chance=0.25),
     "code": TaskSpec("code", "multiple_choice", "code", chance=0.25),
     "math": TaskSpec("math", "generate", "math", match="numeric", until=["\n"], max_tokens=64),
+    "worked_answer": TaskSpec("worked_answer", "multiple_choice", "math", chance=0.25),
+    "compare": TaskSpec("compare", "multiple_choice", "reasoning", chance=0.5),
     "instruct": TaskSpec(
         "instruct",
         "generate",
         "instruction",
         chat=True,
         match="format",
-        pattern=r"The answer is (-?\d[\d,]*)\.",
+        # A number (decimals too: the comparison problems) or one word (a name, yes/no).
+        pattern=r"The answer is (-?\d[\d,]*(?:\.\d+)?|[A-Za-z]+)\.",
         max_tokens=64,
     ),
     "heldout_bpb": TaskSpec("heldout_bpb", "rolling", "mixed"),
@@ -231,8 +244,68 @@ def _math(n: int, rng: random.Random, band: float, max_chars: int) -> list[Gener
     ]
 
 
+_NUMBERS = re.compile(r"-?\d+")
+
+
+def _worked_answer(n: int, rng: random.Random, band: float, max_chars: int) -> list[ChoiceItem]:
+    """Held-out arithmetic problems with their worked steps as context; the answer is
+    the number the steps end on, the three distractors other numbers of the steps (so
+    every choice is a number the context shows). Problems whose steps hold fewer than
+    three other numbers (a bare ``a + b = c``) are skipped."""
+    items = []
+    for p in _problems(generated.ARITHMETIC, 8 * n, rng.randrange(2**31), band, max_chars):
+        steps = p.worked.removesuffix(f" The answer is {p.answer}.")
+        others = [x for x in dict.fromkeys(_NUMBERS.findall(steps)) if x != p.answer]
+        context = f"Question: {p.question}\nAnswer: {steps} The answer is"
+        if len(others) < 3 or not _fits(context, f" {p.answer}.", max_chars):
+            continue
+        choices = [f" {x}." for x in [p.answer, *rng.sample(others, 3)]]
+        rng.shuffle(choices)
+        items.append(
+            ChoiceItem(
+                f"worked_answer/{len(items)}",
+                context,
+                tuple(choices),
+                choices.index(f" {p.answer}."),
+                generated.problem_key(p),
+            )
+        )
+        if len(items) == n:
+            break
+    return items
+
+
+def _compare(n: int, rng: random.Random, band: float, max_chars: int) -> list[ChoiceItem]:
+    """Held-out "Which is larger, a or b?" problems (the reasoning generators' comparison
+    topic); the choices are the solution's statement and its opposite (`` a < b.`` /
+    `` a > b.``), in a seeded order. Held out by the question's key, as every generated
+    task (the swapped question is another problem: one pair among about 10^8)."""
+    items, seen = [], set()
+    for p in generated.problems(generated.REASONING, 400 * n, rng.randrange(2**31)):
+        key = generated.problem_key(p)
+        if p.topic != "comparison" or key in seen or not _held(key, band):
+            continue
+        seen.add(key)
+        right = " " + p.worked.removesuffix(f" The answer is {p.answer}.")
+        wrong = right.replace(" < ", " > ") if " < " in right else right.replace(" > ", " < ")
+        context = f"Question: {p.question}\nAnswer:"
+        if not _fits(context, right, max_chars):
+            continue
+        choices = [right, wrong]
+        rng.shuffle(choices)
+        items.append(ChoiceItem(f"compare/{len(items)}", context, tuple(choices), choices.index(right), key))
+        if len(items) == n:
+            break
+    return items
+
+
 def _instruct(n: int, rng: random.Random, band: float, max_chars: int) -> list[GenerateItem]:
-    problems = _problems(generated.ARITHMETIC, n, rng.randrange(2**31), band, max_chars)
+    """Held-out problems as chat questions: the first half arithmetic, the rest
+    reasoning (ordering, comparison, counting, sequences, syllogisms), as the SFT
+    mixture's ``math`` and ``reason`` tasks pose them."""
+    half = n // 2
+    problems = _problems(generated.ARITHMETIC, half, rng.randrange(2**31), band, max_chars)
+    problems += _problems(generated.REASONING, n - half, rng.randrange(2**31), band, max_chars)
     return [
         GenerateItem(f"instruct/{i}", p.question, p.answer, generated.problem_key(p)) for i, p in enumerate(problems)
     ]
@@ -269,6 +342,8 @@ BUILDERS: dict[str, Callable[[int, random.Random, float, int], list[Item]]] = {
     "knowledge": _knowledge,
     "code": _code,
     "math": _math,
+    "worked_answer": _worked_answer,
+    "compare": _compare,
     "instruct": _instruct,
     "heldout_bpb": _heldout,
 }

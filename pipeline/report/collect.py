@@ -123,6 +123,8 @@ class TaskScore:
     centred: float | None
     n: int | None
     chat: bool
+    stderr: float | None = None  # of a 0/1 score over its n items (absent in older files)
+    exact_match: float | None = None  # a format task's answers that are also right
 
     @property
     def lower_is_better(self) -> bool:
@@ -393,6 +395,8 @@ def _tasks(raw: Any, path: Path, key: str) -> dict[str, TaskScore]:
             centred=_num(t, "centred", where),
             n=None if n is None else int(n),
             chat=bool(_get(t, "chat", where, bool, False)),
+            stderr=_num(t, "stderr", where),
+            exact_match=_num(t, "exact_match", where),
         )
     return tasks
 

@@ -164,8 +164,9 @@ def _task_label(name: str, task: TaskScore) -> str:
 
 
 def eval_table(data: ReportData) -> Table:
-    """Tasks x stages: each base task's score, its chance level, the centred aggregate and
-    the chat task's score; a ``.pte`` column when the exported program was evaluated."""
+    """Tasks x stages: each base task's score (± its standard error where the file has
+    one), its chance level, the centred aggregate and the chat task's score; a ``.pte``
+    column when the exported program was evaluated."""
     evals = data.evals
     present = [e for e in evals.values() if e is not None]
     header = ["task", "chance"]
@@ -190,7 +191,11 @@ def eval_table(data: ReportData) -> Table:
         return out
 
     def score(tasks: dict[str, TaskScore] | None, name: str) -> str:
-        return sig(tasks[name].score) if tasks and name in tasks else DASH
+        if not tasks or name not in tasks:
+            return DASH
+        task = tasks[name]
+        # The standard error says which differences between stages are noise.
+        return sig(task.score) + (f" ± {sig(task.stderr, 2)}" if task.stderr else "")
 
     for name in names(chat=False):
         task = first(name, chat=False)
@@ -208,7 +213,24 @@ def eval_table(data: ReportData) -> Table:
     row += [_instruct(e) for e in evals.values()]
     row += [score(e.pte_tasks, chat[0]) if chat else DASH for _, e in pte]
     t.rows.append(row)
+    if chat and first(chat[0], chat=True).metric == "format":
+        # The form can be learned without the answers: the share also right beside it.
+        row = [f"**instruct** ({esc(chat[0])} (exact_match))", "0"]
+        row += [_exact_match(e.tasks if e is not None else None, chat[0]) for e in evals.values()]
+        row += [_exact_match(e.pte_tasks, chat[0]) for _, e in pte]
+        t.rows.append(row)
     return t
+
+
+def _exact_match(tasks: dict[str, TaskScore] | None, name: str) -> str:
+    """A format task's exact match, ± its standard error (scoring.binomial_stderr)."""
+    from pipeline.eval.scoring import binomial_stderr
+
+    task = (tasks or {}).get(name)
+    if task is None or task.exact_match is None:
+        return DASH
+    stderr = binomial_stderr(task.exact_match, task.n or 0)
+    return sig(task.exact_match) + (f" ± {sig(stderr, 2)}" if stderr else "")
 
 
 def _instruct(e: EvalResult | None) -> str:

@@ -228,7 +228,7 @@ def eval_stage(target: str, order: int, desc: str, program: bool = False) -> Sta
 STAGES = (
     EVALSETS,
     eval_stage("pretrain", 81, "the pre-trained model"),
-    eval_stage("midtrain", 82, "the mid-trained model"),
+    eval_stage("midtrain", 82, "the mid-trained model, chat tasks included (the before-SFT reference)"),
     eval_stage("sft", 83, "the instruction-tuned model, chat tasks included"),
     eval_stage("qat", 84, "QAT's converted INT4 model, and its .pte on the generative tasks", program=True),
 )

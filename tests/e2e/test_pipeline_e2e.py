@@ -141,12 +141,21 @@ def test_profile_stage_outputs(repo):
 def test_every_model_stage_is_evaluated_and_the_report_comes_last(repo):
     lock = (repo / "dvc.lock").read_text()
     suite = json.loads((repo / "data" / "eval" / "suite.json").read_text())
-    assert set(suite["tasks"]) == {"continuation", "knowledge", "code", "math", "instruct", "heldout_bpb"}
+    assert set(suite["tasks"]) == {
+        "continuation",
+        "knowledge",
+        "code",
+        "math",
+        "worked_answer",
+        "compare",
+        "instruct",
+        "heldout_bpb",
+    }
     assert suite["held_out"] == 0.1  # the micro mixtures' val_fraction
     for target in EVAL_TARGETS:
         assert f"  eval_{target}:" in lock
         metrics = json.loads((repo / "outputs" / "eval" / target / "metrics.json").read_text())
-        chat = target in ("sft", "qat")
+        chat = target in ("midtrain", "sft", "qat")  # midtrain: the before-SFT reference
         assert ("instruct" in metrics["tasks"]) == chat and ("instruct" in metrics) == chat
         assert metrics["form"] == ("int4" if target == "qat" else "fp32")
         assert -1.0 <= metrics["centred_acc"] <= 1.0

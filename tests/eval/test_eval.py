@@ -216,6 +216,32 @@ def test_the_headline_averages_centred_scores_of_base_tasks_only():
         centred(0.5, 1.0)
 
 
+def test_standard_errors_and_distance_from_chance_against_the_counts():
+    import statistics
+
+    from pipeline.eval.scoring import binomial_stderr, z_vs_chance
+
+    outcomes = [1.0] * 13 + [0.0] * 27  # 13 of 40 right
+    # lm-eval's reading: the sample standard deviation of the 0/1 outcomes over sqrt(n).
+    assert binomial_stderr(13 / 40, 40) == pytest.approx(statistics.stdev(outcomes) / math.sqrt(40))
+    # In counts: (right - expected right) / the binomial standard deviation of a guesser.
+    assert z_vs_chance(13 / 40, 0.2, 40) == pytest.approx((13 - 40 * 0.2) / math.sqrt(40 * 0.2 * 0.8))
+    assert binomial_stderr(1.0, 1) is None and z_vs_chance(0.3, 0.0, 40) is None
+    spec = TaskSpec("t", "multiple_choice", chance=0.5)
+    items = [ChoiceItem(str(i), "c", (" a", " b"), i % 2) for i in range(5)]  # 3 of 5 answer 0
+    summary = score_choices(spec, items, PlantedLM([-1.0, -2.0] * 5)).summary()
+    assert summary["score"] == pytest.approx(0.6) and summary["n"] == 5
+    assert summary["stderr"] == pytest.approx(statistics.stdev([1, 0, 1, 0, 1]) / math.sqrt(5))
+    assert summary["z_vs_chance"] == pytest.approx((3 - 2.5) / math.sqrt(5 * 0.25))
+    generated = score_generation(
+        TaskSpec("g", "generate"), [GenerateItem("a", "q", "1")] * 2, PlantedLM(outputs=["1", "2"])
+    )
+    assert generated.summary()["z_vs_chance"] is None and generated.summary()["stderr"] == pytest.approx(0.5 / 1)
+    assert (
+        score_rolling(TaskSpec("r", "rolling"), [RollingItem("z", "ab")], PlantedLM([-1.0])).summary()["stderr"] is None
+    )
+
+
 # --- task files ----------------------------------------------------------------------------------
 
 
@@ -254,7 +280,16 @@ def test_a_malformed_task_file_is_named_with_its_line(tmp_path, line, problem):
 # --- the suite -------------------------------------------------------------------------------------
 
 MICRO_MAX_TOKENS = 8
-MICRO_ITEMS = {"continuation": 6, "knowledge": 6, "code": 6, "math": 6, "instruct": 4, "heldout_bpb": 6}
+MICRO_ITEMS = {
+    "continuation": 6,
+    "knowledge": 6,
+    "code": 6,
+    "math": 6,
+    "worked_answer": 6,
+    "compare": 6,
+    "instruct": 4,
+    "heldout_bpb": 6,
+}
 
 
 @pytest.fixture(scope="module")
@@ -288,8 +323,8 @@ def test_no_suite_item_is_in_any_training_split(micro_suite):
     for spec, items in suite.values():
         for item in items:
             assert item.source_key not in train_keys, (spec.name, item.id)
-            if spec.kind == "multiple_choice":  # distinct choices, the answer among them once
-                assert len(set(item.choices)) == len(item.choices) == 4, item
+            if spec.kind == "multiple_choice":  # distinct choices, as many as the chance level says
+                assert len(set(item.choices)) == len(item.choices) == round(1 / spec.chance), item
             # The answer (or, for generation, the question) never occurs in training text.
             probe = {
                 "multiple_choice": lambda i: i.choices[i.answer],
@@ -300,6 +335,58 @@ def test_no_suite_item_is_in_any_training_split(micro_suite):
                 assert normalise(probe) not in corpus, (spec.name, item.id, probe)
                 checked += 1
     assert checked >= 20
+
+
+def test_generated_choice_tasks_answer_what_the_question_asks(micro_suite):
+    """The two tasks on held-out generated problems, checked against the question itself
+    (not the generator's worked text): the larger decimal; the value of a product or of
+    ``(a op b) × c``. Every choice of worked_answer is a number the solution shows."""
+    import re
+
+    suite = load_suite(micro_suite[0])
+    for item in suite["compare"][1]:
+        a, b = re.fullmatch(r"Question: Which is larger, ([\d.]+) or ([\d.]+)\?\nAnswer:", item.context).groups()
+        assert item.choices[item.answer] == f" {a} {'>' if float(a) > float(b) else '<'} {b}."
+        assert {c[len(a) + 2] for c in item.choices} == {"<", ">"}
+    computed = 0
+    for item in suite["worked_answer"][1]:
+        question, steps = item.context.removeprefix("Question: ").split("\nAnswer: ")
+        shown = re.findall(r"-?\d+", steps)
+        assert all(c.strip().rstrip(".") in shown for c in item.choices), item
+        product = re.fullmatch(r"What is (\d+) × (\d+)\?", question)
+        chain = re.fullmatch(r"Compute \((\d+) ([+-]) (\d+)\) × (\d+)\.", question)
+        if product:
+            value = int(product[1]) * int(product[2])
+        elif chain:
+            a, b = int(chain[1]), int(chain[3])
+            value = (a + b if chain[2] == "+" else a - b) * int(chain[4])
+        else:
+            continue
+        assert item.choices[item.answer] == f" {value}.", item
+        computed += 1
+    assert computed >= 2
+
+
+def test_the_instruct_pattern_reads_every_generator_answer_as_sft_writes_it(micro_suite):
+    """Whatever a worked solution ends with (a number, a decimal, a name, yes/no), the
+    chat task's pattern reads back exactly its answer; the suite's chat items are half
+    arithmetic, half reasoning problems."""
+    import re
+
+    from pipeline.data import generated
+    from pipeline.eval.suites import SPECS
+
+    pattern = re.compile(SPECS["instruct"].pattern)
+    topics = set()
+    for p in generated.problems(generated.ARITHMETIC + generated.REASONING, 600, seed=5):
+        assert pattern.search(p.worked)[1] == p.answer, p
+        topics.add(p.topic)
+    assert {"comparison", "ordering", "syllogism", "word problem"} <= topics
+    items = load_suite(micro_suite[0])["instruct"][1]
+    reasoning = re.compile(r"Who is the|Which is larger|How many times does the letter|What comes next|^All ")
+    half = len(items) // 2
+    assert len(items) == MICRO_ITEMS["instruct"]
+    assert [bool(reasoning.search(i.context)) for i in items] == [False] * half + [True] * (len(items) - half)
 
 
 def test_the_suite_is_deterministic_and_joins_benchmark_files(tmp_path):
@@ -365,7 +452,7 @@ def test_lm_eval_scores_every_item_exactly_as_the_harness(micro_suite, lowered, 
     suite_dir, _ = micro_suite
     tok = micro_data / "tokenizer" / "tokenizer.json"
     lm = RecipeLM(model=str(lowered["dir"] / "model.safetensors"), tokenizer=str(tok), batch_size="8")
-    tasks = ["continuation", "code", "math", "heldout_bpb"]
+    tasks = ["continuation", "code", "math", "worked_answer", "heldout_bpb"]
     out = simple_evaluate(
         model=lm,
         tasks=[f"mobilemoe_{t}" for t in tasks],

@@ -39,6 +39,7 @@ SCORES = {  # stage -> (continuation acc, heldout bits/byte, centred, instruct o
     "qat": (0.338, 2.23, 0.0884, 0.417),
 }
 PTE_CONTINUATION, PTE_INSTRUCT = 0.329, 0.405
+EXACT = {"sft": 0.25, "qat": 0.2, "pte": 0.15}  # the chat task's answers also right (of 100)
 LOSS = {"sft_fp32": 3.0311, "ptq": 3.0393, "ptq_per_channel": 3.0446, "qat_int4": 3.0344, "control_fp32": 3.0348}
 RUN_URL = "http://127.0.0.1:5000/#/experiments/1/runs/abc123"
 # model, domains, 3 mixtures, training, eval, FP/PTQ/QAT, expert load, scaling forms and comparisons, runs
@@ -82,13 +83,15 @@ def _eval(stage: str) -> dict:
         "heldout_bpb": _task("bits_per_byte", bpb, None),
     }
     out = {"centred_acc": centred, "form": "int4" if stage == "qat" else "fp32", "tasks": tasks}
+    if stage == "sft":
+        tasks["continuation"]["stderr"] = 0.0464
     if instruct is not None:
-        tasks["instruct"] = _task("exact_match", instruct, 0.0, chat=True)
+        tasks["instruct"] = {**_task("format", instruct, 0.0, chat=True), "exact_match": EXACT[stage]}
         out["instruct"] = instruct
     if stage == "qat":
         out["pte_tasks"] = {
             "continuation": _task("acc", PTE_CONTINUATION, 0.25),
-            "instruct": _task("exact_match", PTE_INSTRUCT, 0.0, chat=True),
+            "instruct": {**_task("format", PTE_INSTRUCT, 0.0, chat=True), "exact_match": EXACT["pte"]},
         }
     return out
 
@@ -276,7 +279,7 @@ def test_eval_table_holds_the_planted_scores_in_markdown_and_html(built):
         "qat .pte (INT4, ExecuTorch)",
     ]
     expected = {
-        "continuation (acc)": ["0.250", "0.312", "—", "0.347", "0.338", "0.329"],
+        "continuation (acc)": ["0.250", "0.312", "—", "0.347 ± 0.046", "0.338", "0.329"],
         "heldout\\_bpb (bits\\_per\\_byte), lower is better": ["—", "2.41", "—", "2.17", "2.23", "—"],
     }
     for label, cells in expected.items():
@@ -284,8 +287,11 @@ def test_eval_table_holds_the_planted_scores_in_markdown_and_html(built):
         assert _html_row(html, label.replace("\\", ""))[1:] == cells
     centred = _md_row(md, "**centred accuracy** (mean over base tasks, (score - chance) / (1 - chance))")
     assert centred[2:] == ["**0.0712**", "missing (stage has not run)", "**0.0961**", "**0.0884**", "—"]
-    instruct = _html_row(html, "instruct (instruct (exact_match))")
+    instruct = _html_row(html, "instruct (instruct (format))")
     assert instruct[2:] == ["—", "—", "0.423", "0.417", "0.405"]
+    # ± sqrt(p (1 - p) / 99): 0.0435, 0.0402, 0.0359
+    exact = _html_row(html, "instruct (instruct (exact_match))")
+    assert exact[1:] == ["0", "—", "—", "0.250 ± 0.044", "0.200 ± 0.040", "0.150 ± 0.036"]
 
 
 def test_the_scaling_section_shows_the_planted_fit_plan_and_closed_loop(built, tmp_path):
@@ -434,7 +440,7 @@ def test_report_renders_in_headless_chromium(built, chromium, tmp_path):
         assert len(images) == 3 and all(done and width > 0 for done, width in images)
         assert driver.execute_script("return document.querySelectorAll('table').length") == N_TABLES
         assert len(re.findall(r"^\|(?:-{3}:?\|)+$", built["md"], re.M)) == N_TABLES
-        for value in ("0.312", "0.347", "0.338", "0.329", "2.41", "0.423", "3.0344"):
+        for value in ("0.312", "0.347 ± 0.046", "0.338", "0.329", "2.41", "0.423", "3.0344"):
             cells = driver.find_elements(By.XPATH, f"//td[normalize-space()='{value}']")
             assert cells and all(c.is_displayed() for c in cells), value
         height = driver.execute_script("return document.documentElement.scrollHeight")
