@@ -23,7 +23,7 @@ import yaml
 
 from pipeline.configbase import from_dict
 from pipeline.model import ModelConfig, Transformer, flops_per_token
-from pipeline.train.loop import param_groups, summed_loss
+from pipeline.train.loop import adamw, summed_loss
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 
@@ -50,7 +50,7 @@ class Trainer:
     def __init__(self, cfg: ModelConfig, batch: int, seq_len: int, dispatch: str = "auto") -> None:
         torch.manual_seed(0)
         self.model = Transformer(cfg).set_moe_dispatch(dispatch)
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, 0.1), lr=1e-3)
+        self.optimizer = adamw(self.model, lr=1e-3, weight_decay=0.1)  # the training loop's
         tokens_BS = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1))
         self.inputs_BS, self.labels_BS = tokens_BS[:, :-1], tokens_BS[:, 1:]
         self.tokens = batch * seq_len

@@ -146,6 +146,33 @@ def test_two_threads_and_inference_mode_give_the_reference():
         torch.testing.assert_close(g1[name], g2[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("threads", [3, 5])  # 5 > E: some threads get no expert
+def test_uneven_routing_over_several_threads_gives_the_one_thread_result(threads):
+    # Experts are shared out by slot count (largest first, to the least loaded thread),
+    # not in contiguous ranges: with this routing the two differ, and each expert's
+    # result must not depend on the thread that runs it.
+    torch.manual_seed(5)
+    T, K, E, D, F = 40, 2, 4, 6, 5
+    x, gates = torch.randn(T, D), torch.rand(T, K)
+    weights = [torch.randn(E, F, D), torch.randn(E, F, D), torch.randn(E, D, F)]
+    experts = torch.stack([torch.tensor([0, 3]) if t % 5 else torch.tensor([1, 2]) for t in range(T)])
+    order, offsets = sort_slots(experts, E)
+    upstream = torch.randn(T, D)
+
+    def run(n_threads: int) -> list[torch.Tensor]:
+        before = torch.get_num_threads()
+        torch.set_num_threads(n_threads)
+        try:
+            leaves = [t.clone().requires_grad_() for t in (x, gates, *weights)]
+            (routed_experts(*leaves, order, offsets) * upstream).sum().backward()
+            return [routed_experts(*[t.detach() for t in leaves], order, offsets)] + [t.grad for t in leaves]
+        finally:
+            torch.set_num_threads(before)
+
+    for one, many in zip(run(1), run(threads), strict=True):
+        torch.testing.assert_close(many, one, rtol=1e-6, atol=1e-6)
+
+
 def test_auto_calls_the_kernel_on_cpu_fp32(monkeypatch):
     from pipeline.model import kernels
 

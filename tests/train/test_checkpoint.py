@@ -52,14 +52,18 @@ def train_step(model, opt, ids):
     model.expert_bias += 0.5  # buffers change too and must round-trip
 
 
-def make_optimizer(params):
-    return torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+def make_optimizer(params, fused=None):
+    return torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, fused=fused)
 
 
-def test_resume_matches_uninterrupted_training_with_tied_weights_and_reordered_params(tmp_path):
+@pytest.mark.parametrize("fused", [None, True], ids=["for-loop", "fused"])  # the loop trains fused (loop.adamw)
+def test_resume_matches_uninterrupted_training_with_tied_weights_and_reordered_params(tmp_path, fused):
+    from functools import partial
+
+    make_optimizer_ = partial(make_optimizer, fused=fused)
     torch.manual_seed(0)
     model = TinyLM()
-    opt = make_optimizer(model.parameters())
+    opt = make_optimizer_(model.parameters())
     for s in range(3):
         train_step(model, opt, batch(s))
     path = save_checkpoint(tmp_path / "ck", 3, *training_state(model, opt), {"tokens_seen": 30})
@@ -69,7 +73,7 @@ def test_resume_matches_uninterrupted_training_with_tied_weights_and_reordered_p
     torch.manual_seed(123)  # a different init: everything must come from the checkpoint
     resumed = TinyLM()
     # Reversed order: restore must map optimizer state by name, not by position.
-    opt2 = make_optimizer(list(resumed.parameters())[::-1])
+    opt2 = make_optimizer_(list(resumed.parameters())[::-1])
     ck = load_checkpoint(path)
     assert ck.path == path and ck.step == 3 and ck.meta == {"tokens_seen": 30}
     check_fits({k: spec_of(v) for k, v in resumed.state_dict().items()}, tensor_specs(ck.path), str(ck.path))

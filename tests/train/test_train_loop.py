@@ -219,3 +219,30 @@ def test_non_finite_step_stops_before_the_optimizer_and_any_checkpoint(micro_dat
     assert reports.roots == []  # nothing reported, so nothing to resume from
     for name, tensor in snap.model.state_dict().items():  # the optimizer never stepped
         torch.testing.assert_close(tensor, before[name], rtol=0, atol=0, msg=name)
+
+
+def test_adamw_takes_the_fused_kernel_and_gives_the_for_loops_update():
+    """The loop's optimizer: fused on CPU, with the decay split of param_groups, and
+    the same parameters as torch's for-loop AdamW after several steps (non-default lr,
+    betas and decay; FP32 rounding apart)."""
+    from pipeline.train.loop import adamw, param_groups
+
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3))
+    twin = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3))
+    twin.load_state_dict(net.state_dict())
+    fused = adamw(net, lr=3e-2, weight_decay=0.2, betas=(0.8, 0.9))
+    loop = torch.optim.AdamW(param_groups(twin, 0.2), lr=3e-2, betas=(0.8, 0.9), foreach=False)
+    assert all(g["fused"] for g in fused.param_groups)
+    assert [g["weight_decay"] for g in fused.param_groups] == [0.2, 0.0]
+    x = torch.randn(8, 6)
+    for _ in range(5):
+        for model, opt in ((net, fused), (twin, loop)):
+            opt.zero_grad()
+            model(x).pow(2).sum().backward()
+            opt.step()
+    for (name, a), b in zip(net.state_dict().items(), twin.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    torch.manual_seed(3)
+    start = torch.nn.Linear(6, 5).weight
+    assert float((net[0].weight - start).abs().max()) > 0.05  # and they moved (5 steps of lr 3e-2)

@@ -19,7 +19,9 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <vector>
 
 namespace {
@@ -52,6 +54,34 @@ void check_inputs(const at::Tensor& x_TD, const at::Tensor& gates_TK, const at::
   for (int64_t e = 0; e < w1_EFD.size(0); ++e) {
     TORCH_CHECK(offsets[e] <= offsets[e + 1], "moe_train: offsets must not decrease");
   }
+}
+
+// body(e) for every expert, the experts shared out over the threads by their slot counts
+// (greedy: the largest next, to the least loaded thread). A contiguous split, what
+// at::parallel_for(0, E) does, leaves one thread waiting whenever routing is uneven
+// between the halves. Which thread runs an expert changes nothing in its result.
+template <typename Body>
+void for_each_expert(const int64_t* offsets, int64_t E, const Body& body) {
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), E));
+  std::vector<int64_t> by_rows(E);
+  std::iota(by_rows.begin(), by_rows.end(), 0);
+  auto rows = [&](int64_t e) { return offsets[e + 1] - offsets[e]; };
+  std::stable_sort(by_rows.begin(), by_rows.end(), [&](int64_t a, int64_t b) { return rows(a) > rows(b); });
+  std::vector<std::vector<int64_t>> share(threads);
+  std::vector<int64_t> load(threads, 0);
+  for (int64_t e : by_rows) {
+    const auto least = std::min_element(load.begin(), load.end()) - load.begin();
+    share[least].push_back(e);
+    load[least] += rows(e) + 1;  // + 1: an expert without rows still costs a call
+  }
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    // Thread-local state does not reach parallel_for's other threads: without this the
+    // out= GEMMs into views of tensors made under inference_mode fail there.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t e : share[t]) body(e);
+    }
+  });
 }
 
 // rows_ND[r] = sum over the K slots of token t of slots_ND[position of slot], for each t:
@@ -104,28 +134,21 @@ std::vector<at::Tensor> forward(const at::Tensor& x_TD_in, const at::Tensor& gat
   const int64_t* offsets = offsets_E1.data_ptr<int64_t>();
   const auto gates_N = gates_TK.view(-1);
   auto position_N = positions(order_N);
-  {
-    at::parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
-      // Thread-local state does not reach parallel_for's other threads: without this the
-      // out= GEMMs into views of tensors made under inference_mode fail there.
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      for (int64_t e = e0; e < e1; ++e) {
-        const int64_t start = offsets[e], n = offsets[e + 1] - start;
-        if (n == 0) continue;
-        auto slots_n = order_N.narrow(0, start, n);
-        auto tokens_n = at::floor_divide(slots_n, K);
-        auto x_nD = x_TD.index_select(0, tokens_n);
-        auto h1_nF = h1_NF.narrow(0, start, n), h3_nF = h3_NF.narrow(0, start, n);
-        at::mm_out(h1_nF, x_nD, w1_EFD[e].t());
-        at::mm_out(h3_nF, x_nD, w3_EFD[e].t());
-        // gate * silu(h1) * h3 through ATen's vectorised kernels (one thread here: the
-        // experts are the parallel loop), on rows that are still in cache.
-        auto a_nF = at::silu(h1_nF).mul_(h3_nF).mul_(gates_N.index_select(0, slots_n).unsqueeze(1));
-        auto y_nD = y_ND.narrow(0, start, n);
-        at::mm_out(y_nD, a_nF, w2_EDF[e].t());
-      }
-    });
-  }
+  for_each_expert(offsets, E, [&](int64_t e) {
+    const int64_t start = offsets[e], n = offsets[e + 1] - start;
+    if (n == 0) return;
+    auto slots_n = order_N.narrow(0, start, n);
+    auto tokens_n = at::floor_divide(slots_n, K);
+    auto x_nD = x_TD.index_select(0, tokens_n);
+    auto h1_nF = h1_NF.narrow(0, start, n), h3_nF = h3_NF.narrow(0, start, n);
+    at::mm_out(h1_nF, x_nD, w1_EFD[e].t());
+    at::mm_out(h3_nF, x_nD, w3_EFD[e].t());
+    // gate * silu(h1) * h3 through ATen's vectorised kernels (one thread here: the
+    // experts are the parallel loop), on rows that are still in cache.
+    auto a_nF = at::silu(h1_nF).mul_(h3_nF).mul_(gates_N.index_select(0, slots_n).unsqueeze(1));
+    auto y_nD = y_ND.narrow(0, start, n);
+    at::mm_out(y_nD, a_nF, w2_EDF[e].t());
+  });
   auto out_TD = at::empty({T, D}, x_TD.options());
   AT_DISPATCH_FLOATING_TYPES(x_TD.scalar_type(), "moe_train_combine", [&] {
     sum_slots<scalar_t>(y_ND.data_ptr<scalar_t>(), position_N.data_ptr<int64_t>(), T, K, D,
@@ -155,39 +178,34 @@ std::vector<at::Tensor> backward(const at::Tensor& dout_TD_in, const at::Tensor&
   const auto gates_N = gates_TK.view(-1);
   auto dgates_sorted_N = at::empty({N}, x_TD.options());  // per sorted slot; scattered after the loop
   auto position_N = positions(order_N);
-  {
-    at::parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      for (int64_t e = e0; e < e1; ++e) {
-        const int64_t start = offsets[e], n = offsets[e + 1] - start;
-        if (n == 0) {
-          dw1_EFD[e].zero_(), dw3_EFD[e].zero_(), dw2_EDF[e].zero_();
-          continue;
-        }
-        auto slots_n = order_N.narrow(0, start, n);
-        auto tokens_n = at::floor_divide(slots_n, K);
-        auto dy_nD = dout_TD.index_select(0, tokens_n);
-        auto g_n1 = gates_N.index_select(0, slots_n).unsqueeze(1);
-        auto h1_nF = h1_NF.narrow(0, start, n), h3_nF = h3_NF.narrow(0, start, n);
-        auto dg_nF = at::mm(dy_nD, w2_EDF[e]);  // d loss / d (gate * silu(h1) * h3)
-        auto silu_nF = at::silu(h1_nF);
-        auto a_nF = silu_nF * h3_nF;
-        dgates_sorted_N.narrow(0, start, n).copy_((dg_nF * a_nF).sum(1));
-        auto s_nF = a_nF.mul_(g_n1);  // the forward's gated activations, recomputed
-        auto da_nF = dg_nF.mul_(g_n1);
-        auto dh3_nF = da_nF * silu_nF;
-        auto dh1_nF = at::silu_backward(da_nF.mul_(h3_nF), h1_nF);
-        auto dw2_DF = dw2_EDF[e], dw1_FD = dw1_EFD[e], dw3_FD = dw3_EFD[e];
-        at::mm_out(dw2_DF, dy_nD.t(), s_nF);
-        auto x_nD = x_TD.index_select(0, tokens_n);
-        at::mm_out(dw1_FD, dh1_nF.t(), x_nD);
-        at::mm_out(dw3_FD, dh3_nF.t(), x_nD);
-        auto dx_nD = dx_ND.narrow(0, start, n);
-        at::mm_out(dx_nD, dh1_nF, w1_EFD[e]);
-        dx_nD.addmm_(dh3_nF, w3_EFD[e]);
-      }
-    });
-  }
+  for_each_expert(offsets, E, [&](int64_t e) {
+    const int64_t start = offsets[e], n = offsets[e + 1] - start;
+    if (n == 0) {
+      dw1_EFD[e].zero_(), dw3_EFD[e].zero_(), dw2_EDF[e].zero_();
+      return;
+    }
+    auto slots_n = order_N.narrow(0, start, n);
+    auto tokens_n = at::floor_divide(slots_n, K);
+    auto dy_nD = dout_TD.index_select(0, tokens_n);
+    auto g_n1 = gates_N.index_select(0, slots_n).unsqueeze(1);
+    auto h1_nF = h1_NF.narrow(0, start, n), h3_nF = h3_NF.narrow(0, start, n);
+    auto dg_nF = at::mm(dy_nD, w2_EDF[e]);  // d loss / d (gate * silu(h1) * h3)
+    auto silu_nF = at::silu(h1_nF);
+    auto a_nF = silu_nF * h3_nF;
+    dgates_sorted_N.narrow(0, start, n).copy_((dg_nF * a_nF).sum(1));
+    auto s_nF = a_nF.mul_(g_n1);  // the forward's gated activations, recomputed
+    auto da_nF = dg_nF.mul_(g_n1);
+    auto dh3_nF = da_nF * silu_nF;
+    auto dh1_nF = at::silu_backward(da_nF.mul_(h3_nF), h1_nF);
+    auto dw2_DF = dw2_EDF[e], dw1_FD = dw1_EFD[e], dw3_FD = dw3_EFD[e];
+    at::mm_out(dw2_DF, dy_nD.t(), s_nF);
+    auto x_nD = x_TD.index_select(0, tokens_n);
+    at::mm_out(dw1_FD, dh1_nF.t(), x_nD);
+    at::mm_out(dw3_FD, dh3_nF.t(), x_nD);
+    auto dx_nD = dx_ND.narrow(0, start, n);
+    at::mm_out(dx_nD, dh1_nF, w1_EFD[e]);
+    dx_nD.addmm_(dh3_nF, w3_EFD[e]);
+  });
   dgates_TK.view(-1).index_copy_(0, order_N, dgates_sorted_N);
   auto dx_TD = at::empty({T, D}, x_TD.options());
   AT_DISPATCH_FLOATING_TYPES(x_TD.scalar_type(), "moe_train_dx", [&] {
