@@ -279,7 +279,8 @@ def _compare(n: int, rng: random.Random, band: float, max_chars: int) -> list[Ch
     """Held-out "Which is larger, a or b?" problems (the reasoning generators' comparison
     topic); the choices are the solution's statement and its opposite (`` a < b.`` /
     `` a > b.``), in a seeded order. Held out by the question's key, as every generated
-    task (the swapped question is another problem: one pair among about 10^8)."""
+    task. The swapped question ("b or a") is another key and can be a training problem
+    when both numbers have few decimals: 1 of the default suite's 400 items."""
     items, seen = [], set()
     for p in generated.problems(generated.REASONING, 400 * n, rng.randrange(2**31)):
         key = generated.problem_key(p)
@@ -370,7 +371,8 @@ def build_suite(cfg: SuiteConfig, held_out: float, out: Path, files: Mapping[str
         if len(items) < count:
             raise DataError(
                 f"eval task {name!r}: the held-out {held_out:.1%} of its sources gives {len(items)} items, "
-                f"fewer than the {count} asked (lower stage.evalsets.items.{name}, or raise the mixtures' val_fraction)"
+                f"fewer than the {count} asked (lower stage.evalsets.items.{name}, raise the mixtures' val_fraction, "
+                f"or raise stage.evalsets.max_chars ({cfg.max_chars}) when the task's items are longer)"
             )
         spec = SPECS[name] if SPECS[name].kind != "generate" else replace(SPECS[name], max_tokens=cfg.max_tokens)
         tasks[name] = _write_task(out, spec, items, cfg.seed)

@@ -215,7 +215,7 @@ def eval_table(data: ReportData) -> Table:
     t.rows.append(row)
     if chat and first(chat[0], chat=True).metric == "format":
         # The form can be learned without the answers: the share also right beside it.
-        row = [f"**instruct** ({esc(chat[0])} (exact_match))", "0"]
+        row = [f"**instruct** ({esc(chat[0])} ({esc('exact_match')}))", "0"]
         row += [_exact_match(e.tasks if e is not None else None, chat[0]) for e in evals.values()]
         row += [_exact_match(e.pte_tasks, chat[0]) for _, e in pte]
         t.rows.append(row)

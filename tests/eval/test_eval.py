@@ -452,7 +452,7 @@ def test_lm_eval_scores_every_item_exactly_as_the_harness(micro_suite, lowered, 
     suite_dir, _ = micro_suite
     tok = micro_data / "tokenizer" / "tokenizer.json"
     lm = RecipeLM(model=str(lowered["dir"] / "model.safetensors"), tokenizer=str(tok), batch_size="8")
-    tasks = ["continuation", "code", "math", "worked_answer", "heldout_bpb"]
+    tasks = ["continuation", "code", "math", "worked_answer", "compare", "heldout_bpb"]
     out = simple_evaluate(
         model=lm,
         tasks=[f"mobilemoe_{t}" for t in tasks],
