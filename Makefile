@@ -25,7 +25,7 @@ endif
 # The recipe's stages, as the registry wrote them into dvc.yaml (pipeline/stages/registry.py).
 STAGES := mix pretrain midtrain sft qat export profile evalsets eval_pretrain eval_midtrain eval_sft eval_qat report
 ARGS ?=
-.PHONY: setup lock params repro test test-fast lint drill sweep seeds scaling-fit closed-loop plan mutants bench-model bench-train bench-config bench-export bench-profile bench-peers \
+.PHONY: setup lock params repro test test-fast lint drill sweep seeds scaling-fit closed-loop plan mutants qat-study bench-model bench-train bench-config bench-export bench-profile bench-peers \
 	profile-paper ui $(STAGES)
 
 setup: $(STAMP)
@@ -100,6 +100,16 @@ sweep: params
 	$(PY) -m pipeline.tracking end $$run_id --params params.yaml \
 	  --status $$([ $$status -eq 0 ] && echo FINISHED || echo FAILED); \
 	exit $$status
+
+# QAT where post-training quantization costs more than at INT4 (docs/qat.md): the qat stage
+# by hand with 3- or 2-bit weights (8da3w, 8da2w), from SFT's model, into
+# $(STUDY_DIR) (not a DVC stage: the export lowers 8da4w only), e.g. a seed replicate:
+# `make qat-study SCHEME=8da2w ARGS=seed=1 STUDY_DIR=outputs/qat_study/8da2w_seed1`.
+SCHEME ?= 8da2w
+STUDY_DIR ?= outputs/qat_study/$(SCHEME)
+qat-study: params
+	@$(call recipe_run,sft)
+	$(PY) -m pipeline.stages qat stage.qat.scheme=$(SCHEME) stage.qat.out_dir=$(STUDY_DIR) $(ARGS)
 
 # Seed replicates of moe_grid's key cells at its largest runs (the noise floor the fit's
 # errors are read against): seeds 0-2 of the dense twin and the granularity-1/2/4 MoEs at

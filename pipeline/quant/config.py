@@ -7,6 +7,12 @@ point per token, computed at run time. The router and the norms stay FP32. The t
 embedding/output head is INT4 per group like every other matrix (``embedding: int4``,
 what :func:`pipeline.model.accounting.int4_weight_bytes` counts) or INT8 per row
 (``embedding: int8``).
+
+"8da3w" and "8da2w" are the same scheme with 3- and 2-bit weights (torchao's intx
+weights, one of its experimental ARM kernels' widths): a study of QAT where
+post-training quantization costs more than at INT4 (docs/qat.md). The export lowers
+8da4w only (XNNPACK's INT4 GEMMs); the embedding's ``int4`` setting follows the scheme's
+weight bits.
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ from typing import Literal
 from pipeline.configbase import ConfigError, require
 from pipeline.model.config import ModelConfig
 
-SCHEMES = ("8da4w",)
+# Scheme name -> weight bits; activations are INT8 per token in all of them.
+SCHEMES = {"8da4w": 4, "8da3w": 3, "8da2w": 2}
+DEPLOYED_SCHEME = "8da4w"  # what the export lowers
 GRANULARITIES = ("per_group", "per_channel")
 EMBEDDINGS = ("int4", "int8")
 
@@ -46,6 +54,15 @@ class QuantConfig:
             "group_size",
             f"must be an even int >= 2, got {self.group_size!r}",
         )
+
+    @property
+    def weight_bits(self) -> int:
+        """Bits of every quantized matrix (the embedding's too, unless ``embedding: int8``)."""
+        return SCHEMES[self.scheme]
+
+    @property
+    def embedding_bits(self) -> int:
+        return 8 if self.embedding == "int8" else self.weight_bits
 
     def group_for(self, in_dim: int) -> int:
         """Input features per scale for a weight with ``in_dim`` input features."""

@@ -34,6 +34,13 @@ from pipeline.quant.config import QuantConfig
 from pipeline.quant.fake import FakeQuantEmbedding, FakeQuantExperts, activation_quantizer, linear_config, prepare
 
 
+def stored_bits(bits: int) -> int:
+    """Bits a ``bits``-bit value takes in the quantized format (format.py): a nibble for
+    2 to 4 bits (2- and 3-bit values are not packed tighter: no runtime of the recipe
+    reads them, so their file is a lossless study artifact), a byte for 8."""
+    return 4 if bits <= 4 else 8
+
+
 @dataclass
 class QuantizedWeight:
     """Symmetric integer weight: ``values`` (int8 holding ``bits``-bit ints, shape of
@@ -70,8 +77,8 @@ class QuantizedWeight:
         )
 
     def nbytes(self) -> int:
-        """Bytes of the packed format: ``bits`` per value, plus the FP32 scales."""
-        return self.values.numel() * self.bits // 8 + self.scale.numel() * self.scale.element_size()
+        """Bytes of the stored format: :func:`stored_bits` per value, plus the FP32 scales."""
+        return self.values.numel() * stored_bits(self.bits) // 8 + self.scale.numel() * self.scale.element_size()
 
 
 def _register(module: nn.Module, name: str, weight: QuantizedWeight) -> None:
@@ -151,9 +158,9 @@ def convert(model: Transformer, q: QuantConfig) -> Transformer:
             raise TypeError(f"convert: {type(fake).__name__} experts were not prepared for QAT")
         moe.experts = QuantizedExperts(
             {
-                "w1_EFD": QuantizedWeight.quantize(fake.w1_EFD, 4, fake.group_in),
-                "w3_EFD": QuantizedWeight.quantize(fake.w3_EFD, 4, fake.group_in),
-                "w2_EDF": QuantizedWeight.quantize(fake.w2_EDF, 4, fake.group_hidden),
+                "w1_EFD": QuantizedWeight.quantize(fake.w1_EFD, fake.bits, fake.group_in),
+                "w3_EFD": QuantizedWeight.quantize(fake.w3_EFD, fake.bits, fake.group_in),
+                "w2_EDF": QuantizedWeight.quantize(fake.w2_EDF, fake.bits, fake.group_hidden),
             }
         )
     if not isinstance(model.embed, FakeQuantEmbedding):

@@ -18,8 +18,8 @@ from torchao.quantization.qat.linear import FakeQuantizedLinear
 
 from pipeline.model.layers import RMSNorm
 from pipeline.model.moe import Router
-from pipeline.quant.convert import QuantizedEmbedding, QuantizedExperts, QuantizedWeight
-from pipeline.quant.fake import WEIGHT_BITS, FakeQuantEmbedding, FakeQuantExperts
+from pipeline.quant.convert import QuantizedEmbedding, QuantizedExperts, QuantizedWeight, stored_bits
+from pipeline.quant.fake import INT_DTYPES, FakeQuantEmbedding, FakeQuantExperts
 
 FP32_ON_PURPOSE = ("router", "norm")
 SCALE_BYTES = 4  # FP32 scales: torchao 0.18's QATConfig refuses weight_scale_dtype, FP32 weights give FP32
@@ -44,7 +44,7 @@ class Row:
 def _int_row(name: str, shape: tuple[int, ...], bits: int, group: int, act: bool, stage: str) -> Row:
     numel = int(torch.Size(shape).numel())
     scheme = f"int{bits}/g{group}" + (" + int8 act" if act else "") + f" ({stage})"
-    return Row(name, shape, scheme, numel * bits // 8 + numel // group * SCALE_BYTES)
+    return Row(name, shape, scheme, numel * stored_bits(bits) // 8 + numel // group * SCALE_BYTES)
 
 
 def quantized_weights(model: nn.Module) -> dict[str, QuantizedWeight]:
@@ -54,7 +54,7 @@ def quantized_weights(model: nn.Module) -> dict[str, QuantizedWeight]:
         prefix = f"{mname}." if mname else ""
         if isinstance(module, nn.Linear) and isinstance(module.weight, IntxUnpackedToInt8Tensor):
             w = module.weight
-            bits = {torch.int4: 4, torch.int8: 8}[w.target_dtype]
+            bits = {dtype: b for b, dtype in INT_DTYPES.items()}[w.target_dtype]
             # torchao's own tensors (no copy): loading a saved model writes into them
             out[f"{prefix}weight"] = QuantizedWeight(w.qdata, w.scale, bits, w.block_size[-1])
         elif isinstance(module, QuantizedExperts):
@@ -77,11 +77,12 @@ def coverage(model: nn.Module) -> list[Row]:
             granularity = module.weight_fake_quantizer.config.granularity
             group = module.in_features if isinstance(granularity, PerAxis) else granularity.group_size
             assert isinstance(granularity, (PerAxis, PerGroup))
-            rows[f"{prefix}weight"] = _int_row(f"{prefix}weight", tuple(module.weight.shape), 4, group, True, "fake")
+            bits = {dtype: b for b, dtype in INT_DTYPES.items()}[module.weight_fake_quantizer.config.dtype]
+            rows[f"{prefix}weight"] = _int_row(f"{prefix}weight", tuple(module.weight.shape), bits, group, True, "fake")
         elif isinstance(module, FakeQuantExperts):
             for k, group in (("w1_EFD", module.group_in), ("w3_EFD", module.group_in), ("w2_EDF", module.group_hidden)):
                 shape = tuple(getattr(module, k).shape)
-                rows[f"{prefix}{k}"] = _int_row(f"{prefix}{k}", shape, WEIGHT_BITS, group, True, "fake")
+                rows[f"{prefix}{k}"] = _int_row(f"{prefix}{k}", shape, module.bits, group, True, "fake")
         elif isinstance(module, FakeQuantEmbedding):
             shape = tuple(module.weight.shape)
             act = mname == "embed" and tied  # the tied head quantizes its input per token

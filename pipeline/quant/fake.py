@@ -30,20 +30,21 @@ from pipeline.model.layers import Embedding
 from pipeline.model.moe import GroupedExperts
 from pipeline.quant.config import QuantConfig
 
-WEIGHT_BITS = 4
 ACT_BITS = 8
+# torch's sub-byte integer dtypes, which name the range torchao's intx quantizers use.
+INT_DTYPES = {2: torch.int2, 3: torch.int3, 4: torch.int4, 8: torch.int8}
 
 
 def linear_config(q: QuantConfig) -> Int8DynamicActivationIntxWeightConfig:
-    """torchao's 8da4w config for ``nn.Linear`` layers."""
+    """torchao's 8da{b}w config for ``nn.Linear`` layers (b = ``q.weight_bits``)."""
     granularity = PerAxis(0) if q.granularity == "per_channel" else PerGroup(q.group_size)
-    return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=granularity)
+    return Int8DynamicActivationIntxWeightConfig(weight_dtype=INT_DTYPES[q.weight_bits], weight_granularity=granularity)
 
 
 def weight_quantizer(bits: int, group: int) -> IntxFakeQuantizer:
     """Symmetric per-group fake quantizer of a weight's rows (``group`` input features
     per scale; ``group`` = the input dim is one scale per row)."""
-    dtype = {4: torch.int4, 8: torch.int8}[bits]
+    dtype = INT_DTYPES[bits]
     return IntxFakeQuantizer(IntxFakeQuantizeConfig(dtype, group_size=group, is_symmetric=True))
 
 
@@ -58,16 +59,16 @@ def fake_quantize_rows(quantizer: IntxFakeQuantizer, w: torch.Tensor) -> torch.T
 
 
 class FakeQuantExperts(GroupedExperts):
-    """Routed experts with 8da4w fake quantization; the same parameters as the original
+    """Routed experts with 8da{b}w fake quantization; the same parameters as the original
     (state-dict names unchanged, so checkpoints load either way)."""
 
     def __init__(self, experts: GroupedExperts, q: QuantConfig) -> None:
         nn.Module.__init__(self)
         self.w1_EFD, self.w3_EFD, self.w2_EDF = experts.w1_EFD, experts.w3_EFD, experts.w2_EDF
         D, F_ = self.w1_EFD.shape[-1], self.w2_EDF.shape[-1]
-        self.group_in, self.group_hidden = q.group_for(D), q.group_for(F_)
-        self.w13_fq = weight_quantizer(WEIGHT_BITS, self.group_in)
-        self.w2_fq = weight_quantizer(WEIGHT_BITS, self.group_hidden)
+        self.bits, self.group_in, self.group_hidden = q.weight_bits, q.group_for(D), q.group_for(F_)
+        self.w13_fq = weight_quantizer(self.bits, self.group_in)
+        self.w2_fq = weight_quantizer(self.bits, self.group_hidden)
         self.act_fq = activation_quantizer()
 
     def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -97,7 +98,7 @@ class FakeQuantEmbedding(Embedding):
             False,
         )
         self.weight = embed.weight
-        self.bits = 8 if q.embedding == "int8" else WEIGHT_BITS
+        self.bits = q.embedding_bits
         self.group = q.embedding_group(embed.embedding_dim)
         self.weight_fq = weight_quantizer(self.bits, self.group)
         self.act_fq = activation_quantizer()

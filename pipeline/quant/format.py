@@ -1,8 +1,8 @@
 """The converted model on disk: one safetensors file, no pickle.
 
 Layout of ``model.safetensors``:
-  <name>.values   INT4 weights packed two per byte (uint8; low nibble = even index of
-                  the last dim), or INT8 weights as int8
+  <name>.values   INT4 (and 2- or 3-bit) weights packed two per byte (uint8; low nibble =
+                  even index of the last dim), or INT8 weights as int8
   <name>.scale    FP32 scale per group of the last dim
   <name>          every other tensor as it is in the model: FP32 router weights,
                   norms, and the routers' expert biases (routing state, not weights)
@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from pipeline.configbase import from_dict
 from pipeline.model import ModelConfig, Transformer
 from pipeline.quant.config import QuantConfig
-from pipeline.quant.convert import QuantizedWeight, convert
+from pipeline.quant.convert import QuantizedWeight, convert, stored_bits
 from pipeline.quant.coverage import quantized_weights
 from pipeline.quant.fake import prepare
 
@@ -84,7 +84,7 @@ def save_quantized(model: Transformer, q: QuantConfig, path: Path) -> None:
     tensors: dict[str, torch.Tensor] = {}
     layout: dict[str, dict] = {}
     for name, w in qweights.items():
-        tensors[f"{name}.values"] = pack_int4(w.values) if w.bits == 4 else w.values
+        tensors[f"{name}.values"] = pack_int4(w.values) if stored_bits(w.bits) == 4 else w.values
         tensors[f"{name}.scale"] = w.scale
         layout[name] = {"bits": w.bits, "group": w.group, "shape": list(w.values.shape)}
     for name, t in model.state_dict().items():
@@ -147,7 +147,7 @@ def load_quantized(path: Path) -> tuple[Transformer, QuantConfig]:
         )
     for name, spec in layout.items():
         values = tensors.pop(f"{name}.values")
-        values = unpack_int4(values) if spec["bits"] == 4 else values
+        values = unpack_int4(values) if stored_bits(spec["bits"]) == 4 else values
         loaded = QuantizedWeight(
             values.reshape(spec["shape"]), tensors.pop(f"{name}.scale"), spec["bits"], spec["group"]
         )

@@ -225,6 +225,15 @@ class QuantizedModelInput:
                 f"{self.key}: {self.path} is not a converted {FORMAT} v{VERSION} model "
                 "(a fake-quant or full-precision checkpoint?); the INT4 export needs QAT's quantized output"
             )
+        from pipeline.quant.config import DEPLOYED_SCHEME
+
+        scheme = json.loads(header.get("quant", "{}")).get("scheme")
+        if scheme != DEPLOYED_SCHEME:
+            raise StageInputError(
+                f"{self.key}: {self.path} is {scheme}, a QAT study scheme; the program holds "
+                f"{DEPLOYED_SCHEME} (XNNPACK's INT4 GEMMs): export a model quantized with "
+                f"stage.qat.scheme={DEPLOYED_SCHEME}"
+            )
         theirs = json.loads(header["model"])
         ours = asdict(self.model)
         diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.configbase import ConfigError
-from pipeline.runner.preflight import check_params
+from pipeline.runner.preflight import check_params, check_whole_recipe
 from pipeline.runner.recipe_ray import Outcome, run_in_ray
 
 
@@ -65,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         recipe = check_params(args.params)
+        if not args.stages:
+            check_whole_recipe(recipe)
     except ConfigError as err:
         print(f"{args.params}: config error: {err}", file=sys.stderr)
         return 2

@@ -84,7 +84,7 @@ class QATStageConfig(TrainStageConfig):
     """Quantization-aware training: the training loop over a fake-quantized model, plus
     what the stage measures against (PTQ, and an FP32 control trained alike)."""
 
-    scheme: str = "8da4w"  # see pipeline/quant/config.py
+    scheme: str = "8da4w"  # or the study schemes 8da3w, 8da2w: see pipeline/quant/config.py
     group_size: int = 32
     granularity: Literal["per_group", "per_channel"] = "per_group"
     embedding: Literal["int4", "int8"] = "int4"  # the tied embedding/output head

@@ -390,6 +390,13 @@ def test_stage_inputs_name_a_missing_or_unconverted_model_and_an_unmappable_arch
     assert QuantizedModelInput(key, good, cfg).check() == good
     with pytest.raises(StageInputError, match="model config differs .* model.d_model"):
         QuantizedModelInput(key, good, micro_cfg(d_model=128)).check()
+    # A QAT study's 2-bit model is named before the lowering starts (its program would
+    # refuse the weights only after loading them).
+    study, study_q = tmp_path / "study" / "model.safetensors", replace(Q, scheme="8da2w")
+    with torch.no_grad():
+        save_quantized(post_training_quantize(trained_like(cfg), study_q), study_q, study)
+    with pytest.raises(StageInputError, match=r"is 8da2w, a QAT study scheme; .* stage\.qat\.scheme=8da4w"):
+        QuantizedModelInput(key, study, cfg).check()
     assert HFMappableInput("model", cfg).check() == "Glm4MoeForCausalLM"
     softmax = micro_cfg(moe=replace(cfg.moe, score_func="softmax"))
     with pytest.raises(StageInputError, match="model: .*model.moe.score_func"):

@@ -35,9 +35,11 @@ def _tokens(model: Transformer, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, model.cfg.vocab_size, (2, 24), generator=g)
 
 
-@pytest.mark.parametrize("granularity", ["per_group", "per_channel"])
-def test_fake_quant_experts_equal_torchao_quantized_linears_per_expert(granularity):
-    q = QuantConfig(group_size=16, granularity=granularity)
+@pytest.mark.parametrize(
+    ("scheme", "granularity"), [("8da4w", "per_group"), ("8da4w", "per_channel"), ("8da2w", "per_group")]
+)
+def test_fake_quant_experts_equal_torchao_quantized_linears_per_expert(scheme, granularity):
+    q = QuantConfig(scheme=scheme, group_size=16, granularity=granularity)
     torch.manual_seed(0)
     E, F_, D = 4, 32, 64
     experts = GroupedExperts(D, small_moe(num_experts=E, top_k=2, expert_ffn_dim=F_))
@@ -81,6 +83,34 @@ def test_int4_weight_quantization_by_hand():
     assert qw.nbytes() == 8 // 2 + 2 * 4
 
 
+def test_int2_weight_quantization_by_hand():
+    # symmetric INT2: scale = max|w| / 1.5 (torchao maps [-max, max] onto [-2, 1]),
+    # values = round-half-even(w / scale) clamped to [-2, 1]; stored a nibble each
+    w = torch.tensor([[1.0, -2.0, 3.0, 0.5, 0.3, -0.6, 0.15, 0.0]])
+    qw = QuantizedWeight.quantize(w, bits=2, group=4)
+    torch.testing.assert_close(qw.scale, torch.tensor([[2.0, 0.4]]))
+    # 0.5 -> 0 (half to even), 1.5 -> 2 -> clamped to 1; 0.75 -> 1, -1.5 -> -2, 0.375 -> 0
+    assert qw.values.tolist() == [[0, -1, 1, 0, 1, -2, 0, 0]]
+    assert qw.nbytes() == 8 // 2 + 2 * 4
+
+
+def test_a_study_scheme_sets_the_weight_bits_of_every_matrix_and_the_int4_embedding():
+    model = prepare(_model(), QuantConfig(scheme="8da3w", group_size=16))
+    rows = {r.name: r for r in coverage(model)}
+    require_coverage(list(rows.values()))
+    assert rows["layers.1.ffn.experts.w2_EDF"].scheme == "int3/g16 + int8 act (fake)"
+    assert rows["layers.0.attn.wq.weight"].scheme == "int3/g16 + int8 act (fake)"
+    assert rows["embed.weight"].scheme == "int3/g16 + int8 act (fake)"
+    with torch.no_grad():
+        converted = convert(model, QuantConfig(scheme="8da3w", group_size=16))
+    got = {r.name: r.scheme for r in coverage(converted)}
+    assert got["layers.1.ffn.experts.w2_EDF"] == got["layers.0.attn.wq.weight"] == "int3/g16 + int8 act (converted)"
+    values = converted.layers[1].ffn.experts.qweights["w2_EDF"].values
+    assert values.min() >= -4 and values.max() <= 3 and values.min() == -4  # the INT3 range, used
+    int8_embedding = prepare(_model(), QuantConfig(scheme="8da2w", group_size=16, embedding="int8"))
+    assert {r.name: r.scheme for r in coverage(int8_embedding)}["embed.weight"].startswith("int8/g64")
+
+
 def test_pack_int4_round_trip_and_layout():
     values = torch.arange(-8, 8, dtype=torch.int8).repeat(3, 2)
     packed = pack_int4(values)
@@ -108,8 +138,9 @@ def test_prepare_reaches_every_matrix_and_coverage_fails_on_a_skipped_expert():
         require_coverage(coverage(model))
 
 
-def test_converted_model_equals_fake_quant_and_round_trips_through_the_file(tmp_path):
-    q = QuantConfig(group_size=16)
+@pytest.mark.parametrize("scheme", ["8da4w", "8da2w"])
+def test_converted_model_equals_fake_quant_and_round_trips_through_the_file(tmp_path, scheme):
+    q = QuantConfig(scheme=scheme, group_size=16)
     fake = prepare(_model(), q).eval()
     tokens = _tokens(fake)
     with torch.no_grad():
@@ -132,9 +163,13 @@ def test_converted_model_equals_fake_quant_and_round_trips_through_the_file(tmp_
     assert path.read_bytes()[8:9] == b"{"
 
 
-@pytest.mark.parametrize(("group", "embedding", "bits"), [(16, "int4", 4), (32, "int4", 4), (16, "int8", 8)])
-def test_measured_weight_bytes_equal_the_accounting(tmp_path, group, embedding, bits):
-    q = QuantConfig(group_size=group, embedding=embedding)
+@pytest.mark.parametrize(
+    ("scheme", "group", "embedding", "bits"),
+    [("8da4w", 16, "int4", 4), ("8da4w", 32, "int4", 4), ("8da4w", 16, "int8", 8), ("8da2w", 16, "int8", 8)],
+)
+def test_measured_weight_bytes_equal_the_accounting(tmp_path, scheme, group, embedding, bits):
+    # A study scheme's 2-bit values are stored a nibble each: the INT4 accounting's bytes.
+    q = QuantConfig(scheme=scheme, group_size=group, embedding=embedding)
     model = post_training_quantize(_model(), q)
     path = tmp_path / "m.safetensors"
     save_quantized(model, q, path)
@@ -162,8 +197,9 @@ def test_group_size_that_does_not_divide_a_weight_names_it():
 
 
 def test_unknown_scheme_is_named():
-    with pytest.raises(ConfigError, match=r"^scheme: unknown scheme 'w4a4'"):
+    with pytest.raises(ConfigError, match=r"^scheme: unknown scheme 'w4a4' \(known: 8da4w, 8da3w, 8da2w\)"):
         QuantConfig(scheme="w4a4")
+    assert [QuantConfig(scheme=s).weight_bits for s in ("8da4w", "8da3w", "8da2w")] == [4, 3, 2]
 
 
 def test_recovered_fraction_by_hand():

@@ -11,6 +11,7 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -107,17 +108,33 @@ def test_bad_use_and_a_bad_params_file_are_named(tmp_path):
     assert proc.returncode == 2 and "ray.num_workers" in proc.stderr, proc.stderr
 
 
-def test_repro_names_a_bad_params_file_before_dvc_ray_or_mlflow(tmp_path):
-    bad = tmp_path / "params.yaml"
-    bad.write_text((REPO_ROOT / "params.yaml").read_text().replace("num_workers: 1", "num_workers: many", 1))
-    assert "num_workers: many" in bad.read_text()
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.runner.repro", "--params", str(bad)],
-        cwd=tmp_path,  # no dvc.yaml, no mlflow.db here: reaching either would fail differently
+def _repro_with(tmp_path: Path, old: str, new: str) -> subprocess.CompletedProcess:
+    """``pipeline.runner.repro`` on the default params.yaml with ``old`` replaced by ``new``,
+    run in ``tmp_path``: no dvc.yaml, no mlflow.db there, so reaching either would fail
+    differently from the config error expected."""
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO_ROOT / "params.yaml").read_text().replace(old, new, 1))
+    assert new in params.read_text()
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.runner.repro", "--params", str(params)],
+        cwd=tmp_path,
         capture_output=True,
         text=True,
     )
+
+
+def test_repro_names_a_bad_params_file_before_dvc_ray_or_mlflow(tmp_path):
+    proc = _repro_with(tmp_path, "num_workers: 1", "num_workers: many")
     assert proc.returncode == 2 and "ray.num_workers" in proc.stderr, proc.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_the_whole_recipe_refuses_a_qat_study_scheme_before_dvc(tmp_path):
+    # The export lowers 8da4w only: `make repro` with 8da2w would train QAT, then fail.
+    proc = _repro_with(tmp_path, "scheme: 8da4w", "scheme: 8da2w")
+    assert proc.returncode == 2, proc.stderr
+    assert "stage.qat.scheme: 8da2w is a QAT study scheme" in proc.stderr, proc.stderr
+    assert "make qat-study SCHEME=8da2w" in proc.stderr
     assert not (tmp_path / "mlflow.db").exists()
 
 
