@@ -51,7 +51,7 @@ lock: $(STAMP)
 # names the keys that differ from conf/; FORCE=1 discards them.
 # dvc.yaml is generated from the stages' declarations whenever one of them changes.
 params: $(STAMP) dvc.yaml
-	$(PY) -m pipeline.recipe params -o params.yaml $(if $(FORCE),--force)
+	$(PY) -m pipeline.runner.params -o params.yaml $(if $(FORCE),--force)
 
 dvc.yaml: $(wildcard pipeline/stages/*.py) pipeline/runner/spec.py | $(STAMP)
 	$(PY) -m pipeline.stages dvc -o $@

@@ -5,9 +5,10 @@ What ``make repro`` and ``make <stage>`` run, in one process:
 1. validate the whole params file (a bad value or an unknown key anywhere stops here,
    naming the key, before DVC touches anything; :mod:`pipeline.runner.preflight`);
 2. ask DVC whether anything is to run (``dvc status``, with the stages' upstream when
-   STAGEs are named); when nothing is, say so and stop: no Ray, no MLflow run (a no-op
-   costs about as much as ``dvc status`` itself). Skipped when DVC_FLAGS are given
-   (``-f`` must run);
+   STAGEs are named; started before step 1 and read after it, so the two overlap, and
+   stopped when step 1 fails); when nothing is, say so and stop: no Ray, no MLflow run
+   (a no-op costs about as much as ``dvc status`` itself). Skipped when DVC_FLAGS are
+   given (``-f`` must run);
 3. open the recipe's MLflow parent run, owned by this process (if it dies, the next
    run that opens an MLflow run closes the parent as KILLED; a no-op opens none);
 4. run ``dvc repro [DVC_FLAGS] [STAGE ...]`` inside one embedded Ray that every stage
@@ -28,7 +29,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.configbase import ConfigError
-from pipeline.runner.preflight import check_params, check_whole_recipe
 from pipeline.runner.recipe_ray import Outcome, run_in_ray
 
 
@@ -38,12 +38,18 @@ def dvc_executable() -> str:
     return str(local) if local.exists() else "dvc"
 
 
-def up_to_date(stages: Sequence[str]) -> bool:
-    """Whether ``dvc status`` finds nothing to run for ``stages`` (all when empty) and
-    their upstream. Any other answer (changes, or an error DVC will report again when
-    ``dvc repro`` runs) counts as not up to date."""
+def start_status(stages: Sequence[str]) -> subprocess.Popen:
+    """``dvc status`` for ``stages`` (all when empty) and their upstream, started; its
+    exit code is 0 when nothing is to run. Any other answer (changes, or an error DVC
+    will report again when ``dvc repro`` runs) counts as not up to date."""
     cmd = [dvc_executable(), "status", "--quiet", *(["--with-deps", *stages] if stages else [])]
-    return subprocess.run(cmd, stdin=subprocess.DEVNULL).returncode == 0
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+
+
+def _stop(proc: subprocess.Popen | None) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
 def parent_status(outcome: Outcome) -> str:
@@ -63,14 +69,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, required=True)
     parser.add_argument("stages", nargs="*", help="run these and what they need upstream (default: every stage)")
     args = parser.parse_args(argv)
+    # DVC's answer takes longer than the validation (mostly its own start-up): ask first.
+    status = None if dvc_flags else start_status(args.stages)
     try:
+        from pipeline.runner.preflight import check_params, check_whole_recipe
+
         recipe = check_params(args.params)
         if not args.stages:
             check_whole_recipe(recipe)
     except ConfigError as err:
+        _stop(status)
         print(f"{args.params}: config error: {err}", file=sys.stderr)
         return 2
-    if not dvc_flags and up_to_date(args.stages):
+    except BaseException:  # Ctrl-C, or a bug: DVC's answer is moot
+        _stop(status)
+        raise
+    if status is not None and status.wait() == 0:
         print(f"{' '.join(args.stages) or 'every stage'}: up to date (dvc status); nothing to run")
         return 0
 

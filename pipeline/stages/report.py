@@ -50,13 +50,22 @@ def report_inputs(recipe, raw: dict, runs: dict):
     )
 
 
-def _runs(recipe) -> dict:
-    from pipeline.tracking import TrackingError, latest_stage_runs
+def _runs(recipe, raw: dict) -> dict:
+    from pipeline.stages.registry import get
+    from pipeline.tracking import OUT_DIR_PARAM, TrackingError, flatten_params, latest_stage_runs
 
     if not recipe.tracking.enabled:
         return {}
+    # Each stage's output directory as its run logs it (the stage's own params): the
+    # report links the runs that wrote what it reads, not a study of the same stage.
+    out_dirs = {name: flatten_params(get(name).params(raw)).get(OUT_DIR_PARAM) for name in run_stages()}
     try:
-        return latest_stage_runs(recipe.tracking, run_stages(), recipe.stage.report.ui_url)
+        return latest_stage_runs(
+            recipe.tracking,
+            run_stages(),
+            recipe.stage.report.ui_url,
+            {name: d for name, d in out_dirs.items() if d is not None},
+        )
     except TrackingError as err:  # the report stands without links
         log.warning("the report links no MLflow runs: %s", err)
         return {}
@@ -69,7 +78,7 @@ def _work(ctx: StageContext) -> StageResult:
     recipe = ctx.recipe
     # The stages' outputs are read here, on the driver (DVC's declared inputs live on
     # its disk); the plots and pages are drawn by the task, wherever it runs.
-    data = collect(report_inputs(recipe, ctx.raw, _runs(recipe)))
+    data = collect(report_inputs(recipe, ctx.raw, _runs(recipe, ctx.raw)))
     cluster.start(recipe.ray)
     summary = remote.call(recipe.ray, write_report, data, remote.Out(ctx.scratch), num_cpus=1)
     metrics = {"missing": len(summary["missing"]), "plots": len(summary["plots"])}

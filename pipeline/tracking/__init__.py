@@ -40,7 +40,7 @@ from pipeline.tracking.lifecycle import (
 )
 from pipeline.tracking.lineage import dvc_input_hashes, git_tags
 from pipeline.tracking.logger import RunLogger
-from pipeline.tracking.queries import finished_stage_run, latest_stage_runs, runs_of_parent, tagged_runs
+from pipeline.tracking.queries import OUT_DIR_PARAM, finished_stage_run, latest_stage_runs, runs_of_parent, tagged_runs
 from pipeline.tracking.resilient import Resilient, read_journal
 
 __all__ = [
@@ -63,6 +63,7 @@ __all__ = [
     "end_recipe_run",
     "ensure_experiment",
     "finished_stage_run",
+    "OUT_DIR_PARAM",
     "latest_stage_runs",
     "flatten_params",
     "git_tags",

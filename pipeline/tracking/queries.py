@@ -42,12 +42,23 @@ def runs_page(cfg: TrackingConfig, ui_url: str) -> str | None:
     return f"{ui_url.rstrip('/')}/#/experiments/{experiment.experiment_id}/runs"
 
 
-def latest_stage_runs(cfg: TrackingConfig, stages: Sequence[str], ui_url: str) -> dict[str, dict[str, str]]:
+OUT_DIR_PARAM = "stage.out_dir"  # the stage config's output directory, as every stage run logs it
+
+
+def latest_stage_runs(
+    cfg: TrackingConfig, stages: Sequence[str], ui_url: str, out_dirs: Mapping[str, str] | None = None
+) -> dict[str, dict[str, str]]:
     """The newest FINISHED run of each stage in the experiment, as
     ``{stage: {"run_id", "url"}}`` with ``url`` the run's page under ``ui_url`` (the
     local MLflow UI, e.g. ``http://127.0.0.1:5000``). Stages without one are left out.
-    Raises TrackingError when the store cannot be read."""
+    With ``out_dirs``, a stage named there counts only runs that logged that
+    ``stage.out_dir``: the recipe's own run, not a study of the same stage written
+    elsewhere (``make qat-study``) or a run by hand into another directory.
+    Raises TrackingError when the store cannot be read or an out_dir cannot be quoted."""
     uri = resolve_tracking_uri(cfg)
+    for stage, out_dir in (out_dirs or {}).items():
+        if "'" in out_dir:
+            raise TrackingError(f"{stage}: cannot search MLflow for an out_dir with a quote: {out_dir!r}")
     try:
         client = client_for(uri)
         experiment = client.get_experiment_by_name(cfg.experiment)
@@ -55,9 +66,12 @@ def latest_stage_runs(cfg: TrackingConfig, stages: Sequence[str], ui_url: str) -
             return {}
         found = {}
         for stage in stages:
+            query = f"tags.stage = '{stage}' and attributes.status = 'FINISHED'"
+            if out_dirs and stage in out_dirs:
+                query += f" and params.`{OUT_DIR_PARAM}` = '{out_dirs[stage]}'"
             runs = client.search_runs(
                 [experiment.experiment_id],
-                f"tags.stage = '{stage}' and attributes.status = 'FINISHED'",
+                query,
                 order_by=["attributes.start_time DESC"],
                 max_results=1,
             )

@@ -10,6 +10,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -401,3 +402,20 @@ def test_dvc_input_hashes_resolves_templated_deps(tmp_path):
         "  mid:\n    cmd: z\n    outs:\n    - path: outputs/mid/model\n      md5: dddd.dir\n"
     )
     assert dvc_input_hashes(tmp_path, "sft") == {"data/mix": "cccc.dir", "outputs/mid/model": "dddd.dir"}
+
+
+def test_the_report_links_the_run_that_wrote_the_stage_output_not_a_newer_study(uri, repo):
+    from pipeline.tracking import TrackingError, latest_stage_runs
+
+    cfg = TrackingConfig(uri=uri, experiment="studies")
+    ids = []
+    for out_dir in ("outputs/qat", "outputs/qat_study/8da2w"):  # the recipe's run, then a study
+        with stage_run(cfg, "qat", {"stage": {"out_dir": out_dir, "scheme": "8da4w"}}, repo_root=repo) as run:
+            ids.append(run.run_id)
+        time.sleep(0.01)  # distinct start times: "newest" is well defined
+    ui = "http://127.0.0.1:5000"
+    assert latest_stage_runs(cfg, ["qat"], ui)["qat"]["run_id"] == ids[1]  # the newest, whatever it wrote
+    assert latest_stage_runs(cfg, ["qat"], ui, {"qat": "outputs/qat"})["qat"]["run_id"] == ids[0]
+    assert latest_stage_runs(cfg, ["qat"], ui, {"qat": "outputs/elsewhere"}) == {}
+    with pytest.raises(TrackingError, match="qat: cannot search MLflow for an out_dir with a quote"):
+        latest_stage_runs(cfg, ["qat"], ui, {"qat": "it's"})
