@@ -41,9 +41,10 @@ def dvc_executable() -> str:
 def start_status(stages: Sequence[str]) -> subprocess.Popen:
     """``dvc status`` for ``stages`` (all when empty) and their upstream, started; its
     exit code is 0 when nothing is to run. Any other answer (changes, or an error DVC
-    will report again when ``dvc repro`` runs) counts as not up to date."""
+    will report again when ``dvc repro`` runs) counts as not up to date; its output is
+    dropped, so a params file the validation then refuses gets one message, not two."""
     cmd = [dvc_executable(), "status", "--quiet", *(["--with-deps", *stages] if stages else [])]
-    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _stop(proc: subprocess.Popen | None) -> None:

@@ -127,6 +127,9 @@ def test_repro_names_a_bad_params_file_before_dvc_ray_or_mlflow(tmp_path):
     proc = _repro_with(tmp_path, "num_workers: 1", "num_workers: many")
     assert proc.returncode == 2 and "ray.num_workers" in proc.stderr, proc.stderr
     assert not (tmp_path / "mlflow.db").exists()
+    # `dvc status`, started beside the validation, is stopped and says nothing of its own
+    # (here it would have said that there is no DVC repository).
+    assert "ERROR" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
 
 
 def test_the_whole_recipe_refuses_a_qat_study_scheme_before_dvc(tmp_path):
