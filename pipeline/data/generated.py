@@ -50,6 +50,9 @@ class Problem:
     worked: str  # step-by-step solution ending in "The answer is X."
     answer: str
     topic: str
+    # What the train/held-out split keys on when the wording is not the problem: one
+    # problem asked two ways ("a or b" / "b or a") falls on one side (problem_key).
+    identity: str = ""
 
     @property
     def text(self) -> str:
@@ -146,9 +149,18 @@ def _compare(r: random.Random) -> Problem:
     b = round(r.uniform(0, 10), r.choice([1, 2, 3]))
     if a == b:
         b = round(b + 0.1, 3)
+    return comparison(a, b)
+
+
+def comparison(a: float, b: float) -> Problem:
+    """ "Which is larger, a or b?" (a != b), keyed by the unordered pair."""
     big = max(a, b)
     return Problem(
-        f"Which is larger, {a} or {b}?", _done([f"{a} {'>' if a > b else '<'} {b}."], big), str(big), "comparison"
+        f"Which is larger, {a} or {b}?",
+        _done([f"{a} {'>' if a > b else '<'} {b}."], big),
+        str(big),
+        "comparison",
+        identity=f"which is larger of {min(a, b)} and {big}",
     )
 
 
@@ -224,7 +236,9 @@ def problems(generators: list[Callable[[random.Random], Problem]], n: int, seed:
 
 
 def problem_key(p: Problem) -> str:
-    return "problem:" + " ".join(p.question.split())
+    """The key every split of a generated problem uses (mixtures, SFT tasks, the eval
+    suite's held-out rule): its identity when it has one, else its question's words."""
+    return "problem:" + (p.identity or " ".join(p.question.split()))
 
 
 def _iter(generators):

@@ -278,9 +278,9 @@ def _worked_answer(n: int, rng: random.Random, band: float, max_chars: int) -> l
 def _compare(n: int, rng: random.Random, band: float, max_chars: int) -> list[ChoiceItem]:
     """Held-out "Which is larger, a or b?" problems (the reasoning generators' comparison
     topic); the choices are the solution's statement and its opposite (`` a < b.`` /
-    `` a > b.``), in a seeded order. Held out by the question's key, as every generated
-    task. The swapped question ("b or a") is another key and can be a training problem
-    when both numbers have few decimals: 1 of the default suite's 400 items."""
+    `` a > b.``), in a seeded order. Held out by the problem's key, as every generated
+    task; a comparison's key is its unordered pair, so the swapped question ("b or a")
+    is held out with it."""
     items, seen = [], set()
     for p in generated.problems(generated.REASONING, 400 * n, rng.randrange(2**31)):
         key = generated.problem_key(p)

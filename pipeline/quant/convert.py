@@ -1,7 +1,8 @@
-"""QAT ``convert`` (and PTQ): a real quantized model, INT4 values plus scales.
+"""QAT ``convert`` (and PTQ): a real quantized model, integer values (INT4, or the
+study schemes' INT3/INT2) plus scales.
 
 - ``nn.Linear``: torchao's ``QATConfig(..., step="convert")``; each weight becomes an
-  ``IntxUnpackedToInt8Tensor`` (INT4 values held in int8, FP32 scales per group) whose
+  ``IntxUnpackedToInt8Tensor`` (the values held in int8, FP32 scales per group) whose
   forward quantizes its input per token to INT8, as on the device.
 - Routed experts and the embedding: :class:`QuantizedWeight` (INT values in int8,
   FP32 scales), quantized with torchao's ``choose_qparams_affine`` /

@@ -4,7 +4,8 @@ Shape legend: E experts, F expert hidden width, D model dim, V vocabulary, N rou
 slots (tokens x top-k), T tokens.
 
 - ``nn.Linear`` (attention, shared expert, an untied head): torchao's
-  ``QATConfig(Int8DynamicActivationIntxWeightConfig(int4, PerGroup(g)), step="prepare")``.
+  ``QATConfig(Int8DynamicActivationIntxWeightConfig(int4, PerGroup(g)), step="prepare")``
+  (int3 or int2 for the study schemes 8da3w, 8da2w).
 - Routed experts (3-D ``w*_E..`` parameters, which torchao does not touch): the same
   numerics from torchao's public pieces. The weight fake-quantizer groups along the last
   (input) dim, so quantizing ``w_EFD.reshape(E*F, D)`` is quantizing each expert's
@@ -12,8 +13,9 @@ slots (tokens x top-k), T tokens.
   projection; its scale and zero point depend on one row only, so quantizing all slots
   at once is bit-identical to quantizing each expert's slice (and no empty slice is
   ever passed to it, which it refuses).
-- The tied embedding/output head: its weight fake-quantized per group (INT4) or per row
-  (INT8), for the lookup and the head alike; the head's input per token, as a linear's.
+- The tied embedding/output head: its weight fake-quantized per group (at the scheme's
+  weight bits) or per row (INT8), for the lookup and the head alike; the head's input
+  per token, as a linear's.
 - Router and norms: untouched (FP32).
 """
 

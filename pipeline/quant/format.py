@@ -148,6 +148,13 @@ def load_quantized(path: Path) -> tuple[Transformer, QuantConfig]:
     for name, spec in layout.items():
         values = tensors.pop(f"{name}.values")
         values = unpack_int4(values) if stored_bits(spec["bits"]) == 4 else values
+        lo, hi = -(2 ** (spec["bits"] - 1)), 2 ** (spec["bits"] - 1) - 1
+        if values.numel() and not (lo <= int(values.min()) and int(values.max()) <= hi):
+            # a nibble holds [-8, 7]: a 2- or 3-bit weight outside its range is damage
+            raise QuantizedFormatError(
+                f"{path}: {name} holds values in [{int(values.min())}, {int(values.max())}], "
+                f"outside the {spec['bits']}-bit range [{lo}, {hi}]"
+            )
         loaded = QuantizedWeight(
             values.reshape(spec["shape"]), tensors.pop(f"{name}.scale"), spec["bits"], spec["group"]
         )

@@ -6,9 +6,9 @@ every ``make repro`` even when there is nothing to do. The composed file is a fu
 of the files under ``conf/`` and of the composer (``pipeline/recipe.py``), so after a
 successful regeneration this writes a stamp (``.runner/params.json``: the digest of
 those inputs and the sha256 of the file it wrote). The next call with the same inputs
-and the file as it was written returns at once. Anything else (a changed or added conf
-file, a changed composer, a hand edit of the output, ``--force``, overrides, a missing
-or unreadable stamp) takes the full path, :func:`pipeline.recipe.main`, which composes,
+and the file as it was written returns at once. Anything else (a changed, added,
+moved or deleted conf file, a changed composer, a hand edit of the output, ``--force``,
+a missing or unreadable stamp) takes the full path, :func:`pipeline.recipe.main`, which composes,
 validates and refuses to overwrite a hand edit.
 
 The recipe validates ``params.yaml`` again before DVC runs (``pipeline.runner.preflight``),
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +33,8 @@ def inputs_digest(repo: Path = REPO_ROOT) -> str:
     """sha256 over every file under ``conf/`` (relative path and bytes, in sorted order)
     and the composer ``pipeline/recipe.py``: what the composed params file depends on."""
     h = hashlib.sha256()
-    files = sorted(p for p in (repo / "conf").rglob("*") if p.is_file())
+    # os.walk with followlinks: Hydra reads through a symlinked folder, Path.rglob (3.11) does not.
+    files = sorted(Path(root, name) for root, _, names in os.walk(repo / "conf", followlinks=True) for name in names)
     for path in [*files, repo / "pipeline" / "recipe.py"]:
         data = path.read_bytes()
         h.update(f"{path.relative_to(repo).as_posix()}\0{len(data)}\0".encode())
@@ -59,10 +61,12 @@ def up_to_date(output: Path, stamp: Path = STAMP, repo: Path = REPO_ROOT) -> boo
     )
 
 
-def record(output: Path, stamp: Path = STAMP, repo: Path = REPO_ROOT) -> None:
-    """Write the stamp for ``output`` as just regenerated (atomic: temp file + rename)."""
+def record(output: Path, inputs: str, stamp: Path = STAMP) -> None:
+    """Write the stamp for ``output`` as just regenerated from the inputs whose digest is
+    ``inputs`` (taken before the composition: a conf edit made during it is not stamped
+    as composed). Atomic: temp file + rename."""
     stamp.parent.mkdir(parents=True, exist_ok=True)
-    entry = {"output": str(output.resolve()), "inputs": inputs_digest(repo), "sha256": _sha256(output)}
+    entry = {"output": str(output.resolve()), "inputs": inputs, "sha256": _sha256(output)}
     tmp = stamp.with_suffix(".tmp")
     tmp.write_text(json.dumps(entry, indent=2))
     tmp.replace(stamp)
@@ -78,9 +82,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     from pipeline.recipe import main as regenerate
 
+    inputs = inputs_digest()
     code = regenerate(["params", "-o", str(args.output), *(["--force"] if args.force else [])])
     if code == 0:
-        record(args.output, args.stamp)
+        record(args.output, inputs, args.stamp)
     return code
 
 

@@ -23,6 +23,7 @@ tracking store.
 from __future__ import annotations
 
 import argparse
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -47,10 +48,20 @@ def start_status(stages: Sequence[str]) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _stop(proc: subprocess.Popen | None) -> None:
-    if proc is not None and proc.poll() is None:
-        proc.kill()
-        proc.wait()
+def stop_status(proc: subprocess.Popen | None, grace_s: float = 10.0) -> None:
+    """Stop a ``dvc status`` that is no longer needed, and reap it. SIGINT first: DVC
+    holds read locks in ``.dvc/tmp/rwlock`` while it works and releases them when
+    interrupted, where a SIGKILL would leave them for the next ``dvc repro`` to clean up
+    (with a warning). SIGKILL only if it has not ended after ``grace_s`` seconds."""
+    if proc is None:
+        return
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    proc.wait()
 
 
 def parent_status(outcome: Outcome) -> str:
@@ -73,17 +84,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     # DVC's answer takes longer than the validation (mostly its own start-up): ask first.
     status = None if dvc_flags else start_status(args.stages)
     try:
-        from pipeline.runner.preflight import check_params, check_whole_recipe
+        from pipeline.runner.preflight import check_export_scheme, check_params
 
         recipe = check_params(args.params)
-        if not args.stages:
-            check_whole_recipe(recipe)
+        check_export_scheme(recipe, args.stages)
     except ConfigError as err:
-        _stop(status)
+        stop_status(status)
         print(f"{args.params}: config error: {err}", file=sys.stderr)
         return 2
     except BaseException:  # Ctrl-C, or a bug: DVC's answer is moot
-        _stop(status)
+        stop_status(status)
         raise
     if status is not None and status.wait() == 0:
         print(f"{' '.join(args.stages) or 'every stage'}: up to date (dvc status); nothing to run")

@@ -52,8 +52,10 @@ def latest_stage_runs(
     ``{stage: {"run_id", "url"}}`` with ``url`` the run's page under ``ui_url`` (the
     local MLflow UI, e.g. ``http://127.0.0.1:5000``). Stages without one are left out.
     With ``out_dirs``, a stage named there counts only runs that logged that
-    ``stage.out_dir``: the recipe's own run, not a study of the same stage written
-    elsewhere (``make qat-study``) or a run by hand into another directory.
+    ``stage.out_dir``: the recipe's own run, not a study of the same stage configured
+    into another directory (``make qat-study``, a run by hand with another out_dir). A
+    Hydra multirun point logs the configured out_dir although it writes into Hydra's
+    folder, so it still passes this filter.
     Raises TrackingError when the store cannot be read or an out_dir cannot be quoted."""
     uri = resolve_tracking_uri(cfg)
     for stage, out_dir in (out_dirs or {}).items():

@@ -111,6 +111,27 @@ def test_a_study_scheme_sets_the_weight_bits_of_every_matrix_and_the_int4_embedd
     assert {r.name: r.scheme for r in coverage(int8_embedding)}["embed.weight"].startswith("int8/g64")
 
 
+def test_a_stored_value_outside_its_bit_width_is_named_on_load(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from pipeline.quant.format import QuantizedFormatError
+
+    q = QuantConfig(scheme="8da2w", group_size=16)
+    path = tmp_path / "m.safetensors"
+    save_quantized(post_training_quantize(_model(), q), q, path)
+    with safe_open(str(path), framework="pt") as f:
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    name = "layers.0.ffn.experts.w2_EDF"
+    values = unpack_int4(tensors[f"{name}.values"])
+    assert values.min() >= -2 and values.max() <= 1  # as written: the INT2 range
+    values.view(-1)[5] = 7  # fits a nibble, not two bits
+    tensors[f"{name}.values"] = pack_int4(values)
+    save_file(tensors, str(path), metadata=header)
+    with pytest.raises(QuantizedFormatError, match=rf"{name} holds values in \[-2, 7\], outside the 2-bit range"):
+        load_quantized(path)
+
+
 def test_pack_int4_round_trip_and_layout():
     values = torch.arange(-8, 8, dtype=torch.int8).repeat(3, 2)
     packed = pack_int4(values)
@@ -138,7 +159,7 @@ def test_prepare_reaches_every_matrix_and_coverage_fails_on_a_skipped_expert():
         require_coverage(coverage(model))
 
 
-@pytest.mark.parametrize("scheme", ["8da4w", "8da2w"])
+@pytest.mark.parametrize("scheme", ["8da4w", "8da3w", "8da2w"])
 def test_converted_model_equals_fake_quant_and_round_trips_through_the_file(tmp_path, scheme):
     q = QuantConfig(scheme=scheme, group_size=16)
     fake = prepare(_model(), q).eval()

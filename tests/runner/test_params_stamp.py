@@ -36,6 +36,13 @@ def test_the_inputs_digest_follows_every_conf_file_and_the_composer(tmp_path):
     digests.append(params.inputs_digest(repo))
     shutil.move(repo / "conf" / "stage" / "sft.yaml", repo / "conf" / "sft.yaml")  # same bytes, moved
     digests.append(params.inputs_digest(repo))
+    shared = tmp_path / "shared_models"  # a conf group kept elsewhere, linked in (Hydra follows it)
+    shared.mkdir()
+    (shared / "tiny.yaml").write_text("d_model: 128\n")
+    (repo / "conf" / "model").symlink_to(shared, target_is_directory=True)
+    digests.append(params.inputs_digest(repo))
+    (shared / "tiny.yaml").write_text("d_model: 256\n")  # an edit behind the link
+    digests.append(params.inputs_digest(repo))
     assert len(set(digests)) == len(digests)
     assert params.inputs_digest(repo) == digests[-1]  # and it is a function of them
 

@@ -179,3 +179,48 @@ def _signal_when(ready, signum) -> None:
     while not ready.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     os.kill(os.getpid(), signum)  # to this process: run_in_ray passes it on to the command's group
+
+
+@pytest.mark.parametrize("ignores_sigint", [False, True])
+def test_a_dvc_status_no_longer_needed_is_interrupted_then_reaped(tmp_path, ignores_sigint):
+    # DVC releases its read locks on SIGINT; a SIGKILL leaves them in .dvc/tmp/rwlock.
+    from pipeline.runner.repro import stop_status
+
+    ready, cleaned = tmp_path / "ready", tmp_path / "cleaned"
+    handler = (
+        "signal.SIG_IGN" if ignores_sigint else f"lambda *_: (pathlib.Path({str(cleaned)!r}).touch(), sys.exit(1))"
+    )
+    script = (
+        "import pathlib, signal, sys, time\n"
+        f"signal.signal(signal.SIGINT, {handler})\n"
+        f"pathlib.Path({str(ready)!r}).touch()\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.monotonic() + 30
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    started = time.monotonic()
+    stop_status(proc, grace_s=1.0)
+    assert proc.returncode is not None  # reaped
+    if ignores_sigint:
+        assert proc.returncode == -signal.SIGKILL and time.monotonic() - started >= 1.0
+    else:
+        assert cleaned.exists() and proc.returncode == 1  # it ran its own clean-up
+    stop_status(None)  # nothing started (DVC_FLAGS given): nothing to do
+
+
+def test_a_study_scheme_is_refused_for_exactly_the_targets_that_reach_the_export():
+    from pipeline.configbase import ConfigError
+    from pipeline.recipe import compose, validate
+    from pipeline.runner.preflight import check_export_scheme
+
+    study = validate(compose(["stage.qat.scheme=8da2w"]))
+    for ok in (["qat"], ["sft", "qat"], ["eval_sft"]):  # upstream of the export, or beside it
+        check_export_scheme(study, ok, repo=REPO_ROOT)
+    for targets, named in (([], "every stage"), (["profile"], "profile"), (["eval_qat"], "eval_qat")):
+        with pytest.raises(ConfigError, match=rf"^stage\.qat\.scheme: 8da2w .*\({named} would reach it\)"):
+            check_export_scheme(study, targets, repo=REPO_ROOT)
+    with pytest.raises(ConfigError, match=r"\(export, report would reach it\)"):
+        check_export_scheme(study, ["qat", "export", "report"], repo=REPO_ROOT)
+    check_export_scheme(validate(compose()), ["report"], repo=REPO_ROOT)  # the deployed scheme: anything goes
