@@ -4,7 +4,8 @@ One process, the same batch shape, interleaved repetitions (machines are noisy; 
 measured side by side mean anything). A step is what the training loop does: forward with
 the auxiliary loss, the token-summed cross-entropy, backward, gradient clipping, AdamW.
 Prints each model's tokens/s, the MoE's share of the dense twin's (the MoE as training runs
-it, with the fused CPU kernel, and with torch's grouped GEMM), and each model's
+it, with the fused CPU kernel and the fused head-and-loss; with torch's grouped GEMM; and
+with the plain head, logits then ``F.cross_entropy``), and each model's
 achieved FP32 FLOP/s as a fraction of this machine's FP32 GEMM rate measured in the same
 run (a square ``torch.mm``: the attainable peak, not the datasheet's). Training FLOPs per
 token are 3x the forward's (``pipeline.model.accounting.flops_per_token``: forward,
@@ -19,11 +20,12 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import yaml
 
 from pipeline.configbase import from_dict
 from pipeline.model import ModelConfig, Transformer, flops_per_token
-from pipeline.train.loop import adamw, summed_loss
+from pipeline.train.loop import adamw
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 
@@ -47,8 +49,9 @@ def gemm_flops_per_s(n: int = 1024, reps: int = 10) -> float:
 class Trainer:
     """One model, its optimizer and a fixed batch: ``step()`` is one training step."""
 
-    def __init__(self, cfg: ModelConfig, batch: int, seq_len: int, dispatch: str = "auto") -> None:
+    def __init__(self, cfg: ModelConfig, batch: int, seq_len: int, dispatch: str = "auto", plain_head=False) -> None:
         torch.manual_seed(0)
+        self.plain_head = plain_head  # logits, then F.cross_entropy (before pipeline/model/loss.py)
         self.model = Transformer(cfg).set_moe_dispatch(dispatch)
         self.optimizer = adamw(self.model, lr=1e-3, weight_decay=0.1)  # the training loop's
         tokens_BS = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1))
@@ -57,9 +60,12 @@ class Trainer:
         self.train_flops = 3 * flops_per_token(cfg, seq_len) * self.tokens
 
     def step(self) -> None:
-        logits_BSV, aux = self.model(self.inputs_BS, return_aux=True)
-        loss, count = summed_loss(logits_BSV, self.labels_BS)
-        (loss / count + aux).backward()
+        if self.plain_head:
+            logits_BSV, aux = self.model(self.inputs_BS, return_aux=True)
+            loss = F.cross_entropy(logits_BSV.flatten(0, 1), self.labels_BS.flatten(), reduction="sum")
+        else:
+            loss, aux = self.model(self.inputs_BS, labels_BS=self.labels_BS)  # the training loop's forward
+        (loss / self.labels_BS.numel() + aux).backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -74,9 +80,11 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=9)
     args = parser.parse_args()
     grouped = f"{args.moe} (grouped GEMM)"
+    plain = f"{args.moe} (plain head and loss)"
     trainers = {
         args.moe: Trainer(model_config(args.moe), args.batch, args.seq_len),
         grouped: Trainer(model_config(args.moe), args.batch, args.seq_len, dispatch="grouped"),
+        plain: Trainer(model_config(args.moe), args.batch, args.seq_len, plain_head=True),
         args.dense: Trainer(model_config(args.dense), args.batch, args.seq_len),
     }
     for trainer in trainers.values():  # warm-up (allocator, first-call dispatch)
@@ -102,10 +110,11 @@ def main() -> None:
             f"{name}: {seconds * 1e3:.1f} ms/step, {tokens_per_s[name]:,.0f} tokens/s, "
             f"{trainer.train_flops / seconds / peak_flops:.0%} of the GEMM peak"
         )
-    for name in (args.moe, grouped):
+    for name in (args.moe, grouped, plain):
         print(
             f"{name} / {args.dense} tokens/s = {tokens_per_s[name] / tokens_per_s[args.dense]:.2f}x (target >= 0.95x)"
         )
+    print(f"{args.moe}: fused head and loss / plain tokens/s = {tokens_per_s[args.moe] / tokens_per_s[plain]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -8,11 +8,13 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.model.attention import Attention, KVCache
 from pipeline.model.config import ModelConfig
 from pipeline.model.layers import Embedding, RMSNorm, SwiGLU, rope_tables
+from pipeline.model.loss import IGNORE_INDEX, linear_cross_entropy
 from pipeline.model.moe import MoE
 
 
@@ -74,10 +76,11 @@ class Transformer(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
-    def forward_with_aux(
+    def hidden(
         self, tokens_BS: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (B, S, V) and the summed MoE auxiliary loss (a scalar, 0 if unused)."""
+        """The final norm's output (B, S, D), the head's input, and the summed MoE
+        auxiliary loss (a scalar, 0 if unused)."""
         S = tokens_BS.shape[1]
         if start_pos + S > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start_pos + S} positions exceeds max_seq_len={self.cfg.max_seq_len}")
@@ -88,15 +91,51 @@ class Transformer(nn.Module):
         for block in self.layers:
             x_BSD, layer_aux = block(x_BSD, cos, sin, start_pos, cache)
             aux = aux + layer_aux
-        x_BSD = self.norm(x_BSD)
+        return self.norm(x_BSD), aux
+
+    def forward_with_aux(
+        self, tokens_BS: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, S, V) and the summed MoE auxiliary loss (a scalar, 0 if unused)."""
+        x_BSD, aux = self.hidden(tokens_BS, start_pos, cache)
         logits_BSV = self.embed.attend(x_BSD) if self.head is None else self.head(x_BSD)
         return logits_BSV, aux
 
+    def summed_loss(self, tokens_BS: torch.Tensor, labels_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training's forward: the cross-entropy summed over positions whose label is not
+        ``ignore_index`` (-100), an FP32 scalar in nats, and the summed MoE auxiliary
+        loss. The head and the loss run as one chunked operation (:mod:`pipeline.model.loss`:
+        the [B, S, V] logits are never held) wherever the head is a matrix product with
+        a weight, i.e. the tied embedding in every form (plain, fake-quantized, converted)
+        and a plain untied ``nn.Linear``; a head of another kind (QAT's fake-quantized
+        untied head) goes through its logits. Both compute the same loss."""
+        x_BSD, aux = self.hidden(tokens_BS)
+        operands = self.embed.head_operands(x_BSD) if self.head is None else None
+        if self.head is not None and type(self.head) is nn.Linear:
+            operands = (x_BSD, self.head.weight)
+        if operands is None:
+            logits_BSV = self.head(x_BSD)
+            logits_NV = logits_BSV.to(torch.promote_types(logits_BSV.dtype, torch.float32)).flatten(0, 1)
+            return F.cross_entropy(logits_NV, labels_BS.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"), aux
+        h_BSD, W_VD = operands
+        return linear_cross_entropy(h_BSD.flatten(0, 1), W_VD, labels_BS.flatten(), IGNORE_INDEX), aux
+
     def forward(
-        self, tokens_BS: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None, return_aux: bool = False
+        self,
+        tokens_BS: torch.Tensor,
+        start_pos: int = 0,
+        cache: KVCache | None = None,
+        return_aux: bool = False,
+        labels_BS: torch.Tensor | None = None,
     ):
-        """Logits (B, S, V); with ``return_aux`` also the MoE auxiliary loss. The flag
-        (rather than only forward_with_aux) lets a DDP wrapper's forward return both."""
+        """Logits (B, S, V); with ``return_aux`` also the MoE auxiliary loss; with
+        ``labels_BS`` (B, S) instead the training pair of :meth:`summed_loss`. Flags
+        (rather than only the named methods) let a DDP or FSDP2 wrapper's forward, and
+        its hooks, run each of them."""
+        if labels_BS is not None:
+            if start_pos != 0 or cache is not None:
+                raise ValueError("the training forward (labels_BS) takes whole sequences: no start_pos or cache")
+            return self.summed_loss(tokens_BS, labels_BS)
         logits_BSV, aux = self.forward_with_aux(tokens_BS, start_pos, cache)
         return (logits_BSV, aux) if return_aux else logits_BSV
 

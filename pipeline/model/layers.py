@@ -50,8 +50,13 @@ class Embedding(nn.Embedding):
     fake-quantized (or quantized) weight for the lookup and the head alike.
     """
 
+    def head_operands(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h, W)`` with ``attend(x) = h @ W.T``: what the fused head-and-loss takes."""
+        return x_BSD, self.weight
+
     def attend(self, x_BSD: torch.Tensor) -> torch.Tensor:
-        return F.linear(x_BSD, self.weight)
+        h_BSD, W_VD = self.head_operands(x_BSD)
+        return F.linear(h_BSD, W_VD)
 
 
 class SwiGLU(nn.Module):

@@ -140,8 +140,8 @@ class QuantizedEmbedding(Embedding):
     def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
         return F.embedding(tokens_BS, self.qweight.dequantize())
 
-    def attend(self, x_BSD: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.act_fq(x_BSD), self.qweight.dequantize())
+    def head_operands(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.act_fq(x_BSD), self.qweight.dequantize()
 
 
 @torch.no_grad()

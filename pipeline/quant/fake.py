@@ -108,8 +108,8 @@ class FakeQuantEmbedding(Embedding):
     def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
         return F.embedding(tokens_BS, self.weight_fq(self.weight))
 
-    def attend(self, x_BSD: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.act_fq(x_BSD), self.weight_fq(self.weight))
+    def head_operands(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.act_fq(x_BSD), self.weight_fq(self.weight)
 
 
 def is_linear(module: nn.Module, fqn: str = "") -> bool:

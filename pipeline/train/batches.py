@@ -16,8 +16,7 @@ import numpy as np
 import torch
 
 from pipeline.data.mixing import load_split, load_val_domains
-
-IGNORE_INDEX = -100  # label of positions that carry no loss (cross_entropy's default)
+from pipeline.model.loss import IGNORE_INDEX
 
 
 class TokenBatches:

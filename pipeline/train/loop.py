@@ -95,15 +95,6 @@ def adamw(
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=fused)
 
 
-def summed_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over positions with a label, and how many there were."""
-    n = int((labels_BS != IGNORE_INDEX).sum())
-    loss = F.cross_entropy(
-        logits_BSV.float().flatten(0, 1), labels_BS.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return loss, n
-
-
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     """Sum across data-parallel ranks (identity on one process)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
@@ -263,8 +254,8 @@ def run_loop(
             last = micro == train.grad_accum - 1
             with gradient_sync(ddp, sync=last or world == 1):
                 with _autocast(train.dtype, device):
-                    logits_BSV, aux = ddp(inputs_BS.to(device), return_aux=True)
-                loss, _ = summed_loss(logits_BSV, labels_BS.to(device))
+                    # the head and the cross-entropy as one chunked operation (model/loss.py)
+                    loss, aux = ddp(inputs_BS.to(device), labels_BS=labels_BS.to(device))
                 (loss * scale + aux / train.grad_accum).backward()
             loss_sum += loss.item()
             aux_sum += float(aux) / train.grad_accum
