@@ -107,12 +107,13 @@ class Transformer(nn.Module):
         loss. The head and the loss run as one chunked operation (:mod:`pipeline.model.loss`:
         the [B, S, V] logits are never held) wherever the head is a matrix product with
         a weight, i.e. the tied embedding in every form (plain, fake-quantized, converted)
-        and a plain untied ``nn.Linear``; a head of another kind (QAT's fake-quantized
-        untied head) goes through its logits. Both compute the same loss."""
+        and a plain untied ``nn.Linear`` with a plain weight; a head of another kind (QAT's
+        fake-quantized or torchao's converted untied head, which quantize their input)
+        goes through its logits. Both compute the same loss."""
         x_BSD, aux = self.hidden(tokens_BS)
         operands = self.embed.head_operands(x_BSD) if self.head is None else None
-        if self.head is not None and type(self.head) is nn.Linear:
-            operands = (x_BSD, self.head.weight)
+        if self.head is not None and type(self.head) is nn.Linear and type(self.head.weight.data) is torch.Tensor:
+            operands = (x_BSD, self.head.weight)  # not a converted head (a quantized weight subclass)
         if operands is None:
             logits_BSV = self.head(x_BSD)
             logits_NV = logits_BSV.to(torch.promote_types(logits_BSV.dtype, torch.float32)).flatten(0, 1)

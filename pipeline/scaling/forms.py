@@ -18,6 +18,11 @@ in their coefficients inside each term:
   interactions are centred at 1e6 (``ln N - ln 1e6``): the same family of laws, with δ
   and ω read at N, D = 1e6, and a fit that is not ill-conditioned by ln N ≈ 14 times ln Ê.
 - ``interior_interaction``: both.
+- ``interior_coupled``: ``interior`` with its two terms added as Kaplan et al. 2020
+  (eq. 1.5) couple N and D, ``L = c + (exp(t_N)^(1/q) + exp(t_D)^(1/q))^q``: q = 1 is the
+  plain sum; q > 1 raises the loss where neither term dominates, i.e. a larger model
+  needs more data before its parameter term shows (the sweep's largest runs came in
+  above every additive form's prediction). q enters as ``log_q``.
 
 Coefficients are named so that a positive value lowers the loss as its variable grows
 (δ₂ and γ₂: a positive value is a convex bowl, an interior optimum).
@@ -51,6 +56,7 @@ _FEATURES = {
     "omega": ("D", lambda X: -X[:, COL_E], (-2.0, 3.0), 0.0),
     "zeta": ("D", lambda X: -X[:, COL_E] * (X[:, COL_D] - LOG_REF), (-1.0, 1.0), 0.0),
     "log_c": ("c", None, (-5.0, 3.0), None),
+    "log_q": ("q", None, (-1.5, 1.5), 0.0),  # the coupling exponent q = e^log_q in [0.22, 4.5]
 }
 # coefficient -> (sign, feature in the formula with numbers, the term in words for fit.json)
 _SHOWN = {
@@ -62,30 +68,48 @@ _SHOWN = {
 }
 
 
-def _log_linear(name: str, extra_n: tuple[str, ...], extra_d: tuple[str, ...], needs_e: int, needs_g: int) -> LawForm:
-    """A log-linear candidate: power's coefficients plus ``extra_n`` in t_N, ``extra_d`` in t_D."""
+def _log_linear(
+    name: str, extra_n: tuple[str, ...], extra_d: tuple[str, ...], needs_e: int, needs_g: int, coupled: bool = False
+) -> LawForm:
+    """A log-linear candidate: power's coefficients plus ``extra_n`` in t_N, ``extra_d`` in
+    t_D; ``coupled``: the two terms summed as ``(e^(t_N/q) + e^(t_D/q))^q`` (coefficient log_q)."""
     names = ("log_a", "alpha", "delta", "gamma", "sigma", *extra_n, "log_b", "beta", *extra_d, "log_c")
+    names += ("log_q",) if coupled else ()
     in_n = [k for k in names if _FEATURES[k][0] == "N"]
     in_d = [k for k in names if _FEATURES[k][0] == "D"]
 
-    def terms(theta: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def terms(theta: np.ndarray, X: np.ndarray):
+        """t_N, t_D [P] (log of each term), log c, q, and the features [P, k] of each."""
         coef = dict(zip(names, theta))
         phi_N = np.stack([_FEATURES[k][1](X) for k in in_n], axis=1)  # [P, |in_n|]
         phi_D = np.stack([_FEATURES[k][1](X) for k in in_d], axis=1)
         t_N = phi_N @ np.array([coef[k] for k in in_n])
         t_D = phi_D @ np.array([coef[k] for k in in_d])
-        return np.stack([t_N, t_D, np.full(len(X), coef["log_c"])]), phi_N, phi_D
-
-    def log_loss(theta: np.ndarray, X: np.ndarray) -> np.ndarray:
-        return logsumexp(terms(np.asarray(theta), X)[0], axis=0)
+        return t_N, t_D, coef["log_c"], math.exp(coef["log_q"]) if coupled else 1.0, phi_N, phi_D
 
     def log_loss_and_jacobian(theta: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        terms_3P, phi_N, phi_D = terms(np.asarray(theta), X)
-        out = logsumexp(terms_3P, axis=0)
-        w_N, w_D, w_c = np.exp(terms_3P - out)  # softmax: ∂ log L / ∂ term
+        t_N, t_D, log_c, q, phi_N, phi_D = terms(np.asarray(theta), X)
+        if coupled:
+            # u = log of the N and D terms together: q · LSE(t_N / q, t_D / q)
+            s = np.logaddexp(t_N / q, t_D / q)
+            u = q * s
+            out = np.logaddexp(u, log_c)
+            w_u, w_c = np.exp(u - out), np.exp(log_c - out)  # ∂ log L / ∂ u, ∂ log L / ∂ log c
+            a_N = np.exp(t_N / q - s)  # ∂u/∂t_N; ∂u/∂t_D = 1 - a_N
+            w_N, w_D = w_u * a_N, w_u * (1 - a_N)
+            # ∂u/∂q = s - (a_N t_N + a_D t_D) / q, and ∂q/∂log_q = q
+            extra = {"log_q": w_u * (q * s - (a_N * t_N + (1 - a_N) * t_D))}
+        else:
+            terms_3P = np.stack([t_N, t_D, np.full(len(X), log_c)])
+            out = logsumexp(terms_3P, axis=0)
+            w_N, w_D, w_c = np.exp(terms_3P - out)  # softmax: ∂ log L / ∂ term
+            extra = {}
         columns = {**{k: w_N * phi_N[:, i] for i, k in enumerate(in_n)},
-                   **{k: w_D * phi_D[:, i] for i, k in enumerate(in_d)}, "log_c": w_c}  # fmt: skip
+                   **{k: w_D * phi_D[:, i] for i, k in enumerate(in_d)}, "log_c": w_c, **extra}  # fmt: skip
         return out, np.stack([columns[k] for k in names], axis=1)
+
+    def log_loss(theta: np.ndarray, X: np.ndarray) -> np.ndarray:
+        return log_loss_and_jacobian(theta, X)[0]
 
     def formula(theta: np.ndarray) -> str:
         k = dict(zip(names, (float(t) for t in theta)))
@@ -97,19 +121,22 @@ def _log_linear(name: str, extra_n: tuple[str, ...], extra_d: tuple[str, ...], n
         n_terms = [("-", k["alpha"], "ln N"), ("-", k["delta"], "ln Ê"), ("-", k["gamma"], "ln G"),
                    ("-", k["sigma"], "S"), *((_SHOWN[x][0], k[x], _SHOWN[x][1]) for x in extra_n)]  # fmt: skip
         d_terms = [("-", k["beta"], "ln D"), *((_SHOWN[x][0], k[x], _SHOWN[x][1]) for x in extra_d)]
-        return (
-            f"L = {math.exp(k['log_c']):.4g} + exp({k['log_a']:.4g}{''.join(term(*t) for t in n_terms)})"
-            f" + exp({k['log_b']:.4g}{''.join(term(*t) for t in d_terms)})"
-        )
+        n_text = f"exp({k['log_a']:.4g}{''.join(term(*t) for t in n_terms)})"
+        d_text = f"exp({k['log_b']:.4g}{''.join(term(*t) for t in d_terms)})"
+        if coupled:
+            q = math.exp(k["log_q"])
+            return f"L = {math.exp(k['log_c']):.4g} + ({n_text}^(1/{q:.3g}) + {d_text}^(1/{q:.3g}))^{q:.3g}"
+        return f"L = {math.exp(k['log_c']):.4g} + {n_text} + {d_text}"
 
     words_n = "".join(f" {_SHOWN[x][0]} {_SHOWN[x][2]}" for x in extra_n)
     words_d = "".join(f" {_SHOWN[x][0]} {_SHOWN[x][2]}" for x in extra_d)
     needs = [(COL_E, needs_e, "expansions", "delta" + (", delta2" if needs_e > 2 else ""))]
     needs.append((COL_G, needs_g, "granularities", "gamma" + (", gamma2" if needs_g > 2 else "")))
+    t_n = f"exp(log a - alpha ln N - delta ln Ehat - gamma ln G - sigma S{words_n})"
+    t_d = f"exp(log b - beta ln D{words_d})"
     return LawForm(
         name=name,
-        form=f"L = c + exp(log a - alpha ln N - delta ln Ehat - gamma ln G - sigma S{words_n})"
-        f" + exp(log b - beta ln D{words_d})",
+        form=f"L = c + ({t_n}^(1/q) + {t_d}^(1/q))^q" if coupled else f"L = c + {t_n} + {t_d}",
         coefficients=names,
         bounds=tuple(_FEATURES[k][2] for k in names),
         start_defaults={k: _FEATURES[k][3] for k in names if _FEATURES[k][3] is not None},
@@ -124,7 +151,8 @@ POWER = _log_linear("power", (), (), needs_e=2, needs_g=2)
 INTERIOR = _log_linear("interior", ("delta2", "gamma2"), (), needs_e=3, needs_g=3)
 INTERACTION = _log_linear("interaction", ("iota",), ("omega", "zeta"), needs_e=2, needs_g=2)
 INTERIOR_INTERACTION = _log_linear("interior_interaction", ("delta2", "gamma2", "iota"), ("omega", "zeta"), 3, 3)
-FORMS = {f.name: f for f in (JOINT, POWER, INTERIOR, INTERACTION, INTERIOR_INTERACTION)}
+INTERIOR_COUPLED = _log_linear("interior_coupled", ("delta2", "gamma2"), (), needs_e=3, needs_g=3, coupled=True)
+FORMS = {f.name: f for f in (JOINT, POWER, INTERIOR, INTERACTION, INTERIOR_INTERACTION, INTERIOR_COUPLED)}
 
 
 def get(name: str) -> LawForm:

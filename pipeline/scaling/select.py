@@ -16,7 +16,7 @@ Each fold's fit starts from the full grid, as the fit to all points does, and ke
 its own lowest objective; it never starts from the optimum of all points (that fit saw
 the size the fold predicts). A fold fitted from a few starts lands in whichever local
 optimum is nearest, and the scores then measure the starts, not the forms (seen on
-moe_grid: a 16-start fold grid moved the ranking). Five forms x four fits x 162 starts
+moe_grid: a 16-start fold grid moved the ranking). Six forms x four fits x 162 starts
 take minutes on 2 cores; ``make scaling-fit`` is run once per sweep.
 
 A form that some fold's points cannot determine (:func:`pipeline.scaling.fit.check_identifiable`)

@@ -78,7 +78,7 @@ def test_chunk_rows_keep_the_logits_within_the_device_budget():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert chunk_rows(4096, 4096, cpu) == 128  # 128 x 4096 FP32 = 2 MiB
     assert chunk_rows(100, 4096, cpu) == 100  # never more rows than there are
-    assert chunk_rows(4096, 200_000, cpu) == 16  # at least 16 rows for the GEMM
+    assert chunk_rows(4096, 200_000, cpu) == 128  # at least 128 rows: thin GEMMs are slow
     assert chunk_rows(100_000, 4096, cuda) == 16384  # 256 MiB on an accelerator
 
 
@@ -90,8 +90,11 @@ def test_bad_labels_and_shapes_are_named():
         linear_cross_entropy(h, W, torch.cat([labels[:3], torch.tensor([-5]), labels[4:]]))
     with pytest.raises(ValueError, match=r"need \[N, D\] and \[V, D\]"):
         linear_cross_entropy(h, W[:, :5], labels)
-    with pytest.raises(ValueError, match=r"need \[N\] integers"):
-        linear_cross_entropy(h, W, labels.float())
+    for bad in (labels.float(), labels > 3, labels.to(torch.uint8)):
+        with pytest.raises(ValueError, match=r"need \[N\] int64/int32"):
+            linear_cross_entropy(h, W, bad)
+    with pytest.raises(ValueError, match="need one floating dtype"):
+        linear_cross_entropy(h.bfloat16(), W, labels)  # F.linear refuses mixed dtypes too
     with pytest.raises(ValueError, match="rows per chunk"):
         linear_cross_entropy(h, W, labels, rows=0)
 
@@ -166,6 +169,39 @@ def test_bf16_autocast_runs_the_head_in_bf16_and_the_loss_in_fp32():
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-3, atol=0)
     assert abs(float(got) - float(fp32)) / float(fp32) > 1e-5
+
+
+def test_fp64_stays_fp64_under_autocast_and_no_grad_computes_the_loss_alone():
+    """Autocast casts FP32 operands, never FP64 (as F.linear); without gradients wanted
+    the loss is the same and no gradient is kept."""
+    h, W, labels = _operands()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = linear_cross_entropy(h, W, labels)
+    want = F.cross_entropy(h @ W.T, labels, reduction="sum")
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=0)
+    h.requires_grad_()
+    with torch.no_grad():
+        quiet = linear_cross_entropy(h, W, labels)
+    assert quiet.grad_fn is None
+    torch.testing.assert_close(quiet, want, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["fake", "converted"])
+def test_an_untied_quantized_head_goes_through_its_logits(kind):
+    """QAT's fake-quantized and torchao's converted untied heads quantize their input:
+    the training forward must give what their logits give, not a plain product."""
+    cfg = micro_cfg(tie_embeddings=False)
+    q = QuantConfig(group_size=16)
+    model = prepare(trained_like(cfg), q)
+    if kind == "converted":
+        model = convert(model, q)
+    tokens, labels = _batch(cfg)
+    with torch.no_grad():
+        got, _ = model(tokens, labels_BS=labels)
+        logits = model(tokens)
+    want = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
 
 
 def test_the_training_forward_refuses_a_cache():

@@ -69,6 +69,24 @@ def test_interior_and_interaction_forms_match_their_formulas_written_out():
     assert math.log(grid[np.argmin(losses)]) == pytest.approx(0.6 / 0.7, abs=1e-3)
 
 
+def test_the_coupled_form_matches_kaplan_s_sum_written_out_and_q_1_is_the_plain_sum():
+    """(A^(1/q) + B^(1/q))^q with A, B the interior form's N and D terms (Kaplan et al.
+    2020, eq. 1.5, plus the irreducible c); q = 1.7 is a coupling away from the start."""
+    coupled = law_of(forms.INTERIOR_COUPLED, {**INTERIOR_TRUE, "log_q": math.log(1.7)})
+    plain = law_of(forms.INTERIOR_COUPLED, {**INTERIOR_TRUE, "log_q": 0.0})
+    interior = law_of(forms.INTERIOR, INTERIOR_TRUE)
+    k = INTERIOR_TRUE
+    for N, D, E, G, S in CASES:
+        x = LawInputs(N, D, E, G, bool(S))
+        c, d_term = math.exp(k["log_c"]), math.exp(k["log_b"]) * D ** -k["beta"]
+        n_term = interior_by_hand(N, D, E, G, S) - c - d_term
+        want = c + (n_term ** (1 / 1.7) + d_term ** (1 / 1.7)) ** 1.7
+        assert coupled.predict_one(x) == pytest.approx(want, rel=1e-12)
+        assert plain.predict_one(x) == pytest.approx(interior.predict_one(x), rel=1e-12)
+        assert coupled.predict_one(x) > interior.predict_one(x)  # q > 1 raises the loss
+    assert "^(1/1.7)" in coupled.formula() and coupled.formula().endswith("^1.7")
+
+
 @pytest.mark.parametrize("name", list(forms.FORMS))
 def test_each_form_s_jacobian_matches_finite_differences(name):
     form = forms.get(name)
