@@ -8,20 +8,29 @@ slot sent through one expert's weights as one plain GEMM (wrong maths, timing on
 router, the dispatch and the combine are unchanged), as ratios measured in one run with
 interleaved repetitions (machines are noisy; only ratios mean anything). BF16 autocast
 (the grouped GEMM; the fused kernel is FP32) is timed after them, in its own interleaved
-phase with the FP32 layer and the BF16 dense twin. `--tokens N` overrides every shape's token count. Not a test: run
-`make bench-model`.
+phase with the FP32 layer and the BF16 dense twin. Everything runs under the training
+loop's host allocator policy (pipeline/train/hostalloc.py: freed large blocks kept);
+`--policy system` keeps glibc's own. The two policies cannot be compared within one
+process (blocks the heap kept serve later allocations under either), so
+`--compare-policies N` runs this benchmark in N pairs of child processes, alternating
+the policies, and prints the medians. `--tokens N` overrides every shape's token count.
+Not a test: run `make bench-model`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
 
 from pipeline.model import MoE, MoEConfig
 from pipeline.model.layers import SwiGLU
+from pipeline.train import hostalloc
 
 SHAPES = {
     # name: (d_model, MoEConfig kwargs, tokens)
@@ -49,6 +58,10 @@ class OneGemmBound(torch.nn.Module):
 
 
 def fwd_bwd(module: torch.nn.Module, x: torch.Tensor, autocast: bool = False) -> None:
+    # As the training loop's zero_grad(set_to_none=True): the backward's gradients are
+    # new tensors, not added into the last call's.
+    module.zero_grad(set_to_none=True)
+    x.grad = None
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         out = module(x)
     out = out[0] if isinstance(out, tuple) else out
@@ -108,13 +121,54 @@ def bench_shape(name: str, reps: int, tokens: int | None = None) -> dict[str, fl
     return times
 
 
+def compare_policies(pairs: int, args: argparse.Namespace) -> None:
+    """The fused layer and the dense twin under each allocator policy, each run a child
+    process of its own, the policies alternating; prints the medians over the runs."""
+    runs: dict[str, list[dict]] = {"keep": [], "system": []}
+    for _ in range(pairs):
+        for policy in runs:
+            cmd = [sys.executable, __file__, "--policy", policy, "--reps", str(args.reps), "--json"]
+            cmd += ["--shapes", *args.shapes] + (["--tokens", str(args.tokens)] if args.tokens else [])
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            runs[policy].append(json.loads(out.strip().splitlines()[-1]))
+    print(f"allocator policies, {pairs} child process(es) each, alternating (medians):")
+    for name in args.shapes:
+        med = {
+            policy: {k: statistics.median(r[name][k] for r in rs) for k in ("moe_fused", "dense_same_active")}
+            for policy, rs in runs.items()
+        }
+        keep, system = med["keep"], med["system"]
+        fused = keep["moe_fused"] / system["moe_fused"]
+        dense = keep["dense_same_active"] / system["dense_same_active"]
+        print(
+            f"  {name}: fused {keep['moe_fused'] * 1e3:.1f} ms kept / {system['moe_fused'] * 1e3:.1f} ms glibc's own "
+            f"= {fused:.2f}x; dense {dense:.2f}x; fused / dense "
+            f"{keep['moe_fused'] / keep['dense_same_active']:.2f}x kept, "
+            f"{system['moe_fused'] / system['dense_same_active']:.2f}x glibc's own"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES))
     parser.add_argument("--tokens", type=int, default=None, help="tokens per step for every shape")
+    parser.add_argument("--policy", choices=("keep", "system"), default="keep", help="host allocator policy")
+    parser.add_argument("--compare-policies", type=int, default=0, metavar="N", help="N child runs per policy")
+    parser.add_argument("--json", action="store_true", help="print the times as one JSON line")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, reps {args.reps} (median)")
+    if args.compare_policies:
+        compare_policies(args.compare_policies, args)
+        return
+    if args.policy == "keep" and not hostalloc.keep_freed_blocks():
+        print("(not glibc: the allocator policy is the C library's own)")
+    if args.json:
+        print(json.dumps({name: bench_shape(name, args.reps, args.tokens) for name in args.shapes}))
+        return
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, reps {args.reps} (median), "
+        f"host allocator: {'freed blocks kept' if args.policy == 'keep' else 'glibc default'}"
+    )
     for name in args.shapes:
         t = bench_shape(name, args.reps, args.tokens)
         print(

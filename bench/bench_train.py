@@ -9,7 +9,10 @@ with the plain head, logits then ``F.cross_entropy``), and each model's
 achieved FP32 FLOP/s as a fraction of this machine's FP32 GEMM rate measured in the same
 run (a square ``torch.mm``: the attainable peak, not the datasheet's). Training FLOPs per
 token are 3x the forward's (``pipeline.model.accounting.flops_per_token``: forward,
-and backward at twice the forward). Not a test: run ``make bench-train``.
+and backward at twice the forward). The host allocator policy is the training loop's
+(pipeline/train/hostalloc.py: freed large blocks kept); ``--policy system`` keeps glibc's
+own, for a comparison between runs (within one process the heap a policy kept would
+serve the other's allocations). Not a test: run ``make bench-train``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import yaml
 
 from pipeline.configbase import from_dict
 from pipeline.model import ModelConfig, Transformer, flops_per_token
+from pipeline.train import hostalloc
 from pipeline.train.loop import adamw
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
@@ -78,7 +82,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--policy", choices=("keep", "system"), default="keep", help="host allocator policy")
     args = parser.parse_args()
+    if args.policy == "keep" and not hostalloc.keep_freed_blocks():
+        print("(not glibc: the allocator policy is the C library's own)")
     grouped = f"{args.moe} (grouped GEMM)"
     plain = f"{args.moe} (plain head and loss)"
     trainers = {
@@ -100,7 +107,8 @@ def main() -> None:
     peak_flops = statistics.median(peak)
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch}x{args.seq_len}, "
-        f"reps {args.reps} (median); FP32 GEMM peak {peak_flops / 1e9:.1f} GFLOP/s (1024^3 mm)"
+        f"reps {args.reps} (median), host allocator {args.policy}; "
+        f"FP32 GEMM peak {peak_flops / 1e9:.1f} GFLOP/s (1024^3 mm)"
     )
     tokens_per_s = {}
     for name, trainer in trainers.items():

@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pipeline.configbase import from_dict
 from pipeline.model import ModelConfig, Transformer
 from pipeline.quant import QuantConfig
+from pipeline.train import hostalloc
 from pipeline.train.batches import IGNORE_INDEX, TokenBatches
 from pipeline.train.checkpoint import Checkpoint, load_checkpoint, restore_rng_state, restore_training_state
 from pipeline.train.config import TrainStageConfig
@@ -188,6 +189,8 @@ def run_loop(
     """Train from ``resume`` (or the job's initial checkpoint, or scratch) to the last step."""
     model_cfg = from_dict(ModelConfig, job.model, "model")
     train = from_dict(TrainStageConfig, job.train, f"stage.{job.stage}")
+    if device.type == "cpu":
+        hostalloc.keep_freed_blocks()  # every step's gradients reuse the last step's pages
     torch.manual_seed(job.seed)
     model = Transformer(model_cfg)
     if job.init_checkpoint and resume is None:

@@ -303,8 +303,17 @@ def test_logged_model_loads_and_predicts(repo, mlflow_client):
         output_format="list",
     )
     program = mlflow.pytorch.load_model(models[0].model_uri)
-    logits = program(torch.zeros(1, 5, dtype=torch.long))
-    assert logits.shape == (1, 5, 512)
+    tokens = torch.arange(3, 10, dtype=torch.long).view(1, 7)  # not the logged example's length
+    logits = program(tokens)
+    assert logits.shape == (1, 7, 512)
+    # The logged program is the stage's published model: the same logits as the eager one
+    # (one export of the same FP32 graph; the tolerance is FP32 reordering's, not a gate).
+    from pipeline.eval.models import load_model
+
+    eager, _ = load_model(repo / "outputs" / "sft" / "model")
+    with torch.no_grad():
+        expected = eager.set_moe_dispatch("gather")(tokens)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_second_repro_is_a_noop_and_metrics_show(repo, mlflow_client):
