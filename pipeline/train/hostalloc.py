@@ -5,9 +5,9 @@ gradients (``zero_grad(set_to_none=True)`` drops them, the next backward makes t
 anew), the MoE's per-slot activations, the optimizer's temporaries. glibc serves a block
 above its mmap threshold (dynamic, at most 32 MiB) with a fresh ``mmap`` and returns it
 with ``munmap`` when freed, so every step faults those pages in again and the kernel
-zeroes them: at the MobileMoE-S layer (3 x 60 x 384 x 768 FP32 expert weights, 212 MB of
-gradients a step) that was 12-15% of the layer's forward+backward on this project's
-2-core CI machine (``make bench-model`` prints it side by side). Allocators built for
+zeroes them: the MobileMoE-S layer (3 x 60 x 384 x 768 FP32 expert weights, 212 MB of
+gradients a step) ran its forward+backward in 0.85x the time with freed blocks kept
+(``bench/bench_model.py --compare-policies 5``, 2-core Xeon; docs/moe-kernel.md). Allocators built for
 this (jemalloc, tcmalloc) keep freed blocks; ``keep_freed_blocks`` asks glibc to do the
 same through ``mallopt(3)``: blocks up to 1 GiB come from the heap and freed memory at
 its top is kept for the next step. The cost is that the process keeps its peak resident
