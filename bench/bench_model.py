@@ -13,7 +13,9 @@ loop's host allocator policy (pipeline/train/hostalloc.py: freed large blocks ke
 `--policy system` keeps glibc's own. The two policies cannot be compared within one
 process (blocks the heap kept serve later allocations under either), so
 `--compare-policies N` runs this benchmark in N pairs of child processes, alternating
-the policies, and prints the medians. `--tokens N` overrides every shape's token count.
+the policies, and prints the medians. `--on-thread` times on a second thread, as Ray Train
+runs the loop (there glibc keeps blocks above 64 MiB only in a process started with
+`MALLOC_ARENA_MAX=1`: pipeline/train/hostalloc.py). `--tokens N` overrides every shape's token count.
 Not a test: run `make bench-model`.
 """
 
@@ -24,6 +26,7 @@ import json
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -129,23 +132,40 @@ def compare_policies(pairs: int, args: argparse.Namespace) -> None:
         for policy in runs:
             cmd = [sys.executable, __file__, "--policy", policy, "--reps", str(args.reps), "--json"]
             cmd += ["--shapes", *args.shapes] + (["--tokens", str(args.tokens)] if args.tokens else [])
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            runs[policy].append(json.loads(out.strip().splitlines()[-1]))
+            cmd += ["--on-thread"] if args.on_thread else []
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
+            runs[policy].append(json.loads(proc.stdout.strip().splitlines()[-1]))
     print(f"allocator policies, {pairs} child process(es) each, alternating (medians):")
     for name in args.shapes:
+        # Times from different processes are compared as medians; the MoE/dense ratio as
+        # the median of each run's own (interleaved, side by side) ratio.
         med = {
-            policy: {k: statistics.median(r[name][k] for r in rs) for k in ("moe_fused", "dense_same_active")}
+            policy: {
+                "fused": statistics.median(r[name]["moe_fused"] for r in rs),
+                "dense": statistics.median(r[name]["dense_same_active"] for r in rs),
+                "ratio": statistics.median(r[name]["moe_fused"] / r[name]["dense_same_active"] for r in rs),
+            }
             for policy, rs in runs.items()
         }
         keep, system = med["keep"], med["system"]
-        fused = keep["moe_fused"] / system["moe_fused"]
-        dense = keep["dense_same_active"] / system["dense_same_active"]
         print(
-            f"  {name}: fused {keep['moe_fused'] * 1e3:.1f} ms kept / {system['moe_fused'] * 1e3:.1f} ms glibc's own "
-            f"= {fused:.2f}x; dense {dense:.2f}x; fused / dense "
-            f"{keep['moe_fused'] / keep['dense_same_active']:.2f}x kept, "
-            f"{system['moe_fused'] / system['dense_same_active']:.2f}x glibc's own"
+            f"  {name}: fused {keep['fused'] * 1e3:.1f} ms kept / {system['fused'] * 1e3:.1f} ms glibc's own "
+            f"= {keep['fused'] / system['fused']:.2f}x; dense {keep['dense'] / system['dense']:.2f}x; "
+            f"fused / dense {keep['ratio']:.2f}x kept, {system['ratio']:.2f}x glibc's own"
         )
+
+
+def on_thread(fn, *args):  # noqa: ANN001, ANN202
+    """``fn(*args)`` on a new thread (glibc gives it an arena of its own; hostalloc.py)."""
+    out: list = []
+    worker = threading.Thread(target=lambda: out.append(fn(*args)))
+    worker.start()
+    worker.join()
+    if not out:
+        raise SystemExit(f"{fn.__name__} failed on its thread (traceback above)")
+    return out[0]
 
 
 def main() -> None:
@@ -156,21 +176,31 @@ def main() -> None:
     parser.add_argument("--policy", choices=("keep", "system"), default="keep", help="host allocator policy")
     parser.add_argument("--compare-policies", type=int, default=0, metavar="N", help="N child runs per policy")
     parser.add_argument("--json", action="store_true", help="print the times as one JSON line")
+    parser.add_argument("--on-thread", action="store_true", help="time on a second thread, as Ray Train trains")
     args = parser.parse_args()
     if args.compare_policies:
         compare_policies(args.compare_policies, args)
         return
     if args.policy == "keep" and not hostalloc.keep_freed_blocks():
         print("(not glibc: the allocator policy is the C library's own)")
+
+    def measure(name: str) -> dict[str, float]:
+        return (
+            on_thread(bench_shape, name, args.reps, args.tokens)
+            if args.on_thread
+            else bench_shape(name, args.reps, args.tokens)
+        )
+
     if args.json:
-        print(json.dumps({name: bench_shape(name, args.reps, args.tokens) for name in args.shapes}))
+        print(json.dumps({name: measure(name) for name in args.shapes}))
         return
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, reps {args.reps} (median), "
         f"host allocator: {'freed blocks kept' if args.policy == 'keep' else 'glibc default'}"
+        f"{', on a second thread' if args.on_thread else ''}"
     )
     for name in args.shapes:
-        t = bench_shape(name, args.reps, args.tokens)
+        t = measure(name)
         print(
             f"{name} ({t['tokens']} tokens): fused {t['moe_fused'] * 1e3:.1f} ms | "
             f"grouped {t['moe_grouped'] * 1e3:.1f} ms | "

@@ -112,7 +112,8 @@ def _log_pt2_model(run: RunLogger, model, example, name: str, dynamic_dims: Sequ
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         # MLflow's check that the example serves loads the model back and predicts (about
         # 3 s a stage) and only warns when that fails; tests/e2e loads a logged model and
-        # checks its prediction instead.
+        # checks its prediction instead. (Not a named parameter: it reaches Model.log through
+        # **kwargs; with serialization_format="pt2" nothing passes it on to torch.save.)
         validate_serving_input=False,
         run_id=run.run_id,
     )

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from pipeline.configbase import ConfigError
@@ -131,9 +132,11 @@ def _loopback_only() -> None:
         constants.ENABLE_RAY_CLUSTER = False  # the flag from here when it picks its address
 
 
-def start(cfg: RayConfig) -> None:
+def start(cfg: RayConfig, worker_env: Mapping[str, str] | None = None) -> None:
     """Start (or join) Ray for this process; idempotent. The embedded Ray listens on
-    127.0.0.1 only (tests/e2e/test_pipeline_e2e.py lists every listener of `make repro`)."""
+    127.0.0.1 only (tests/e2e/test_pipeline_e2e.py lists every listener of `make repro`).
+    ``worker_env``: more environment for this job's worker processes, set before they
+    start (what a C library reads at start-up, e.g. pipeline.train.hostalloc.PROCESS_ENV)."""
     address = cluster_address(cfg)
     if not address and not _ray_initialized():
         _loopback_only()
@@ -142,7 +145,8 @@ def start(cfg: RayConfig) -> None:
     if ray.is_initialized():
         return
     # Every worker process of our jobs runs worker_setup() first (see there).
-    runtime_env: dict = {"env_vars": dict(WORKER_ENV), "worker_process_setup_hook": f"{__name__}.worker_setup"}
+    env_vars = {**WORKER_ENV, **(worker_env or {})}
+    runtime_env: dict = {"env_vars": env_vars, "worker_process_setup_hook": f"{__name__}.worker_setup"}
     if address:
         # The code travels with the job (Ray stores the package in the cluster and puts
         # it first on every worker's sys.path); nodes need only the pinned environment.

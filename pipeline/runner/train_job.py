@@ -35,6 +35,7 @@ from typing import Any
 
 from pipeline.hashing import sha256_file, sha256_json, sha256_tree
 from pipeline.runner.storage import RunStorage, fetch
+from pipeline.train import hostalloc
 from pipeline.train.callbacks import BalanceCallback, CheckpointCallback, MetricsCallback, ProgressCallback
 from pipeline.train.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from pipeline.train.config import RayConfig
@@ -193,6 +194,15 @@ def run_name(job: WorkerJob, cfg: RayConfig) -> str:
 def discard_run(job: WorkerJob, cfg: RayConfig, storage: RunStorage) -> None:
     """Delete a finished run's Ray storage: its result is published, nothing to resume."""
     storage.delete(run_name(job, cfg))
+
+
+def start_ray(cfg: RayConfig) -> None:
+    """Start or join Ray for a training stage. Its worker processes start with
+    ``hostalloc.PROCESS_ENV``: Ray Train runs the loop on a thread of its own, where glibc
+    maps every block above 64 MiB afresh unless the process has one arena (hostalloc)."""
+    from pipeline.runner import cluster
+
+    cluster.start(cfg, worker_env=hostalloc.PROCESS_ENV)
 
 
 def fit(job: WorkerJob, cfg: RayConfig, storage: RunStorage, logger: Any = None, staged: bool = False) -> Path:

@@ -113,7 +113,7 @@ def _work(ctx: StageContext) -> StageResult:
     recipe, cfg = ctx.recipe, ctx.recipe.stage.qat
     q = cfg.quant()
     jobs = ctx.resume.jobs
-    cluster.start(recipe.ray)
+    train_job.start_ray(recipe.ray)
     qat_final = train_to_end(jobs[0], ctx)
     control_final = train_to_end(jobs[1], ctx, metric_prefix="control/") if cfg.control else None
 

@@ -104,7 +104,7 @@ def _work(name: str, ctx: StageContext) -> StageResult:
 
     recipe, cfg, (job,) = ctx.recipe, _cfg(ctx.recipe, name), ctx.resume.jobs
     storage = cluster.storage(recipe.ray)
-    cluster.start(recipe.ray)
+    train_job.start_ray(recipe.ray)
     final = train_to_end(job, ctx)
     metrics = final_metrics(final.meta)
     model = Transformer(from_dict(ModelConfig, final.meta["model"], "model"))

@@ -7,66 +7,88 @@ above its mmap threshold (dynamic, at most 32 MiB) with a fresh ``mmap`` and ret
 with ``munmap`` when freed, so every step faults those pages in again and the kernel
 zeroes them: the MobileMoE-S layer (3 x 60 x 384 x 768 FP32 expert weights, 212 MB of
 gradients a step) ran its forward+backward in 0.85x the time with freed blocks kept
-(``bench/bench_model.py --compare-policies 5``, 2-core Xeon; docs/moe-kernel.md). Allocators built for
-this (jemalloc, tcmalloc) keep freed blocks; ``keep_freed_blocks`` asks glibc to do the
-same through ``mallopt(3)``: blocks up to 1 GiB come from the heap and freed memory at
-its top is kept for the next step. The cost is that the process keeps its peak resident
-size, which a training worker reaches every step anyway.
+(``bench/bench_model.py --compare-policies 5``, 2-core Xeon; docs/moe-kernel.md).
+Allocators built for this (jemalloc, tcmalloc) keep freed blocks; ``keep_freed_blocks``
+asks glibc to do the same through ``mallopt(3)``: blocks up to 1 GiB come from the heap
+and up to 1 GiB of freed memory at its top is kept. The cost: the process holds at least
+its peak resident size, more where freed blocks fragment.
 
-Only glibc has ``mallopt``; elsewhere (musl, macOS) nothing is changed and
-``keep_freed_blocks`` says so by returning False.
+Threads: glibc gives a thread other than the main one an arena of its own, built from
+heaps of at most 64 MiB, so there a larger block is mapped whatever the threshold. Ray
+Train runs the training loop on such a thread: its worker processes must start with
+``PROCESS_ENV`` (one arena for the process; read by glibc at process start, so a later
+``mallopt`` cannot do it). The training stages pass it to Ray (pipeline/stages/train.py,
+qat.py); ``keep_freed_blocks`` warns when it runs off the main thread without it.
+
+Only glibc has these knobs; elsewhere (musl, macOS) nothing changes and
+``keep_freed_blocks`` says so.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
+import logging
+import os
+import threading
+
+log = logging.getLogger(__name__)
 
 # mallopt(3) parameter numbers (glibc's malloc.h).
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-KEEP_BYTES = 1 << 30  # blocks up to this size from the heap; this much free memory kept at its top
-# glibc's own steady state for a process that frees large blocks: its dynamic mmap
-# threshold rises to the largest freed mmapped block, at most 32 MiB (DEFAULT_MMAP_THRESHOLD_MAX
-# on 64-bit), and the trim threshold follows at twice that.
-SYSTEM_MMAP_BYTES = 32 << 20
-SYSTEM_TRIM_BYTES = 64 << 20
+# Blocks up to this size from the heap; this much free memory kept at its top. glibc
+# before 2.35 refuses an mmap threshold above 32 MiB (HEAP_MAX_SIZE / 2): then the
+# policy is not applied, with a warning.
+KEEP_BYTES = 1 << 30
+# The environment of a process whose training loop runs off its main thread (Ray Train).
+PROCESS_ENV = {"MALLOC_ARENA_MAX": "1"}
 
 
 @functools.cache
 def _glibc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
+    """The process's glibc, or None when the C library is another (musl, macOS)."""
+    try:
+        version = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (ValueError, OSError):  # the name is unknown off glibc
+        version = ""
+    if not version.startswith("glibc"):
         return None
-    libc = ctypes.CDLL(name)
-    # gnu_get_libc_version exists only in glibc: musl also exports no mallopt that works.
-    if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
-        return None
+    libc = ctypes.CDLL("libc.so.6")
     libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     libc.mallopt.restype = ctypes.c_int
     return libc
 
 
-def _set(mmap_bytes: int, trim_bytes: int) -> bool:
+def keep_freed_blocks() -> bool:
+    """Serve blocks up to ``KEEP_BYTES`` from the heap and keep freed memory for reuse
+    (this process, from now on). Returns whether the policy is in force: False, with a
+    warning naming why, off glibc or where glibc refuses a value (a speed setting must
+    not stop a training). Warns when called off the main thread of a process started
+    without ``PROCESS_ENV`` (blocks above 64 MiB made on that thread stay mapped)."""
     libc = _glibc()
     if libc is None:
+        log.warning("host allocator: the C library is not glibc; its own large-block policy stays")
         return False
-    # mallopt(3): 0 for a value the library refuses (glibc 2.36 accepts any; others may not).
-    ok = libc.mallopt(M_MMAP_THRESHOLD, mmap_bytes) == 1 and libc.mallopt(M_TRIM_THRESHOLD, trim_bytes) == 1
-    if not ok:
-        raise OSError(f"glibc refused mallopt(M_MMAP_THRESHOLD={mmap_bytes}, M_TRIM_THRESHOLD={trim_bytes})")
+    # mallopt(3): 1 when taken, 0 when refused (glibc < 2.35 refuses thresholds > 32 MiB).
+    for name, param in (("M_TRIM_THRESHOLD", M_TRIM_THRESHOLD), ("M_MMAP_THRESHOLD", M_MMAP_THRESHOLD)):
+        if libc.mallopt(param, KEEP_BYTES) != 1:
+            log.warning(
+                "host allocator: %s refused mallopt(%s, %d); large blocks stay mapped afresh every step",
+                os.confstr("CS_GNU_LIBC_VERSION"),
+                name,
+                KEEP_BYTES,
+            )
+            return False
+    if threading.current_thread() is not threading.main_thread() and not _one_arena():
+        log.warning(
+            "host allocator: this thread has an arena of its own (64 MiB heaps): blocks above 64 MiB made here "
+            "stay mapped afresh; start the process with %s",
+            " ".join(f"{k}={v}" for k, v in PROCESS_ENV.items()),
+        )
     return True
 
 
-def keep_freed_blocks() -> bool:
-    """Serve blocks up to ``KEEP_BYTES`` from the heap and keep freed memory for reuse
-    (this process, from now on). Returns False where the C library is not glibc (nothing
-    changed). Raises OSError if glibc refuses the values."""
-    return _set(KEEP_BYTES, KEEP_BYTES)
-
-
-def system_policy() -> bool:
-    """glibc's steady-state policy for large blocks (mmap above 32 MiB, trim above 64 MiB):
-    what a benchmark compares ``keep_freed_blocks`` against. Returns False off glibc."""
-    return _set(SYSTEM_MMAP_BYTES, SYSTEM_TRIM_BYTES)
+def _one_arena() -> bool:
+    tunables = os.environ.get("GLIBC_TUNABLES", "").split(":")
+    return os.environ.get("MALLOC_ARENA_MAX") == "1" or "glibc.malloc.arena_max=1" in tunables
