@@ -13,7 +13,10 @@ from __future__ import annotations
 import importlib
 import ipaddress
 import json
+import os
 import shutil
+import subprocess
+import sys
 import tarfile
 from dataclasses import replace
 from datetime import timedelta
@@ -388,6 +391,30 @@ def test_rank_zero_store_listens_on_the_master_address_only(monkeypatch):
         assert tensor.tolist() == [1.0, 1.0]
     finally:
         dist.destroy_process_group()
+
+
+def test_the_worker_setup_imports_no_torch_and_binds_the_store_when_torch_comes():
+    """Most Ray workers (Ray Train's controller and helper actors) never use torch: the
+    setup hook must not import it (1.8 s a worker), yet the first import of torch's
+    rendezvous module, even as ``from ... import``, must see the bound factory."""
+    script = """
+import sys
+from pipeline.runner.cluster import worker_setup
+worker_setup()
+worker_setup()  # twice, as a reused process might: one hook
+assert "torch" not in sys.modules, "the setup hook imported torch"
+from torch.distributed.rendezvous import _create_c10d_store
+assert getattr(_create_c10d_store, "bound_to_master_addr", False), "imported unbound"
+from pipeline.runner.rendezvous import _AfterImport
+assert not any(isinstance(f, _AfterImport) for f in sys.meta_path), "the hook stayed"
+rdzv = sys.modules["torch.distributed.rendezvous"]  # (the attribute of that name is a function)
+worker_setup()  # torch already loaded: bound at once, and never wrapped twice
+assert rdzv._create_c10d_store is _create_c10d_store
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "MOBILEMOE_EMBEDDED_RAY"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 
 
 # ---------------------------------------------------------------- the mix task reads its node's sources

@@ -13,6 +13,7 @@ import sys
 import pytest
 from support import PrivateRayDir
 
+from pipeline.runner import cluster
 from pipeline.train import hostalloc
 
 pytestmark = pytest.mark.skipif(hostalloc._glibc() is None, reason="mallopt is glibc's")
@@ -112,7 +113,7 @@ def test_a_refused_value_or_another_libc_warns_and_training_goes_on(monkeypatch,
 
 
 RAY_JOB = """
-import json, sys
+import json, os, sys
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from pipeline.runner import cluster, train_job
@@ -121,6 +122,9 @@ from pipeline.train.config import RayConfig
 def train(config):
     exec(config["probe"], globals())
     seen = probe(True, False, 70)  # on Ray Train's own training thread
+    seen["poll_interval"] = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")  # cluster.WORKER_ENV
+    store = sys.modules["torch.distributed.rendezvous"]._create_c10d_store  # the setup hook's, lazily
+    seen["store_bound"] = getattr(store, "bound_to_master_addr", False)
     with open(config["out"], "w") as f:  # Ray Train keeps metrics only with a checkpoint
         json.dump(seen, f)
 
@@ -150,3 +154,6 @@ def test_a_ray_train_worker_started_with_the_training_env_keeps_its_blocks(tmp_p
     assert out.returncode == 0, out.stderr[-4000:]
     seen = json.loads((tmp_path / "seen.json").read_text())
     assert seen["mapped"] == [0, 0], seen
+    # The job's environment reaches Ray Train's processes; the store is bound to loopback.
+    assert seen["poll_interval"] == cluster.WORKER_ENV["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"], seen
+    assert seen["store_bound"] is True, seen
