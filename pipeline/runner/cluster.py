@@ -35,12 +35,15 @@ log = logging.getLogger(__name__)
 
 # For every Ray worker process of our jobs: Ray Train's print patch makes each line a
 # worker prints appear twice in the driver (once printed, once logged); off.
-# Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default
-# 2 s), and a worker's ray.train.report blocks until a poll has taken its previous report
-# (a queue of one): a start, each checkpoint and the end wait up to a poll interval. At
-# 0.2 s a trivial TorchTrainer.fit on the embedded Ray took 11.3 s against 14.6 s (means
-# of 6 fits each on a 2-core Xeon); a poll is one actor call per worker.
-WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+# On the embedded Ray only: Ray Train's controller polls its workers every
+# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s; also each poll's wait, after which the
+# same poll is awaited again, so nothing is lost), and a worker's ray.train.report blocks
+# until a poll has taken its previous report (a queue of one): a start, each checkpoint
+# and the end wait up to a poll interval. At 0.2 s a trivial TorchTrainer.fit took 11.3 s
+# against 14.6 s (means of 6 fits each on a 2-core Xeon). A poll is one actor call per
+# worker: cheap for the embedded Ray's few workers; a cluster's many keep Ray's default.
+EMBEDDED_WORKER_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 EMBEDDED_FLAG = "MOBILEMOE_EMBEDDED_RAY"  # set for the worker processes of the embedded Ray
 # The address of the recipe's one embedded Ray, set by recipe_ray.py for the stages it runs.
 RECIPE_RAY_ENV = "MOBILEMOE_RECIPE_RAY"
@@ -160,7 +163,7 @@ def start(cfg: RayConfig, worker_env: Mapping[str, str] | None = None) -> None:
         ray.init(address=address, runtime_env=runtime_env)
         _report_pending(cfg)
         return
-    runtime_env["env_vars"][EMBEDDED_FLAG] = "1"
+    runtime_env["env_vars"].update({EMBEDDED_FLAG: "1", **EMBEDDED_WORKER_ENV})
     recipe_ray = os.environ.get(RECIPE_RAY_ENV)
     if recipe_ray:  # the recipe's one embedded Ray (recipe_ray.py): join it, do not start another
         ray.init(address=recipe_ray, log_to_driver=True, runtime_env=runtime_env)

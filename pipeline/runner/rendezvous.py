@@ -3,8 +3,8 @@
 Ray Train starts the torch process group through torch's ``env://`` rendezvous: rank 0
 hosts a TCPStore server at ``MASTER_ADDR:MASTER_PORT`` (the address Ray Train picked on
 rank 0's node, the one every rank dials), but torch binds that server to all interfaces
-and has no option to narrow it. :func:`bind_store_to_master_addr`, run in every Ray
-worker process before the process group starts, wraps torch's store factory so that
+and has no option to narrow it. :func:`bind_store_to_master_addr`, run in a Ray worker
+process before its process group starts, wraps torch's store factory so that
 rank 0 first binds a socket to exactly that address and hands it to the TCPStore
 (``master_listen_fd``). Clients, timeouts and multi-tenancy stay torch's own.
 
@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.abc
+import importlib.machinery
 import importlib.util
+import logging
 import socket
 import sys
 from datetime import timedelta
 
+log = logging.getLogger(__name__)
 _sockets: list[socket.socket] = []  # the bound listeners live as long as the process
 RENDEZVOUS_MODULE = "torch.distributed.rendezvous"
 
@@ -71,28 +74,54 @@ def bind_store_to_master_addr() -> None:
     rendezvous._create_c10d_store = create_store
 
 
+# Loaders that load one module each (a finder makes one per module it finds).
+_FILE_LOADERS = (
+    importlib.machinery.SourceFileLoader,
+    importlib.machinery.SourcelessFileLoader,
+    importlib.machinery.ExtensionFileLoader,
+)
+
+
 class _AfterImport(importlib.abc.MetaPathFinder):
     """An import hook that runs ``then()`` right after module ``name`` has executed, before
-    the import statement that loaded it returns (so no importer sees the module unpatched),
-    and then removes itself."""
+    the import statement that loaded it returns (so no importer sees the module unpatched).
+
+    It leaves ``sys.meta_path`` by replacing the list, never by editing it: another
+    thread's import may be iterating over the old list. It wraps the module's own loader
+    (a file loader: one per module) for that one execution and restores it; if the
+    module's execution fails, the hook goes back so that a retried import is patched
+    too. A module without a file loader cannot be wrapped this way: that is said (a
+    warning), and the module imports unpatched."""
 
     def __init__(self, name: str, then) -> None:
         self.name, self.then = name, then
 
+    def _leave(self) -> None:
+        sys.meta_path = [f for f in sys.meta_path if f is not self]
+
     def find_spec(self, fullname, path, target=None):
         if fullname != self.name:
             return None
-        sys.meta_path.remove(self)  # the real finders locate it; this hook fires once
+        self._leave()  # the real finders locate it; this hook fires once
         spec = importlib.util.find_spec(fullname)
-        if spec is None or spec.loader is None:
+        if spec is None:
+            return None
+        loader = spec.loader
+        if not isinstance(loader, _FILE_LOADERS):
+            log.warning("%s is loaded by %r, not from a file: %s not applied", fullname, loader, self.then.__name__)
             return spec
-        exec_module = spec.loader.exec_module
+        exec_module = loader.exec_module
 
         def exec_then(module) -> None:
-            exec_module(module)
+            del loader.exec_module  # the class's own method again
+            try:
+                exec_module(module)
+            except BaseException:
+                sys.meta_path = [self, *sys.meta_path]
+                raise
             self.then()
 
-        spec.loader.exec_module = exec_then  # type: ignore[method-assign]
+        loader.exec_module = exec_then  # type: ignore[method-assign]
         return spec
 
 
@@ -103,4 +132,4 @@ def bind_store_when_imported() -> None:
     if RENDEZVOUS_MODULE in sys.modules:
         bind_store_to_master_addr()
     elif not any(isinstance(f, _AfterImport) and f.name == RENDEZVOUS_MODULE for f in sys.meta_path):
-        sys.meta_path.insert(0, _AfterImport(RENDEZVOUS_MODULE, bind_store_to_master_addr))
+        sys.meta_path = [_AfterImport(RENDEZVOUS_MODULE, bind_store_to_master_addr), *sys.meta_path]

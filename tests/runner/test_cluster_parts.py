@@ -403,10 +403,13 @@ from pipeline.runner.cluster import worker_setup
 worker_setup()
 worker_setup()  # twice, as a reused process might: one hook
 assert "torch" not in sys.modules, "the setup hook imported torch"
+from pipeline.runner.rendezvous import _AfterImport
+assert sum(isinstance(f, _AfterImport) for f in sys.meta_path) == 1, sys.meta_path
 from torch.distributed.rendezvous import _create_c10d_store
 assert getattr(_create_c10d_store, "bound_to_master_addr", False), "imported unbound"
-from pipeline.runner.rendezvous import _AfterImport
 assert not any(isinstance(f, _AfterImport) for f in sys.meta_path), "the hook stayed"
+loader = sys.modules["torch.distributed.rendezvous"].__loader__
+assert "exec_module" not in vars(loader), "the loader kept the wrapper"
 rdzv = sys.modules["torch.distributed.rendezvous"]  # (the attribute of that name is a function)
 worker_setup()  # torch already loaded: bound at once, and never wrapped twice
 assert rdzv._create_c10d_store is _create_c10d_store
@@ -415,6 +418,38 @@ print("ok")
     env = {k: v for k, v in os.environ.items() if k != "MOBILEMOE_EMBEDDED_RAY"}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+def test_the_import_hook_patches_after_execution_and_again_after_a_failed_import(tmp_path, monkeypatch):
+    from pipeline.runner.rendezvous import _AfterImport
+
+    (tmp_path / "hookpkg").mkdir()
+    (tmp_path / "hookpkg" / "__init__.py").write_text("")
+    flag = tmp_path / "fail_once"
+    flag.write_text("")
+    (tmp_path / "hookpkg" / "mod.py").write_text(
+        f"import pathlib\nflag = pathlib.Path({str(flag)!r})\nif flag.exists():\n"
+        "    flag.unlink()\n    raise RuntimeError('first import fails')\nVALUE = 1\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
+    calls = []
+
+    def then() -> None:  # sees the executed module, before the import returns
+        calls.append(sys.modules["hookpkg.mod"].VALUE)
+
+    sys.meta_path.insert(0, _AfterImport("hookpkg.mod", then))
+    try:
+        with pytest.raises(RuntimeError, match="first import fails"):
+            importlib.import_module("hookpkg.mod")
+        assert calls == [] and any(isinstance(f, _AfterImport) for f in sys.meta_path)  # back for the retry
+        from hookpkg.mod import VALUE  # noqa: F401 - the retry
+
+        assert calls == [1] and not any(isinstance(f, _AfterImport) for f in sys.meta_path)
+        assert "exec_module" not in vars(sys.modules["hookpkg.mod"].__loader__)
+    finally:
+        for name in ("hookpkg.mod", "hookpkg"):
+            sys.modules.pop(name, None)
 
 
 # ---------------------------------------------------------------- the mix task reads its node's sources

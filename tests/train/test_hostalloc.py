@@ -122,7 +122,7 @@ from pipeline.train.config import RayConfig
 def train(config):
     exec(config["probe"], globals())
     seen = probe(True, False, 70)  # on Ray Train's own training thread
-    seen["poll_interval"] = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")  # cluster.WORKER_ENV
+    seen["poll_interval"] = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")  # cluster.EMBEDDED_WORKER_ENV
     store = sys.modules["torch.distributed.rendezvous"]._create_c10d_store  # the setup hook's, lazily
     seen["store_bound"] = getattr(store, "bound_to_master_addr", False)
     with open(config["out"], "w") as f:  # Ray Train keeps metrics only with a checkpoint
@@ -154,6 +154,8 @@ def test_a_ray_train_worker_started_with_the_training_env_keeps_its_blocks(tmp_p
     assert out.returncode == 0, out.stderr[-4000:]
     seen = json.loads((tmp_path / "seen.json").read_text())
     assert seen["mapped"] == [0, 0], seen
-    # The job's environment reaches Ray Train's processes; the store is bound to loopback.
-    assert seen["poll_interval"] == cluster.WORKER_ENV["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"], seen
+    # The embedded Ray job's environment reaches Ray Train's processes (the worker here;
+    # the controller, which reads the interval, gets the same job environment), and the
+    # setup hook's lazy wrap of torch's store factory happened before the process group.
+    assert seen["poll_interval"] == cluster.EMBEDDED_WORKER_ENV["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"], seen
     assert seen["store_bound"] is True, seen
