@@ -38,6 +38,7 @@ $(STAMP): requirements.lock pyproject.toml
 	$(VENV)/bin/pip install --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(PY) -m pipeline.export.native  # the export's C++ MoE kernel, against the installed ExecuTorch
 	$(PY) -m pipeline.model.kernels  # the MoE layer's CPU training kernel, against the installed torch
+	$(PY) -m pipeline.data.system --install  # Debian packages the default sources read (as root; else says how)
 	touch $(STAMP)
 
 # Regenerate the full pin set from the direct pins in requirements.txt.

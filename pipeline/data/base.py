@@ -78,6 +78,9 @@ class Kind:
     # What the source reads from the machine (data files, the interpreter's stdlib) as
     # {what: sha256 or version}: a build on another node must see the same (build.py).
     origin: Callable[[dict], dict[str, str]] = lambda options: {}
+    # The Debian package that provides the data at the default options, when the data is
+    # a system package's (`make setup` installs it: pipeline/data/system.py).
+    debian: str | None = None
 
     def resolve(self, options: Mapping[str, Any]) -> dict:
         """``options`` validated, with every default filled in (what ``iterate``

@@ -121,6 +121,7 @@ def _fortunes_iter(options: dict, cfg) -> Iterator[Document]:
 # --- wordnet (optional, Debian) ----------------------------------------------------
 
 _POS_NAMES = {"noun": "noun", "verb": "verb", "adj": "adjective", "adv": "adverb"}
+WORDNET_DEBIAN = "wordnet-base"
 
 
 def _wordnet_files(options: dict) -> list[Path]:
@@ -130,7 +131,9 @@ def _wordnet_files(options: dict) -> list[Path]:
 def _wordnet_check(options: dict) -> None:
     for path in _wordnet_files(options):
         if not path.is_file():
-            raise DataError(f"missing {path} (install the Debian package 'wordnet-base': apt-get install wordnet-base)")
+            raise DataError(
+                f"missing {path} (install the Debian package '{WORDNET_DEBIAN}': apt-get install {WORDNET_DEBIAN})"
+            )
 
 
 def _wordnet_iter(options: dict, cfg) -> Iterator[Document]:
@@ -215,6 +218,7 @@ KINDS = [
         lambda options: {
             f"wordnet/{p.name}": sha256_file(p) if p.is_file() else "absent" for p in _wordnet_files(options)
         },
+        debian=WORDNET_DEBIAN,
     ),
 ]
 KIND = {k.name: k for k in KINDS}  # by name, for the SFT tasks that draw on these corpora
