@@ -12,18 +12,20 @@ import json
 import time
 from pathlib import Path
 
+from pipeline.export.budget import available_bytes
 from pipeline.export.kv_cache import kv_element_bytes
 from pipeline.model.accounting import decode_read_bytes, param_counts
 from pipeline.model.config import ModelConfig
 from pipeline.model.twins import dense_twin
 from pipeline.profile.config import ProfileStageConfig
-from pipeline.profile.programs import LoadedProgram, ProgramError, load_program, lower_model, random_int4
+from pipeline.profile.programs import LoadedProgram, ProgramError, load_program
 from pipeline.profile.report import markdown, plot_expert_load, plot_throughput
 from pipeline.profile.routing import decode_expert_load, load_summary
 from pipeline.profile.runner_stats import runner_timings
 from pipeline.profile.session import profile_interleaved, speedups, summarize
 from pipeline.profile.stats import timed_generation
 from pipeline.profile.system import PeakMemory, machine, read_bandwidth_gb_s, set_threads
+from pipeline.profile.twin_build import TwinSpec, build_twins, concurrency
 
 KEY = "stage.profile"
 
@@ -166,6 +168,30 @@ def profile_all(
             f"{model_cfg.vocab_size} (a program of another model?)"
         )
     check_cache_dtype(program_path, cfg)
+
+    # The twins first, side by side in processes of their own (twin_build), so that no
+    # lowering runs while anything is timed.
+    (out / "programs").mkdir(parents=True, exist_ok=True)
+    twins = {b: dense_twin(model_cfg, b.removeprefix("dense_"), multiple=cfg.group_size) for b in cfg.baselines}
+    specs = [
+        TwinSpec(
+            twin,
+            cfg.group_size,
+            cfg.seed + i,
+            moe.max_context,
+            last_logits_only=not moe.full_logits,
+            bos_id=moe.metadata["bos_id"],
+            eos_id=moe.metadata["eos_id"],
+            kv_cache=cfg.kv_cache,
+            path=out / "programs" / f"{baseline}.pte",
+        )
+        for i, (baseline, twin) in enumerate(twins.items())
+    ]
+    started = time.perf_counter()
+    lowered = build_twins(specs, concurrency(specs, cfg.threads, available_bytes()))
+    seconds |= {f"lower_{baseline}": s for baseline, s in zip(twins, lowered, strict=True)}
+    seconds["lower_twins"] = time.perf_counter() - started
+
     runner = runner_timings(
         program_path,
         tokenizer_json,
@@ -174,24 +200,9 @@ def profile_all(
     )
     memory = measure_memory(program_path, windows[0], cfg)
     programs["moe"], entries["moe"] = moe, program_entry(model_cfg, moe, memory, cfg)
-
-    (out / "programs").mkdir(parents=True, exist_ok=True)
-    for i, baseline in enumerate(cfg.baselines):
-        started = time.perf_counter()
-        twin = dense_twin(model_cfg, baseline.removeprefix("dense_"), multiple=cfg.group_size)
-        lowered = lower_model(
-            random_int4(twin, cfg.group_size, cfg.seed + i)[0],
-            moe.max_context,
-            last_logits_only=not moe.full_logits,
-            bos_id=moe.metadata["bos_id"],
-            eos_id=moe.metadata["eos_id"],
-            kv_cache=cfg.kv_cache,
-        )
-        path = out / "programs" / f"{baseline}.pte"
-        lowered.write(path)
-        seconds[f"lower_{baseline}"] = time.perf_counter() - started
-        programs[baseline] = _load_checked(path, cfg)
-        memory = measure_memory(path, windows[0], cfg)
+    for (baseline, twin), spec in zip(twins.items(), specs, strict=True):
+        programs[baseline] = _load_checked(spec.path, cfg)
+        memory = measure_memory(spec.path, windows[0], cfg)
         entries[baseline] = program_entry(twin, programs[baseline], memory, cfg)
 
     started = time.perf_counter()

@@ -26,6 +26,7 @@ from pipeline.profile.routing import decode_expert_load
 from pipeline.profile.session import profile_interleaved, speedups
 from pipeline.profile.stats import speedup, spread, timed_generation
 from pipeline.profile.system import ThreadsError, set_threads, usable_cores
+from pipeline.profile.twin_build import TwinSpec, build_twins
 from pipeline.recipe import compose, validate
 from pipeline.runner.errors import StageInputError
 from pipeline.runner.inputs import ProgramInput, ThreadsInput
@@ -336,6 +337,29 @@ def test_profile_writes_the_report_and_its_numbers_follow_from_the_runs(profiled
     # Expert load: top-2 x decode steps x measured runs, per layer.
     assert [sum(row) for row in profile["expert_load"]["counts"]] == [2 * cfg.decode_tokens * cfg.repeats] * 2
     assert profile["machine"]["threads"] == 1 and profile["machine"]["versions"]["executorch"]
+
+
+@pytest.mark.slow  # one more lowering of the micro twin
+def test_a_twin_built_in_a_child_process_is_the_bytes_the_profile_built_in_its_own(profiled, micro_program, tmp_path):
+    """The stage builds its twins side by side in child processes when it has the cores
+    (pipeline/profile/twin_build.py); the fixture's one twin was built in-process."""
+    out, _, cfg = profiled
+    moe = load_program(micro_program[0])
+    spec = TwinSpec(
+        dense_twin(micro_cfg(), "total", cfg.group_size),
+        cfg.group_size,
+        cfg.seed,
+        moe.max_context,
+        last_logits_only=True,
+        bos_id=moe.metadata["bos_id"],
+        eos_id=moe.metadata["eos_id"],
+        kv_cache=cfg.kv_cache,
+        path=tmp_path / "dense_total.pte",
+    )
+    (seconds,) = build_twins([spec], workers=2)  # workers > 1: a child process, even for one twin
+    assert seconds > 0
+    for name in ("dense_total.pte", "dense_total.kernels.json"):
+        assert (tmp_path / name).read_bytes() == (out / "programs" / name).read_bytes(), name
 
 
 def test_program_inputs_name_a_missing_or_corrupt_file_and_a_prompt_too_long(micro_program, tmp_path):

@@ -1,0 +1,44 @@
+"""The profile's dense twins built side by side in child processes: a failing child named
+with its error, the spec's JSON form, and how many run at once (that a child builds the
+bytes the profile builds in-process: tests/profile/test_profile.py)."""
+
+from __future__ import annotations
+
+import pytest
+from shapes import MAX_CONTEXT, micro_cfg
+
+from pipeline.export.budget import lowering_peak_bytes
+from pipeline.model.twins import dense_twin
+from pipeline.profile.twin_build import TwinSpec, build_twins, concurrency
+
+
+def twin_specs(folder, kv_cache: str = "float32") -> list[TwinSpec]:
+    folder.mkdir(exist_ok=True)
+    return [
+        TwinSpec(
+            dense_twin(micro_cfg(), match, 32), 32, seed, MAX_CONTEXT, True, 1, 2, kv_cache, folder / f"{match}.pte"
+        )
+        for seed, match in enumerate(("total", "active"), start=3)
+    ]
+
+
+def test_a_failing_child_is_named_with_its_error(tmp_path):
+    specs = twin_specs(tmp_path, kv_cache="int3")
+    with pytest.raises(RuntimeError, match=r"total\.pte failed \(exit 1\):[\s\S]*int3"):
+        build_twins(specs, workers=2)
+    assert not any(s.path.exists() for s in specs)
+
+
+def test_spec_survives_its_json_form(tmp_path):
+    (spec,) = twin_specs(tmp_path)[:1]
+    assert TwinSpec.from_json(spec.to_json()) == spec
+
+
+def test_concurrency_is_bounded_by_cores_twins_and_the_memory_of_the_lowering_peaks(tmp_path):
+    specs = twin_specs(tmp_path)
+    peak = max(lowering_peak_bytes(s.cfg, "fused", s.max_context) for s in specs)
+    assert concurrency(specs, 2, 10 * peak) == 2
+    assert concurrency(specs, 1, 10 * peak) == 1
+    assert concurrency(specs, 8, 10 * peak) == 2  # no more than there are twins
+    assert concurrency(specs, 2, 2 * peak - 1) == 1  # room for one lowering only
+    assert concurrency(specs, 2, 0) == 1 and concurrency([], 4, 10 * peak) == 1
