@@ -25,10 +25,15 @@ endif
 # The recipe's stages, as the registry wrote them into dvc.yaml (pipeline/stages/registry.py).
 STAGES := mix pretrain midtrain sft qat export profile evalsets eval_pretrain eval_midtrain eval_sft eval_qat report
 ARGS ?=
-.PHONY: setup lock params repro test test-fast lint drill sweep seeds scaling-fit closed-loop plan mutants qat-study bench-model bench-train bench-config bench-export bench-profile bench-peers \
+.PHONY: setup system-packages lock params repro test test-fast lint drill sweep seeds scaling-fit closed-loop plan mutants qat-study bench-model bench-train bench-config bench-export bench-profile bench-peers \
 	profile-paper ui $(STAGES)
 
-setup: $(STAMP)
+setup: $(STAMP) system-packages
+
+# Debian packages the default recipe's optional sources read (wordnet-base): installed
+# when run as root, else it says how; never fails (pipeline/runner/system_packages.py).
+system-packages: $(STAMP)
+	$(PY) -m pipeline.runner.system_packages --install
 
 # One pip command with every version pinned (torch included, so pip takes the CPU
 # wheel instead of a multi-GB CUDA build), then the project itself in editable mode.
@@ -38,7 +43,6 @@ $(STAMP): requirements.lock pyproject.toml
 	$(VENV)/bin/pip install --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(PY) -m pipeline.export.native  # the export's C++ MoE kernel, against the installed ExecuTorch
 	$(PY) -m pipeline.model.kernels  # the MoE layer's CPU training kernel, against the installed torch
-	$(PY) -m pipeline.data.system --install  # Debian packages the default sources read (as root; else says how)
 	touch $(STAMP)
 
 # Regenerate the full pin set from the direct pins in requirements.txt.
@@ -60,11 +64,11 @@ dvc.yaml: $(wildcard pipeline/stages/*.py) pipeline/runner/spec.py | $(STAMP)
 # The whole recipe under one MLflow parent run; DVC skips stages whose inputs are unchanged.
 # params.yaml is recomposed first, so an edit in conf/ is what runs, and the whole file is
 # validated before DVC touches anything (DVC_FLAGS go to dvc repro, e.g. DVC_FLAGS=-f).
-repro: params
+repro: params system-packages
 	@$(call recipe_run,)
 
 # One stage and whatever it needs upstream, e.g. `make pretrain`.
-$(STAGES): params
+$(STAGES): params system-packages
 	@$(call recipe_run,$@)
 
 # Validate params.yaml, stop at once when DVC has nothing to run, else open the MLflow

@@ -3,10 +3,12 @@
 Lowering is ExecuTorch's graph passes in Python: one core's work, 30-35 s for each of the
 tiny model's twins on 2 cores, one after the other. Each twin is a function of its config
 alone (random weights from a seed, then the export path), so each can be built in a
-process of its own: ``python -m pipeline.profile.twin_build SPEC.json`` builds one, and
-:func:`build_twins` runs as many at once as there are cores for them and memory for
-their lowering peaks (:mod:`pipeline.export.budget`). The programs are the same bytes as
-built in one process: the weights come from ``torch.manual_seed`` in the builder.
+process of its own: ``python -m pipeline.profile.twin_build SPEC_JSON`` builds one, and
+:func:`build_twins` runs as many at once as the profile's threads and the memory for
+their lowering peaks allow (:mod:`pipeline.export.budget`). A child builds the same bytes
+as the profile's own process (tests/profile/test_profile.py): the weights come from
+``torch.manual_seed``, and neither the initialisation nor the quantization depends on
+the number of threads (element-wise maths and exact reductions).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,11 +26,17 @@ from typing import IO
 
 from pipeline.model.config import ModelConfig
 
+POLL_S = 0.2  # how often the parent looks at its children (a failure is reported within this)
+
 
 @dataclass(frozen=True)
 class TwinSpec:
-    """One program to build: model ``cfg`` with random INT4 weights (``seed``, groups of
-    ``group_size``), lowered as the export stage lowers, written to ``path``."""
+    """One program to build: model ``cfg`` with random INT4 weights (``torch.manual_seed
+    (seed)``, groups of ``group_size`` weights), lowered as the export stage lowers with a
+    KV cache of ``max_context`` positions in dtype ``kv_cache`` (a name, e.g. "float32"),
+    returning the last position's logits only when ``last_logits_only``, with token ids
+    ``bos_id``/``eos_id`` as constant methods; written to ``path`` (a .pte, and its kernel
+    list beside it)."""
 
     cfg: ModelConfig
     group_size: int
@@ -50,11 +59,10 @@ class TwinSpec:
         return cls(**{**data, "cfg": from_dict(ModelConfig, data["cfg"], "model"), "path": Path(data["path"])})
 
 
-def build_twin(spec: TwinSpec) -> float:
-    """Build and write ``spec``'s program (and its kernel list); returns the seconds taken."""
+def build_twin(spec: TwinSpec) -> None:
+    """Build and write ``spec``'s program (and its kernel list) in this process."""
     from pipeline.profile.programs import lower_model, random_int4
 
-    started = time.perf_counter()
     model = random_int4(spec.cfg, spec.group_size, spec.seed)[0]
     lowered = lower_model(
         model,
@@ -65,57 +73,85 @@ def build_twin(spec: TwinSpec) -> float:
         kv_cache=spec.kv_cache,
     )
     lowered.write(spec.path)
-    return time.perf_counter() - started
 
 
-def concurrency(specs: list[TwinSpec], cores: int, available_bytes: int) -> int:
-    """How many of ``specs`` to lower at once: at most ``cores``, and only as many as the
-    largest lowering peak (budget.lowering_peak_bytes) fits ``available_bytes``; at least 1."""
+def concurrency(specs: list[TwinSpec], threads: int, available_bytes: int) -> int:
+    """How many of ``specs`` to lower at once: at most ``threads`` (``stage.profile.threads``,
+    the CPUs the profile holds), and as many as the largest lowering peak
+    (budget.lowering_peak_bytes; twins are dense, so the MoE form is moot) fits into
+    ``available_bytes``; at least 1."""
     from pipeline.export.budget import lowering_peak_bytes
 
     if not specs:
         return 1
     peak = max(lowering_peak_bytes(s.cfg, "fused", s.max_context) for s in specs)
-    return max(1, min(len(specs), cores, available_bytes // max(peak, 1)))
+    return max(1, min(len(specs), threads, available_bytes // max(peak, 1)))
 
 
-def build_twins(specs: list[TwinSpec], workers: int) -> list[float]:
+def build_twins(specs: list[TwinSpec], workers: int) -> dict[Path, float]:
     """Every spec's program written to its path, ``workers`` at a time, each in a child
-    process (``workers`` 1: in this one); returns each spec's seconds. A child that fails
-    raises RuntimeError with its spec's path and the end of its error output."""
+    process (``workers`` 1: one after another in this process); returns the seconds each
+    took, by path (a child's include its interpreter's start and imports, 3-5 s).
+
+    Errors: in this process, the builder's own exception; from a child, RuntimeError
+    naming the spec's path, its exit code and the end of its error output, after the
+    other children are stopped. An interrupt (Ctrl-C, a cancelled Ray task) stops and
+    reaps every child before it propagates."""
     if workers <= 1:
-        return [build_twin(spec) for spec in specs]
-    # The children import the project as this process does, wherever it runs (a Ray worker).
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    # Lowering is single-threaded: a child with torch's default pool would compete for the
-    # cores its siblings lower on.
-    env["OMP_NUM_THREADS"] = "1"
-    seconds: dict[int, float] = {}
-    running: list[tuple[int, subprocess.Popen, IO[bytes], IO[bytes]]] = []
-    pending = list(enumerate(specs))
+        seconds = {}
+        for spec in specs:
+            started = time.perf_counter()
+            build_twin(spec)
+            seconds[spec.path] = time.perf_counter() - started
+        return seconds
+    # The children import the project as this process does, wherever it runs (a Ray
+    # worker): its import path, the directories only. One thread each: lowering is one
+    # core's work, and a child with torch's default pool would compete with its siblings.
+    path = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    seconds: dict[Path, float] = {}
+    running: list[tuple[TwinSpec, subprocess.Popen, IO[bytes], float]] = []
+    pending = list(specs)
     try:
         while pending or running:
             while pending and len(running) < workers:
-                i, spec = pending.pop(0)
-                # Files, not pipes: a child's warnings must not fill a pipe nobody reads yet.
-                out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+                spec = pending.pop(0)
+                # A file, not a pipe: a child's warnings must not fill a pipe nobody reads yet.
+                err = tempfile.TemporaryFile()
                 cmd = [sys.executable, "-m", "pipeline.profile.twin_build", spec.to_json()]
-                running.append((i, subprocess.Popen(cmd, env=env, stdout=out, stderr=err), out, err))
-            i, proc, out, err = running.pop(0)  # in start order: the others run meanwhile
-            code = proc.wait()
-            out.seek(0), err.seek(0)
-            if code != 0:
+                proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+                running.append((spec, proc, err, time.perf_counter()))
+            done = [entry for entry in running if entry[1].poll() is not None]
+            if not done:
+                time.sleep(POLL_S)
+                continue
+            for entry in done:
+                spec, proc, err, started = entry
+                running.remove(entry)
+                err.seek(0)
                 tail = err.read().decode(errors="replace")[-3000:]
-                out.close(), err.close()
-                raise RuntimeError(f"building the program {specs[i].path} failed (exit {code}):\n{tail}")
-            seconds[i] = json.loads(out.read().decode().strip().splitlines()[-1])["seconds"]
-            out.close(), err.close()
+                err.close()
+                if proc.returncode != 0:
+                    raise RuntimeError(f"building the program {spec.path} failed (exit {proc.returncode}):\n{tail}")
+                seconds[spec.path] = time.perf_counter() - started
     finally:
-        for _, proc, out, err in running:  # after a failure or an interrupt: none left behind
+        for _, proc, err, _ in running:  # after a failure or an interrupt: none left behind
             proc.kill()
             proc.wait()
-            out.close(), err.close()
-    return [seconds[i] for i in range(len(specs))]
+            err.close()
+    return seconds
+
+
+def _exit_with_parent() -> None:
+    """End this child if its parent dies (a Ray worker killed outright cannot stop it)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m pipeline.profile.twin_build SPEC_JSON", file=sys.stderr)
         return 2
-    print(json.dumps({"seconds": build_twin(TwinSpec.from_json(args[0]))}))
+    _exit_with_parent()
+    build_twin(TwinSpec.from_json(args[0]))
     return 0
 
 

@@ -9,8 +9,8 @@ What ``make repro`` and ``make <stage>`` run, in one process:
    stopped when step 1 fails); when nothing is, say so and stop: no Ray, no MLflow run
    (a no-op costs about as much as ``dvc status`` itself). Skipped when DVC_FLAGS are
    given (``-f`` must run);
-   when something is, warn about each optional data source this machine lacks (the mix
-   would skip it and build another mixture: :func:`pipeline.data.system.skipped_sources`);
+   when something is, warn about each optional data source this machine lacks (a mix
+   run here would skip it: :func:`pipeline.runner.system_packages.skipped_sources`);
 3. open the recipe's MLflow parent run, owned by this process (if it dies, the next
    run that opens an MLflow run closes the parent as KILLED; a no-op opens none);
 4. run ``dvc repro [DVC_FLAGS] [STAGE ...]`` inside one embedded Ray that every stage
@@ -100,10 +100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if status is not None and status.wait() == 0:
         print(f"{' '.join(args.stages) or 'every stage'}: up to date (dvc status); nothing to run")
         return 0
-    from pipeline.data.system import skipped_sources
+    from pipeline.runner.system_packages import skipped_sources
 
     # Said before DVC runs: the mix itself only logs a skipped source and notes it in its manifest.
-    for warning in skipped_sources({name: getattr(recipe.data, name) for name in ("pretrain", "midtrain", "sft")}):
+    for warning in skipped_sources(recipe.data):
         print(f"warning: {warning}", file=sys.stderr)
 
     from pipeline import tracking

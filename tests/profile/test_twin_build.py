@@ -4,11 +4,15 @@ bytes the profile builds in-process: tests/profile/test_profile.py)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from shapes import MAX_CONTEXT, micro_cfg
 
 from pipeline.export.budget import lowering_peak_bytes
 from pipeline.model.twins import dense_twin
+from pipeline.profile import twin_build
 from pipeline.profile.twin_build import TwinSpec, build_twins, concurrency
 
 
@@ -22,9 +26,10 @@ def twin_specs(folder, kv_cache: str = "float32") -> list[TwinSpec]:
     ]
 
 
+@pytest.mark.slow  # two children start (torch, ExecuTorch) and build a model each
 def test_a_failing_child_is_named_with_its_error(tmp_path):
     specs = twin_specs(tmp_path, kv_cache="int3")
-    with pytest.raises(RuntimeError, match=r"total\.pte failed \(exit 1\):[\s\S]*int3"):
+    with pytest.raises(RuntimeError, match=r"(total|active)\.pte failed \(exit 1\):[\s\S]*int3"):
         build_twins(specs, workers=2)
     assert not any(s.path.exists() for s in specs)
 
@@ -42,3 +47,22 @@ def test_concurrency_is_bounded_by_cores_twins_and_the_memory_of_the_lowering_pe
     assert concurrency(specs, 8, 10 * peak) == 2  # no more than there are twins
     assert concurrency(specs, 2, 2 * peak - 1) == 1  # room for one lowering only
     assert concurrency(specs, 2, 0) == 1 and concurrency([], 4, 10 * peak) == 1
+
+
+def test_an_interrupt_stops_and_reaps_every_child(tmp_path, monkeypatch):
+    """Ctrl-C while the children run: none is left behind (not even the one first in line)."""
+    started: list[subprocess.Popen] = []
+    real_popen = subprocess.Popen
+
+    def sleeper(cmd, **kwargs):  # a child that would run for a minute
+        started.append(real_popen([sys.executable, "-c", "import time; time.sleep(60)"], **kwargs))
+        return started[-1]
+
+    def interrupt(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(twin_build.subprocess, "Popen", sleeper)
+    monkeypatch.setattr(twin_build.time, "sleep", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        build_twins(twin_specs(tmp_path), workers=2)
+    assert len(started) == 2 and all(proc.returncode is not None for proc in started)
