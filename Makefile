@@ -30,10 +30,10 @@ ARGS ?=
 
 setup: $(STAMP) system-packages
 
-# Debian packages the default recipe's optional sources read (wordnet-base): installed
+# Debian packages the recipe's optional sources read (the default's wordnet-base): installed
 # when run as root, else it says how; never fails (pipeline/runner/system_packages.py).
-system-packages: $(STAMP)
-	$(PY) -m pipeline.runner.system_packages --install
+system-packages: params
+	$(PY) -m pipeline.runner.system_packages --install --params params.yaml
 
 # One pip command with every version pinned (torch included, so pip takes the CPU
 # wheel instead of a multi-GB CUDA build), then the project itself in editable mode.

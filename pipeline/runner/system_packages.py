@@ -7,8 +7,9 @@ mixture, and every model, metric and ``dvc.lock`` hash after it differs from the
 committed ones. Two things keep that from happening unseen:
 
 - ``make system-packages`` (run by ``make setup`` and ``make repro``, not by ``make
-  test``, which needs none) runs ``python -m pipeline.runner.system_packages --install``:
-  a missing package is installed with apt-get when this process is root and apt-get is on
+  test``, which needs none) runs ``python -m pipeline.runner.system_packages --install``
+  for the sources of the recipe in params.yaml (the micro preset reads none): a missing
+  package is installed with apt-get when this process is root and apt-get is on
   PATH (``apt-get update`` and a second try when the first finds no package lists);
   otherwise it says what to run, or that this machine has no apt-get. It never fails:
   a machine without Debian still runs the recipe, without those sources.
@@ -27,12 +28,15 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline.configbase import ConfigError
 from pipeline.data.base import DataError
 from pipeline.data.sources import KINDS, check_available, kind_of
 
 if TYPE_CHECKING:  # `make system-packages` runs on every `make repro`: no more imports than it needs
+    from pipeline.data.mixing import MixtureConfig
     from pipeline.recipe import DataConfig
 
 
@@ -69,18 +73,30 @@ def advice(packages: Sequence[str]) -> str:
     return f"install with: sudo {' '.join(update)} && sudo {' '.join(install)}"
 
 
+def mixtures(data: DataConfig) -> dict[str, MixtureConfig]:
+    """``data``'s mixtures by field name (pretrain, midtrain, sft)."""
+    from pipeline.data.mixing import MixtureConfig
+
+    named = {field.name: getattr(data, field.name) for field in dataclasses.fields(data)}
+    return {name: value for name, value in named.items() if isinstance(value, MixtureConfig)}
+
+
+def recipe_kinds(params: Path) -> list[str]:
+    """The source kinds the recipe in ``params`` reads (its mixtures' active sources).
+    Raises ConfigError naming a bad key, OSError for an unreadable file."""
+    from pipeline.recipe import load_params, validate
+
+    recipe = validate(load_params(params))
+    return sorted({src.kind for mixture in mixtures(recipe.data).values() for src in mixture.active_sources})
+
+
 def skipped_sources(data: DataConfig) -> list[str]:
     """One warning per optional source of ``data``'s mixtures (its ``MixtureConfig``
     fields) whose data is absent here: if the mix stage runs here it
     skips the source, so the mixture and every result after it differ from a machine that
     has it. A non-optional source is the mix stage's input check to refuse, not a warning."""
-    from pipeline.data.mixing import MixtureConfig
-
     warnings: dict[str, str] = {}
-    for field in dataclasses.fields(data):
-        mixture = getattr(data, field.name)
-        if not isinstance(mixture, MixtureConfig):
-            continue
+    for role, mixture in mixtures(data).items():
         for src in mixture.active_sources:
             if not src.optional or src.name in warnings:
                 continue
@@ -90,7 +106,7 @@ def skipped_sources(data: DataConfig) -> list[str]:
                 package = kind_of(src.kind).debian
                 fix = f"; `make system-packages` as root installs {package}" if package else ""
                 warnings[src.name] = (
-                    f"data.{field.name}: optional {err}. If the mix stage runs here it skips the source, and the "
+                    f"data.{role}: optional {err}. If the mix stage runs here it skips the source, and the "
                     f"mixture and every result after it differ from a machine that has it{fix}"
                 )
     return list(warnings.values())
@@ -117,19 +133,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m pipeline.runner.system_packages", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--install", action="store_true", help="apt-get install what is missing (as root)")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="the recipe whose sources count")
     args = parser.parse_args(argv)
-    missing = missing_packages()
+    try:
+        kinds = recipe_kinds(args.params)
+    except (ConfigError, OSError) as err:  # the recipe's own preflight names it next, and stops
+        print(f"system packages: not checked: {args.params}: {err}", file=sys.stderr)
+        return 0
+    missing = missing_packages(kinds)
     if not missing:
         return 0
     packages = sorted(missing)
     for package, why in missing.items():
         print(f"Debian package {package!r} is absent ({why})", file=sys.stderr)
-    if args.install and install(packages) and not missing_packages():
+    if args.install and install(packages) and not missing_packages(kinds):
         print(f"installed {', '.join(packages)}", file=sys.stderr)
         return 0
     print(
-        f"warning: without {', '.join(packages)} the default recipe skips the optional sources that read them, "
-        f"and its mixture and results differ from the committed dvc.lock; {advice(packages)}",
+        f"warning: without {', '.join(packages)} the recipe skips the optional sources that read them, and its "
+        f"mixture and results differ from a machine that has them (the committed dvc.lock's); {advice(packages)}",
         file=sys.stderr,
     )
     return 0

@@ -13,7 +13,7 @@ from pipeline.data.base import DataError
 from pipeline.data.mixing import MixtureConfig
 from pipeline.data.packaged import _wordnet_files
 from pipeline.data.sources import KINDS
-from pipeline.recipe import DataConfig
+from pipeline.recipe import DataConfig, compose, dump_params
 from pipeline.runner import repro, system_packages
 from pipeline.runner.recipe_ray import Outcome
 
@@ -103,23 +103,50 @@ def test_install_runs_apt_get_as_root_only_and_updates_the_lists_after_a_failure
     assert fake_apt.read_text().splitlines()[3:] == [install]
 
 
-def test_setup_step_never_fails_and_says_how_to_install(fake_apt, monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(system_packages, "missing_packages", lambda: {"pkg-x": "source kind 'absent': missing"})
+@pytest.fixture
+def wordnet_absent(monkeypatch):
+    """This machine as one without Debian's wordnet-base."""
+
+    def check(options):
+        raise DataError("missing /usr/share/wordnet/data.noun")
+
+    monkeypatch.setitem(KINDS, "wordnet", dataclasses.replace(KINDS["wordnet"], check=check))
+
+
+def test_setup_step_never_fails_and_says_how_to_install(wordnet_absent, fake_apt, monkeypatch, capsys, tmp_path):
+    default = ["--install", "--params", str(REPO_ROOT / "params.yaml")]
     monkeypatch.setattr(system_packages.os, "geteuid", lambda: 1000)
-    assert system_packages.main(["--install"]) == 0
+    assert system_packages.main(default) == 0
     err = capsys.readouterr().err
-    assert "sudo apt-get update && sudo apt-get install -y --no-install-recommends pkg-x" in err
-    assert not fake_apt.exists()
+    assert "Debian package 'wordnet-base' is absent" in err and not fake_apt.exists()
+    assert "sudo apt-get update && sudo apt-get install -y --no-install-recommends wordnet-base" in err
     # As root apt-get runs; the package is still missing afterwards (the fake installs
     # nothing), so the warning stands.
     monkeypatch.setattr(system_packages.os, "geteuid", lambda: 0)
-    assert system_packages.main(["--install"]) == 0
-    assert fake_apt.read_text().split()[-1] == "pkg-x" and "warning: without pkg-x" in capsys.readouterr().err
+    assert system_packages.main(default) == 0
+    assert fake_apt.read_text().split()[-1] == "wordnet-base"
+    assert "warning: without wordnet-base" in capsys.readouterr().err
     # A machine without apt-get is told so, not given apt-get commands.
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    assert system_packages.main([]) == 0
+    assert system_packages.main(default[1:]) == 0
     err = capsys.readouterr().err
     assert "this machine has no apt-get" in err and "sudo" not in err
+
+
+def test_only_the_configured_recipes_sources_count(wordnet_absent, fake_apt, monkeypatch, capsys, tmp_path):
+    """The micro preset (what the e2e tests run through `make repro`) reads no system
+    package: nothing is installed or said, also as root on a machine without WordNet."""
+    micro = tmp_path / "params.yaml"
+    micro.write_text(dump_params(compose(["experiment=micro"])))
+    assert "wordnet" not in system_packages.recipe_kinds(micro)
+    assert "wordnet" in system_packages.recipe_kinds(REPO_ROOT / "params.yaml")
+    monkeypatch.setattr(system_packages.os, "geteuid", lambda: 0)
+    assert system_packages.main(["--install", "--params", str(micro)]) == 0
+    assert not fake_apt.exists() and capsys.readouterr().err == ""
+    # A params file it cannot read is the recipe's preflight to refuse: one line, no install.
+    micro.write_text("ray:\n  num_workers: many\n")
+    assert system_packages.main(["--install", "--params", str(micro)]) == 0
+    assert "not checked" in capsys.readouterr().err and not fake_apt.exists()
 
 
 def test_repro_warns_before_dvc_runs(tmp_path, monkeypatch, capsys):
