@@ -1,11 +1,13 @@
-"""The profile's dense twins built side by side in child processes: a failing child named
-with its error, the spec's JSON form, and how many run at once (that a child builds the
-bytes the profile builds in-process: tests/profile/test_profile.py)."""
+"""The profile's dense twins built side by side in child processes: each child builds its own
+spec, a failing one is named with its error and stops the rest, an interrupt reaps them
+all, the spec's JSON form, how many run at once (that a child builds the bytes the profile
+builds in its own process: tests/profile/test_profile.py)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 from shapes import MAX_CONTEXT, micro_cfg
@@ -27,11 +29,14 @@ def twin_specs(folder, kv_cache: str = "float32") -> list[TwinSpec]:
 
 
 @pytest.mark.slow  # two children start (torch, ExecuTorch) and build a model each
-def test_a_failing_child_is_named_with_its_error(tmp_path):
-    specs = twin_specs(tmp_path, kv_cache="int3")
-    with pytest.raises(RuntimeError, match=r"(total|active)\.pte failed \(exit 1\):[\s\S]*int3"):
-        build_twins(specs, workers=2)
-    assert not any(s.path.exists() for s in specs)
+def test_each_child_builds_its_own_spec_and_a_failing_one_is_named_and_stops_the_rest(tmp_path):
+    """Only the second spec is bad: the error names its program (so the second child got
+    the second spec), and the first child, still lowering, is stopped before it writes."""
+    good, bad = twin_specs(tmp_path)
+    bad = replace(bad, kv_cache="int3")
+    with pytest.raises(RuntimeError, match=r"active\.pte failed \(exit 1\):[\s\S]*int3"):
+        build_twins([good, bad], workers=2)
+    assert not good.path.exists() and not bad.path.exists()
 
 
 def test_spec_survives_its_json_form(tmp_path):
