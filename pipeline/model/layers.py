@@ -50,6 +50,13 @@ class Embedding(nn.Embedding):
     fake-quantized (or quantized) weight for the lookup and the head alike.
     """
 
+    def reset_parameters(self) -> None:
+        # A module built on the meta device (the stages' checkpoint shape checks) has no
+        # values to set, and torch's normal_ on a meta tensor imports torch._dynamo: 1-3 s
+        # of every stage process that checks a checkpoint input.
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
     def head_operands(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(h, W)`` with ``attend(x) = h @ W.T``: what the fused head-and-loss takes."""
         return x_BSD, self.weight

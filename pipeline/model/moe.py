@@ -51,6 +51,8 @@ class Router(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, std: float = 0.02) -> None:
+        if self.weight_ED.is_meta:  # no values to set (see layers.Embedding.reset_parameters)
+            return
         nn.init.normal_(self.weight_ED, 0.0, std)
         self.expert_bias_E.zero_()
 
@@ -86,6 +88,8 @@ class GroupedExperts(nn.Module):
     def reset_parameters(self, std: float = 0.02) -> None:
         # A usable default on its own; Transformer.reset_parameters re-initialises with
         # its depth-scaled scheme.
+        if self.w1_EFD.is_meta:  # no values to set (see layers.Embedding.reset_parameters)
+            return
         for w in (self.w1_EFD, self.w3_EFD, self.w2_EDF):
             nn.init.normal_(w, 0.0, std)
 

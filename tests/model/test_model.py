@@ -45,6 +45,37 @@ def test_reported_param_count_matches_meta_module(name):
     assert param_counts(cfg).total == built
 
 
+def test_a_model_built_on_the_meta_device_computes_nothing_through_torch_dynamo():
+    """Every stage with a checkpoint input checks it against the model built on the meta
+    device (pipeline.runner.inputs.expected_specs). torch runs some ops on meta tensors
+    (normal_, the RoPE tables' arithmetic) through Python references that import
+    torch._dynamo, 1-3 s of each such stage's start; the build must not (a fresh
+    interpreter, so nothing else imported it), and must give the CPU build's specs."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys, yaml\n"
+        "from pipeline.configbase import from_dict\n"
+        "from pipeline.model import ModelConfig\n"
+        "from pipeline.runner.inputs import expected_specs\n"
+        "cfg = from_dict(ModelConfig, yaml.safe_load(open(sys.argv[1])), 'model')\n"
+        "specs = {k: [list(v[0]), str(v[1])] for k, v in expected_specs(cfg).items()}\n"
+        "print(json.dumps({'dynamo': 'torch._dynamo' in sys.modules, 'specs': specs}))\n"
+    )
+    root = CONF.parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(CONF / "tiny.yaml")], cwd=root, capture_output=True, text=True, check=True
+    )
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not got["dynamo"], "building the model on the meta device imported torch._dynamo"
+    from pipeline.train.tensorfile import spec_of
+
+    cpu = Transformer(load_model_config("tiny")).state_dict()
+    assert got["specs"] == {k: [list(spec_of(t)[0]), str(spec_of(t)[1])] for k, t in cpu.items()}
+
+
 def test_paper_sizes():
     s = param_counts(load_model_config("mobilemoe_s"))
     assert 1.2e9 <= s.total <= 1.3e9 and 265e6 <= s.active <= 280e6
