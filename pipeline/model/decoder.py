@@ -47,10 +47,10 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         # Tied: the output head reuses the embedding matrix (no second parameter).
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        # Computed on the CPU and moved to the default device: built on the meta device
-        # (the stages' checkpoint shape checks) torch would run these ops through Python
-        # references that import torch._dynamo, 1-3 s of a stage's start. reset_parameters
-        # recomputes them where the model lives.
+        # Computed on the CPU and moved to the default device: on the meta device (the
+        # stages' checkpoint shape checks) torch would run these ops through Python
+        # references that import torch._dynamo (docs/stages.md). A model built anywhere
+        # but on meta gets them recomputed on its device by reset_parameters below.
         tables = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, torch.device("cpu"))
         cos, sin = (t.to(torch.get_default_device()) for t in tables)
         self.register_buffer("rope_cos", cos, persistent=False)

@@ -52,8 +52,8 @@ class Embedding(nn.Embedding):
 
     def reset_parameters(self) -> None:
         # A module built on the meta device (the stages' checkpoint shape checks) has no
-        # values to set, and torch's normal_ on a meta tensor imports torch._dynamo: 1-3 s
-        # of every stage process that checks a checkpoint input.
+        # values to set, and torch's normal_ on a meta tensor imports torch._dynamo, seconds
+        # of every stage process that checks a checkpoint input (docs/stages.md).
         if not self.weight.is_meta:
             super().reset_parameters()
 

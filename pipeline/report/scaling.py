@@ -84,8 +84,15 @@ def scaling_lines(s: ScalingSummary) -> list[str]:
         c = s.closed_loop
         low, high = c["interval"]
         verdict = "inside" if c["inside"] else f"outside, {pct(abs(c['miss']))} of the loss beyond the nearer bound"
+        reps = c.get("replicates") or []
+        measured = f"measured {c['measured']:.3f}" + (
+            f" (mean of {len(reps)} seeds, SD {pct(c['sd'])}; {c['inside_count']} of {len(reps)} runs inside the "
+            "interval of one run)"
+            if reps
+            else ""
+        )
         lines.append(
-            f"Closed loop: `{c['point']}` trained at the sweep's largest budget measured {c['measured']:.3f} "
+            f"Closed loop: `{c['point']}` trained at the sweep's largest budget {measured} "
             f"against {c['predicted']:.3f} predicted, interval [{low:.3f}, {high:.3f}]: {verdict}."
             + _other_law(c, s.fit)
         )

@@ -7,10 +7,14 @@ largest token budget), then ``python -m pipeline.stages closed_loop``
 (pipeline/stages/closed_loop.py), which reads that point from MLflow and calls
 :func:`compare`: the loss the fitted law predicts and its bootstrap predictive interval
 (``fit.json``'s refits and residuals, :mod:`pipeline.scaling.bootstrap`) against the
-measured loss: inside the interval or not, and by how much it misses.
+measured loss: inside the interval or not, and by how much it misses. With seed
+replicates of the run (``make closed-loop ARGS="seed=0,1,2"``), :func:`compare_replicates`
+holds each run against that interval and reports their mean beside it.
 """
 
 from __future__ import annotations
+
+import statistics
 
 import numpy as np
 
@@ -50,6 +54,36 @@ def compare(fit: dict, point: Observation, seed: int = 0) -> dict:
     }
 
 
+def compare_replicates(fit: dict, points: list[Observation], name: str, seed: int = 0) -> dict:
+    """:func:`compare` for seed replicates of one architecture and budget (``points``,
+    two or more, equal law inputs), named ``name``.
+
+    The predictive interval is for one run (its residuals hold the run-to-run noise), so
+    each replicate is held against it (``replicates``: point, measured, inside, miss), and
+    ``inside_count`` says how many land inside. The top-level ``measured``, ``inside``
+    and ``miss`` are the replicates' mean against the same interval: the mean of S runs
+    is less noisy than the one run the interval is made for, so that check is lenient
+    by the noise and the per-run counts are the test. ``sd``: the replicates' sample
+    standard deviation relative to their mean. Raises ValueError for fewer than two
+    points or points with different law inputs."""
+    if len(points) < 2:
+        raise ValueError(f"replicates of {name}: {len(points)} run(s); need at least 2")
+    if any(p.inputs != points[0].inputs for p in points):
+        raise ValueError(f"replicates of {name}: the runs differ in their law inputs (not seeds of one point)")
+    runs = [compare(fit, p, seed) for p in points]
+    losses = [p.loss for p in points]
+    mean = statistics.fmean(losses)
+    seconds = [p.seconds for p in points if p.seconds is not None]
+    result = compare(fit, Observation(name, points[0].family, points[0].inputs, mean), seed)
+    result.update(
+        replicates=[{k: r[k] for k in ("point", "measured", "inside", "miss")} for r in runs],
+        inside_count=sum(r["inside"] for r in runs),
+        sd=statistics.stdev(losses) / mean,
+        train_seconds=statistics.fmean(seconds) if seconds else None,
+    )
+    return result
+
+
 def report(result: dict, fit: dict) -> str:
     low, high = result["interval"]
     side = "above" if result["miss"] > 0 else "below"
@@ -71,5 +105,24 @@ def report(result: dict, fit: dict) -> str:
             f"({result['relative_error']:+.2%}), {result['level']:.0%} predictive interval "
             f"[{low:.4f}, {high:.4f}]: {verdict}.",
             "",
+            *_replicate_lines(result),
         ]
     )
+
+
+def _replicate_lines(result: dict) -> list[str]:
+    reps = result.get("replicates")
+    if not reps:
+        return []
+    n = len(reps)
+    lines = [
+        f"Measured is the mean of {n} seed replicates (SD {result['sd']:.2%} of the loss), held against the "
+        f"interval of one run; each run against it: {result['inside_count']} of {n} inside.",
+        "",
+        "| run | measured | against the interval |",
+        "|---|---|---|",
+    ]
+    for r in reps:
+        where = "inside" if r["inside"] else f"{abs(r['miss']):.2%} {'above' if r['miss'] > 0 else 'below'}"
+        lines.append(f"| `{r['point']}` | {r['measured']:.4f} | {where} |")
+    return [*lines, ""]

@@ -3,7 +3,8 @@ chose, against the run that trained it (``make closed-loop``; the maths is
 pipeline/scaling/closed_loop.py).
 
 Reads the newest FINISHED point of ``--sweep`` (default ``closed_loop``, a one-point
-sweep of the planner's choice) from the MLflow store of ``--params``, and ``--fit``
+sweep of the planner's choice; with its seed replicates when it has several, e.g. after
+``make closed-loop ARGS="seed=0,1,2"``) from the MLflow store of ``--params``, and ``--fit``
 (``make scaling-fit``'s ``fit.json``, with its bootstrap refits); writes
 ``closed_loop.json`` and ``closed_loop.md`` into ``--out``. Exit 2 with one line when
 either is missing.
@@ -22,10 +23,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline import tracking
     from pipeline.configbase import ConfigError
     from pipeline.recipe import load_params, validate
-    from pipeline.scaling.closed_loop import compare, report
+    from pipeline.scaling.closed_loop import compare, compare_replicates, report
     from pipeline.scaling.fit import ScalingFitError
     from pipeline.stages.scaling import observations
-    from pipeline.stages.sweep import STAGE
+    from pipeline.stages.sweep import STAGE, point_base
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
@@ -47,13 +48,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 names = ", ".join(p.name for p in points) or "none"
                 raise ConfigError(f"--point {args.point}: not a finished point of sweep {args.sweep} ({names})")
             points = chosen
-        if len(points) != 1:
+        bases = {point_base(p.name) for p in points}
+        if len(bases) != 1:
             found = "no FINISHED point" if not points else f"{len(points)} points ({', '.join(p.name for p in points)})"
             raise ConfigError(f"--sweep {args.sweep}: {found} in MLflow; name one with --point")
+        base = bases.pop()
+        result = compare(fit, points[0]) if len(points) == 1 else compare_replicates(fit, points, base)
     except (OSError, ValueError, ConfigError, ScalingFitError, tracking.TrackingError) as err:
         print(f"closed_loop: {err}", file=sys.stderr)
         return 2
-    result = compare(fit, points[0])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "closed_loop.json").write_text(json.dumps(result, indent=2, sort_keys=True))
     text = report(result, fit)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -67,6 +68,11 @@ def point_config(raw: dict, sweep_dir: Path | None = None) -> tuple[dict, None]:
 def point_name(size: str, arch: str, tokens: int | str, seed: int) -> str:
     """A sweep point's name: ``<size>-<arch>-<tokens>``, ``-seed<n>`` for a seed other than 0."""
     return f"{size}-{arch}-{tokens}" + (f"-seed{seed}" if int(seed) else "")
+
+
+def point_base(name: str) -> str:
+    """The point's name without its seed: what seed replicates of one point share."""
+    return re.sub(r"-seed\d+$", "", name)
 
 
 def _point(ctx: StageContext) -> dict:

@@ -49,8 +49,9 @@ def test_a_model_built_on_the_meta_device_computes_nothing_through_torch_dynamo(
     """Every stage with a checkpoint input checks it against the model built on the meta
     device (pipeline.runner.inputs.expected_specs). torch runs some ops on meta tensors
     (normal_, the RoPE tables' arithmetic) through Python references that import
-    torch._dynamo, 1-3 s of each such stage's start; the build must not (a fresh
-    interpreter, so nothing else imported it), and must give the CPU build's specs."""
+    torch._dynamo, seconds of each such stage's start; the build must not (a fresh
+    interpreter, so nothing else imported it), must give the CPU build's specs, and
+    must leave the RoPE tables (not in the state dict) on the meta device too."""
     import json
     import subprocess
     import sys
@@ -74,6 +75,9 @@ def test_a_model_built_on_the_meta_device_computes_nothing_through_torch_dynamo(
 
     cpu = Transformer(load_model_config("tiny")).state_dict()
     assert got["specs"] == {k: [list(spec_of(t)[0]), str(spec_of(t)[1])] for k, t in cpu.items()}
+    with torch.device("meta"):
+        meta = Transformer(load_model_config("tiny"))
+    assert meta.rope_cos.is_meta and meta.rope_sin.is_meta
 
 
 def test_paper_sizes():

@@ -320,6 +320,19 @@ def test_the_scaling_section_shows_the_planted_fit_plan_and_closed_loop(built, t
         collect(inputs)
 
 
+def test_a_closed_loop_with_seed_replicates_says_how_many_runs_landed_inside():
+    from pipeline.report.scaling import ScalingSummary, scaling_lines
+
+    errors = {"count": 8, "rms": 0.02, "max": 0.03}
+    fit = {"formula": "L", "fit_error": errors, "held_out_error": errors, "prediction_band": 0.04}
+    closed = {"point": "l6-x-600000", "measured": 4.3512, "predicted": 4.2538, "interval": [4.0799, 4.4399],
+              "inside": True, "miss": 0.0, "sd": 0.0123, "inside_count": 2,
+              "replicates": [{"point": p, "measured": 4.3, "inside": True, "miss": 0.0} for p in "abc"]}  # fmt: skip
+    (line,) = [x for x in scaling_lines(ScalingSummary(fit, "p", None, closed, None)) if x.startswith("Closed")]
+    assert "measured 4.351 (mean of 3 seeds, SD 1.23%; 2 of 3 runs inside the interval of one run)" in line
+    assert line.endswith("interval [4.080, 4.440]: inside.")
+
+
 def test_missing_stages_are_named_in_the_report(built):
     assert built["summary"]["missing"] == ["eval/midtrain", "profile"]
     md = built["md"]

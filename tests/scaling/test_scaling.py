@@ -151,17 +151,23 @@ def test_bootstrap_prediction_intervals_cover_fresh_measurements_at_their_level(
         assert low < result.law.coefficients[name] < high and high - low < 0.5, (name, low, high)
 
 
-def test_the_closed_loop_compares_a_run_with_the_predicted_interval_by_hand():
-    """Every refit equal to TRUE and residuals of -1%, 0, +1% (log): the predictive
-    draws take three values, so the 95% interval is exp(log L_pred -/+ 0.01) exactly."""
-    from pipeline.scaling.closed_loop import compare, report
-
-    fit = {
+def _one_law_fit() -> dict:
+    """A fit.json whose every bootstrap refit is TRUE, with residuals of -1%, 0, +1% (log):
+    the 95% predictive interval is exp(log L_pred -/+ 0.01) exactly."""
+    return {
         "coefficients": TRUE.coefficients,
         "formula": TRUE.formula(),
         "sweep": "synthetic",
         "intervals": {"thetas": [list(TRUE.theta)] * 400, "residuals": [-0.01, 0.0, 0.01], "level": 0.95},
     }
+
+
+def test_the_closed_loop_compares_a_run_with_the_predicted_interval_by_hand():
+    """Every refit equal to TRUE and residuals of -1%, 0, +1% (log): the predictive
+    draws take three values, so the 95% interval is exp(log L_pred -/+ 0.01) exactly."""
+    from pipeline.scaling.closed_loop import compare, report
+
+    fit = _one_law_fit()
     x = LawInputs(2e6, 6e5, 2.0, 8.0, True)
     predicted = TRUE.predict_one(x)
     inside = compare(fit, Observation("l6-e14k6s2-600000", "e14k6s2", x, predicted * 1.005, seconds=12.5))
@@ -173,6 +179,38 @@ def test_the_closed_loop_compares_a_run_with_the_predicted_interval_by_hand():
     below = compare(fit, Observation("p", "f", x, predicted * 0.95))
     assert below["miss"] == pytest.approx(0.95 / math.exp(-0.01) - 1, rel=1e-9) and below["miss"] < 0
     assert "inside the interval" in report(inside, fit) and "above it" in report(above, fit)
+
+
+def test_seed_replicates_of_the_closed_loop_are_each_held_against_the_one_run_interval():
+    """Three seeds at predicted x 1.005, x 1.03 and x 0.999 with the interval
+    exp(log L_pred -/+ 0.01): two of three inside, the second 1.03/e^0.01 - 1 above; the
+    mean (x 1.0113...) is held against the same interval, and its SD is the sample SD."""
+    from pipeline.scaling.closed_loop import compare_replicates, report
+    from pipeline.stages.sweep import point_base
+
+    fit = _one_law_fit()
+    x = LawInputs(2e6, 6e5, 2.0, 8.0, True)
+    predicted = TRUE.predict_one(x)
+    factors = (1.005, 1.03, 0.999)
+    names = ("l6-e3k1s1-600000", "l6-e3k1s1-600000-seed1", "l6-e3k1s1-600000-seed2")
+    assert {point_base(n) for n in names} == {"l6-e3k1s1-600000"}
+    points = [
+        Observation(n, "e3k1s1", x, predicted * f, seconds=10.0 + i) for i, (n, f) in enumerate(zip(names, factors))
+    ]
+    result = compare_replicates(fit, points, "l6-e3k1s1-600000")
+    mean = predicted * sum(factors) / 3
+    assert result["measured"] == pytest.approx(mean, rel=1e-12)
+    assert [r["inside"] for r in result["replicates"]] == [True, False, True] and result["inside_count"] == 2
+    assert result["replicates"][1]["miss"] == pytest.approx(1.03 / math.exp(0.01) - 1, rel=1e-9)
+    assert not result["inside"] and result["miss"] == pytest.approx(mean / (predicted * math.exp(0.01)) - 1, rel=1e-9)
+    sd = math.sqrt(sum((predicted * f - mean) ** 2 for f in factors) / 2) / mean
+    assert result["sd"] == pytest.approx(sd, rel=1e-9) and result["train_seconds"] == pytest.approx(11.0)
+    text = report(result, fit)
+    assert "mean of 3 seed replicates" in text and "2 of 3 inside" in text and "| `l6-e3k1s1-600000-seed1` |" in text
+    with pytest.raises(ValueError, match="differ in their law inputs"):
+        compare_replicates(fit, [points[0], Observation("p", "f", LawInputs(3e6, 6e5, 2.0, 8.0, True), 4.0)], "p")
+    with pytest.raises(ValueError, match="need at least 2"):
+        compare_replicates(fit, points[:1], "p")
 
 
 def test_fewer_points_than_coefficients_is_refused_before_fitting():
