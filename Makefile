@@ -128,9 +128,11 @@ scaling-fit: $(STAMP)
 
 # The planner's choice at the tiny budget trained like the sweep's largest points, and the
 # law's prediction for it checked against the run (after make sweep and make scaling-fit).
+# LOOP=closed_loop_in_range: the choice with depth and width held to the sweep's own.
+LOOP ?= closed_loop
 closed-loop: $(STAMP)
-	$(MAKE) sweep SWEEP=closed_loop
-	$(PY) -m pipeline.stages closed_loop --params params.yaml --sweep closed_loop --fit outputs/scaling/fit.json \
+	$(MAKE) sweep SWEEP=$(LOOP)
+	$(PY) -m pipeline.stages closed_loop --params params.yaml --sweep $(LOOP) --fit outputs/scaling/fit.json \
 	  --out outputs/scaling
 
 MEMORY ?=

@@ -9,7 +9,7 @@ beside the recipe; the report's DVC stage depends on them, so a new fit re-rende
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +17,26 @@ from pipeline.report.collect import ReportInputError, read_json
 from pipeline.report.fmt import DASH, pct, signed
 
 FIT, CLOSED_LOOP, FIGURE = "fit.json", "closed_loop.json", "predicted_vs_measured.png"
+# Controls of the closed loop (make closed-loop LOOP=<name>): the planner's choice with its
+# search held to the sweep's shapes, so a miss can be told from an extrapolation in shape.
+CONTROLS = (
+    ("closed_loop_in_range.json", "depth and width held to the sweep's sizes"),
+    ("closed_loop_shared_in_range.json", "depth, width and shared-expert share held to the sweep's"),
+)
 
 
 @dataclass
 class ScalingSummary:
     """What the report shows of the scaling law; ``plan`` and ``closed_loop`` are None
-    when that step has not been run. ``figure``: the fit's predicted-vs-measured plot."""
+    when that step has not been run. ``figure``: the fit's predicted-vs-measured plot;
+    ``controls``: the closed loop's controls that have run, as (what was held, result)."""
 
     fit: dict[str, Any]
     plan_name: str
     plan: dict[str, Any] | None
     closed_loop: dict[str, Any] | None
     figure: Path | None
+    controls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
 
 def read_scaling(scaling_dir: Path, plan_name: str) -> ScalingSummary | None:
@@ -46,11 +54,17 @@ def read_scaling(scaling_dir: Path, plan_name: str) -> ScalingSummary | None:
     plan = read_json(plan_path)
     if plan is not None and "chosen" not in plan:
         raise ReportInputError(f"{plan_path}: no 'chosen': not a plan written by make plan")
-    closed = read_json(scaling_dir / CLOSED_LOOP)
-    if closed is not None and not {"measured", "predicted", "interval", "inside"} <= set(closed):
-        raise ReportInputError(f"{scaling_dir / CLOSED_LOOP}: not a closed-loop result of make closed-loop")
+    closed = _closed_loop(scaling_dir / CLOSED_LOOP)
+    controls = [(held, c) for name, held in CONTROLS if (c := _closed_loop(scaling_dir / name)) is not None]
     figure = scaling_dir / FIGURE
-    return ScalingSummary(fit, plan_name, plan, closed, figure if figure.is_file() else None)
+    return ScalingSummary(fit, plan_name, plan, closed, figure if figure.is_file() else None, controls)
+
+
+def _closed_loop(path: Path) -> dict[str, Any] | None:
+    closed = read_json(path)
+    if closed is not None and not {"measured", "predicted", "interval", "inside"} <= set(closed):
+        raise ReportInputError(f"{path}: not a closed-loop result of make closed-loop")
+    return closed
 
 
 def _errors(stats: dict | None) -> str:
@@ -81,22 +95,27 @@ def scaling_lines(s: ScalingSummary) -> list[str]:
             line += f"{len(sure.get('rows', []))}" + (f" ({', '.join(f'`{a}`' for a in apart)})" if apart else "")
         lines.append(line + "." + _other_law(s.plan, s.fit))
     if s.closed_loop is not None:
-        c = s.closed_loop
-        low, high = c["interval"]
-        verdict = "inside" if c["inside"] else f"outside, {pct(abs(c['miss']))} of the loss beyond the nearer bound"
-        reps = c.get("replicates") or []
-        measured = f"measured {c['measured']:.3f}" + (
-            f" (mean of {len(reps)} seeds, SD {pct(c['sd'])}; {c['inside_count']} of {len(reps)} runs inside the "
-            "interval of one run)"
-            if reps
-            else ""
-        )
-        lines.append(
-            f"Closed loop: `{c['point']}` trained at the sweep's largest budget {measured} "
-            f"against {c['predicted']:.3f} predicted, interval [{low:.3f}, {high:.3f}]: {verdict}."
-            + _other_law(c, s.fit)
-        )
+        lines.append(_loop_line("Closed loop", s.closed_loop, s.fit))
+    lines += [_loop_line(f"Closed loop, {held}", c, s.fit) for held, c in s.controls]
     return lines
+
+
+def _loop_line(title: str, c: dict, fit: dict) -> str:
+    """One closed loop's sentence: the run(s) against the law's prediction and interval."""
+    low, high = c["interval"]
+    verdict = "inside" if c["inside"] else f"outside, {pct(abs(c['miss']))} of the loss beyond the nearer bound"
+    reps = c.get("replicates") or []
+    measured = f"measured {c['measured']:.3f}" + (
+        f" (mean of {len(reps)} seeds, SD {pct(c['sd'])}; {c['inside_count']} of {len(reps)} runs inside the "
+        "interval of one run)"
+        if reps
+        else ""
+    )
+    return (
+        f"{title}: `{c['point']}` trained at the sweep's largest budget {measured} "
+        f"against {c['predicted']:.3f} predicted ({c['measured'] / c['predicted'] - 1:+.1%}), "
+        f"interval [{low:.3f}, {high:.3f}]: {verdict}." + _other_law(c, fit)
+    )
 
 
 def _other_law(record: dict, fit: dict) -> str:

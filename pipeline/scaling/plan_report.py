@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from tabulate import tabulate
 
+from pipeline.model.accounting import ffn_shape
 from pipeline.scaling import plots
 from pipeline.scaling.bootstrap import interval, predictive_draws
 from pipeline.scaling.forms import form_of, law_from_fit
@@ -159,6 +160,12 @@ def write_plan(
         f"model is at N = {x.n_active:.3g}, D = {tokens:.3g}, Ê = {x.expansion:.3g}, G = {x.granularity:.3g}"
         + (": the losses are extrapolations, read them as a ranking." if beyond else ".")
     )
+    shape = _shape_outside(fit, chosen.model)
+    if shape:
+        extrapolation += (
+            f" The law has no term for depth or width and one factor for any shared expert, and the chosen "
+            f"model has {shape}: its loss is an extrapolation in shape that N and S do not show."
+        )
     sure = uncertainty(result, fit)
     sections = [
         f"# Plan {name}",
@@ -195,6 +202,26 @@ def write_plan(
     plots.frontier(result.frontier_flops, refs, chosen, "flops_per_token", out / "frontier_flops.png",
                    budget.flops_per_token)  # fmt: skip
     return "\n\n".join(sections)
+
+
+def _shape_outside(fit: dict, model) -> str:
+    """What of ``model``'s depth, width and shared-expert share (of the active FFN width)
+    lies outside the sweep's (``fit.json``'s ``range.n_layers`` / ``d_model`` /
+    ``shared_share``, ``[lo, hi]``), in words; "" when inside or when the fit does not
+    record the span."""
+    shared = model.moe.num_shared_experts * model.moe.shared_ffn_dim if model.moe else 0
+    share = shared / ffn_shape(model).active_width
+    values = {"n_layers": model.n_layers, "d_model": model.d_model, "shared_share": share}
+    said = []
+    for key, said_as, where in (
+        ("n_layers", "{:g} layers", "the sweep's sizes have"),
+        ("d_model", "width {:g}", "the sweep's sizes have"),
+        ("shared_share", "a shared expert {:.0%} of the active FFN width", "the sweep's architectures have"),
+    ):
+        span = fit.get("range", {}).get(key)
+        if span and not span[0] <= values[key] <= span[1]:
+            said.append(f"{said_as.format(values[key])} where {where} {span[0]:g}-{span[1]:g}")
+    return ", and ".join(said)
 
 
 def _sweep_max(fit: dict, key: str) -> float:

@@ -6,7 +6,7 @@ Reads the newest FINISHED point of ``--sweep`` (default ``closed_loop``, a one-p
 sweep of the planner's choice; with its seed replicates when it has several, e.g. after
 ``make closed-loop ARGS="seed=0,1,2"``) from the MLflow store of ``--params``, and ``--fit``
 (``make scaling-fit``'s ``fit.json``, with its bootstrap refits); writes
-``closed_loop.json`` and ``closed_loop.md`` into ``--out``. Exit 2 with one line when
+``<sweep>.json`` and ``<sweep>.md`` into ``--out`` (``closed_loop.json`` for the default). Exit 2 with one line when
 either is missing.
 """
 
@@ -58,9 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"closed_loop: {err}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "closed_loop.json").write_text(json.dumps(result, indent=2, sort_keys=True))
+    (args.out / f"{args.sweep}.json").write_text(json.dumps(result, indent=2, sort_keys=True))
     text = report(result, fit)
-    (args.out / "closed_loop.md").write_text(text)
+    (args.out / f"{args.sweep}.md").write_text(text)
     print(text)
     return 0
 

@@ -82,14 +82,14 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
 
 
 def references(cfg: ScalingStageConfig, conf_dir: Path = CONF_DIR) -> list[ModelConfig]:
-    """The reference models, plus the dense twins (active, total) of the first MoE."""
+    """The reference models, plus the dense twins (active, total) of the first MoE
+    unless the list names them already (``tiny``'s twins have configs of their own)."""
     models = [load_model(name, conf_dir) for name in cfg.plan.references]
     first_moe = next((m for m in models if m.moe is not None), None)
     if first_moe is not None:
-        models += [
-            dense_twin(first_moe, "active", cfg.plan.group_size),
-            dense_twin(first_moe, "total", cfg.plan.group_size),
-        ]
+        names = {m.name for m in models}
+        twins = [dense_twin(first_moe, match, cfg.plan.group_size) for match in ("active", "total")]
+        models += [t for t in twins if t.name not in names]
     return models
 
 

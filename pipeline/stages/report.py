@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from pipeline.recipe import repo_path
+from pipeline.report.scaling import CONTROLS
 from pipeline.runner.spec import Dvc, Stage, StageContext, StageResult, uncached
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,7 @@ REPORT = Stage(
             f"${{{KEY}.scaling_dir}}/fit.json",
             f"${{{KEY}.scaling_dir}}/predicted_vs_measured.png",
             f"${{{KEY}.scaling_dir}}/closed_loop.json",
+            *(f"${{{KEY}.scaling_dir}}/{name}" for name, _ in CONTROLS),
             f"${{{KEY}.scaling_dir}}/plan/${{{KEY}.scaling_plan}}/plan.json",
         ),
         params=("model", KEY),

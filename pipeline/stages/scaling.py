@@ -163,6 +163,8 @@ def _work(ctx: StageContext) -> StageResult:
         cfg.sweep,
         cfg.bootstrap_replicates,
         cfg.forms,
+        sizes={size["name"]: dict(size) for size in ctx.raw.get("sweep", {}).get("sizes", [])},
+        archs={arch["name"]: dict(arch) for arch in ctx.raw.get("sweep", {}).get("archs", [])},
         num_cpus=1,
     )
     metrics = {

@@ -195,6 +195,9 @@ def _scaling(out: Path) -> None:
     closed = {"point": "l6-x-600000", "measured": 4.5374, "predicted": 4.2538, "interval": [4.0799, 4.4399],
               "inside": False, "miss": 0.02196}  # fmt: skip
     _write(out / "closed_loop.json", closed)
+    control = {"point": "l3-y-600000", "measured": 4.3913, "predicted": 4.2218, "interval": [4.0738, 4.4042],
+               "inside": True, "miss": 0.0}  # fmt: skip
+    _write(out / "closed_loop_in_range.json", control)  # the other control has not run
     plt.imsave(out / "predicted_vs_measured.png", [[0.0, 1.0], [1.0, 0.0]])
 
 
@@ -305,7 +308,12 @@ def test_the_scaling_section_shows_the_planted_fit_plan_and_closed_loop(built, t
     assert "Plan `tiny_plan`: `l6\\_x`" not in section  # names are code spans, not escaped text
     assert "Plan `tiny_plan`: `l6_x`, predicted loss 4.254, 95% interval [4.080, 4.440]" in section
     assert "cannot be told apart from 1 of the next 2 (`l4_dense`)" in section
-    assert "measured 4.537 against 4.254 predicted, interval [4.080, 4.440]: outside, 2.20% of the loss" in section
+    assert "measured 4.537 against 4.254 predicted (+6.7%), interval [4.080, 4.440]: outside, 2.20%" in section
+    control = "Closed loop, depth and width held to the sweep's sizes: `l3-y-600000` trained at the sweep's largest "
+    assert control + "budget measured 4.391 against 4.222 predicted (+4.0%), interval [4.074, 4.404]: inside." in (
+        section
+    )
+    assert section.index("Closed loop: ") < section.index(control) and "shared-expert share" not in section
     assert _md_row(section, "**interior**") == ["**interior**", "10", "1.23% / 4.56%", "1.96% / 5.96%", "2.11% / 3.22%"]
     assert _md_row(section, "power")[3] == "2.22% / 6.10%"
     assert _md_row(section, "MoE vs dense") == ["MoE vs dense", "+0.170 (7/9)", "-0.00123 (3/6)"]
@@ -317,6 +325,10 @@ def test_the_scaling_section_shows_the_planted_fit_plan_and_closed_loop(built, t
     assert "scaling" in collect(inputs).missing()
     _write(tmp_path / "run" / "scaling" / "fit.json", {"formula": "L"})
     with pytest.raises(ReportInputError, match=r"fit\.json: no 'fit_error'"):
+        collect(inputs)
+    inputs = make_inputs(tmp_path / "run2")
+    _write(tmp_path / "run2" / "scaling" / "closed_loop_shared_in_range.json", {"point": "x"})
+    with pytest.raises(ReportInputError, match=r"closed_loop_shared_in_range\.json: not a closed-loop result"):
         collect(inputs)
 
 

@@ -199,9 +199,26 @@ def test_a_fit_json_names_its_form_and_an_older_one_is_the_joint_law(tmp_path):
 def test_the_points_table_reads_back_what_the_fit_wrote_and_names_a_bad_row(tmp_path):
     truth = law_of(forms.INTERIOR, INTERIOR_TRUE)
     points = [replace(p, seconds=None if i % 5 else 10.0 + i) for i, p in enumerate(_sweep(truth, noise=0.01))]
+    shapes = {"a": {"n_layers": 2, "d_model": 64}, "b": {"n_layers": 6, "d_model": 96},
+              "c": {"n_layers": 3, "d_model": 128}, "d": {"n_layers": 4, "d_model": 48},
+              "z": {"n_layers": 9, "d_model": 9}}  # fmt: skip
+    # the families' shared units of G: e4g4s1 a quarter, e1g1s0 (a dense twin here) none
+    archs = {
+        f"e{e}g{g}s{s}": {"experts": e, "granularity": g, "shared": s}
+        for e, g, s in [(4, 1, 0), (4, 2, 0), (4, 4, 0), (4, 4, 1), (2, 4, 0), (8, 4, 0), (4, 8, 0), (3, 3, 2)]
+    }
+    archs["e1g1s0"] = {"twin": "active", "of": "e4g4s1"}
     summary = write_fit(points, [], tmp_path, dense="e1g1s0", replicates=20, form_names=["power", "interior"],
-                        starts_for=_few)  # fmt: skip
+                        starts_for=_few, sizes=shapes, archs=archs)  # fmt: skip
     assert summary["form_name"] == "interior"
+    # the sizes' span, held-out size d included, the unused z not: not the first or last size's;
+    # the shares of the families fitted (e3g3s2's 2/3 is not one of them)
+    assert summary["range"]["n_layers"] == [2, 6] and summary["range"]["d_model"] == [48, 128]
+    assert summary["range"]["shared_share"] == [0.0, 0.25]
+    (tmp_path / "x").mkdir()
+    without_d = write_fit(points, [], tmp_path / "x", dense="e1g1s0", replicates=5, starts_for=_few,
+                          sizes={"a": shapes["a"]}, archs={"e4g4s1": archs["e4g4s1"]})  # fmt: skip
+    assert not {"n_layers", "shared_share"} & without_d["range"].keys()  # not described: no span claimed
     assert [s["form"] for s in summary["form_selection"]] == ["power", "interior"]
     assert "## Which law" in (tmp_path / "comparison.md").read_text()
     back = sorted(hold_out(read_points(tmp_path / "points.csv"), ["d"]), key=lambda p: p.name)

@@ -619,7 +619,9 @@ def _write_fit(path: Path) -> Path:
 
     intervals = {"thetas": [list(TRUE.theta)] * 50, "residuals": [-0.01, 0.01], "level": 0.95}
     path.write_text(json.dumps({"coefficients": TRUE.coefficients, "formula": TRUE.formula(), "sweep": "synthetic",
-                                "range": {"n_active": 3e7, "tokens": 1e7}, "intervals": intervals}))  # fmt: skip
+                                "range": {"n_active": 3e7, "tokens": 1e7, "n_layers": [3, 3], "d_model": [64, 128],
+                                          "shared_share": [0.0, 0.25]},
+                                "intervals": intervals}))  # fmt: skip
     return path
 
 
@@ -668,7 +670,8 @@ def test_plan_command_writes_a_config_the_recipe_composes_and_builds(tmp_path, c
         "--conf-dir",
         str(conf),
     ]
-    assert plan_cli.main([*argv, *TINY_SPACE_OVERRIDES]) == 0
+    # every candidate's shared expert is half the active width (2 of G = 4 units)
+    assert plan_cli.main([*argv, *TINY_SPACE_OVERRIDES, "scaling.plan.space.shared_fraction=[0.5]"]) == 0
     printed = capsys.readouterr().out
     assert "Best within budget" in printed and "tiny_dense_active" in printed  # the references table
     assert "## How sure (bootstrap refits of the law)" in printed and "95% interval for a measured run" in printed
@@ -679,6 +682,12 @@ def test_plan_command_writes_a_config_the_recipe_composes_and_builds(tmp_path, c
     recipe = validate(raw)
     assert recipe.model.name == "planned_test"
     assert int4_weight_bytes(recipe.model) <= 6_000_000 and flops_per_token(recipe.model, 256, "decode") <= 20e6
+    # the fit's sizes have 3 layers and the space 2 or 4: the chosen depth is named as an
+    # extrapolation, and the shared expert's half beyond the sweep's quarter; its width
+    # (64 or 128) is inside the sizes' 64-128
+    said = (f"the chosen model has {recipe.model.n_layers} layers where the sweep's sizes have 3-3, and a shared "
+            "expert 50% of the active FFN width where the sweep's architectures have 0-0.25: its loss is")  # fmt: skip
+    assert said in printed and "sizes have 64-128" not in printed
     out = plan_cli.repo_path(plan_cli.OUT_ROOT) / "planned_test"
     try:
         assert (out / "frontier_memory.png").read_bytes()[:4] == b"\x89PNG"
@@ -688,6 +697,21 @@ def test_plan_command_writes_a_config_the_recipe_composes_and_builds(tmp_path, c
         shutil.rmtree(out, ignore_errors=True)
     with torch.device("meta"):
         Transformer(recipe.model)
+
+
+def test_references_that_name_the_twins_list_each_model_once():
+    """plan=tiny names tiny's twins itself; the twins the planner adds must not repeat them."""
+    from types import SimpleNamespace
+
+    from pipeline.stages.plan import references
+
+    def names(refs: list[str]) -> list[str]:
+        cfg = SimpleNamespace(plan=SimpleNamespace(references=refs, group_size=32))
+        return [m.name for m in references(cfg)]
+
+    assert names(["tiny", "tiny_dense_active", "tiny_dense_total"]) == ["tiny", "tiny_dense_active", "tiny_dense_total"]
+    assert names(["tiny"]) == ["tiny", "tiny_dense_active", "tiny_dense_total"]
+    assert names(["tiny_dense_active"]) == ["tiny_dense_active"]  # no MoE: no twins
 
 
 @pytest.mark.parametrize(
