@@ -128,12 +128,13 @@ scaling-fit: $(STAMP)
 
 # The planner's choice at the tiny budget trained like the sweep's largest points, and the
 # law's prediction for it checked against the run (after make sweep and make scaling-fit).
-# LOOP=closed_loop_in_range: the choice with depth and width held to the sweep's own.
-LOOP ?= closed_loop
+# Its controls: LOOP=closed_loop_in_range (the choice with depth and width held to the
+# sweep's) and LOOP=closed_loop_shared_in_range (the shared expert's share held too).
+LOOP := closed_loop
 closed-loop: $(STAMP)
 	$(MAKE) sweep SWEEP=$(LOOP)
 	$(PY) -m pipeline.stages closed_loop --params params.yaml --sweep $(LOOP) --fit outputs/scaling/fit.json \
-	  --out outputs/scaling
+	  --out outputs/scaling --name $(LOOP)
 
 MEMORY ?=
 FLOPS ?=

@@ -20,8 +20,8 @@ FIT, CLOSED_LOOP, FIGURE = "fit.json", "closed_loop.json", "predicted_vs_measure
 # Controls of the closed loop (make closed-loop LOOP=<name>): the planner's choice with its
 # search held to the sweep's shapes, so a miss can be told from an extrapolation in shape.
 CONTROLS = (
-    ("closed_loop_in_range.json", "depth and width held to the sweep's sizes"),
-    ("closed_loop_shared_in_range.json", "depth, width and shared-expert share held to the sweep's"),
+    ("closed_loop_in_range.json", "planned within the sweep's depths and widths"),
+    ("closed_loop_shared_in_range.json", "planned within the sweep's depths, widths and shared-expert shares"),
 )
 
 
@@ -96,7 +96,7 @@ def scaling_lines(s: ScalingSummary) -> list[str]:
         lines.append(line + "." + _other_law(s.plan, s.fit))
     if s.closed_loop is not None:
         lines.append(_loop_line("Closed loop", s.closed_loop, s.fit))
-    lines += [_loop_line(f"Closed loop, {held}", c, s.fit) for held, c in s.controls]
+    lines += [_loop_line(f"Closed loop, control {held}", c, s.fit) for held, c in s.controls]
     return lines
 
 

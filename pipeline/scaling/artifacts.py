@@ -30,18 +30,17 @@ def write_fit(
     replicates: int = 200,
     form_names: list[str] = ("joint",),
     starts_for=None,
-    sizes: dict[str, dict] | None = None,
-    archs: dict[str, dict] | None = None,
+    shapes: dict[tuple[str, str], dict[str, float]] | None = None,
 ) -> dict:
     """Choose the law among ``form_names`` (:func:`pipeline.scaling.select.choose_form`;
     ``starts_for``: its fits' starting points), bootstrap it (``replicates`` refits),
     write :data:`OUTPUTS` into ``out`` and return the fit's summary (``fit.json``'s
-    content). ``sizes`` and ``archs``: the sweep's sizes (``n_layers``, ``d_model``) and
-    architectures (``granularity``, ``shared`` units; a ``twin`` is dense) by name, whose
-    span over the points goes into the summary's ``range``: the law has no term for depth
-    or width and one factor for any shared expert, so a plan outside those spans is an
-    extrapolation that N, G and S do not show. Raises ScalingFitError before writing when
-    the points cannot determine the law."""
+    content). ``shapes``: per (size, architecture) of the sweep, what the law does not see
+    of its model (:func:`pipeline.scaling.law.shape_of`); their span over the fitted points
+    is the summary's ``shape_range`` (the law has no term for depth or width and one factor
+    for any shared expert: a plan outside it is an extrapolation that N and S do not show;
+    left out when a point's model is not in ``shapes``). Raises ScalingFitError before
+    writing when the points cannot determine the law."""
     result, scores = choose_form(points, [forms.get(n) for n in form_names], starts_for)
     intervals, _ = bootstrap(points, result, replicates=replicates)
     held = [p for p in points if p.held_out]
@@ -61,12 +60,13 @@ def write_fit(
         "held_out_points": sum(p.held_out for p in points),
         # how far the points reach: a prediction beyond is an extrapolation
         "range": {
-            **{
-                k: max(getattr(p.inputs, k) for p in points) for k in ("n_active", "tokens", "expansion", "granularity")
-            },
-            **_shape_span(points, sizes or {}, archs or {}),
+            k: max(getattr(p.inputs, k) for p in points) for k in ("n_active", "tokens", "expansion", "granularity")
         },  # fmt: skip
     }
+    fitted = [p for p in points if not p.held_out]
+    if shapes is not None and fitted and all((p.size, p.family) in shapes for p in fitted):
+        spans = [shapes[p.size, p.family] for p in fitted]
+        summary["shape_range"] = {k: [min(s[k] for s in spans), max(s[k] for s in spans)] for k in spans[0]}
     (out / "fit.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     with (out / "points.csv").open("w", newline="") as f:
         writer = csv.writer(f)
@@ -186,24 +186,6 @@ def read_points(path: Path) -> list[Observation]:
     if not points:
         raise ScalingFitError(f"{path}: the points table has no rows")
     return points
-
-
-def _shape_span(points: list[Observation], sizes: dict[str, dict], archs: dict[str, dict]) -> dict[str, list]:
-    """``n_layers`` and ``d_model`` as ``[lo, hi]`` over the sizes of ``points``, and
-    ``shared_share`` (the shared expert's part of the active FFN width: shared units / G)
-    over their architectures; a span is left out when a point's size or architecture is
-    not described (points of another sweep: span unknown)."""
-    span = {}
-    used = {p.size for p in points}
-    if used and used <= sizes.keys():
-        for k in ("n_layers", "d_model"):
-            span[k] = [min(int(sizes[s][k]) for s in used), max(int(sizes[s][k]) for s in used)]
-    families = {p.family for p in points}
-    if families and families <= archs.keys():
-        arch = [archs[f] for f in families]
-        shares = [0.0 if "twin" in a else a.get("shared", 0) / a.get("granularity", 1) for a in arch]
-        span["shared_share"] = [min(shares), max(shares)]
-    return span
 
 
 def _held_out_seed_means(points: list[Observation], result: FitResult) -> ErrorStats:

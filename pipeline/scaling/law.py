@@ -63,6 +63,14 @@ def law_inputs(cfg: ModelConfig, tokens: float) -> LawInputs:
     return LawInputs(float(matmul_params_active(cfg)), float(tokens), shape.expansion, shape.granularity, shape.shared)
 
 
+def shape_of(cfg: ModelConfig) -> dict[str, float]:
+    """What the law does not see of model ``cfg``: ``n_layers``, ``d_model`` and
+    ``shared_share``, the shared expert's part of the active FFN width (0 without one;
+    the law's S only says whether there is one)."""
+    shared = cfg.moe.num_shared_experts * cfg.moe.shared_ffn_dim if cfg.moe else 0
+    return {"n_layers": cfg.n_layers, "d_model": cfg.d_model, "shared_share": shared / ffn_shape(cfg).active_width}
+
+
 def design_matrix(points: list[LawInputs]) -> np.ndarray:
     """``[P, 5]`` float64 columns: log N, log D, log Ê, log G, S."""
     return np.array(

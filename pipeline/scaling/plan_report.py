@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 from tabulate import tabulate
 
-from pipeline.model.accounting import ffn_shape
+from pipeline.model.config import ModelConfig
 from pipeline.scaling import plots
 from pipeline.scaling.bootstrap import interval, predictive_draws
 from pipeline.scaling.forms import form_of, law_from_fit
-from pipeline.scaling.law import ScalingLaw, design_matrix
+from pipeline.scaling.law import ScalingLaw, design_matrix, shape_of
 from pipeline.scaling.planner import Budget, Candidate, Plan, PlanError, frontier_loss_at
 
 
@@ -160,7 +160,7 @@ def write_plan(
         f"model is at N = {x.n_active:.3g}, D = {tokens:.3g}, Ê = {x.expansion:.3g}, G = {x.granularity:.3g}"
         + (": the losses are extrapolations, read them as a ranking." if beyond else ".")
     )
-    shape = _shape_outside(fit, chosen.model)
+    shape = beyond_sweep_shapes(fit, chosen.model)
     if shape:
         extrapolation += (
             f" The law has no term for depth or width and one factor for any shared expert, and the chosen "
@@ -204,23 +204,20 @@ def write_plan(
     return "\n\n".join(sections)
 
 
-def _shape_outside(fit: dict, model) -> str:
-    """What of ``model``'s depth, width and shared-expert share (of the active FFN width)
-    lies outside the sweep's (``fit.json``'s ``range.n_layers`` / ``d_model`` /
-    ``shared_share``, ``[lo, hi]``), in words; "" when inside or when the fit does not
-    record the span."""
-    shared = model.moe.num_shared_experts * model.moe.shared_ffn_dim if model.moe else 0
-    share = shared / ffn_shape(model).active_width
-    values = {"n_layers": model.n_layers, "d_model": model.d_model, "shared_share": share}
+def beyond_sweep_shapes(fit: dict, model: ModelConfig) -> str:
+    """What of ``model``'s depth, width and shared-expert share (:func:`shape_of`) lies
+    outside the fitted points' span (``fit.json``'s ``shape_range``, ``[lo, hi]`` each),
+    in words; "" when all lie inside or the fit does not record the span."""
+    shape, span = shape_of(model), fit.get("shape_range", {})
     said = []
-    for key, said_as, where in (
-        ("n_layers", "{:g} layers", "the sweep's sizes have"),
-        ("d_model", "width {:g}", "the sweep's sizes have"),
-        ("shared_share", "a shared expert {:.0%} of the active FFN width", "the sweep's architectures have"),
+    for key, value_as, span_as in (
+        ("n_layers", "{:g} layers", "{:g}-{:g} layers"),
+        ("d_model", "width {:g}", "widths {:g}-{:g}"),
+        ("shared_share", "a shared expert {:.0%} of the active FFN width", "{:.0%}-{:.0%}"),
     ):
-        span = fit.get("range", {}).get(key)
-        if span and not span[0] <= values[key] <= span[1]:
-            said.append(f"{said_as.format(values[key])} where {where} {span[0]:g}-{span[1]:g}")
+        if key in span and not span[key][0] <= shape[key] <= span[key][1]:
+            said.append(f"{value_as.format(shape[key])} where the sweep's fitted models have "
+                        f"{span_as.format(*span[key])}")  # fmt: skip
     return ", and ".join(said)
 
 

@@ -163,8 +163,7 @@ def _work(ctx: StageContext) -> StageResult:
         cfg.sweep,
         cfg.bootstrap_replicates,
         cfg.forms,
-        sizes={size["name"]: dict(size) for size in ctx.raw.get("sweep", {}).get("sizes", [])},
-        archs={arch["name"]: dict(arch) for arch in ctx.raw.get("sweep", {}).get("archs", [])},
+        shapes=sweep_shapes(ctx.raw.get("sweep"), cfg.sweep, ctx.recipe.model),
         num_cpus=1,
     )
     metrics = {
@@ -185,6 +184,24 @@ def _work(ctx: StageContext) -> StageResult:
             run.log_artifact(out_dir / name)
 
     return StageResult(metrics, log=log)
+
+
+def sweep_shapes(raw_sweep: dict | None, name: str, base: ModelConfig) -> dict[tuple[str, str], dict] | None:
+    """:func:`pipeline.scaling.law.shape_of` for every (size, arch) model of the composed
+    sweep config ``raw_sweep``, built on ``base`` as the sweep builds them; None when that
+    config is not the sweep ``name`` whose points are fitted (its sizes and archs would be
+    another sweep's) or builds no model (a bad grid is the sweep's error to name)."""
+    from pipeline.scaling.grid import SweepConfig, point_model
+    from pipeline.scaling.law import shape_of
+
+    if not raw_sweep or raw_sweep.get("name") != name:
+        return None
+    try:
+        grid = from_dict(SweepConfig, dict(raw_sweep), "sweep")
+        return {(s.name, a.name): shape_of(point_model(grid, base, s.name, a.name)) for s in grid.sizes
+                for a in grid.archs}  # fmt: skip
+    except ConfigError:
+        return None
 
 
 def prepare_fit(raw: dict, sweep_dir: Path | None) -> tuple[dict, Path | None]:

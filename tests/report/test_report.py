@@ -309,11 +309,12 @@ def test_the_scaling_section_shows_the_planted_fit_plan_and_closed_loop(built, t
     assert "Plan `tiny_plan`: `l6_x`, predicted loss 4.254, 95% interval [4.080, 4.440]" in section
     assert "cannot be told apart from 1 of the next 2 (`l4_dense`)" in section
     assert "measured 4.537 against 4.254 predicted (+6.7%), interval [4.080, 4.440]: outside, 2.20%" in section
-    control = "Closed loop, depth and width held to the sweep's sizes: `l3-y-600000` trained at the sweep's largest "
+    control = "Closed loop, control planned within the sweep's depths and widths: `l3-y-600000` trained at the "
+    control += "sweep's largest "
     assert control + "budget measured 4.391 against 4.222 predicted (+4.0%), interval [4.074, 4.404]: inside." in (
         section
     )
-    assert section.index("Closed loop: ") < section.index(control) and "shared-expert share" not in section
+    assert section.index("Closed loop: ") < section.index(control) and "shared-expert shares" not in section
     assert _md_row(section, "**interior**") == ["**interior**", "10", "1.23% / 4.56%", "1.96% / 5.96%", "2.11% / 3.22%"]
     assert _md_row(section, "power")[3] == "2.22% / 6.10%"
     assert _md_row(section, "MoE vs dense") == ["MoE vs dense", "+0.170 (7/9)", "-0.00123 (3/6)"]

@@ -17,7 +17,7 @@ from pipeline.scaling import forms
 from pipeline.scaling.artifacts import read_points, write_fit
 from pipeline.scaling.config import ScalingStageConfig
 from pipeline.scaling.fit import Observation, ScalingFitError, check_identifiable, fit_law, starting_points
-from pipeline.scaling.law import JOINT, LawInputs, ScalingLaw, design_matrix
+from pipeline.scaling.law import JOINT, LawInputs, ScalingLaw, design_matrix, shape_of
 from pipeline.scaling.select import choose_form, leave_one_size_out
 from pipeline.stages.scaling import hold_out
 from pipeline.stages.sweep import point_name
@@ -199,26 +199,25 @@ def test_a_fit_json_names_its_form_and_an_older_one_is_the_joint_law(tmp_path):
 def test_the_points_table_reads_back_what_the_fit_wrote_and_names_a_bad_row(tmp_path):
     truth = law_of(forms.INTERIOR, INTERIOR_TRUE)
     points = [replace(p, seconds=None if i % 5 else 10.0 + i) for i, p in enumerate(_sweep(truth, noise=0.01))]
-    shapes = {"a": {"n_layers": 2, "d_model": 64}, "b": {"n_layers": 6, "d_model": 96},
-              "c": {"n_layers": 3, "d_model": 128}, "d": {"n_layers": 4, "d_model": 48},
-              "z": {"n_layers": 9, "d_model": 9}}  # fmt: skip
-    # the families' shared units of G: e4g4s1 a quarter, e1g1s0 (a dense twin here) none
-    archs = {
-        f"e{e}g{g}s{s}": {"experts": e, "granularity": g, "shared": s}
-        for e, g, s in [(4, 1, 0), (4, 2, 0), (4, 4, 0), (4, 4, 1), (2, 4, 0), (8, 4, 0), (4, 8, 0), (3, 3, 2)]
-    }
-    archs["e1g1s0"] = {"twin": "active", "of": "e4g4s1"}
+    # what the law does not see, per (size, family); z is no point's size
+    depth = {"a": 2, "b": 6, "c": 3, "d": 5, "z": 1}
+    archs = [(1, 1, 0), *itertools.product((2, 4, 8), (1, 2, 4, 8), (0, 1))]
+    shapes = {(size, f"e{e}g{g}s{s}"): {"n_layers": n, "shared_share": s / g}
+              for size, n in depth.items() for e, g, s in archs}  # fmt: skip
     summary = write_fit(points, [], tmp_path, dense="e1g1s0", replicates=20, form_names=["power", "interior"],
-                        starts_for=_few, sizes=shapes, archs=archs)  # fmt: skip
+                        starts_for=_few, shapes=shapes)  # fmt: skip
     assert summary["form_name"] == "interior"
-    # the sizes' span, held-out size d included, the unused z not: not the first or last size's;
-    # the shares of the families fitted (e3g3s2's 2/3 is not one of them)
-    assert summary["range"]["n_layers"] == [2, 6] and summary["range"]["d_model"] == [48, 128]
-    assert summary["range"]["shared_share"] == [0.0, 0.25]
+    assert summary["shape_range"] == {"n_layers": [2, 6], "shared_share": [0.0, 0.25]}
+    # a size held out at every budget is never fitted: it does not widen the span
+    for arch in {p.family for p in points}:
+        shapes["d", arch]["n_layers"] = 9
     (tmp_path / "x").mkdir()
-    without_d = write_fit(points, [], tmp_path / "x", dense="e1g1s0", replicates=5, starts_for=_few,
-                          sizes={"a": shapes["a"]}, archs={"e4g4s1": archs["e4g4s1"]})  # fmt: skip
-    assert not {"n_layers", "shared_share"} & without_d["range"].keys()  # not described: no span claimed
+    held = write_fit(hold_out(points, ["d"], "all"), [], tmp_path / "x", dense="e1g1s0", replicates=5,
+                     starts_for=_few, shapes=shapes)  # fmt: skip
+    assert held["shape_range"]["n_layers"] == [2, 6]
+    shapes.pop(("b", "e4g4s1"))  # one fitted point's model not described: no span claimed
+    assert "shape_range" not in write_fit(points, [], tmp_path / "x", dense="e1g1s0", replicates=5,
+                                          starts_for=_few, shapes=shapes)  # fmt: skip
     assert [s["form"] for s in summary["form_selection"]] == ["power", "interior"]
     assert "## Which law" in (tmp_path / "comparison.md").read_text()
     back = sorted(hold_out(read_points(tmp_path / "points.csv"), ["d"]), key=lambda p: p.name)
@@ -340,10 +339,19 @@ def test_seed_zero_points_carry_no_seed_tag_so_older_finished_runs_still_match()
     assert {k: v for k, v in two.items() if k != "sweep.seed"} == zero
 
 
-def test_the_closed_loop_trains_the_planned_model_s_law_inputs():
-    """``make closed-loop``'s one point (conf/sweep/closed_loop.yaml) must be the model
-    ``make plan`` wrote (conf/model/planned_tiny.yaml), as the law sees it: otherwise the
-    loop holds a measured loss against another model's prediction."""
+@pytest.mark.parametrize(
+    "loop,planned",
+    [
+        ("closed_loop", "planned_tiny"),
+        ("closed_loop_in_range", "planned_tiny_in_range"),
+        ("closed_loop_shared_in_range", "planned_tiny_shared_in_range"),
+    ],
+)
+def test_the_closed_loop_trains_the_planned_model_s_law_inputs(loop, planned):
+    """``make closed-loop [LOOP=...]``'s one point (conf/sweep/<loop>.yaml) must be the
+    model ``make plan`` wrote (conf/model/<planned>.yaml), as the law sees it and in the
+    shape it does not see: otherwise the loop holds a measured loss against another
+    model's prediction."""
     import yaml
 
     from pipeline.model.config import ModelConfig
@@ -355,7 +363,28 @@ def test_the_closed_loop_trains_the_planned_model_s_law_inputs():
     def model(name: str) -> ModelConfig:
         return from_dict(ModelConfig, yaml.safe_load((conf / "model" / f"{name}.yaml").read_text()), name)
 
-    grid = from_dict(SweepConfig, yaml.safe_load((conf / "sweep" / "closed_loop.yaml").read_text())["sweep"], "sweep")
+    grid = from_dict(SweepConfig, yaml.safe_load((conf / "sweep" / f"{loop}.yaml").read_text())["sweep"], "sweep")
     trained = point_model(grid, model("tiny"))
-    assert law_inputs(trained, grid.tokens) == law_inputs(model("planned_tiny"), grid.tokens)
-    assert (trained.n_layers, trained.d_model) == (model("planned_tiny").n_layers, model("planned_tiny").d_model)
+    assert grid.name == loop and law_inputs(trained, grid.tokens) == law_inputs(model(planned), grid.tokens)
+    assert shape_of(trained) == shape_of(model(planned))
+    assert (trained.n_heads, trained.n_kv_heads) == (model(planned).n_heads, model(planned).n_kv_heads)
+
+
+def test_the_fit_describes_each_model_of_its_own_sweep_and_no_other():
+    """The shapes the fit spans (``shape_of`` of each size x arch, as the sweep builds
+    them): moe_grid's m-size shared-expert MoE is 4 layers of 128 with a quarter of its
+    active width shared; a composed config of another sweep describes nothing."""
+    import yaml
+
+    from pipeline.model.config import ModelConfig
+    from pipeline.stages.scaling import sweep_shapes
+
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    raw = yaml.safe_load((conf / "sweep" / "moe_grid.yaml").read_text())["sweep"]
+    base = from_dict(ModelConfig, yaml.safe_load((conf / "model" / "tiny.yaml").read_text()), "model")
+    shapes = sweep_shapes(raw, "moe_grid", base)
+    assert len(shapes) == 3 * 8
+    assert shapes["m", "e15k3s1"] == {"n_layers": 4, "d_model": 128, "shared_share": 0.25}
+    assert shapes["xs", "dense"] == {"n_layers": 2, "d_model": 64, "shared_share": 0.0}
+    assert shapes["s", "dense_total"]["shared_share"] == 0.0 and shapes["s", "e8k2"]["d_model"] == 96
+    assert sweep_shapes(raw, "synth", base) is None and sweep_shapes(None, "moe_grid", base) is None

@@ -555,7 +555,8 @@ def test_scaling_fit_stage_reads_the_sweep_from_mlflow_fits_and_logs(tmp_path):
     _seed_sweep(uri, "synth", ["xs"], [120000], noise=0.0, arch_only="e16k4", scale=2.0)
     n = _seed_sweep(uri, "synth", ["xs", "s", "m"], [120000, 600000], noise=0.002)
     moe_pair = "scaling.pairs=[{a: e16k4, b: dense, label: moe}]"
-    proc = _fit_cli(tmp_path, uri, "scaling.sweep=synth", "scaling.hold_out_sizes=[m]", moe_pair)
+    # synth's points are moe_grid's models: named synth, moe_grid's config describes them
+    proc = _fit_cli(tmp_path, uri, "scaling.sweep=synth", "sweep.name=synth", "scaling.hold_out_sizes=[m]", moe_pair)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "out"
     fit = json.loads((out / "fit.json").read_text())
@@ -566,6 +567,8 @@ def test_scaling_fit_stage_reads_the_sweep_from_mlflow_fits_and_logs(tmp_path):
     assert float(cols["loss"]) < 1.2 * float(cols["predicted"])  # not the doubled loss
     assert fit["fit_error"]["rms"] < 0.005 and fit["held_out_within_band"] is True
     assert fit["range"]["tokens"] == 600000
+    # m is fitted at 120000 tokens (held out at 600000 only); e15k3s1 shares 1 of G 4
+    assert fit["shape_range"] == {"n_layers": [2, 4], "d_model": [64, 128], "shared_share": [0.0, 0.25]}
     for name in ("predicted_vs_measured.png", "loss_vs_params.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     comparison = (out / "comparison.md").read_text()
@@ -619,8 +622,8 @@ def _write_fit(path: Path) -> Path:
 
     intervals = {"thetas": [list(TRUE.theta)] * 50, "residuals": [-0.01, 0.01], "level": 0.95}
     path.write_text(json.dumps({"coefficients": TRUE.coefficients, "formula": TRUE.formula(), "sweep": "synthetic",
-                                "range": {"n_active": 3e7, "tokens": 1e7, "n_layers": [3, 3], "d_model": [64, 128],
-                                          "shared_share": [0.0, 0.25]},
+                                "range": {"n_active": 3e7, "tokens": 1e7},
+                                "shape_range": {"n_layers": [3, 3], "d_model": [64, 128], "shared_share": [0.0, 0.25]},
                                 "intervals": intervals}))  # fmt: skip
     return path
 
@@ -685,9 +688,10 @@ def test_plan_command_writes_a_config_the_recipe_composes_and_builds(tmp_path, c
     # the fit's sizes have 3 layers and the space 2 or 4: the chosen depth is named as an
     # extrapolation, and the shared expert's half beyond the sweep's quarter; its width
     # (64 or 128) is inside the sizes' 64-128
-    said = (f"the chosen model has {recipe.model.n_layers} layers where the sweep's sizes have 3-3, and a shared "
-            "expert 50% of the active FFN width where the sweep's architectures have 0-0.25: its loss is")  # fmt: skip
-    assert said in printed and "sizes have 64-128" not in printed
+    said = (f"the chosen model has {recipe.model.n_layers} layers where the sweep's fitted models have 3-3 layers, "
+            "and a shared expert 50% of the active FFN width where the sweep's fitted models have 0%-25%: its "
+            "loss is")  # fmt: skip
+    assert said in printed and "widths 64-128" not in printed
     out = plan_cli.repo_path(plan_cli.OUT_ROOT) / "planned_test"
     try:
         assert (out / "frontier_memory.png").read_bytes()[:4] == b"\x89PNG"
@@ -697,6 +701,31 @@ def test_plan_command_writes_a_config_the_recipe_composes_and_builds(tmp_path, c
         shutil.rmtree(out, ignore_errors=True)
     with torch.device("meta"):
         Transformer(recipe.model)
+
+
+@pytest.mark.parametrize(
+    "layers,width,shared_units,said",
+    [
+        (2, 64, 0, ""),  # every lower bound is inside
+        (4, 128, 1, ""),  # every upper bound is inside: 1 of G 4 is 25%
+        (1, 64, 0, "1 layers where the sweep's fitted models have 2-4 layers"),
+        (4, 192, 0, "width 192 where the sweep's fitted models have widths 64-128"),
+        (3, 96, 2, "a shared expert 50% of the active FFN width where the sweep's fitted models have 0%-25%"),
+        (5, 32, 0, "5 layers where the sweep's fitted models have 2-4 layers, and width 32 where"),
+    ],
+)
+def test_a_plan_beyond_the_fitted_shapes_is_named(layers, width, shared_units, said):
+    from pipeline.model.config import MoEConfig
+    from pipeline.scaling.plan_report import beyond_sweep_shapes
+
+    fit = {"shape_range": {"n_layers": [2, 4], "d_model": [64, 128], "shared_share": [0.0, 0.25]}}
+    unit = 32  # G = 4 units of the active FFN width: 4 - shared_units routed, top-k of them
+    moe = MoEConfig(num_experts=8, top_k=4 - shared_units, expert_ffn_dim=unit,
+                    num_shared_experts=1 if shared_units else 0, shared_ffn_dim=unit * shared_units)  # fmt: skip
+    cfg = replace(model("tiny"), n_layers=layers, d_model=width, head_dim=width // 4, n_heads=4, moe=moe)
+    text = beyond_sweep_shapes(fit, cfg)
+    assert (said in text) if said else text == ""
+    assert beyond_sweep_shapes({}, cfg) == ""  # a fit without the span claims nothing
 
 
 def test_references_that_name_the_twins_list_each_model_once():
