@@ -130,11 +130,11 @@ scaling-fit: $(STAMP)
 # law's prediction for it checked against the run (after make sweep and make scaling-fit).
 # Its controls: LOOP=closed_loop_in_range (the choice with depth and width held to the
 # sweep's) and LOOP=closed_loop_shared_in_range (the shared expert's share held too).
-LOOP := closed_loop
+LOOP ?= closed_loop
 closed-loop: $(STAMP)
 	$(MAKE) sweep SWEEP=$(LOOP)
 	$(PY) -m pipeline.stages closed_loop --params params.yaml --sweep $(LOOP) --fit outputs/scaling/fit.json \
-	  --out outputs/scaling --name $(LOOP)
+	  --out outputs/scaling
 
 MEMORY ?=
 FLOPS ?=

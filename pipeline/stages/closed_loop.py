@@ -6,8 +6,8 @@ Reads the newest FINISHED point of ``--sweep`` (default ``closed_loop``, a one-p
 sweep of the planner's choice; with its seed replicates when it has several, e.g. after
 ``make closed-loop ARGS="seed=0,1,2"``) from the MLflow store of ``--params``, and ``--fit``
 (``make scaling-fit``'s ``fit.json``, with its bootstrap refits); writes
-``<name>.json`` and ``<name>.md`` into ``--out`` (``--name``, default ``closed_loop``;
-``make closed-loop LOOP=<sweep>`` names a control's files after its sweep). Exit 2 with one line when
+``<name>.json`` and ``<name>.md`` into ``--out`` (``--name``, by default the sweep's:
+``closed_loop.json`` for the loop, ``closed_loop_in_range.json`` for a control). Exit 2 with one line when
 either is missing.
 """
 
@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sweep", default="closed_loop")
     parser.add_argument("--fit", type=Path, default=Path("outputs/scaling/fit.json"))
     parser.add_argument("--out", type=Path, default=Path("outputs/scaling"))
-    parser.add_argument("--name", default="closed_loop", help="the files' stem in --out (default: closed_loop)")
+    parser.add_argument("--name", help="the files' stem in --out (default: the --sweep's name)")
     parser.add_argument("--point", help="which point of the sweep, e.g. l6-e14k6s2-600000 (default: its only one)")
     args = parser.parse_args(argv)
     try:
@@ -60,9 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"closed_loop: {err}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2, sort_keys=True))
+    stem = args.name or args.sweep
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2, sort_keys=True))
     text = report(result, fit)
-    (args.out / f"{args.name}.md").write_text(text)
+    (args.out / f"{stem}.md").write_text(text)
     print(text)
     return 0
 

@@ -14,6 +14,7 @@ beside the recipe (DESIGN: "Sweeps (scaling) run pretrain points beside the reci
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -190,7 +191,9 @@ def sweep_shapes(raw_sweep: dict | None, name: str, base: ModelConfig) -> dict[t
     """:func:`pipeline.scaling.law.shape_of` for every (size, arch) model of the composed
     sweep config ``raw_sweep``, built on ``base`` as the sweep builds them; None when that
     config is not the sweep ``name`` whose points are fitted (its sizes and archs would be
-    another sweep's) or builds no model (a bad grid is the sweep's error to name)."""
+    another sweep's) or is not a valid grid. A pair whose model cannot be built (e.g. a
+    total twin that rounds to no width) is left out: the sweep never trained it, and a
+    fitted point without its shape makes the fit claim no span."""
     from pipeline.scaling.grid import SweepConfig, point_model
     from pipeline.scaling.law import shape_of
 
@@ -198,10 +201,15 @@ def sweep_shapes(raw_sweep: dict | None, name: str, base: ModelConfig) -> dict[t
         return None
     try:
         grid = from_dict(SweepConfig, dict(raw_sweep), "sweep")
-        return {(s.name, a.name): shape_of(point_model(grid, base, s.name, a.name)) for s in grid.sizes
-                for a in grid.archs}  # fmt: skip
     except ConfigError:
         return None
+    shapes = {}
+    for size, arch in itertools.product(grid.sizes, grid.archs):
+        try:
+            shapes[size.name, arch.name] = shape_of(point_model(grid, base, size.name, arch.name))
+        except ValueError:  # ConfigError included
+            continue
+    return shapes
 
 
 def prepare_fit(raw: dict, sweep_dir: Path | None) -> tuple[dict, Path | None]:

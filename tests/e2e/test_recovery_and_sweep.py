@@ -118,11 +118,11 @@ def _closed_loop_on(repo: Path, runs: list) -> None:
     two = subprocess.run(args, cwd=repo, env=_env(repo), capture_output=True, text=True, timeout=120)
     assert two.returncode == 2 and "2 points" in two.stderr and "--point" in two.stderr, two.stderr[-2000:]
     done = run(repo, _env(repo), *args, "--point", "xs-e8k4-1024", timeout=120)
-    result = json.loads((repo / "closed" / "closed_loop.json").read_text())
+    result = json.loads((repo / "closed" / "micro_grid.json").read_text())  # named after its sweep
     (point,) = [p for p in observations(runs, []) if p.name == "xs-e8k4-1024"]
     predicted = law.predict_one(point.inputs)
     assert result["measured"] == pytest.approx(point.loss) and result["predicted"] == pytest.approx(predicted)
     assert result["interval"] == pytest.approx([predicted * math.exp(-0.02), predicted * math.exp(0.02)])
     assert result["inside"] == (abs(math.log(point.loss / predicted)) <= 0.02)
-    assert (repo / "closed" / "closed_loop.md").read_text() in done.stdout
+    assert (repo / "closed" / "micro_grid.md").read_text() in done.stdout
     assert set(COEFFICIENTS) == set(fit["coefficients"])

@@ -197,7 +197,8 @@ def _scaling(out: Path) -> None:
     _write(out / "closed_loop.json", closed)
     control = {"point": "l3-y-600000", "measured": 4.3913, "predicted": 4.2218, "interval": [4.0738, 4.4042],
                "inside": True, "miss": 0.0}  # fmt: skip
-    _write(out / "closed_loop_in_range.json", control)  # the other control has not run
+    _write(out / "closed_loop_in_range.json", control)
+    _write(out / "closed_loop_shared_in_range.json", {**control, "point": "l3-z-600000", "inside": False, "miss": 0.01})
     plt.imsave(out / "predicted_vs_measured.png", [[0.0, 1.0], [1.0, 0.0]])
 
 
@@ -314,7 +315,9 @@ def test_the_scaling_section_shows_the_planted_fit_plan_and_closed_loop(built, t
     assert control + "budget measured 4.391 against 4.222 predicted (+4.0%), interval [4.074, 4.404]: inside." in (
         section
     )
-    assert section.index("Closed loop: ") < section.index(control) and "shared-expert shares" not in section
+    shared = "Closed loop, control planned within the sweep's depths, widths and shared-expert shares: `l3-z-600000`"
+    assert shared in section and "interval [4.074, 4.404]: outside, 1.00% of the loss beyond" in section
+    assert section.index("Closed loop: ") < section.index(control) < section.index(shared)
     assert _md_row(section, "**interior**") == ["**interior**", "10", "1.23% / 4.56%", "1.96% / 5.96%", "2.11% / 3.22%"]
     assert _md_row(section, "power")[3] == "2.22% / 6.10%"
     assert _md_row(section, "MoE vs dense") == ["MoE vs dense", "+0.170 (7/9)", "-0.00123 (3/6)"]

@@ -388,3 +388,8 @@ def test_the_fit_describes_each_model_of_its_own_sweep_and_no_other():
     assert shapes["xs", "dense"] == {"n_layers": 2, "d_model": 64, "shared_share": 0.0}
     assert shapes["s", "dense_total"]["shared_share"] == 0.0 and shapes["s", "e8k2"]["d_model"] == 96
     assert sweep_shapes(raw, "synth", base) is None and sweep_shapes(None, "moe_grid", base) is None
+    # a pair the grid cannot build is left out, not the whole description: G 32 splits
+    # s's FFN width 384 into experts 12 wide, off the grouped GEMM's alignment of 8
+    raw["archs"].append({"name": "e32k32", "experts": 32, "top_k": 32, "granularity": 32})
+    odd = sweep_shapes(raw, "moe_grid", base)
+    assert ("s", "e32k32") not in odd and {("xs", "e32k32"), ("m", "e32k32")} <= odd.keys() and len(odd) == 26
