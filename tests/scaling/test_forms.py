@@ -393,3 +393,33 @@ def test_the_fit_describes_each_model_of_its_own_sweep_and_no_other():
     raw["archs"].append({"name": "e32k32", "experts": 32, "top_k": 32, "granularity": 32})
     odd = sweep_shapes(raw, "moe_grid", base)
     assert ("s", "e32k32") not in odd and {("xs", "e32k32"), ("m", "e32k32")} <= odd.keys() and len(odd) == 26
+
+
+def test_every_form_is_held_against_the_closed_loops_runs(tmp_path, capsys):
+    """tools/loop_forms.py: noise-free points of an interior law; one loop's runs 5% above
+    that law, another's on it. The true form, refitted, predicts them as the truth does:
+    -4.76% (1/1.05 - 1) and 0; the summary statistics are those of the four runs."""
+    from tools.loop_forms import form_errors, main, read_loop
+
+    truth = law_of(forms.INTERIOR, INTERIOR_TRUE)
+    points = _sweep(truth, noise=0.0)
+    x, y = LawInputs(2e6, 1e7, 4.0, 2.0, True), LawInputs(5e6, 3e6, 8.0, 4.0, False)
+    above = {"inputs": vars(x), "point": "p", "measured": 0.0,
+             "replicates": [{"point": f"p{i}", "measured": truth.predict_one(x) * 1.05} for i in range(3)]}  # fmt: skip
+    (tmp_path / "above.json").write_text(json.dumps(above))
+    (tmp_path / "on.json").write_text(json.dumps({"inputs": vars(y), "point": "q", "measured": truth.predict_one(y)}))
+    runs = read_loop(tmp_path / "above.json") + read_loop(tmp_path / "on.json")
+    assert [(r.loop, r.point) for r in runs] == [("above", "p0"), ("above", "p1"), ("above", "p2"), ("on", "q")]
+    (row,) = form_errors(points, runs, ["interior"], starts_for=_few)
+    assert row["per_loop_mean"] == pytest.approx({"above": 1 / 1.05 - 1, "on": 0.0}, abs=2e-3)
+    rel = np.array([1 / 1.05 - 1] * 3 + [0.0])
+    assert row["loops_mean"] == pytest.approx(rel.mean(), abs=2e-3)
+    assert row["loops_rms"] == pytest.approx(np.sqrt((rel**2).mean()), abs=2e-3)
+    assert row["loops_max"] == pytest.approx(1 - 1 / 1.05, abs=2e-3)
+    assert row["held_out_max"] < 2e-3  # the true form, noise-free
+    (tmp_path / "bad.json").write_text(json.dumps({"point": "x"}))
+    with pytest.raises(ValueError, match=r"bad\.json: not a closed-loop result"):
+        read_loop(tmp_path / "bad.json")
+    args = ["--points", str(tmp_path / "none.csv"), "--dir", str(tmp_path), "--loops", "on"]
+    assert main(args) == 2 and "none.csv" in capsys.readouterr().err
+    assert main([*args, "--forms", "cubic"]) == 2 and "no law form 'cubic'" in capsys.readouterr().err

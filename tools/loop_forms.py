@@ -1,0 +1,114 @@
+"""``python -m tools.loop_forms [--points outputs/scaling/points.csv] [--loops closed_loop ...]``:
+how every candidate law form predicts the closed loops' runs.
+
+The fit chooses its law by leave-one-size-out error over the sweep's points; the closed
+loops (``make closed-loop [LOOP=...]``) are runs of architectures the planner chose with
+that law, so they test the forms where the planner goes, which no sweep point does.
+Each form is refitted to the saved points as ``make scaling-fit`` fits it (the sizes in
+``--hold-out`` held out at the largest budget, the full grid of starting points) and
+predicts every seed of every loop from the law inputs its ``<loop>.json`` recorded.
+Errors are relative, ``predicted / measured - 1``, as the fit reports them: negative
+means the law promised a lower loss than the run reached.
+
+A planner that picks the argmin of a law's predictions picks where that law is most
+optimistic, so the chosen form's error on its own choices can be larger than on points
+nobody chose (docs/scaling.md, "The loop closed").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.scaling import forms
+from pipeline.scaling.artifacts import read_points
+from pipeline.scaling.fit import Observation, fit_law
+from pipeline.scaling.law import LawInputs
+
+
+@dataclass(frozen=True)
+class LoopRun:
+    """One seed of a closed loop: the loop's name, the run, its law inputs and loss."""
+
+    loop: str
+    point: str
+    inputs: LawInputs
+    measured: float
+
+
+def read_loop(path: Path) -> list[LoopRun]:
+    """The runs of one ``closed_loop`` result (``<loop>.json``): its seed replicates, or
+    its single run. Raises ValueError naming the file when it lacks the inputs or runs."""
+    record = json.loads(path.read_text())
+    if "inputs" not in record or "measured" not in record:
+        raise ValueError(f"{path}: not a closed-loop result of make closed-loop (no inputs or measured)")
+    x = LawInputs(**record["inputs"])
+    runs = record.get("replicates") or [{"point": record["point"], "measured": record["measured"]}]
+    return [LoopRun(path.stem, r["point"], x, float(r["measured"])) for r in runs]
+
+
+def form_errors(
+    points: list[Observation], runs: list[LoopRun], form_names: Sequence[str], starts_for=None
+) -> list[dict]:
+    """Per form: its held-out error on ``points`` and its relative errors on ``runs``
+    (mean, RMS, max |.| over all runs, and the mean per loop). ``starts_for(form)``:
+    the fits' starting points (default: the full grid)."""
+    rows = []
+    for name in form_names:
+        form = forms.get(name)
+        fitted = fit_law(points, starts=None if starts_for is None else starts_for(form), form=form)
+        rel = np.array([fitted.law.predict_one(r.inputs) / r.measured - 1.0 for r in runs])
+        loops = list(dict.fromkeys(r.loop for r in runs))
+        rows.append(
+            {
+                "form": name,
+                "held_out_rms": fitted.held_out.rms,
+                "held_out_max": fitted.held_out.max,
+                "loops_mean": float(rel.mean()),
+                "loops_rms": float(np.sqrt((rel**2).mean())),
+                "loops_max": float(np.abs(rel).max()),
+                "per_loop_mean": {
+                    loop: float(np.mean([e for r, e in zip(runs, rel) if r.loop == loop])) for loop in loops
+                },
+            }
+        )
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from pipeline.stages.scaling import hold_out
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--points", type=Path, default=Path("outputs/scaling/points.csv"))
+    parser.add_argument("--dir", type=Path, default=Path("outputs/scaling"), help="where <loop>.json lie")
+    parser.add_argument(
+        "--loops", nargs="+", default=["closed_loop", "closed_loop_in_range", "closed_loop_shared_in_range"]
+    )
+    parser.add_argument("--hold-out", nargs="*", default=["m"], help="sizes held out at the largest budget")
+    parser.add_argument("--forms", nargs="+", default=list(forms.FORMS))
+    args = parser.parse_args(argv)
+    try:
+        [forms.get(name) for name in args.forms]  # an unknown form is named before any fit
+        points = hold_out(read_points(args.points), args.hold_out)
+        runs = [run for loop in args.loops for run in read_loop(args.dir / f"{loop}.json")]
+    except (OSError, ValueError, KeyError) as err:
+        print(f"loop_forms: {err}", file=sys.stderr)
+        return 2
+    rows = form_errors(points, runs, args.forms)
+    print(f"{len(runs)} runs of {', '.join(args.loops)}; errors predicted / measured - 1")
+    print(f"{'form':<22} {'held-out RMS':>12} {'max':>7} | {'loops mean':>10} {'RMS':>7} {'max':>7} | per loop mean")
+    for r in rows:
+        per = " ".join(f"{v:+.2%}" for v in r["per_loop_mean"].values())
+        print(f"{r['form']:<22} {r['held_out_rms']:12.2%} {r['held_out_max']:7.2%} | {r['loops_mean']:+10.2%} "
+              f"{r['loops_rms']:7.2%} {r['loops_max']:7.2%} | {per}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
