@@ -56,9 +56,9 @@ def read_loop(path: Path) -> list[LoopRun]:
 def form_errors(
     points: list[Observation], runs: list[LoopRun], form_names: Sequence[str], starts_for=None
 ) -> list[dict]:
-    """Per form: its held-out error on ``points`` and its relative errors on ``runs``
-    (mean, RMS, max |.| over all runs, and the mean per loop). ``starts_for(form)``:
-    the fits' starting points (default: the full grid)."""
+    """Per form: its fitted formula, its held-out error on ``points`` and its relative
+    errors on ``runs`` (mean, RMS, max |.| over all runs, and the mean per loop).
+    ``starts_for(form)``: the fits' starting points (default: the full grid)."""
     rows = []
     for name in form_names:
         form = forms.get(name)
@@ -68,6 +68,7 @@ def form_errors(
         rows.append(
             {
                 "form": name,
+                "formula": fitted.law.formula(),
                 "held_out_rms": fitted.held_out.rms,
                 "held_out_max": fitted.held_out.max,
                 "loops_mean": float(rel.mean()),
@@ -107,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         per = " ".join(f"{v:+.2%}" for v in r["per_loop_mean"].values())
         print(f"{r['form']:<22} {r['held_out_rms']:12.2%} {r['held_out_max']:7.2%} | {r['loops_mean']:+10.2%} "
               f"{r['loops_rms']:7.2%} {r['loops_max']:7.2%} | {per}")  # fmt: skip
+    for r in rows:  # which optimum each fit found: with other points held out it can be another basin
+        print(f"{r['form']}: {r['formula']}")
     return 0
 
 

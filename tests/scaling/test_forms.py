@@ -417,6 +417,7 @@ def test_every_form_is_held_against_the_closed_loops_runs(tmp_path, capsys):
     assert row["loops_rms"] == pytest.approx(np.sqrt((rel**2).mean()), abs=2e-3)
     assert row["loops_max"] == pytest.approx(1 - 1 / 1.05, abs=2e-3)
     assert row["held_out_max"] < 2e-3  # the true form, noise-free
+    assert row["formula"].startswith("L = ") and "ln N" in row["formula"] and "(ln G)²" in row["formula"]
     (tmp_path / "bad.json").write_text(json.dumps({"point": "x"}))
     with pytest.raises(ValueError, match=r"bad\.json: not a closed-loop result"):
         read_loop(tmp_path / "bad.json")
