@@ -28,6 +28,7 @@ import numpy as np
 
 from pipeline.scaling import forms
 from pipeline.scaling.artifacts import read_points
+from pipeline.scaling.bootstrap import resample_indices
 from pipeline.scaling.fit import Observation, fit_law
 from pipeline.scaling.law import LawInputs
 
@@ -82,6 +83,30 @@ def form_errors(
     return rows
 
 
+def global_refits(
+    points: list[Observation], runs: list[LoopRun], form_name: str, count: int, seed: int = 0, starts_for=None
+) -> dict[str, np.ndarray]:
+    """``count`` bootstrap resamples of the fitted points, each refitted from the whole
+    grid of starting points (``starts_for(form)``, default the full grid), not from the
+    fit's optimum as :func:`pipeline.scaling.bootstrap.bootstrap` refits: what the
+    coefficients do when a resample may land in another optimum. Returns per refit the
+    irreducible loss ``c`` (nats), the N exponent ``alpha`` and the mean relative error on
+    ``runs`` (arrays of ``count``)."""
+    form = forms.get(form_name)
+    fitted = [p for p in points if not p.held_out]
+    starts = None if starts_for is None else starts_for(form)
+    out = {"c": [], "alpha": [], "loops_mean": []}
+    for idx in resample_indices(fitted, np.random.default_rng(seed), count, form):
+        # a point drawn twice is two observations: distinct names keep the fit's bookkeeping apart
+        sample = [Observation(f"{fitted[i].name}#{k}", fitted[i].family, fitted[i].inputs, fitted[i].loss,
+                              size=fitted[i].size) for k, i in enumerate(idx)]  # fmt: skip
+        law = fit_law(sample, starts=starts, form=form).law
+        out["c"].append(float(np.exp(law.coefficients["log_c"])))
+        out["alpha"].append(law.coefficients["alpha"])
+        out["loops_mean"].append(float(np.mean([law.predict_one(r.inputs) / r.measured - 1.0 for r in runs])))
+    return {k: np.array(v) for k, v in out.items()}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.stages.scaling import hold_out
 
@@ -93,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--hold-out", nargs="*", default=["m"], help="sizes held out at the largest budget")
     parser.add_argument("--forms", nargs="+", default=list(forms.FORMS))
+    parser.add_argument("--global-refits", type=int, default=0, metavar="N",
+                        help="also N bootstrap refits of each form from the whole start grid (4 s each)")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         [forms.get(name) for name in args.forms]  # an unknown form is named before any fit
@@ -110,6 +137,14 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{r['loops_rms']:7.2%} {r['loops_max']:7.2%} | {per}")  # fmt: skip
     for r in rows:  # which optimum each fit found: with other points held out it can be another basin
         print(f"{r['form']}: {r['formula']}")
+    if args.global_refits:
+        print(f"{args.global_refits} bootstrap refits from the whole start grid: 2.5/50/97.5 percentiles")
+        for name in args.forms:
+            spread = global_refits(points, runs, name, args.global_refits)
+            q = {k: np.percentile(v, [2.5, 50, 97.5]) for k, v in spread.items()}
+            print(f"{name}: floor c {q['c'][0]:.3g}/{q['c'][1]:.3g}/{q['c'][2]:.3g}, alpha {q['alpha'][0]:.3g}/"
+                  f"{q['alpha'][1]:.3g}/{q['alpha'][2]:.3g}, loops mean error {q['loops_mean'][0]:+.2%}/"
+                  f"{q['loops_mean'][1]:+.2%}/{q['loops_mean'][2]:+.2%}")  # fmt: skip
     return 0
 
 

@@ -80,9 +80,9 @@ def bootstrap(
     n, p = len(fitted), len(form.coefficients)  # check_identifiable: n > p
     residuals_F = (raw_F - raw_F.mean()) * np.sqrt(n / (n - p))
     rng = np.random.default_rng(seed)
-    resamples = _resamples(fitted, rng, replicates, form)
+    indices = resample_indices(fitted, rng, replicates, form)
     with threadpool_limits(limits=1):
-        thetas_RC = np.array([_refit(form, theta0, X_fit[idx], y_fit[idx]) for idx in resamples])
+        thetas_RC = np.array([_refit(form, theta0, X_fit[idx], y_fit[idx]) for idx in indices])
     draws_RP = predictive_draws(form, thetas_RC, residuals_F, [p.inputs for p in points] + list(extra or []), rng)
     tail = (1.0 - level) / 2.0 * 100.0
     lo_C, hi_C = np.percentile(thetas_RC, [tail, 100.0 - tail], axis=0)
@@ -117,7 +117,9 @@ def interval(draws_R: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def _resamples(fitted: list[Observation], rng: np.random.Generator, count: int, form: LawForm) -> list[np.ndarray]:
+def resample_indices(
+    fitted: list[Observation], rng: np.random.Generator, count: int, form: LawForm
+) -> list[np.ndarray]:
     """``count`` index draws with replacement, each able to determine the law ``form``."""
     out = []
     while len(out) < count:

@@ -399,7 +399,7 @@ def test_every_form_is_held_against_the_closed_loops_runs(tmp_path, capsys):
     """tools/loop_forms.py: noise-free points of an interior law; one loop's runs 5% above
     that law, another's on it. The true form, refitted, predicts them as the truth does:
     -4.76% (1/1.05 - 1) and 0; the summary statistics are those of the four runs."""
-    from tools.loop_forms import form_errors, main, read_loop
+    from tools.loop_forms import form_errors, global_refits, main, read_loop
 
     truth = law_of(forms.INTERIOR, INTERIOR_TRUE)
     points = _sweep(truth, noise=0.0)
@@ -418,6 +418,12 @@ def test_every_form_is_held_against_the_closed_loops_runs(tmp_path, capsys):
     assert row["loops_max"] == pytest.approx(1 - 1 / 1.05, abs=2e-3)
     assert row["held_out_max"] < 2e-3  # the true form, noise-free
     assert row["formula"].startswith("L = ") and "ln N" in row["formula"] and "(ln G)²" in row["formula"]
+    # resamples of noise-free points refitted from the grid: near the truth where the runs
+    # are, even where the floor drifts (the fit barely constrains it); the same seed, the same draws
+    spread = global_refits(points, runs, "interior", 3, starts_for=_few)
+    assert {k: len(v) for k, v in spread.items()} == {"c": 3, "alpha": 3, "loops_mean": 3}
+    assert spread["loops_mean"] == pytest.approx(rel.mean(), abs=3e-3)
+    assert np.array_equal(spread["c"], global_refits(points, runs, "interior", 3, starts_for=_few)["c"])
     (tmp_path / "bad.json").write_text(json.dumps({"point": "x"}))
     with pytest.raises(ValueError, match=r"bad\.json: not a closed-loop result"):
         read_loop(tmp_path / "bad.json")
