@@ -25,11 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from pipeline.scaling import forms
 from pipeline.scaling.artifacts import read_points
 from pipeline.scaling.bootstrap import resample_indices
-from pipeline.scaling.fit import Observation, fit_law
+from pipeline.scaling.fit import ErrorStats, Observation, fit_law
 from pipeline.scaling.law import LawInputs
 
 
@@ -47,11 +48,12 @@ def read_loop(path: Path) -> list[LoopRun]:
     """The runs of one ``closed_loop`` result (``<loop>.json``): its seed replicates, or
     its single run. Raises ValueError naming the file when it lacks the inputs or runs."""
     record = json.loads(path.read_text())
-    if "inputs" not in record or "measured" not in record:
-        raise ValueError(f"{path}: not a closed-loop result of make closed-loop (no inputs or measured)")
-    x = LawInputs(**record["inputs"])
-    runs = record.get("replicates") or [{"point": record["point"], "measured": record["measured"]}]
-    return [LoopRun(path.stem, r["point"], x, float(r["measured"])) for r in runs]
+    try:
+        x = LawInputs(**record["inputs"])
+        runs = record.get("replicates") or [{"point": record.get("point", path.stem), "measured": record["measured"]}]
+        return [LoopRun(path.stem, r["point"], x, float(r["measured"])) for r in runs]
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{path}: not a closed-loop result of make closed-loop ({err!r})") from None
 
 
 def form_errors(
@@ -66,6 +68,7 @@ def form_errors(
         fitted = fit_law(points, starts=None if starts_for is None else starts_for(form), form=form)
         rel = np.array([fitted.law.predict_one(r.inputs) / r.measured - 1.0 for r in runs])
         loops = list(dict.fromkeys(r.loop for r in runs))
+        on_loops = ErrorStats.of(rel)
         rows.append(
             {
                 "form": name,
@@ -73,8 +76,8 @@ def form_errors(
                 "held_out_rms": fitted.held_out.rms,
                 "held_out_max": fitted.held_out.max,
                 "loops_mean": float(rel.mean()),
-                "loops_rms": float(np.sqrt((rel**2).mean())),
-                "loops_max": float(np.abs(rel).max()),
+                "loops_rms": on_loops.rms,
+                "loops_max": on_loops.max,
                 "per_loop_mean": {
                     loop: float(np.mean([e for r, e in zip(runs, rel) if r.loop == loop])) for loop in loops
                 },
@@ -97,10 +100,7 @@ def global_refits(
     starts = None if starts_for is None else starts_for(form)
     out = {"c": [], "alpha": [], "loops_mean": []}
     for idx in resample_indices(fitted, np.random.default_rng(seed), count, form):
-        # a point drawn twice is two observations: distinct names keep the fit's bookkeeping apart
-        sample = [Observation(f"{fitted[i].name}#{k}", fitted[i].family, fitted[i].inputs, fitted[i].loss,
-                              size=fitted[i].size) for k, i in enumerate(idx)]  # fmt: skip
-        law = fit_law(sample, starts=starts, form=form).law
+        law = fit_law([fitted[i] for i in idx], starts=starts, form=form).law
         out["c"].append(float(np.exp(law.coefficients["log_c"])))
         out["alpha"].append(law.coefficients["alpha"])
         out["loops_mean"].append(float(np.mean([law.predict_one(r.inputs) / r.measured - 1.0 for r in runs])))
@@ -116,21 +116,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--loops", nargs="+", default=["closed_loop", "closed_loop_in_range", "closed_loop_shared_in_range"]
     )
-    parser.add_argument("--hold-out", nargs="*", default=["m"], help="sizes held out at the largest budget")
+    parser.add_argument("--hold-out", nargs="*", default=None, help="sizes held out (default: conf/scaling.yaml's)")
+    parser.add_argument("--hold-out-budgets", choices=("largest", "all"), default=None,
+                        help="at the largest budget or at all (default: conf/scaling.yaml's)")  # fmt: skip
     parser.add_argument("--forms", nargs="+", default=list(forms.FORMS))
     parser.add_argument("--global-refits", type=int, default=0, metavar="N",
                         help="also N bootstrap refits of each form from the whole start grid (4 s each)")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         [forms.get(name) for name in args.forms]  # an unknown form is named before any fit
-        points = hold_out(read_points(args.points), args.hold_out)
+        scaling = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "scaling.yaml").read_text())["scaling"]
+        sizes = scaling["hold_out_sizes"] if args.hold_out is None else args.hold_out
+        budgets = args.hold_out_budgets or scaling["hold_out_budgets"]
+        points = hold_out(read_points(args.points), sizes, budgets)
         runs = [run for loop in args.loops for run in read_loop(args.dir / f"{loop}.json")]
     except (OSError, ValueError, KeyError) as err:
         print(f"loop_forms: {err}", file=sys.stderr)
         return 2
     rows = form_errors(points, runs, args.forms)
-    print(f"{len(runs)} runs of {', '.join(args.loops)}; errors predicted / measured - 1")
-    print(f"{'form':<22} {'held-out RMS':>12} {'max':>7} | {'loops mean':>10} {'RMS':>7} {'max':>7} | per loop mean")
+    print(f"{len(runs)} runs of {', '.join(args.loops)}; errors predicted / measured - 1 (negative: the law too low)")
+    print(f"{'form':<22} {'held-out RMS':>12} {'max':>7} | {'loops mean':>10} {'RMS':>7} {'max':>7} | mean of "
+          + ", ".join(args.loops))  # fmt: skip
     for r in rows:
         per = " ".join(f"{v:+.2%}" for v in r["per_loop_mean"].values())
         print(f"{r['form']:<22} {r['held_out_rms']:12.2%} {r['held_out_max']:7.2%} | {r['loops_mean']:+10.2%} "
