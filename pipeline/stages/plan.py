@@ -145,11 +145,11 @@ def _plan(args: argparse.Namespace) -> int:
     recipe = {k: v for k, v in raw.items() if k not in ("sweep", "scaling")}
     validate({**recipe, "model": asdict(model)})  # the recipe trains it as it is
     refs = evaluate(references(cfg), law, cfg.plan.tokens, cfg.plan.context, cfg.plan.group_size, embedding_bits)
-    out = repo_path(OUT_ROOT) / args.name
-    out.mkdir(parents=True, exist_ok=True)
     header = plan_header(result, budget, fit, cfg.plan.tokens, cfg.plan.context)
     config_path = Path(args.conf_dir) / "model" / f"{args.name}.yaml"
-    write_config(model, config_path, header)
+    write_config(model, config_path, header)  # first: it refuses a config the planner did not write
+    out = repo_path(OUT_ROOT) / args.name
+    out.mkdir(parents=True, exist_ok=True)
     text = write_plan(out, args.name, result, refs, budget, header, fit, cfg.plan.tokens, config_path)
     print(text)
     print(f"\nwrote {config_path} and {out.relative_to(REPO_ROOT) if out.is_relative_to(REPO_ROOT) else out}/")

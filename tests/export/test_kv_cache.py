@@ -4,10 +4,15 @@ quantized form), against the eager model, on a copy-task model with windowed lay
 
 Run eagerly (the custom ops' own CPU kernels, as the .pte calls them), and the INT8
 cache lowered; the .pte of the FP32 cache is checked in test_export.py and
-test_export_gate.py. Tolerances: FP32 caches
-hold what eager computes, so only summation order differs (1e-4 of logits of order 10);
-the 16-bit and INT8 caches round every key and value, and pass or fail the export gate,
-whose yardstick is the measured INT8 rounding noise of the model itself.
+test_export_gate.py. Tolerances: an FP32 cache holds what eager computes, so only
+summation order differs, under 1e-4 of logits of order 10 in full precision. But the
+model is converted (INT8 activations per token), and a summation-order difference of
+about 1e-7 can put an activation on the other side of an INT8 rounding boundary, one
+step of its row's range / 255: on an AMD Zen 5 that moved logits by up to 0.016, where an
+Intel Xeon's kernels happened to agree bit for bit. So every position's error is held
+to the measured INT8 rounding noise of the model itself, and every cache dtype passes
+or fails the export gate, whose yardstick is that noise; the 16-bit and INT8 caches
+also round every key and value.
 """
 
 from __future__ import annotations
@@ -58,12 +63,22 @@ def _chunked(runner, prompt: list[int]) -> torch.Tensor:
 
 
 def test_fp32_cache_equals_eager_at_every_position_prefill_chunks_and_decode(windowed, prompts):
+    """Position by position, within what INT8 rounding flips can move (module doc): each
+    row's largest logit error at most the largest change that one-step roundings of 5%
+    of every activation's elements caused at that position in the eager model. A row
+    whose kernels agree with eager's bit for bit is within 1e-4; a wrong cache row,
+    start position or window is far beyond either."""
     assert windowed.cfg.layer_window(0) == WINDOW and windowed.cfg.layer_window(1) is None
+    floor = noise_floor(windowed, prompts, draws=4, fraction=0.05)
+    start = 0
     for prompt in prompts:
         eager = EagerRunner(windowed, MAX_CONTEXT).logits(prompt, 0)
         program = _chunked(ProgramRunner(ExportableLM(windowed, MAX_CONTEXT), MAX_CONTEXT), prompt)
         assert program.shape == eager.shape
-        torch.testing.assert_close(program, eager, atol=1e-4, rtol=0)
+        error_P = (program.double() - eager.double()).abs().amax(-1)
+        bound_P = torch.maximum(floor.max_abs_P[start : start + len(prompt)], torch.tensor(1e-4, dtype=torch.float64))
+        assert (error_P <= bound_P).all(), (error_P - bound_P).max()
+        start += len(prompt)
 
 
 @pytest.mark.parametrize("dtype", sorted(KV_CACHE_DTYPES))

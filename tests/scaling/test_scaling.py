@@ -8,6 +8,7 @@ exhaustive filter and the model built on the meta device.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -53,7 +54,8 @@ from pipeline.scaling.planner import (
     within,
 )
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+REPO = Path(__file__).resolve().parents[2]
+CONF = REPO / "conf"
 # A law with every coefficient away from its default start: a = 20, g = 40, γ = 0.6,
 # δ = 0.25, σ = 0.08, α = 0.32, b = 300, β = 0.3, c = 1.7.
 TRUE = ScalingLaw((math.log(20.0), math.log(40.0), 0.6, 0.25, 0.08, 0.32, math.log(300.0), 0.3, math.log(1.7)))
@@ -185,7 +187,7 @@ def test_seed_replicates_of_the_closed_loop_are_each_held_against_the_one_run_in
     """Three seeds at predicted x 1.005, x 1.03 and x 0.999 with the interval
     exp(log L_pred -/+ 0.01): two of three inside, the second 1.03/e^0.01 - 1 above; the
     mean (x 1.0113...) is held against the same interval, and its SD is the sample SD."""
-    from pipeline.scaling.closed_loop import compare_replicates, report
+    from pipeline.scaling.closed_loop import compare, compare_replicates, report, saved_runs
     from pipeline.stages.sweep import point_base
 
     fit = _one_law_fit()
@@ -207,6 +209,21 @@ def test_seed_replicates_of_the_closed_loop_are_each_held_against_the_one_run_in
     assert result["sd"] == pytest.approx(sd, rel=1e-9) and result["train_seconds"] == pytest.approx(11.0)
     text = report(result, fit)
     assert "mean of 3 seed replicates" in text and "2 of 3 inside" in text and "| `l6-e3k1s1-600000-seed1` |" in text
+    # the file's runs held against a refit without MLflow: the same runs, the same result
+    assert saved_runs(json.loads(json.dumps(result))) == points
+    moved = {**fit, "coefficients": {**fit["coefficients"], "log_c": fit["coefficients"]["log_c"] + 0.01}}
+    assert compare_replicates(moved, saved_runs(result), "l6-e3k1s1-600000") == compare_replicates(
+        moved, points, "l6-e3k1s1-600000"
+    )
+    one = compare(fit, points[1])
+    assert saved_runs(one) == [points[1]]
+    old_file = {
+        **result,
+        "replicates": [{k: v for k, v in r.items() if k != "train_seconds"} for r in result["replicates"]],
+    }
+    assert [p.seconds for p in saved_runs(old_file)] == [pytest.approx(11.0)] * 3  # the file's mean
+    with pytest.raises(ValueError, match="not a loop file.*'inputs'"):
+        saved_runs({"point": "x"})
     with pytest.raises(ValueError, match="differ in their law inputs"):
         compare_replicates(fit, [points[0], Observation("p", "f", LawInputs(3e6, 6e5, 2.0, 8.0, True), 4.0)], "p")
     with pytest.raises(ValueError, match="need at least 2"):
@@ -762,8 +779,11 @@ def test_plan_command_bad_input_exits_2_with_one_line(tmp_path, capsys, args, me
     conf = tmp_path / "conf"
     shutil.copytree(CONF / "model", conf / "model")
     before = (conf / "model" / "tiny.yaml").read_bytes()
+    plans = sorted((REPO / plan_cli.OUT_ROOT).glob("*")) if (REPO / plan_cli.OUT_ROOT).exists() else []
     argv = ["--fit", str(_write_fit(tmp_path / "fit.json")), "--conf-dir", str(conf), *args, *TINY_SPACE_OVERRIDES]
     assert plan_cli.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert (conf / "model" / "tiny.yaml").read_bytes() == before
+    after = sorted((REPO / plan_cli.OUT_ROOT).glob("*")) if (REPO / plan_cli.OUT_ROOT).exists() else []
+    assert after == plans  # no plan directory left behind
