@@ -30,6 +30,7 @@ import yaml
 from pipeline.scaling import forms
 from pipeline.scaling.artifacts import read_points
 from pipeline.scaling.bootstrap import resample_indices
+from pipeline.scaling.closed_loop import saved_runs
 from pipeline.scaling.fit import ErrorStats, Observation, fit_law
 from pipeline.scaling.law import LawInputs
 
@@ -47,13 +48,11 @@ class LoopRun:
 def read_loop(path: Path) -> list[LoopRun]:
     """The runs of one ``closed_loop`` result (``<loop>.json``): its seed replicates, or
     its single run. Raises ValueError naming the file when it lacks the inputs or runs."""
-    record = json.loads(path.read_text())
     try:
-        x = LawInputs(**record["inputs"])
-        runs = record.get("replicates") or [{"point": record.get("point", path.stem), "measured": record["measured"]}]
-        return [LoopRun(path.stem, r["point"], x, float(r["measured"])) for r in runs]
-    except (KeyError, TypeError) as err:
-        raise ValueError(f"{path}: not a closed-loop result of make closed-loop ({err!r})") from None
+        runs = saved_runs(json.loads(path.read_text()))
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    return [LoopRun(path.stem, r.name, r.inputs, float(r.loss)) for r in runs]
 
 
 def form_errors(

@@ -23,10 +23,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import minimize
 from threadpoolctl import threadpool_limits
 
-from pipeline.scaling.fit import HUBER_DELTA, FitResult, Observation, ScalingFitError, check_identifiable, huber
+from pipeline.scaling.fit import (
+    HUBER_DELTA,
+    FitResult,
+    Observation,
+    ScalingFitError,
+    check_identifiable,
+    huber_objective,
+    minimize_from,
+)
 from pipeline.scaling.law import LawForm, LawInputs, design_matrix
 
 
@@ -137,10 +144,4 @@ def resample_indices(
 
 
 def _refit(form: LawForm, theta0: np.ndarray, X: np.ndarray, y: np.ndarray, delta: float = HUBER_DELTA) -> np.ndarray:
-    def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        pred, jac = form.log_loss_and_jacobian(theta, X)
-        r = pred - y
-        return float(np.sum(huber(r, delta))), np.clip(r, -delta, delta) @ jac
-
-    res = minimize(objective, theta0, jac=True, method="L-BFGS-B", bounds=form.bounds, options={"maxiter": 5000})
-    return res.x
+    return minimize_from(huber_objective(form, X, y, delta), theta0, form.bounds)[0]

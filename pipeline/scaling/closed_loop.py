@@ -76,12 +76,31 @@ def compare_replicates(fit: dict, points: list[Observation], name: str, seed: in
     seconds = [p.seconds for p in points if p.seconds is not None]
     result = compare(fit, Observation(name, points[0].family, points[0].inputs, mean), seed)
     result.update(
-        replicates=[{k: r[k] for k in ("point", "measured", "inside", "miss")} for r in runs],
+        replicates=[{k: r[k] for k in ("point", "measured", "inside", "miss", "train_seconds")} for r in runs],
         inside_count=sum(r["inside"] for r in runs),
         sd=statistics.stdev(losses) / mean,
         train_seconds=statistics.fmean(seconds) if seconds else None,
     )
     return result
+
+
+def saved_runs(result: dict) -> list[Observation]:
+    """The runs a loop file (a :func:`compare` or :func:`compare_replicates` result) was
+    made from, to hold them against another fit without the MLflow store that had them
+    (a refit on another machine, from the sweep's points table). Each run's training
+    seconds are its own where the file kept them, else None (files written before
+    replicates kept theirs hold only the mean, ``result["train_seconds"]``). Raises
+    ValueError naming a field the file lacks."""
+    from pipeline.scaling.law import LawInputs
+
+    try:
+        inputs = LawInputs(**result["inputs"])
+        parts = result["point"].split("-")  # a sweep's point: <size>-<arch>-<tokens>[-seed<n>]
+        family = parts[1] if len(parts) >= 3 else ""  # the architecture; compare() does not read it
+        runs = result.get("replicates") or [result]
+        return [Observation(r["point"], family, inputs, r["measured"], seconds=r.get("train_seconds")) for r in runs]
+    except (KeyError, IndexError, TypeError) as err:
+        raise ValueError(f"not a loop file (closed_loop's output): {type(err).__name__} {err}") from None
 
 
 def report(result: dict, fit: dict) -> str:

@@ -276,10 +276,10 @@ def enumerate_models(space: SearchSpace, base: ModelConfig, group_size: int = 32
                 quant.check_fits(candidate)
             except ConfigError:
                 continue
-            yield replace(candidate, name=_name(candidate, len(space.vocab_size) > 1))
+            yield replace(candidate, name=candidate_name(candidate, len(space.vocab_size) > 1))
 
 
-def _name(cfg: ModelConfig, with_vocab: bool) -> str:
+def candidate_name(cfg: ModelConfig, with_vocab: bool) -> str:
     """``l20_d768_e60k4s4`` (layers, width, routed experts, top-k, shared units), or
     ``l20_d768_dense``; ``_untied`` and ``_v<vocab>`` when they vary."""
     moe = cfg.moe

@@ -7,8 +7,9 @@ sweep of the planner's choice; with its seed replicates when it has several, e.g
 ``make closed-loop ARGS="seed=0,1,2"``) from the MLflow store of ``--params``, and ``--fit``
 (``make scaling-fit``'s ``fit.json``, with its bootstrap refits); writes
 ``<name>.json`` and ``<name>.md`` into ``--out`` (``--name``, by default the sweep's:
-``closed_loop.json`` for the loop, ``closed_loop_in_range.json`` for a control). Exit 2 with one line when
-either is missing.
+``closed_loop.json`` for the loop, ``closed_loop_in_range.json`` for a control). With
+``--runs-from`` a loop file written before, the runs are the ones it names (no MLflow):
+the same runs held against a refitted law. Exit 2 with one line when either is missing.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline import tracking
     from pipeline.configbase import ConfigError
     from pipeline.recipe import load_params, validate
-    from pipeline.scaling.closed_loop import compare, compare_replicates, report
+    from pipeline.scaling.closed_loop import compare, compare_replicates, report, saved_runs
     from pipeline.scaling.fit import ScalingFitError
     from pipeline.stages.scaling import observations
     from pipeline.stages.sweep import STAGE, point_base
@@ -36,14 +37,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("outputs/scaling"))
     parser.add_argument("--name", help="the files' stem in --out (default: the --sweep's name)")
     parser.add_argument("--point", help="which point of the sweep, e.g. l6-e14k6s2-600000 (default: its only one)")
+    parser.add_argument(
+        "--runs-from",
+        type=Path,
+        help="a loop file written before (e.g. outputs/scaling/closed_loop.json): hold its runs against --fit "
+        "instead of reading them from MLflow (after a refit from the points table, where the store is gone)",
+    )
     args = parser.parse_args(argv)
     try:
         fit = json.loads(args.fit.read_text())
         if "intervals" not in fit or "thetas" not in fit["intervals"]:
             raise ConfigError(f"--fit {args.fit}: no bootstrap refits in it; run `make scaling-fit` again")
-        cfg = validate(load_params(args.params)).tracking
-        runs = tracking.tagged_runs(cfg, {"stage": STAGE, "sweep": args.sweep})
-        points = observations(runs, hold_out_sizes=[])
+        saved = json.loads(args.runs_from.read_text()) if args.runs_from else None
+        if saved is not None:
+            points = saved_runs(saved)
+        else:
+            cfg = validate(load_params(args.params)).tracking
+            runs = tracking.tagged_runs(cfg, {"stage": STAGE, "sweep": args.sweep})
+            points = observations(runs, hold_out_sizes=[])
         if args.point:
             chosen = [p for p in points if p.name == args.point]
             if not chosen:
@@ -56,6 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"--sweep {args.sweep}: {found} in MLflow; name one with --point")
         base = bases.pop()
         result = compare(fit, points[0]) if len(points) == 1 else compare_replicates(fit, points, base)
+        if saved is not None and result["train_seconds"] is None:
+            result["train_seconds"] = saved.get("train_seconds")  # an older file kept only the runs' mean
     except (OSError, ValueError, ConfigError, ScalingFitError, tracking.TrackingError) as err:
         print(f"closed_loop: {err}", file=sys.stderr)
         return 2

@@ -115,9 +115,15 @@ REPORT = Stage(
         ),
         deps=(
             *(f"${{data.out_dir}}/{name}/manifest.json" for name in ("pretrain", "midtrain", "sft")),
-            *(f"${{stage.{name}.out_dir}}/metrics.json" for name in ("pretrain", "midtrain", "sft", "qat")),
+            *(
+                f"${{stage.{name}.out_dir}}/{item}"
+                for name in ("pretrain", "midtrain", "sft", "qat")
+                # the final checkpoint (model/meta.json) gives the expert-load table
+                for item in ("metrics.json", "loss.csv", "model")
+            ),
             "${stage.export.out_dir}/metrics.json",
             "${stage.profile.out_dir}/metrics.json",
+            "${stage.profile.out_dir}/plots",
             *(f"${{stage.eval.out_dir}}/{name}/metrics.json" for name in ("pretrain", "midtrain", "sft", "qat")),
             # the scaling tools' published results (committed; make scaling-fit / plan / closed-loop)
             f"${{{KEY}.scaling_dir}}/fit.json",

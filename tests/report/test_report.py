@@ -479,3 +479,46 @@ def test_report_renders_in_headless_chromium(built, chromium, tmp_path):
         print(f"report screenshot: {shot}")
     finally:
         driver.quit()
+
+
+def test_the_report_reads_only_what_its_dvc_stage_declares(tmp_path):
+    """Every file the report opens (collect and render, on a synthetic run with every
+    part present) lies under a dependency of the report's DVC stage: otherwise ``dvc
+    repro`` keeps a report that an undeclared input has since changed, and a machine
+    without that input renders a report missing it without a word. The stage's deps are
+    resolved by mapping each ``${...}`` directory onto the synthetic tree."""
+    import sys
+
+    from pipeline.stages.report import REPORT
+
+    root = tmp_path / "run"
+    inputs = make_inputs(root, profile=True)
+    where = {
+        "${data.out_dir}": root / "mix",
+        "${stage.eval.out_dir}": root / "eval",
+        "${stage.report.scaling_dir}": root / "scaling",
+        "${stage.report.scaling_plan}": inputs.scaling_plan,
+        **{f"${{stage.{name}.out_dir}}": root / name for name in (*STAGES, "export", "profile")},
+    }
+    declared = []
+    for dep in REPORT.dvc.deps:
+        for key, value in where.items():
+            dep = dep.replace(key, str(value))
+        assert "${" not in dep, dep
+        declared.append(Path(dep))
+    opened: list[Path] = []
+    tracing = [True]
+
+    def hook(event, args):
+        if tracing[0] and event == "open" and isinstance(args[0], (str, Path)):
+            opened.append(Path(args[0]))
+
+    sys.addaudithook(hook)  # audit hooks cannot be removed: the flag turns it off
+    try:
+        write_report(collect(inputs), tmp_path / "report")
+    finally:
+        tracing[0] = False
+    read = {p.resolve() for p in opened if p.resolve().is_relative_to(root.resolve())}
+    assert {p.relative_to(root.resolve()).parts[0] for p in read} >= {"pretrain", "qat", "profile", "scaling", "mix"}
+    undeclared = [p for p in read if not any(p == d.resolve() or p.is_relative_to(d.resolve()) for d in declared)]
+    assert not undeclared, sorted(str(p.relative_to(root.resolve())) for p in undeclared)

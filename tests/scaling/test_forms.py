@@ -145,10 +145,16 @@ def test_the_form_that_holds_the_shape_is_chosen_by_leave_one_size_out_not_by_fi
 
 def test_a_form_that_fits_better_but_predicts_worse_is_not_chosen():
     """Noisy points from a monotone power law: the 13-coefficient form fits them a
-    little better (it also fits noise) and predicts the sizes it did not see worse.
-    Choosing by fit error would take it; the choice is the power law."""
+    little better (it also fits noise) and here predicts the sizes it did not see worse.
+    Choosing by fit error would take it; the choice is the power law.
+
+    This checks the rule, on a draw where the two criteria disagree; it is not a claim
+    that leave-one-size-out always rejects the bigger form. Over noise seeds 0-5 (3%
+    noise, fits converged) the bigger form fitted better in 5 and predicted worse in 3
+    (2.3x, 1.4x, 1.03x the power law's error), and in the other 3 it predicted 2-4% better:
+    extra terms that are 0 in truth cost little out of sample."""
     truth = law_of(forms.POWER, {k: v for k, v in INTERIOR_TRUE.items() if k in forms.POWER.coefficients})
-    points = _sweep(truth, noise=0.03, seed=2)
+    points = _sweep(truth, noise=0.03, seed=0)
     result, scores = choose_form(points, [forms.POWER, forms.INTERIOR_INTERACTION], _few)
     power, bigger = scores
     assert bigger.fit.rms < power.fit.rms and bigger.cross_validated.rms > 1.2 * power.cross_validated.rms
@@ -198,7 +204,9 @@ def test_a_fit_json_names_its_form_and_an_older_one_is_the_joint_law(tmp_path):
 
 def test_the_points_table_reads_back_what_the_fit_wrote_and_names_a_bad_row(tmp_path):
     truth = law_of(forms.INTERIOR, INTERIOR_TRUE)
-    points = [replace(p, seconds=None if i % 5 else 10.0 + i) for i, p in enumerate(_sweep(truth, noise=0.01))]
+    # 0.2% noise: the interior form wins leave-one-size-out clearly (at 1% the two tie on
+    # some draws, and which one this table names is not what it tests)
+    points = [replace(p, seconds=None if i % 5 else 10.0 + i) for i, p in enumerate(_sweep(truth, noise=0.002))]
     # what the law does not see, per (size, family); z is no point's size
     depth = {"a": 2, "b": 6, "c": 3, "d": 5, "z": 1}
     archs = [(1, 1, 0), *itertools.product((2, 4, 8), (1, 2, 4, 8), (0, 1))]
@@ -347,16 +355,18 @@ def test_seed_zero_points_carry_no_seed_tag_so_older_finished_runs_still_match()
         ("closed_loop_shared_in_range", "planned_tiny_shared_in_range"),
     ],
 )
-def test_the_closed_loop_trains_the_planned_model_s_law_inputs(loop, planned):
+def test_the_closed_loop_trains_the_plan_s_choice_or_one_it_cannot_tell_apart(loop, planned):
     """``make closed-loop [LOOP=...]``'s one point (conf/sweep/<loop>.yaml) must be the
-    model ``make plan`` wrote (conf/model/<planned>.yaml), as the law sees it and in the
-    shape it does not see: otherwise the loop holds a measured loss against another
-    model's prediction."""
+    model ``make plan`` chose (conf/model/<planned>.yaml), as the law sees it and in the
+    shape it does not see, or a candidate its plan.json says it cannot tell apart from
+    that choice (a refit of the law may reorder candidates whose predictions tie):
+    otherwise the loop holds a measured loss against another model's prediction."""
     import yaml
 
     from pipeline.model.config import ModelConfig
     from pipeline.scaling.grid import SweepConfig, point_model
     from pipeline.scaling.law import law_inputs
+    from pipeline.scaling.planner import candidate_name
 
     conf = Path(__file__).resolve().parents[2] / "conf"
 
@@ -365,9 +375,20 @@ def test_the_closed_loop_trains_the_planned_model_s_law_inputs(loop, planned):
 
     grid = from_dict(SweepConfig, yaml.safe_load((conf / "sweep" / f"{loop}.yaml").read_text())["sweep"], "sweep")
     trained = point_model(grid, model("tiny"))
-    assert grid.name == loop and law_inputs(trained, grid.tokens) == law_inputs(model(planned), grid.tokens)
-    assert shape_of(trained) == shape_of(model(planned))
-    assert (trained.n_heads, trained.n_kv_heads) == (model(planned).n_heads, model(planned).n_kv_heads)
+    assert grid.name == loop
+    plan = json.loads((conf.parent / "outputs" / "scaling" / "plan" / planned / "plan.json").read_text())
+    name = candidate_name(trained, with_vocab=False)
+    if name == plan["chosen"]["name"]:
+        assert law_inputs(trained, grid.tokens) == law_inputs(model(planned), grid.tokens)
+        assert shape_of(trained) == shape_of(model(planned))
+        assert (trained.n_heads, trained.n_kv_heads) == (model(planned).n_heads, model(planned).n_kv_heads)
+    else:
+        ties = {r["name"]: r for r in plan["uncertainty"]["rows"] if not r["told_apart"]}
+        assert name in ties, (name, plan["chosen"]["name"], sorted(ties))
+        row, x = next(r for r in plan["best"] if r["name"] == name), law_inputs(trained, grid.tokens)
+        assert row["N_act_M"] == pytest.approx(x.n_active / 1e6, rel=1e-3)
+        assert (row["expansion"], row["granularity"]) == (x.expansion, x.granularity)
+        assert (trained.n_heads, trained.n_kv_heads) == (model(planned).n_heads, model(planned).n_kv_heads)
 
 
 def test_the_fit_describes_each_model_of_its_own_sweep_and_no_other():
@@ -431,7 +452,7 @@ def test_every_form_is_held_against_the_closed_loops_runs(tmp_path, capsys):
     assert {k: len(v) for k, v in spread.items()} == {"c": 2, "alpha": 2, "loops_mean": 2}
     assert spread["loops_mean"] == pytest.approx(rel.mean(), abs=3e-3)
     (tmp_path / "bad.json").write_text(json.dumps({"point": "x"}))
-    with pytest.raises(ValueError, match=r"bad\.json: not a closed-loop result"):
+    with pytest.raises(ValueError, match=r"bad\.json: not a loop file"):
         read_loop(tmp_path / "bad.json")
     args = ["--points", str(tmp_path / "none.csv"), "--dir", str(tmp_path), "--loops", "on"]
     assert main(args) == 2 and "none.csv" in capsys.readouterr().err
