@@ -48,6 +48,7 @@ class Intervals:
     predictions: dict[str, tuple[float, float]]
     thetas: list[list[float]]  # each refit's coefficients (the form's order)
     residuals: list[float]  # the full fit's log-loss residuals, centred and inflated (module doc)
+    refits_converged: int = 0  # refits whose L-BFGS-B run met its own stopping rule (not maxiter)
 
     def contains(self, name: str, loss: float) -> bool:
         low, high = self.predictions[name]
@@ -61,6 +62,7 @@ class Intervals:
             "predictions": {k: list(v) for k, v in self.predictions.items()},
             "thetas": self.thetas,
             "residuals": self.residuals,
+            "refits_converged": self.refits_converged,
         }
 
 
@@ -89,7 +91,8 @@ def bootstrap(
     rng = np.random.default_rng(seed)
     indices = resample_indices(fitted, rng, replicates, form)
     with threadpool_limits(limits=1):
-        thetas_RC = np.array([_refit(form, theta0, X_fit[idx], y_fit[idx]) for idx in indices])
+        refits = [_refit(form, theta0, X_fit[idx], y_fit[idx]) for idx in indices]
+    thetas_RC = np.array([theta for theta, _ in refits])
     draws_RP = predictive_draws(form, thetas_RC, residuals_F, [p.inputs for p in points] + list(extra or []), rng)
     tail = (1.0 - level) / 2.0 * 100.0
     lo_C, hi_C = np.percentile(thetas_RC, [tail, 100.0 - tail], axis=0)
@@ -101,6 +104,7 @@ def bootstrap(
         predictions={p.name: (float(lo_P[i]), float(hi_P[i])) for i, p in enumerate(points)},
         thetas=thetas_RC.tolist(),
         residuals=residuals_F.tolist(),
+        refits_converged=sum(ok for _, ok in refits),
     )
     return intervals, draws_RP
 
@@ -143,5 +147,8 @@ def resample_indices(
     return out
 
 
-def _refit(form: LawForm, theta0: np.ndarray, X: np.ndarray, y: np.ndarray, delta: float = HUBER_DELTA) -> np.ndarray:
-    return minimize_from(huber_objective(form, X, y, delta), theta0, form.bounds)[0]
+def _refit(
+    form: LawForm, theta0: np.ndarray, X: np.ndarray, y: np.ndarray, delta: float = HUBER_DELTA
+) -> tuple[np.ndarray, bool]:
+    theta, _, converged = minimize_from(huber_objective(form, X, y, delta), theta0, form.bounds)
+    return theta, converged

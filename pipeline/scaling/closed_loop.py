@@ -99,7 +99,7 @@ def saved_runs(result: dict) -> list[Observation]:
         family = parts[1] if len(parts) >= 3 else ""  # the architecture; compare() does not read it
         runs = result.get("replicates") or [result]
         return [Observation(r["point"], family, inputs, r["measured"], seconds=r.get("train_seconds")) for r in runs]
-    except (KeyError, IndexError, TypeError) as err:
+    except (KeyError, IndexError, TypeError, AttributeError) as err:
         raise ValueError(f"not a loop file (closed_loop's output): {type(err).__name__} {err}") from None
 
 

@@ -79,6 +79,7 @@ class FitResult:
     held_out: ErrorStats
     objective: float  # the Huber loss at the optimum
     starts: int
+    starts_converged: int  # starts whose L-BFGS-B run met its own stopping rule (not maxiter)
     predictions: dict[str, float] = field(default_factory=dict)  # point name -> predicted loss
 
     @property
@@ -98,6 +99,7 @@ class FitResult:
             "huber_delta": HUBER_DELTA,
             "objective": self.objective,
             "starts": self.starts,
+            "starts_converged": self.starts_converged,
             "predictions": self.predictions,
         }
 
@@ -155,13 +157,15 @@ def huber_objective(form: LawForm, X: np.ndarray, y: np.ndarray, delta: float = 
     ``r = log L_pred(θ, X) - y`` (``y``: the measured log losses; ``X``: their design
     matrix, :func:`pipeline.scaling.law.design_matrix`).
 
-    Divided by δ² so that it counts in units of about one point, not of δ² (1e-6): L-BFGS-B
-    stops when a step gains less than ``ftol x max(|f|, 1)`` (scipy's ftol 2.2e-9), an
-    absolute threshold for an objective below 1. Unscaled, the fit stopped up to 0.3%
-    above its optimum on the sweep, and 150% above it on a synthetic sweep, at a point
-    the rounding of the machine's BLAS chose: the law differed between CPU kinds (an AMD
-    Zen 5 fitted γ 0.33 where an Intel Xeon recovered the true 0.6). The optimum is the
-    same; :func:`fit_law` reports the Huber loss itself (times δ²)."""
+    Divided by δ² so that it is not of order δ² (1e-6) but of order (|r| / δ) per point
+    (about 15 per point of a sweep fitted to 1.5%): L-BFGS-B stops when a step gains less
+    than ``ftol x max(|f|, 1)`` (scipy's ftol 2.2e-9), an absolute threshold for an
+    objective below 1. Unscaled, the fit stopped up to 0.3% above its optimum on the
+    sweep, and 150% above it on a synthetic sweep, at a point the rounding of the
+    machine's BLAS chose: the law differed between CPU kinds (an AMD Zen 5 fitted γ 0.33
+    where an Intel Xeon recovered the true 0.6). The optimum is the same;
+    :func:`fit_law` reports the Huber loss itself (times δ²).
+    """
     scale = 1.0 / delta**2
 
     def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
@@ -172,22 +176,26 @@ def huber_objective(form: LawForm, X: np.ndarray, y: np.ndarray, delta: float = 
     return objective
 
 
-def minimize_from(objective, theta0: np.ndarray, bounds) -> tuple[np.ndarray, float]:
-    """L-BFGS-B on :func:`huber_objective` from ``theta0``: (θ at the optimum, objective)."""
+def minimize_from(objective, theta0: np.ndarray, bounds) -> tuple[np.ndarray, float, bool]:
+    """L-BFGS-B on :func:`huber_objective` from ``theta0``: (θ at the optimum, the
+    objective there in :func:`huber_objective`'s units, whether L-BFGS-B met its own
+    stopping rule rather than its iteration limit)."""
     res = minimize(objective, theta0, jac=True, method="L-BFGS-B", bounds=bounds, options={"maxiter": 5000})
-    return res.x, float(res.fun)
+    return res.x, float(res.fun), bool(res.success)
 
 
-def _best_start(objective, starts: list[np.ndarray], bounds) -> tuple[np.ndarray, float]:
-    """L-BFGS-B from every start; the optimum with the lowest objective."""
-    best_theta, best_value = None, math.inf
+def _best_start(objective, starts: list[np.ndarray], bounds) -> tuple[np.ndarray, float, int]:
+    """L-BFGS-B from every start: the optimum with the lowest objective, its objective,
+    and how many starts converged."""
+    best_theta, best_value, converged = None, math.inf, 0
     for theta0 in starts:
-        theta, value = minimize_from(objective, theta0, bounds)
+        theta, value, ok = minimize_from(objective, theta0, bounds)
+        converged += ok
         if np.isfinite(value) and value < best_value:
             best_theta, best_value = theta, value
     if best_theta is None:  # pragma: no cover - every start diverged
         raise ScalingFitError("no starting point converged to a finite Huber loss")
-    return best_theta, best_value
+    return best_theta, best_value, converged
 
 
 def fit_law(
@@ -210,7 +218,7 @@ def fit_law(
     starts = starting_points(form=form) if starts is None else starts
     # BLAS threads on [P, C] products only contend (20x slower on 2 busy cores).
     with threadpool_limits(limits=1):
-        best_theta, best_value = _best_start(huber_objective(form, X, y, delta), starts, form.bounds)
+        best_theta, best_value, converged = _best_start(huber_objective(form, X, y, delta), starts, form.bounds)
     law = ScalingLaw(tuple(float(t) for t in best_theta), form)
     predicted = law.predict([p.inputs for p in points])
     rel = predicted / np.array([p.loss for p in points]) - 1.0
@@ -221,5 +229,6 @@ def fit_law(
         held_out=ErrorStats.of(rel[held]),
         objective=best_value * delta**2,  # the Huber loss itself (huber_objective divides by δ²)
         starts=len(starts),
+        starts_converged=converged,
         predictions={p.name: float(v) for p, v in zip(points, predicted)},
     )

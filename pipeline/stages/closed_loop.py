@@ -9,7 +9,8 @@ sweep of the planner's choice; with its seed replicates when it has several, e.g
 ``<name>.json`` and ``<name>.md`` into ``--out`` (``--name``, by default the sweep's:
 ``closed_loop.json`` for the loop, ``closed_loop_in_range.json`` for a control). With
 ``--runs-from`` a loop file written before, the runs are the ones it names (no MLflow):
-the same runs held against a refitted law. Exit 2 with one line when either is missing.
+the same runs held against a refitted law, written under that file's name unless
+``--name`` says otherwise. Exit 2 with one line when either is missing.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "intervals" not in fit or "thetas" not in fit["intervals"]:
             raise ConfigError(f"--fit {args.fit}: no bootstrap refits in it; run `make scaling-fit` again")
         saved = json.loads(args.runs_from.read_text()) if args.runs_from else None
+        source = f"--runs-from {args.runs_from}" if saved is not None else f"sweep {args.sweep} in MLflow"
         if saved is not None:
             points = saved_runs(saved)
         else:
@@ -59,21 +61,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             chosen = [p for p in points if p.name == args.point]
             if not chosen:
                 names = ", ".join(p.name for p in points) or "none"
-                raise ConfigError(f"--point {args.point}: not a finished point of sweep {args.sweep} ({names})")
+                raise ConfigError(f"--point {args.point}: not a finished point of {source} ({names})")
             points = chosen
         bases = {point_base(p.name) for p in points}
         if len(bases) != 1:
             found = "no FINISHED point" if not points else f"{len(points)} points ({', '.join(p.name for p in points)})"
-            raise ConfigError(f"--sweep {args.sweep}: {found} in MLflow; name one with --point")
+            raise ConfigError(f"{source}: {found}; name one with --point")
         base = bases.pop()
         result = compare(fit, points[0]) if len(points) == 1 else compare_replicates(fit, points, base)
-        if saved is not None and result["train_seconds"] is None:
+        if saved is not None and len(points) > 1 and result["train_seconds"] is None:
             result["train_seconds"] = saved.get("train_seconds")  # an older file kept only the runs' mean
     except (OSError, ValueError, ConfigError, ScalingFitError, tracking.TrackingError) as err:
         print(f"closed_loop: {err}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.name or args.sweep
+    stem = args.name or (args.runs_from.stem if args.runs_from else args.sweep)
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2, sort_keys=True))
     text = report(result, fit)
     (args.out / f"{stem}.md").write_text(text)

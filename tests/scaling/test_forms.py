@@ -347,6 +347,28 @@ def test_seed_zero_points_carry_no_seed_tag_so_older_finished_runs_still_match()
     assert {k: v for k, v in two.items() if k != "sweep.seed"} == zero
 
 
+def _plan(planned: str) -> dict:
+    return json.loads(
+        (Path(__file__).resolve().parents[2] / "outputs/scaling/plan" / planned / "plan.json").read_text()
+    )
+
+
+def _stands_for_the_choice(name: str, plan: dict) -> bool:
+    """The plan chose ``name``, or cannot tell it apart from its choice."""
+    ties = {r["name"] for r in plan["uncertainty"]["rows"] if not r["told_apart"]}
+    return name == plan["chosen"]["name"] or name in ties
+
+
+def test_a_candidate_the_plan_tells_apart_does_not_stand_for_its_choice():
+    """Committed plans: planned_tiny ranks l3_d128_e7k1s1 among its best but tells it
+    apart from its choice, so that loop could not stand for planned_tiny's."""
+    plan = _plan("planned_tiny")
+    assert "l3_d128_e7k1s1" in {r["name"] for r in plan["best"]}
+    assert not _stands_for_the_choice("l3_d128_e7k1s1", plan)
+    assert _stands_for_the_choice("l3_d128_e7k1s1", _plan("planned_tiny_in_range"))
+    assert _stands_for_the_choice(plan["chosen"]["name"], plan)
+
+
 @pytest.mark.parametrize(
     "loop,planned",
     [
@@ -376,15 +398,14 @@ def test_the_closed_loop_trains_the_plan_s_choice_or_one_it_cannot_tell_apart(lo
     grid = from_dict(SweepConfig, yaml.safe_load((conf / "sweep" / f"{loop}.yaml").read_text())["sweep"], "sweep")
     trained = point_model(grid, model("tiny"))
     assert grid.name == loop
-    plan = json.loads((conf.parent / "outputs" / "scaling" / "plan" / planned / "plan.json").read_text())
+    plan = _plan(planned)
     name = candidate_name(trained, with_vocab=False)
+    assert _stands_for_the_choice(name, plan), (name, plan["chosen"]["name"])
     if name == plan["chosen"]["name"]:
         assert law_inputs(trained, grid.tokens) == law_inputs(model(planned), grid.tokens)
         assert shape_of(trained) == shape_of(model(planned))
         assert (trained.n_heads, trained.n_kv_heads) == (model(planned).n_heads, model(planned).n_kv_heads)
     else:
-        ties = {r["name"]: r for r in plan["uncertainty"]["rows"] if not r["told_apart"]}
-        assert name in ties, (name, plan["chosen"]["name"], sorted(ties))
         row, x = next(r for r in plan["best"] if r["name"] == name), law_inputs(trained, grid.tokens)
         assert row["N_act_M"] == pytest.approx(x.n_active / 1e6, rel=1e-3)
         assert (row["expansion"], row["granularity"]) == (x.expansion, x.granularity)

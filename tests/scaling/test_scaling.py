@@ -116,6 +116,11 @@ def test_fit_recovers_known_coefficients_from_noisy_synthetic_data():
         assert abs(got[name] - want[name]) <= tol, (name, got[name], want[name])
     assert result.fit.rms < 0.002
     assert set(result.law.coefficients) == set(COEFFICIENTS)
+    # the objective in the Huber loss's own units (huber_objective divides by δ²)
+    fitted = [p for p in _synthetic(noise=0.001) if not p.held_out]
+    residuals = np.log(result.law.predict([p.inputs for p in fitted])) - np.log([p.loss for p in fitted])
+    assert result.objective == pytest.approx(float(np.sum(huber(residuals))), rel=1e-9)
+    assert result.starts_converged == result.starts == 162
 
 
 def test_held_out_points_are_predicted_within_the_error_the_fit_reports():
@@ -138,6 +143,7 @@ def test_bootstrap_prediction_intervals_cover_fresh_measurements_at_their_level(
     result = fit_law(points)
     intervals, draws = bootstrap(points, result, replicates=120, seed=1)
     assert draws.shape == (120, len(points)) and intervals.level == 0.95
+    assert intervals.refits_converged == 120 and intervals.to_dict()["refits_converged"] == 120
     rng = np.random.default_rng(9)
     held = [p for p in points if p.held_out]
     inside = [
@@ -787,3 +793,32 @@ def test_plan_command_bad_input_exits_2_with_one_line(tmp_path, capsys, args, me
     assert (conf / "model" / "tiny.yaml").read_bytes() == before
     after = sorted((REPO / plan_cli.OUT_ROOT).glob("*")) if (REPO / plan_cli.OUT_ROOT).exists() else []
     assert after == plans  # no plan directory left behind
+
+
+def test_closed_loop_command_holds_a_saved_loop_file_against_a_fit(tmp_path, capsys):
+    """``closed_loop --runs-from``: no MLflow; written under the file's own name (a
+    control's file must not overwrite the main loop's); a bad file or point is named."""
+    from pipeline.scaling.closed_loop import compare_replicates
+    from pipeline.stages import closed_loop as cli
+
+    fit = _one_law_fit()
+    (tmp_path / "fit.json").write_text(json.dumps(fit))
+    x = LawInputs(2e6, 6e5, 2.0, 8.0, True)
+    names = ("l3-e7k1s1-600000", "l3-e7k1s1-600000-seed1")
+    points = [Observation(n, "e7k1s1", x, TRUE.predict_one(x) * f, seconds=9.0) for n, f in zip(names, (1.0, 1.02))]
+    saved = tmp_path / "saved" / "closed_loop_in_range.json"
+    saved.parent.mkdir()
+    saved.write_text(json.dumps(compare_replicates(fit, points, names[0])))
+    out = tmp_path / "out"
+    args = ["--fit", str(tmp_path / "fit.json"), "--out", str(out), "--runs-from", str(saved)]
+    assert cli.main(args) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["closed_loop_in_range.json", "closed_loop_in_range.md"]
+    assert json.loads((out / "closed_loop_in_range.json").read_text()) == json.loads(saved.read_text())
+    assert cli.main([*args, "--point", names[1], "--name", "one"]) == 0
+    assert json.loads((out / "one.json").read_text())["measured"] == points[1].loss
+    capsys.readouterr()
+    assert cli.main([*args, "--point", "l3-x-1"]) == 2
+    assert f"--point l3-x-1: not a finished point of --runs-from {saved}" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text(json.dumps({"point": 5, "inputs": vars(x), "measured": 4.0}))
+    assert cli.main([*args[:-1], str(tmp_path / "bad.json")]) == 2
+    assert "not a loop file" in capsys.readouterr().err
