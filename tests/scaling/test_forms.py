@@ -412,6 +412,33 @@ def test_the_closed_loop_trains_the_plan_s_choice_or_one_it_cannot_tell_apart(lo
         assert (trained.n_heads, trained.n_kv_heads) == (model(planned).n_heads, model(planned).n_kv_heads)
 
 
+@pytest.mark.parametrize(
+    "arch,planned", [("e3k1s1", "planned_tiny_in_range"), ("e4k2", "planned_tiny_shared_in_range")]
+)
+def test_the_ties_sweep_trains_the_converged_plans_own_choices(arch, planned):
+    """conf/sweep/loop_ties.yaml: each point is the model the current plan chose
+    (conf/model/<planned>.yaml and its plan.json), as the law sees it and in shape."""
+    import yaml
+
+    from pipeline.model.config import ModelConfig
+    from pipeline.scaling.grid import SweepConfig, point_model
+    from pipeline.scaling.law import law_inputs
+    from pipeline.scaling.planner import candidate_name
+
+    conf = Path(__file__).resolve().parents[2] / "conf"
+
+    def model(name: str) -> ModelConfig:
+        return from_dict(ModelConfig, yaml.safe_load((conf / "model" / f"{name}.yaml").read_text()), name)
+
+    raw = yaml.safe_load((conf / "sweep" / "loop_ties.yaml").read_text())["sweep"]
+    grid = from_dict(SweepConfig, {**raw, "arch": arch}, "sweep")
+    trained = point_model(grid, model("tiny"))
+    assert candidate_name(trained, with_vocab=False) == _plan(planned)["chosen"]["name"]
+    assert law_inputs(trained, grid.tokens) == law_inputs(model(planned), grid.tokens)
+    assert shape_of(trained) == shape_of(model(planned))
+    assert (trained.n_heads, trained.n_kv_heads) == (model(planned).n_heads, model(planned).n_kv_heads)
+
+
 def test_the_fit_describes_each_model_of_its_own_sweep_and_no_other():
     """The shapes the fit spans (``shape_of`` of each size x arch, as the sweep builds
     them): moe_grid's m-size shared-expert MoE is 4 layers of 128 with a quarter of its
