@@ -106,9 +106,18 @@ def global_refits(
     return {k: np.array(v) for k, v in out.items()}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def held_out_points(path: Path, sizes: Sequence[str] | None = None, budgets: str | None = None) -> list[Observation]:
+    """The points of a ``points.csv`` with the fit's hold-out applied: ``sizes`` at the
+    largest budget (or at ``budgets="all"``), conf/scaling.yaml's where None (the table's
+    own marks are not read back). ScalingFitError (a ValueError) for a bad table or size."""
     from pipeline.stages.scaling import hold_out
 
+    scaling = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "scaling.yaml").read_text())["scaling"]
+    sizes = scaling["hold_out_sizes"] if sizes is None else sizes
+    return hold_out(read_points(path), list(sizes), budgets or scaling["hold_out_budgets"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", type=Path, default=Path("outputs/scaling/points.csv"))
     parser.add_argument("--dir", type=Path, default=Path("outputs/scaling"), help="where <loop>.json lie")
@@ -124,10 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         [forms.get(name) for name in args.forms]  # an unknown form is named before any fit
-        scaling = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "scaling.yaml").read_text())["scaling"]
-        sizes = scaling["hold_out_sizes"] if args.hold_out is None else args.hold_out
-        budgets = args.hold_out_budgets or scaling["hold_out_budgets"]
-        points = hold_out(read_points(args.points), sizes, budgets)
+        points = held_out_points(args.points, args.hold_out, args.hold_out_budgets)
         runs = [run for loop in args.loops for run in read_loop(args.dir / f"{loop}.json")]
     except (OSError, ValueError, KeyError) as err:
         print(f"loop_forms: {err}", file=sys.stderr)

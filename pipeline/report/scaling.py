@@ -9,6 +9,7 @@ beside the recipe; the report's DVC stage depends on them, so a new fit re-rende
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,12 @@ def _closed_loop(path: Path) -> dict[str, Any] | None:
 
 
 def _errors(stats: dict | None) -> str:
-    return DASH if not stats else f"{pct(stats['rms'])} / {pct(stats['max'])}"
+    """RMS / max, and the signed mean in brackets where the fit recorded one."""
+    if not stats:
+        return DASH
+    mean = stats.get("mean")
+    shown = "" if mean is None or not math.isfinite(mean) else f" ({'+' if mean >= 0 else ''}{pct(mean)})"
+    return f"{pct(stats['rms'])} / {pct(stats['max'])}{shown}"
 
 
 def scaling_lines(s: ScalingSummary) -> list[str]:
@@ -128,8 +134,9 @@ def _other_law(record: dict, fit: dict) -> str:
 
 
 def forms_rows(s: ScalingSummary) -> list[list[str]]:
-    """Rows of the candidate laws: form, coefficients, fit / leave-one-size-out / held-out
-    errors (RMS / max); the chosen form in bold."""
+    """Rows of the candidate laws: form, coefficients, fit / leave-one-size-out / largest
+    budget from the smaller / held-out errors (RMS / max, and the signed mean where the
+    fit recorded one); the chosen form in bold."""
     chosen = s.fit.get("form_name", "joint")
     return [
         [
@@ -137,6 +144,7 @@ def forms_rows(s: ScalingSummary) -> list[list[str]]:
             str(r["coefficients"]),
             _errors(r["fit_error"]),
             _errors(r["cv_error"]),
+            _errors(r.get("largest_budget_error")),
             _errors(r["held_out_error"]),
         ]  # fmt: skip
         for r in s.fit.get("form_selection", [])

@@ -362,7 +362,17 @@ def scaling_view(data: ReportData) -> dict | None:
     forms = scaling.forms_rows(data.scaling)
     return {
         "lines": scaling.scaling_lines(data.scaling),
-        "forms": Table(["form", "coefficients", "fit RMS / max", "leave-one-size-out", "held out"], forms)
+        "forms": Table(
+            [
+                "form",
+                "coefficients",
+                "fit RMS / max",
+                "leave-one-size-out",
+                "largest budget from the smaller",
+                "held out",
+            ],
+            forms,
+        )
         if forms
         else None,
         "comparisons": Table(

@@ -91,7 +91,10 @@ def write_fit(
         "",
         "Each candidate form fitted to the same points; chosen by the lowest leave-one-size-out error (each size "
         "predicted by a fit to the other sizes' points, the held-out runs left out of all of it), never by fit "
-        "error. The held-out runs' errors are shown for every form but take no part in the choice.",
+        "error. The held-out runs' errors are shown for every form but take no part in the choice. \"Largest "
+        'budget from the smaller": each form fitted to the points below the largest token budget, predicting '
+        "the fitted points at it (shown, not used to choose); errors are predicted / measured - 1, so a negative "
+        "mean is a law that promises too low a loss where it extrapolates in tokens.",
         "",
         _forms_table(scores, result.law.form.name),
         "",
@@ -217,12 +220,16 @@ def _noise_text(noise: analysis.SeedNoise, result: FitResult, held_means: ErrorS
 
 
 def _forms_table(scores: list[FormScore], chosen: str) -> str:
-    def pct(stats) -> str:
-        return "–" if stats is None else f"{stats.rms:.2%} / {stats.max:.2%}"
+    def pct(stats, signed: bool = False) -> str:
+        if stats is None:
+            return "–"
+        return f"{stats.rms:.2%} / {stats.max:.2%}" + (f" ({stats.mean:+.2%})" if signed else "")
 
     rows = [[f"**{s.form}**" if s.form == chosen else s.form, s.coefficients, pct(s.fit), pct(s.cross_validated),
-             pct(s.held_out), s.unscored or ""] for s in scores]  # fmt: skip
-    headers = ["form", "coefficients", "fit RMS / max", "leave-one-size-out RMS / max", "held out RMS / max", "note"]
+             pct(s.largest_budget, signed=True), pct(s.held_out, signed=True),
+             "; ".join(n for n in (s.unscored, s.largest_budget_note) if n)] for s in scores]  # fmt: skip
+    headers = ["form", "coefficients", "fit RMS / max", "leave-one-size-out RMS / max",
+               "largest budget from the smaller RMS / max (mean)", "held out RMS / max (mean)", "note"]  # fmt: skip
     return tabulate(rows, headers=headers, tablefmt="github")
 
 

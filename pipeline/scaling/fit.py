@@ -53,17 +53,25 @@ class Observation:
 
 @dataclass
 class ErrorStats:
-    """Relative loss errors ``|L_pred / L - 1|`` over a set of points."""
+    """Relative loss errors ``L_pred / L - 1`` over a set of points: the RMS and the
+    largest magnitude, and the signed mean (negative: the law predicts too low a loss on
+    average, a bias the RMS alone does not show)."""
 
     count: int
     rms: float
     max: float
+    mean: float = math.nan
 
     @classmethod
     def of(cls, rel_errors: np.ndarray) -> ErrorStats:
         if rel_errors.size == 0:
             return cls(0, math.nan, math.nan)
-        return cls(int(rel_errors.size), float(np.sqrt(np.mean(rel_errors**2))), float(np.max(np.abs(rel_errors))))
+        return cls(
+            int(rel_errors.size),
+            float(np.sqrt(np.mean(rel_errors**2))),
+            float(np.max(np.abs(rel_errors))),
+            float(np.mean(rel_errors)),
+        )
 
 
 @dataclass

@@ -16,11 +16,19 @@ Each fold's fit starts from the full grid, as the fit to all points does, and ke
 its own lowest objective; it never starts from the optimum of all points (that fit saw
 the size the fold predicts). A fold fitted from a few starts lands in whichever local
 optimum is nearest, and the scores then measure the starts, not the forms (seen on
-moe_grid: a 16-start fold grid moved the ranking). Six forms x four fits x 162 starts
+moe_grid: a 16-start fold grid moved the ranking). Six forms x five fits x 162 starts
 take minutes on 2 cores; ``make scaling-fit`` is run once per sweep.
 
 A form that some fold's points cannot determine (:func:`pipeline.scaling.fit.check_identifiable`)
 gets no score and cannot be chosen; it is listed with the reason.
+
+Every form is also scored, for the record and not for the choice, by how it extrapolates
+in tokens (:func:`leave_largest_budget_out`): fitted to the points below the sweep's
+largest budget, it predicts the fitted points at that budget. The held-out runs and the
+closed loops are trained at that budget, and a plan at the paper's budgets extrapolates
+in D by orders of magnitude, so a bias there (its signed mean) is what a plan inherits.
+It does not choose: it was added after the held-out and loop results were seen, and a
+rule picked with the test in view would make the test a selected minimum.
 """
 
 from __future__ import annotations
@@ -45,12 +53,15 @@ class FormScore:
     held_out: ErrorStats | None
     folds: list[str]  # the sizes left out in turn
     unscored: str = ""  # why the form has no score, if it has none
+    largest_budget: ErrorStats | None = None  # leave_largest_budget_out: reported, never chooses
+    largest_budget_note: str = ""  # why it is missing, if it is
 
     def to_dict(self) -> dict:
-        named = (("fit_error", self.fit), ("cv_error", self.cross_validated), ("held_out_error", self.held_out))
+        named = (("fit_error", self.fit), ("cv_error", self.cross_validated), ("held_out_error", self.held_out),
+                 ("largest_budget_error", self.largest_budget))  # fmt: skip
         stats = {k: None if v is None else vars(v) for k, v in named}
         return {"form": self.form, "coefficients": self.coefficients, **stats, "folds": self.folds,
-                "unscored": self.unscored}  # fmt: skip
+                "unscored": self.unscored, "largest_budget_note": self.largest_budget_note}  # fmt: skip
 
 
 def leave_one_size_out(points: list[Observation], form: LawForm, starts: list[np.ndarray] | None = None) -> ErrorStats:
@@ -75,9 +86,34 @@ def leave_one_size_out(points: list[Observation], form: LawForm, starts: list[np
     return ErrorStats.of(np.array(errors))
 
 
+def leave_largest_budget_out(
+    points: list[Observation], form: LawForm, starts: list[np.ndarray] | None = None
+) -> ErrorStats:
+    """Relative errors ``L_pred / L - 1`` of the fitted points at the largest token budget,
+    predicted by ``form`` fitted to the fitted points at the smaller budgets (held-out
+    points are dropped first): the law's extrapolation in D, with its sign (``mean``).
+    Raises ScalingFitError when the fitted points have fewer than three budgets (the fit
+    would be left one, and no D term) or when the smaller budgets cannot determine the
+    form (:func:`pipeline.scaling.fit.check_identifiable`, named in the message)."""
+    fitted = [p for p in points if not p.held_out]
+    budgets = sorted({p.inputs.tokens for p in fitted})
+    if len(budgets) < 3:
+        shown = ", ".join(f"{b:g}" for b in budgets)
+        raise ScalingFitError(f"leaving the largest token budget out needs three or more budgets, the fitted points "
+                              f"have {len(budgets)} ({shown})")  # fmt: skip
+    fold = [replace(p, held_out=p.inputs.tokens == budgets[-1]) for p in fitted]
+    try:
+        result = fit_law(fold, starts=starts, form=form)
+    except ScalingFitError as err:
+        raise ScalingFitError(f"without the largest budget ({budgets[-1]:g} tokens): {err}") from None
+    return ErrorStats.of(np.array([result.predictions[p.name] / p.loss - 1.0 for p in fold if p.held_out]))
+
+
 def choose_form(points: list[Observation], forms: list[LawForm], starts_for=None) -> tuple[FitResult, list[FormScore]]:
     """Fit every form, score each by :func:`leave_one_size_out`, and return the fit of
-    the lowest-scoring form and every form's scores (in ``forms`` order).
+    the lowest-scoring form and every form's scores (in ``forms`` order). Each score also
+    holds :func:`leave_largest_budget_out` (for the record: it does not choose; None,
+    with the reason, where the points cannot make that fold).
 
     ``starts_for(form)``: every fit's starting points for a form (default: the full
     grid). With one form there is nothing to choose: it is fitted and not cross-validated.
@@ -88,17 +124,25 @@ def choose_form(points: list[Observation], forms: list[LawForm], starts_for=None
     for form in forms:
         starts = None if starts_for is None else starts_for(form)
         folds = sorted({p.size for p in points if not p.held_out})
+        fold_starts = starting_points(form=form) if starts is None else starts
         try:
             results[form.name] = fit_law(points, starts=starts, form=form)
             if len(forms) == 1:
                 cv, unscored = None, "the only form: not cross-validated"
             else:
-                cv = leave_one_size_out(points, form, starting_points(form=form) if starts is None else starts)
+                cv = leave_one_size_out(points, form, fold_starts)
                 unscored = ""
         except ScalingFitError as err:
             if len(forms) == 1 and form.name not in results:
                 raise
             cv, unscored = None, str(err)
+        largest, note = None, "the only form: not cross-validated"
+        if len(forms) > 1:
+            note = ""
+            try:
+                largest = leave_largest_budget_out(points, form, fold_starts)
+            except ScalingFitError as err:
+                note = str(err)
         fitted = results.get(form.name)
         scores.append(
             FormScore(
@@ -109,6 +153,8 @@ def choose_form(points: list[Observation], forms: list[LawForm], starts_for=None
                 fitted and fitted.held_out,
                 folds,
                 unscored,
+                largest,
+                note,
             )  # fmt: skip
         )
     scored = [s for s in scores if s.cross_validated is not None and math.isfinite(s.cross_validated.rms)]

@@ -177,6 +177,7 @@ def _scaling(out: Path) -> None:
                 "coefficients": 10,
                 "fit_error": stats(64, 0.0123, 0.0456),
                 "cv_error": stats(64, 0.0196, 0.0596),
+                "largest_budget_error": {**stats(16, 0.0258, 0.0424), "mean": -0.0202},
                 "held_out_error": stats(8, 0.0211, 0.0322),
             },  # fmt: skip
         ],
@@ -318,8 +319,9 @@ def test_the_scaling_section_shows_the_planted_fit_plan_and_closed_loop(built, t
     shared = "Closed loop, control planned within the sweep's depths, widths and shared-expert shares: `l3-z-600000`"
     assert shared in section and "interval [4.074, 4.404]: outside, 1.00% of the loss beyond" in section
     assert section.index("Closed loop: ") < section.index(control) < section.index(shared)
-    assert _md_row(section, "**interior**") == ["**interior**", "10", "1.23% / 4.56%", "1.96% / 5.96%", "2.11% / 3.22%"]
-    assert _md_row(section, "power")[3] == "2.22% / 6.10%"
+    row = ["**interior**", "10", "1.23% / 4.56%", "1.96% / 5.96%", "2.58% / 4.24% (-2.02%)", "2.11% / 3.22%"]
+    assert _md_row(section, "**interior**") == row
+    assert _md_row(section, "power")[3:5] == ["2.22% / 6.10%", "—"]  # a fit.json from before the column
     assert _md_row(section, "MoE vs dense") == ["MoE vs dense", "+0.170 (7/9)", "-0.00123 (3/6)"]
     assert "![Scaling law: predicted against measured loss](plots/scaling_fit.png)" in section
     assert (Path(built["summary"]["markdown"]).parent / "plots" / "scaling_fit.png").is_file()

@@ -18,7 +18,7 @@ from pipeline.scaling.artifacts import read_points, write_fit
 from pipeline.scaling.config import ScalingStageConfig
 from pipeline.scaling.fit import Observation, ScalingFitError, check_identifiable, fit_law, starting_points
 from pipeline.scaling.law import JOINT, LawInputs, ScalingLaw, design_matrix, shape_of
-from pipeline.scaling.select import choose_form, leave_one_size_out
+from pipeline.scaling.select import choose_form, leave_largest_budget_out, leave_one_size_out
 from pipeline.stages.scaling import hold_out
 from pipeline.stages.sweep import point_name
 
@@ -134,6 +134,9 @@ def test_the_form_that_holds_the_shape_is_chosen_by_leave_one_size_out_not_by_fi
     assert result.law.form is forms.INTERIOR
     assert by["interior"].cross_validated.rms < 0.004 < by["power"].cross_validated.rms
     assert by["power"].folds == ["a", "b", "c", "d"] and by["interior"].coefficients == 10
+    # reported beside the choice: the 24 fitted points at the largest budget, from the smaller budgets
+    assert by["interior"].largest_budget.count == 24 and math.isfinite(by["interior"].largest_budget.rms)
+    assert by["power"].to_dict()["largest_budget_error"]["count"] == 24
     assert result.held_out.max < 0.01
     absurd = [replace(p, loss=p.loss * 3) if p.held_out else p for p in points]
     again, scores_again = choose_form(absurd, [forms.POWER, forms.INTERIOR], _few)
@@ -174,6 +177,30 @@ def test_leave_one_size_out_predicts_each_size_from_the_others_by_hand():
     assert got.rms == pytest.approx(math.sqrt(np.mean(np.square(errors))), rel=1e-9)
     with pytest.raises(ScalingFitError, match="two or more sizes"):
         leave_one_size_out([p for p in points if p.size == "a"], forms.POWER)
+
+
+def test_leaving_the_largest_budget_out_predicts_it_from_the_smaller_budgets():
+    """Noiseless points of an interior law, the fitted ones at the largest budget made 3%
+    worse: the fold fitted to the smaller budgets recovers the law, so each of those 24
+    points is predicted 1/1.03 - 1 = -2.91% off, a bias its signed mean shows. Fitting
+    them in, or leaving another budget out, moves the errors; the held-out d points at
+    that budget are no part of it."""
+    truth = law_of(forms.INTERIOR, INTERIOR_TRUE)
+    largest = 1e7
+    points = [replace(p, loss=p.loss * 1.03) if p.inputs.tokens == largest and not p.held_out else p
+              for p in _sweep(truth, noise=0.0)]  # fmt: skip
+    got = leave_largest_budget_out(points, forms.INTERIOR, _few(forms.INTERIOR))
+    assert got.count == 24
+    # within 1e-3: a fit from the few starts, noiseless, lands 0.06% off the law at 1e7 by itself
+    assert got.mean == pytest.approx(1 / 1.03 - 1, abs=1e-3)
+    assert got.max == pytest.approx(1 - 1 / 1.03, abs=1e-3) and got.rms == pytest.approx(1 - 1 / 1.03, abs=1e-3)
+    two_budgets = [p for p in points if p.inputs.tokens != 3e6]
+    with pytest.raises(ScalingFitError, match=r"three or more budgets, the fitted points have 2 \(1e\+06, 1e\+07\)"):
+        leave_largest_budget_out(two_budgets, forms.INTERIOR)
+    dense_below = [p for p in points if p.inputs.tokens == largest or p.inputs.expansion == 1]  # no MoE below
+    no_fit = r"without the largest budget \(1e\+07 tokens\): 8 sweep point\(s\) to fit"
+    with pytest.raises(ScalingFitError, match=no_fit):
+        leave_largest_budget_out(dense_below, forms.INTERIOR)
 
 
 def test_each_form_names_the_spread_it_needs():
@@ -516,3 +543,33 @@ def test_every_form_is_held_against_the_closed_loops_runs(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"{'interior':<22} {expected['held_out_rms']:12.2%} {expected['held_out_max']:7.2%} | " in printed
     assert f"{expected['loops_mean']:+10.2%}" in printed and "mean of above, on" in printed
+
+
+def test_the_budget_bias_tool_fits_draws_of_the_law_itself(tmp_path, capsys):
+    """tools/budget_bias.py: draws of the sweep's fitted points from the fit's own law.
+    Noise-free draws give the law's predictions (held-out points dropped), and the law,
+    refitted without the largest budget, predicts it back (the few starts' own 0.06%);
+    the measured points' error is leave_largest_budget_out's on them (3% worse at the
+    largest budget: 1/1.03 - 1). With noise, the draws' log-loss SD is the one asked for."""
+    from tools.budget_bias import main, null_errors, simulated
+
+    truth = law_of(forms.INTERIOR, INTERIOR_TRUE)
+    points = [replace(p, loss=p.loss * 1.03) if p.inputs.tokens == 1e7 else p for p in _sweep(truth, noise=0.0)]
+    fit = {"form_name": "interior", "coefficients": INTERIOR_TRUE, "fit_error": {"rms": 0.0}}
+    rng = np.random.default_rng(0)
+    exact = simulated(points, fit, 0.0, rng)
+    assert len(exact) == len(points) - 8 and not any(p.held_out for p in exact)
+    assert [p.loss for p in exact] == pytest.approx([truth.predict_one(p.inputs) for p in exact], rel=1e-12)
+    noisy = simulated(points, fit, 0.05, rng)
+    log_ratio = np.log([p.loss / truth.predict_one(p.inputs) for p in noisy])
+    assert 0.04 < log_ratio.std() < 0.06
+    runs, measured = null_errors(points, fit, 0.0, 2, starts=_few(forms.INTERIOR))
+    assert len(runs) == 2 and all(r.count == 24 and abs(r.mean) < 2e-3 for r in runs)
+    assert measured.mean == pytest.approx(1 / 1.03 - 1, abs=1e-3)
+    from tools.budget_bias import noise_sd
+
+    assert noise_sd({**fit, "seed_noise": {"pooled_sd_log_loss": 0.0105}}) == 0.0105 and noise_sd(fit) == 0.0
+    assert main(["--fit", str(tmp_path / "none.json")]) == 2
+    assert "none.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--draws", "0"])
