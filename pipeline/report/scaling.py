@@ -99,6 +99,12 @@ def scaling_lines(s: ScalingSummary) -> list[str]:
             apart = [r["name"] for r in sure.get("rows", []) if not r["told_apart"]]
             line += f", 95% interval [{low:.3f}, {high:.3f}]; cannot be told apart from {len(apart)} of the next "
             line += f"{len(sure.get('rows', []))}" + (f" ({', '.join(f'`{a}`' for a in apart)})" if apart else "")
+        sel = sure.get("selection")
+        if sel:  # plans made before the optimizer's curse was measured have none
+            line += (
+                f"; the optimizer's curse, by the refits: {signed(100 * sel['optimism_mean'])}%, corrected "
+                f"prediction {sel['corrected_pred_loss']:.3f}"
+            )
         lines.append(line + "." + _other_law(s.plan, s.fit))
     if s.closed_loop is not None:
         lines.append(_loop_line("Closed loop", s.closed_loop, s.fit))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 from pathlib import Path
 
@@ -223,7 +224,8 @@ def _forms_table(scores: list[FormScore], chosen: str) -> str:
     def pct(stats, signed: bool = False) -> str:
         if stats is None:
             return "–"
-        return f"{stats.rms:.2%} / {stats.max:.2%}" + (f" ({stats.mean:+.2%})" if signed else "")
+        shown = signed and math.isfinite(stats.mean)  # an empty set has no mean
+        return f"{stats.rms:.2%} / {stats.max:.2%}" + (f" ({stats.mean:+.2%})" if shown else "")
 
     rows = [[f"**{s.form}**" if s.form == chosen else s.form, s.coefficients, pct(s.fit), pct(s.cross_validated),
              pct(s.largest_budget, signed=True), pct(s.held_out, signed=True),

@@ -70,21 +70,47 @@ def by_expansion(feasible: list[Candidate]) -> list[dict]:
 TOLD_APART = 0.975
 
 
+def selection_optimism(feasible: list[Candidate], log_loss_RF: np.ndarray) -> dict:
+    """The optimizer's curse of a plan (Smith & Winkler 2006), by the bootstrap's bias
+    estimate (Efron & Tibshirani 1993, ch. 10): in the bootstrap's world the fitted law
+    is the truth and each refit r picks its own best candidate ``c_r``; how much lower
+    the refit predicts ``c_r`` than the law does, ``exp(log_loss_RF[r, c_r]) / L(c_r) - 1``,
+    is the optimism of picking the minimum of noisy predictions. ``feasible``: every
+    candidate within budget, the plan's choice first; ``log_loss_RF`` [refits,
+    candidates]: each refit's log loss of each. Returns ``{"optimism_mean",
+    "optimism_sd"}`` (relative; negative: a choice predicted too low), the share of the
+    refits that pick the plan's own choice, and ``corrected_pred_loss``: the choice's
+    predicted loss / (1 + optimism_mean)."""
+    pick_R = log_loss_RF.argmin(axis=1)
+    law_F = np.log([c.loss for c in feasible])
+    optimism_R = np.exp(log_loss_RF[np.arange(len(pick_R)), pick_R] - law_F[pick_R]) - 1.0
+    mean = float(optimism_R.mean())
+    return {
+        "optimism_mean": mean,
+        "optimism_sd": float(optimism_R.std()),
+        "refits_picking_chosen": float(np.mean(pick_R == 0)),
+        "corrected_pred_loss": feasible[0].loss / (1.0 + mean),
+    }
+
+
 def uncertainty(result: Plan, fit: dict, seed: int = 0) -> dict | None:
     """The chosen model's predictive interval and, for each of the best candidates, the
     share of bootstrap refits of the law that predict it a lower loss than the chosen
     one (paired: the same refit for both); None for a fit.json without refits.
 
     Returns ``{"interval": [low, high], "level", "rows": [{name, pred_loss,
-    share_lower_than_chosen, told_apart}]}``. Told apart: the chosen one is strictly
-    lower in at least :data:`TOLD_APART` of the refits."""
+    share_lower_than_chosen, told_apart}], "selection": ...}``. Told apart: the chosen
+    one is strictly lower in at least :data:`TOLD_APART` of the refits. ``selection``:
+    :func:`selection_optimism` over every feasible candidate."""
     boot = fit.get("intervals") or {}
     if "thetas" not in boot:
         return None
     thetas_RC = np.array(boot["thetas"])
     best = result.best
     form = form_of(fit)
-    mean_RB = np.array([form.log_loss(theta, design_matrix([c.inputs for c in best])) for theta in thetas_RC])
+    X_FC = design_matrix([c.inputs for c in result.feasible])
+    log_loss_RF = np.array([form.log_loss(theta, X_FC) for theta in thetas_RC])
+    mean_RB = log_loss_RF[:, : len(best)]  # feasible is sorted: best is its head
     draws_R = predictive_draws(
         form, thetas_RC, np.array(boot["residuals"]), [best[0].inputs], np.random.default_rng(seed)
     )
@@ -103,7 +129,12 @@ def uncertainty(result: Plan, fit: dict, seed: int = 0) -> dict | None:
                 "told_apart": chosen_lower >= TOLD_APART,
             }
         )
-    return {"interval": [low, high], "level": boot["level"], "rows": rows}
+    return {
+        "interval": [low, high],
+        "level": boot["level"],
+        "rows": rows,
+        "selection": selection_optimism(result.feasible, log_loss_RF),
+    }
 
 
 def uncertainty_text(result: Plan, sure: dict | None) -> str:
@@ -117,9 +148,16 @@ def uncertainty_text(result: Plan, sure: dict | None) -> str:
         if apart
         else f"is predicted lower than each of the next {len(sure['rows'])} in at least {TOLD_APART:.1%} of the refits"
     )
+    sel = sure["selection"]
+    curse = (
+        f"The optimizer's curse, by the refits: each refit's own choice is predicted {sel['optimism_mean']:+.2%} "
+        f"(SD {sel['optimism_sd']:.2%}) against this law's prediction for it, and {sel['refits_picking_chosen']:.0%} "
+        f"of the refits pick {result.chosen.model.name}; corrected for it, the choice's predicted loss is "
+        f"{sel['corrected_pred_loss']:.4f}."
+    )
     return (
         f"{result.chosen.model.name}: predicted loss {result.chosen.loss:.4f}, {sure['level']:.0%} interval for a "
-        f"measured run [{low:.4f}, {high:.4f}]; it {verdict}.\n\n"
+        f"measured run [{low:.4f}, {high:.4f}]; it {verdict}.\n\n{curse}\n\n"
         + tabulate(sure["rows"], headers="keys", tablefmt="github")
     )
 

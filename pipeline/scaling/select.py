@@ -44,7 +44,8 @@ from pipeline.scaling.law import LawForm
 
 @dataclass
 class FormScore:
-    """One candidate form: its fit, its cross-validated and its held-out errors."""
+    """One candidate form: its fit, its cross-validated and its held-out errors, and its
+    error at the largest budget fitted without it (reported, not used to choose)."""
 
     form: str
     coefficients: int
@@ -91,7 +92,8 @@ def leave_largest_budget_out(
 ) -> ErrorStats:
     """Relative errors ``L_pred / L - 1`` of the fitted points at the largest token budget,
     predicted by ``form`` fitted to the fitted points at the smaller budgets (held-out
-    points are dropped first): the law's extrapolation in D, with its sign (``mean``).
+    points are dropped first): the law's extrapolation in D, with its sign (``mean``);
+    also in N for a size whose points all lie at the largest budget (none on moe_grid).
     Raises ScalingFitError when the fitted points have fewer than three budgets (the fit
     would be left one, and no D term) or when the smaller budgets cannot determine the
     form (:func:`pipeline.scaling.fit.check_identifiable`, named in the message)."""
@@ -106,7 +108,7 @@ def leave_largest_budget_out(
         result = fit_law(fold, starts=starts, form=form)
     except ScalingFitError as err:
         raise ScalingFitError(f"without the largest budget ({budgets[-1]:g} tokens): {err}") from None
-    return ErrorStats.of(np.array([result.predictions[p.name] / p.loss - 1.0 for p in fold if p.held_out]))
+    return result.held_out  # the fold's held-out points: the fitted ones at the largest budget
 
 
 def choose_form(points: list[Observation], forms: list[LawForm], starts_for=None) -> tuple[FitResult, list[FormScore]]:
@@ -136,9 +138,8 @@ def choose_form(points: list[Observation], forms: list[LawForm], starts_for=None
             if len(forms) == 1 and form.name not in results:
                 raise
             cv, unscored = None, str(err)
-        largest, note = None, "the only form: not cross-validated"
+        largest, note = None, ""  # a single form: nothing to compare, its `unscored` says so
         if len(forms) > 1:
-            note = ""
             try:
                 largest = leave_largest_budget_out(points, form, fold_starts)
             except ScalingFitError as err:

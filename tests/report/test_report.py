@@ -191,7 +191,8 @@ def _scaling(out: Path) -> None:
     _write(out / "fit.json", fit)
     plan = {"chosen": {"name": "l6_x", "pred_loss": 4.2538},
             "uncertainty": {"interval": [4.0799, 4.4399], "rows": [{"name": "l4_dense", "told_apart": False},
-                                                                   {"name": "l2_y", "told_apart": True}]}}  # fmt: skip
+                                                                   {"name": "l2_y", "told_apart": True}],
+                            "selection": {"optimism_mean": -0.00235, "corrected_pred_loss": 4.2638}}}  # fmt: skip
     _write(out / "plan" / "tiny_plan" / "plan.json", plan)
     closed = {"point": "l6-x-600000", "measured": 4.5374, "predicted": 4.2538, "interval": [4.0799, 4.4399],
               "inside": False, "miss": 0.02196}  # fmt: skip
@@ -309,7 +310,8 @@ def test_the_scaling_section_shows_the_planted_fit_plan_and_closed_loop(built, t
     assert "Run-to-run noise (seed replicates of 2 points): SD 1.71% of the loss." in section
     assert "Plan `tiny_plan`: `l6\\_x`" not in section  # names are code spans, not escaped text
     assert "Plan `tiny_plan`: `l6_x`, predicted loss 4.254, 95% interval [4.080, 4.440]" in section
-    assert "cannot be told apart from 1 of the next 2 (`l4_dense`)" in section
+    curse = "the optimizer's curse, by the refits: -0.235%, corrected prediction 4.264."
+    assert "cannot be told apart from 1 of the next 2 (`l4_dense`); " + curse in section
     assert "measured 4.537 against 4.254 predicted (+6.7%), interval [4.080, 4.440]: outside, 2.20%" in section
     control = "Closed loop, control planned within the sweep's depths and widths: `l3-y-600000` trained at the "
     control += "sweep's largest "

@@ -16,7 +16,7 @@ from pipeline.configbase import ConfigError, from_dict
 from pipeline.scaling import forms
 from pipeline.scaling.artifacts import read_points, write_fit
 from pipeline.scaling.config import ScalingStageConfig
-from pipeline.scaling.fit import Observation, ScalingFitError, check_identifiable, fit_law, starting_points
+from pipeline.scaling.fit import ErrorStats, Observation, ScalingFitError, check_identifiable, fit_law, starting_points
 from pipeline.scaling.law import JOINT, LawInputs, ScalingLaw, design_matrix, shape_of
 from pipeline.scaling.select import choose_form, leave_largest_budget_out, leave_one_size_out
 from pipeline.stages.scaling import hold_out
@@ -573,3 +573,55 @@ def test_the_budget_bias_tool_fits_draws_of_the_law_itself(tmp_path, capsys):
     assert "none.json" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--draws", "0"])
+    with pytest.raises(KeyError, match="neither seed_noise.pooled_sd_log_loss nor fit_error.rms"):
+        noise_sd({"form_name": "interior"})
+
+
+def test_the_budget_bias_tool_prints_the_draws_against_the_measured_points(tmp_path, capsys):
+    """What the tool prints (docs quote it): per draw, the draws' means (mean, SD, range)
+    and where the measured mean falls among them; a hold-out that is not the fit's is
+    refused before any fit, naming both counts."""
+    from tools.budget_bias import _check_hold_out, summary
+
+    runs = [ErrorStats(16, 0.03, 0.05, m) for m in (0.02, -0.01, 0.05)]
+    lines = summary(runs, ErrorStats(16, 0.0155, 0.0323, -0.0091))
+    assert lines[1] == "  draw 1: mean -1.00%, RMS 3.00%, max 5.00% (16 points)"
+    assert lines[3] == "draws: mean of the means +2.00%, SD 3.00%, range [-1.00%, +5.00%]"
+    assert lines[4] == "measured points: mean -0.91%, RMS 1.55%, max 3.23%; 1 of 3 draws' means below it"
+    points = _sweep(law_of(forms.INTERIOR, INTERIOR_TRUE), noise=0.0)
+    _check_hold_out(points, {"held_out_points": 8})
+    with pytest.raises(ValueError, match="the fit held out 16 points, this hold-out 8"):
+        _check_hold_out(points, {"held_out_points": 16})
+
+
+def test_the_forms_table_puts_each_error_under_its_own_header():
+    """comparison.md's "Which law": every error set in its column, signed means where
+    the set has one, the chosen form in bold, a form's notes joined."""
+    from pipeline.scaling.artifacts import _forms_table
+    from pipeline.scaling.fit import ErrorStats as E
+    from pipeline.scaling.select import FormScore
+
+    score = FormScore(
+        "interior",
+        10,
+        E(64, 0.015, 0.053, 0.0002),
+        E(64, 0.0194, 0.0573, -0.005),
+        E(16, 0.0238, 0.0339, -0.0213),
+        ["m", "s", "xs"],
+        "",
+        E(16, 0.0155, 0.0323, -0.0091),
+        "",
+    )
+    other = FormScore("power", 8, E(64, 0.016, 0.05), None, E(0, math.nan, math.nan), [], "a reason", None, "why")
+    header, _, row, row2 = (line.split("|")[1:-1] for line in _forms_table([score, other], "interior").splitlines())
+    cells = dict(zip((h.strip() for h in header), (c.strip() for c in row)))
+    assert cells == {
+        "form": "**interior**",
+        "coefficients": "10",
+        "fit RMS / max": "1.50% / 5.30%",
+        "leave-one-size-out RMS / max": "1.94% / 5.73%",
+        "largest budget from the smaller RMS / max (mean)": "1.55% / 3.23% (-0.91%)",
+        "held out RMS / max (mean)": "2.38% / 3.39% (-2.13%)",
+        "note": "",
+    }  # fmt: skip
+    assert [c.strip() for c in row2][3:] == ["–", "–", "nan% / nan%", "a reason; why"]

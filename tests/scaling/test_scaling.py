@@ -676,6 +676,18 @@ def test_the_plan_says_how_sure_and_which_candidates_cannot_be_told_apart():
     assert sure["interval"] == pytest.approx(sorted(lows), rel=1e-9) and sure["level"] == 0.9
     assert "cannot be told apart from 1 of the next 2: B" in uncertainty_text(plan, sure)
     assert "No bootstrap refits" in uncertainty_text(plan, uncertainty(plan, {}))
+    # the optimizer's curse: the 360 TRUE refits pick A as the law does (optimism 0); the 40
+    # reversed ones pick their own minimum, B, which they predict below the law's B
+    rev = {k: math.exp(log_loss(np.array(reversed_gamma), design_matrix([x]))[0]) for k, x in inputs.items()}
+    assert min(rev, key=rev.get) == "B"
+    optimism = 0.1 * (rev["B"] / cands[1].loss - 1)
+    sel = sure["selection"]
+    assert sel["optimism_mean"] == pytest.approx(optimism, rel=1e-9) and sel["refits_picking_chosen"] == 0.9
+    assert sel["optimism_sd"] == pytest.approx(abs(rev["B"] / cands[1].loss - 1) * 0.3, rel=1e-9)  # sqrt(.1 * .9)
+    assert sel["corrected_pred_loss"] == pytest.approx(cands[0].loss / (1 + optimism), rel=1e-9)
+    assert f"corrected for it, the choice's predicted loss is {cands[0].loss / (1 + optimism):.4f}" in (
+        uncertainty_text(plan, sure)
+    )
 
 
 def test_plan_command_writes_a_config_the_recipe_composes_and_builds(tmp_path, capsys):
