@@ -685,9 +685,14 @@ def test_the_plan_says_how_sure_and_which_candidates_cannot_be_told_apart():
     assert sel["optimism_mean"] == pytest.approx(optimism, rel=1e-9) and sel["refits_picking_chosen"] == 0.9
     assert sel["optimism_sd"] == pytest.approx(abs(rev["B"] / cands[1].loss - 1) * 0.3, rel=1e-9)  # sqrt(.1 * .9)
     assert sel["corrected_pred_loss"] == pytest.approx(cands[0].loss / (1 + optimism), rel=1e-9)
-    assert f"corrected for it, the choice's predicted loss is {cands[0].loss / (1 + optimism):.4f}" in (
-        uncertainty_text(plan, sure)
-    )
+    fixed = 0.1 * (rev["A"] / cands[0].loss - 1)  # A held fixed: the reversed refits' bias there
+    assert sel["fixed_choice_mean"] == pytest.approx(fixed, rel=1e-9)
+    assert sel["choosing_mean"] == pytest.approx(optimism - fixed, rel=1e-9)
+    text = uncertainty_text(plan, sure)
+    assert f"A held fixed is predicted {fixed:+.2%}, so choosing adds {optimism - fixed:+.2%}" in text
+    assert f"Corrected for both, the choice's predicted loss is {cands[0].loss / (1 + optimism):.4f}" in text
+    # every candidate within budget competes, not only the rows shown: with one row, B still wins 10%
+    assert uncertainty(replace(plan, top=1), fit)["selection"] == sel
 
 
 def test_plan_command_writes_a_config_the_recipe_composes_and_builds(tmp_path, capsys):
