@@ -1,4 +1,4 @@
-"""``python -m tools.budget_bias [--fit outputs/scaling/fit.json] [--points ...points.csv] [--draws 8]``:
+"""``python -m tools.budget_bias [--fit outputs/scaling/fit.json] [--draws 8] [--fold largest-budget|held-out]``:
 how far a law that is exactly right misses the largest token budget, fitted without it.
 
 ``make scaling-fit`` reports each form's "largest budget from the smaller" error
@@ -15,7 +15,10 @@ fit holds out dropped as it drops them), each loss times ``exp(e)`` with
 draws below the largest budget from the full grid of starts, as the fit does, and reports
 the error at the largest budget per draw and over all draws. Where the measured points'
 own error is of the size and sign of the draws', the miss is what this sweep's budgets
-allow any fit, the right law included. About 8 s a draw on 2 cores for the 10-coefficient ``interior`` form.
+allow any fit, the right law included. ``--fold held-out`` asks the same of the fit's
+own held-out runs (the largest size at the largest budget): the draws keep them, held
+out, and each is fitted as ``make scaling-fit`` fits the measured points. About 8 s a
+draw on 2 cores for the 10-coefficient ``interior`` form.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.scaling import forms
-from pipeline.scaling.fit import ErrorStats, Observation
+from pipeline.scaling.fit import ErrorStats, Observation, fit_law
 from pipeline.scaling.select import leave_largest_budget_out
 from tools.loop_forms import held_out_points
 
@@ -50,23 +53,43 @@ def noise_sd(fit: dict) -> float:
     return float(rms)
 
 
-def simulated(points: list[Observation], fit: dict, sd: float, rng: np.random.Generator) -> list[Observation]:
-    """The fitted points (held-out ones dropped) with losses drawn from the law in ``fit``
-    (``fit.json``'s content): the law's prediction times ``exp(N(0, sd))``."""
+def simulated(
+    points: list[Observation], fit: dict, sd: float, rng: np.random.Generator, keep_held_out: bool = False
+) -> list[Observation]:
+    """The fitted points (the held-out ones too with ``keep_held_out``, still marked held
+    out) with losses drawn from the law in ``fit`` (``fit.json``'s content): the law's
+    prediction times ``exp(N(0, sd))``."""
     law = forms.law_from_fit(fit)
-    fitted = [p for p in points if not p.held_out]
-    truth = law.predict([p.inputs for p in fitted])
-    noise = np.exp(rng.normal(0.0, sd, len(fitted)))
-    return [replace(p, loss=float(t * n)) for p, t, n in zip(fitted, truth, noise)]
+    kept = [p for p in points if keep_held_out or not p.held_out]
+    truth = law.predict([p.inputs for p in kept])
+    noise = np.exp(rng.normal(0.0, sd, len(kept)))
+    return [replace(p, loss=float(t * n)) for p, t, n in zip(kept, truth, noise)]
 
 
-def null_errors(points: list[Observation], fit: dict, sd: float, draws: int, seed: int = 0, starts=None):
-    """:func:`leave_largest_budget_out` of the fit's own form on ``draws`` simulated sweeps
-    (:func:`simulated`): one ErrorStats per draw, and the measured points' own."""
+def _held_out_error(points: list[Observation], form, starts) -> ErrorStats:
+    return fit_law(points, starts=starts, form=form).held_out
+
+
+FOLDS = {"largest-budget": leave_largest_budget_out, "held-out": _held_out_error}
+WHAT = {
+    "largest-budget": "error at the largest budget, fitted to the smaller ones",
+    "held-out": "error at the fit's held-out runs, fitted to the others",
+}
+
+
+def null_errors(
+    points: list[Observation], fit: dict, sd: float, draws: int, seed: int = 0, starts=None, fold="largest-budget"
+):
+    """The ``fold``'s error of the fit's own form on ``draws`` simulated sweeps
+    (:func:`simulated`): one ErrorStats per draw, and the measured points' own.
+    ``largest-budget``: :func:`leave_largest_budget_out`; ``held-out``: the fit's own
+    held-out points, fitted to the rest as the fit does (drawn too, with their noise)."""
     form = forms.form_of(fit)
+    error = FOLDS[fold]
     rng = np.random.default_rng(seed)
-    runs = [leave_largest_budget_out(simulated(points, fit, sd, rng), form, starts) for _ in range(draws)]
-    return runs, leave_largest_budget_out(points, form, starts)
+    keep = fold == "held-out"
+    runs = [error(simulated(points, fit, sd, rng, keep_held_out=keep), form, starts) for _ in range(draws)]
+    return runs, error(points, form, starts)
 
 
 def summary(runs: list[ErrorStats], measured: ErrorStats) -> list[str]:
@@ -102,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sd", type=float, default=None, help="noise SD of log loss (default: the seeds' pooled SD)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hold-out", nargs="*", default=None, help="sizes held out (default: conf/scaling.yaml's)")
+    parser.add_argument("--fold", choices=tuple(FOLDS), default="largest-budget",
+                        help="the largest budget fitted without it, or the fit's held-out runs")  # fmt: skip
     args = parser.parse_args(argv)
     if args.draws < 1:
         parser.error(f"--draws must be >= 1, got {args.draws}")
@@ -114,12 +139,12 @@ def main(argv: list[str] | None = None) -> int:
         if not (math.isfinite(sd) and sd >= 0):
             raise ValueError(f"the noise SD must be finite and >= 0, got {sd}")
         # ScalingFitError (a ValueError): too few budgets, or a fold that cannot determine the form
-        runs, measured = null_errors(points, fit, sd, args.draws, args.seed)
+        runs, measured = null_errors(points, fit, sd, args.draws, args.seed, fold=args.fold)
     except (OSError, ValueError, KeyError, TypeError) as err:
         print(f"budget_bias: {args.fit}, {args.points}: {err}", file=sys.stderr)
         return 2
     print(f"law `{fit.get('form_name', 'joint')}` as the truth, noise SD {sd:.2%} of the loss, {args.draws} draws; "
-          f"error at the largest budget, fitted to the smaller ones (predicted / measured - 1):")  # fmt: skip
+          f"{WHAT[args.fold]} (predicted / measured - 1):")  # fmt: skip
     print("\n".join(summary(runs, measured)))
     return 0
 

@@ -566,6 +566,13 @@ def test_the_budget_bias_tool_fits_draws_of_the_law_itself(tmp_path, capsys):
     runs, measured = null_errors(points, fit, 0.0, 2, starts=_few(forms.INTERIOR))
     assert len(runs) == 2 and all(r.count == 24 and abs(r.mean) < 2e-3 for r in runs)
     assert measured.mean == pytest.approx(1 / 1.03 - 1, abs=1e-3)
+    # the fit's own held-out runs: drawn too, still held out; the law refitted without them
+    kept = simulated(points, fit, 0.0, rng, keep_held_out=True)
+    assert len(kept) == len(points) and sum(p.held_out for p in kept) == 8
+    held_worse = [replace(p, loss=p.loss * 1.03) if p.held_out else p for p in _sweep(truth, noise=0.0)]
+    runs, measured = null_errors(held_worse, fit, 0.0, 1, starts=_few(forms.INTERIOR), fold="held-out")
+    assert runs[0].count == 8 and abs(runs[0].mean) < 2e-3
+    assert measured.mean == pytest.approx(1 / 1.03 - 1, abs=1e-3) and measured.count == 8
     from tools.budget_bias import noise_sd
 
     assert noise_sd({**fit, "seed_noise": {"pooled_sd_log_loss": 0.0105}}) == 0.0105 and noise_sd(fit) == 0.0
