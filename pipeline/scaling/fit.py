@@ -192,7 +192,7 @@ def minimize_from(objective, theta0: np.ndarray, bounds) -> tuple[np.ndarray, fl
     return res.x, float(res.fun), bool(res.success)
 
 
-def _best_start(objective, starts: list[np.ndarray], bounds) -> tuple[np.ndarray, float, int]:
+def best_start(objective, starts: list[np.ndarray], bounds) -> tuple[np.ndarray, float, int]:
     """L-BFGS-B from every start: the optimum with the lowest objective, its objective,
     and how many starts converged."""
     best_theta, best_value, converged = None, math.inf, 0
@@ -226,7 +226,7 @@ def fit_law(
     starts = starting_points(form=form) if starts is None else starts
     # BLAS threads on [P, C] products only contend (20x slower on 2 busy cores).
     with threadpool_limits(limits=1):
-        best_theta, best_value, converged = _best_start(huber_objective(form, X, y, delta), starts, form.bounds)
+        best_theta, best_value, converged = best_start(huber_objective(form, X, y, delta), starts, form.bounds)
     law = ScalingLaw(tuple(float(t) for t in best_theta), form)
     predicted = law.predict([p.inputs for p in points])
     rel = predicted / np.array([p.loss for p in points]) - 1.0

@@ -632,3 +632,38 @@ def test_the_forms_table_puts_each_error_under_its_own_header():
         "note": "",
     }  # fmt: skip
     assert [c.strip() for c in row2][3:] == ["–", "–", "nan% / nan%", "a reason; why"]
+
+
+def test_the_weighted_fit_probe_weighs_each_point_by_its_budgets_noise(capsys):
+    """tools/weighted_fit.py: with every scale 1 its objective is the fit's own; points of
+    an interior law with 5% noise at the two smaller budgets, declared 50x noisier than the
+    largest, barely move the weighted fit (the held-out runs come back within 0.1%), where the equal-weight
+    fit is pulled off by them; a budget without an SD is named."""
+    from pipeline.scaling.fit import huber_objective
+    from tools.weighted_fit import budget_sigma, fit_weighted, main, weighted_objective
+
+    truth = law_of(forms.INTERIOR, INTERIOR_TRUE)
+    points = _sweep(truth, noise=0.0)
+    X, y = design_matrix([p.inputs for p in points]), np.log([p.loss * 1.01 for p in points])
+    theta = np.array(truth.theta) * 1.1
+    plain, weighted = (
+        huber_objective(forms.INTERIOR, X, y)(theta),
+        weighted_objective(forms.INTERIOR, X, y, np.ones(len(points)))(theta),
+    )
+    assert weighted[0] == pytest.approx(plain[0], rel=1e-12) and weighted[1] == pytest.approx(plain[1], rel=1e-12)
+    scaled = weighted_objective(forms.INTERIOR, X, y, np.linspace(1.0, 20.0, len(points)))
+    step = 1e-6 * np.eye(len(theta))
+    numeric = [(scaled(theta + h)[0] - scaled(theta - h)[0]) / 2e-6 for h in step]
+    assert scaled(theta)[1] == pytest.approx(numeric, rel=1e-4, abs=1e-6)  # the gradient of the weighted sum
+    rng = np.random.default_rng(0)
+    off = [replace(p, loss=p.loss * math.exp(rng.normal(0, 0.05))) if p.inputs.tokens < 1e7 else p for p in points]
+    sigma = budget_sigma({1e6: 0.05, 3e6: 0.05, 1e7: 0.001})
+    got = fit_weighted(off, forms.INTERIOR, sigma, _few(forms.INTERIOR))
+    equal = fit_weighted(off, forms.INTERIOR, budget_sigma({1e6: 0.001, 3e6: 0.001, 1e7: 0.001}), _few(forms.INTERIOR))
+    assert got["held_out"].max < 1e-3 < equal["held_out"].max  # measured: 1.5e-5 and 5.9e-3
+    assert got["held_out"].count == 8 and got["held_out_seed_means"].count == 8
+    dense = budget_sigma({1e6: 0.1, 1e7: 0.002}, dense_largest=0.02)
+    assert dense(replace(points[0], family="dense", inputs=replace(points[0].inputs, tokens=1e7))) == 0.02
+    with pytest.raises(KeyError, match=r"no --sigma for the budget 3e\+06"):
+        dense(next(p for p in points if p.inputs.tokens == 3e6))
+    assert main(["--sigma", "120832"]) == 2 and "use TOKENS=SD" in capsys.readouterr().err
