@@ -7,9 +7,10 @@ alike: on moe_grid the SD of log loss is about 2.8% at 120832 tokens and 3.7% at
 (three seeds of four m cells, docs/scaling.md), but 0.16-0.18% for the MoE cells at the
 largest budget (2.1% for the dense twin). Here each fitted point's log-loss residual is
 divided by its SD (``--sigma TOKENS=SD`` for every budget; ``--dense-sigma`` for the dense
-families at the largest budget) over the smallest SD given, inside the same Huber loss
-(so a point as noisy as the quietest ones counts as before, a point 16x noisier counts
-about 1/16 as much), fitted from the full grid of starts as ``make scaling-fit`` fits.
+families at the largest budget) over the smallest SD among the fitted points, inside the
+same Huber loss (a point as noisy as the quietest counts as before; one 16x noisier
+counts about 1/16 as much where its residual is beyond the Huber threshold, as nearly
+all are, 1/256 inside it), fitted from the full grid of starts as ``make scaling-fit`` fits.
 It prints, per form, the held-out runs' errors (predicted / measured - 1) and those of
 their seed means beside the fit's own.
 
@@ -31,6 +32,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from pipeline.scaling import forms
+from pipeline.scaling.analysis import replicate_of
 from pipeline.scaling.fit import HUBER_DELTA, ErrorStats, Observation, best_start, huber, starting_points
 from pipeline.scaling.law import LawForm, ScalingLaw, design_matrix
 from tools.loop_forms import held_out_points
@@ -69,9 +71,13 @@ def budget_sigma(sigmas: dict[float, float], dense_largest: float | None = None)
 
 def fit_weighted(points: list[Observation], form: LawForm, sigma, starts=None) -> dict:
     """Fit ``form`` to the points not held out, each weighted by ``sigma(point)``;
-    returns the law and the held-out, held-out seed-mean and fitted errors (ErrorStats)."""
+    returns the law and the held-out, held-out seed-mean (a point and its ``-seed<n>``
+    replicates averaged) and fitted errors (ErrorStats; an empty set's are NaN).
+    ValueError when no point is fitted."""
     fitted = [p for p in points if not p.held_out]
     held = [p for p in points if p.held_out]
+    if not fitted:
+        raise ValueError("no point to fit: every point is held out")
     s_P = np.array([sigma(p) for p in fitted])
     objective = weighted_objective(
         form, design_matrix([p.inputs for p in fitted]), np.log([p.loss for p in fitted]), s_P / s_P.min()
@@ -81,13 +87,13 @@ def fit_weighted(points: list[Observation], form: LawForm, sigma, starts=None) -
     law = ScalingLaw(tuple(float(t) for t in theta), form)
 
     def errors(pts: list[Observation], losses: Sequence[float]) -> ErrorStats:
-        return (
-            ErrorStats.of(law.predict([p.inputs for p in pts]) / np.array(losses) - 1.0) if pts else ErrorStats(0, 0, 0)
-        )
+        if not pts:
+            return ErrorStats.of(np.array([]))
+        return ErrorStats.of(law.predict([p.inputs for p in pts]) / np.array(losses) - 1.0)
 
     cells: dict[str, list[Observation]] = {}
     for p in held:  # a point and its -seed<n> replicates
-        cells.setdefault(p.name.split("-seed")[0], []).append(p)
+        cells.setdefault(replicate_of(p.name), []).append(p)
     means = [ps[0] for ps in cells.values()], [float(np.mean([p.loss for p in ps])) for ps in cells.values()]
     return {
         "law": law,
@@ -124,8 +130,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         chosen = [forms.get(name) for name in args.forms]
-        sigma = budget_sigma(_sigmas(args.sigma), args.dense_sigma)
+        sigmas = _sigmas(args.sigma)
+        if args.dense_sigma is not None and not args.dense_sigma > 0:
+            raise ValueError(f"--dense-sigma must be > 0, got {args.dense_sigma}")
         points = held_out_points(args.points)
+        budgets = {p.inputs.tokens for p in points}
+        unknown = [f"{t:g}" for t in sigmas if t not in budgets]
+        if unknown:  # a typo would otherwise move the largest budget that --dense-sigma is for
+            raise ValueError(f"--sigma for budget(s) {', '.join(unknown)} that no point has ({sorted(budgets)})")
+        sigma = budget_sigma(sigmas, args.dense_sigma)
         [sigma(p) for p in points if not p.held_out]  # a budget without an SD is named before any fit
     except (OSError, ValueError, KeyError) as err:
         print(f"weighted_fit: {err}", file=sys.stderr)

@@ -662,8 +662,22 @@ def test_the_weighted_fit_probe_weighs_each_point_by_its_budgets_noise(capsys):
     equal = fit_weighted(off, forms.INTERIOR, budget_sigma({1e6: 0.001, 3e6: 0.001, 1e7: 0.001}), _few(forms.INTERIOR))
     assert got["held_out"].max < 1e-3 < equal["held_out"].max  # measured: 1.5e-5 and 5.9e-3
     assert got["held_out"].count == 8 and got["held_out_seed_means"].count == 8
+    # equal SDs: the fit's own optimum, whatever the common SD (the scales are relative)
+    same = fit_weighted(off, forms.INTERIOR, budget_sigma({1e6: 0.03, 3e6: 0.03, 1e7: 0.03}), _few(forms.INTERIOR))
+    plain_fit = fit_law(off, starts=_few(forms.INTERIOR), form=forms.INTERIOR)
+    assert same["law"].theta == pytest.approx(plain_fit.law.theta, rel=1e-9, abs=1e-12)
+    # a held-out run's seed replicate: one more run, the same number of seed means
+    held = next(p for p in off if p.held_out)
+    with_seed = [*off, replace(held, name=held.name + "-seed1", loss=held.loss * 1.02)]
+    again = fit_weighted(with_seed, forms.INTERIOR, sigma, _few(forms.INTERIOR))
+    assert again["held_out"].count == 9 and again["held_out_seed_means"].count == 8
+    with pytest.raises(ValueError, match="every point is held out"):
+        fit_weighted([replace(p, held_out=True) for p in off], forms.INTERIOR, sigma)
     dense = budget_sigma({1e6: 0.1, 1e7: 0.002}, dense_largest=0.02)
     assert dense(replace(points[0], family="dense", inputs=replace(points[0].inputs, tokens=1e7))) == 0.02
     with pytest.raises(KeyError, match=r"no --sigma for the budget 3e\+06"):
         dense(next(p for p in points if p.inputs.tokens == 3e6))
     assert main(["--sigma", "120832"]) == 2 and "use TOKENS=SD" in capsys.readouterr().err
+    assert main(["--sigma", "5=0.1"]) == 2 and "--sigma for budget(s) 5 that no point has" in capsys.readouterr().err
+    assert main(["--sigma", "120832=0.1", "--dense-sigma", "0"]) == 2
+    assert "--dense-sigma must be > 0" in capsys.readouterr().err
