@@ -116,12 +116,16 @@ qat-study: params
 	@$(call recipe_run,sft)
 	$(PY) -m pipeline.stages qat stage.qat.scheme=$(SCHEME) stage.qat.out_dir=$(STUDY_DIR) $(ARGS)
 
-# Seed replicates of moe_grid's key cells at its largest runs (the noise floor the fit's
-# errors are read against): seeds 0-2 of the dense twin and the granularity-1/2/4 MoEs at
-# size m and 600000 tokens, points of moe_grid itself (seed 0 is not rerun when it finished).
+# Seed replicates of moe_grid's key cells, points of moe_grid itself (seed 0 is not rerun
+# when it finished): seeds 0-2 of the dense twin and the granularity-1/2/4 MoEs at size m
+# and 600000 tokens (the noise floor the held-out errors are read against), and at the
+# fitted sizes and budgets below it (the noise the fit's weights are estimated from,
+# per budget and dense/routed: conf/scaling.yaml's noise_groups).
 SEED_CELLS ?= dense,e4k1,e8k2,e16k4
 seeds:
 	$(MAKE) sweep SWEEP=moe_grid ARGS="sweep.size=m sweep.tokens=600000 sweep.arch=$(SEED_CELLS) seed=0,1,2 $(ARGS)"
+	$(MAKE) sweep SWEEP=moe_grid ARGS="sweep.size=s sweep.tokens=120000,300000,600000 sweep.arch=$(SEED_CELLS) seed=0,1,2 $(ARGS)"
+	$(MAKE) sweep SWEEP=moe_grid ARGS="sweep.size=m sweep.tokens=120000,300000 sweep.arch=$(SEED_CELLS) seed=0,1,2 $(ARGS)"
 
 scaling-fit: $(STAMP)
 	$(PY) -m pipeline.stages scaling_fit sweep=$(SWEEP) $(ARGS)

@@ -91,6 +91,13 @@ def scaling_lines(s: ScalingSummary) -> list[str]:
     if noise is not None:
         cells = len(fit["seed_noise"]["cells"])
         lines.append(f"Run-to-run noise (seed replicates of {cells} points): SD {pct(noise)} of the loss.")
+    weights = fit.get("noise_weights")
+    if weights:  # fits made before the noise weights have none
+        sds = [g["sd_log_loss"] for g in weights["groups"]]
+        lines.append(
+            f"The fit weighs each run by its noise, from the seeds of the fitted runs per {' and '.join(weights['by'])}"
+            f": {len(sds)} groups, SD of the loss {pct(min(sds))} to {pct(max(sds))}."
+        )
     if s.plan is not None:
         chosen, sure = s.plan["chosen"], s.plan.get("uncertainty") or {}
         line = f"Plan `{s.plan_name}`: `{chosen['name']}`, predicted loss {chosen['pred_loss']:.3f}"

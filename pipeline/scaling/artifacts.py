@@ -16,6 +16,7 @@ from pipeline.scaling import analysis, forms, plots
 from pipeline.scaling.bootstrap import Intervals, bootstrap
 from pipeline.scaling.fit import ErrorStats, FitResult, Observation, ScalingFitError
 from pipeline.scaling.law import LawInputs
+from pipeline.scaling.noise import NoiseModel, label, weigh
 from pipeline.scaling.select import FormScore, choose_form
 
 FIGURES = ("predicted_vs_measured.png", "loss_vs_params.png")
@@ -32,6 +33,7 @@ def write_fit(
     form_names: list[str] = ("joint",),
     starts_for=None,
     shapes: dict[tuple[str, str], dict[str, float]] | None = None,
+    noise_groups: list[str] = (),
 ) -> dict:
     """Choose the law among ``form_names`` (:func:`pipeline.scaling.select.choose_form`;
     ``starts_for``: its fits' starting points), bootstrap it (``replicates`` refits),
@@ -41,7 +43,10 @@ def write_fit(
     is the summary's ``shape_range`` (the law has no term for depth or width and one factor
     for any shared expert: a plan outside it is an extrapolation that N and S do not show;
     left out when a point's model is not in ``shapes``). Raises ScalingFitError before
-    writing when the points cannot determine the law."""
+    writing when the points cannot determine the law. ``noise_groups``: the keys the fit's
+    noise weights are estimated per (:func:`pipeline.scaling.noise.weigh`; none: every
+    point weighs alike)."""
+    points, noise_model = weigh(points, tuple(noise_groups))
     result, scores = choose_form(points, [forms.get(n) for n in form_names], starts_for)
     intervals, _ = bootstrap(points, result, replicates=replicates)
     held = [p for p in points if p.held_out]
@@ -54,6 +59,8 @@ def write_fit(
         "held_out_inside_interval": inside,
         "form_selection": [s.to_dict() for s in scores],
         "seed_noise": noise.to_dict(),
+        # the fit's noise weights: per group of fitted points, their seeds' pooled SD
+        "noise_weights": None if noise_model is None else noise_model.to_dict(),
         # the held-out points with a point's seeds averaged: replicates are not independent points
         "held_out_error_seed_means": vars(held_means),
         "sweep": sweep,
@@ -91,13 +98,18 @@ def write_fit(
         "## Which law",
         "",
         "Each candidate form fitted to the same points; chosen by the lowest leave-one-size-out error (each size "
-        "predicted by a fit to the other sizes' points, the held-out runs left out of all of it), never by fit "
+        "predicted by a fit to the other sizes' points, the held-out runs left out of all of it; each error divided "
+        "by its point's noise weight, as the fit divides its residual: the choosing score), never by fit "
         "error. The held-out runs' errors are shown for every form but take no part in the choice. \"Largest "
         'budget from the smaller": each form fitted to the points below the largest token budget, predicting '
         "the fitted points at it (shown, not used to choose); errors are predicted / measured - 1, so a negative "
         "mean is a law that promises too low a loss where it extrapolates in tokens.",
         "",
         _forms_table(scores, result.law.form.name),
+        "",
+        "## Noise weights",
+        "",
+        _weights_text(noise_model),
         "",
         "## Seed replicates: the noise floor",
         "",
@@ -220,6 +232,23 @@ def _noise_text(noise: analysis.SeedNoise, result: FitResult, held_means: ErrorS
     )
 
 
+def _weights_text(model: NoiseModel | None) -> str:
+    if model is None:
+        return "Every point weighs alike (`scaling.noise_groups=[]`)."
+    quietest = min(sd for _, _, sd in model.groups.values())
+    rows = [
+        [label(model.by, k), c, d, f"{sd:.2%}", f"{sd / quietest:.3g}"]
+        for k, (c, d, sd) in sorted(model.groups.items())
+    ]
+    table = tabulate(rows, headers=["group", "replicated cells", "degrees of freedom", "SD of log loss",
+                                    "noise weight (residual divided by)"], tablefmt="github")  # fmt: skip
+    return (
+        f"The fit divides each point's log-loss residual by its group's noise (groups by {', '.join(model.by)}), "
+        "pooled over the seed replicates among the fitted points (held-out runs lend neither loss nor noise), and "
+        "the leave-one-size-out score that chooses the form divides each error the same way:\n\n" + table
+    )
+
+
 def _forms_table(scores: list[FormScore], chosen: str) -> str:
     def pct(stats, signed: bool = False) -> str:
         if stats is None:
@@ -228,9 +257,11 @@ def _forms_table(scores: list[FormScore], chosen: str) -> str:
         return f"{stats.rms:.2%} / {stats.max:.2%}" + (f" ({stats.mean:+.2%})" if shown else "")
 
     rows = [[f"**{s.form}**" if s.form == chosen else s.form, s.coefficients, pct(s.fit), pct(s.cross_validated),
-             pct(s.largest_budget, signed=True), pct(s.held_out, signed=True),
-             "; ".join(n for n in (s.unscored, s.largest_budget_note) if n)] for s in scores]  # fmt: skip
+             "–" if s.cv_score is None else f"{s.cv_score:.2%}", pct(s.largest_budget, signed=True),
+             pct(s.held_out, signed=True), "; ".join(n for n in (s.unscored, s.largest_budget_note) if n)]
+            for s in scores]  # fmt: skip
     headers = ["form", "coefficients", "fit RMS / max", "leave-one-size-out RMS / max",
+               "choosing score (leave-one-size-out, noise-weighted RMS)",
                "largest budget from the smaller RMS / max (mean)", "held out RMS / max (mean)", "note"]  # fmt: skip
     return tabulate(rows, headers=headers, tablefmt="github")
 

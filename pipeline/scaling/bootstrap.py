@@ -1,7 +1,8 @@
 """How sure the fit is: bootstrap intervals for every coefficient and every prediction.
 
 Case resampling (Efron & Tibshirani 1993, ch. 6 and 9): draw the fitted points with
-replacement, refit (L-BFGS-B from the full fit's optimum, the same Huber objective),
+replacement, refit (L-BFGS-B from the full fit's optimum, the same Huber objective, each drawn point
+with its own noise weight),
 and read the spread of the refits. A coefficient's interval is the percentile interval
 of its refitted values. A *prediction* interval is for the loss a new run would
 measure, not only for the law's mean: each replicate's predicted log loss plus one of
@@ -83,6 +84,7 @@ def bootstrap(
     fitted = [p for p in points if not p.held_out]
     X_fit = design_matrix([p.inputs for p in fitted])
     y_fit = np.log([p.loss for p in fitted])
+    noise_F = np.array([p.noise for p in fitted])  # a drawn point keeps its weight (fit.huber_objective)
     form = result.law.form
     theta0 = np.array(result.law.theta, dtype=np.float64)
     raw_F = y_fit - form.log_loss(theta0, X_fit)
@@ -91,7 +93,7 @@ def bootstrap(
     rng = np.random.default_rng(seed)
     indices = resample_indices(fitted, rng, replicates, form)
     with threadpool_limits(limits=1):
-        refits = [_refit(form, theta0, X_fit[idx], y_fit[idx]) for idx in indices]
+        refits = [_refit(form, theta0, X_fit[idx], y_fit[idx], noise_F[idx]) for idx in indices]
     thetas_RC = np.array([theta for theta, _ in refits])
     draws_RP = predictive_draws(form, thetas_RC, residuals_F, [p.inputs for p in points] + list(extra or []), rng)
     tail = (1.0 - level) / 2.0 * 100.0
@@ -148,7 +150,7 @@ def resample_indices(
 
 
 def _refit(
-    form: LawForm, theta0: np.ndarray, X: np.ndarray, y: np.ndarray, delta: float = HUBER_DELTA
+    form: LawForm, theta0: np.ndarray, X: np.ndarray, y: np.ndarray, noise: np.ndarray, delta: float = HUBER_DELTA
 ) -> tuple[np.ndarray, bool]:
-    theta, _, converged = minimize_from(huber_objective(form, X, y, delta), theta0, form.bounds)
+    theta, _, converged = minimize_from(huber_objective(form, X, y, delta, noise), theta0, form.bounds)
     return theta, converged

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from pipeline.configbase import require
 from pipeline.scaling.forms import FORMS
+from pipeline.scaling.noise import GROUP_KEYS
 from pipeline.scaling.planner import SearchSpace
 
 # The paper's released configs and dense baseline: placed against the planner's frontier.
@@ -69,6 +70,9 @@ class ScalingStageConfig:
     # A points table of an earlier fit (its points.csv) to fit with the sweep's runs in
     # MLflow: a refit without the tracking store that measured them.
     points_csv: str | None = None
+    # What the fit's noise weights are estimated per (pipeline/scaling/noise.py): any of
+    # "tokens" and "routed"; [] weighs every point alike.
+    noise_groups: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         require(bool(self.sweep), "sweep", "must name a sweep (conf/sweep/<name>.yaml)")
@@ -87,3 +91,10 @@ class ScalingStageConfig:
         unknown = [f for f in self.forms if f not in FORMS]
         require(not unknown, "forms", f"unknown law form(s) {unknown}; the forms are {', '.join(FORMS)}")
         require(len(set(self.forms)) == len(self.forms), "forms", f"lists a form twice: {self.forms}")
+        unknown = [k for k in self.noise_groups if k not in GROUP_KEYS]
+        require(not unknown, "noise_groups", f"unknown key(s) {unknown}; the keys are {', '.join(GROUP_KEYS)}")
+        require(
+            len(set(self.noise_groups)) == len(self.noise_groups),
+            "noise_groups",
+            f"lists a key twice: {self.noise_groups}",
+        )

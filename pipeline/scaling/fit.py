@@ -49,6 +49,9 @@ class Observation:
     # unknown or when the run was resumed (its clock restarted). For the equal-time tables.
     seconds: float | None = None
     size: str = ""  # the sweep's size name, e.g. "m": leave-one-size-out folds (select.py)
+    # Its noise (SD of log loss) over the quietest fitted point's: the fit divides its
+    # residual by this (pipeline/scaling/noise.py sets it from seed replicates; 1: unweighted).
+    noise: float = 1.0
 
 
 @dataclass
@@ -160,10 +163,17 @@ def check_identifiable(points: list[Observation], form: LawForm = JOINT) -> None
             )
 
 
-def huber_objective(form: LawForm, X: np.ndarray, y: np.ndarray, delta: float = HUBER_DELTA):
-    """The fit's objective at θ and its gradient: ``Σ Huber_δ(r) / δ²`` over the points,
-    ``r = log L_pred(θ, X) - y`` (``y``: the measured log losses; ``X``: their design
-    matrix, :func:`pipeline.scaling.law.design_matrix`).
+def huber_objective(
+    form: LawForm, X: np.ndarray, y: np.ndarray, delta: float = HUBER_DELTA, noise_P: np.ndarray | None = None
+):
+    """The fit's objective at θ and its gradient: ``Σ Huber_δ(r / s) / δ²`` over the
+    points, ``r = log L_pred(θ, X) - y`` (``y``: the measured log losses; ``X``: their
+    design matrix, :func:`pipeline.scaling.law.design_matrix`; ``s``: ``noise_P``, each
+    point's noise relative to the quietest's, :mod:`pipeline.scaling.noise`, default 1).
+
+    Dividing by ``s`` is weighted least squares' rule inside the Huber loss: a residual
+    beyond δ (nearly all of them at δ = 1e-3) costs ``|r| / s``, so a point 16x noisier
+    counts 1/16 as much; inside δ it costs ``r² / s²``.
 
     Divided by δ² so that it is not of order δ² (1e-6) but of order (|r| / δ) per point
     (about 15 per point of a sweep fitted to 1.5%): L-BFGS-B stops when a step gains less
@@ -175,11 +185,13 @@ def huber_objective(form: LawForm, X: np.ndarray, y: np.ndarray, delta: float = 
     :func:`fit_law` reports the Huber loss itself (times δ²).
     """
     scale = 1.0 / delta**2
+    s_P = np.ones(len(y)) if noise_P is None else np.asarray(noise_P, dtype=np.float64)
 
     def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
         pred, jac = form.log_loss_and_jacobian(theta, X)
-        r = pred - y
-        return scale * float(np.sum(huber(r, delta))), scale * (np.clip(r, -delta, delta) @ jac)  # ψ = Huber'
+        z = (pred - y) / s_P
+        # d/dθ Huber(z) = ψ(z) · (dr/dθ) / s, ψ = Huber' = clip(z, ±δ)
+        return scale * float(np.sum(huber(z, delta))), scale * ((np.clip(z, -delta, delta) / s_P) @ jac)
 
     return objective
 
@@ -212,21 +224,26 @@ def fit_law(
     delta: float = HUBER_DELTA,
     form: LawForm = JOINT,
 ) -> FitResult:
-    """Fit the law ``form`` to the points not held out; report fit and held-out errors.
+    """Fit the law ``form`` to the points not held out, each residual divided by the
+    point's ``noise``; report fit and held-out errors (unweighted).
 
     Raises ScalingFitError (see :func:`check_identifiable`) before any optimisation."""
     check_identifiable(points, form)
     for p in points:
         if not (math.isfinite(p.loss) and p.loss > 0):
             raise ScalingFitError(f"point {p.name}: loss must be finite and > 0, got {p.loss}")
+        if not (math.isfinite(p.noise) and p.noise > 0):
+            raise ScalingFitError(f"point {p.name}: noise must be finite and > 0, got {p.noise}")
     fitted = [p for p in points if not p.held_out]
     X = design_matrix([p.inputs for p in fitted])
     y = np.log([p.loss for p in fitted])
+    noise_P = np.array([p.noise for p in fitted])
 
     starts = starting_points(form=form) if starts is None else starts
     # BLAS threads on [P, C] products only contend (20x slower on 2 busy cores).
     with threadpool_limits(limits=1):
-        best_theta, best_value, converged = best_start(huber_objective(form, X, y, delta), starts, form.bounds)
+        objective = huber_objective(form, X, y, delta, noise_P)
+        best_theta, best_value, converged = best_start(objective, starts, form.bounds)
     law = ScalingLaw(tuple(float(t) for t in best_theta), form)
     predicted = law.predict([p.inputs for p in points])
     rel = predicted / np.array([p.loss for p in points]) - 1.0

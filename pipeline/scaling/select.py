@@ -4,7 +4,10 @@ Each candidate form (:mod:`pipeline.scaling.forms`) is scored by leave-one-size-
 cross-validation over the fitted points: for every model size of the sweep, fit the
 form to the other sizes' points and predict that size's points; the score is the RMS
 relative error of all those predictions (an error in N, the direction a plan
-extrapolates in). The form with the lowest score is the law. Fit error never chooses:
+extrapolates in), each error divided by its point's noise weight as the fit divides its
+residual (:mod:`pipeline.scaling.noise`; with every weight 1, the plain RMS): a form is
+judged on the points that can tell forms apart, not on the noisiest. The form with the
+lowest score is the law. Fit error never chooses:
 a form with more coefficients always fits its own points at least as well.
 
 The held-out points (the largest runs, ``scaling.hold_out_sizes``) take no part in the
@@ -56,13 +59,17 @@ class FormScore:
     unscored: str = ""  # why the form has no score, if it has none
     largest_budget: ErrorStats | None = None  # leave_largest_budget_out: reported, never chooses
     largest_budget_note: str = ""  # why it is missing, if it is
+    # the choosing score: the RMS of the cross-validated errors over their points' noise
+    # weights (equal to cross_validated.rms when every weight is 1)
+    cv_score: float | None = None
 
     def to_dict(self) -> dict:
         named = (("fit_error", self.fit), ("cv_error", self.cross_validated), ("held_out_error", self.held_out),
                  ("largest_budget_error", self.largest_budget))  # fmt: skip
         stats = {k: None if v is None else vars(v) for k, v in named}
         return {"form": self.form, "coefficients": self.coefficients, **stats, "folds": self.folds,
-                "unscored": self.unscored, "largest_budget_note": self.largest_budget_note}  # fmt: skip
+                "unscored": self.unscored, "largest_budget_note": self.largest_budget_note,
+                "cv_score": self.cv_score}  # fmt: skip
 
 
 def leave_one_size_out(points: list[Observation], form: LawForm, starts: list[np.ndarray] | None = None) -> ErrorStats:
@@ -70,13 +77,21 @@ def leave_one_size_out(points: list[Observation], form: LawForm, starts: list[np
     other sizes' points (held-out points are dropped first). Raises ScalingFitError
     when a point has no size, when there are fewer than two sizes, or when a fold
     cannot determine the form."""
+    return ErrorStats.of(leave_one_size_out_errors(points, form, starts)[0])
+
+
+def leave_one_size_out_errors(
+    points: list[Observation], form: LawForm, starts: list[np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`leave_one_size_out`'s relative errors, (P,), and the noise weights of their
+    points, (P,) (``Observation.noise``; every fold's fit weighs its points by them)."""
     fitted = [p for p in points if not p.held_out]
     if any(not p.size for p in fitted):
         raise ScalingFitError("leave-one-size-out needs every point's size (Observation.size)")
     sizes = sorted({p.size for p in fitted})
     if len(sizes) < 2:
         raise ScalingFitError(f"leave-one-size-out needs two or more sizes, the fitted points have {sizes}")
-    errors = []
+    errors, noise = [], []
     for size in sizes:
         fold = [replace(p, held_out=p.size == size) for p in fitted]
         try:
@@ -84,7 +99,8 @@ def leave_one_size_out(points: list[Observation], form: LawForm, starts: list[np
         except ScalingFitError as err:
             raise ScalingFitError(f"without size {size!r}: {err}") from None
         errors += [result.predictions[p.name] / p.loss - 1.0 for p in fold if p.held_out]
-    return ErrorStats.of(np.array(errors))
+        noise += [p.noise for p in fold if p.held_out]
+    return np.array(errors), np.array(noise)
 
 
 def leave_largest_budget_out(
@@ -112,7 +128,8 @@ def leave_largest_budget_out(
 
 
 def choose_form(points: list[Observation], forms: list[LawForm], starts_for=None) -> tuple[FitResult, list[FormScore]]:
-    """Fit every form, score each by :func:`leave_one_size_out`, and return the fit of
+    """Fit every form, score each by :func:`leave_one_size_out` (``FormScore.cv_score``:
+    its errors over their points' noise weights), and return the fit of
     the lowest-scoring form and every form's scores (in ``forms`` order). Each score also
     holds :func:`leave_largest_budget_out` (for the record: it does not choose; None,
     with the reason, where the points cannot make that fold).
@@ -125,6 +142,7 @@ def choose_form(points: list[Observation], forms: list[LawForm], starts_for=None
     scores = []
     for form in forms:
         starts = None if starts_for is None else starts_for(form)
+        cv_score = None
         folds = sorted({p.size for p in points if not p.held_out})
         fold_starts = starting_points(form=form) if starts is None else starts
         try:
@@ -132,8 +150,9 @@ def choose_form(points: list[Observation], forms: list[LawForm], starts_for=None
             if len(forms) == 1:
                 cv, unscored = None, "the only form: not cross-validated"
             else:
-                cv = leave_one_size_out(points, form, fold_starts)
-                unscored = ""
+                errors_P, noise_P = leave_one_size_out_errors(points, form, fold_starts)
+                cv, unscored = ErrorStats.of(errors_P), ""
+                cv_score = float(np.sqrt(np.mean((errors_P / noise_P) ** 2)))
         except ScalingFitError as err:
             if len(forms) == 1 and form.name not in results:
                 raise
@@ -156,13 +175,14 @@ def choose_form(points: list[Observation], forms: list[LawForm], starts_for=None
                 unscored,
                 largest,
                 note,
+                cv_score,
             )  # fmt: skip
         )
-    scored = [s for s in scores if s.cross_validated is not None and math.isfinite(s.cross_validated.rms)]
+    scored = [s for s in scores if s.cv_score is not None and math.isfinite(s.cv_score)]
     if len(forms) == 1:
         return results[forms[0].name], scores
     if not scored:
         reasons = "; ".join(f"{s.form}: {s.unscored}" for s in scores)
         raise ScalingFitError(f"no candidate law form could be scored by leave-one-size-out: {reasons}")
-    best = min(scored, key=lambda s: s.cross_validated.rms)
+    best = min(scored, key=lambda s: s.cv_score)
     return results[best.form], scores

@@ -23,7 +23,7 @@ from pipeline.configbase import ConfigError, from_dict
 from pipeline.model.config import ModelConfig
 from pipeline.runner.errors import StageInputError
 from pipeline.runner.spec import Stage, StageContext, StageResult
-from pipeline.scaling import forms
+from pipeline.scaling import forms, noise
 from pipeline.scaling.artifacts import OUTPUTS, read_points, write_fit
 from pipeline.scaling.config import ScalingStageConfig
 from pipeline.scaling.fit import Observation, ScalingFitError, check_identifiable
@@ -101,6 +101,7 @@ class SweepPointsInput:
     hold_out_budgets: str = "largest"
     points_csv: str | None = None
     forms: list[str] = field(default_factory=lambda: ["joint"])
+    noise_groups: list[str] = field(default_factory=list)
 
     def check(self) -> list[Observation]:
         from pipeline import tracking
@@ -129,6 +130,7 @@ class SweepPointsInput:
                     errors.append(f"{name}: {err}")
             if len(errors) == len(self.forms):
                 raise ScalingFitError("no candidate law form can be fitted: " + "; ".join(errors))
+            points, _ = noise.weigh(points, tuple(self.noise_groups))  # a group without replicates: named here
         except ScalingFitError as err:
             raise StageInputError(f"{self.key}: sweep {self.sweep!r}: {err}") from None
         return points
@@ -142,7 +144,14 @@ def _raw_inputs(raw: dict) -> list:
     table = str(repo_path(cfg.points_csv)) if cfg.points_csv else None  # relative to the repository, as out_dir
     return [
         SweepPointsInput(
-            "scaling.sweep", recipe.tracking, cfg.sweep, cfg.hold_out_sizes, cfg.hold_out_budgets, table, cfg.forms
+            "scaling.sweep",
+            recipe.tracking,
+            cfg.sweep,
+            cfg.hold_out_sizes,
+            cfg.hold_out_budgets,
+            table,
+            cfg.forms,
+            cfg.noise_groups,
         )
     ]
 
@@ -164,6 +173,7 @@ def _work(ctx: StageContext) -> StageResult:
         cfg.sweep,
         cfg.bootstrap_replicates,
         cfg.forms,
+        noise_groups=cfg.noise_groups,
         shapes=sweep_shapes(ctx.raw.get("sweep"), cfg.sweep, ctx.recipe.model),
         num_cpus=1,
     )

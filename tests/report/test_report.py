@@ -164,6 +164,10 @@ def _scaling(out: Path) -> None:
         "prediction_band": 0.0369,
         "held_out_inside_interval": 7,
         "seed_noise": {"cells": {"m-dense-600000": {}, "m-e16k4-600000": {}}, "pooled_sd_log_loss": 0.0171},
+        "noise_weights": {
+            "by": ["tokens", "routed"],
+            "groups": [{"sd_log_loss": 0.0313}, {"sd_log_loss": 0.00213}, {"sd_log_loss": 0.0177}],
+        },  # fmt: skip
         "form_selection": [
             {
                 "form": "power",
@@ -308,6 +312,7 @@ def test_the_scaling_section_shows_the_planted_fit_plan_and_closed_loop(built, t
     assert "Held out (8 of the largest runs, never fitted): RMS 2.11%, max 3.22% against the band ±3.69%" in section
     assert "7 of 8 inside their 95% bootstrap intervals" in section
     assert "Run-to-run noise (seed replicates of 2 points): SD 1.71% of the loss." in section
+    assert "per tokens and routed: 3 groups, SD of the loss 0.213% to 3.13%." in section
     assert "Plan `tiny_plan`: `l6\\_x`" not in section  # names are code spans, not escaped text
     assert "Plan `tiny_plan`: `l6_x`, predicted loss 4.254, 95% interval [4.080, 4.440]" in section
     curse = "the optimizer's curse, by the refits: -0.235%, corrected prediction 4.264."

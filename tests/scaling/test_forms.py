@@ -618,6 +618,7 @@ def test_the_forms_table_puts_each_error_under_its_own_header():
         "",
         E(16, 0.0155, 0.0323, -0.0091),
         "",
+        0.01234,
     )
     other = FormScore("power", 8, E(64, 0.016, 0.05), None, E(0, math.nan, math.nan), [], "a reason", None, "why")
     header, _, row, row2 = (line.split("|")[1:-1] for line in _forms_table([score, other], "interior").splitlines())
@@ -627,11 +628,12 @@ def test_the_forms_table_puts_each_error_under_its_own_header():
         "coefficients": "10",
         "fit RMS / max": "1.50% / 5.30%",
         "leave-one-size-out RMS / max": "1.94% / 5.73%",
+        "choosing score (leave-one-size-out, noise-weighted RMS)": "1.23%",
         "largest budget from the smaller RMS / max (mean)": "1.55% / 3.23% (-0.91%)",
         "held out RMS / max (mean)": "2.38% / 3.39% (-2.13%)",
         "note": "",
     }  # fmt: skip
-    assert [c.strip() for c in row2][3:] == ["–", "–", "nan% / nan%", "a reason; why"]
+    assert [c.strip() for c in row2][3:] == ["–", "–", "–", "nan% / nan%", "a reason; why"]
 
 
 def test_the_weighted_fit_probe_weighs_each_point_by_its_budgets_noise(capsys):

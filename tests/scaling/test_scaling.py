@@ -489,11 +489,19 @@ def test_the_equal_seconds_tables_by_hand():
 
 
 def _seed_sweep(
-    uri: str, sweep: str, sizes: list[str], tokens: list[int], noise: float, arch_only: str = "", scale: float = 1.0
+    uri: str,
+    sweep: str,
+    sizes: list[str],
+    tokens: list[int],
+    noise: float,
+    arch_only: str = "",
+    scale: float = 1.0,
+    archs: tuple[str, ...] = ("dense", "dense_total", "e4k1", "e8k2", "e16k4", "e15k3s1", "e32k4"),
+    seed: int = 0,
 ) -> int:
     """FINISHED sweep_point runs in the store at ``uri``, as `make sweep` tags them, with
-    losses drawn from TRUE (times ``scale``) on the moe_grid models. Returns the number
-    of points."""
+    losses drawn from TRUE (times ``scale``) on the moe_grid models (``seed``: the runs'
+    sweep.seed, a replicate). Returns the number of points."""
     import json
 
     from mlflow.entities import Metric
@@ -504,14 +512,14 @@ def _seed_sweep(
     client = MlflowClient(tracking_uri=uri)
     exp = ensure_experiment(client, TrackingConfig(uri=uri), uri)
     grid, base = _grid(), model("tiny")
-    rng = np.random.default_rng(3)
+    rng = np.random.default_rng(3 + seed)
     count = 0
-    archs = ["dense", "dense_total", "e4k1", "e8k2", "e16k4", "e15k3s1", "e32k4"]
     for size, arch, budget in itertools.product(sizes, [arch_only] if arch_only else archs, tokens):
         cfg = point_model(grid, base, size, arch)
         loss = scale * TRUE.predict_one(law_inputs(cfg, budget)) * math.exp(rng.normal(0, noise))
         tags = {"stage": "sweep_point", "sweep": sweep, "sweep.size": size, "sweep.arch": arch,
-                "sweep.tokens": str(budget), "sweep.model": json.dumps(asdict(cfg))}  # fmt: skip
+                "sweep.tokens": str(budget), "sweep.model": json.dumps(asdict(cfg)),
+                "sweep.seed": str(seed)}  # fmt: skip
         run = client.create_run(exp, tags=tags)
         seconds = budget / (1000.0 if arch.startswith("dense") else 800.0)  # MoE steps: 0.8x the tokens/s
         resumes = 1.0 if (size, arch, budget) == ("s", "e8k2", tokens[-1]) else 0.0
@@ -578,12 +586,26 @@ def test_scaling_fit_stage_reads_the_sweep_from_mlflow_fits_and_logs(tmp_path):
     _seed_sweep(uri, "synth", ["xs"], [120000], noise=0.0, arch_only="e16k4", scale=2.0)
     n = _seed_sweep(uri, "synth", ["xs", "s", "m"], [120000, 600000], noise=0.002)
     moe_pair = "scaling.pairs=[{a: e16k4, b: dense, label: moe}]"
+    # no seed replicates: the noise weights (conf: per budget, dense or routed) cannot be
+    # estimated; named before Ray starts, nothing written
+    unweighable = _fit_cli(tmp_path, uri, "scaling.sweep=synth", "sweep.name=synth", "scaling.hold_out_sizes=[m]")
+    assert unweighable.returncode == 2, unweighable.stderr[-2000:]
+    assert "no seed replicates among the fitted points of the group(s) tokens 120000, dense" in unweighable.stderr
+    assert not (tmp_path / "out").exists()
+    # seeds 1 and 2 of the dense twin and one MoE at both budgets (m's seeds at 600000 are
+    # replicates of held-out points and must not be counted)
+    for seed in (1, 2):
+        n += _seed_sweep(uri, "synth", ["xs", "s", "m"], [120000, 600000], 0.002, archs=("dense", "e16k4"), seed=seed)
     # synth's points are moe_grid's models: named synth, moe_grid's config describes them
     proc = _fit_cli(tmp_path, uri, "scaling.sweep=synth", "sweep.name=synth", "scaling.hold_out_sizes=[m]", moe_pair)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "out"
     fit = json.loads((out / "fit.json").read_text())
-    assert fit["points"] == n == 42 and fit["held_out_points"] == 7 and fit["sweep"] == "synth"
+    assert fit["points"] == n == 66 and fit["held_out_points"] == 11 and fit["sweep"] == "synth"
+    groups = {g["group"]: (g["cells"], g["dof"]) for g in fit["noise_weights"]["groups"]}
+    # three sizes' cells at 120000; at 600000 m's are held out: two cells, 2 dof each
+    assert groups == {"tokens 120000, dense": (3, 6), "tokens 120000, routed": (3, 6), "tokens 600000, dense": (2, 4),
+                      "tokens 600000, routed": (2, 4)}  # fmt: skip
     row = next(r for r in (out / "points.csv").read_text().splitlines() if r.startswith("xs-e16k4-120000,"))
     header = (out / "points.csv").read_text().splitlines()[0].split(",")
     cols = dict(zip(header, row.split(",")))
@@ -596,7 +618,7 @@ def test_scaling_fit_stage_reads_the_sweep_from_mlflow_fits_and_logs(tmp_path):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     comparison = (out / "comparison.md").read_text()
     assert "e16k4 - dense" in comparison and "## At equal training seconds" in comparison
-    assert "41 of 42 runs have their training seconds" in comparison  # the resumed run is left out
+    assert "65 of 66 runs have their training seconds" in comparison  # the resumed run is left out
     header, *lines = (out / "points.csv").read_text().splitlines()
     rows = {r.split(",")[0]: r.split(",") for r in lines}
     assert float(rows["m-dense-600000"][-1]) == 600.0 and rows["s-e8k2-600000"][-1] == ""
