@@ -120,12 +120,14 @@ qat-study: params
 # when it finished): seeds 0-2 of the dense twin and the granularity-1/2/4 MoEs at size m
 # and 600000 tokens (the noise floor the held-out errors are read against), and at the
 # fitted sizes and budgets below it (the noise the fit's weights are estimated from,
-# per budget and dense/routed: conf/scaling.yaml's noise_groups).
+# per budget and dense/routed: conf/scaling.yaml's noise_groups; the dense twins at the
+# largest budget also at xs, so that their group has 4 degrees of freedom without m).
 SEED_CELLS ?= dense,e4k1,e8k2,e16k4
 seeds:
 	$(MAKE) sweep SWEEP=moe_grid ARGS="sweep.size=m sweep.tokens=600000 sweep.arch=$(SEED_CELLS) seed=0,1,2 $(ARGS)"
 	$(MAKE) sweep SWEEP=moe_grid ARGS="sweep.size=s sweep.tokens=120000,300000,600000 sweep.arch=$(SEED_CELLS) seed=0,1,2 $(ARGS)"
 	$(MAKE) sweep SWEEP=moe_grid ARGS="sweep.size=m sweep.tokens=120000,300000 sweep.arch=$(SEED_CELLS) seed=0,1,2 $(ARGS)"
+	$(MAKE) sweep SWEEP=moe_grid ARGS="sweep.size=xs,s sweep.tokens=600000 sweep.arch=dense,dense_total seed=0,1,2 $(ARGS)"
 
 scaling-fit: $(STAMP)
 	$(PY) -m pipeline.stages scaling_fit sweep=$(SWEEP) $(ARGS)

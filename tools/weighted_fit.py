@@ -1,24 +1,24 @@
 """``python -m tools.weighted_fit --sigma 120832=0.028 300032=0.037 600064=0.0017 [--dense-sigma 0.021]``:
-the law fitted with each point weighted by its budget's measured noise (a probe of the
-next step, not the recipe's fit).
+the law fitted with each point weighted by a noise given by hand per budget (the probe
+that led to the recipe's noise weights; ``make scaling-fit`` now estimates them from the
+sweep's own seed replicates, pipeline/scaling/noise.py): how the law moves with the
+noise level assumed.
 
-``make scaling-fit`` weighs every point alike. Seed replicates say the points are not
-alike: on moe_grid the SD of log loss is about 2.8% at 120832 tokens and 3.7% at 300032
-(three seeds of four m cells, docs/scaling.md), but 0.16-0.18% for the MoE cells at the
-largest budget (2.1% for the dense twin). Here each fitted point's log-loss residual is
-divided by its SD (``--sigma TOKENS=SD`` for every budget; ``--dense-sigma`` for the dense
-families at the largest budget) over the smallest SD among the fitted points, inside the
-same Huber loss (a point as noisy as the quietest counts as before; one 16x noisier
-counts about 1/16 as much where its residual is beyond the Huber threshold, as nearly
-all are, 1/256 inside it), fitted from the full grid of starts as ``make scaling-fit`` fits.
-It prints, per form, the held-out runs' errors (predicted / measured - 1) and those of
-their seed means beside the fit's own.
+Seed replicates say the points are not alike: on moe_grid the SD of log loss is about
+2.8% at 120832 tokens and 3.7% at 300032 (three seeds of four m cells, docs/scaling.md),
+but 0.16-0.18% for the MoE cells at the largest budget (2.1% for the dense twin). Here
+each fitted point's log-loss residual is divided by its SD (``--sigma TOKENS=SD`` for
+every budget; ``--dense-sigma`` for the dense families at the largest budget) over the
+smallest SD among the fitted points, inside the same Huber loss (a point as noisy as the
+quietest counts as before; one 16x noisier counts about 1/16 as much where its residual
+is beyond the Huber threshold, as nearly all are, 1/256 inside it), fitted from the full
+grid of starts as ``make scaling-fit`` fits. It prints, per form, the held-out runs'
+errors (predicted / measured - 1) and those of their seed means beside the fit's own.
 
-Caveat, and why this is a probe: the SD at the largest budget comes from the seed
+Caveat, and why this stayed a probe: the SD at the largest budget comes from the seed
 replicates of the held-out m runs, so the held-out set lends the fit its noise level
 (not its losses); and the SDs at the smaller budgets were measured on one machine kind
-for one size. A fit that weighs its points belongs in ``pipeline.scaling`` with the
-noise estimated from replicates it is given, judged by leave-one-size-out like any form.
+for one size. The recipe's fit takes the noise from the fitted points' replicates only.
 """
 
 from __future__ import annotations
@@ -33,25 +33,11 @@ from threadpoolctl import threadpool_limits
 
 from pipeline.scaling import forms
 from pipeline.scaling.analysis import replicate_of
-from pipeline.scaling.fit import HUBER_DELTA, ErrorStats, Observation, best_start, huber, starting_points
+from pipeline.scaling.fit import ErrorStats, Observation, best_start, huber_objective, starting_points
 from pipeline.scaling.law import LawForm, ScalingLaw, design_matrix
 from tools.loop_forms import held_out_points
 
 DENSE_FAMILIES = ("dense", "dense_total")
-
-
-def weighted_objective(form: LawForm, X: np.ndarray, y: np.ndarray, scale_P: np.ndarray, delta: float = HUBER_DELTA):
-    """``Σ Huber_δ(r / s) / δ²`` and its gradient, ``r = log L_pred(θ, X) - y``, ``s``
-    (``scale_P``, > 0) each point's noise in units of the quietest point's: the fit's own
-    objective (pipeline.scaling.fit.huber_objective) where every ``s`` is 1."""
-    scale = 1.0 / delta**2
-
-    def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        pred, jac = form.log_loss_and_jacobian(theta, X)
-        z = (pred - y) / scale_P
-        return scale * float(np.sum(huber(z, delta))), scale * ((np.clip(z, -delta, delta) / scale_P) @ jac)
-
-    return objective
 
 
 def budget_sigma(sigmas: dict[float, float], dense_largest: float | None = None) -> Callable[[Observation], float]:
@@ -79,8 +65,8 @@ def fit_weighted(points: list[Observation], form: LawForm, sigma, starts=None) -
     if not fitted:
         raise ValueError("no point to fit: every point is held out")
     s_P = np.array([sigma(p) for p in fitted])
-    objective = weighted_objective(
-        form, design_matrix([p.inputs for p in fitted]), np.log([p.loss for p in fitted]), s_P / s_P.min()
+    objective = huber_objective(
+        form, design_matrix([p.inputs for p in fitted]), np.log([p.loss for p in fitted]), noise_P=s_P / s_P.min()
     )
     with threadpool_limits(limits=1):
         theta, _, _ = best_start(objective, starting_points(form=form) if starts is None else starts, form.bounds)

@@ -51,7 +51,9 @@ def write_fit(
     intervals, _ = bootstrap(points, result, replicates=replicates)
     held = [p for p in points if p.held_out]
     inside = sum(intervals.contains(p.name, p.loss) for p in held)
-    noise = analysis.seed_noise(points)
+    # the noise floor the held-out errors are read against: the held-out runs' own seeds
+    # (the fitted points' seeds, at noisier budgets, make the weights: noise_weights)
+    noise = analysis.seed_noise([p for p in points if p.held_out])
     held_means = _held_out_seed_means(points, result)
     summary = {
         **result.to_dict(),

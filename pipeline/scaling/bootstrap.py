@@ -1,8 +1,8 @@
 """How sure the fit is: bootstrap intervals for every coefficient and every prediction.
 
 Case resampling (Efron & Tibshirani 1993, ch. 6 and 9): draw the fitted points with
-replacement, refit (L-BFGS-B from the full fit's optimum, the same Huber objective, each drawn point
-with its own noise weight),
+replacement, refit (L-BFGS-B from the full fit's optimum, the same Huber objective,
+each drawn point with its own noise weight),
 and read the spread of the refits. A coefficient's interval is the percentile interval
 of its refitted values. A *prediction* interval is for the loss a new run would
 measure, not only for the law's mean: each replicate's predicted log loss plus one of
@@ -11,8 +11,10 @@ Davison & Hinkley 1997, section 6.3.3), so the run-to-run noise the fit sees is 
 the interval as well as the uncertainty of the coefficients. The residuals are centred
 (the Huber fit need not make their mean 0) and inflated by sqrt(n / (n - p)): in-sample
 residuals of a fit with p coefficients to n points understate the noise by about that
-factor, which matters for a thin sweep. The refits' coefficients
-and the residuals are kept (``fit.json``), so the planner and the closed loop draw
+factor, which matters for a thin sweep. The residuals are drawn alike for every point,
+whatever its noise weight (:mod:`pipeline.scaling.noise`): a quiet point's interval
+holds the noisier points' scatter too, wider than its own noise alone would make it.
+The refits' coefficients and the residuals are kept (``fit.json``), so the planner and the closed loop draw
 intervals for architectures the sweep never ran (:func:`predictive_draws`).
 
 A replicate that draws too few distinct values of N, D, Ê, G or S to determine the law

@@ -34,8 +34,9 @@ from pipeline.scaling.law import LawInputs
 
 GROUP_KEYS = ("tokens", "routed")
 # The fewest degrees of freedom a group's SD is trusted with. A sample SD with k degrees
-# of freedom is within a factor [0.35, 1.6] of the true SD 95% of the time at k = 4
-# (chi-square quantiles; [0.03, 2.2] at k = 1), and the weights are ratios of these SDs.
+# of freedom is within a factor [0.35, 1.7] of the true SD 95% of the time at k = 4
+# (chi-square quantiles; [0.03, 2.2] at k = 1), and the weights are ratios of these SDs
+# (the ratio of two 4-dof SDs: within [0.32, 3.1], by the F distribution).
 MIN_DOF = 4
 
 
@@ -54,7 +55,7 @@ def label(by: tuple[str, ...], key: tuple) -> str:
     """A group's name for tables and errors, e.g. ``tokens 600064, routed``."""
     if not by:
         return "all points"
-    parts = {"tokens": lambda v: f"tokens {v:g}", "routed": lambda v: "routed" if v else "dense"}
+    parts = {"tokens": lambda v: f"tokens {v:.0f}", "routed": lambda v: "routed" if v else "dense"}
     return ", ".join(parts[k](v) for k, v in zip(by, key))
 
 
@@ -83,10 +84,13 @@ class NoiseModel:
 def estimate(points: list[Observation], by: tuple[str, ...]) -> NoiseModel:
     """The :class:`NoiseModel` of the fitted points' seed replicates (a point and its
     ``-seed<n>`` runs, :func:`pipeline.scaling.analysis.replicate_of`), grouped by ``by``
-    (keys of :data:`GROUP_KEYS`). ValueError for an unknown key."""
+    (keys of :data:`GROUP_KEYS`). ValueError for an unknown or repeated key. The losses
+    must be finite and > 0 (:func:`weigh` checks them)."""
     unknown = [k for k in by if k not in GROUP_KEYS]
     if unknown:
         raise ValueError(f"noise group key(s) {unknown}: the keys are {', '.join(GROUP_KEYS)}")
+    if len(set(by)) != len(by):
+        raise ValueError(f"noise group keys {list(by)} name a key twice")
     cells: dict[str, list[Observation]] = {}
     for p in points:
         if not p.held_out:
@@ -112,11 +116,17 @@ def weigh(points: list[Observation], by: tuple[str, ...]) -> tuple[list[Observat
     the model. With no keys every point keeps noise 1 and the model is None: nothing to
     estimate. Raises ScalingFitError naming the fitted points' groups without a
     replicated cell or with fewer than :data:`MIN_DOF` degrees of freedom, or a group
-    whose seeds agree exactly (an SD of 0 cannot weigh)."""
+    whose seeds agree exactly (an SD of 0 cannot weigh), a loss that is not finite and
+    > 0, and points none of which is fitted."""
     if not by:
         return [replace(p, noise=1.0) for p in points], None
-    model = estimate(points, by)
+    bad = [f"{p.name} ({p.loss})" for p in points if not (math.isfinite(p.loss) and p.loss > 0)]
+    if bad:
+        raise ScalingFitError(f"loss must be finite and > 0: {', '.join(bad)}")
     fitted = [p for p in points if not p.held_out]
+    if not fitted:
+        raise ScalingFitError("no fitted point to weigh: every point is held out")
+    model = estimate(points, by)
     missing = sorted({group_of(p.inputs, by) for p in fitted} - set(model.groups))
     if missing:
         shown = "; ".join(label(by, k) for k in missing)

@@ -84,7 +84,9 @@ def leave_one_size_out_errors(
     points: list[Observation], form: LawForm, starts: list[np.ndarray] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`leave_one_size_out`'s relative errors, (P,), and the noise weights of their
-    points, (P,) (``Observation.noise``; every fold's fit weighs its points by them)."""
+    points, (P,) (``Observation.noise``; every fold's fit weighs its points by them). The
+    weights were estimated once from all fitted points' seeds, the left-out size's too:
+    a fold borrows that size's noise level, never its losses."""
     fitted = [p for p in points if not p.held_out]
     if any(not p.size for p in fitted):
         raise ScalingFitError("leave-one-size-out needs every point's size (Observation.size)")

@@ -61,18 +61,31 @@ def test_the_pooled_sd_weighs_cells_by_their_degrees_of_freedom_and_ignores_held
     assert by["s-e16k4-1000000"] == pytest.approx(routed / quietest)
     assert by["s-dense-1000000"] == pytest.approx(dense / quietest) and routed / dense > 1.5  # not both 1
     assert by["m-e8k2-10000000"] == 1.0  # held out, no estimate for its group: never fitted
-    assert got.to_dict()["groups"][0] == {"group": "tokens 1e+06, dense", "cells": 2, "dof": 4, "sd_log_loss": dense}
+    assert got.to_dict()["groups"][0] == {"group": "tokens 1000000, dense", "cells": 2, "dof": 4, "sd_log_loss": dense}
 
 
 def test_a_fitted_group_without_replicates_too_few_or_identical_seeds_is_named():
     points = _seeds("s-e8k2-1000000", [4.0, 4.1, 4.3]) + _seeds("m-e8k2-1000000", [4.0, 4.1, 4.05])
     points.append(_point("s-dense-1000000", 4.2, expansion=1))
-    with pytest.raises(ScalingFitError, match=r"group\(s\) tokens 1e\+06, dense, so their noise is unknown"):
+    with pytest.raises(ScalingFitError, match=r"group\(s\) tokens 1000000, dense, so their noise is unknown"):
         noise.weigh(points, ("tokens", "routed"))
     assert noise.weigh(points, ("tokens",))[1].groups  # pooled over dense and routed: 4 dof
     thin = points + [_point("s-dense-1000000-seed1", 4.3, expansion=1)]
-    with pytest.raises(ScalingFitError, match=r"tokens 1e\+06, dense \(1\) have fewer than 4 degrees of freedom"):
+    with pytest.raises(ScalingFitError, match=r"tokens 1000000, dense \(1\) have fewer than 4 degrees of freedom"):
         noise.weigh(thin, ("tokens", "routed"))
+    # 3 dof (cells of 2 and 3 seeds): still too few; a fourth seed makes 4, enough
+    three = thin + _seeds("m-dense-1000000", [4.4, 4.5, 4.45], expansion=1)
+    with pytest.raises(ScalingFitError, match=r"dense \(3\) have fewer than 4"):
+        noise.weigh(three, ("tokens", "routed"))
+    four = three + [_point("m-dense-1000000-seed3", 4.52, expansion=1)]
+    assert noise.weigh(four, ("tokens", "routed"))[1].groups[(1e6, False)][1] == 4
+    for loss in (math.nan, 0.0):
+        with pytest.raises(ScalingFitError, match=r"loss must be finite and > 0: s-e8k2-1000000-seed1"):
+            noise.weigh([points[0], replace(points[1], loss=loss), *points[2:]], ("tokens",))
+    with pytest.raises(ScalingFitError, match="every point is held out"):
+        noise.weigh([replace(p, held_out=True) for p in points], ("tokens",))
+    with pytest.raises(ValueError, match="name a key twice"):
+        noise.estimate(points, ("tokens", "tokens"))
     same = _seeds("s-e8k2-1000000", [4.0] * 5)
     with pytest.raises(ScalingFitError, match="agree exactly"):
         noise.weigh(same, ("tokens",))
@@ -84,6 +97,33 @@ def test_a_fitted_group_without_replicates_too_few_or_identical_seeds_is_named()
         from_dict(ScalingStageConfig, {"noise_groups": ["tokens", "size"]}, "scaling")
     with pytest.raises(ConfigError, match="twice"):
         from_dict(ScalingStageConfig, {"noise_groups": ["tokens", "tokens"]}, "scaling")
+
+
+def test_routed_is_any_expansion_or_granularity_above_1():
+    assert noise.is_routed(LawInputs(1e6, 1e6, 4, 1, False))  # e4k1: coarse experts
+    assert noise.is_routed(LawInputs(1e6, 1e6, 1, 4, False))  # granularity without expansion
+    assert not noise.is_routed(LawInputs(1e6, 1e6, 1, 1, True))  # dense (dense_total too)
+
+
+def test_the_bootstrap_refits_keep_each_drawn_point_s_weight(monkeypatch):
+    from pipeline.scaling import bootstrap as boot
+
+    points, _ = noise.weigh(_heteroscedastic(seed=2), ("tokens",))
+    result = fit_law(points, starts=starting_points(FEW, forms.POWER), form=forms.POWER)
+    fitted = [p for p in points if not p.held_out]
+    seen = []
+    real = boot.huber_objective
+
+    def spy(form, X, y, delta=HUBER_DELTA, noise_P=None):
+        seen.append((np.array(y), np.array(noise_P)))
+        return real(form, X, y, delta, noise_P)
+
+    monkeypatch.setattr(boot, "huber_objective", spy)
+    boot.bootstrap(points, result, replicates=3)
+    by_loss = {math.log(p.loss): p.noise for p in fitted}
+    assert len(seen) == 3 and len({p.noise for p in fitted}) == 3  # three budgets, three weights
+    for y, noise_P in seen:
+        assert noise_P.tolist() == [by_loss[v] for v in y]
 
 
 def test_the_weighted_objective_divides_each_residual_by_its_noise():
@@ -146,6 +186,22 @@ def test_weighting_by_the_replicates_noise_predicts_the_quiet_held_out_runs_bett
         weighted.append(fit_law(weighed, starts=starts, form=forms.POWER).held_out.rms)
     assert max(weighted) < 0.004
     assert np.mean(plain) > 2.0 * np.mean(weighted)
+
+
+def test_write_fit_weighs_the_points_it_is_given(tmp_path):
+    """``write_fit`` estimates the weights itself (the stage's check only validates):
+    unweighted points in, noise_weights and weighted choosing scores out."""
+    from pipeline.scaling.artifacts import write_fit
+
+    raw = [replace(p, noise=1.0) for p in _heteroscedastic(seed=3)]
+    summary = write_fit(raw, [], tmp_path, dense="e1g1s0", replicates=2, form_names=["power", "joint"],
+                        starts_for=lambda form: starting_points(FEW, form), noise_groups=["tokens"])  # fmt: skip
+    assert [g["group"] for g in summary["noise_weights"]["groups"]] == [
+        "tokens 1000000", "tokens 3000000", "tokens 10000000"
+    ]  # fmt: skip
+    assert all(f["cv_score"] < f["cv_error"]["rms"] for f in summary["form_selection"])
+    assert "## Noise weights" in (tmp_path / "comparison.md").read_text()
+    assert summary["seed_noise"]["cells"] == {}  # the held-out runs (size d) have no seeds here
 
 
 def test_the_form_is_chosen_by_the_noise_weighted_leave_one_size_out_score():
