@@ -258,7 +258,8 @@ def test_the_points_table_reads_back_what_the_fit_wrote_and_names_a_bad_row(tmp_
     back = sorted(hold_out(read_points(tmp_path / "points.csv"), ["d"]), key=lambda p: p.name)
     wrote = sorted(points, key=lambda p: p.name)
     assert [replace(p, loss=0.0) for p in back] == [replace(p, loss=0.0) for p in wrote]
-    assert [p.loss for p in back] == pytest.approx([p.loss for p in wrote], abs=5e-7)  # written to 6 decimals
+    # written in full: a refit from the table alone sees the very losses the fit saw
+    assert [p.loss for p in back] == [p.loss for p in wrote]
     fit = json.loads((tmp_path / "fit.json").read_text())
     assert forms.law_from_fit(fit).form is forms.INTERIOR
     text = (tmp_path / "points.csv").read_text().splitlines()
