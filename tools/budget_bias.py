@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sd", type=float, default=None, help="noise SD of log loss (default: the seeds' pooled SD)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hold-out", nargs="*", default=None, help="sizes held out (default: conf/scaling.yaml's)")
+    parser.add_argument("--noise-groups", nargs="*", default=None,
+                        help="the fit's noise weights (default: conf/scaling.yaml's; none: all alike)")  # fmt: skip
     parser.add_argument("--fold", choices=tuple(FOLDS), default="largest-budget",
                         help="the largest budget fitted without it, or the fit's held-out runs")  # fmt: skip
     args = parser.parse_args(argv)
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         fit = json.loads(args.fit.read_text())
         forms.law_from_fit(fit)  # the form and its coefficients, before any fit
-        points = held_out_points(args.points, args.hold_out)
+        points = held_out_points(args.points, args.hold_out, noise_groups=args.noise_groups)
         _check_hold_out(points, fit)
         sd = args.sd if args.sd is not None else noise_sd(fit)
         if not (math.isfinite(sd) and sd >= 0):

@@ -106,15 +106,26 @@ def global_refits(
     return {k: np.array(v) for k, v in out.items()}
 
 
-def held_out_points(path: Path, sizes: Sequence[str] | None = None, budgets: str | None = None) -> list[Observation]:
+def held_out_points(
+    path: Path,
+    sizes: Sequence[str] | None = None,
+    budgets: str | None = None,
+    noise_groups: Sequence[str] | None = None,
+) -> list[Observation]:
     """The points of a ``points.csv`` with the fit's hold-out applied: ``sizes`` at the
-    largest budget (or at ``budgets="all"``), conf/scaling.yaml's where None (the table's
-    own marks are not read back). ScalingFitError (a ValueError) for a bad table or size."""
+    largest budget (or at ``budgets="all"``), and the fit's noise weights
+    (:func:`pipeline.scaling.noise.weigh` by ``noise_groups``; ``[]``: every point alike);
+    conf/scaling.yaml's where None (the table's own marks are not read back), so that a
+    tool fits as ``make scaling-fit`` does. ScalingFitError (a ValueError) for a bad
+    table or size, or a noise group the table has no replicates for."""
+    from pipeline.scaling.noise import weigh
     from pipeline.stages.scaling import hold_out
 
     scaling = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "scaling.yaml").read_text())["scaling"]
     sizes = scaling["hold_out_sizes"] if sizes is None else sizes
-    return hold_out(read_points(path), list(sizes), budgets or scaling["hold_out_budgets"])
+    groups = scaling.get("noise_groups", []) if noise_groups is None else noise_groups
+    points = hold_out(read_points(path), list(sizes), budgets or scaling["hold_out_budgets"])
+    return weigh(points, tuple(groups))[0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -127,13 +138,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--hold-out", nargs="*", default=None, help="sizes held out (default: conf/scaling.yaml's)")
     parser.add_argument("--hold-out-budgets", choices=("largest", "all"), default=None,
                         help="at the largest budget or at all (default: conf/scaling.yaml's)")  # fmt: skip
+    parser.add_argument("--noise-groups", nargs="*", default=None,
+                        help="the fit's noise weights (default: conf/scaling.yaml's; none: all alike)")  # fmt: skip
     parser.add_argument("--forms", nargs="+", default=list(forms.FORMS))
     parser.add_argument("--global-refits", type=int, default=0, metavar="N",
                         help="also N bootstrap refits of each form from the whole start grid (4 s each)")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         [forms.get(name) for name in args.forms]  # an unknown form is named before any fit
-        points = held_out_points(args.points, args.hold_out, args.hold_out_budgets)
+        points = held_out_points(args.points, args.hold_out, args.hold_out_budgets, args.noise_groups)
         runs = [run for loop in args.loops for run in read_loop(args.dir / f"{loop}.json")]
     except (OSError, ValueError, KeyError) as err:
         print(f"loop_forms: {err}", file=sys.stderr)

@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sigmas = _sigmas(args.sigma)
         if args.dense_sigma is not None and not args.dense_sigma > 0:
             raise ValueError(f"--dense-sigma must be > 0, got {args.dense_sigma}")
-        points = held_out_points(args.points)
+        points = held_out_points(args.points, noise_groups=[])  # its own weights: --sigma
         budgets = {p.inputs.tokens for p in points}
         unknown = [f"{t:g}" for t in sigmas if t not in budgets]
         if unknown:  # a typo would otherwise move the largest budget that --dense-sigma is for
