@@ -121,7 +121,8 @@ def write_fit(
         f"Held out ({result.held_out.count} of the largest runs): RMS {result.held_out.rms:.2%}, max "
         f"{result.held_out.max:.2%}, against the fit's band ±{result.band:.2%} (3 × the fit's RMS); "
         f"{inside} of {len(held)} inside their {intervals.level:.0%} bootstrap prediction intervals "
-        f"({intervals.replicates} refits of resampled points; the interval holds a fresh measurement's noise too). "
+        f"({intervals.replicates} refits of resampled points; the interval holds a fresh measurement's noise too, "
+        f"drawn at the point's own noise weight). "
         f"L-BFGS-B converged from {result.starts_converged} of {result.starts} starting points and in "
         f"{intervals.refits_converged} of {intervals.replicates} refits.",
         "",

@@ -18,7 +18,7 @@ import statistics
 
 import numpy as np
 
-from pipeline.scaling.bootstrap import interval, predictive_draws
+from pipeline.scaling.bootstrap import interval, predictive_draws, target_scale
 from pipeline.scaling.fit import Observation
 from pipeline.scaling.forms import law_from_fit
 
@@ -27,13 +27,21 @@ def compare(fit: dict, point: Observation, seed: int = 0) -> dict:
     """The law's prediction and predictive interval for ``point``, against its loss.
 
     ``fit`` is ``fit.json``'s content (coefficients and ``intervals`` with ``thetas``,
-    ``residuals``, ``level``). ``miss``: 0 inside the interval, else the measured loss's
-    relative distance to the nearer bound (positive above, negative below). Raises
-    KeyError naming what a fit.json without intervals lacks."""
+    ``residuals``, ``level``). The residual is drawn at the point's noise weight
+    (``noise_weight``, ``noise_group``: :func:`pipeline.scaling.bootstrap.target_scale`).
+    ``miss``: 0 inside the interval, else the measured loss's relative distance to the
+    nearer bound (positive above, negative below). Raises KeyError naming what a
+    fit.json without intervals lacks."""
     law = law_from_fit(fit)
     boot = fit["intervals"]
+    weight, group = target_scale(fit, point.inputs)
     draws_R = predictive_draws(
-        law.form, np.array(boot["thetas"]), np.array(boot["residuals"]), [point.inputs], np.random.default_rng(seed)
+        law.form,
+        np.array(boot["thetas"]),
+        np.array(boot["residuals"]),
+        [point.inputs],
+        np.random.default_rng(seed),
+        [weight],
     )[:, 0]
     low, high = interval(draws_R, boot["level"])
     predicted = law.predict_one(point.inputs)
@@ -47,6 +55,8 @@ def compare(fit: dict, point: Observation, seed: int = 0) -> dict:
         "relative_error": point.loss / predicted - 1.0,
         "interval": [low, high],
         "level": boot["level"],
+        "noise_weight": weight,
+        "noise_group": group,
         "inside": inside,
         "miss": miss,
         "train_seconds": point.seconds,
@@ -122,11 +132,19 @@ def report(result: dict, fit: dict) -> str:
             f"Ê = {x['expansion']:.3g}, G = {x['granularity']:.3g}, shared expert: {x['shared']}): "
             f"measured {result['measured']:.4f}, predicted {result['predicted']:.4f} "
             f"({result['relative_error']:+.2%}), {result['level']:.0%} predictive interval "
-            f"[{low:.4f}, {high:.4f}]: {verdict}.",
+            f"[{low:.4f}, {high:.4f}]{_weight_text(result)}: {verdict}.",
             "",
             *_replicate_lines(result),
         ]
     )
+
+
+def _weight_text(result: dict) -> str:
+    """The residual's noise weight and group, where the result has one (a result
+    written before the weighted intervals has none)."""
+    if "noise_weight" not in result:
+        return ""
+    return f" (the residual drawn at noise weight {result['noise_weight']:.3g}, {result['noise_group']})"
 
 
 def _replicate_lines(result: dict) -> list[str]:

@@ -20,7 +20,11 @@ replicated cell has no noise estimate, and one whose group has fewer than
 before any fit.
 
 A point's weight is its group's SD over the smallest group SD (``Observation.noise``):
-the quietest points are fitted exactly as the unweighted fit fits them.
+the quietest points are fitted exactly as the unweighted fit fits them. The same weight
+scales the residual a predictive interval draws for a point (:mod:`pipeline.scaling.bootstrap`):
+a point of a group the seeds never measured (a held-out budget, a plan at another
+budget) takes the noisiest group's weight, so that its interval is never narrower
+than the noise the sweep has seen (:func:`scale_of`).
 """
 
 from __future__ import annotations
@@ -67,9 +71,10 @@ class NoiseModel:
     by: tuple[str, ...]
     groups: dict[tuple, tuple[int, int, float]]  # key -> (replicated cells, degrees of freedom, SD)
 
-    def sd(self, x: LawInputs) -> float:
-        """The SD of log loss of a point with inputs ``x``. KeyError when its group has no estimate."""
-        return self.groups[group_of(x, self.by)][2]
+    def weights(self) -> dict[tuple, float]:
+        """Per group key: its SD over the quietest group's SD (>= 1)."""
+        quietest = min(sd for _, _, sd in self.groups.values())
+        return {k: sd / quietest for k, (_, _, sd) in self.groups.items()}
 
     def to_dict(self) -> dict:
         return {
@@ -112,7 +117,7 @@ def estimate(points: list[Observation], by: tuple[str, ...]) -> NoiseModel:
 
 def weigh(points: list[Observation], by: tuple[str, ...]) -> tuple[list[Observation], NoiseModel | None]:
     """``points`` with ``noise`` set to their group's SD over the smallest group's SD
-    (held-out points too, where their group has an estimate; 1 where it has none), and
+    (held-out points too: where their group has no estimate, the noisiest group's), and
     the model. With no keys every point keeps noise 1 and the model is None: nothing to
     estimate. Raises ScalingFitError naming the fitted points' groups without a
     replicated cell or with fewer than :data:`MIN_DOF` degrees of freedom, or a group
@@ -148,7 +153,24 @@ def weigh(points: list[Observation], by: tuple[str, ...]) -> tuple[list[Observat
         raise ScalingFitError(
             f"the seed replicates of {'; '.join(zero)} agree exactly: an SD of 0 cannot weigh a point"
         )
-    quietest = min(sd for _, _, sd in model.groups.values())
-    key = {p.name: group_of(p.inputs, by) for p in points}
-    return [replace(p, noise=model.groups[key[p.name]][2] / quietest if key[p.name] in model.groups else 1.0)
-            for p in points], model  # fmt: skip
+    weights = model.weights()
+    unmeasured = max(weights.values())
+    return [replace(p, noise=weights.get(group_of(p.inputs, by), unmeasured)) for p in points], model
+
+
+def scale_of(noise_weights: dict | None, x: LawInputs) -> tuple[float, str]:
+    """The noise weight of a point with law inputs ``x`` under a fit's noise model
+    (``fit.json``'s ``noise_weights``, :meth:`NoiseModel.to_dict`; None for an
+    unweighted fit): its group's SD over the quietest group's, and the group's label.
+    A group without seeds in the fit (another token budget) takes the noisiest group's
+    weight, labelled as such: the noise there is unmeasured, and an interval drawn
+    at the quietest group's noise would claim a precision nobody measured."""
+    if not noise_weights:
+        return 1.0, label((), ())
+    by = tuple(noise_weights["by"])
+    sds = {g["group"]: g["sd_log_loss"] for g in noise_weights["groups"]}
+    quietest = min(sds.values())
+    name = label(by, group_of(x, by))
+    if name in sds:
+        return sds[name] / quietest, name
+    return max(sds.values()) / quietest, f"{name} (no seeds there: the noisiest group's weight)"

@@ -13,7 +13,7 @@ from tabulate import tabulate
 
 from pipeline.model.config import ModelConfig
 from pipeline.scaling import plots
-from pipeline.scaling.bootstrap import interval, predictive_draws
+from pipeline.scaling.bootstrap import interval, predictive_draws, target_scale
 from pipeline.scaling.forms import form_of, law_from_fit
 from pipeline.scaling.law import ScalingLaw, design_matrix, shape_of
 from pipeline.scaling.planner import Budget, Candidate, Plan, PlanError, frontier_loss_at
@@ -105,7 +105,8 @@ def uncertainty(result: Plan, fit: dict, seed: int = 0) -> dict | None:
     share of bootstrap refits of the law that predict it a lower loss than the chosen
     one (paired: the same refit for both); None for a fit.json without refits.
 
-    Returns ``{"interval": [low, high], "level", "rows": [{name, pred_loss,
+    Returns ``{"interval": [low, high], "level", "noise_weight", "noise_group" (the
+    residual's scale: :func:`pipeline.scaling.bootstrap.target_scale`), "rows": [{name, pred_loss,
     share_lower_than_chosen, told_apart}], "selection": ...}``. Told apart: the chosen
     one is strictly lower in at least :data:`TOLD_APART` of the refits. ``selection``:
     :func:`selection_optimism` over every feasible candidate."""
@@ -118,8 +119,9 @@ def uncertainty(result: Plan, fit: dict, seed: int = 0) -> dict | None:
     X_FC = design_matrix([c.inputs for c in result.feasible])
     log_loss_RF = np.array([form.log_loss(theta, X_FC) for theta in thetas_RC])
     mean_RB = log_loss_RF[:, : len(best)]  # feasible is sorted: best is its head
+    weight, group = target_scale(fit, best[0].inputs)
     draws_R = predictive_draws(
-        form, thetas_RC, np.array(boot["residuals"]), [best[0].inputs], np.random.default_rng(seed)
+        form, thetas_RC, np.array(boot["residuals"]), [best[0].inputs], np.random.default_rng(seed), [weight]
     )
     low, high = interval(draws_R[:, 0], boot["level"])
     rows = []
@@ -139,6 +141,8 @@ def uncertainty(result: Plan, fit: dict, seed: int = 0) -> dict | None:
     return {
         "interval": [low, high],
         "level": boot["level"],
+        "noise_weight": weight,
+        "noise_group": group,
         "rows": rows,
         "selection": selection_optimism(result.feasible, log_loss_RF),
     }
@@ -165,7 +169,8 @@ def uncertainty_text(result: Plan, sure: dict | None) -> str:
     )
     return (
         f"{result.chosen.model.name}: predicted loss {result.chosen.loss:.4f}, {sure['level']:.0%} interval for a "
-        f"measured run [{low:.4f}, {high:.4f}]; it {verdict}.\n\n{curse}\n\n"
+        f"measured run [{low:.4f}, {high:.4f}] (its residual drawn at noise weight {sure['noise_weight']:.3g}, "
+        f"{sure['noise_group']}); it {verdict}.\n\n{curse}\n\n"
         + tabulate(sure["rows"], headers="keys", tablefmt="github")
     )
 

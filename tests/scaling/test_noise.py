@@ -60,8 +60,16 @@ def test_the_pooled_sd_weighs_cells_by_their_degrees_of_freedom_and_ignores_held
     by = {p.name: p.noise for p in weighed}
     assert by["s-e16k4-1000000"] == pytest.approx(routed / quietest)
     assert by["s-dense-1000000"] == pytest.approx(dense / quietest) and routed / dense > 1.5  # not both 1
-    assert by["m-e8k2-10000000"] == 1.0  # held out, no estimate for its group: never fitted
+    # held out, no estimate for its group (never fitted): the noisiest group's weight, not the quietest's
+    assert by["m-e8k2-10000000"] == pytest.approx(routed / quietest)
     assert got.to_dict()["groups"][0] == {"group": "tokens 1000000, dense", "cells": 2, "dof": 4, "sd_log_loss": dense}
+    # the weight a fit.json's reader gives any law inputs: the same rule from the saved model
+    saved = got.to_dict()
+    assert noise.scale_of(saved, points[0].inputs) == (pytest.approx(routed / quietest), "tokens 1000000, routed")
+    assert noise.scale_of(saved, _point("x-dense-1000000", 4.0, expansion=1).inputs) == (1.0, "tokens 1000000, dense")
+    weight, group = noise.scale_of(saved, _point("x-dense-5000000", 4.0, tokens=5e6, expansion=1).inputs)
+    assert weight == pytest.approx(routed / quietest) and "tokens 5000000, dense (no seeds there" in group
+    assert noise.scale_of(None, points[0].inputs) == (1.0, "all points")
 
 
 def test_a_fitted_group_without_replicates_too_few_or_identical_seeds_is_named():
@@ -221,3 +229,53 @@ def test_the_form_is_chosen_by_the_noise_weighted_leave_one_size_out_score():
     assert plain[0].cv_score is None  # one form: nothing chosen, nothing scored
     _, two = choose_form([replace(p, noise=1.0) for p in points], [forms.POWER, forms.JOINT], few)
     assert all(s.cv_score == s.cross_validated.rms for s in two)
+
+
+def test_a_prediction_interval_is_as_wide_as_its_own_point_s_noise():
+    """The smaller budgets 10x noisier than the largest: each point's 95% predictive
+    interval draws the fit's studentized residuals at its own weight, so fresh runs at
+    a point's own noise land inside about 95% of the time, in the quiet group and in the
+    noisy ones, and the quiet intervals are several times narrower (measured: the quiet
+    held-out runs' median width is 0.11x the noisy points'). Residuals not divided by
+    their weights make the quiet intervals as wide as the noisy ones' scatter; draws not
+    multiplied by the target's weight make the noisy ones cover too little."""
+    from pipeline.scaling.bootstrap import bootstrap, predictive_draws
+
+    points, _ = noise.weigh(_heteroscedastic(seed=5, noisy=0.02), ("tokens",))
+    result = fit_law(points, starts=starting_points(FEW, forms.POWER), form=forms.POWER)
+    intervals, _ = bootstrap(points, result, replicates=100, seed=2)
+    sd = {1e6: 0.02, 3e6: 0.02, 1e7: 0.002}
+    rng = np.random.default_rng(7)
+    quiet = [p for p in points if p.held_out]
+    noisy = [p for p in points if p.inputs.tokens == 1e6 and not p.held_out]
+    for group in (quiet, noisy):
+        inside = [
+            intervals.contains(p.name, TRUE.predict_one(p.inputs) * math.exp(rng.normal(0, sd[p.inputs.tokens])))
+            for p in group
+            for _ in range(50)
+        ]
+        assert 0.85 <= np.mean(inside) <= 1.0, (group[0].name, np.mean(inside))
+
+    def width(group):
+        return np.median([math.log(intervals.predictions[p.name][1] / intervals.predictions[p.name][0]) for p in group])
+
+    assert width(quiet) < 0.3 * width(noisy), (width(quiet), width(noisy))
+    # the stored residuals are studentized, centred and inflated, by hand
+    fitted = [p for p in points if not p.held_out]
+    X = design_matrix([p.inputs for p in fitted])
+    z = (np.log([p.loss for p in fitted]) - forms.POWER.log_loss(np.array(result.law.theta), X)) / [
+        p.noise for p in fitted
+    ]
+    n, k = len(fitted), len(forms.POWER.coefficients)
+    assert np.allclose(intervals.residuals, (z - z.mean()) * math.sqrt(n / (n - k)), rtol=0, atol=1e-15)
+    assert intervals.to_dict()["residual_unit"] == "the quietest noise group's SD"
+    # weight 1 is the plain draw, bit for bit; a weight scales the drawn residual
+    thetas = np.array(intervals.thetas[:5])
+    args = (forms.POWER, thetas, np.array([-0.01, 0.02]), [quiet[0].inputs, noisy[0].inputs])
+    plain = predictive_draws(*args, np.random.default_rng(3))
+    assert np.array_equal(plain, predictive_draws(*args, np.random.default_rng(3), [1.0, 1.0]))
+    scaled = predictive_draws(*args, np.random.default_rng(3), [1.0, 10.0])
+    mean = np.array([forms.POWER.log_loss(t, design_matrix(args[3])) for t in thetas])
+    assert np.allclose(scaled - mean, (plain - mean) * [1.0, 10.0], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="2 positive weights"):
+        predictive_draws(*args, np.random.default_rng(3), [1.0, 0.0])

@@ -189,6 +189,38 @@ def test_the_closed_loop_compares_a_run_with_the_predicted_interval_by_hand():
     assert "inside the interval" in report(inside, fit) and "above it" in report(above, fit)
 
 
+def test_the_closed_loop_draws_its_run_s_residual_at_the_run_s_noise_weight():
+    """A weighted fit's residuals are in units of the quietest group's noise: a run of a
+    group with weight 2.5 gets exp(log L_pred -/+ 0.025), one of the quietest group
+    -/+ 0.01, one at a budget the seeds never measured the noisiest group's weight,
+    named as such; a fit.json from before the weighted intervals (no residual_unit)
+    draws every residual alike (weight 1), as it was written."""
+    from pipeline.scaling.bootstrap import RESIDUAL_UNIT
+    from pipeline.scaling.closed_loop import compare, report
+
+    fit = _one_law_fit()
+    fit["noise_weights"] = {"by": ["tokens", "routed"], "groups": [
+        {"group": "tokens 600000, routed", "cells": 3, "dof": 6, "sd_log_loss": 0.004},
+        {"group": "tokens 600000, dense", "cells": 2, "dof": 4, "sd_log_loss": 0.01},
+        {"group": "tokens 120000, routed", "cells": 2, "dof": 4, "sd_log_loss": 0.008}]}  # fmt: skip
+    routed, dense = LawInputs(2e6, 6e5, 2.0, 8.0, True), LawInputs(2e6, 6e5, 1.0, 1.0, False)
+    elsewhere = LawInputs(2e6, 3e6, 2.0, 8.0, True)
+    old = {n: compare(fit, Observation("p", "f", x, 5.0)) for n, x in (("r", routed), ("d", dense))}
+    assert old["r"]["noise_weight"] == old["d"]["noise_weight"] == 1.0
+    assert old["d"]["interval"][1] == pytest.approx(TRUE.predict_one(dense) * math.exp(0.01), rel=1e-12)
+    fit["intervals"]["residual_unit"] = RESIDUAL_UNIT
+    for x, weight, group in ((routed, 1.0, "tokens 600000, routed"), (dense, 2.5, "tokens 600000, dense"),
+                             (elsewhere, 2.5, "tokens 3000000, routed (no seeds there")):  # fmt: skip
+        got = compare(fit, Observation("p", "f", x, 5.0))
+        predicted = TRUE.predict_one(x)
+        assert got["noise_weight"] == pytest.approx(weight) and got["noise_group"].startswith(group)
+        low, high = predicted * math.exp(-0.01 * weight), predicted * math.exp(0.01 * weight)
+        assert got["interval"] == pytest.approx([low, high], rel=1e-12), (x, got["interval"])
+    assert "(the residual drawn at noise weight 2.5, tokens 600000, dense)" in report(
+        compare(fit, Observation("p", "f", dense, 5.0)), fit
+    )
+
+
 def test_seed_replicates_of_the_closed_loop_are_each_held_against_the_one_run_interval():
     """Three seeds at predicted x 1.005, x 1.03 and x 0.999 with the interval
     exp(log L_pred -/+ 0.01): two of three inside, the second 1.03/e^0.01 - 1 above; the
@@ -715,6 +747,19 @@ def test_the_plan_says_how_sure_and_which_candidates_cannot_be_told_apart():
     assert f"Corrected for both, the choice's predicted loss is {cands[0].loss / (1 + optimism):.4f}" in text
     # every candidate within budget competes, not only the rows shown: with one row, B still wins 10%
     assert uncertainty(replace(plan, top=1), fit)["selection"] == sel
+    # a weighted fit: the chosen model's residual is drawn at its own group's weight (A is
+    # routed at 6e5 tokens: weight 3), the told-apart shares (refits' means) do not move
+    from pipeline.scaling.bootstrap import RESIDUAL_UNIT
+
+    weighted = {"intervals": {**fit["intervals"], "residuals": [-0.01, 0.01], "residual_unit": RESIDUAL_UNIT},
+                "noise_weights": {"by": ["routed"], "groups": [{"group": "routed", "sd_log_loss": 0.006},
+                                                               {"group": "dense", "sd_log_loss": 0.002}]}}  # fmt: skip
+    wide = uncertainty(plan, weighted)
+    assert wide["noise_weight"] == pytest.approx(3.0) and wide["noise_group"] == "routed"
+    assert wide["rows"] == sure["rows"]
+    assert wide["interval"][0] == pytest.approx(lows[0] * math.exp(-0.03), rel=1e-9)
+    assert wide["interval"][1] == pytest.approx(lows[1] * math.exp(0.03), rel=1e-9)
+    assert "drawn at noise weight 3, routed" in uncertainty_text(plan, wide)
 
 
 def test_plan_command_writes_a_config_the_recipe_composes_and_builds(tmp_path, capsys):
