@@ -96,7 +96,12 @@ def scaling_lines(s: ScalingSummary) -> list[str]:
         sds = [g["sd_log_loss"] for g in weights["groups"]]
         lines.append(
             f"The fit weighs each run by its noise, from the seeds of the fitted runs per {' and '.join(weights['by'])}"
-            f": {len(sds)} groups, SD of the loss {pct(min(sds))} to {pct(max(sds))}."
+            f": {len(sds)} groups, SD of the loss {pct(min(sds))} to {pct(max(sds))}"
+            + (
+                "; each interval draws its run-to-run noise at its own group's SD."
+                if (fit.get("intervals") or {}).get("residual_unit")  # fits before the weighted intervals drew alike
+                else "."
+            )
         )
     if s.plan is not None:
         chosen, sure = s.plan["chosen"], s.plan.get("uncertainty") or {}

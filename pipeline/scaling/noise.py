@@ -42,6 +42,10 @@ GROUP_KEYS = ("tokens", "routed")
 # (chi-square quantiles; [0.03, 2.2] at k = 1), and the weights are ratios of these SDs
 # (the ratio of two 4-dof SDs: within [0.32, 3.1], by the F distribution).
 MIN_DOF = 4
+# A plan or a loop names its budget (600000 tokens); a sweep's runs see the next whole
+# step's tokens (600064 on moe_grid, 1024 tokens a step; 120832 for 120000, 0.7% over).
+# A target's budget within this relative distance of a group's is that group's budget.
+BUDGET_TOLERANCE = 0.02
 
 
 def is_routed(x: LawInputs) -> bool:
@@ -80,7 +84,7 @@ class NoiseModel:
         return {
             "by": list(self.by),
             "groups": [
-                {"group": label(self.by, k), "cells": c, "dof": d, "sd_log_loss": sd}
+                {"group": label(self.by, k), "key": dict(zip(self.by, k)), "cells": c, "dof": d, "sd_log_loss": sd}
                 for k, (c, d, sd) in sorted(self.groups.items())
             ],  # fmt: skip
         }
@@ -162,15 +166,27 @@ def scale_of(noise_weights: dict | None, x: LawInputs) -> tuple[float, str]:
     """The noise weight of a point with law inputs ``x`` under a fit's noise model
     (``fit.json``'s ``noise_weights``, :meth:`NoiseModel.to_dict`; None for an
     unweighted fit): its group's SD over the quietest group's, and the group's label.
-    A group without seeds in the fit (another token budget) takes the noisiest group's
-    weight, labelled as such: the noise there is unmeasured, and an interval drawn
-    at the quietest group's noise would claim a precision nobody measured."""
+
+    A target is of a group when it is routed alike and its token budget is within
+    :data:`BUDGET_TOLERANCE` of the group's (the nearest such group). A group without
+    seeds in the fit (another token budget) takes the noisiest group's weight, labelled
+    as such: the noise there is unmeasured, and an interval drawn at the quietest
+    group's noise would claim a precision nobody measured."""
     if not noise_weights:
         return 1.0, label((), ())
     by = tuple(noise_weights["by"])
-    sds = {g["group"]: g["sd_log_loss"] for g in noise_weights["groups"]}
-    quietest = min(sds.values())
-    name = label(by, group_of(x, by))
-    if name in sds:
-        return sds[name] / quietest, name
-    return max(sds.values()) / quietest, f"{name} (no seeds there: the noisiest group's weight)"
+    groups = noise_weights["groups"]
+    quietest = min(g["sd_log_loss"] for g in groups)
+    want = dict(zip(by, group_of(x, by)))
+
+    def distance(g: dict) -> float:  # |ln of the budgets' ratio|; inf: another group
+        key = g["key"]
+        if any(key[k] != want[k] for k in by if k != "tokens"):
+            return math.inf
+        return abs(math.log(key["tokens"] / want["tokens"])) if "tokens" in by else 0.0
+
+    near = min(groups, key=distance)
+    if distance(near) <= math.log1p(BUDGET_TOLERANCE):
+        return near["sd_log_loss"] / quietest, near["group"]
+    noisiest = max(g["sd_log_loss"] for g in groups)
+    return noisiest / quietest, f"{label(by, group_of(x, by))} (no seeds there: the noisiest group's weight)"

@@ -356,6 +356,13 @@ def test_a_closed_loop_with_seed_replicates_says_how_many_runs_landed_inside():
     (line,) = [x for x in scaling_lines(ScalingSummary(fit, "p", None, closed, None)) if x.startswith("Closed")]
     assert "measured 4.351 (mean of 3 seeds, SD 1.23%; 2 of 3 runs inside the interval of one run)" in line
     assert line.endswith("interval [4.080, 4.440]: inside.")
+    # a fit whose intervals draw each run's noise at its own group's SD says so; one before does not
+    fit["noise_weights"] = {"by": ["tokens"], "groups": [{"sd_log_loss": 0.01}, {"sd_log_loss": 0.02}]}
+    (weights,) = [x for x in scaling_lines(ScalingSummary(fit, "p", None, None, None)) if "weighs" in x]
+    assert weights.endswith("SD of the loss 1.00% to 2.00%.")
+    fit["intervals"] = {"residual_unit": "the quietest noise group's SD"}
+    (weights,) = [x for x in scaling_lines(ScalingSummary(fit, "p", None, None, None)) if "weighs" in x]
+    assert weights.endswith("2.00%; each interval draws its run-to-run noise at its own group's SD.")
 
 
 def test_missing_stages_are_named_in_the_report(built):

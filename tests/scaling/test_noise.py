@@ -62,11 +62,15 @@ def test_the_pooled_sd_weighs_cells_by_their_degrees_of_freedom_and_ignores_held
     assert by["s-dense-1000000"] == pytest.approx(dense / quietest) and routed / dense > 1.5  # not both 1
     # held out, no estimate for its group (never fitted): the noisiest group's weight, not the quietest's
     assert by["m-e8k2-10000000"] == pytest.approx(routed / quietest)
-    assert got.to_dict()["groups"][0] == {"group": "tokens 1000000, dense", "cells": 2, "dof": 4, "sd_log_loss": dense}
+    assert got.to_dict()["groups"][0] == {"group": "tokens 1000000, dense", "key": {"tokens": 1e6, "routed": False},
+                                          "cells": 2, "dof": 4, "sd_log_loss": dense}  # fmt: skip
     # the weight a fit.json's reader gives any law inputs: the same rule from the saved model
     saved = got.to_dict()
     assert noise.scale_of(saved, points[0].inputs) == (pytest.approx(routed / quietest), "tokens 1000000, routed")
     assert noise.scale_of(saved, _point("x-dense-1000000", 4.0, expansion=1).inputs) == (1.0, "tokens 1000000, dense")
+    # a plan's nominal budget is its group's when within 2% (the runs see the next whole step's tokens)
+    assert noise.scale_of(saved, _point("x-dense-990000", 4.0, tokens=9.9e5, expansion=1).inputs)[0] == 1.0
+    assert "no seeds there" in noise.scale_of(saved, _point("x-dense-970000", 4.0, tokens=9.7e5, expansion=1).inputs)[1]
     weight, group = noise.scale_of(saved, _point("x-dense-5000000", 4.0, tokens=5e6, expansion=1).inputs)
     assert weight == pytest.approx(routed / quietest) and "tokens 5000000, dense (no seeds there" in group
     assert noise.scale_of(None, points[0].inputs) == (1.0, "all points")

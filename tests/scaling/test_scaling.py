@@ -200,23 +200,25 @@ def test_the_closed_loop_draws_its_run_s_residual_at_the_run_s_noise_weight():
 
     fit = _one_law_fit()
     fit["noise_weights"] = {"by": ["tokens", "routed"], "groups": [
-        {"group": "tokens 600000, routed", "cells": 3, "dof": 6, "sd_log_loss": 0.004},
-        {"group": "tokens 600000, dense", "cells": 2, "dof": 4, "sd_log_loss": 0.01},
-        {"group": "tokens 120000, routed", "cells": 2, "dof": 4, "sd_log_loss": 0.008}]}  # fmt: skip
+        {"group": "tokens 600064, routed", "key": {"tokens": 600064.0, "routed": True}, "sd_log_loss": 0.004},
+        {"group": "tokens 600064, dense", "key": {"tokens": 600064.0, "routed": False}, "sd_log_loss": 0.01},
+        {"group": "tokens 120832, routed", "key": {"tokens": 120832.0, "routed": True}, "sd_log_loss": 0.008},
+    ]}  # fmt: skip
+    # the runs saw 600064 tokens; a plan or loop at the nominal 600000 is of their group
     routed, dense = LawInputs(2e6, 6e5, 2.0, 8.0, True), LawInputs(2e6, 6e5, 1.0, 1.0, False)
     elsewhere = LawInputs(2e6, 3e6, 2.0, 8.0, True)
     old = {n: compare(fit, Observation("p", "f", x, 5.0)) for n, x in (("r", routed), ("d", dense))}
     assert old["r"]["noise_weight"] == old["d"]["noise_weight"] == 1.0
     assert old["d"]["interval"][1] == pytest.approx(TRUE.predict_one(dense) * math.exp(0.01), rel=1e-12)
     fit["intervals"]["residual_unit"] = RESIDUAL_UNIT
-    for x, weight, group in ((routed, 1.0, "tokens 600000, routed"), (dense, 2.5, "tokens 600000, dense"),
+    for x, weight, group in ((routed, 1.0, "tokens 600064, routed"), (dense, 2.5, "tokens 600064, dense"),
                              (elsewhere, 2.5, "tokens 3000000, routed (no seeds there")):  # fmt: skip
         got = compare(fit, Observation("p", "f", x, 5.0))
         predicted = TRUE.predict_one(x)
         assert got["noise_weight"] == pytest.approx(weight) and got["noise_group"].startswith(group)
         low, high = predicted * math.exp(-0.01 * weight), predicted * math.exp(0.01 * weight)
         assert got["interval"] == pytest.approx([low, high], rel=1e-12), (x, got["interval"])
-    assert "(the residual drawn at noise weight 2.5, tokens 600000, dense)" in report(
+    assert "(the residual drawn at noise weight 2.5, tokens 600064, dense)" in report(
         compare(fit, Observation("p", "f", dense, 5.0)), fit
     )
 
@@ -752,8 +754,9 @@ def test_the_plan_says_how_sure_and_which_candidates_cannot_be_told_apart():
     from pipeline.scaling.bootstrap import RESIDUAL_UNIT
 
     weighted = {"intervals": {**fit["intervals"], "residuals": [-0.01, 0.01], "residual_unit": RESIDUAL_UNIT},
-                "noise_weights": {"by": ["routed"], "groups": [{"group": "routed", "sd_log_loss": 0.006},
-                                                               {"group": "dense", "sd_log_loss": 0.002}]}}  # fmt: skip
+                "noise_weights": {"by": ["routed"], "groups": [
+                    {"group": "routed", "key": {"routed": True}, "sd_log_loss": 0.006},
+                    {"group": "dense", "key": {"routed": False}, "sd_log_loss": 0.002}]}}  # fmt: skip
     wide = uncertainty(plan, weighted)
     assert wide["noise_weight"] == pytest.approx(3.0) and wide["noise_group"] == "routed"
     assert wide["rows"] == sure["rows"]
