@@ -17,6 +17,11 @@ from typing import Any
 from pipeline.report.collect import ReportInputError, read_json
 from pipeline.report.fmt import DASH, pct, signed
 
+# fit.json's intervals.residual_unit when each interval draws its noise at its own group's
+# SD: pipeline.scaling.bootstrap.RESIDUAL_UNIT (the layers keep the report and the
+# scaling package apart; tests/report pins the two equal)
+OWN_NOISE_UNIT = "the quietest noise group's SD"
+
 FIT, CLOSED_LOOP, FIGURE = "fit.json", "closed_loop.json", "predicted_vs_measured.png"
 # Controls of the closed loop (make closed-loop LOOP=<name>): the planner's choice with its
 # search held to the sweep's shapes, so a miss can be told from an extrapolation in shape.
@@ -99,7 +104,7 @@ def scaling_lines(s: ScalingSummary) -> list[str]:
             f": {len(sds)} groups, SD of the loss {pct(min(sds))} to {pct(max(sds))}"
             + (
                 "; each interval draws its run-to-run noise at its own group's SD."
-                if (fit.get("intervals") or {}).get("residual_unit")  # fits before the weighted intervals drew alike
+                if (fit.get("intervals") or {}).get("residual_unit") == OWN_NOISE_UNIT  # before: drawn alike
                 else "."
             )
         )

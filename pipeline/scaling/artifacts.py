@@ -122,7 +122,7 @@ def write_fit(
         f"{result.held_out.max:.2%}, against the fit's band ±{result.band:.2%} (3 × the fit's RMS); "
         f"{inside} of {len(held)} inside their {intervals.level:.0%} bootstrap prediction intervals "
         f"({intervals.replicates} refits of resampled points; the interval holds a fresh measurement's noise too, "
-        f"drawn at the point's own noise weight). "
+        f"drawn at the point's own noise weight, the noisiest group's where its budget has no seeds). "
         f"L-BFGS-B converged from {result.starts_converged} of {result.starts} starting points and in "
         f"{intervals.refits_converged} of {intervals.replicates} refits.",
         "",
@@ -251,7 +251,9 @@ def _weights_text(model: NoiseModel | None) -> str:
     return (
         f"The fit divides each point's log-loss residual by its group's noise (groups by {', '.join(model.by)}), "
         "pooled over the seed replicates among the fitted points (held-out runs lend neither loss nor noise), and "
-        "the leave-one-size-out score that chooses the form divides each error the same way:\n\n" + table
+        "the leave-one-size-out score that chooses the form divides each error the same way; each prediction "
+        "interval draws its residual times its point's weight (studentized residuals, in units of the quietest "
+        "group's SD):\n\n" + table
     )
 
 

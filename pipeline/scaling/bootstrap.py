@@ -19,7 +19,11 @@ draw multiplies the drawn residual by its own weight: a point of a quiet group g
 an interval as narrow as its group's noise, a noisy one as wide as its own; a point
 whose group the seeds never measured takes the noisiest group's weight
 (:func:`pipeline.scaling.noise.scale_of`). With every weight 1 (an unweighted fit)
-this is the plain draw of the residuals, bit for bit. The intervals hold the run-to-run
+this is the plain draw of the residuals, bit for bit. The group SDs are taken as
+exact, though each rests on 4-12 degrees of freedom (:data:`pipeline.scaling.noise.MIN_DOF`):
+the weights' own uncertainty is not in the intervals (on moe_grid the quietest group's
+studentized residuals spread about 10% wider than the pool, so its intervals are about
+that much too narrow). The intervals hold the run-to-run
 noise and the coefficients' uncertainty, not an error of the form itself: a law
 whose shape misses an architecture the sweep never ran (:mod:`pipeline.scaling.closed_loop`)
 misses it by more than its interval.

@@ -75,11 +75,6 @@ class NoiseModel:
     by: tuple[str, ...]
     groups: dict[tuple, tuple[int, int, float]]  # key -> (replicated cells, degrees of freedom, SD)
 
-    def weights(self) -> dict[tuple, float]:
-        """Per group key: its SD over the quietest group's SD (>= 1)."""
-        quietest = min(sd for _, _, sd in self.groups.values())
-        return {k: sd / quietest for k, (_, _, sd) in self.groups.items()}
-
     def to_dict(self) -> dict:
         return {
             "by": list(self.by),
@@ -157,9 +152,8 @@ def weigh(points: list[Observation], by: tuple[str, ...]) -> tuple[list[Observat
         raise ScalingFitError(
             f"the seed replicates of {'; '.join(zero)} agree exactly: an SD of 0 cannot weigh a point"
         )
-    weights = model.weights()
-    unmeasured = max(weights.values())
-    return [replace(p, noise=weights.get(group_of(p.inputs, by), unmeasured)) for p in points], model
+    saved = model.to_dict()  # one matching rule for the fit's points and for any later target
+    return [replace(p, noise=scale_of(saved, p.inputs)[0]) for p in points], model
 
 
 def scale_of(noise_weights: dict | None, x: LawInputs) -> tuple[float, str]:
@@ -167,8 +161,9 @@ def scale_of(noise_weights: dict | None, x: LawInputs) -> tuple[float, str]:
     (``fit.json``'s ``noise_weights``, :meth:`NoiseModel.to_dict`; None for an
     unweighted fit): its group's SD over the quietest group's, and the group's label.
 
-    A target is of a group when it is routed alike and its token budget is within
-    :data:`BUDGET_TOLERANCE` of the group's (the nearest such group). A group without
+    A target is of a group when it is routed alike and its token budget differs from
+    the group's by at most :data:`BUDGET_TOLERANCE` of the group's (the nearest such
+    group). ValueError for a ``noise_weights`` without group keys. A group without
     seeds in the fit (another token budget) takes the noisiest group's weight, labelled
     as such: the noise there is unmeasured, and an interval drawn at the quietest
     group's noise would claim a precision nobody measured."""
@@ -176,17 +171,21 @@ def scale_of(noise_weights: dict | None, x: LawInputs) -> tuple[float, str]:
         return 1.0, label((), ())
     by = tuple(noise_weights["by"])
     groups = noise_weights["groups"]
+    if any("key" not in g for g in groups):
+        raise ValueError(
+            "fit.json's noise_weights name no group keys (written before they did): rerun make scaling-fit"
+        )
     quietest = min(g["sd_log_loss"] for g in groups)
     want = dict(zip(by, group_of(x, by)))
 
-    def distance(g: dict) -> float:  # |ln of the budgets' ratio|; inf: another group
+    def distance(g: dict) -> float:  # the budgets' relative difference; inf: another group
         key = g["key"]
         if any(key[k] != want[k] for k in by if k != "tokens"):
             return math.inf
-        return abs(math.log(key["tokens"] / want["tokens"])) if "tokens" in by else 0.0
+        return abs(want["tokens"] / key["tokens"] - 1.0) if "tokens" in by else 0.0
 
     near = min(groups, key=distance)
-    if distance(near) <= math.log1p(BUDGET_TOLERANCE):
+    if distance(near) <= BUDGET_TOLERANCE:
         return near["sd_log_loss"] / quietest, near["group"]
     noisiest = max(g["sd_log_loss"] for g in groups)
     return noisiest / quietest, f"{label(by, group_of(x, by))} (no seeds there: the noisiest group's weight)"

@@ -360,9 +360,16 @@ def test_a_closed_loop_with_seed_replicates_says_how_many_runs_landed_inside():
     fit["noise_weights"] = {"by": ["tokens"], "groups": [{"sd_log_loss": 0.01}, {"sd_log_loss": 0.02}]}
     (weights,) = [x for x in scaling_lines(ScalingSummary(fit, "p", None, None, None)) if "weighs" in x]
     assert weights.endswith("SD of the loss 1.00% to 2.00%.")
-    fit["intervals"] = {"residual_unit": "the quietest noise group's SD"}
+    from pipeline.report.scaling import OWN_NOISE_UNIT
+    from pipeline.scaling.bootstrap import RESIDUAL_UNIT
+
+    assert OWN_NOISE_UNIT == RESIDUAL_UNIT  # the report reads what the fit writes
+    fit["intervals"] = {"residual_unit": RESIDUAL_UNIT}
     (weights,) = [x for x in scaling_lines(ScalingSummary(fit, "p", None, None, None)) if "weighs" in x]
     assert weights.endswith("2.00%; each interval draws its run-to-run noise at its own group's SD.")
+    fit["intervals"] = {"residual_unit": "something else"}
+    (weights,) = [x for x in scaling_lines(ScalingSummary(fit, "p", None, None, None)) if "weighs" in x]
+    assert weights.endswith("2.00%.")
 
 
 def test_missing_stages_are_named_in_the_report(built):

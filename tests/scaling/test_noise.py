@@ -69,8 +69,13 @@ def test_the_pooled_sd_weighs_cells_by_their_degrees_of_freedom_and_ignores_held
     assert noise.scale_of(saved, points[0].inputs) == (pytest.approx(routed / quietest), "tokens 1000000, routed")
     assert noise.scale_of(saved, _point("x-dense-1000000", 4.0, expansion=1).inputs) == (1.0, "tokens 1000000, dense")
     # a plan's nominal budget is its group's when within 2% (the runs see the next whole step's tokens)
-    assert noise.scale_of(saved, _point("x-dense-990000", 4.0, tokens=9.9e5, expansion=1).inputs)[0] == 1.0
-    assert "no seeds there" in noise.scale_of(saved, _point("x-dense-970000", 4.0, tokens=9.7e5, expansion=1).inputs)[1]
+    for tokens in (9.81e5, 1.019e6):
+        assert noise.scale_of(saved, _point("x-dense-1", 4.0, tokens=tokens, expansion=1).inputs)[0] == 1.0
+    for tokens in (9.75e5, 1.025e6):
+        assert "no seeds there" in noise.scale_of(saved, _point("x-dense-1", 4.0, tokens=tokens, expansion=1).inputs)[1]
+    keyless = {**saved, "groups": [{k: v for k, v in g.items() if k != "key"} for g in saved["groups"]]}
+    with pytest.raises(ValueError, match="no group keys .* rerun make scaling-fit"):
+        noise.scale_of(keyless, points[0].inputs)
     weight, group = noise.scale_of(saved, _point("x-dense-5000000", 4.0, tokens=5e6, expansion=1).inputs)
     assert weight == pytest.approx(routed / quietest) and "tokens 5000000, dense (no seeds there" in group
     assert noise.scale_of(None, points[0].inputs) == (1.0, "all points")
@@ -245,12 +250,16 @@ def test_a_prediction_interval_is_as_wide_as_its_own_point_s_noise():
     multiplied by the target's weight make the noisy ones cover too little."""
     from pipeline.scaling.bootstrap import bootstrap, predictive_draws
 
-    points, _ = noise.weigh(_heteroscedastic(seed=5, noisy=0.02), ("tokens",))
+    raw = _heteroscedastic(seed=5, noisy=0.02)
+    # a held-out run at a budget no seed measured: drawn at the noisiest group's weight
+    far = LawInputs(1e7, 3e7, 4, 2, False)
+    raw.append(Observation("d-e4g2s0-30000000", "e4g2s0", far, TRUE.predict_one(far), held_out=True, size="d"))
+    points, _ = noise.weigh(raw, ("tokens",))
     result = fit_law(points, starts=starting_points(FEW, forms.POWER), form=forms.POWER)
     intervals, _ = bootstrap(points, result, replicates=100, seed=2)
     sd = {1e6: 0.02, 3e6: 0.02, 1e7: 0.002}
     rng = np.random.default_rng(7)
-    quiet = [p for p in points if p.held_out]
+    quiet = [p for p in points if p.held_out and p.inputs.tokens == 1e7]
     noisy = [p for p in points if p.inputs.tokens == 1e6 and not p.held_out]
     for group in (quiet, noisy):
         inside = [
@@ -264,6 +273,10 @@ def test_a_prediction_interval_is_as_wide_as_its_own_point_s_noise():
         return np.median([math.log(intervals.predictions[p.name][1] / intervals.predictions[p.name][0]) for p in group])
 
     assert width(quiet) < 0.3 * width(noisy), (width(quiet), width(noisy))
+    assert width(quiet) < 2 * 1.96 * 0.002 * 1.5  # about its own noise's width, not the pool's
+    (unmeasured,) = [p for p in points if p.inputs.tokens == 3e7]
+    assert unmeasured.noise == max(p.noise for p in points) > 5
+    assert width([unmeasured]) > 0.7 * width(noisy)
     # the stored residuals are studentized, centred and inflated, by hand
     fitted = [p for p in points if not p.held_out]
     X = design_matrix([p.inputs for p in fitted])

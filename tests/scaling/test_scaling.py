@@ -763,6 +763,12 @@ def test_the_plan_says_how_sure_and_which_candidates_cannot_be_told_apart():
     assert wide["interval"][0] == pytest.approx(lows[0] * math.exp(-0.03), rel=1e-9)
     assert wide["interval"][1] == pytest.approx(lows[1] * math.exp(0.03), rel=1e-9)
     assert "drawn at noise weight 3, routed" in uncertainty_text(plan, wide)
+    # the weight is the chosen model's own: a dense choice ahead of routed runners-up draws at 1
+    dense = LawInputs(2e6, 6e5, 1.0, 1.0, False)
+    first = Candidate(replace(base, name="D"), 1, 1.0, 1, dense, TRUE.predict_one(dense))
+    assert uncertainty(Plan(Budget(memory_bytes=10**9), [first, *cands], [], [], enumerated=4), weighted)[
+        "noise_weight"
+    ] == pytest.approx(1.0)
 
 
 def test_plan_command_writes_a_config_the_recipe_composes_and_builds(tmp_path, capsys):
