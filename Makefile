@@ -135,7 +135,10 @@ scaling-fit: $(STAMP)
 # The planner's choice at the tiny budget trained like the sweep's largest points, and the
 # law's prediction for it checked against the run (after make sweep and make scaling-fit).
 # Its controls: LOOP=closed_loop_in_range (the choice with depth and width held to the
-# sweep's) and LOOP=closed_loop_shared_in_range (the shared expert's share held too).
+# sweep's) and LOOP=closed_loop_shared_in_range (the shared expert's share held too), both
+# planned by the earlier law; LOOP=loop_extrapolated_l6_e12k4s4 (the choice planned beyond
+# the sweep, scaling.plan.within_sweep=false) and LOOP=loop_earlier_l6_e3k1s1 (the earlier
+# law's choice).
 LOOP ?= closed_loop
 closed-loop: $(STAMP)
 	$(MAKE) sweep SWEEP=$(LOOP)

@@ -23,19 +23,25 @@ from pipeline.report.fmt import DASH, pct, signed
 OWN_NOISE_UNIT = "the quietest noise group's SD"
 
 FIT, CLOSED_LOOP, FIGURE = "fit.json", "closed_loop.json", "predicted_vs_measured.png"
-# Controls of the closed loop (make closed-loop LOOP=<name>): the planner's choice with its
-# search held to the sweep's shapes, so a miss can be told from an extrapolation in shape.
+# The closed loop's other runs (make closed-loop LOOP=<name>), each file with its line's
+# title: the planner's choice with its search held to the sweep's shapes, so a miss can be
+# told from an extrapolation in shape, the choice planned with scaling.plan.within_sweep
+# off, and the choice of the law before S was the shared expert's share, all held against
+# the current law.
 CONTROLS = (
-    ("closed_loop_in_range.json", "planned within the sweep's depths and widths"),
-    ("closed_loop_shared_in_range.json", "planned within the sweep's depths, widths and shared-expert shares"),
-)
+    ("closed_loop_in_range.json", "Closed loop, control planned within the sweep's depths and widths"),
+    ("closed_loop_shared_in_range.json",
+     "Closed loop, control planned within the sweep's depths, widths and shared-expert shares"),
+    ("loop_extrapolated_l6_e12k4s4.json", "Closed loop, the law's choice planned beyond the sweep's shapes"),
+    ("loop_earlier_l6_e3k1s1.json", "Closed loop, the earlier law's choice (S a yes/no)"),
+)  # fmt: skip
 
 
 @dataclass
 class ScalingSummary:
     """What the report shows of the scaling law; ``plan`` and ``closed_loop`` are None
     when that step has not been run. ``figure``: the fit's predicted-vs-measured plot;
-    ``controls``: the closed loop's controls that have run, as (what was held, result)."""
+    ``controls``: the closed loop's other runs that exist, as (title, result)."""
 
     fit: dict[str, Any]
     plan_name: str
@@ -125,7 +131,7 @@ def scaling_lines(s: ScalingSummary) -> list[str]:
         lines.append(line + "." + _other_law(s.plan, s.fit))
     if s.closed_loop is not None:
         lines.append(_loop_line("Closed loop", s.closed_loop, s.fit))
-    lines += [_loop_line(f"Closed loop, control {held}", c, s.fit) for held, c in s.controls]
+    lines += [_loop_line(title, c, s.fit) for title, c in s.controls]
     return lines
 
 

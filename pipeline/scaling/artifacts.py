@@ -40,8 +40,9 @@ def write_fit(
     write :data:`OUTPUTS` into ``out`` and return the fit's summary (``fit.json``'s
     content). ``shapes``: per (size, architecture) of the sweep, what the law does not see
     of its model (:func:`pipeline.scaling.law.shape_of`); their span over the fitted points
-    is the summary's ``shape_range`` (the law has no term for depth or width and one factor
-    for any shared expert: a plan outside it is an extrapolation that N and S do not show;
+    is the summary's ``shape_range`` (the law has no term for depth or width, and its S
+    term is fitted at the sweep's shared shares only: a plan outside it is an
+    extrapolation that N and S do not show;
     left out when a point's model is not in ``shapes``). Raises ScalingFitError before
     writing when the points cannot determine the law. ``noise_groups``: the keys the fit's
     noise weights are estimated per (:func:`pipeline.scaling.noise.weigh`; none: every
@@ -84,7 +85,7 @@ def write_fit(
         for p in sorted(points, key=lambda p: p.name):
             x = p.inputs
             writer.writerow([p.name, p.family, p.size, int(x.n_active), int(x.tokens), f"{x.expansion:.10g}",
-                             f"{x.granularity:.10g}", int(x.shared), int(p.held_out), repr(p.loss),
+                             f"{x.granularity:.10g}", f"{x.shared:.10g}", int(p.held_out), repr(p.loss),
                              f"{result.predictions[p.name]:.6f}",
                              *(f"{v:.6f}" for v in intervals.predictions[p.name]),
                              "" if p.seconds is None else f"{p.seconds:.2f}"])  # fmt: skip
@@ -172,7 +173,7 @@ def write_fit(
 # The loss is written in full (the shortest repr that reads back to the same float): a refit
 # from this table alone (scaling.points_csv, no MLflow store) must see the losses the fit saw,
 # or the poorly pinned floor moves (6 decimals moved it by 0.003 nats on moe_grid).
-POINT_COLUMNS = ["name", "family", "size", "n_active", "tokens", "expansion", "granularity", "shared", "held_out",
+POINT_COLUMNS = ["name", "family", "size", "n_active", "tokens", "expansion", "granularity", "shared_share", "held_out",
                  "loss", "predicted", "interval_low", "interval_high", "train_seconds"]  # fmt: skip
 
 
@@ -190,8 +191,13 @@ def read_points(path: Path) -> list[Observation]:
         raise ScalingFitError(f"{path}: no points table there (a points.csv written by make scaling-fit)")
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
-        missing = [c for c in ("name", "family", "n_active", "tokens", "expansion", "granularity", "shared",
+        missing = [c for c in ("name", "family", "n_active", "tokens", "expansion", "granularity", "shared_share",
                                "loss", "train_seconds") if c not in (reader.fieldnames or [])]  # fmt: skip
+        if missing == ["shared_share"] and "shared" in (reader.fieldnames or []):
+            raise ScalingFitError(
+                f"{path}: a table from when the law's S was 0/1 (column shared), not the shared expert's share "
+                "(shared_share): refit from the sweep's runs (make scaling-fit)"
+            )
         if missing:
             raise ScalingFitError(f"{path}: not a points table of make scaling-fit: no column(s) {', '.join(missing)}")
         points = []
@@ -200,7 +206,7 @@ def read_points(path: Path) -> list[Observation]:
                 if not POINT_NAME.fullmatch(row["name"] or ""):
                     raise ValueError(f"{row['name']!r} is not a sweep point's name (<size>-<arch>-<tokens>[-seed<n>])")
                 inputs = LawInputs(float(row["n_active"]), float(row["tokens"]), float(row["expansion"]),
-                                   float(row["granularity"]), bool(int(row["shared"])))  # fmt: skip
+                                   float(row["granularity"]), float(row["shared_share"]))  # fmt: skip
                 seconds = float(row["train_seconds"]) if row["train_seconds"] else None
                 size = row.get("size") or row["name"].split("-")[0]
                 points.append(Observation(row["name"], row["family"], inputs, float(row["loss"]), seconds=seconds,

@@ -109,7 +109,7 @@ def saved_runs(result: dict) -> list[Observation]:
         family = parts[1] if len(parts) >= 3 else ""  # the architecture; compare() does not read it
         runs = result.get("replicates") or [result]
         return [Observation(r["point"], family, inputs, r["measured"], seconds=r.get("train_seconds")) for r in runs]
-    except (KeyError, IndexError, TypeError, AttributeError) as err:
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError) as err:
         raise ValueError(f"not a loop file (closed_loop's output): {type(err).__name__} {err}") from None
 
 
@@ -129,7 +129,7 @@ def report(result: dict, fit: dict) -> str:
             f"Law fitted on sweep `{fit.get('sweep', '?')}`: `{fit['formula']}`.",
             "",
             f"Run `{result['point']}` (N = {x['n_active']:.4g} active, D = {x['tokens']:.4g} tokens, "
-            f"Ê = {x['expansion']:.3g}, G = {x['granularity']:.3g}, shared expert: {x['shared']}): "
+            f"Ê = {x['expansion']:.3g}, G = {x['granularity']:.3g}, S = {x['shared']:.3g}): "
             f"measured {result['measured']:.4f}, predicted {result['predicted']:.4f} "
             f"({result['relative_error']:+.2%}), {result['level']:.0%} predictive interval "
             f"[{low:.4f}, {high:.4f}]{_weight_text(result)}: {verdict}.",

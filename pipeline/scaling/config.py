@@ -28,6 +28,11 @@ class PlanConfig:
     embedding: str = "int4"  # the recipe's QAT embedding, int4 or int8 (conf: ${stage.qat.embedding})
     top: int = 10
     references: list[str] = field(default_factory=lambda: list(PAPER_MODELS))
+    # choose only among architectures inside what the law was fitted on (expansion and
+    # granularity up to the sweep's largest; depth, width and shared share within its fitted
+    # models'): plan_report.outside_sweep. Off for the paper's sizes, which every sweep
+    # that 2 cores can run lies far below in depth and width; on for plan=tiny.
+    within_sweep: bool = False
 
     def __post_init__(self) -> None:
         require(self.context >= 1, "context", "must be >= 1")

@@ -18,7 +18,7 @@ import numpy as np
 from scipy.optimize import minimize
 from threadpoolctl import threadpool_limits
 
-from pipeline.scaling.law import JOINT, LawForm, LawInputs, ScalingLaw, design_matrix
+from pipeline.scaling.law import COL_S, JOINT, S_MEANS, LawForm, LawInputs, ScalingLaw, design_matrix
 
 HUBER_DELTA = 1e-3
 # The default grid of starting points: 3 x 3 x 3 x 3 x 2 = 162 starts (coefficients
@@ -101,6 +101,7 @@ class FitResult:
         return {
             "form": self.law.form.form,
             "form_name": self.law.form.name,
+            "S": S_MEANS,  # a fit.json without it is from when S was 0/1 (forms.law_from_fit refuses it)
             "formula": self.law.formula(),
             "coefficients": self.law.coefficients,
             "fit_error": vars(self.fit),
@@ -135,9 +136,9 @@ def starting_points(grid: dict[str, tuple[float, ...]] = START_GRID, form: LawFo
 def check_identifiable(points: list[Observation], form: LawForm = JOINT) -> None:
     """Raise ScalingFitError unless the fitted points can determine every coefficient of
     ``form``: more points than coefficients; two or more values of N and of D; points
-    with and without a shared expert (σ); and the spread in Ê and G the form names in
+    with and without a shared expert (σ); and the spread in Ê, G and S the form names in
     ``needs`` (the joint form's ``a + g G^-γ`` has three unknowns: three granularities;
-    a quadratic in ln Ê: three expansions)."""
+    a quadratic in ln Ê: three expansions; in S: three shared-expert shares)."""
     fitted = [p for p in points if not p.held_out]
     names = form.coefficients
     need = len(names) + 1
@@ -153,7 +154,9 @@ def check_identifiable(points: list[Observation], form: LawForm = JOINT) -> None
         ("token budgets D", {p.inputs.tokens for p in fitted}, 2, "beta"),
         ("shared-expert settings", {p.inputs.shared for p in fitted}, 2, "sigma"),
     ]
-    spreads += [(what, set(np.round(np.exp(X[:, col]), 6)), least, coef) for col, least, what, coef in form.needs]
+    # Ê and G are columns of logs; S is the share itself
+    spreads += [(what, set(np.round(X[:, col] if col == COL_S else np.exp(X[:, col]), 6)), least, coef)
+                for col, least, what, coef in form.needs]  # fmt: skip
     for what, values, least, coefficient in spreads:
         if len(values) < least:
             shown = ", ".join(f"{v:g}" for v in sorted(values))

@@ -8,10 +8,11 @@ in their coefficients inside each term:
 - ``power``: ``t_N = log a - α ln N - δ ln Ê - γ ln G - σ S``, ``t_D = log b - β ln D``:
   monotone power laws in Ê and G (no saturation in G: the joint form's ``a + g G^-γ``
   is replaced by ``G^-γ``).
-- ``interior``: ``power`` plus ``+ δ₂ (ln Ê)² + γ₂ (ln G)²`` in t_N. With δ₂ > 0 the
-  loss has an interior optimum in expansion at ``ln Ê* = δ / (2 δ₂)`` (likewise in G):
-  the sweep's finding that expansion 4 beats both 2 and 8 is a shape the monotone
-  forms cannot hold.
+- ``interior``: ``power`` plus ``+ δ₂ (ln Ê)² + γ₂ (ln G)² + σ₂ S²`` in t_N. With
+  δ₂ > 0 the loss has an interior optimum in expansion at ``ln Ê* = δ / (2 δ₂)``
+  (likewise in G, and in the shared share at ``S* = σ / (2 σ₂)``): the sweep's finding
+  that expansion 4 beats both 2 and 8 is a shape the monotone forms cannot hold, and so
+  is a shared expert that helps at a quarter of the width and not at a half.
 - ``interaction``: Ludziejewski et al. 2025 (Joint MoE scaling laws, eq. 5): the
   exponents of N and D move with ln Ê, ``N^-(α + ι ln Ê)`` and ``D^-(β + ζ ln Ê)``, and
   the data term has its own expert factor ``Ê^-ω``. The logs of N and D in the
@@ -35,7 +36,7 @@ import math
 import numpy as np
 from scipy.special import logsumexp
 
-from pipeline.scaling.law import COL_D, COL_E, COL_G, COL_N, COL_S, JOINT, LawForm, ScalingLaw
+from pipeline.scaling.law import COL_D, COL_E, COL_G, COL_N, COL_S, JOINT, S_MEANS, LawForm, ScalingLaw
 
 LOG_REF = math.log(1e6)  # the centre of ln N and ln D in the interaction features
 
@@ -50,6 +51,8 @@ _FEATURES = {
     # falling beyond the sweep's range, where a plan extrapolates
     "delta2": ("N", lambda X: X[:, COL_E] ** 2, (0.0, 2.0), 0.0),
     "gamma2": ("N", lambda X: X[:, COL_G] ** 2, (0.0, 2.0), 0.0),
+    # S is in [0, 1): S² <= 1, so the bound is wider than ln Ê's and ln G's
+    "sigma2": ("N", lambda X: X[:, COL_S] ** 2, (0.0, 8.0), 0.0),
     "iota": ("N", lambda X: -X[:, COL_E] * (X[:, COL_N] - LOG_REF), (-1.0, 1.0), 0.0),
     "log_b": ("D", lambda X: np.ones(len(X)), (-20.0, 40.0), None),
     "beta": ("D", lambda X: -X[:, COL_D], (0.0, 2.5), None),
@@ -62,6 +65,7 @@ _FEATURES = {
 _SHOWN = {
     "delta2": ("+", "(ln Ê)²", "delta2 (ln Ehat)^2"),
     "gamma2": ("+", "(ln G)²", "gamma2 (ln G)^2"),
+    "sigma2": ("+", "S²", "sigma2 S^2"),
     "iota": ("-", "ln Ê·(ln N - ln 1e6)", "iota ln Ehat (ln N - ln 1e6)"),
     "omega": ("-", "ln Ê", "omega ln Ehat"),
     "zeta": ("-", "ln Ê·(ln D - ln 1e6)", "zeta ln Ehat (ln D - ln 1e6)"),
@@ -132,6 +136,8 @@ def _log_linear(
     words_d = "".join(f" {_SHOWN[x][0]} {_SHOWN[x][2]}" for x in extra_d)
     needs = [(COL_E, needs_e, "expansions", "delta" + (", delta2" if needs_e > 2 else ""))]
     needs.append((COL_G, needs_g, "granularities", "gamma" + (", gamma2" if needs_g > 2 else "")))
+    if "sigma2" in extra_n:  # a quadratic in S: three shares (none, and two widths of shared expert)
+        needs.append((COL_S, 3, "shared-expert shares", "sigma, sigma2"))
     t_n = f"exp(log a - alpha ln N - delta ln Ehat - gamma ln G - sigma S{words_n})"
     t_d = f"exp(log b - beta ln D{words_d})"
     return LawForm(
@@ -148,10 +154,14 @@ def _log_linear(
 
 
 POWER = _log_linear("power", (), (), needs_e=2, needs_g=2)
-INTERIOR = _log_linear("interior", ("delta2", "gamma2"), (), needs_e=3, needs_g=3)
+INTERIOR = _log_linear("interior", ("delta2", "gamma2", "sigma2"), (), needs_e=3, needs_g=3)
 INTERACTION = _log_linear("interaction", ("iota",), ("omega", "zeta"), needs_e=2, needs_g=2)
-INTERIOR_INTERACTION = _log_linear("interior_interaction", ("delta2", "gamma2", "iota"), ("omega", "zeta"), 3, 3)
-INTERIOR_COUPLED = _log_linear("interior_coupled", ("delta2", "gamma2"), (), needs_e=3, needs_g=3, coupled=True)
+INTERIOR_INTERACTION = _log_linear(
+    "interior_interaction", ("delta2", "gamma2", "sigma2", "iota"), ("omega", "zeta"), 3, 3
+)
+INTERIOR_COUPLED = _log_linear(
+    "interior_coupled", ("delta2", "gamma2", "sigma2"), (), needs_e=3, needs_g=3, coupled=True
+)
 FORMS = {f.name: f for f in (JOINT, POWER, INTERIOR, INTERACTION, INTERIOR_INTERACTION, INTERIOR_COUPLED)}
 
 
@@ -170,7 +180,13 @@ def form_of(summary: dict) -> LawForm:
 
 def law_from_fit(summary: dict) -> ScalingLaw:
     """The law a ``fit.json`` holds: its form (:func:`form_of`) and coefficients.
-    KeyError/TypeError/ValueError when the summary lacks them."""
+    KeyError/TypeError/ValueError when the summary lacks them; ValueError for a fit
+    written when S was 0/1 (no ``S`` key): its σ is per shared expert, not per share."""
+    if summary.get("S") != S_MEANS:
+        raise ValueError(
+            f"the fit's S is {summary.get('S', '0 or 1 (written before S became a share)')!r}, not {S_MEANS!r}: "
+            "refit it (make scaling-fit)"
+        )
     form = form_of(summary)
     coefficients = summary["coefficients"]
     return ScalingLaw(tuple(float(coefficients[k]) for k in form.coefficients), form)

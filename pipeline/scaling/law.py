@@ -8,7 +8,10 @@ shape of the feed-forward slot.
 - D: training tokens.
 - Ê: expansion, total / active FFN width (``accounting.ffn_shape``; dense: 1).
 - G: granularity, active FFN width / one routed expert's width (dense: 1).
-- S: 1 with a shared expert, else 0.
+- S: the shared expert's share of the active FFN width (0 without one; MobileMoE-S's
+  1536 of 4 x 384 + 1536 is 1/2). A share, not a yes/no: the planner and the paper
+  choose between shares, and one factor for any shared expert, fitted at one share,
+  says nothing about another.
 
 Why this form. The parameter term is Krajewski et al. 2024's ``(g / G^γ + a) / N^α``
 (fine-grained MoE: granularity acts on the parameter term, with diminishing returns),
@@ -35,6 +38,10 @@ from scipy.special import logsumexp
 from pipeline.model.accounting import ffn_shape, matmul_params_active
 from pipeline.model.config import ModelConfig
 
+# What S is, written into fit.json: coefficients fitted when S was 0/1 (any shared expert)
+# mean something else and are not read as a share's.
+S_MEANS = "the shared expert's share of the active FFN width"
+
 # The coefficient vector θ, in this order. a, g, b, c enter as logs (positive).
 COEFFICIENTS = ("log_a", "log_g", "gamma", "delta", "sigma", "alpha", "log_b", "beta", "log_c")
 
@@ -47,26 +54,30 @@ class LawInputs:
     tokens: float  # D
     expansion: float  # Ê
     granularity: float  # G
-    shared: bool  # S
+    shared: float  # S: the shared expert's share of the active FFN width, in [0, 1)
 
     def __post_init__(self) -> None:
         if not (self.n_active > 0 and self.tokens > 0):
             raise ValueError(f"N and D must be > 0, got N={self.n_active}, D={self.tokens}")
         if self.expansion < 1 or self.granularity < 1:
             raise ValueError(f"expansion and granularity must be >= 1, got {self.expansion}, {self.granularity}")
+        # a bool True (the 0/1 S of fits before the share) reads as 1 and is refused here
+        if isinstance(self.shared, bool) or not 0 <= self.shared < 1:
+            raise ValueError(f"S is the shared expert's share of the active FFN width, in [0, 1), got {self.shared!r}")
 
 
 def law_inputs(cfg: ModelConfig, tokens: float) -> LawInputs:
     """The law's inputs for model ``cfg`` trained on ``tokens`` tokens (the model
     package's accounting, no second formula)."""
     shape = ffn_shape(cfg)
-    return LawInputs(float(matmul_params_active(cfg)), float(tokens), shape.expansion, shape.granularity, shape.shared)
+    share = shape_of(cfg)["shared_share"]
+    return LawInputs(float(matmul_params_active(cfg)), float(tokens), shape.expansion, shape.granularity, share)
 
 
 def shape_of(cfg: ModelConfig) -> dict[str, float]:
     """What the law does not see of model ``cfg``: ``n_layers``, ``d_model`` and
     ``shared_share``, the shared expert's part of the active FFN width (0 without one;
-    the law's S only says whether there is one)."""
+    the law's S)."""
     shared = cfg.moe.num_shared_experts * cfg.moe.shared_ffn_dim if cfg.moe else 0
     return {"n_layers": cfg.n_layers, "d_model": cfg.d_model, "shared_share": shared / ffn_shape(cfg).active_width}
 

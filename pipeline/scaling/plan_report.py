@@ -5,6 +5,7 @@ expansion, the reference models against the frontier, the frontiers themselves, 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -214,14 +215,22 @@ def write_plan(
     shape = beyond_sweep_shapes(fit, chosen.model)
     if shape:
         extrapolation += (
-            f" The law has no term for depth or width and one factor for any shared expert, and the chosen "
-            f"model has {shape}: its loss is an extrapolation in shape that N and S do not show."
+            f" The law has no term for depth or width and reads the shared expert's share only where the "
+            f"sweep ran it, and the chosen model has {shape}: its loss is an extrapolation in shape that N "
+            f"and S do not show."
         )
     sure = uncertainty(result, fit)
     sections = [
         f"# Plan {name}",
         header.replace("\n", "  \n"),
-        f"{result.enumerated} architectures enumerated, {len(result.feasible)} within budget.",
+        f"{result.enumerated} architectures enumerated, {len(result.feasible) + result.outside} within budget"
+        + (
+            f"; {result.outside} of them left out, outside what the law was fitted on "
+            f"(scaling.plan.within_sweep: expansion and granularity up to the sweep's largest, depth, width "
+            f"and shared share within its fitted models')."
+            if result.outside
+            else "."
+        ),
         "## Best within budget\n\n" + _table(result.best),
         "## How sure (bootstrap refits of the law)\n\n" + uncertainty_text(result, sure),
         "## Best within budget per expansion (total / active FFN width)\n\n"
@@ -270,6 +279,31 @@ def beyond_sweep_shapes(fit: dict, model: ModelConfig) -> str:
             said.append(f"{value_as.format(shape[key])} where the sweep's fitted models have "
                         f"{span_as.format(*span[key])}")  # fmt: skip
     return ", and ".join(said)
+
+
+def outside_sweep(fit: dict) -> Callable[[Candidate], str]:
+    """The planner's ``admit`` for ``scaling.plan.within_sweep``: why a candidate lies
+    outside what the law was fitted on ("" when inside): expansion or granularity above
+    the sweep's largest (``fit.json``'s ``range``), or depth, width or shared share outside
+    the fitted models' span (:func:`beyond_sweep_shapes`). N and D are not held: predicting
+    them is what the law is for. PlanError when the fit records no ``range`` or
+    ``shape_range`` (a fit.json from before they were kept)."""
+    if not {"expansion", "granularity"} <= set(fit.get("range") or {}) or not fit.get("shape_range"):
+        raise PlanError(
+            "scaling.plan.within_sweep: the fit records no range or shape_range of its points; rerun make scaling-fit"
+        )
+    limits = {"expansion": ("Ê", _sweep_max(fit, "expansion")), "granularity": ("G", _sweep_max(fit, "granularity"))}
+
+    def reason(c: Candidate) -> str:
+        said = [
+            f"{symbol} = {getattr(c.inputs, key):.3g} above the sweep's largest {top:.3g}"
+            for key, (symbol, top) in limits.items()
+            if getattr(c.inputs, key) > top * (1 + 1e-9)  # the same accounting: equal at the sweep's own
+        ]
+        shape = beyond_sweep_shapes(fit, c.model)
+        return ", and ".join(said + ([shape] if shape else []))
+
+    return reason
 
 
 def _sweep_max(fit: dict, key: str) -> float:

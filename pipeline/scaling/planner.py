@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -349,6 +349,7 @@ class Plan:
     frontier_flops: list[Candidate]
     enumerated: int
     top: int = 10
+    outside: int = 0  # within budget but refused by the plan's ``admit`` (outside the sweep's reach)
 
     @property
     def best(self) -> list[Candidate]:
@@ -369,12 +370,16 @@ def plan(
     group_size: int = 32,
     top: int = 10,
     embedding_bits: int = 4,
+    admit: Callable[[Candidate], str] | None = None,
 ) -> Plan:
     """Plan an architecture (see the module doc). Raises PlanError naming the budget
     when no architecture of ``space`` fits it, with the smallest that exist.
 
     ``group_size`` and ``embedding_bits`` are the recipe's QAT settings: candidates
-    whose weights the groups do not tile are left out, and INT4 bytes count them."""
+    whose weights the groups do not tile are left out, and INT4 bytes count them.
+    ``admit``: why a candidate may not be chosen ("" when it may; e.g.
+    :func:`pipeline.scaling.plan_report.outside_sweep`); PlanError naming the first
+    reason when every candidate within budget is refused."""
     models = list(enumerate_models(space, base, group_size))
     candidates = evaluate(models, law, tokens, context, group_size, embedding_bits)
     if not candidates:
@@ -391,13 +396,23 @@ def plan(
             f"the lightest reads {lightest.decode_bytes / 1e9:.4g} GB per decode step; "
             f"raise the budget or add smaller shapes to the search space"
         )
-    feasible.sort(key=lambda c: c.loss)
+    refused = {id(c): admit(c) for c in feasible} if admit else {}
+    kept = [c for c in feasible if not refused.get(id(c))]
+    if not kept:
+        best = min(feasible, key=lambda c: c.loss)
+        raise PlanError(
+            f"all {len(feasible)} architectures within {budget.describe()} lie outside what the law was fitted on "
+            f"(the best, {best.model.name}: {refused[id(best)]}); widen the sweep or plan by extrapolation "
+            "(scaling.plan.within_sweep=false)"
+        )
+    outside, feasible = len(feasible) - len(kept), sorted(kept, key=lambda c: c.loss)
     return Plan(
         budget=budget,
         feasible=feasible,
         frontier_memory=pareto(candidates, "int4_bytes"),
         frontier_flops=pareto(candidates, "flops_per_token"),
         enumerated=len(candidates),
+        outside=outside,
         top=top,
     )
 

@@ -4,7 +4,9 @@ pipeline/scaling/closed_loop.py).
 
 Reads the newest FINISHED point of ``--sweep`` (default ``closed_loop``, a one-point
 sweep of the planner's choice; with its seed replicates when it has several, e.g. after
-``make closed-loop ARGS="seed=0,1,2"``) from the MLflow store of ``--params``, and ``--fit``
+``make closed-loop ARGS="seed=0,1,2"``) from the MLflow store of ``--params``: the point
+``--point`` names, else the one a one-point ``conf/sweep/<sweep>.yaml`` names now (the
+store keeps the runs of earlier choices under the same sweep), else its only one; and ``--fit``
 (``make scaling-fit``'s ``fit.json``, with its bootstrap refits); writes
 ``<name>.json`` and ``<name>.md`` into ``--out`` (``--name``, by default the sweep's:
 ``closed_loop.json`` for the loop, ``closed_loop_in_range.json`` for a control). With
@@ -37,7 +39,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fit", type=Path, default=Path("outputs/scaling/fit.json"))
     parser.add_argument("--out", type=Path, default=Path("outputs/scaling"))
     parser.add_argument("--name", help="the files' stem in --out (default: the --sweep's name)")
-    parser.add_argument("--point", help="which point of the sweep, e.g. l6-e14k6s2-600000 (default: its only one)")
+    parser.add_argument(
+        "--point",
+        help="which point of the sweep, with its seeds, e.g. l6-e14k6s2-600000, or one seed's run (-seed1); "
+        "default: the one conf/sweep/<sweep>.yaml names, else its only one",
+    )
     parser.add_argument(
         "--runs-from",
         type=Path,
@@ -57,8 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = validate(load_params(args.params)).tracking
             runs = tracking.tagged_runs(cfg, {"stage": STAGE, "sweep": args.sweep})
             points = observations(runs, hold_out_sizes=[])
+            args.point = args.point or conf_point(args.sweep)
         if args.point:
-            chosen = [p for p in points if p.name == args.point]
+            seed_run = point_base(args.point) != args.point  # -seed<n>: that run alone; else with its seeds
+            chosen = [p for p in points if (p.name if seed_run else point_base(p.name)) == args.point]
             if not chosen:
                 names = ", ".join(p.name for p in points) or "none"
                 raise ConfigError(f"--point {args.point}: not a finished point of {source} ({names})")
@@ -81,6 +89,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     (args.out / f"{stem}.md").write_text(text)
     print(text)
     return 0
+
+
+def conf_point(sweep: str) -> str | None:
+    """The point a one-point loop sweep ``conf/sweep/<sweep>.yaml`` names
+    (``<size>-<arch>-<tokens>``); None without that file or for a grid of several sizes or
+    architectures (its ``size``/``arch`` are only the job's defaults). ConfigError for a
+    one-point file without ``sweep.size``, ``arch``, ``tokens``."""
+    import yaml
+
+    from pipeline.configbase import ConfigError
+    from pipeline.recipe import repo_path
+    from pipeline.stages.sweep import point_name
+
+    path = repo_path("conf/sweep") / f"{sweep}.yaml"
+    if not path.is_file():
+        return None
+    spec = (yaml.safe_load(path.read_text()) or {}).get("sweep") or {}
+    if len(spec.get("sizes") or []) != 1 or len(spec.get("archs") or []) != 1:
+        return None
+    if not all(k in spec for k in ("size", "arch", "tokens")):
+        raise ConfigError(f"{path}: no sweep.size, sweep.arch and sweep.tokens: not a one-point loop sweep")
+    return point_name(spec["size"], spec["arch"], spec["tokens"], 0)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pipeline.model.config import ModelConfig
 from pipeline.model.twins import dense_twin
 from pipeline.recipe import CONF_DIR, REPO_ROOT, repo_path, validate
 from pipeline.scaling.config import ScalingStageConfig
-from pipeline.scaling.plan_report import load_law, plan_header, write_plan
+from pipeline.scaling.plan_report import load_law, outside_sweep, plan_header, write_plan
 from pipeline.scaling.planner import (
     Budget,
     PlanError,
@@ -140,6 +140,7 @@ def _plan(args: argparse.Namespace) -> int:
         cfg.plan.group_size,
         cfg.plan.top,
         embedding_bits,
+        admit=outside_sweep(fit) if cfg.plan.within_sweep else None,
     )
     model = replace(result.chosen.model, name=args.name)
     recipe = {k: v for k, v in raw.items() if k not in ("sweep", "scaling")}

@@ -102,12 +102,13 @@ def _closed_loop_on(repo: Path, runs: list) -> None:
     interval its residuals' spread, and the verdict follows the measured loss."""
     import math
 
-    from pipeline.scaling.law import COEFFICIENTS, ScalingLaw
+    from pipeline.scaling.law import COEFFICIENTS, S_MEANS, ScalingLaw
     from pipeline.stages.scaling import observations
 
     law = ScalingLaw((math.log(20.0), math.log(40.0), 0.6, 0.25, 0.08, 0.32, math.log(300.0), 0.3, math.log(1.7)))
     fit = {
         "coefficients": law.coefficients,
+        "S": S_MEANS,
         "formula": law.formula(),
         "sweep": "synthetic",
         "intervals": {"thetas": [list(law.theta)] * 200, "residuals": [-0.02, 0.02], "level": 0.95},

@@ -205,6 +205,7 @@ def _scaling(out: Path) -> None:
                "inside": True, "miss": 0.0}  # fmt: skip
     _write(out / "closed_loop_in_range.json", control)
     _write(out / "closed_loop_shared_in_range.json", {**control, "point": "l3-z-600000", "inside": False, "miss": 0.01})
+    _write(out / "loop_earlier_l6_e3k1s1.json", {**control, "point": "l6-w-600000", "measured": 4.4020})
     plt.imsave(out / "predicted_vs_measured.png", [[0.0, 1.0], [1.0, 0.0]])
 
 
@@ -325,7 +326,9 @@ def test_the_scaling_section_shows_the_planted_fit_plan_and_closed_loop(built, t
     )
     shared = "Closed loop, control planned within the sweep's depths, widths and shared-expert shares: `l3-z-600000`"
     assert shared in section and "interval [4.074, 4.404]: outside, 1.00% of the loss beyond" in section
-    assert section.index("Closed loop: ") < section.index(control) < section.index(shared)
+    earlier = "Closed loop, the earlier law's choice (S a yes/no): `l6-w-600000` trained at the sweep's largest budget "
+    earlier += "measured 4.402 against 4.222 predicted (+4.3%)"
+    assert section.index("Closed loop: ") < section.index(control) < section.index(shared) < section.index(earlier)
     row = ["**interior**", "10", "1.23% / 4.56%", "1.96% / 5.96%", "2.58% / 4.24% (-2.02%)", "2.11% / 3.22%"]
     assert _md_row(section, "**interior**") == row
     assert _md_row(section, "power")[3:5] == ["2.22% / 6.10%", "—"]  # a fit.json from before the column

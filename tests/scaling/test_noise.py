@@ -24,7 +24,7 @@ TRUE = ScalingLaw((3.0, 0.32, 0.3, 0.6, 0.08, math.log(300.0), 0.3, math.log(1.7
 
 
 def _point(name: str, loss: float, tokens: float = 1e6, expansion: float = 4, held_out: bool = False) -> Observation:
-    x = LawInputs(1e6, tokens, expansion, 1 if expansion == 1 else 2, False)
+    x = LawInputs(1e6, tokens, expansion, 1 if expansion == 1 else 2, 0.0)
     return Observation(name, name.split("-")[1], x, loss, held_out=held_out, size=name.split("-")[0])
 
 
@@ -117,9 +117,9 @@ def test_a_fitted_group_without_replicates_too_few_or_identical_seeds_is_named()
 
 
 def test_routed_is_any_expansion_or_granularity_above_1():
-    assert noise.is_routed(LawInputs(1e6, 1e6, 4, 1, False))  # e4k1: coarse experts
-    assert noise.is_routed(LawInputs(1e6, 1e6, 1, 4, False))  # granularity without expansion
-    assert not noise.is_routed(LawInputs(1e6, 1e6, 1, 1, True))  # dense (dense_total too)
+    assert noise.is_routed(LawInputs(1e6, 1e6, 4, 1, 0.0))  # e4k1: coarse experts
+    assert noise.is_routed(LawInputs(1e6, 1e6, 1, 4, 0.0))  # granularity without expansion
+    assert not noise.is_routed(LawInputs(1e6, 1e6, 1, 1, 0.25))  # dense (dense_total too)
 
 
 def test_the_bootstrap_refits_keep_each_drawn_point_s_weight(monkeypatch):
@@ -147,7 +147,7 @@ def test_the_weighted_objective_divides_each_residual_by_its_noise():
     """Value and gradient against the Huber loss written out per point (and finite
     differences); noise 1 everywhere is the unweighted objective, bit for bit."""
     form = forms.POWER
-    xs = [LawInputs(3e5 * 2**i, 1e6 * 3**i, 1 + i, 2**i, bool(i % 2)) for i in range(5)]
+    xs = [LawInputs(3e5 * 2**i, 1e6 * 3**i, 1 + i, 2**i, 0.5 * (i % 2)) for i in range(5)]
     X = design_matrix(xs)
     theta = starting_points(FEW, form)[1] + 0.01
     pred = form.log_loss(theta, X)
@@ -175,10 +175,10 @@ def _heteroscedastic(seed: int = 0, noisy: float = 0.08) -> list[Observation]:
     (the replicates the noise is read from); size d at the largest budget held out."""
     rng = np.random.default_rng(seed)
     sd = {1e6: noisy, 3e6: noisy, 1e7: 0.002}
-    shapes = [(1, 1, 0), (4, 1, 0), (4, 2, 0), (4, 4, 0), (4, 4, 1), (8, 4, 0)]
+    shapes = [(1, 1, 0), (4, 1, 0), (4, 2, 0), (4, 4, 0), (4, 4, 0.25), (8, 4, 0)]
     points = []
     for (size, N), D, (E, G, S) in itertools.product([("a", 3e5), ("b", 1e6), ("c", 3e6), ("d", 1e7)], sd, shapes):
-        x = LawInputs(N, D, E, G, bool(S))
+        x = LawInputs(N, D, E, G, float(S))
         for seed_i in range(3 if size == "a" else 1):
             loss = TRUE.predict_one(x) * math.exp(rng.normal(0, sd[D]))
             points.append(Observation(point_name(size, f"e{E}g{G}s{S}", int(D), seed_i), f"e{E}g{G}s{S}", x, loss,
@@ -252,7 +252,7 @@ def test_a_prediction_interval_is_as_wide_as_its_own_point_s_noise():
 
     raw = _heteroscedastic(seed=5, noisy=0.02)
     # a held-out run at a budget no seed measured: drawn at the noisiest group's weight
-    far = LawInputs(1e7, 3e7, 4, 2, False)
+    far = LawInputs(1e7, 3e7, 4, 2, 0.0)
     raw.append(Observation("d-e4g2s0-30000000", "e4g2s0", far, TRUE.predict_one(far), held_out=True, size="d"))
     points, _ = noise.weigh(raw, ("tokens",))
     result = fit_law(points, starts=starting_points(FEW, forms.POWER), form=forms.POWER)

@@ -32,12 +32,14 @@ from pipeline.scaling.fit import (
 from pipeline.scaling.grid import SweepConfig, point_model, steps_for_tokens
 from pipeline.scaling.law import (
     COEFFICIENTS,
+    S_MEANS,
     LawInputs,
     ScalingLaw,
     design_matrix,
     law_inputs,
     log_loss,
     log_loss_and_jacobian,
+    shape_of,
 )
 from pipeline.scaling.planner import (
     Budget,
@@ -73,12 +75,26 @@ def naive_loss(N: float, D: float, E: float, G: float, S: bool) -> float:
 
 
 def test_law_matches_the_formula_written_out():
-    for N, D, E, G, S in [(3e5, 1e6, 1, 1, False), (2.7e8, 6e12, 8, 8, True), (1e6, 3e5, 4, 2, False)]:
+    for N, D, E, G, S in [(3e5, 1e6, 1, 1, 0.0), (2.7e8, 6e12, 8, 8, 0.5), (1e6, 3e5, 4, 2, 0.25)]:
         assert TRUE.predict_one(LawInputs(N, D, E, G, S)) == pytest.approx(naive_loss(N, D, E, G, S), rel=1e-12)
 
 
+def test_s_is_the_shared_expert_s_share_of_the_active_width_and_a_yes_no_is_refused():
+    """MobileMoE-S's shared expert is 1536 of its 4 x 384 + 1536 active FFN units: S = 1/2;
+    the tiny recipe model's 256 of 4 x 64 + 256 too; moe_grid's e15k3s1 has 1 of 4 units;
+    a 0/1 S from before the share is refused."""
+    paper_s = law_inputs(model("mobilemoe_s"), 1e9)
+    assert paper_s.shared == 0.5 and paper_s.granularity == 8
+    assert law_inputs(model("tiny"), 1e9).shared == 0.5 == shape_of(model("tiny"))["shared_share"]
+    quarter = replace(model("tiny"), moe=replace(model("tiny").moe, num_experts=15, top_k=3, shared_ffn_dim=64))
+    assert law_inputs(quarter, 1e9).shared == 0.25
+    for bad in (True, False, 1.0, -0.1):
+        with pytest.raises(ValueError, match="shared expert's share of the active FFN width"):
+            LawInputs(1e6, 1e6, 4.0, 4.0, bad)
+
+
 def test_jacobian_matches_finite_differences():
-    X = design_matrix([LawInputs(3e5 * 3**i, 1e6 * 2**i, 1 + i, 2**i, bool(i % 2)) for i in range(6)])
+    X = design_matrix([LawInputs(3e5 * 3**i, 1e6 * 2**i, 1 + i, 2**i, 0.5 * (i % 2)) for i in range(6)])
     theta = np.array(TRUE.theta) + 0.05
     value, jac = log_loss_and_jacobian(theta, X)
     assert np.allclose(value, log_loss(theta, X))
@@ -101,8 +117,8 @@ def _synthetic(noise: float, seed: int = 0) -> list[Observation]:
     rng = np.random.default_rng(seed)
     points = []
     for N, D in itertools.product([3e5, 1e6, 3e6, 1e7, 3e7], [1e6, 3e6, 1e7]):
-        for E, G, S in [(1, 1, 0), (4, 1, 0), (4, 2, 0), (4, 4, 0), (4, 4, 1), (2, 4, 0), (8, 4, 0), (4, 16, 0)]:
-            x = LawInputs(N, D, E, G, bool(S))
+        for E, G, S in [(1, 1, 0), (4, 1, 0), (4, 2, 0), (4, 4, 0), (4, 4, 0.5), (2, 4, 0), (8, 4, 0), (4, 16, 0)]:
+            x = LawInputs(N, D, E, G, float(S))
             loss = TRUE.predict_one(x) * math.exp(rng.normal(0, noise))
             points.append(Observation(f"{N:g}-{D:g}-{E}-{G}-{S}", f"e{E}g{G}s{S}", x, loss, N == 3e7 and D == 1e7))
     return points
@@ -111,7 +127,8 @@ def _synthetic(noise: float, seed: int = 0) -> list[Observation]:
 def test_fit_recovers_known_coefficients_from_noisy_synthetic_data():
     result = fit_law(_synthetic(noise=0.001))
     got, want = result.law.coefficients, TRUE.coefficients
-    for name, tol in {"alpha": 0.02, "beta": 0.02, "delta": 0.02, "sigma": 0.02, "gamma": 0.15, "log_c": 0.05,
+    # σ is read from the points at S = 1/2 alone: its error is twice that of the effect σ S
+    for name, tol in {"alpha": 0.02, "beta": 0.02, "delta": 0.02, "sigma": 0.04, "gamma": 0.15, "log_c": 0.05,
                       "log_b": 0.2, "log_a": 0.3, "log_g": 0.3}.items():  # fmt: skip
         assert abs(got[name] - want[name]) <= tol, (name, got[name], want[name])
     assert result.fit.rms < 0.002
@@ -164,6 +181,7 @@ def _one_law_fit() -> dict:
     the 95% predictive interval is exp(log L_pred -/+ 0.01) exactly."""
     return {
         "coefficients": TRUE.coefficients,
+        "S": S_MEANS,
         "formula": TRUE.formula(),
         "sweep": "synthetic",
         "intervals": {"thetas": [list(TRUE.theta)] * 400, "residuals": [-0.01, 0.0, 0.01], "level": 0.95},
@@ -176,7 +194,7 @@ def test_the_closed_loop_compares_a_run_with_the_predicted_interval_by_hand():
     from pipeline.scaling.closed_loop import compare, report
 
     fit = _one_law_fit()
-    x = LawInputs(2e6, 6e5, 2.0, 8.0, True)
+    x = LawInputs(2e6, 6e5, 2.0, 8.0, 0.25)
     predicted = TRUE.predict_one(x)
     inside = compare(fit, Observation("l6-e14k6s2-600000", "e14k6s2", x, predicted * 1.005, seconds=12.5))
     assert inside["predicted"] == pytest.approx(predicted, rel=1e-12)
@@ -205,8 +223,8 @@ def test_the_closed_loop_draws_its_run_s_residual_at_the_run_s_noise_weight():
         {"group": "tokens 120832, routed", "key": {"tokens": 120832.0, "routed": True}, "sd_log_loss": 0.008},
     ]}  # fmt: skip
     # the runs saw 600064 tokens; a plan or loop at the nominal 600000 is of their group
-    routed, dense = LawInputs(2e6, 6e5, 2.0, 8.0, True), LawInputs(2e6, 6e5, 1.0, 1.0, False)
-    elsewhere = LawInputs(2e6, 3e6, 2.0, 8.0, True)
+    routed, dense = LawInputs(2e6, 6e5, 2.0, 8.0, 0.25), LawInputs(2e6, 6e5, 1.0, 1.0, 0.0)
+    elsewhere = LawInputs(2e6, 3e6, 2.0, 8.0, 0.25)
     old = {n: compare(fit, Observation("p", "f", x, 5.0)) for n, x in (("r", routed), ("d", dense))}
     assert old["r"]["noise_weight"] == old["d"]["noise_weight"] == 1.0
     assert old["d"]["interval"][1] == pytest.approx(TRUE.predict_one(dense) * math.exp(0.01), rel=1e-12)
@@ -231,7 +249,7 @@ def test_seed_replicates_of_the_closed_loop_are_each_held_against_the_one_run_in
     from pipeline.stages.sweep import point_base
 
     fit = _one_law_fit()
-    x = LawInputs(2e6, 6e5, 2.0, 8.0, True)
+    x = LawInputs(2e6, 6e5, 2.0, 8.0, 0.25)
     predicted = TRUE.predict_one(x)
     factors = (1.005, 1.03, 0.999)
     names = ("l6-e3k1s1-600000", "l6-e3k1s1-600000-seed1", "l6-e3k1s1-600000-seed2")
@@ -265,7 +283,7 @@ def test_seed_replicates_of_the_closed_loop_are_each_held_against_the_one_run_in
     with pytest.raises(ValueError, match="not a loop file.*'inputs'"):
         saved_runs({"point": "x"})
     with pytest.raises(ValueError, match="differ in their law inputs"):
-        compare_replicates(fit, [points[0], Observation("p", "f", LawInputs(3e6, 6e5, 2.0, 8.0, True), 4.0)], "p")
+        compare_replicates(fit, [points[0], Observation("p", "f", LawInputs(3e6, 6e5, 2.0, 8.0, 0.25), 4.0)], "p")
     with pytest.raises(ValueError, match="need at least 2"):
         compare_replicates(fit, points[:1], "p")
 
@@ -477,7 +495,7 @@ def test_planned_config_round_trips_as_a_recipe_model():
 
 
 def _timed(name: str, family: str, tokens: float, seconds: float | None, loss: float) -> Observation:
-    return Observation(name, family, LawInputs(1e6, tokens, 4.0, 4.0, False), loss, seconds=seconds)
+    return Observation(name, family, LawInputs(1e6, tokens, 4.0, 4.0, 0.0), loss, seconds=seconds)
 
 
 def test_loss_at_equal_seconds_interpolates_log_loss_in_log_seconds_by_hand():
@@ -700,7 +718,8 @@ def _write_fit(path: Path) -> Path:
     import json
 
     intervals = {"thetas": [list(TRUE.theta)] * 50, "residuals": [-0.01, 0.01], "level": 0.95}
-    path.write_text(json.dumps({"coefficients": TRUE.coefficients, "formula": TRUE.formula(), "sweep": "synthetic",
+    path.write_text(json.dumps({"coefficients": TRUE.coefficients, "S": S_MEANS, "formula": TRUE.formula(),
+                                "sweep": "synthetic",
                                 "range": {"n_active": 3e7, "tokens": 1e7},
                                 "shape_range": {"n_layers": [3, 3], "d_model": [64, 128], "shared_share": [0.0, 0.25]},
                                 "intervals": intervals}))  # fmt: skip
@@ -715,8 +734,8 @@ def test_the_plan_says_how_sure_and_which_candidates_cannot_be_told_apart():
     from pipeline.scaling.planner import Budget, Candidate, Plan
 
     base = model("tiny")
-    inputs = {"A": LawInputs(2e6, 6e5, 2.0, 8.0, True), "B": LawInputs(2e6, 6e5, 2.0, 4.0, True),
-              "C": LawInputs(1e6, 6e5, 2.0, 8.0, True)}  # fmt: skip
+    inputs = {"A": LawInputs(2e6, 6e5, 2.0, 8.0, 0.25), "B": LawInputs(2e6, 6e5, 2.0, 4.0, 0.25),
+              "C": LawInputs(1e6, 6e5, 2.0, 8.0, 0.25)}  # fmt: skip
     cands = [Candidate(replace(base, name=k), 1, 1.0, 1, x, TRUE.predict_one(x)) for k, x in inputs.items()]
     assert cands[0].loss < cands[1].loss < cands[2].loss
     plan = Plan(Budget(memory_bytes=10**9), cands, [], [], enumerated=3)
@@ -764,7 +783,7 @@ def test_the_plan_says_how_sure_and_which_candidates_cannot_be_told_apart():
     assert wide["interval"][1] == pytest.approx(lows[1] * math.exp(0.03), rel=1e-9)
     assert "drawn at noise weight 3, routed" in uncertainty_text(plan, wide)
     # the weight is the chosen model's own: a dense choice ahead of routed runners-up draws at 1
-    dense = LawInputs(2e6, 6e5, 1.0, 1.0, False)
+    dense = LawInputs(2e6, 6e5, 1.0, 1.0, 0.0)
     first = Candidate(replace(base, name="D"), 1, 1.0, 1, dense, TRUE.predict_one(dense))
     assert uncertainty(Plan(Budget(memory_bytes=10**9), [first, *cands], [], [], enumerated=4), weighted)[
         "noise_weight"
@@ -844,6 +863,70 @@ def test_a_plan_beyond_the_fitted_shapes_is_named(layers, width, shared_units, s
     assert beyond_sweep_shapes({}, cfg) == ""  # a fit without the span claims nothing
 
 
+def test_a_plan_held_to_the_sweep_chooses_inside_what_the_law_was_fitted_on(tmp_path, capsys):
+    """scaling.plan.within_sweep: with a fit whose sweep reached Ê 4, G 4, 2-3 layers and a
+    quarter-width shared expert, the plan picks the best candidate inside all of those
+    (counted here by hand, not by the planner's rule) and says how many within budget it
+    left out; planned freely, TRUE's more-is-better terms pick one outside."""
+    import json
+
+    from pipeline.scaling.plan_report import outside_sweep
+    from pipeline.scaling.planner import Budget, SearchSpace, enumerate_models, evaluate, within
+    from pipeline.stages import plan as plan_cli
+
+    fit = json.loads(_write_fit(tmp_path / "fit.json").read_text())
+    fit["range"] = {"n_active": 3e7, "tokens": 1e7, "expansion": 4.0, "granularity": 4.0}
+    fit["shape_range"] = {"n_layers": [2, 3], "d_model": [64, 128], "shared_share": [0.0, 0.25]}
+    (tmp_path / "fit.json").write_text(json.dumps(fit))
+    argv = ["--memory", "6MB", "--flops", "20MFLOP", "--conf-dir", str(tmp_path / "conf")]
+    overrides = [*TINY_SPACE_OVERRIDES, "scaling.plan.space.shared_fraction=[0.0,0.25,0.5]"]
+    held = "scaling.plan.within_sweep=true"
+    space = SearchSpace(n_layers=[2, 4], d_model=[64, 128], head_dim=32, n_kv_heads=2, expansion=[1, 4, 8],
+                        granularity=[1, 4], shared_fraction=[0.0, 0.25, 0.5], vocab_size=[4096])  # fmt: skip
+    cands = evaluate(list(enumerate_models(space, model("tiny"))), TRUE, 1e9, 256)
+    cands = [c for c in cands if within(c, Budget(memory_bytes=6e6, flops_per_token=20e6))]
+    inside = [c for c in cands if c.model.n_layers <= 3 and c.inputs.expansion <= 4 and c.inputs.granularity <= 4
+              and c.inputs.shared <= 0.25]  # fmt: skip
+    best = min(inside, key=lambda c: c.loss)
+    free = min(cands, key=lambda c: c.loss)
+    assert free.model.name != best.model.name and outside_sweep(fit)(free)  # the test can tell the two apart
+    try:
+        assert plan_cli.main([*argv, "--fit", str(tmp_path / "fit.json"), "--name", "held_test", *overrides, held]) == 0
+        printed = capsys.readouterr().out
+        assert f"{len(cands)} within budget; {len(cands) - len(inside)} of them left out, outside what" in printed
+        assert f"{best.model.name}: predicted loss {best.loss:.4f}" in printed
+        assert plan_cli.main([*argv, "--fit", str(tmp_path / "fit.json"), "--name", "free_test", *overrides]) == 0
+        assert f"{free.model.name}: predicted loss {free.loss:.4f}" in capsys.readouterr().out
+    finally:
+        import shutil
+
+        for name in ("held_test", "free_test"):
+            shutil.rmtree(plan_cli.repo_path(plan_cli.OUT_ROOT) / name, ignore_errors=True)
+    # nothing inside the budget and the sweep: named, with the best one's reason
+    tight = {**fit, "range": {**fit["range"], "expansion": 1.0, "granularity": 1.0}, "shape_range": {
+        "n_layers": [9, 9], "d_model": [64, 128], "shared_share": [0.0, 0.0]}}  # fmt: skip
+    (tmp_path / "tight.json").write_text(json.dumps(tight))
+    assert plan_cli.main([*argv, "--fit", str(tmp_path / "tight.json"), "--name", "tight_test", *overrides, held]) == 2
+    assert "lie outside what the law was fitted on (the best, " in capsys.readouterr().err
+    reason = outside_sweep(tight)(free)
+    assert f"Ê = {free.inputs.expansion:.3g} above the sweep's largest 1" in reason and "layers where" in reason
+    with pytest.raises(PlanError, match="records no range or shape_range"):
+        outside_sweep({"range": {"n_active": 1.0}, "shape_range": fit["shape_range"]})
+
+
+def test_the_loop_holds_the_point_its_one_point_sweep_names_now():
+    """After a replan the loop's sweep keeps the earlier choice's runs in MLflow: the
+    closed-loop command holds the point conf/sweep/<loop>.yaml names (read here from the
+    file itself); a grid of several points names none."""
+    import yaml
+
+    from pipeline.stages.closed_loop import conf_point
+
+    spec = yaml.safe_load((CONF / "sweep" / "closed_loop.yaml").read_text())["sweep"]
+    assert conf_point("closed_loop") == f"{spec['size']}-{spec['arch']}-{spec['tokens']}"
+    assert conf_point("micro_grid") is None and conf_point("no_such_sweep") is None
+
+
 def test_references_that_name_the_twins_list_each_model_once():
     """plan=tiny names tiny's twins itself; the twins the planner adds must not repeat them."""
     from types import SimpleNamespace
@@ -896,7 +979,7 @@ def test_closed_loop_command_holds_a_saved_loop_file_against_a_fit(tmp_path, cap
 
     fit = _one_law_fit()
     (tmp_path / "fit.json").write_text(json.dumps(fit))
-    x = LawInputs(2e6, 6e5, 2.0, 8.0, True)
+    x = LawInputs(2e6, 6e5, 2.0, 8.0, 0.25)
     names = ("l3-e7k1s1-600000", "l3-e7k1s1-600000-seed1")
     points = [Observation(n, "e7k1s1", x, TRUE.predict_one(x) * f, seconds=9.0) for n, f in zip(names, (1.0, 1.02))]
     saved = tmp_path / "saved" / "closed_loop_in_range.json"
