@@ -58,7 +58,8 @@ lock: $(STAMP)
 params: $(STAMP) dvc.yaml
 	$(PY) -m pipeline.runner.params -o params.yaml $(if $(FORCE),--force)
 
-dvc.yaml: $(wildcard pipeline/stages/*.py) pipeline/runner/spec.py | $(STAMP)
+# (the report's scaling files are listed in pipeline/report/scaling.py's CONTROLS)
+dvc.yaml: $(wildcard pipeline/stages/*.py) pipeline/runner/spec.py pipeline/report/scaling.py | $(STAMP)
 	$(PY) -m pipeline.stages dvc -o $@
 
 # The whole recipe under one MLflow parent run; DVC skips stages whose inputs are unchanged.
