@@ -29,9 +29,10 @@ FIT, CLOSED_LOOP, FIGURE = "fit.json", "closed_loop.json", "predicted_vs_measure
 # off, and the choice of the law before S was the shared expert's share, all held against
 # the current law.
 CONTROLS = (
-    ("closed_loop_in_range.json", "Closed loop, control planned within the sweep's depths and widths"),
-    ("closed_loop_shared_in_range.json",
-     "Closed loop, control planned within the sweep's depths, widths and shared-expert shares"),
+    ("closed_loop_in_range.json",
+     "Closed loop, control planned within the sweep's depths and widths (by the law before S was the share)"),
+    ("closed_loop_shared_in_range.json", "Closed loop, control planned within the sweep's depths, widths and "
+     "shared-expert shares (by the law before S was the share)"),
     ("loop_extrapolated_l6_e12k4s4.json", "Closed loop, the law's choice planned beyond the sweep's shapes"),
     ("loop_earlier_l6_e3k1s1.json", "Closed loop, the earlier law's choice (S a yes/no)"),
 )  # fmt: skip
@@ -67,7 +68,7 @@ def read_scaling(scaling_dir: Path, plan_name: str) -> ScalingSummary | None:
     if plan is not None and "chosen" not in plan:
         raise ReportInputError(f"{plan_path}: no 'chosen': not a plan written by make plan")
     closed = _closed_loop(scaling_dir / CLOSED_LOOP)
-    controls = [(held, c) for name, held in CONTROLS if (c := _closed_loop(scaling_dir / name)) is not None]
+    controls = [(title, c) for name, title in CONTROLS if (c := _closed_loop(scaling_dir / name)) is not None]
     figure = scaling_dir / FIGURE
     return ScalingSummary(fit, plan_name, plan, closed, figure if figure.is_file() else None, controls)
 

@@ -103,6 +103,11 @@ def saved_runs(result: dict) -> list[Observation]:
     ValueError naming a field the file lacks."""
     from pipeline.scaling.law import LawInputs
 
+    if isinstance((result.get("inputs") or {}).get("shared"), bool):
+        raise ValueError(
+            "a loop file from when the law's S was 0/1 (inputs.shared true/false): set it to the shared "
+            "expert's share of the active FFN width (0 without one) to hold its runs against this law"
+        )
     try:
         inputs = LawInputs(**result["inputs"])
         parts = result["point"].split("-")  # a sweep's point: <size>-<arch>-<tokens>[-seed<n>]

@@ -135,8 +135,8 @@ def starting_points(grid: dict[str, tuple[float, ...]] = START_GRID, form: LawFo
 
 def check_identifiable(points: list[Observation], form: LawForm = JOINT) -> None:
     """Raise ScalingFitError unless the fitted points can determine every coefficient of
-    ``form``: more points than coefficients; two or more values of N and of D; points
-    with and without a shared expert (σ); and the spread in Ê, G and S the form names in
+    ``form``: more points than coefficients; two or more values of N and of D; two or
+    more shared-expert shares S, e.g. none and some (σ); and the spread in Ê, G and S the form names in
     ``needs`` (the joint form's ``a + g G^-γ`` has three unknowns: three granularities;
     a quadratic in ln Ê: three expansions; in S: three shared-expert shares)."""
     fitted = [p for p in points if not p.held_out]

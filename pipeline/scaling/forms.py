@@ -26,7 +26,7 @@ in their coefficients inside each term:
   above every additive form's prediction). q enters as ``log_q``.
 
 Coefficients are named so that a positive value lowers the loss as its variable grows
-(δ₂ and γ₂: a positive value is a convex bowl, an interior optimum).
+(δ₂, γ₂ and σ₂: a positive value is a convex bowl, an interior optimum).
 """
 
 from __future__ import annotations

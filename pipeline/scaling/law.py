@@ -75,9 +75,10 @@ def law_inputs(cfg: ModelConfig, tokens: float) -> LawInputs:
 
 
 def shape_of(cfg: ModelConfig) -> dict[str, float]:
-    """What the law does not see of model ``cfg``: ``n_layers``, ``d_model`` and
-    ``shared_share``, the shared expert's part of the active FFN width (0 without one;
-    the law's S)."""
+    """What the sweep's span is recorded in (``fit.json``'s ``shape_range``) for model
+    ``cfg``: ``n_layers`` and ``d_model``, which the law does not see, and ``shared_share``,
+    the shared expert's part of the active FFN width (0 without one), the law's S, which
+    it sees only at the shares the sweep ran."""
     shared = cfg.moe.num_shared_experts * cfg.moe.shared_ffn_dim if cfg.moe else 0
     return {"n_layers": cfg.n_layers, "d_model": cfg.d_model, "shared_share": shared / ffn_shape(cfg).active_width}
 

@@ -344,7 +344,7 @@ class Plan:
     every enumerated architecture, so references can be placed against them)."""
 
     budget: Budget
-    feasible: list[Candidate]  # within budget, best predicted loss first
+    feasible: list[Candidate]  # within budget and admitted, best predicted loss first
     frontier_memory: list[Candidate]
     frontier_flops: list[Candidate]
     enumerated: int
@@ -378,8 +378,8 @@ def plan(
     ``group_size`` and ``embedding_bits`` are the recipe's QAT settings: candidates
     whose weights the groups do not tile are left out, and INT4 bytes count them.
     ``admit``: why a candidate may not be chosen ("" when it may; e.g.
-    :func:`pipeline.scaling.plan_report.outside_sweep`); PlanError naming the first
-    reason when every candidate within budget is refused."""
+    :func:`pipeline.scaling.plan_report.outside_sweep`); PlanError naming the lowest-loss
+    candidate's reason when every candidate within budget is refused."""
     models = list(enumerate_models(space, base, group_size))
     candidates = evaluate(models, law, tokens, context, group_size, embedding_bits)
     if not candidates:

@@ -57,19 +57,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"--fit {args.fit}: no bootstrap refits in it; run `make scaling-fit` again")
         saved = json.loads(args.runs_from.read_text()) if args.runs_from else None
         source = f"--runs-from {args.runs_from}" if saved is not None else f"sweep {args.sweep} in MLflow"
+        said = "--point"
         if saved is not None:
             points = saved_runs(saved)
         else:
             cfg = validate(load_params(args.params)).tracking
             runs = tracking.tagged_runs(cfg, {"stage": STAGE, "sweep": args.sweep})
             points = observations(runs, hold_out_sizes=[])
-            args.point = args.point or conf_point(args.sweep)
+            named = args.point or conf_point(args.sweep)
+            said = "--point" if args.point else f"conf/sweep/{args.sweep}.yaml's point"
+            args.point = named
         if args.point:
             seed_run = point_base(args.point) != args.point  # -seed<n>: that run alone; else with its seeds
             chosen = [p for p in points if (p.name if seed_run else point_base(p.name)) == args.point]
             if not chosen:
                 names = ", ".join(p.name for p in points) or "none"
-                raise ConfigError(f"--point {args.point}: not a finished point of {source} ({names})")
+                raise ConfigError(f"{said} {args.point}: not a finished point of {source} ({names})")
             points = chosen
         bases = {point_base(p.name) for p in points}
         if len(bases) != 1:
@@ -105,7 +108,10 @@ def conf_point(sweep: str) -> str | None:
     path = repo_path("conf/sweep") / f"{sweep}.yaml"
     if not path.is_file():
         return None
-    spec = (yaml.safe_load(path.read_text()) or {}).get("sweep") or {}
+    try:
+        spec = (yaml.safe_load(path.read_text()) or {}).get("sweep") or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not YAML: {err}") from None
     if len(spec.get("sizes") or []) != 1 or len(spec.get("archs") or []) != 1:
         return None
     if not all(k in spec for k in ("size", "arch", "tokens")):

@@ -206,6 +206,7 @@ def _scaling(out: Path) -> None:
     _write(out / "closed_loop_in_range.json", control)
     _write(out / "closed_loop_shared_in_range.json", {**control, "point": "l3-z-600000", "inside": False, "miss": 0.01})
     _write(out / "loop_earlier_l6_e3k1s1.json", {**control, "point": "l6-w-600000", "measured": 4.4020})
+    _write(out / "loop_extrapolated_l6_e12k4s4.json", {**control, "point": "l6-v-600000", "measured": 4.4674})
     plt.imsave(out / "predicted_vs_measured.png", [[0.0, 1.0], [1.0, 0.0]])
 
 
@@ -319,16 +320,21 @@ def test_the_scaling_section_shows_the_planted_fit_plan_and_closed_loop(built, t
     curse = "the optimizer's curse, by the refits: -0.235%, corrected prediction 4.264."
     assert "cannot be told apart from 1 of the next 2 (`l4_dense`); " + curse in section
     assert "measured 4.537 against 4.254 predicted (+6.7%), interval [4.080, 4.440]: outside, 2.20%" in section
-    control = "Closed loop, control planned within the sweep's depths and widths: `l3-y-600000` trained at the "
+    control = "Closed loop, control planned within the sweep's depths and widths (by the law before S was the share)"
+    control += ": `l3-y-600000` trained at the "
     control += "sweep's largest "
     assert control + "budget measured 4.391 against 4.222 predicted (+4.0%), interval [4.074, 4.404]: inside." in (
         section
     )
-    shared = "Closed loop, control planned within the sweep's depths, widths and shared-expert shares: `l3-z-600000`"
+    shared = "Closed loop, control planned within the sweep's depths, widths and shared-expert shares (by the law "
+    shared += "before S was the share): `l3-z-600000`"
     assert shared in section and "interval [4.074, 4.404]: outside, 1.00% of the loss beyond" in section
     earlier = "Closed loop, the earlier law's choice (S a yes/no): `l6-w-600000` trained at the sweep's largest budget "
     earlier += "measured 4.402 against 4.222 predicted (+4.3%)"
-    assert section.index("Closed loop: ") < section.index(control) < section.index(shared) < section.index(earlier)
+    beyond = "Closed loop, the law's choice planned beyond the sweep's shapes: `l6-v-600000` trained at the sweep's "
+    beyond += "largest budget measured 4.467 against 4.222 predicted (+5.8%)"
+    assert section.index("Closed loop: ") < section.index(control) < section.index(shared) < section.index(beyond)
+    assert section.index(beyond) < section.index(earlier)
     row = ["**interior**", "10", "1.23% / 4.56%", "1.96% / 5.96%", "2.58% / 4.24% (-2.02%)", "2.11% / 3.22%"]
     assert _md_row(section, "**interior**") == row
     assert _md_row(section, "power")[3:5] == ["2.22% / 6.10%", "—"]  # a fit.json from before the column

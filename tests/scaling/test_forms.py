@@ -212,6 +212,11 @@ def test_each_form_names_the_spread_it_needs():
     check_identifiable(two_expansions, forms.INTERACTION)
     with pytest.raises(ScalingFitError, match=r"2 distinct expansions \(1, 4\); delta, delta2 needs 3"):
         check_identifiable(two_expansions, forms.INTERIOR)
+    # σ₂ S² needs three shares; the shares are named as they are (S is no log)
+    two_shares = [p for p in _sweep(truth, 0.0) if p.inputs.shared != 0.5]
+    check_identifiable(two_shares, forms.POWER)
+    with pytest.raises(ScalingFitError, match=r"2 distinct shared-expert shares \(0, 0\.25\); sigma, sigma2 needs 3"):
+        check_identifiable(two_shares, forms.INTERIOR)
     few = _sweep(truth, 0.0)[:11]
     with pytest.raises(ScalingFitError, match="interior_interaction law has 14 coefficients"):
         check_identifiable(few, forms.INTERIOR_INTERACTION)
@@ -229,6 +234,8 @@ def test_a_fit_json_names_its_form_and_an_older_one_is_the_joint_law(tmp_path):
     # predict a half-width shared expert twice as good
     with pytest.raises(ValueError, match=r"S is '0 or 1 .*refit it"):
         forms.law_from_fit({"form_name": "interaction", "coefficients": truth.coefficients})
+    with pytest.raises(ValueError, match=r"S is 'any shared expert'"):
+        forms.law_from_fit({"form_name": "interaction", "coefficients": truth.coefficients, "S": "any shared expert"})
     with pytest.raises(ConfigError, match=r"scaling\.forms.*unknown law form\(s\) \['cubic'\]"):
         from_dict(ScalingStageConfig, {"forms": ["joint", "cubic"]}, "scaling")
     with pytest.raises(ConfigError, match="lists a form twice"):

@@ -907,11 +907,12 @@ def test_a_plan_held_to_the_sweep_chooses_inside_what_the_law_was_fitted_on(tmp_
         "n_layers": [9, 9], "d_model": [64, 128], "shared_share": [0.0, 0.0]}}  # fmt: skip
     (tmp_path / "tight.json").write_text(json.dumps(tight))
     assert plan_cli.main([*argv, "--fit", str(tmp_path / "tight.json"), "--name", "tight_test", *overrides, held]) == 2
-    assert "lie outside what the law was fitted on (the best, " in capsys.readouterr().err
+    assert f"lie outside what the law was fitted on (the best, {free.model.name}: " in capsys.readouterr().err
     reason = outside_sweep(tight)(free)
     assert f"Ê = {free.inputs.expansion:.3g} above the sweep's largest 1" in reason and "layers where" in reason
-    with pytest.raises(PlanError, match="records no range or shape_range"):
-        outside_sweep({"range": {"n_active": 1.0}, "shape_range": fit["shape_range"]})
+    for partial in ({"range": {"n_active": 1.0}, "shape_range": fit["shape_range"]}, {"range": fit["range"]}):
+        with pytest.raises(PlanError, match="records no range or shape_range"):
+            outside_sweep(partial)
 
 
 def test_the_loop_holds_the_point_its_one_point_sweep_names_now():
@@ -992,6 +993,15 @@ def test_closed_loop_command_holds_a_saved_loop_file_against_a_fit(tmp_path, cap
     assert json.loads((out / "closed_loop_in_range.json").read_text()) == json.loads(saved.read_text())
     assert cli.main([*args, "--point", names[1], "--name", "one"]) == 0
     assert json.loads((out / "one.json").read_text())["measured"] == points[1].loss
+    assert cli.main([*args, "--point", names[0], "--name", "both"]) == 0  # a point's name: with its seeds
+    assert json.loads((out / "both.json").read_text())["measured"] == pytest.approx(
+        (points[0].loss + points[1].loss) / 2
+    )
+    old = {**json.loads(saved.read_text()), "inputs": {**vars(x), "shared": True}}  # S 0/1: named, not misread
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    capsys.readouterr()
+    assert cli.main([*args[:-1], str(tmp_path / "old.json")]) == 2
+    assert "a loop file from when the law's S was 0/1" in capsys.readouterr().err
     capsys.readouterr()
     assert cli.main([*args, "--point", "l3-x-1"]) == 2
     assert f"--point l3-x-1: not a finished point of --runs-from {saved}" in capsys.readouterr().err
