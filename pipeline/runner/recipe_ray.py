@@ -79,21 +79,27 @@ def run_in_ray(ray_cfg: RayConfig, command: Sequence[str], env: Mapping[str, str
     """Run ``command`` (``env`` added to ours; signals passed on, see
     :func:`run_forwarding_signals`) inside one embedded Ray that every stage it starts
     joins, and stop Ray when it ends. On a cluster, or inside a recipe's Ray already,
-    ``command`` runs without starting one."""
-    from pipeline.runner import cluster
+    ``command`` runs without starting one. Beside it runs the recipe's stage server
+    (:mod:`pipeline.runner.stage_server`, stopped with Ray), except inside a recipe's
+    Ray already."""
+    from pipeline.runner import cluster, stage_server
 
     child_env = {**os.environ, **(env or {})}
-    joined = cluster.on_cluster(ray_cfg) or bool(os.environ.get(cluster.RECIPE_RAY_ENV))
-    if joined:
+    if os.environ.get(cluster.RECIPE_RAY_ENV):  # inside a recipe's Ray (and its stage server) already
         return run_forwarding_signals(command, child_env)
-    import ray
+    # The stage server's imports run while Ray starts and the first stage begins.
+    with stage_server.running(child_env) as server_env:
+        child_env.update(server_env)
+        if cluster.on_cluster(ray_cfg):
+            return run_forwarding_signals(command, child_env)
+        import ray
 
-    cluster.start(ray_cfg)
-    try:
-        child_env[cluster.RECIPE_RAY_ENV] = ray.get_runtime_context().gcs_address
-        return run_forwarding_signals(command, child_env)
-    finally:
-        ray.shutdown()
+        cluster.start(ray_cfg)
+        try:
+            child_env[cluster.RECIPE_RAY_ENV] = ray.get_runtime_context().gcs_address
+            return run_forwarding_signals(command, child_env)
+        finally:
+            ray.shutdown()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

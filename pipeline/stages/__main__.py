@@ -10,7 +10,11 @@ with ``-o``, the Makefile's ``STAGES`` line: one ``make <stage>`` target per sta
 
 from __future__ import annotations
 
+import os
 import sys
+
+from pipeline.runner import stage_server
+from pipeline.runner.stage_server import SERVER_ENV
 
 
 def _sweep() -> None:
@@ -58,6 +62,17 @@ def _dvc() -> None:
         sys.stdout.write(text)
 
 
+def _serve() -> None:
+    """``serve SOCKET OWNER_PID``: the recipe's warm stage server (started by
+    pipeline.runner.recipe_ray); its forked children run the stages DVC asks for."""
+    from pipeline.stages import registry
+
+    if len(sys.argv) != 3 or not sys.argv[2].isdigit():
+        sys.exit("usage: python -m pipeline.stages serve SOCKET OWNER_PID")
+    if stage_server.serve(sys.argv[1], int(sys.argv[2]), warm=registry.all_stages):
+        main()  # a forked child, with the client's argv
+
+
 def _list() -> None:
     from pipeline.stages import registry
 
@@ -71,12 +86,18 @@ TOOLS = {
     "closed_loop": _closed_loop,
     "dvc": _dvc,
     "list": _list,
+    "serve": _serve,
 }
 
 
 def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
         sys.exit(__doc__)
+    address = os.environ.get(SERVER_ENV)
+    if address and sys.argv[1] not in TOOLS:  # inside `make repro`: the recipe's warm stage server
+        code = stage_server.request(address, sys.argv)
+        if code is not None:
+            sys.exit(code)
     name = sys.argv.pop(1)
     sys.argv[0] = f"python -m pipeline.stages {name}"  # what usage lines and Hydra show
     if name in TOOLS:

@@ -69,6 +69,14 @@ def repo(tmp_path_factory) -> Path:
 REPRO_WATCH: list[ListenerWatch] = []  # the listening sockets of the fixture's `make repro`
 
 
+def test_every_stage_ran_in_the_recipes_stage_server(repo):
+    """`make repro` started the warm stage server, and no stage had to run without it
+    (pipeline/runner/stage_server.py: a refusal or a lost server says so in the log)."""
+    log = (repo / "repro.log").read_text()
+    assert log.count("stage server: ready") == 1, log[-3000:]
+    assert "running the stage in this process" not in log and "stage server lost" not in log
+
+
 def test_nothing_the_recipe_starts_listens_beyond_loopback(repo):
     """Every stage's process tree (the embedded Ray's GCS, raylet, workers; Ray Train's
     workers and their rendezvous store; the stage processes) listens on 127.0.0.1 only."""
