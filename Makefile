@@ -25,7 +25,7 @@ endif
 # The recipe's stages, as the registry wrote them into dvc.yaml (pipeline/stages/registry.py).
 STAGES := mix pretrain midtrain sft qat export profile evalsets eval_pretrain eval_midtrain eval_sft eval_qat report
 ARGS ?=
-.PHONY: setup system-packages lock params repro test test-fast lint drill sweep seeds scaling-fit closed-loop plan mutants qat-study bench-model bench-train bench-config bench-export bench-profile bench-peers \
+.PHONY: setup system-packages lock params repro test test-fast lint drill sweep seeds scaling-fit closed-loop plan mutants qat-study bench-model bench-train bench-config bench-repro bench-export bench-profile bench-peers \
 	profile-paper ui $(STAGES)
 
 setup: $(STAMP) system-packages
@@ -216,6 +216,9 @@ bench-train: $(STAMP)
 
 bench-config: $(STAMP)
 	$(PY) bench/bench_config.py
+
+bench-repro: $(STAMP)
+	$(PY) bench/bench_repro.py
 
 # The MLflow UI over the embedded store, on loopback only. It prints the address of the
 # recipe's runs first: the UI's front page is MLflow's GenAI overview, not training runs.

@@ -88,7 +88,7 @@ def run_in_ray(ray_cfg: RayConfig, command: Sequence[str], env: Mapping[str, str
     if os.environ.get(cluster.RECIPE_RAY_ENV):  # inside a recipe's Ray (and its stage server) already
         return run_forwarding_signals(command, child_env)
     # The stage server's imports run while Ray starts and the first stage begins.
-    with stage_server.running(child_env) as server_env:
+    with stage_server.running(child_env, enabled=not os.environ.get(stage_server.OFF_ENV)) as server_env:
         child_env.update(server_env)
         if cluster.on_cluster(ray_cfg):
             return run_forwarding_signals(command, child_env)

@@ -48,6 +48,8 @@ from pathlib import Path
 
 # The variable that tells ``python -m pipeline.stages`` where the server listens.
 SERVER_ENV = "MOBILEMOE_STAGE_SERVER"
+# Set (to anything) in make's environment: no server, every stage a process of its own.
+OFF_ENV = "MOBILEMOE_NO_STAGE_SERVER"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # What a stage process imports before its work (the driver's side; its Ray workers are
 # processes of their own): loaded once by the server.
@@ -73,11 +75,16 @@ class RefusedError(Exception):
 
 
 @contextmanager
-def running(env: Mapping[str, str]) -> Iterator[dict[str, str]]:
+def running(env: Mapping[str, str], enabled: bool = True) -> Iterator[dict[str, str]]:
     """Start a server (environment ``env``, this directory) for the duration of the
     block; yields the variables that point ``python -m pipeline.stages`` at it. The
     server is a process group of its own (a Ctrl-C at the terminal reaches the stages
-    through their clients only) and is stopped, by its PID, when the block ends."""
+    through their clients only) and is stopped, by its PID, when the block ends. Not
+    ``enabled`` (``MOBILEMOE_NO_STAGE_SERVER`` set, for a profiler that wants each stage
+    as a process of its own): starts nothing, yields nothing."""
+    if not enabled:
+        yield {}
+        return
     base = None if len(tempfile.gettempdir()) < 64 else "/tmp"  # a socket path has ~100 bytes
     directory = tempfile.mkdtemp(prefix="mobilemoe-stages-", dir=base)  # mode 0700: this user only
     address = os.path.join(directory, "socket")

@@ -155,6 +155,8 @@ def test_the_server_stops_by_pid_with_its_owner_and_when_its_owner_is_gone(tmp_p
         (server,) = [p for p in psutil.Process().children() if address in p.cmdline()]
         assert Path(address).parent.stat().st_mode & 0o077 == 0  # the socket's folder: this user only
     assert _gone(server.pid) and not Path(address).parent.exists()
+    with stage_server.running(_env(), enabled=False) as env:  # MOBILEMOE_NO_STAGE_SERVER
+        assert env == {} and not [p for p in psutil.Process().children() if "pipeline.stages" in p.cmdline()]
     # Its owner killed without a chance to stop it: the server sees it and ends.
     owner = subprocess.Popen(
         [

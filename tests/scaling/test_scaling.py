@@ -928,6 +928,58 @@ def test_the_loop_holds_the_point_its_one_point_sweep_names_now():
     assert conf_point("micro_grid") is None and conf_point("no_such_sweep") is None
 
 
+def test_a_loop_sweep_names_a_point_only_when_it_has_one_size_one_arch_and_the_three_keys(tmp_path, monkeypatch):
+    """conf_point reads conf/sweep/<name>.yaml: one size and one architecture with size,
+    arch and tokens name a point; two sizes (or two archs) are a grid and name none; a
+    one-point file without tokens is refused by name."""
+    import pipeline.recipe
+    from pipeline.stages.closed_loop import conf_point
+
+    (tmp_path / "conf" / "sweep").mkdir(parents=True)
+    monkeypatch.setattr(pipeline.recipe, "repo_path", lambda p: tmp_path / p)
+    size, arch = {"name": "m", "d_model": 128}, {"name": "e8k2", "experts": 8, "top_k": 2}
+    point = {"size": "m", "arch": "e8k2", "tokens": 600000}
+    files = {
+        "one": {"sizes": [size], "archs": [arch], **point},
+        "two_sizes": {"sizes": [size, {**size, "name": "s"}], "archs": [arch], **point},
+        "two_archs": {"sizes": [size], "archs": [arch, {**arch, "name": "e4k1"}], **point},
+        "no_tokens": {"sizes": [size], "archs": [arch], "size": "m", "arch": "e8k2"},
+    }
+    for name, spec in files.items():
+        (tmp_path / "conf" / "sweep" / f"{name}.yaml").write_text(yaml.safe_dump({"sweep": spec}))
+    assert conf_point("one") == "m-e8k2-600000"
+    assert conf_point("two_sizes") is None and conf_point("two_archs") is None
+    with pytest.raises(ConfigError, match="no_tokens.yaml: no sweep.size, sweep.arch and sweep.tokens"):
+        conf_point("no_tokens")
+
+
+def test_the_sweeps_own_largest_expansion_and_granularity_are_inside_it():
+    """outside_sweep compares with a relative slack of 1e-9: a candidate whose Ê or G is the
+    sweep's largest up to float rounding is inside, one 0.1% above is outside."""
+    from types import SimpleNamespace
+
+    from pipeline.scaling.plan_report import outside_sweep
+
+    cfg = model("tiny")
+    fit = {"range": {"expansion": 4.0, "granularity": 2.0}, "shape_range": {"n_layers": [1, 99]}}
+    reason = outside_sweep(fit)
+
+    def cand(expansion: float, granularity: float) -> SimpleNamespace:
+        return SimpleNamespace(inputs=SimpleNamespace(expansion=expansion, granularity=granularity), model=cfg)
+
+    assert reason(cand(4.0 * (1 + 1e-12), 2.0 * (1 + 1e-12))) == ""
+    assert "Ê = 4 above the sweep's largest 4" in reason(cand(4.004, 2.0))
+    assert "G = 2 above the sweep's largest 2" in reason(cand(4.0, 2.002))
+
+
+def test_the_shipped_plans_hold_the_tiny_planner_to_the_sweep_and_let_the_paper_planner_extrapolate():
+    """conf/plan/tiny.yaml plans inside what the law was fitted on (the loop's 13 of 13 runs
+    inside came from such plans, docs/scaling.md); the paper's budgets lie beyond every
+    sweep point, so conf/plan/paper.yaml cannot hold its plans to it."""
+    tiny, paper = (yaml.safe_load((CONF / "plan" / f"{name}.yaml").read_text()) for name in ("tiny", "paper"))
+    assert tiny["within_sweep"] is True and paper["within_sweep"] is False
+
+
 def test_references_that_name_the_twins_list_each_model_once():
     """plan=tiny names tiny's twins itself; the twins the planner adds must not repeat them."""
     from types import SimpleNamespace
