@@ -972,6 +972,44 @@ def test_the_sweeps_own_largest_expansion_and_granularity_are_inside_it():
     assert "G = 2 above the sweep's largest 2" in reason(cand(4.0, 2.002))
 
 
+def test_the_loop_command_reads_the_point_its_conf_names_among_an_earlier_choices_runs(tmp_path, monkeypatch, capsys):
+    """``closed_loop`` without --point, reading the sweep's runs (the store stubbed here:
+    two choices' runs under one sweep name, as after a replan): the point conf/sweep/<sweep>.yaml
+    names now is held, with its seeds; a conf point the store lacks is named as the
+    conf's; without a one-point conf, two points ask for --point."""
+    import pipeline.recipe
+    import pipeline.stages.scaling
+    from pipeline import tracking
+    from pipeline.stages import closed_loop as cli
+
+    fit = _one_law_fit()
+    (tmp_path / "fit.json").write_text(json.dumps(fit))
+    earlier, now = LawInputs(2e6, 6e5, 2.0, 8.0, 0.5), LawInputs(1.5e6, 6e5, 4.0, 4.0, 0.5)
+    runs = [
+        Observation("l6-e3k1s1-600000", "e3k1s1", earlier, 4.50, seconds=9.0),
+        Observation("l3-e14k2s2-600000", "e14k2s2", now, 4.30, seconds=8.0),
+        Observation("l3-e14k2s2-600000-seed1", "e14k2s2", now, 4.40, seconds=8.0),
+    ]
+    monkeypatch.setattr(tracking, "tagged_runs", lambda cfg, tags: ["stub"])
+    monkeypatch.setattr(pipeline.stages.scaling, "observations", lambda found, hold_out_sizes: list(runs))
+    monkeypatch.setattr(pipeline.recipe, "repo_path", lambda p: tmp_path / p)
+    (tmp_path / "conf" / "sweep").mkdir(parents=True)
+    one = {"sizes": [{"name": "l3"}], "archs": [{"name": "e14k2s2"}], "size": "l3", "arch": "e14k2s2"}
+    (tmp_path / "conf" / "sweep" / "loop.yaml").write_text(yaml.safe_dump({"sweep": {**one, "tokens": 600000}}))
+    (tmp_path / "conf" / "sweep" / "moved.yaml").write_text(yaml.safe_dump({"sweep": {**one, "tokens": 300000}}))
+    args = ["--params", str(REPO / "params.yaml"), "--fit", str(tmp_path / "fit.json"), "--out", str(tmp_path / "o")]
+    assert cli.main([*args, "--sweep", "loop"]) == 0
+    held = json.loads((tmp_path / "o" / "loop.json").read_text())
+    assert held["point"] == "l3-e14k2s2-600000" and held["measured"] == pytest.approx(4.35)  # both seeds
+    capsys.readouterr()
+    assert cli.main([*args, "--sweep", "moved"]) == 2
+    err = capsys.readouterr().err
+    assert "conf/sweep/moved.yaml's point l3-e14k2s2-300000: not a finished point of sweep moved in MLflow" in err
+    assert cli.main([*args, "--sweep", "no_conf"]) == 2
+    err = capsys.readouterr().err
+    assert "sweep no_conf in MLflow: 3 points" in err and "name one with --point" in err
+
+
 def test_the_shipped_plans_hold_the_tiny_planner_to_the_sweep_and_let_the_paper_planner_extrapolate():
     """conf/plan/tiny.yaml plans inside what the law was fitted on (the loop's 13 of 13 runs
     inside came from such plans, docs/scaling.md); the paper's budgets lie beyond every
