@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.runner.stage_server import OFF_ENV
+from pipeline.runner.stage_client import OFF_ENV
 from tools.drill import env_for, scratch_copy
 
 

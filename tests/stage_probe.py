@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.runner.stage_server import SERVER_ENV
+from pipeline.runner.stage_client import SERVER_ENV
 
 
 def _sockets() -> int:

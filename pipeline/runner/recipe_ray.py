@@ -80,15 +80,15 @@ def run_in_ray(ray_cfg: RayConfig, command: Sequence[str], env: Mapping[str, str
     :func:`run_forwarding_signals`) inside one embedded Ray that every stage it starts
     joins, and stop Ray when it ends. On a cluster, or inside a recipe's Ray already,
     ``command`` runs without starting one. Beside it runs the recipe's stage server
-    (:mod:`pipeline.runner.stage_server`, stopped with Ray), except inside a recipe's
-    Ray already."""
-    from pipeline.runner import cluster, stage_server
+    (:mod:`pipeline.runner.stage_server`, started and stopped with Ray by
+    :func:`pipeline.runner.stage_client.running`), except inside a recipe's Ray already."""
+    from pipeline.runner import cluster, stage_client
 
     child_env = {**os.environ, **(env or {})}
     if os.environ.get(cluster.RECIPE_RAY_ENV):  # inside a recipe's Ray (and its stage server) already
         return run_forwarding_signals(command, child_env)
     # The stage server's imports run while Ray starts and the first stage begins.
-    with stage_server.running(child_env, enabled=not os.environ.get(stage_server.OFF_ENV)) as server_env:
+    with stage_client.running(child_env, enabled=not os.environ.get(stage_client.OFF_ENV)) as server_env:
         child_env.update(server_env)
         if cluster.on_cluster(ray_cfg):
             return run_forwarding_signals(command, child_env)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 import sys
 
-from pipeline.runner import stage_server
-from pipeline.runner.stage_server import SERVER_ENV
+from pipeline.runner import stage_client
+from pipeline.runner.stage_client import SERVER_ENV
 
 
 def _sweep() -> None:
@@ -65,6 +65,7 @@ def _dvc() -> None:
 def _serve() -> None:
     """``serve SOCKET OWNER_PID``: the recipe's warm stage server (started by
     pipeline.runner.recipe_ray); its forked children run the stages DVC asks for."""
+    from pipeline.runner import stage_server
     from pipeline.stages import registry
 
     if len(sys.argv) != 3 or not sys.argv[2].isdigit():
@@ -95,7 +96,7 @@ def main() -> None:
         sys.exit(__doc__)
     address = os.environ.get(SERVER_ENV)
     if address and sys.argv[1] not in TOOLS:  # inside `make repro`: the recipe's warm stage server
-        code = stage_server.request(address, sys.argv)
+        code = stage_client.request(address, sys.argv)
         if code is not None:
             sys.exit(code)
     name = sys.argv.pop(1)

@@ -18,8 +18,8 @@ import psutil
 import pytest
 
 from pipeline.recipe import REPO_ROOT
-from pipeline.runner import stage_server
-from pipeline.runner.stage_server import SERVER_ENV
+from pipeline.runner import stage_client
+from pipeline.runner.stage_client import SERVER_ENV
 
 PROBE = REPO_ROOT / "tests" / "stage_probe.py"
 SERVER_MODULE = REPO_ROOT / "pipeline" / "runner" / "stage_server.py"
@@ -32,7 +32,7 @@ SERVER = (
 )
 # A stage process started by DVC, reduced to the client.
 CLIENT = (
-    "import sys; from pipeline.runner.stage_server import request; "
+    "import sys; from pipeline.runner.stage_client import request; "
     "code = request(sys.argv[1], ['pipeline/stages/__main__.py', *sys.argv[2:]]); "
     "sys.exit(99 if code is None else code)"
 )
@@ -61,7 +61,7 @@ def _gone(pid: int, within_s: float = 10.0) -> bool:
 def server(tmp_path_factory):
     address = str(tmp_path_factory.mktemp("srv", numbered=True) / "s")
     proc = subprocess.Popen([sys.executable, "-c", SERVER, address], cwd=REPO_ROOT, env=_env(SERVER_ONLY="x"))
-    assert stage_server._bound(address, proc)
+    assert stage_client._bound(address, proc)
     yield address
     proc.terminate()
     proc.wait(timeout=10)
@@ -214,7 +214,7 @@ def test_a_module_changed_while_the_server_imported_it_is_not_trusted(tmp_path):
     address = str(tmp_path / "s")
     proc = subprocess.Popen([sys.executable, "-c", SERVER, address], cwd=REPO_ROOT, env=_env())
     try:
-        assert stage_server._bound(address, proc)
+        assert stage_client._bound(address, proc)
         client = _client(address, "show", "x", "0")
         _, err = client.communicate(timeout=120)
         assert client.returncode == 99 and "tests/stage_probe.py changed since the server started" in err
@@ -229,7 +229,7 @@ def test_a_bad_request_is_refused_and_leaves_no_descriptor_of_it_in_the_server(s
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.connect(server)
-            socket.send_fds(sock, [stage_server._HEADER.pack(1000)], [write_end, write_end, write_end])
+            socket.send_fds(sock, [stage_client.HEADER.pack(1000)], [write_end, write_end, write_end])
             sock.sendall(b"{")  # and no more: cut short
             sock.shutdown(socket.SHUT_WR)
             assert b"cut short" in sock.makefile("rb").readline()
@@ -245,7 +245,7 @@ def test_a_bad_request_is_refused_and_leaves_no_descriptor_of_it_in_the_server(s
 
 
 def test_an_unreachable_server_or_a_closed_stream_runs_the_stage_in_the_caller(server, tmp_path):
-    assert stage_server.request(str(tmp_path / "none"), ["x", "show"]) is None
+    assert stage_client.request(str(tmp_path / "none"), ["x", "show"]) is None
     proc = subprocess.Popen([sys.executable, "-c", CLIENT, server, "show", "x", "0"], cwd=REPO_ROOT, env=_env(),
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             pass_fds=(), preexec_fn=lambda: os.close(0))  # fmt: skip
@@ -254,12 +254,12 @@ def test_an_unreachable_server_or_a_closed_stream_runs_the_stage_in_the_caller(s
 
 
 def test_the_server_stops_by_pid_with_its_owner_and_when_its_owner_is_gone(tmp_path):
-    with stage_server.running(_env()) as env:
+    with stage_client.running(_env()) as env:
         address = env[SERVER_ENV]
         (server,) = [p for p in psutil.Process().children() if address in p.cmdline()]
         assert Path(address).parent.stat().st_mode & 0o077 == 0  # the socket's folder: this user only
     assert _gone(server.pid) and not Path(address).parent.exists()
-    with stage_server.running(_env(), enabled=False) as env:  # MOBILEMOE_NO_STAGE_SERVER
+    with stage_client.running(_env(), enabled=False) as env:  # MOBILEMOE_NO_STAGE_SERVER
         assert env == {} and not [p for p in psutil.Process().children() if "pipeline.stages" in p.cmdline()]
     # Its owner killed without a chance to stop it: the server sees it, ends, and removes its folder.
     (tmp_path / "srv").mkdir()
