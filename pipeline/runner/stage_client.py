@@ -24,6 +24,8 @@ from contextlib import contextmanager
 SERVER_ENV = "MOBILEMOE_STAGE_SERVER"
 # Set (to anything) in make's environment: no server, every stage a process of its own.
 OFF_ENV = "MOBILEMOE_NO_STAGE_SERVER"
+# The server's folder: FOLDER_PREFIX + the owner's pid + "-" + a random suffix.
+FOLDER_PREFIX = "mobilemoe-stages-"
 # A request: this header (the body's length) with the client's fds 0-2, then the body (JSON).
 HEADER = struct.Struct("!I")
 
@@ -42,8 +44,10 @@ def running(env: Mapping[str, str], enabled: bool = True) -> Iterator[dict[str, 
     if not enabled:
         yield {}
         return
-    base = None if len(tempfile.gettempdir()) < 64 else "/tmp"  # a socket path has ~100 bytes
-    directory = tempfile.mkdtemp(prefix="mobilemoe-stages-", dir=base)  # mode 0700: this user only
+    base = tempfile.gettempdir() if len(tempfile.gettempdir()) < 64 else "/tmp"  # a socket path has ~100 bytes
+    remove_stale_folders(base)
+    # mode 0700: this user only; named by this pid, so a later run can tell it is stale
+    directory = tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-", dir=base)
     address = os.path.join(directory, "socket")
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline.stages", "serve", address, str(os.getpid())],
@@ -61,6 +65,26 @@ def running(env: Mapping[str, str], enabled: bool = True) -> Iterator[dict[str, 
             proc.kill()
             proc.wait()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def remove_stale_folders(base: str) -> list[str]:
+    """Remove this user's server folders in ``base`` whose owner (the pid in the name) is
+    gone: what a recipe killed with SIGKILL, its server with it, left behind. Returns them."""
+    removed = []
+    for entry in os.scandir(base):
+        owner = entry.name[len(FOLDER_PREFIX) :].split("-", 1)[0]
+        if not entry.name.startswith(FOLDER_PREFIX) or not owner.isdigit():
+            continue
+        try:
+            if entry.stat(follow_symlinks=False).st_uid != os.getuid() or not entry.is_dir(follow_symlinks=False):
+                continue
+            os.kill(int(owner), 0)
+        except ProcessLookupError:  # the owner is gone
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+        except OSError:  # alive (another user's pid), or the entry went away
+            continue
+    return removed
 
 
 def _bound(address: str, proc: subprocess.Popen, timeout_s: float = 30.0) -> bool:

@@ -253,6 +253,21 @@ def test_an_unreachable_server_or_a_closed_stream_runs_the_stage_in_the_caller(s
     assert proc.returncode == 99 and "fd 0 is closed" in err
 
 
+def test_a_folder_left_by_a_killed_recipe_is_removed_by_the_next(tmp_path):
+    """A server folder whose owner's pid is gone is removed; one whose owner lives (this
+    process), or that is not a server folder, stays."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f"{stage_client.FOLDER_PREFIX}{dead.pid}-abc"
+    live = tmp_path / f"{stage_client.FOLDER_PREFIX}{os.getpid()}-abc"
+    other = tmp_path / f"{stage_client.FOLDER_PREFIX}x-abc"
+    for folder in (stale, live, other):
+        folder.mkdir()
+        (folder / "socket").write_text("")
+    assert stage_client.remove_stale_folders(str(tmp_path)) == [str(stale)]
+    assert not stale.exists() and live.exists() and other.exists()
+
+
 def test_the_server_stops_by_pid_with_its_owner_and_when_its_owner_is_gone(tmp_path):
     with stage_client.running(_env()) as env:
         address = env[SERVER_ENV]
